@@ -1,0 +1,763 @@
+"""Fused collaborative-learning loss: every head's hard + soft loss and its gradient in one pass.
+
+Math (Song & Chai 2018, eq. 2-4). One sample, label y, heads z_1..z_H in R^C, temperature T,
+weight beta, soft weight w (default T^2), label smoothing eps; C' = number of finite classes:
+
+    hard_h = lse(z_h) - (1 - eps) z_h[y] - eps * sum_{i finite} z_h,i / C'      (torch's smoothing)
+    c_h    = (sum_{j != h} z_j) / (H - 1)                 leave-one-out consensus of the other heads
+    a_h    = z_h / T,  u_h = c_h / T,  p_h = softmax(a_h),  q_h = softmax(u_h)
+    soft_h = -sum_i q_h,i log p_h,i = lse(a_h) - <q_h, a_h>
+    L_h    = beta hard_h + (1 - beta) w soft_h            (H = 1: L_1 = hard_1, plain cross-entropy)
+
+    loss = sum_h mean_{n not ignored} L_h(n)   ("mean"; "sum" sums over n; "none" gives [H, N])
+
+Gradient, with r_h the upstream weight of L_h (1/n_valid for "mean", 1 for "sum", grad_output[h, n]
+for "none"):
+
+    dz_j  = r_j [beta (softmax(z_j) - (1 - eps) e_y - eps 1_finite / C') + (1 - beta) w (p_j - q_j) / T]
+  and when the consensus is not detached, soft_h (h != j) also reaches z_j through u_h:
+    g_h   = d soft_h / d z_j = -q_h * (a_h - <q_h, a_h>) / (T (H - 1))        (same for every j != h)
+    dz_j += (1 - beta) w (G - r_j g_j),  G = sum_h r_h g_h
+
+A class whose logit is -inf is absent: it gets probability 0 and gradient 0, and the loss equals the
+loss computed without it (C' counts only finite classes). A class masked in another head is absent
+from this head's consensus.
+
+Layout of this file: reference (plain PyTorch), Triton kernel, launcher, torch.library custom ops
+(for torch.compile), autograd Function, functional API, nn.Module.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+try:  # Triton is a dependency, but keep impl="torch" usable where it cannot be imported.
+    import triton
+    import triton.language as tl
+
+    _TRITON_IMPORT_ERROR: Exception | None = None
+except Exception as exc:  # pragma: no cover - exercised only on machines without triton
+    triton = None
+    tl = None
+    _TRITON_IMPORT_ERROR = exc
+
+__all__ = [
+    "CollabLoss",
+    "CollabStats",
+    "collab_loss_reference",
+    "fused_collab_loss",
+]
+
+_REDUCTIONS = ("mean", "sum", "none")
+_IMPLS = ("auto", "triton", "torch")
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class CollabStats(NamedTuple):
+    """Per-head training statistics computed in the same pass as the loss (all on the logits' device)."""
+
+    hard: torch.Tensor  # [H] mean hard (cross-entropy) loss over non-ignored samples
+    soft: torch.Tensor  # [H] mean soft (consensus) loss over non-ignored samples; 0 when H == 1
+    correct: torch.Tensor  # [H] number of non-ignored samples whose top-1 prediction is the label
+    num_valid: torch.Tensor  # [] number of non-ignored samples (float32)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reference: plain PyTorch composition (autograd gives the gradient). Computes in float32, or float64
+# when the logits are float64 (the tests' ground truth).
+# ----------------------------------------------------------------------------------------------------
+
+
+def collab_loss_reference(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    temperature: float = 2.0,
+    beta: float = 0.5,
+    soft_weight: float | None = None,
+    detach_consensus: bool = True,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    return_stats: bool = False,
+):
+    """The collaborative loss as a composition of PyTorch ops. logits [H, N, C], target [N]."""
+    num_heads, n, _ = logits.shape
+    z = logits if logits.dtype == torch.float64 else logits.float()
+    w = temperature**2 if soft_weight is None else soft_weight
+    valid = target != ignore_index  # [N]
+    y = torch.where(valid, target, torch.zeros_like(target)).long()
+    finite = z > float("-inf")  # [H, N, C]; -inf marks an absent class
+
+    logp = torch.log_softmax(z, dim=-1)
+    nll = -logp.gather(-1, y.view(1, n, 1).expand(num_heads, n, 1)).squeeze(-1)  # [H, N]
+    if label_smoothing > 0:
+        smooth = -logp.masked_fill(~finite, 0.0).sum(-1) / finite.sum(-1)
+        hard = (1.0 - label_smoothing) * nll + label_smoothing * smooth
+    else:
+        hard = nll
+
+    if num_heads == 1:
+        soft = torch.zeros_like(hard)
+        per = hard
+    else:
+        zf = z.masked_fill(~finite, 0.0)
+        consensus = (zf.sum(0, keepdim=True) - zf) / (num_heads - 1)  # [H, N, C]
+        masked = (~finite).int()
+        consensus = consensus.masked_fill((masked.sum(0, keepdim=True) - masked) > 0, float("-inf"))
+        if detach_consensus:
+            consensus = consensus.detach()
+        q = torch.softmax(consensus / temperature, dim=-1)
+        logp_t = torch.log_softmax(z / temperature, dim=-1)
+        # 0 * log 0 = 0 for absent classes (and no NaN in the gradient through the masked branch)
+        logp_t = logp_t.masked_fill(~finite & (q == 0), 0.0)
+        soft = -(q * logp_t).sum(-1)  # [H, N]
+        per = beta * hard + (1.0 - beta) * w * soft
+
+    zero = torch.zeros((), dtype=per.dtype, device=per.device)
+    per = torch.where(valid, per, zero)
+    num_valid = valid.sum()
+    denom = num_valid.clamp(min=1).to(per.dtype)
+    if reduction == "none":
+        loss = per
+    elif reduction == "sum":
+        loss = per.sum()
+    else:
+        loss = per.sum() / denom
+    if not return_stats:
+        return loss
+    with torch.no_grad():
+        stats = CollabStats(
+            hard=torch.where(valid, hard, zero).sum(1).float() / denom.float(),
+            soft=torch.where(valid, soft, zero).sum(1).float() / denom.float(),
+            correct=((z.argmax(-1) == y) & valid).sum(1).float(),
+            num_valid=num_valid.float(),
+        )
+    return loss, stats
+
+
+# ----------------------------------------------------------------------------------------------------
+# Triton kernel: one program per sample row, all H heads as one [H_PAD, BLOCK_C] tile, so the
+# consensus is formed in registers. Pass 1 accumulates online max / sums over column blocks; pass 2
+# writes the gradient. When the row fits one block it is loaded once and its exponentials reused.
+# ----------------------------------------------------------------------------------------------------
+
+if triton is not None:
+
+    @triton.jit
+    def _load_block(z_row, stride_zc, cols, col_mask, head_mask):
+        # [H_PAD, BLOCK_C] fp32 tile; columns >= C read as -inf (absent), padded heads as 0.
+        ptrs = z_row + cols[None, :].to(tl.int64) * stride_zc
+        z = tl.load(ptrs, mask=head_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+        return tl.where(col_mask[None, :], z, float("-inf"))
+
+    @triton.jit
+    def _consensus_logits(z, head_mask, inv_t, H: tl.constexpr):
+        # u_h = c_h / T with c_h the mean of the other heads; -inf where another head masks the class.
+        finite = (z > float("-inf")) & head_mask[:, None]
+        absent = (z == float("-inf")) & head_mask[:, None]
+        zf = tl.where(finite, z, 0.0)
+        total = tl.sum(zf, axis=0)  # [BLOCK_C]
+        n_absent = tl.sum(absent.to(tl.int32), axis=0)
+        u = (total[None, :] - zf) * (inv_t / (H - 1))
+        return tl.where((n_absent[None, :] - absent.to(tl.int32)) > 0, float("-inf"), u)
+
+    @triton.jit
+    def _pass1_block(z, head_mask, inv_t, m1, s1, s_t, m_c, s_c, t_c, H: tl.constexpr, T_IS_TWO: tl.constexpr):
+        # Online update of the row statistics with one [H_PAD, BLOCK_C] block. Also returns the
+        # block's exponentials (relative to the updated maxima) for reuse when the row is one block.
+        m_new = tl.maximum(m1, tl.max(z, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all absent so far: avoid inf - inf
+        e_t = tl.exp((z - m_safe[:, None]) * inv_t)
+        if T_IS_TWO:
+            e_1 = e_t * e_t  # exp(z - m) from exp((z - m) / 2): one exponential fewer per element
+        else:
+            e_1 = tl.exp(z - m_safe[:, None])
+        s1 = s1 * tl.exp(m1 - m_safe) + tl.sum(e_1, axis=1)
+        s_t = s_t * tl.exp((m1 - m_safe) * inv_t) + tl.sum(e_t, axis=1)
+        e_u = e_t  # unused when H == 1
+        if H > 1:
+            u = _consensus_logits(z, head_mask, inv_t, H)
+            mc_new = tl.maximum(m_c, tl.max(u, axis=1))
+            mc_safe = tl.where(mc_new == float("-inf"), 0.0, mc_new)
+            e_u = tl.exp(u - mc_safe[:, None])
+            rescale = tl.exp(m_c - mc_safe)
+            s_c = s_c * rescale + tl.sum(e_u, axis=1)
+            t_c = t_c * rescale + tl.sum(tl.where(e_u > 0, e_u * (z * inv_t), 0.0), axis=1)
+            m_c = mc_new
+        return m_new, s1, s_t, m_c, s_c, t_c, e_1, e_t, e_u
+
+    @triton.jit
+    def _grad_block(z, p_1, p_t, q, cols, y_safe, r, qa, n_fin, inv_t, beta, soft_coef, eps,
+                    H: tl.constexpr, DETACH: tl.constexpr, SMOOTH: tl.constexpr):
+        # dL/dz for one block, every head, weighted by the upstream weights r [H_PAD].
+        d_hard = p_1 - tl.where(cols[None, :] == y_safe, 1.0 - eps, 0.0)
+        if SMOOTH:
+            d_hard -= tl.where(z > float("-inf"), eps, 0.0) / n_fin[:, None]
+        if H > 1:
+            grad = r[:, None] * (beta * d_hard + (soft_coef * inv_t) * (p_t - q))
+            if not DETACH:
+                g_q = tl.where(q > 0, q * (z * inv_t - qa[:, None]), 0.0) * (-inv_t / (H - 1))
+                g_q = r[:, None] * g_q  # padded heads have r = 0
+                grad += soft_coef * (tl.sum(g_q, axis=0)[None, :] - g_q)
+        else:
+            grad = r[:, None] * d_hard
+        return grad
+
+    @triton.jit
+    def _collab_loss_kernel(
+        z_ptr, stride_zh, stride_zn, stride_zc,  # logits [H, N, C], any strides
+        y_ptr, stride_y,  # target [N], integer
+        g_ptr, stride_gh, stride_gn, stride_gc,  # gradient out [H, N, C] (may alias the logits)
+        loss_ptr,  # REDUCE: fp32 scalar accumulator; else fp32 [H, N] per-head per-sample loss
+        stats_ptr,  # fp32 [4, H] accumulators: mean hard, mean soft, correct count; [3, 0] = n_valid
+        nvalid_ptr,  # [] number of non-ignored labels (read when MEAN or STATS)
+        r_ptr, stride_rh, stride_rn,  # upstream weights [H, N] (ROW_WEIGHTS: backward of "none")
+        N, C, ignore_index,
+        inv_t, beta, soft_coef, eps,  # soft_coef = (1 - beta) * soft_weight
+        H: tl.constexpr, H_PAD: tl.constexpr, BLOCK_C: tl.constexpr, NUM_BLOCKS: tl.constexpr,
+        REDUCE: tl.constexpr, MEAN: tl.constexpr, COMPUTE_LOSS: tl.constexpr,
+        COMPUTE_GRAD: tl.constexpr, ROW_WEIGHTS: tl.constexpr, DETACH: tl.constexpr,
+        STATS: tl.constexpr, SMOOTH: tl.constexpr, T_IS_TWO: tl.constexpr,
+    ):
+        n = tl.program_id(0).to(tl.int64)
+        y = tl.load(y_ptr + n * stride_y).to(tl.int64)
+        valid = y != ignore_index
+        in_range = (y >= 0) & (y < C)
+        ok = valid & in_range
+        bad = valid & (~in_range)  # out-of-range label: loss becomes NaN (device-side check, no sync)
+        y_safe = tl.where(in_range, y, 0)
+
+        heads = tl.arange(0, H_PAD)
+        head_mask = heads < H
+        z_row = z_ptr + n * stride_zn + heads[:, None].to(tl.int64) * stride_zh  # [H_PAD, 1]
+        z_y = tl.load(z_ptr + n * stride_zn + heads.to(tl.int64) * stride_zh + y_safe * stride_zc,
+                      mask=head_mask, other=0.0).to(tl.float32)
+        cols0 = tl.arange(0, BLOCK_C)
+
+        # ---- pass 1: row statistics per head ([H_PAD] vectors), online over column blocks ----
+        m1 = tl.full([H_PAD], float("-inf"), tl.float32)  # max z
+        s1 = tl.zeros([H_PAD], tl.float32)  # sum exp(z - m1)
+        s_t = tl.zeros([H_PAD], tl.float32)  # sum exp((z - m1) / T)
+        m_c = tl.full([H_PAD], float("-inf"), tl.float32)  # max u
+        s_c = tl.zeros([H_PAD], tl.float32)  # sum exp(u - m_c)
+        t_c = tl.zeros([H_PAD], tl.float32)  # sum exp(u - m_c) * a, so <q, a> = t_c / s_c
+        sum_fin = tl.zeros([H_PAD], tl.float32)  # sum of finite z (label smoothing)
+        n_fin = tl.zeros([H_PAD], tl.float32)  # number of finite classes
+        arg = tl.zeros([H_PAD], tl.int64)  # first argmax (stats)
+        if NUM_BLOCKS == 1:
+            # The whole row is one tile: read it once, keep its exponentials for pass 2.
+            col_mask = cols0 < C
+            z = _load_block(z_row, stride_zc, cols0, col_mask, head_mask)
+            if STATS:
+                arg = tl.argmax(z, axis=1).to(tl.int64)
+            m1, s1, s_t, m_c, s_c, t_c, e_1, e_t, e_u = _pass1_block(
+                z, head_mask, inv_t, m1, s1, s_t, m_c, s_c, t_c, H, T_IS_TWO)
+            if SMOOTH:
+                finite = z > float("-inf")
+                sum_fin = tl.sum(tl.where(finite, z, 0.0), axis=1)
+                n_fin = tl.sum(finite.to(tl.float32), axis=1)
+        else:
+            for b in range(NUM_BLOCKS):
+                cols = b * BLOCK_C + cols0
+                z = _load_block(z_row, stride_zc, cols, cols < C, head_mask)
+                if STATS:
+                    blk_arg = tl.argmax(z, axis=1).to(tl.int64) + b * BLOCK_C
+                    arg = tl.where(tl.max(z, axis=1) > m1, blk_arg, arg)  # strict: first index wins
+                m1, s1, s_t, m_c, s_c, t_c, _e1, _et, _eu = _pass1_block(
+                    z, head_mask, inv_t, m1, s1, s_t, m_c, s_c, t_c, H, T_IS_TWO)
+                if SMOOTH:
+                    finite = z > float("-inf")
+                    sum_fin += tl.sum(tl.where(finite, z, 0.0), axis=1)
+                    n_fin += tl.sum(finite.to(tl.float32), axis=1)
+
+        m1_safe = tl.where(m1 == float("-inf"), 0.0, m1)
+        lse_1 = m1_safe + tl.log(s1)
+        if SMOOTH:
+            hard = lse_1 - (1.0 - eps) * z_y - eps * sum_fin / n_fin
+        else:
+            hard = lse_1 - z_y
+        mc_safe = tl.where(m_c == float("-inf"), 0.0, m_c)
+        qa = t_c  # <q_h, a_h> below; unused when H == 1
+        if H > 1:
+            qa = t_c / s_c
+            soft = m1_safe * inv_t + tl.log(s_t) - qa  # lse(a_h) - <q_h, a_h>
+            per = beta * hard + soft_coef * soft
+        else:
+            soft = tl.zeros([H_PAD], tl.float32)
+            per = hard
+
+        if MEAN or STATS:
+            n_valid = tl.load(nvalid_ptr).to(tl.float32)
+            inv_valid = 1.0 / tl.maximum(n_valid, 1.0)
+        if COMPUTE_LOSS:
+            if REDUCE:
+                row = tl.sum(tl.where(head_mask, per, 0.0), axis=0)
+                if MEAN:
+                    row = row * inv_valid
+                tl.atomic_add(loss_ptr, tl.where(ok, row, tl.where(bad, float("nan"), 0.0)))
+            else:
+                per_out = tl.where(ok, per, tl.where(bad, float("nan"), 0.0))
+                tl.store(loss_ptr + heads.to(tl.int64) * N + n, per_out, mask=head_mask)
+            if STATS:
+                tl.store(stats_ptr + 3 * H, n_valid, mask=n == 0)  # stats[3, 0] = number of valid samples
+                smask = head_mask & ok
+                tl.atomic_add(stats_ptr + heads, hard * inv_valid, mask=smask)
+                tl.atomic_add(stats_ptr + H + heads, soft * inv_valid, mask=smask)
+                tl.atomic_add(stats_ptr + 2 * H + heads, (arg == y_safe).to(tl.float32), mask=smask)
+
+        # ---- pass 2: gradient ----
+        if COMPUTE_GRAD:
+            if ROW_WEIGHTS:
+                r = tl.load(r_ptr + heads.to(tl.int64) * stride_rh + n * stride_rn,
+                            mask=head_mask, other=0.0).to(tl.float32)
+            elif MEAN:
+                r = tl.zeros([H_PAD], tl.float32) + inv_valid
+            else:
+                r = tl.zeros([H_PAD], tl.float32) + 1.0
+            r = tl.where(ok & head_mask, r, 0.0)
+            inv_s1 = 1.0 / s1
+            inv_st = 1.0 / s_t
+            inv_sc = 1.0 / s_c
+            g_row = g_ptr + n * stride_gn + heads[:, None].to(tl.int64) * stride_gh
+            if NUM_BLOCKS == 1:
+                grad = _grad_block(z, e_1 * inv_s1[:, None], e_t * inv_st[:, None], e_u * inv_sc[:, None],
+                                   cols0, y_safe, r, qa, n_fin, inv_t, beta, soft_coef, eps, H, DETACH, SMOOTH)
+                grad = tl.where(ok, grad, 0.0)
+                tl.store(g_row + cols0[None, :].to(tl.int64) * stride_gc, grad.to(g_ptr.dtype.element_ty),
+                         mask=head_mask[:, None] & col_mask[None, :])
+            else:
+                for b in range(NUM_BLOCKS):
+                    cols = b * BLOCK_C + cols0
+                    col_mask = cols < C
+                    z = _load_block(z_row, stride_zc, cols, col_mask, head_mask)
+                    e_t = tl.exp((z - m1_safe[:, None]) * inv_t)
+                    if T_IS_TWO:
+                        e_1 = e_t * e_t
+                    else:
+                        e_1 = tl.exp(z - m1_safe[:, None])
+                    q = e_t  # unused when H == 1
+                    if H > 1:
+                        q = tl.exp(_consensus_logits(z, head_mask, inv_t, H) - mc_safe[:, None]) * inv_sc[:, None]
+                    grad = _grad_block(z, e_1 * inv_s1[:, None], e_t * inv_st[:, None], q,
+                                       cols, y_safe, r, qa, n_fin, inv_t, beta, soft_coef, eps, H, DETACH, SMOOTH)
+                    grad = tl.where(ok, grad, 0.0)
+                    tl.store(g_row + cols[None, :].to(tl.int64) * stride_gc, grad.to(g_ptr.dtype.element_ty),
+                             mask=head_mask[:, None] & col_mask[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Launcher: checks, allocation, block sizes.
+# ----------------------------------------------------------------------------------------------------
+
+_MAX_TILE = 8192  # elements of the [H_PAD, BLOCK_C] register tile
+_REDUCE_CODE = {"none": 0, "sum": 1, "mean": 2}
+
+
+def interpreter_active() -> bool:
+    """True when Triton kernels run in the CPU interpreter (TRITON_INTERPRET=1 before import)."""
+    if triton is None:
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(_collab_loss_kernel, InterpretedFunction)
+
+
+def _check_triton_usable(device: torch.device) -> None:
+    if triton is None:
+        raise RuntimeError(f"impl='triton' needs the triton package, which failed to import: {_TRITON_IMPORT_ERROR}")
+    if device.type != "cuda" and not interpreter_active():
+        raise RuntimeError(
+            f"impl='triton' got {device.type} tensors: the Triton kernel runs on CUDA tensors, or on CPU "
+            "tensors only under the Triton interpreter (set TRITON_INTERPRET=1 before importing collab_fast). "
+            "Use impl='torch' or impl='auto' for the reference on CPU."
+        )
+
+
+def pick_block_c(num_heads: int, num_classes: int, block_c: int | None = None) -> tuple[int, int, int]:
+    """Column block, number of blocks and warps for a row of `num_heads` x `num_classes`."""
+    h_pad = triton.next_power_of_2(num_heads)
+    if block_c is None:
+        block_c = min(triton.next_power_of_2(num_classes), max(_MAX_TILE // h_pad, 16))
+    elif block_c < 16 or block_c & (block_c - 1):
+        raise ValueError(f"block_c must be a power of two >= 16, got {block_c}")
+    num_blocks = triton.cdiv(num_classes, block_c)
+    num_warps = min(16, max(4, (h_pad * block_c) // 512))
+    return block_c, num_blocks, num_warps
+
+
+def _launch(
+    logits: torch.Tensor,  # [H, N, C]
+    target: torch.Tensor,  # [N]
+    *,
+    temperature: float,
+    beta: float,
+    soft_weight: float,
+    detach_consensus: bool,
+    ignore_index: int,
+    label_smoothing: float,
+    reduction: str,
+    compute_loss: bool = True,
+    compute_grad: bool = False,
+    return_stats: bool = False,
+    row_weights: torch.Tensor | None = None,  # [H, N] upstream weights (backward of "none")
+    grad_out: torch.Tensor | None = None,  # where to write the gradient (default: fresh [H, N, C])
+    block_c: int | None = None,
+):
+    """Runs the kernel once. Returns (loss, stats [4, H] or None, grad or None)."""
+    num_heads, n, c = logits.shape
+    device = logits.device
+    block, num_blocks, num_warps = pick_block_c(num_heads, c, block_c)
+    reduce = reduction != "none"
+    mean = reduction == "mean" and row_weights is None
+    f32 = torch.float32
+    if compute_loss and reduce:
+        loss = torch.zeros((), dtype=f32, device=device)
+    elif compute_loss:
+        loss = torch.empty((num_heads, n), dtype=f32, device=device)
+    else:
+        loss = torch.empty((), dtype=f32, device=device)
+    stats = torch.zeros((4, num_heads), dtype=f32, device=device) if return_stats else loss
+    need_count = (mean and (compute_loss or compute_grad)) or return_stats
+    nvalid = (target != ignore_index).sum() if need_count else loss
+    if compute_grad:
+        grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if grad_out is None else grad_out
+    else:
+        grad = logits  # never written (COMPUTE_GRAD is a constexpr False)
+    r = row_weights if row_weights is not None else loss
+    r_strides = (row_weights.stride(0), row_weights.stride(1)) if row_weights is not None else (0, 0)
+    if n > 0:
+        _collab_loss_kernel[(n,)](
+            logits, logits.stride(0), logits.stride(1), logits.stride(2),
+            target, target.stride(0),
+            grad, grad.stride(0), grad.stride(1), grad.stride(2),
+            loss, stats, nvalid,
+            r, r_strides[0], r_strides[1],
+            n, c, ignore_index,
+            1.0 / temperature, beta, (1.0 - beta) * soft_weight, label_smoothing,
+            H=num_heads, H_PAD=triton.next_power_of_2(num_heads), BLOCK_C=block, NUM_BLOCKS=num_blocks,
+            REDUCE=reduce, MEAN=mean, COMPUTE_LOSS=compute_loss, COMPUTE_GRAD=compute_grad,
+            ROW_WEIGHTS=row_weights is not None, DETACH=detach_consensus, STATS=return_stats,
+            SMOOTH=label_smoothing > 0, T_IS_TWO=temperature == 2.0,
+            num_warps=num_warps,
+        )
+    elif compute_grad and grad_out is None:
+        grad.zero_()
+    return loss, (stats if return_stats else None), (grad if compute_grad else None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch.library custom ops: what torch.compile sees (opaque, with fake implementations). Eager calls
+# go straight to _launch to avoid the dispatcher's overhead on small shapes.
+# ----------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("collab_fast::collab_loss_forward", mutates_args=())
+def _collab_loss_forward_op(
+    logits: torch.Tensor, target: torch.Tensor, temperature: float, beta: float, soft_weight: float,
+    detach_consensus: bool, ignore_index: int, label_smoothing: float, reduction: str,
+    compute_grad: bool, return_stats: bool, block_c: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    loss, stats, grad = _launch(
+        logits, target, temperature=temperature, beta=beta, soft_weight=soft_weight,
+        detach_consensus=detach_consensus, ignore_index=ignore_index, label_smoothing=label_smoothing,
+        reduction=reduction, compute_grad=compute_grad, return_stats=return_stats,
+        block_c=block_c or None,
+    )
+    empty = logits.new_empty((0,), dtype=torch.float32)
+    return loss, (stats if stats is not None else empty), (grad if grad is not None else logits.new_empty(0))
+
+
+@_collab_loss_forward_op.register_fake
+def _(logits, target, temperature, beta, soft_weight, detach_consensus, ignore_index, label_smoothing,
+      reduction, compute_grad, return_stats, block_c):
+    h, n, _ = logits.shape
+    loss = logits.new_empty((h, n) if reduction == "none" else (), dtype=torch.float32)
+    stats = logits.new_empty((4, h) if return_stats else (0,), dtype=torch.float32)
+    grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if compute_grad else logits.new_empty(0)
+    return loss, stats, grad
+
+
+@torch.library.custom_op("collab_fast::collab_loss_backward_rows", mutates_args=())
+def _collab_loss_backward_rows_op(
+    logits: torch.Tensor, target: torch.Tensor, row_weights: torch.Tensor, temperature: float, beta: float,
+    soft_weight: float, detach_consensus: bool, ignore_index: int, label_smoothing: float, block_c: int,
+) -> torch.Tensor:
+    _, _, grad = _launch(
+        logits, target, temperature=temperature, beta=beta, soft_weight=soft_weight,
+        detach_consensus=detach_consensus, ignore_index=ignore_index, label_smoothing=label_smoothing,
+        reduction="none", compute_loss=False, compute_grad=True, row_weights=row_weights,
+        block_c=block_c or None,
+    )
+    return grad
+
+
+@_collab_loss_backward_rows_op.register_fake
+def _(logits, target, row_weights, temperature, beta, soft_weight, detach_consensus, ignore_index,
+      label_smoothing, block_c):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Autograd: the gradient is computed in the forward launch; backward scales it by grad_output.
+# ----------------------------------------------------------------------------------------------------
+
+
+class _FusedCollabLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, temperature, beta, soft_weight, detach_consensus, ignore_index,
+                label_smoothing, reduction, return_stats, inplace, block_c):
+        compiling = torch.compiler.is_compiling()
+        needs_grad = ctx.needs_input_grad[0]
+        # "none": the upstream weights differ per (head, sample) and mix across heads when the
+        # consensus is not detached, so the gradient is computed in backward from grad_output.
+        grad_in_forward = needs_grad and reduction != "none"
+        kw = dict(temperature=temperature, beta=beta, soft_weight=soft_weight,
+                  detach_consensus=detach_consensus, ignore_index=ignore_index,
+                  label_smoothing=label_smoothing)
+        if compiling:
+            if inplace:
+                raise NotImplementedError("fused_collab_loss(inplace=True) is not supported under torch.compile")
+            loss, stats, grad = torch.ops.collab_fast.collab_loss_forward(
+                logits, target, temperature, beta, soft_weight, detach_consensus, ignore_index,
+                label_smoothing, reduction, grad_in_forward, return_stats, block_c or 0)
+        else:
+            loss, stats, grad = _launch(
+                logits, target, **kw, reduction=reduction, compute_grad=grad_in_forward,
+                return_stats=return_stats, grad_out=logits if inplace and grad_in_forward else None,
+                block_c=block_c)
+            if inplace and grad_in_forward:
+                # The logits now hold the gradient: make autograd refuse any op that saved them.
+                torch.autograd.graph.increment_version(logits)
+        ctx.kw = kw
+        ctx.reduction = reduction
+        ctx.block_c = block_c
+        ctx.compiling = compiling
+        ctx.consumed = False
+        if grad_in_forward:
+            ctx.grad = grad
+        elif needs_grad:
+            ctx.save_for_backward(logits, target)
+        if stats is None:
+            stats = loss.new_empty(0)
+        ctx.mark_non_differentiable(stats)
+        return loss, stats
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, _grad_stats):
+        if ctx.reduction == "none":
+            logits, target = ctx.saved_tensors
+            if ctx.compiling:
+                kw = ctx.kw
+                grad = torch.ops.collab_fast.collab_loss_backward_rows(
+                    logits, target, grad_loss, kw["temperature"], kw["beta"], kw["soft_weight"],
+                    kw["detach_consensus"], kw["ignore_index"], kw["label_smoothing"], ctx.block_c or 0)
+            else:
+                _, _, grad = _launch(logits, target, **ctx.kw, reduction="none", compute_loss=False,
+                                     compute_grad=True, row_weights=grad_loss, block_c=ctx.block_c)
+        else:
+            if ctx.consumed:
+                raise RuntimeError(
+                    "fused_collab_loss: backward ran twice through the same graph. The gradient is "
+                    "stored at forward time and scaled in place; call the loss again instead of "
+                    "retain_graph=True.")
+            grad = ctx.grad
+            if ctx.compiling:
+                grad = grad * grad_loss
+            else:
+                ctx.consumed = True
+                del ctx.grad
+                grad.mul_(grad_loss)  # on the device: no host sync, no second buffer
+        return grad, None, None, None, None, None, None, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Functional API
+# ----------------------------------------------------------------------------------------------------
+
+
+def _stack_heads(logits) -> torch.Tensor:
+    if isinstance(logits, torch.Tensor):
+        if logits.dim() != 3:
+            raise ValueError(f"logits must be a tensor [H, N, C] or a sequence of H tensors [N, C]; "
+                             f"got a tensor of shape {tuple(logits.shape)}")
+        return logits
+    if not isinstance(logits, Sequence) or isinstance(logits, (str, bytes)):
+        raise TypeError(f"logits must be a tensor [H, N, C] or a sequence of tensors [N, C], got {type(logits).__name__}")
+    if len(logits) == 0:
+        raise ValueError("logits: no heads (an empty sequence); pass at least one [N, C] tensor")
+    for i, t in enumerate(logits):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"logits[{i}] must be a tensor [N, C], got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"logits[{i}] must be a tensor [N, C], got shape {tuple(t.shape)}")
+        if t.shape != logits[0].shape or t.dtype != logits[0].dtype or t.device != logits[0].device:
+            raise ValueError(
+                f"logits: every head must have the same shape, dtype and device; head 0 is "
+                f"{tuple(logits[0].shape)} {logits[0].dtype} {logits[0].device}, head {i} is "
+                f"{tuple(t.shape)} {t.dtype} {t.device}")
+    return torch.stack(list(logits))  # a copy: models should return one [H, N, C] tensor instead
+
+
+def _check_number(name: str, value, lo: float, hi: float, lo_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    v = float(value)
+    if not math.isfinite(v) or v < lo or v > hi or (lo_open and v == lo):
+        interval = f"{'(' if lo_open else '['}{lo}, {hi}]".replace("inf]", "inf)")
+        raise ValueError(f"{name} must be a finite number in {interval}, got {value}")
+    return v
+
+
+def _labels_checked_on_host(target: torch.Tensor) -> bool:
+    # CPU tensors are checked eagerly (cheap, no device sync); CUDA tensors only when asked, since the
+    # check reads a value back to the host. Unchecked CUDA labels are checked in the kernel instead:
+    # an out-of-range label makes the loss NaN.
+    return target.device.type == "cpu" or os.environ.get("COLLAB_FAST_CHECK_LABELS", "0") == "1"
+
+
+def fused_collab_loss(
+    logits,
+    target: torch.Tensor,
+    *,
+    temperature: float = 2.0,
+    beta: float = 0.5,
+    soft_weight: float | None = None,
+    detach_consensus: bool = True,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    reduction: str = "mean",
+    impl: str = "auto",
+    return_stats: bool = False,
+    inplace: bool = False,
+    block_c: int | None = None,
+):
+    """Collaborative-learning loss of H heads (hard + consensus soft cross-entropy), fused.
+
+    Args:
+        logits: [H, N, C] float tensor (float32, bfloat16 or float16; any strides), or a sequence of H
+            tensors [N, C] (stacked, which copies: prefer one [H, N, C] tensor).
+        target: [N] integer class indices; ``ignore_index`` marks samples that contribute nothing.
+        temperature: T > 0 of the soft objective.
+        beta: weight of the hard objective in [0, 1]; the soft one gets 1 - beta (ignored when H == 1).
+        soft_weight: extra factor on the soft objective; None means T**2 (the paper). The public
+            TensorFlow code used 1.
+        detach_consensus: True: the consensus is a constant target. False: gradient also flows
+            through it into the other heads.
+        ignore_index: label value of ignored samples.
+        label_smoothing: eps in [0, 1] of the hard objective (torch's definition).
+        reduction: "mean" (sum over heads of the mean over non-ignored samples), "sum", or "none"
+            ([H, N], 0 at ignored samples).
+        impl: "auto" (Triton on CUDA tensors, the reference on CPU), "triton", or "torch".
+        return_stats: also return a CollabStats (per-head mean hard/soft loss and top-1 correct count),
+            computed in the same pass with no host sync.
+        inplace: write the gradient into the logits' storage (saves one [H, N, C] buffer; the logits
+            are destroyed). Triton path, reduction "mean"/"sum" only.
+        block_c: column block of the kernel (a power of two); default picks one.
+
+    Returns:
+        The loss (float32; a scalar, or [H, N] for "none"), and a CollabStats if return_stats.
+
+    Label values on CUDA tensors are checked in the kernel without a host sync: an out-of-range label
+    makes the loss NaN. Set COLLAB_FAST_CHECK_LABELS=1 for an eager ValueError instead (one sync).
+    """
+    logits = _stack_heads(logits)
+    num_heads, n, c = logits.shape
+    if num_heads == 0:
+        raise ValueError("logits: no heads (H == 0); expected [H, N, C] with H >= 1")
+    if not logits.is_floating_point():
+        raise TypeError(f"logits must be a floating-point tensor (float32, bfloat16, float16), got {logits.dtype}")
+    if c == 0:
+        raise ValueError("logits: no classes (C == 0); expected [H, N, C] with C >= 1")
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be an integer tensor [N], got {type(target).__name__}")
+    if target.dtype == torch.bool or target.is_floating_point() or target.is_complex():
+        raise TypeError(f"target must be an integer tensor [N] of class indices, got dtype {target.dtype}")
+    if target.dim() != 1 or target.shape[0] != n:
+        raise ValueError(f"target must have shape [N] = [{n}] to match logits {tuple(logits.shape)}, "
+                         f"got {tuple(target.shape)}")
+    if target.device != logits.device:
+        raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
+    temperature = _check_number("temperature", temperature, 0.0, math.inf, lo_open=True)
+    beta = _check_number("beta", beta, 0.0, 1.0)
+    soft_weight = temperature**2 if soft_weight is None else _check_number("soft_weight", soft_weight, 0.0, math.inf)
+    label_smoothing = _check_number("label_smoothing", label_smoothing, 0.0, 1.0)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if impl not in _IMPLS:
+        raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
+    if not isinstance(detach_consensus, bool):
+        raise TypeError(f"detach_consensus must be a bool, got {type(detach_consensus).__name__}")
+    if _labels_checked_on_host(target) and n > 0:
+        bad = (target != ignore_index) & ((target < 0) | (target >= c))
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"target[{i}] = {int(target[i])} is outside [0, {c}) and is not ignore_index "
+                             f"({ignore_index})")
+
+    if impl == "auto":
+        use_kernel = logits.device.type == "cuda" and logits.dtype in _KERNEL_DTYPES
+    else:
+        use_kernel = impl == "triton"
+    if use_kernel:
+        _check_triton_usable(logits.device)
+        if logits.dtype not in _KERNEL_DTYPES:
+            raise TypeError(f"impl='triton' takes float32, bfloat16 or float16 logits, got {logits.dtype}; "
+                            "use impl='torch' for float64")
+    if inplace and (not use_kernel or reduction == "none"):
+        raise ValueError("inplace=True needs the Triton kernel (impl='triton', or 'auto' on CUDA) and "
+                         "reduction 'mean' or 'sum'")
+
+    if not use_kernel:
+        return collab_loss_reference(
+            logits, target, temperature=temperature, beta=beta, soft_weight=soft_weight,
+            detach_consensus=detach_consensus, ignore_index=ignore_index,
+            label_smoothing=label_smoothing, reduction=reduction, return_stats=return_stats)
+
+    loss, stats = _FusedCollabLoss.apply(
+        logits, target, temperature, beta, soft_weight, detach_consensus, ignore_index, label_smoothing,
+        reduction, return_stats, inplace, block_c)
+    if not return_stats:
+        return loss
+    return loss, CollabStats(hard=stats[0], soft=stats[1], correct=stats[2], num_valid=stats[3, 0])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Module
+# ----------------------------------------------------------------------------------------------------
+
+
+class CollabLoss(nn.Module):
+    """nn.Module form of :func:`fused_collab_loss` (same arguments, fixed at construction)."""
+
+    def __init__(self, temperature: float = 2.0, beta: float = 0.5, soft_weight: float | None = None,
+                 detach_consensus: bool = True, ignore_index: int = -100, label_smoothing: float = 0.0,
+                 reduction: str = "mean", impl: str = "auto"):
+        super().__init__()
+        self.temperature = temperature
+        self.beta = beta
+        self.soft_weight = soft_weight
+        self.detach_consensus = detach_consensus
+        self.ignore_index = ignore_index
+        self.label_smoothing = label_smoothing
+        self.reduction = reduction
+        self.impl = impl
+
+    def forward(self, logits, target: torch.Tensor, return_stats: bool = False):
+        return fused_collab_loss(
+            logits, target, temperature=self.temperature, beta=self.beta, soft_weight=self.soft_weight,
+            detach_consensus=self.detach_consensus, ignore_index=self.ignore_index,
+            label_smoothing=self.label_smoothing, reduction=self.reduction, impl=self.impl,
+            return_stats=return_stats)
+
+    def extra_repr(self) -> str:
+        return (f"temperature={self.temperature}, beta={self.beta}, soft_weight={self.soft_weight}, "
+                f"detach_consensus={self.detach_consensus}, reduction={self.reduction!r}, impl={self.impl!r}")
