@@ -617,8 +617,11 @@ def _check_number(name: str, value, lo: float, hi: float, lo_open: bool = False)
 
 def _labels_checked_on_host(target: torch.Tensor) -> bool:
     # CPU tensors are checked eagerly (cheap, no device sync); CUDA tensors only when asked, since the
-    # check reads a value back to the host. Unchecked CUDA labels are checked in the kernel instead:
-    # an out-of-range label makes the loss NaN.
+    # check reads a value back to the host. Unchecked labels (CUDA, or anything under torch.compile,
+    # where the check would break the graph) are checked in the kernel: an out-of-range label makes
+    # the loss NaN.
+    if torch.compiler.is_compiling():
+        return False
     return target.device.type == "cpu" or os.environ.get("COLLAB_FAST_CHECK_LABELS", "0") == "1"
 
 

@@ -1,0 +1,418 @@
+"""fused_collab_loss: the reference against the paper's formula, the Triton kernel against the reference."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import HAS_CUDA, requires_cuda
+
+from collab_fast import CollabLoss, collab_loss_reference, fused_collab_loss
+from collab_fast.kernels import collab_loss as cl
+
+DEV = torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+def paper_loss(z, y, T, beta, w, detach, eps=0.0, ignore_index=-100):
+    """Eq. 2-4 written head by head with torch.nn.functional, float64: an independent formula."""
+    H = z.shape[0]
+    valid = y != ignore_index
+    total = 0.0
+    for h in range(H):
+        hard = F.cross_entropy(z[h][valid], y[valid], reduction="sum", label_smoothing=eps)
+        if H == 1:
+            total = total + hard
+            continue
+        others = torch.stack([z[j] for j in range(H) if j != h]).mean(0)
+        if detach:
+            others = others.detach()
+        q = F.softmax(others[valid] / T, -1)
+        soft = -(q * F.log_softmax(z[h][valid] / T, -1)).sum()
+        total = total + beta * hard + (1 - beta) * w * soft
+    return total / valid.sum().clamp(min=1)
+
+
+def make(H, N, C, dtype=torch.float32, scale=3.0, seed=0, device=DEV):
+    g = torch.Generator().manual_seed(seed)
+    z = (torch.randn(H, N, C, generator=g, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+    y = torch.randint(0, C, (N,), generator=g).to(device)
+    return z, y
+
+
+def run_both(z, y, upstream=None, block_c=None, **kw):
+    """Reference in float64 and the kernel on z's dtype; returns (ref loss, ker loss, ref grad, ker grad)."""
+    z_ref = z.detach().double().requires_grad_()
+    z_ker = z.detach().clone().requires_grad_()
+    ref = collab_loss_reference(z_ref, y, **kw)
+    ker = fused_collab_loss(z_ker, y, impl="triton", block_c=block_c, **kw)
+    if upstream is None:
+        upstream = torch.rand(ref.shape, dtype=torch.float64, device=z.device) + 0.5
+    ref.backward(upstream)
+    ker.backward(upstream.float())
+    return ref, ker, z_ref.grad, z_ker.grad
+
+
+def assert_close(ker, ref, atol, rtol=1e-4):
+    torch.testing.assert_close(ker.double(), ref.double(), atol=atol, rtol=rtol)
+
+
+# -------------------------------------------------------------------------- the reference itself
+
+
+@pytest.mark.parametrize("H", [1, 2, 3, 4])
+@pytest.mark.parametrize("detach", [True, False])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_reference_matches_paper_formula(H, detach, eps):
+    z, y = make(H, 9, 13, dtype=torch.float64)
+    y[2] = -100
+    a = z.clone().requires_grad_()
+    b = z.clone().requires_grad_()
+    ref = collab_loss_reference(a, y, temperature=3.0, beta=0.3, soft_weight=1.7, detach_consensus=detach,
+                                label_smoothing=eps)
+    want = paper_loss(b, y, 3.0, 0.3, 1.7, detach, eps)
+    torch.testing.assert_close(ref, want)
+    ref.backward()
+    want.backward()
+    torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_reference_single_head_is_cross_entropy():
+    z, y = make(1, 6, 7, dtype=torch.float64)
+    torch.testing.assert_close(collab_loss_reference(z, y), F.cross_entropy(z[0], y))
+
+
+def test_detach_modes_differ():
+    # A test that can fail: the two gradients must not coincide.
+    z, y = make(3, 4, 5, dtype=torch.float64)
+    grads = []
+    for detach in (True, False):
+        x = z.clone().requires_grad_()
+        collab_loss_reference(x, y, detach_consensus=detach).backward()
+        grads.append(x.grad)
+    assert (grads[0] - grads[1]).abs().max() > 1e-3
+
+
+# -------------------------------------------------------------------------- kernel vs reference
+
+
+@pytest.mark.parametrize("H", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("C", [2, 10, 1001])
+@pytest.mark.parametrize("detach", [True, False])
+def test_kernel_matches_reference(H, C, detach):
+    z, y = make(H, 5, C)
+    y[3] = -100
+    ref, ker, gr, gk = run_both(z, y, detach_consensus=detach)
+    assert_close(ker, ref, atol=1e-5)
+    assert_close(gk, gr, atol=1e-6)
+
+
+@pytest.mark.parametrize("N", [1, 7])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_kernel_reductions_and_upstream_gradient(N, reduction):
+    z, y = make(4, N, 1000, seed=N)
+    ref, ker, gr, gk = run_both(z, y, reduction=reduction, detach_consensus=False)
+    assert ker.shape == ref.shape
+    assert_close(ker, ref, atol=1e-4)
+    assert_close(gk, gr, atol=1e-6)
+
+
+@pytest.mark.parametrize("H", [1, 3, 4])
+@pytest.mark.parametrize("detach", [True, False])
+@pytest.mark.parametrize("T", [2.0, 3.5])
+def test_kernel_looped_path(H, detach, T):
+    # C larger than the block: the online max/sum path over several column blocks.
+    z, y = make(H, 6, 70, seed=H)
+    y[0] = -100
+    for reduction in ("mean", "none"):
+        ref, ker, gr, gk = run_both(z, y, temperature=T, detach_consensus=detach, reduction=reduction,
+                                    block_c=16, label_smoothing=0.05)
+        assert_close(ker, ref, atol=1e-5)
+        assert_close(gk, gr, atol=1e-6)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(soft_weight=1.0),
+    dict(beta=0.0),
+    dict(beta=1.0),
+    dict(temperature=1.0),
+    dict(temperature=5.0, soft_weight=0.3),
+    dict(label_smoothing=0.1),
+    dict(label_smoothing=0.1, detach_consensus=False, reduction="sum"),
+    dict(ignore_index=3),
+])
+def test_kernel_options(kw):
+    z, y = make(3, 8, 33, seed=5)
+    y[1] = 3  # ignored when ignore_index == 3
+    y[4] = -100 if "ignore_index" not in kw else 1
+    ref, ker, gr, gk = run_both(z, y, **kw)
+    assert_close(ker, ref, atol=1e-5)
+    assert_close(gk, gr, atol=1e-6)
+
+
+def test_kernel_fp16_input():
+    z, y = make(4, 7, 1001, dtype=torch.float16)
+    ref, ker, gr, gk = run_both(z, y, detach_consensus=False)
+    assert gk.dtype == torch.float16
+    assert ker.dtype == torch.float32
+    assert_close(ker, ref, atol=1e-4)
+    assert_close(gk, gr, atol=2e-5, rtol=2e-3)
+
+
+def test_all_ignored_gives_zero_not_nan():
+    z, y = make(3, 4, 10)
+    y[:] = -100
+    for reduction in ("mean", "sum", "none"):
+        ref, ker, gr, gk = run_both(z, y, reduction=reduction)
+        assert torch.isfinite(ker).all() and (ker == 0).all()
+        assert (gk == 0).all()
+        assert (gr == 0).all()
+
+
+def test_non_contiguous_inputs():
+    # [N, H, C] permuted to [H, N, C], and every other column of a wider tensor.
+    base, _ = make(5, 4, 40, seed=2)  # read as [N=5, H=4, 40]
+    z = base.permute(1, 0, 2)[:, :, ::2]
+    assert not z.is_contiguous() and z.shape == (4, 5, 20)
+    y = torch.tensor([0, 19, 3, -100, 7], device=DEV)
+    ref, ker, gr, gk = run_both(z, y, detach_consensus=False)
+    assert_close(ker, ref, atol=1e-5)
+    assert_close(gk, gr, atol=1e-6)
+    y2 = torch.randint(0, 5, (9,))[::3].to(DEV)  # strided target
+    z2, _ = make(2, 3, 5)
+    ref, ker, gr, gk = run_both(z2, y2)
+    assert_close(ker, ref, atol=1e-5)
+    assert_close(gk, gr, atol=1e-6)
+
+
+def test_list_input_gradients_reach_every_head():
+    z, y = make(3, 6, 12)
+    heads = [z[h].clone().requires_grad_() for h in range(3)]
+    fused_collab_loss(heads, y, impl="triton", detach_consensus=False).backward()
+    zr = z.double().requires_grad_()
+    collab_loss_reference(zr, y, detach_consensus=False).backward()
+    for h in range(3):
+        assert_close(heads[h].grad, zr.grad[h], atol=1e-6)
+
+
+def test_large_and_masked_logits():
+    H, N, C, masked = 4, 6, 40, [0, 7, 8, 39]
+    keep = [c for c in range(C) if c not in masked]
+    z, _ = make(H, N, C, scale=1e4)
+    z[:, :, masked] = float("-inf")
+    g = torch.Generator().manual_seed(3)
+    y = torch.tensor(keep, device=DEV)[torch.randint(0, len(keep), (N,), generator=g).to(DEV)]
+    y_small = torch.searchsorted(torch.tensor(keep, device=DEV), y)  # labels in the reduced class set
+    for detach in (True, False):
+        for eps in (0.0, 0.1):
+            for impl in ("triton", "torch"):
+                for block_c in (None, 16):
+                    x = z.clone().requires_grad_()
+                    kw = dict(detach_consensus=detach, label_smoothing=eps)
+                    loss = fused_collab_loss(x, y, impl=impl, block_c=block_c if impl == "triton" else None, **kw)
+                    loss.backward()
+                    assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+                    assert (x.grad[:, :, masked] == 0).all()
+                    xs = z[:, :, keep].double().requires_grad_()
+                    want = collab_loss_reference(xs, y_small, **kw)
+                    want.backward()
+                    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-2)
+                    torch.testing.assert_close(x.grad[:, :, keep].double(), xs.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("block_c", [None, 16])
+def test_stats_match_reference(block_c):
+    z, y = make(4, 9, 50, seed=4)
+    z[1, 2, :] = 0.0  # ties: argmax takes the first index
+    y[5] = -100
+    loss, st = fused_collab_loss(z, y, impl="triton", return_stats=True, block_c=block_c)
+    ref, rs = collab_loss_reference(z.double(), y, return_stats=True)
+    assert_close(loss, ref, atol=1e-5)
+    for name in ("hard", "soft", "correct", "num_valid"):
+        assert_close(getattr(st, name), getattr(rs, name), atol=1e-5)
+    assert st.num_valid.item() == 8
+
+
+def test_out_of_range_label_in_kernel_gives_nan():
+    # The device-side check (what CUDA tensors get without a host sync).
+    z, y = make(2, 4, 6)
+    y[2] = 6
+    loss, _, _ = cl._launch(z, y, temperature=2.0, beta=0.5, soft_weight=4.0, detach_consensus=True,
+                            ignore_index=-100, label_smoothing=0.0, reduction="mean")
+    assert torch.isnan(loss)
+
+
+def test_inplace_writes_gradient_into_logits():
+    z, y = make(3, 5, 20)
+    x = z.clone().requires_grad_()
+    fused_collab_loss(x, y, impl="triton").backward()
+    leaf = z.clone().requires_grad_()
+    work = leaf * 1.0  # a non-leaf whose storage may be reused
+    loss = fused_collab_loss(work, y, impl="triton", inplace=True)
+    loss.backward()
+    assert_close(leaf.grad, x.grad, atol=1e-7)
+    assert_close(work.detach(), x.grad, atol=1e-7)  # the logits now hold the gradient
+
+
+def test_backward_twice_is_refused():
+    z, y = make(2, 3, 4)
+    x = z.clone().requires_grad_()
+    loss = fused_collab_loss(x, y, impl="triton")
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
+
+
+def test_double_backward_is_refused():
+    z, y = make(2, 3, 4)
+    x = z.clone().requires_grad_()
+    loss = fused_collab_loss(x, y, impl="triton")
+    (g,) = torch.autograd.grad(loss, x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()
+
+
+def test_no_grad_forward_matches():
+    z, y = make(4, 5, 30)
+    with torch.no_grad():
+        a = fused_collab_loss(z, y, impl="triton")
+    assert_close(a, collab_loss_reference(z.double(), y), atol=1e-5)
+
+
+def test_module_and_auto():
+    z, y = make(3, 5, 11)
+    mod = CollabLoss(temperature=3.0, beta=0.7, impl="auto")
+    assert "temperature=3.0" in repr(mod)
+    want = collab_loss_reference(z.double(), y, temperature=3.0, beta=0.7)
+    assert_close(mod(z, y), want, atol=1e-5)
+    loss, st = mod(z, y, return_stats=True)
+    assert st.hard.shape == (3,)
+
+
+def test_empty_batch():
+    z = torch.zeros(2, 0, 5, device=DEV, requires_grad=True)
+    y = torch.zeros(0, dtype=torch.long, device=DEV)
+    loss = fused_collab_loss(z, y, impl="triton")
+    loss.backward()
+    assert loss.item() == 0 and z.grad.shape == z.shape
+
+
+# -------------------------------------------------------------------------- torch.compile / custom op
+
+
+def test_custom_op_opcheck():
+    z, y = make(3, 4, 9)
+    args = (z.requires_grad_(), y, 2.0, 0.5, 4.0, True, -100, 0.0, "mean", True, True, 0)
+    torch.library.opcheck(torch.ops.collab_fast.collab_loss_forward, args,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.slow
+def test_under_torch_compile():
+    z, y = make(3, 4, 9)
+    lin = torch.nn.Linear(9, 9, dtype=torch.float32, device=DEV)
+
+    def step(x, t):
+        return fused_collab_loss(lin(x), t, impl="triton", detach_consensus=False)
+
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    x1 = z.clone().requires_grad_()
+    x2 = z.clone().requires_grad_()
+    out_c = compiled(x1, y)
+    out_c.backward()
+    out_e = step(x2, y)
+    out_e.backward()
+    assert_close(out_c, out_e, atol=1e-6)
+    assert_close(x1.grad, x2.grad, atol=1e-6)
+
+
+# -------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("args, kw, exc, match", [
+    ((torch.zeros(4, 5), torch.zeros(4, dtype=torch.long)), {}, ValueError, "logits must be a tensor"),
+    (([], torch.zeros(4, dtype=torch.long)), {}, ValueError, "no heads"),
+    (([torch.zeros(4, 5), torch.zeros(4, 6)], torch.zeros(4, dtype=torch.long)), {}, ValueError, "same shape"),
+    (("abc", torch.zeros(4, dtype=torch.long)), {}, TypeError, "logits must be"),
+    ((torch.zeros(0, 4, 5), torch.zeros(4, dtype=torch.long)), {}, ValueError, "no heads"),
+    ((torch.zeros(2, 4, 5, dtype=torch.long), torch.zeros(4, dtype=torch.long)), {}, TypeError, "floating-point"),
+    ((torch.zeros(2, 4, 5), torch.zeros(3, dtype=torch.long)), {}, ValueError, r"target must have shape \[N\]"),
+    ((torch.zeros(2, 4, 5), torch.zeros(4)), {}, TypeError, "target must be an integer tensor"),
+    ((torch.zeros(2, 4, 5), [0, 1, 2, 3]), {}, TypeError, "target must be an integer tensor"),
+    ((torch.zeros(2, 4, 5), torch.tensor([0, 1, 5, 2])), {}, ValueError, r"target\[2\] = 5 is outside \[0, 5\)"),
+    ((torch.zeros(2, 4, 5), torch.tensor([0, 1, -1, 2])), {}, ValueError, r"target\[2\] = -1"),
+    ((torch.zeros(2, 4, 5), torch.zeros(4, dtype=torch.long)), {"temperature": 0.0}, ValueError, "temperature"),
+    ((torch.zeros(2, 4, 5), torch.zeros(4, dtype=torch.long)), {"temperature": float("nan")}, ValueError, "temperature"),
+    ((torch.zeros(2, 4, 5), torch.zeros(4, dtype=torch.long)), {"beta": 1.5}, ValueError, "beta"),
+    ((torch.zeros(2, 4, 5), torch.zeros(4, dtype=torch.long)), {"beta": -0.1}, ValueError, "beta"),
+    ((torch.zeros(2, 4, 5), torch.zeros(4, dtype=torch.long)), {"soft_weight": -1.0}, ValueError, "soft_weight"),
+    ((torch.zeros(2, 4, 5), torch.zeros(4, dtype=torch.long)), {"label_smoothing": 2.0}, ValueError, "label_smoothing"),
+    ((torch.zeros(2, 4, 5), torch.zeros(4, dtype=torch.long)), {"reduction": "avg"}, ValueError, "reduction"),
+    ((torch.zeros(2, 4, 5), torch.zeros(4, dtype=torch.long)), {"impl": "cuda"}, ValueError, "impl"),
+    ((torch.zeros(2, 4, 5), torch.zeros(4, dtype=torch.long)), {"ignore_index": 1.5}, TypeError, "ignore_index"),
+    ((torch.zeros(2, 4, 5), torch.zeros(4, dtype=torch.long)), {"detach_consensus": "yes"}, TypeError,
+     "detach_consensus"),
+    ((torch.zeros(2, 4, 5, dtype=torch.float64), torch.zeros(4, dtype=torch.long)), {"impl": "triton"},
+     TypeError, "float64"),
+    ((torch.zeros(2, 4, 5), torch.zeros(4, dtype=torch.long)), {"impl": "torch", "inplace": True},
+     ValueError, "inplace"),
+    ((torch.zeros(2, 4, 5), torch.zeros(4, dtype=torch.long)), {"impl": "triton", "block_c": 12},
+     ValueError, "block_c"),
+])
+def test_bad_input(args, kw, exc, match):
+    with pytest.raises(exc, match=match):
+        fused_collab_loss(*args, **kw)
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error():
+    code = ("import torch\nfrom collab_fast import fused_collab_loss\n"
+            "fused_collab_loss(torch.zeros(2, 3, 4), torch.zeros(3, dtype=torch.long), impl='triton')\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0
+    assert "TRITON_INTERPRET=1" in res.stderr
+
+
+# -------------------------------------------------------------------------- GPU only
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("C", [1000, 32768])
+def test_gpu_bf16(C):
+    z, y = make(4, 64, C, dtype=torch.bfloat16, device="cuda")
+    ref, ker, gr, gk = run_both(z, y, detach_consensus=False)
+    assert gk.dtype == torch.bfloat16
+    assert_close(ker, ref, atol=1e-3, rtol=1e-3)
+    assert_close(gk, gr, atol=1e-4, rtol=2e-2)
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_gpu_64bit_offsets():
+    # H * N * C > 2^31 elements: offsets must not overflow. bf16 keeps it at ~4.3 GB.
+    H, N, C = 2, 16400, 65536
+    assert H * N * C > 2**31
+    z = torch.randn(H, N, C, device="cuda", dtype=torch.bfloat16)
+    y = torch.randint(0, C, (N,), device="cuda")
+    y[-1] = 7
+    z[:, -1, 7] = 30.0  # the last row is confidently right in every head
+    z.requires_grad_()
+    loss = fused_collab_loss(z, y, reduction="none")
+    assert torch.isfinite(loss).all()
+    assert loss[:, -1].abs().max() < 1e-3
+    loss.sum().backward()
+    assert torch.isfinite(z.grad[:, -1]).all() and z.grad[:, -1, 7].abs().max() < 1e-3
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_gpu_compiled_inductor():
+    z, y = make(4, 32, 1000, device="cuda")
+    f = torch.compile(lambda x, t: fused_collab_loss(x, t), fullgraph=True)
+    x1, x2 = z.clone().requires_grad_(), z.clone().requires_grad_()
+    f(x1, y).backward()
+    fused_collab_loss(x2, y).backward()
+    assert_close(x1.grad, x2.grad, atol=1e-7)
