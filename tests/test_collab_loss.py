@@ -316,7 +316,7 @@ def test_under_torch_compile():
     def step(x, t):
         return fused_collab_loss(lin(x), t, impl="triton", detach_consensus=False)
 
-    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(step, fullgraph=True)
     x1 = z.clone().requires_grad_()
     x2 = z.clone().requires_grad_()
     out_c = compiled(x1, y)
