@@ -1,0 +1,143 @@
+"""Microbenchmark of the collaborative loss: eager reference vs torch.compile(reference) vs the fused kernel.
+
+    python benchmarks/bench_loss.py            # GPU: the issue's shapes; CPU: tiny shapes (smoke test)
+    python benchmarks/bench_loss.py --quick    # one tiny shape per provider (CI)
+
+Modes: "forward" (loss only, logits without grad), "fwd+bwd" (loss and gradient), "backward" (derived:
+fwd+bwd minus a forward that records the graph). Each time is a median (CUDA events via
+triton.testing.do_bench on GPU). The DRAM floor is the bytes the op cannot avoid (logits read once,
+plus the gradient written once for fwd+bwd) over the measured device-to-device copy rate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+warnings.filterwarnings("ignore", category=RuntimeWarning, module="triton.runtime.interpreter")
+if not torch.cuda.is_available():  # the kernel runs in Triton's interpreter on CPU
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import bench, copy_bandwidth, peak_extra_memory, write_results  # noqa: E402
+
+from collab_fast import collab_loss_reference, fused_collab_loss  # noqa: E402
+
+# (name, H, N, C, dtype)
+GPU_SHAPES = [
+    ("imagenet", 4, 256, 1000, torch.float32),
+    ("imagenet", 4, 256, 1000, torch.bfloat16),
+    ("cifar10", 4, 128, 10, torch.float32),
+    ("cifar100", 4, 128, 100, torch.float32),
+    ("lm-32k", 4, 8192, 32768, torch.bfloat16),
+    ("lm-128k", 2, 4096, 131072, torch.bfloat16),
+]
+CPU_SHAPES = [
+    ("imagenet-tiny", 4, 16, 1000, torch.float32),
+    ("cifar10-tiny", 4, 32, 10, torch.float32),
+]
+PROVIDERS = ("eager", "compiled", "ours")
+COLUMNS = ["shape", "H", "N", "C", "dtype", "provider", "mode", "ms", "GB/s", "pct_floor", "speedup_vs_eager",
+           "peak_extra_MB"]
+
+
+def make_loss_fn(provider: str):
+    kw = dict(temperature=2.0, beta=0.5)
+    if provider == "eager":
+        return lambda z, y: collab_loss_reference(z, y, **kw)
+    if provider == "compiled":
+        return torch.compile(lambda z, y: collab_loss_reference(z, y, **kw))
+    if provider == "ours":
+        return lambda z, y: fused_collab_loss(z, y, impl="triton", **kw)
+    raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
+
+
+def run_shape(name, H, N, C, dtype, providers, device, bandwidth):
+    z0 = torch.randn(H, N, C, device=device, dtype=dtype)
+    y = torch.randint(0, C, (N,), device=device)
+    elt = z0.element_size()
+    floors = {"forward": H * N * C * elt, "fwd+bwd": 2 * H * N * C * elt}
+    rows, eager_ms = [], {}
+    for provider in providers:
+        fn = make_loss_fn(provider)
+        z = z0.clone().requires_grad_()
+
+        def fwd_nograd(fn=fn):
+            with torch.no_grad():
+                fn(z0, y)
+
+        def fwd_graph(fn=fn, z=z):
+            return fn(z, y)
+
+        def fwd_bwd(fn=fn, z=z):
+            z.grad = None
+            fn(z, y).backward()
+
+        times = {"forward": bench(fwd_nograd, device), "fwd+bwd": bench(fwd_bwd, device)}
+        times["backward"] = max(times["fwd+bwd"] - bench(fwd_graph, device), 0.0)
+        peak = peak_extra_memory(fwd_bwd, device)
+        for mode, ms in times.items():
+            if provider == "eager":
+                eager_ms[mode] = ms
+            nbytes = floors.get(mode)
+            gbs = nbytes / (ms * 1e-3) / 1e9 if nbytes and ms > 0 else None
+            rows.append({
+                "shape": name, "H": H, "N": N, "C": C, "dtype": str(dtype).replace("torch.", ""),
+                "provider": provider, "mode": mode, "ms": ms, "GB/s": gbs,
+                "pct_floor": (100 * nbytes / bandwidth / (ms * 1e-3)) if nbytes and ms > 0 else None,
+                "speedup_vs_eager": eager_ms[mode] / ms if mode in eager_ms and ms > 0 else None,
+                "peak_extra_MB": peak / 2**20 if peak is not None and mode == "fwd+bwd" else None,
+            })
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--providers", default=None, help="comma list of eager,compiled,ours (default: all)")
+    p.add_argument("--shapes", default=None, help="comma list of shape names (default: all for the device)")
+    p.add_argument("--quick", action="store_true", help="one tiny shape (a smoke test)")
+    p.add_argument("--no-save", action="store_true", help="print only; do not write benchmarks/results/")
+    args = p.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shapes = GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
+    if args.quick:
+        shapes = [("tiny", 3, 8, 50, torch.float32)]
+    if args.shapes:
+        wanted = set(args.shapes.split(","))
+        shapes = [s for s in shapes if s[0] in wanted]
+        if not shapes:
+            p.error(f"--shapes: none of {sorted(wanted)} is known here")
+    providers = PROVIDERS if args.providers is None else tuple(args.providers.split(","))
+    for pr in providers:
+        if pr not in PROVIDERS:
+            p.error(f"--providers: unknown provider {pr!r}; choose from {', '.join(PROVIDERS)}")
+
+    bandwidth = copy_bandwidth(device)
+    print(f"device: {device}  copy bandwidth: {bandwidth / 1e9:.1f} GB/s")
+    if device.type == "cpu":
+        print("CPU run: the kernel runs in Triton's interpreter; these times are a smoke test, not a benchmark")
+    rows = []
+    for shape in shapes:
+        rows += run_shape(*shape, providers, device, bandwidth)
+    for r in rows:
+        print("  ".join(f"{c}={_short(r[c])}" for c in COLUMNS if r.get(c) is not None))
+    if not args.no_save:
+        cmd = "python benchmarks/bench_loss.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+        path = write_results("bench_loss", rows, device, cmd.strip(), COLUMNS)
+        print(f"wrote {path} and {path.with_suffix('.md')}")
+    return 0
+
+
+def _short(v):
+    return f"{v:.4g}" if isinstance(v, float) else v
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

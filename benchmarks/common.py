@@ -1,0 +1,108 @@
+"""Shared benchmark plumbing: timing (CUDA events on GPU), hardware floors, result files.
+
+On a GPU every time is the median of triton.testing.do_bench (warm-up, CUDA events, L2 flushed). On
+CPU the same functions time with perf_counter and every row is tagged device=cpu: such rows are
+smoke tests of the scripts, never GPU results.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+
+
+def versions() -> dict:
+    try:
+        import triton
+
+        tv = triton.__version__
+    except Exception:  # pragma: no cover
+        tv = None
+    return {"torch": torch.__version__, "triton": tv, "cuda": torch.version.cuda, "python": sys.version.split()[0]}
+
+
+def bench(fn, device: torch.device, warmup_ms: float = 25, rep_ms: float = 100, cpu_reps: int = 5) -> float:
+    """Median milliseconds of fn()."""
+    if device.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+    fn()  # warm-up (compilation, allocator)
+    times = []
+    for _ in range(cpu_reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Measured device-to-device copy rate in bytes/s (read + write counted)."""
+    if device.type != "cuda":
+        nbytes = 64 << 20
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src), device)
+    return 2 * nbytes / (ms * 1e-3)
+
+
+def peak_extra_memory(fn, device: torch.device) -> int | None:
+    """Peak bytes allocated by fn() above what was allocated before it (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - base
+
+
+def write_results(name: str, rows: list[dict], device: torch.device, command: str, columns: list[str]) -> Path:
+    """Writes RESULTS_DIR/<name>_<device>_<date>.{json,md}; returns the JSON path."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    today = _dt.date.today().isoformat()
+    tag = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device).replace(" ", "-").lower()
+    meta = {"device": device_name(device), "versions": versions(), "date": today, "command": command}
+    stem = RESULTS_DIR / f"{name}_{tag}_{today}"
+    json_path = stem.with_suffix(".json")
+    json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    lines = [
+        f"# {name}",
+        "",
+        f"- device: {meta['device']}",
+        f"- versions: {', '.join(f'{k} {v}' for k, v in meta['versions'].items())}",
+        f"- date: {today}",
+        f"- command: `{command}`",
+    ]
+    if device.type == "cpu":
+        lines.append("- CPU run: a smoke test of the script (Triton runs in its interpreter), not a performance figure")
+    lines += ["", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |")
+    stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    return json_path
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)

@@ -1,0 +1,30 @@
+"""The benchmark scripts run end to end (tiny sizes on CPU: a smoke test, not a measurement)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+
+@pytest.mark.slow
+def test_bench_loss_quick(tmp_path, monkeypatch, capsys):
+    import bench_loss
+    import common
+
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    assert bench_loss.main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    for provider in ("eager", "compiled", "ours"):
+        assert f"provider={provider}" in out
+    md = list(tmp_path.glob("bench_loss_cpu_*.md"))
+    assert md and "not a performance figure" in md[0].read_text()
+    assert list(tmp_path.glob("bench_loss_cpu_*.json"))
+
+
+def test_bench_loss_rejects_unknown_provider():
+    import bench_loss
+
+    with pytest.raises(SystemExit):
+        bench_loss.main(["--quick", "--providers", "fast", "--no-save"])
