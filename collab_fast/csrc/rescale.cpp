@@ -1,0 +1,287 @@
+// Backprop rescaling (Song & Chai 2018, eq. 5-6): the C++ API of collab_fast.
+//
+//   grad_rescale(x, s):  forward y = x (an alias, no copy);       backward dx = s * dy
+//   branch(x, n, s):     forward n aliases of x (one per child);  backward dx = s * (dy_1 + ... + dy_n)
+//   scaled_sum(gs, s):   s * (g_1 + ... + g_n) in one pass: each input read once, the result written
+//                        once, accumulated in fp32 (fp64 for double). The kernel behind both backwards.
+//
+// A child that receives no gradient (an undefined grad) counts as zero. Scales that are powers of two
+// (1/2, 1/4, 1/8) make the backward exact in every float dtype.
+//
+// Registration: TORCH_LIBRARY(_FRAGMENT) schema; CPU and CUDA kernels and a Meta kernel for scaled_sum; an Autograd
+// kernel (a C++ autograd::Function) and a CompositeExplicitAutograd alias kernel for grad_rescale and
+// branch, so that FakeTensor / torch.compile trace through to aten::alias plus scaled_sum.
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/irange.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+namespace collab_fast {
+
+// ------------------------------------------------------------------------------------------ checks
+
+static void check_scale(double scale, const char* op) {
+  TORCH_CHECK(std::isfinite(scale), op, ": scale must be a finite number, got ", scale);
+}
+
+static void check_float(const at::Tensor& t, const char* op, const char* what) {
+  TORCH_CHECK(t.defined(), op, ": ", what, " is undefined");
+  const auto dt = t.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, op, ": ", what,
+              " must be float32, float64, float16 or bfloat16, got ", dt);
+}
+
+// Checks the inputs of scaled_sum and returns them laid out like the output: inputs whose strides
+// differ from the first one's (or that overlap / have gaps) are copied into that layout first.
+static std::vector<at::Tensor> prepare_inputs(const at::TensorList grads, at::Tensor& out, const char* op) {
+  TORCH_CHECK(!grads.empty(), op, ": needs at least one gradient");
+  const auto& g0 = grads[0];
+  for (const auto i : c10::irange(grads.size())) {
+    const auto& g = grads[i];
+    check_float(g, op, ("grads[" + std::to_string(i) + "]").c_str());
+    TORCH_CHECK(g.sizes() == g0.sizes(), op, ": grads[", i, "] has shape ", g.sizes(), " but grads[0] has ",
+                g0.sizes());
+    TORCH_CHECK(g.scalar_type() == g0.scalar_type(), op, ": grads[", i, "] is ", g.scalar_type(),
+                " but grads[0] is ", g0.scalar_type());
+    TORCH_CHECK(g.device() == g0.device(), op, ": grads[", i, "] is on ", g.device(), " but grads[0] is on ",
+                g0.device());
+  }
+  // Output: g0's layout when it is dense (keeps channels_last), else contiguous.
+  out = g0.is_non_overlapping_and_dense() ? at::empty_like(g0) : at::empty(g0.sizes(), g0.options());
+  std::vector<at::Tensor> inputs;
+  inputs.reserve(grads.size());
+  for (const auto& g : grads) {
+    inputs.push_back(g.strides() == out.strides() ? g : at::empty_like(out).copy_(g));
+  }
+  return inputs;
+}
+
+// ------------------------------------------------------------------------------------------ CPU kernel
+
+template <typename scalar_t>
+static void scaled_sum_cpu_impl(const std::vector<const scalar_t*>& in, scalar_t* out, int64_t numel,
+                                double scale) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  using Vec = at::vec::Vectorized<scalar_t>;
+  using VecM = at::vec::Vectorized<opmath_t>;
+  const int64_t n = static_cast<int64_t>(in.size());
+  const opmath_t s = static_cast<opmath_t>(scale);
+  constexpr bool reduced = !std::is_same_v<scalar_t, opmath_t>;  // half / bfloat16: widen to float
+  at::parallel_for(0, numel, 32768, [&](int64_t begin, int64_t end) {
+    int64_t i = begin;
+    const int64_t vec_end = begin + (end - begin) / Vec::size() * Vec::size();
+    for (; i < vec_end; i += Vec::size()) {
+      if constexpr (reduced) {
+        auto [a0, a1] = at::vec::convert_to_float<scalar_t>(Vec::loadu(in[0] + i));
+        for (int64_t k = 1; k < n; ++k) {
+          auto [b0, b1] = at::vec::convert_to_float<scalar_t>(Vec::loadu(in[k] + i));
+          a0 = a0 + b0;
+          a1 = a1 + b1;
+        }
+        at::vec::convert_from_float<scalar_t>(a0 * VecM(s), a1 * VecM(s)).store(out + i);
+      } else {
+        Vec acc = Vec::loadu(in[0] + i);
+        for (int64_t k = 1; k < n; ++k) acc = acc + Vec::loadu(in[k] + i);
+        (acc * Vec(s)).store(out + i);
+      }
+    }
+    for (; i < end; ++i) {
+      opmath_t acc = static_cast<opmath_t>(in[0][i]);
+      for (int64_t k = 1; k < n; ++k) acc += static_cast<opmath_t>(in[k][i]);
+      out[i] = static_cast<scalar_t>(acc * s);
+    }
+  });
+}
+
+at::Tensor scaled_sum_cpu(at::TensorList grads, double scale) {
+  check_scale(scale, "collab_fast::scaled_sum");
+  at::Tensor out;
+  const auto inputs = prepare_inputs(grads, out, "collab_fast::scaled_sum");
+  TORCH_CHECK(out.device().is_cpu(), "collab_fast::scaled_sum (CPU kernel) got tensors on ", out.device());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "scaled_sum_cpu", [&] {
+    std::vector<const scalar_t*> ptrs;
+    for (const auto& g : inputs) ptrs.push_back(g.const_data_ptr<scalar_t>());
+    scaled_sum_cpu_impl<scalar_t>(ptrs, out.mutable_data_ptr<scalar_t>(), out.numel(), scale);
+  });
+  return out;
+}
+
+#ifdef WITH_CUDA
+at::Tensor scaled_sum_cuda(at::TensorList grads, double scale);  // rescale_cuda.cu
+
+std::vector<at::Tensor> prepare_inputs_for_cuda(at::TensorList grads, double scale, at::Tensor& out) {
+  check_scale(scale, "collab_fast::scaled_sum");
+  return prepare_inputs(grads, out, "collab_fast::scaled_sum");
+}
+#endif
+
+at::Tensor scaled_sum_meta(at::TensorList grads, double scale) {
+  check_scale(scale, "collab_fast::scaled_sum");
+  at::Tensor out;
+  prepare_inputs(grads, out, "collab_fast::scaled_sum");
+  return out;
+}
+
+// ------------------------------------------------------------------------------------------ dispatch helpers
+
+static at::Tensor call_scaled_sum(at::TensorList grads, double scale) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("collab_fast::scaled_sum", "")
+                       .typed<at::Tensor(at::TensorList, double)>();
+  return op.call(grads, scale);
+}
+
+// Backward of both ops: the fused kernel, or differentiable ATen ops when a graph of the backward is
+// being recorded (create_graph=True), so that double backward is correct rather than silently zero.
+static at::Tensor reduce_grads(const std::vector<at::Tensor>& defined, double scale) {
+  if (defined.empty()) return at::Tensor();  // no child received a gradient: zero
+  bool needs_graph = false;
+  for (const auto& g : defined) needs_graph = needs_graph || g.requires_grad();
+  if (at::GradMode::is_enabled() && needs_graph) {
+    at::Tensor acc = defined[0];
+    for (size_t k = 1; k < defined.size(); ++k) acc = acc + defined[k];
+    return acc * scale;
+  }
+  return call_scaled_sum(defined, scale);
+}
+
+// ------------------------------------------------------------------------------------------ autograd
+
+class GradRescaleFunction : public torch::autograd::Function<GradRescaleFunction> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, double scale) {
+    ctx->saved_data["scale"] = scale;
+    return x.alias();
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const double scale = ctx->saved_data["scale"].toDouble();
+    std::vector<at::Tensor> defined;
+    if (grads[0].defined()) defined.push_back(grads[0]);
+    return {reduce_grads(defined, scale), at::Tensor()};
+  }
+};
+
+class BranchFunction : public torch::autograd::Function<BranchFunction> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                                                int64_t n, double scale) {
+    ctx->saved_data["scale"] = scale;
+    torch::autograd::variable_list outs;
+    outs.reserve(n);
+    for (int64_t i = 0; i < n; ++i) outs.push_back(x.alias());
+    return outs;
+  }
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const double scale = ctx->saved_data["scale"].toDouble();
+    std::vector<at::Tensor> defined;
+    for (const auto& g : grads)
+      if (g.defined()) defined.push_back(g);
+    return {reduce_grads(defined, scale), at::Tensor(), at::Tensor()};
+  }
+};
+
+static void check_rescale_args(const at::Tensor& x, double scale, const char* op) {
+  check_float(x, op, "x");
+  check_scale(scale, op);
+}
+
+static void check_branch_args(const at::Tensor& x, int64_t n, double scale) {
+  check_rescale_args(x, scale, "collab_fast::branch");
+  TORCH_CHECK(n >= 1, "collab_fast::branch: n (the number of child branches) must be >= 1, got ", n);
+}
+
+at::Tensor grad_rescale_autograd(const at::Tensor& x, double scale) {
+  check_rescale_args(x, scale, "collab_fast::grad_rescale");
+  return GradRescaleFunction::apply(x, scale);
+}
+
+std::vector<at::Tensor> branch_autograd(const at::Tensor& x, int64_t n, double scale) {
+  check_branch_args(x, n, scale);
+  return BranchFunction::apply(x, n, scale);
+}
+
+// Below autograd (inference mode, meta / fake tensors): plain aliases.
+at::Tensor grad_rescale_alias(const at::Tensor& x, double scale) {
+  check_rescale_args(x, scale, "collab_fast::grad_rescale");
+  return x.alias();
+}
+
+std::vector<at::Tensor> branch_alias(const at::Tensor& x, int64_t n, double scale) {
+  check_branch_args(x, n, scale);
+  std::vector<at::Tensor> outs;
+  for (int64_t i = 0; i < n; ++i) outs.push_back(x.alias());
+  return outs;
+}
+
+}  // namespace collab_fast
+
+// ------------------------------------------------------------------------------------------ registration
+
+// A fragment: the namespace is shared with the Python-registered Triton ops (collab_loss_*).
+TORCH_LIBRARY_FRAGMENT(collab_fast, m) {
+  m.def("scaled_sum(Tensor[] grads, float scale) -> Tensor");
+  m.def("grad_rescale(Tensor(a) x, float scale) -> Tensor(a)");
+  m.def("branch(Tensor(a) x, int n, float scale) -> Tensor(a)[]");
+}
+
+TORCH_LIBRARY_IMPL(collab_fast, CPU, m) { m.impl("scaled_sum", &collab_fast::scaled_sum_cpu); }
+
+#ifdef WITH_CUDA
+TORCH_LIBRARY_IMPL(collab_fast, CUDA, m) { m.impl("scaled_sum", &collab_fast::scaled_sum_cuda); }
+#endif
+
+TORCH_LIBRARY_IMPL(collab_fast, Meta, m) { m.impl("scaled_sum", &collab_fast::scaled_sum_meta); }
+
+TORCH_LIBRARY_IMPL(collab_fast, Autograd, m) {
+  m.impl("grad_rescale", &collab_fast::grad_rescale_autograd);
+  m.impl("branch", &collab_fast::branch_autograd);
+}
+
+TORCH_LIBRARY_IMPL(collab_fast, CompositeExplicitAutograd, m) {
+  m.impl("grad_rescale", &collab_fast::grad_rescale_alias);
+  m.impl("branch", &collab_fast::branch_alias);
+}
+
+// ------------------------------------------------------------------------------------------ build info
+
+static py::dict build_info() {
+  py::dict d;
+  d["torch_version"] = TORCH_VERSION;
+#ifdef WITH_CUDA
+  d["cuda"] = true;
+#else
+  d["cuda"] = false;
+#endif
+#if defined(CPU_CAPABILITY_AVX512)
+  d["cpu_capability"] = "avx512";
+#elif defined(CPU_CAPABILITY_AVX2)
+  d["cpu_capability"] = "avx2";
+#else
+  d["cpu_capability"] = "default";
+#endif
+#if defined(__clang__)
+  d["compiler"] = std::string("clang ") + __clang_version__;
+#elif defined(__GNUC__)
+  d["compiler"] = std::string("gcc ") + __VERSION__;
+#else
+  d["compiler"] = "unknown";
+#endif
+  d["ops"] = py::make_tuple("scaled_sum", "grad_rescale", "branch");
+  return d;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "collab_fast C++ extension: backprop rescaling ops (registered as torch.ops.collab_fast.*)";
+  m.def("build_info", &build_info, "How this extension was built");
+}
