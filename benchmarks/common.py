@@ -37,7 +37,7 @@ def versions() -> dict:
     return {"torch": torch.__version__, "triton": tv, "cuda": torch.version.cuda, "python": sys.version.split()[0]}
 
 
-def bench(fn, device: torch.device, warmup_ms: float = 25, rep_ms: float = 100, cpu_reps: int = 5) -> float:
+def bench(fn, device: torch.device, warmup_ms: float = 25, rep_ms: float = 100, cpu_reps: int = 11) -> float:
     """Median milliseconds of fn()."""
     if device.type == "cuda":
         import triton.testing

@@ -28,3 +28,14 @@ def test_bench_loss_rejects_unknown_provider():
 
     with pytest.raises(SystemExit):
         bench_loss.main(["--quick", "--providers", "fast", "--no-save"])
+
+
+def test_bench_rescale_quick(tmp_path, monkeypatch, capsys):
+    import bench_rescale
+    import common
+
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    assert bench_rescale.main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "provider=autograd" in out and "provider=ours" in out
+    assert list(tmp_path.glob("bench_rescale_cpu_*.json"))
