@@ -1,0 +1,65 @@
+"""Export one head of a collaborative checkpoint as a plain single-head network's state dict.
+
+    python -m collab_fast.export CHECKPOINT --head 0 -o model.pth
+
+The result loads with strict=True into build(arch, "single") and, for the ImageNet ResNets, into
+torchvision.models.resnet* (identical parameter and buffer names).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from torch import nn
+
+from collab_fast.checkpoint import CheckpointError, load_checkpoint, save_atomic
+from collab_fast.models import build
+
+__all__ = ["export_checkpoint", "model_from_config", "main"]
+
+
+def model_from_config(config: dict) -> nn.Module:
+    """Rebuilds the training model a checkpoint's config describes."""
+    try:
+        return build(config["arch"], config.get("pattern", "single"), num_classes=config.get("num_classes"),
+                     rescale=config.get("rescale", "backprop"), splits=config.get("splits"))
+    except KeyError as exc:
+        raise CheckpointError(f"the checkpoint's config has no {exc.args[0]!r}") from None
+
+
+def export_checkpoint(checkpoint: str, head: int, output: str) -> nn.Module:
+    ckpt = load_checkpoint(checkpoint)
+    model = model_from_config(ckpt["config"])
+    try:
+        model.load_state_dict(ckpt["model"], strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{checkpoint}: its weights do not fit the model its config describes "
+                              f"({ckpt['config'].get('arch')}, {ckpt['config'].get('pattern')}): {exc}") from None
+    heads = getattr(model, "num_heads", 1)
+    if not 0 <= head < heads:
+        raise ValueError(f"--head must be in [0, {heads}) for this {heads}-head checkpoint, got {head}")
+    net = model.export_head(head) if heads > 1 or hasattr(model, "export_head") else model
+    save_atomic(net.state_dict(), output)
+    return net
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m collab_fast.export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="a training checkpoint (e.g. OUTPUT/last.pt or best.pt)")
+    p.add_argument("--head", type=int, default=0, help="which head to keep (default 0, the one the paper reports)")
+    p.add_argument("-o", "--output", required=True, help="where to write the state dict (.pth)")
+    args = p.parse_args(argv)
+    try:
+        net = export_checkpoint(args.checkpoint, args.head, args.output)
+    except (CheckpointError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    n = sum(t.numel() for t in net.state_dict().values())
+    print(f"wrote {args.output}: head {args.head} as {type(net).__name__} ({n / 1e6:.2f}M values)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

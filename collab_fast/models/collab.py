@@ -1,0 +1,159 @@
+"""Collaborative networks: the paper's head patterns (Fig. 1) for any network that runs a sequence of
+named children, and single-head export.
+
+A pattern is a tree of branching factors over split points. The target network's children are cut at
+the split points into segments: the first segment (the trunk) exists once; segment l exists once per
+node of tree level l, each copy from a freshly built (independently initialised) target network, so
+every head is an exact copy of the target's structure. Where a node splits into k children the
+backprop-rescaling op `branch` divides the gradient by k ("backprop"), or sums it ("none", and "loss",
+where the trainer instead scales every head's loss by 1/H). Heads are numbered in depth-first order.
+
+    pattern      factors     split points (ImageNet ResNet)      heads
+    single       []          -                                   1   (returns the plain network)
+    inst2/inst4  [2] / [4]   before everything (nothing shared)  2 / 4
+    inst:N       [N]         before everything                   N
+    ilr2         [2]         layer2                              2
+    hier4        [2, 2]      layer2, layer3                      4
+    tree:AxBx..  [A, B, ..]  the architecture's defaults         A*B*..
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from collab_fast.rescale import branch
+
+__all__ = ["RESCALE_MODES", "CollabNet", "parse_pattern", "run_children"]
+
+RESCALE_MODES = ("backprop", "loss", "none")
+_NAMED = {"single": [], "ilr2": [2], "hier4": [2, 2]}
+BEFORE_ALL = "<input>"  # the split point of independent instances
+
+
+def parse_pattern(pattern: str) -> tuple[list[int], bool]:
+    """Returns (branching factors, independent_instances) for a pattern name."""
+    if not isinstance(pattern, str):
+        raise TypeError(f"pattern must be a string, got {type(pattern).__name__}")
+    if pattern in _NAMED:
+        return list(_NAMED[pattern]), False
+    m = re.fullmatch(r"inst:?(\d+)", pattern)
+    if m:
+        n = int(m.group(1))
+        if n < 1:
+            raise ValueError(f"pattern {pattern!r}: the number of instances must be >= 1")
+        return [n], True
+    m = re.fullmatch(r"tree:(\d+(?:x\d+)*)", pattern)
+    if m:
+        factors = [int(f) for f in m.group(1).split("x")]
+        if any(f < 1 for f in factors):
+            raise ValueError(f"pattern {pattern!r}: every branching factor must be >= 1")
+        return factors, False
+    raise ValueError(f"unknown pattern {pattern!r}; valid: single, inst2, inst4, inst:N, ilr2, hier4, "
+                     "tree:AxB... (e.g. tree:2x2 = hier4, tree:4, tree:2x2x2)")
+
+
+def run_children(modules: nn.ModuleDict, x: Tensor) -> Tensor:
+    """Runs named children in order; flattens before a Linear that gets a feature map (as ResNets do)."""
+    for module in modules.values():
+        if isinstance(module, nn.Linear) and x.dim() > 2:
+            x = x.flatten(1)
+        x = module(x)
+    return x
+
+
+class CollabNet(nn.Module):
+    """H heads over a tree of shared segments of a target network; forward returns logits [H, N, C].
+
+    Args:
+        make_target: builds one target network (a fresh, independently initialised instance per call).
+        factors: branching factor of each split level.
+        splits: the child name after which each level splits (BEFORE_ALL: before the first child).
+        rescale: "backprop" (gradient / children at each split), "loss" or "none" (plain sum).
+    """
+
+    def __init__(self, make_target: Callable[[], nn.Module], factors: Sequence[int], splits: Sequence[str],
+                 rescale: str = "backprop"):
+        super().__init__()
+        if rescale not in RESCALE_MODES:
+            raise ValueError(f"rescale must be one of {RESCALE_MODES}, got {rescale!r}")
+        if len(factors) != len(splits) or not factors:
+            raise ValueError(f"need one split point per level: factors {list(factors)}, splits {list(splits)}")
+        proto = make_target()
+        names = [n for n, _ in proto.named_children()]
+        if not names:
+            raise ValueError(f"{type(proto).__name__} has no named children to split")
+        cuts = []
+        for s in splits:
+            if s == BEFORE_ALL:
+                cuts.append(0)
+            elif s not in names:
+                raise ValueError(f"split point {s!r} is not a child of {type(proto).__name__}; valid: {names}")
+            else:
+                cuts.append(names.index(s) + 1)
+        if cuts != sorted(set(cuts)) or cuts[-1] >= len(names):
+            raise ValueError(f"split points must be distinct children in forward order, before the last child "
+                             f"({names[-1]!r}); got {list(splits)}")
+        bounds = [0, *cuts, len(names)]
+        self.segment_names = [names[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        self.factors = list(factors)
+        self.splits = list(splits)
+        self.rescale = rescale
+        self.num_heads = math.prod(self.factors)
+        self._make_target = make_target
+        self.trunk = nn.ModuleDict({n: getattr(proto, n) for n in self.segment_names[0]})
+        self.levels = nn.ModuleList()
+        for level, seg in enumerate(self.segment_names[1:]):
+            copies = []
+            for _ in range(math.prod(self.factors[: level + 1])):
+                fresh = make_target()
+                copies.append(nn.ModuleDict({n: getattr(fresh, n) for n in seg}))
+            self.levels.append(nn.ModuleList(copies))
+
+    @property
+    def loss_scale(self) -> float:
+        """Factor on the summed head losses: 1/H for rescale="loss" (the Table 3 ablation), else 1."""
+        return 1.0 / self.num_heads if self.rescale == "loss" else 1.0
+
+    def _fan_out(self, x: Tensor, k: int) -> list[Tensor]:
+        if k == 1:
+            return [x]
+        if not x.requires_grad:  # the input of independent instances: nothing to rescale
+            return [x] * k
+        return branch(x, k, rescale=self.rescale == "backprop")
+
+    def forward(self, x: Tensor) -> Tensor:
+        feats = [run_children(self.trunk, x)]
+        for level, copies in zip(self.factors, self.levels):
+            feats = [run_children(copies[i * level + j], child)
+                     for i, f in enumerate(feats) for j, child in enumerate(self._fan_out(f, level))]
+        return torch.stack(feats)  # [H, N, C]
+
+    def head_path(self, k: int) -> list[int]:
+        """Index of head k's node at every level (depth-first numbering)."""
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < self.num_heads:
+            raise ValueError(f"head must be an int in [0, {self.num_heads}), got {k!r}")
+        return [k // math.prod(self.factors[level + 1:]) for level in range(len(self.factors))]
+
+    def export_head(self, k: int) -> nn.Module:
+        """Head k as a plain target network (the class of build(arch, "single")), batch-norm statistics
+        included, in this model's train/eval mode."""
+        path = self.head_path(k)
+        net = self._make_target()
+        parts = [self.trunk] + [copies[i] for copies, i in zip(self.levels, path)]
+        with torch.no_grad():
+            for part in parts:
+                for name, module in part.items():
+                    getattr(net, name).load_state_dict(module.state_dict())
+        p = next(iter(self.parameters()), None)
+        if p is not None:
+            net = net.to(device=p.device)
+        return net.train(self.training)
+
+    def extra_repr(self) -> str:
+        return (f"heads={self.num_heads}, factors={self.factors}, splits={self.splits}, rescale={self.rescale!r}, "
+                f"segments={self.segment_names}")

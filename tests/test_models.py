@@ -1,0 +1,240 @@
+"""Collaborative networks: patterns, architectures, gradient rescaling at split points, export, cost."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from collab_fast.models import ARCHS, build, make_collaborative, parse_pattern
+from collab_fast.models.collab import CollabNet
+from collab_fast.models.cost import child_flops, pattern_cost
+
+MANIFEST = Path(__file__).resolve().parents[1] / "collab_fast" / "models" / "torchvision_resnet_manifest.json"
+PATTERNS = ["single", "inst2", "inst4", "inst:3", "ilr2", "hier4", "tree:4", "tree:2x2"]
+HEADS = {"single": 1, "inst2": 2, "inst4": 4, "inst:3": 3, "ilr2": 2, "hier4": 4, "tree:4": 4, "tree:2x2": 4}
+
+try:
+    import torchvision
+
+    HAS_TORCHVISION = True
+except Exception:  # the CUDA build of torchvision does not import with a CPU torch
+    HAS_TORCHVISION = False
+
+
+def _heads_of(model, x):
+    out = model(x)
+    return out if out.dim() == 3 else out.unsqueeze(0)
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_output_shapes_every_arch_and_pattern(arch, pattern):
+    size = 64 if ARCHS[arch][2] == 1000 else 32
+    with torch.device("meta"):  # shapes only: nothing is computed
+        model = build(arch, pattern, num_classes=7)
+        out = _heads_of(model, torch.empty(3, 3, size, size))
+    assert out.shape == (HEADS[pattern], 3, 7)
+    assert getattr(model, "num_heads", 1) == HEADS[pattern]
+
+
+def test_three_split_levels_on_resnet50():
+    with torch.device("meta"):
+        model = build("resnet50", "tree:2x2x2", num_classes=5)
+        assert model(torch.empty(2, 3, 64, 64)).shape == (8, 2, 5)
+    assert model.splits == ["layer1", "layer2", "layer3"]
+
+
+def test_real_forward_train_eval_channels_last_autocast():
+    model = build("resnet32", "hier4", num_classes=10).to(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    assert out.shape == (4, 4, 10) and out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    model.eval()
+    with torch.no_grad():
+        assert model(x).shape == (4, 4, 10)
+
+
+@pytest.mark.parametrize("pattern", ["ilr2", "hier4", "tree:4", "inst2"])
+def test_trunk_exists_once_and_parameter_count(pattern):
+    model = build("resnet32", pattern)
+    single = build("resnet32", "single")
+    ptrs = [p.data_ptr() for p in model.parameters()]
+    assert len(ptrs) == len(set(ptrs))  # no parameter shared or duplicated
+    n = {name: sum(p.numel() for p in m.parameters()) for name, m in single.named_children()}
+    want = sum(math.prod(model.factors[:lvl]) * sum(n[c] for c in seg) for lvl, seg in enumerate(model.segment_names))
+    assert sum(p.numel() for p in model.parameters()) == want
+
+
+def test_copies_are_independently_initialised():
+    model = build("resnet32", "hier4")
+    w = [copies[0]["fc"].weight for copies in model.levels[-1:]][0]
+    w2 = model.levels[-1][1]["fc"].weight
+    assert not torch.equal(w, w2)
+    assert not torch.equal(model.levels[0][0]["layer2"][0].conv1.weight, model.levels[0][1]["layer2"][0].conv1.weight)
+
+
+def _grads(model, loss_fn):
+    model.zero_grad(set_to_none=True)
+    loss_fn(model).backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _user_tree(rescale):
+    return make_collaborative(UserNet, "tree:2x2x2", splits=["stem", "mid", "top"], rescale=rescale)
+
+
+@pytest.mark.parametrize("pattern", ["ilr2", "hier4", "tree:2x2x2"])
+def test_trunk_gradient_is_mean_of_head_gradients(pattern):
+    torch.manual_seed(0)
+    if pattern == "tree:2x2x2":  # three split levels, on a small user model
+        make = lambda rescale: _user_tree(rescale)
+    else:
+        make = lambda rescale: build("resnet32", pattern, num_classes=5, rescale=rescale)
+    bp = make("backprop").double().eval()
+    none = make("none").double().eval()
+    none.load_state_dict(bp.state_dict())
+    x = torch.randn(3, 3, 32, 32, dtype=torch.float64)
+    w = torch.randn(bp(x).shape, dtype=torch.float64)
+    per_head = lambda h: (lambda m: (m(x)[h] * w[h]).sum())
+    total = lambda m: (m(x) * w).sum()
+    g_bp, g_none = _grads(bp, total), _grads(none, total)
+    heads = [_grads(none, per_head(h)) for h in range(bp.num_heads)]
+    trunk = [n for n in g_bp if n.startswith("trunk.")]
+    assert trunk
+    for n in trunk:
+        stacked = torch.stack([g[n] for g in heads])
+        torch.testing.assert_close(g_bp[n], stacked.mean(0))
+        torch.testing.assert_close(g_none[n], stacked.sum(0))
+    # a head's own layers learn at the single-model rate in both modes
+    leaf = [n for n in g_bp if n.startswith(f"levels.{len(bp.factors) - 1}.0.")]
+    for n in leaf:
+        torch.testing.assert_close(g_bp[n], heads[0][n])
+
+
+def test_loss_scale_attribute():
+    assert build("resnet32", "hier4", rescale="loss").loss_scale == 0.25
+    assert build("resnet32", "hier4", rescale="backprop").loss_scale == 1.0
+
+
+@pytest.mark.parametrize("arch, pattern", [("resnet32", "hier4"), ("densenet40_12", "ilr2"), ("resnet18", "tree:4"),
+                                           ("resnet32", "inst2")])
+def test_export_equals_head(arch, pattern):
+    torch.manual_seed(1)
+    model = build(arch, pattern, num_classes=6)
+    x = torch.randn(4, 3, 32, 32)
+    model.train()
+    for _ in range(2):  # move the batch-norm running statistics away from their initial values
+        model(torch.randn(4, 3, 32, 32) * 2 + 0.5)
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+        for k in range(model.num_heads):
+            net = model.export_head(k)
+            assert type(net) is type(build(arch, "single"))
+            assert not net.training
+            torch.testing.assert_close(net(x), out[k], rtol=0, atol=0)
+
+
+def test_export_head_bad_index():
+    model = build("resnet32", "ilr2")
+    for bad in (-1, 2, 1.0):
+        with pytest.raises(ValueError, match=r"head must be an int in \[0, 2\)"):
+            model.export_head(bad)
+
+
+class UserNet(nn.Module):
+    """A user's model: forward runs the named children in order."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.mid = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.top = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.head(self.pool(self.top(self.mid(self.stem(x)))).flatten(1))
+
+
+def test_generic_splitter_on_a_user_model():
+    model = make_collaborative(UserNet, "tree:2x3", splits=["stem", "mid"])
+    assert isinstance(model, CollabNet) and model.num_heads == 6
+    x = torch.randn(2, 3, 8, 8)
+    out = model(x)
+    assert out.shape == (6, 2, 3)
+    out.sum().backward()
+    model.eval()
+    with torch.no_grad():
+        for k in (0, 4):
+            torch.testing.assert_close(model.export_head(k)(x), model(x)[k])
+    assert isinstance(model.export_head(5), UserNet)
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda: build("resnet51", "single"), ValueError, "unknown arch 'resnet51'; valid: resnet18, resnet34"),
+    (lambda: build("resnet50", "hier3"), ValueError, "unknown pattern 'hier3'; valid: single, inst2"),
+    (lambda: build("resnet50", "tree:2x0"), ValueError, "branching factor must be >= 1"),
+    (lambda: build("resnet32", "tree:2x2x2"), ValueError, r"resnet32 has split points for at most 2 levels"),
+    (lambda: build("resnet50", "ilr2", splits=["layer5"]), ValueError, r"split point 'layer5' is not a child .*valid: \["),
+    (lambda: build("resnet50", "hier4", splits=["layer3", "layer2"]), ValueError, "forward order"),
+    (lambda: build("resnet50", "ilr2", splits=["fc"]), ValueError, "before the last child"),
+    (lambda: build("resnet50", "hier4", splits=["layer2"]), ValueError, "2 split level"),
+    (lambda: build("resnet50", "ilr2", rescale="grad"), ValueError, "rescale must be one of"),
+    (lambda: build("resnet50", "ilr2", num_classes=0), ValueError, "num_classes must be a positive int"),
+    (lambda: parse_pattern(4), TypeError, "pattern must be a string"),
+])
+def test_bad_input(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+# -------------------------------------------------------------------------- torchvision compatibility
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"])
+def test_state_dict_matches_torchvision_manifest(arch):
+    manifest = json.loads(MANIFEST.read_text())["models"][arch]
+    with torch.device("meta"):
+        ours = {k: list(v.shape) for k, v in build(arch, "single").state_dict().items()}
+    assert list(ours) == list(manifest)  # same names in the same order
+    assert ours == manifest
+
+
+@pytest.mark.skipif(not HAS_TORCHVISION, reason="torchvision does not import here")
+def test_loads_into_torchvision_resnet50():
+    net = build("resnet50", "single").eval()
+    tv = torchvision.models.resnet50(weights=None).eval()
+    tv.load_state_dict(net.state_dict(), strict=True)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(tv(x), net(x))
+
+
+# -------------------------------------------------------------------------- cost report
+
+
+def test_resnet50_stage_fractions_match_paper_readme():
+    flops = child_flops("resnet50", 224)
+    total = sum(flops.values())
+    frac = {k: 100 * v / total for k, v in flops.items()}
+    stem = frac["conv1"] + frac["bn1"] + frac["relu"] + frac["maxpool"]
+    for got, want in [(stem, 2.9), (frac["layer1"], 16.3), (frac["layer2"], 25.1), (frac["layer3"], 35.8),
+                      (frac["layer4"], 19.8)]:
+        assert abs(got - want) < 0.1
+    assert abs(total / 2 / 1e9 - 4.09) < 0.02  # 4.09 GMACs per image
+
+
+def test_pattern_cost_ratios():
+    hier4 = pattern_cost("resnet50", "hier4")
+    assert abs(hier4.flops_ratio - 1.95) < 0.01 and hier4.heads == 4
+    assert pattern_cost("resnet50", "inst2").flops_ratio == pytest.approx(2.0)
+    assert pattern_cost("resnet50", "single").params == 25_557_032
+    assert 1.5 < pattern_cost("resnet50", "ilr2").flops_ratio < 1.6
+    assert "1.95x single" in hier4.line()
