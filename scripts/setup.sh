@@ -8,6 +8,6 @@ PY=${PYTHON:-python3}
 if ! "$PY" -c "import torch" 2>/dev/null; then
     "$PY" -m pip install --quiet torch==2.13.0
 fi
-# A regular (non-editable) install: what users get from a wheel. EXTRAS, e.g. "test,dali".
-"$PY" -m pip install --quiet ".[${EXTRAS:-test}]"
+# A regular (non-editable) install: what users get from a wheel. EXTRAS default: "test,dali".
+"$PY" -m pip install --quiet ".[${EXTRAS:-test,dali}]"
 "$PY" -c "import collab_fast, torch, triton; print('collab_fast', collab_fast.__version__, 'from', collab_fast.__file__); print('torch', torch.__version__, 'triton', triton.__version__)"

@@ -39,3 +39,14 @@ def test_bench_rescale_quick(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "provider=autograd" in out and "provider=ours" in out
     assert list(tmp_path.glob("bench_rescale_cpu_*.json"))
+
+
+def test_bench_data_quick(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("nvidia.dali")
+    import bench_data
+    import common
+
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    assert bench_data.main(["--quick"]) == 0
+    assert "img_per_s=" in capsys.readouterr().out
+    assert list(tmp_path.glob("bench_data_cpu_*.json"))

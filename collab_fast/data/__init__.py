@@ -1,0 +1,99 @@
+"""Data: DALI pipelines for image folders, device-resident small sets, label noise.
+
+`build_loaders(...)` returns (train_loader, val_loader, num_classes) for a data set name. Every loader
+yields (images float [B, 3, H, W] on the device (channels_last memory when asked), labels int64 [B] on the
+device), has a known len() per epoch and a set_epoch(epoch).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from collab_fast.data.folder import IMAGENET_MEAN, IMAGENET_STD, DaliLoader, check_image, scan_split
+from collab_fast.data.memory import (
+    CIFAR_MEAN,
+    CIFAR_STD,
+    DIGITS_MEAN,
+    DIGITS_STD,
+    DeviceLoader,
+    SyntheticLoader,
+    load_cifar,
+    load_digits,
+)
+from collab_fast.data.noise import LabelNoise
+from collab_fast.data.toy import write_toy
+
+__all__ = ["DATASETS", "DaliLoader", "DeviceLoader", "LabelNoise", "SyntheticLoader", "build_loaders",
+           "check_image", "default_toy_dir", "scan_split", "write_toy"]
+
+DATASETS = ("imagenet", "cifar10", "cifar100", "digits", "toy", "synthetic")
+TOY_DEFAULT = {"classes": 10, "per_class": 100, "size": 96}
+
+
+def default_toy_dir() -> Path:
+    """Where the toy folder is generated when --data is not given (deterministic, so reusable)."""
+    base = os.environ.get("COLLAB_FAST_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "collab_fast")
+    t = TOY_DEFAULT
+    return Path(base) / f"toy_c{t['classes']}_p{t['per_class']}_s{t['size']}"
+
+
+def _ensure_toy(data_dir: str | None) -> Path:
+    if data_dir:
+        return Path(data_dir)
+    out = default_toy_dir()
+    if not (out / ".complete").exists():
+        write_toy(out, **TOY_DEFAULT)
+        (out / ".complete").write_text("ok\n")
+    return out
+
+
+def build_loaders(dataset: str, *, data_dir: str | None = None, batch_size: int = 256, image_size: int | None = None,
+                  device: torch.device | str = "cpu", rank: int = 0, world: int = 1, seed: int = 0,
+                  label_noise: float = 0.0, dtype: torch.dtype = torch.float32, channels_last: bool = True,
+                  eval_batch_size: int | None = None, skip_bad_images: bool = False, check_files: bool = True,
+                  num_threads: int | None = None, synthetic_classes: int = 1000, synthetic_steps: int = 100):
+    """(train_loader, val_loader, num_classes) for `dataset`; see the module docstring."""
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown data set {dataset!r}; valid: {', '.join(DATASETS)}")
+    device = torch.device(device)
+    eval_batch_size = eval_batch_size or batch_size
+    if dataset == "synthetic":
+        size = image_size or 224
+        kw = dict(image_size=size, num_classes=synthetic_classes, device=device, dtype=dtype,
+                  channels_last=channels_last)
+        return (SyntheticLoader(batch_size, steps_per_epoch=synthetic_steps, seed=seed, **kw),
+                SyntheticLoader(eval_batch_size, steps_per_epoch=2, seed=seed + 1, **kw), synthetic_classes)
+    if dataset in ("digits", "cifar10", "cifar100"):
+        if dataset == "digits":
+            (xtr, ytr), (xte, yte) = load_digits(image_size or 32)
+            mean, std, classes = DIGITS_MEAN, DIGITS_STD, 10
+        else:
+            if not data_dir:
+                raise ValueError(f"{dataset} needs --data DIR holding the python-pickle batches")
+            classes = 10 if dataset == "cifar10" else 100
+            (xtr, ytr), (xte, yte) = load_cifar(data_dir, classes)
+            mean, std = CIFAR_MEAN, CIFAR_STD
+        common = dict(mean=mean, std=std, device=device, rank=rank, world=world, seed=seed, dtype=dtype,
+                      channels_last=channels_last, num_classes=classes)
+        train = DeviceLoader(xtr, ytr, batch_size, augment=True, shuffle=True, drop_last=True,
+                             label_noise=label_noise, **common)
+        val = DeviceLoader(xte, yte, eval_batch_size, **common)
+        return train, val, classes
+    root = _ensure_toy(data_dir) if dataset == "toy" else data_dir
+    if not root:
+        raise ValueError("imagenet needs --data DIR (DIR/train/<class>/*.JPEG and DIR/val/<class>/*.JPEG)")
+    files, labels, classes = scan_split(root, "train", check_files=check_files, skip_bad=skip_bad_images)
+    vfiles, vlabels, _ = scan_split(root, "val", classes=classes, check_files=check_files, skip_bad=skip_bad_images)
+    device_id = device.index if device.type == "cuda" else None
+    if device.type == "cuda" and device_id is None:
+        device_id = torch.cuda.current_device()
+    size = image_size or 224
+    common = dict(num_classes=len(classes), device_id=device_id, image_size=size, rank=rank, world=world, seed=seed,
+                  dtype=dtype, channels_last=channels_last, num_threads=num_threads)
+    train = DaliLoader(files, labels, batch_size, train=True, label_noise=label_noise, **common)
+    val = DaliLoader(vfiles, vlabels, eval_batch_size, train=False, **common)
+    return train, val, len(classes)

@@ -1,0 +1,203 @@
+"""ImageNet-format folders (DIR/train/<class>/*.JPEG, DIR/val/<class>/*.JPEG) through NVIDIA DALI.
+
+Train: file reader (shuffled, sharded by rank / world size, padded last batch) -> JPEG decoding fused with
+the random resized crop (ROI decode; "mixed" device = nvJPEG / the hardware decoder on a GPU) -> resize ->
+random horizontal flip + normalisation -> output already on the device, in the trainer's dtype, in NHWC
+memory (channels_last) or NCHW. Val: decode -> resize the shorter side -> centre crop -> normalise.
+
+The same pipeline runs with CPU operators when device_id is None (what CI tests): the device is a
+parameter, not a second implementation. The reader emits each sample's index; the loader maps it to the
+epoch's label on the device, which is how label noise is redrawn every epoch without rebuilding anything.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from collab_fast.data.noise import LabelNoise
+
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DaliLoader", "check_image", "scan_split"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
+
+
+def _dali():
+    try:
+        import nvidia.dali.fn as fn
+        import nvidia.dali.types as types
+        from nvidia.dali import pipeline_def
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+    except ImportError as exc:
+        raise RuntimeError(
+            "image folders are read with NVIDIA DALI, which is not installed: "
+            "`pip install 'collab_fast[dali]'` (nvidia-dali-cuda130) or the DALI build for your CUDA") from exc
+    return fn, types, pipeline_def, DALIGenericIterator, LastBatchPolicy
+
+
+def check_image(path: str | Path) -> str | None:
+    """Cheap header/trailer check. Returns why the file cannot be an image, or None if it looks fine.
+
+    JPEG: starts with FF D8 FF and ends with the FF D9 marker (a truncated file does not); PNG: the 8-byte
+    signature. The decoder reads the content, not the extension, so a PNG named .JPEG is fine.
+    """
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if head[:3] == b"\xff\xd8\xff":
+                f.seek(max(size - 64, 0))
+                tail = f.read()
+                return None if b"\xff\xd9" in tail else "truncated JPEG (no end-of-image marker)"
+            if head == b"\x89PNG\r\n\x1a\n":
+                return None
+    except OSError as exc:
+        return f"unreadable ({exc.strerror})"
+    return "not a JPEG or PNG file" if size else "empty file"
+
+
+def scan_split(root: str | Path, split: str, classes: list[str] | None = None, check_files: bool = True,
+               skip_bad: bool = False) -> tuple[list[str], list[int], list[str]]:
+    """Files and labels of root/split. Class indices come from `classes` (the sorted train folders)."""
+    base = Path(root) / split
+    if not Path(root).is_dir():
+        raise FileNotFoundError(f"data directory {root} does not exist")
+    if not base.is_dir():
+        raise FileNotFoundError(f"{base} does not exist: expected {root}/{split}/<class>/<image> (ImageNet layout)")
+    found = sorted(d.name for d in base.iterdir() if d.is_dir())
+    if not found:
+        raise ValueError(f"{base} has no class folders (expected {base}/<class>/<image>)")
+    if classes is None:
+        classes = found
+    else:
+        unknown = sorted(set(found) - set(classes))
+        if unknown:
+            raise ValueError(f"{base} has class folders that the train split does not have: {unknown[:5]}"
+                             f"{' ...' if len(unknown) > 5 else ''} (their labels would be wrong)")
+    index = {c: i for i, c in enumerate(classes)}
+    files, labels, bad = [], [], []
+    for c in found:
+        entries = sorted(p for p in (base / c).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not entries:
+            raise ValueError(f"class folder {base / c} has no images (.JPEG/.jpg/.png)")
+        for p in entries:
+            why = check_image(p) if check_files else None
+            if why:
+                bad.append((p, why))
+                continue
+            files.append(str(p))
+            labels.append(index[c])
+    if bad:
+        listing = "; ".join(f"{p}: {why}" for p, why in bad[:5]) + (" ..." if len(bad) > 5 else "")
+        if not skip_bad:
+            raise ValueError(f"{len(bad)} unreadable image file(s) in {base}: {listing} "
+                             "(remove them, or pass skip_bad / --skip-bad-images to skip them)")
+        warnings.warn(f"skipping {len(bad)} unreadable image file(s) in {base}: {listing}", RuntimeWarning,
+                      stacklevel=2)
+    if not files:
+        raise ValueError(f"{base} has no readable images")
+    return files, labels, classes
+
+
+class DaliLoader:
+    """(images, labels) batches of an image folder split through a DALI pipeline.
+
+    Args:
+        files, labels: from scan_split. train: random resized crop + flip; else resize + centre crop.
+        device_id: CUDA device for the mixed/GPU operators, or None for the CPU pipeline.
+        image_size: output side; val resizes the shorter side to round(image_size / crop_ratio) first.
+        rank, world: sharding; every sample is read exactly once per epoch across the ranks.
+        drop_last: drop each shard's short last batch (training), else return it (evaluation).
+    """
+
+    def __init__(self, files: list[str], labels: list[int], batch_size: int, *, train: bool, num_classes: int,
+                 device_id: int | None = None, image_size: int = 224, crop_ratio: float = 0.875,
+                 rank: int = 0, world: int = 1, seed: int = 0, num_threads: int | None = None,
+                 drop_last: bool | None = None, label_noise: float = 0.0, dtype: torch.dtype = torch.float32,
+                 channels_last: bool = True, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+        fn, types, pipeline_def, iterator_cls, policy = _dali()
+        if len(files) != len(labels) or not files:
+            raise ValueError(f"need as many labels as files (got {len(files)} files, {len(labels)} labels)")
+        if dtype not in (torch.float32, torch.float16):
+            raise ValueError(f"DALI outputs float32 or float16, got {dtype}")
+        self.device = torch.device("cpu" if device_id is None else f"cuda:{device_id}")
+        if train:
+            # A full seeded shuffle first (image folders are sorted by class), then DALI reshuffles the
+            # whole list after every epoch, identically on every rank: shards stay disjoint and complete.
+            perm = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed)).tolist()
+            files, labels = [files[i] for i in perm], [labels[i] for i in perm]
+        self.files = files
+        self.train = train
+        self.batch_size = batch_size
+        self.num_classes = num_classes
+        self.drop_last = train if drop_last is None else drop_last
+        self.noise = LabelNoise(torch.tensor(labels), label_noise, num_classes, seed) if train and label_noise > 0 else None
+        self.table = torch.tensor(labels, dtype=torch.int64, device=self.device)  # sample index -> label
+        self.channels_last = channels_last
+        n = len(files)
+        self.num_samples = n * (rank + 1) // world - n * rank // world  # DALI's contiguous shard of the list
+        gpu = device_id is not None
+        decode_device = "mixed" if gpu else "cpu"
+        op_device = "gpu" if gpu else "cpu"
+        out_type = types.FLOAT16 if dtype == torch.float16 else types.FLOAT
+        layout = "HWC" if channels_last else "CHW"
+        mean255 = [255 * m for m in mean]
+        std255 = [255 * s for s in std]
+        resize_val = round(image_size / crop_ratio)
+        threads = num_threads or max(1, min(8, os.cpu_count() or 1))
+
+        @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=device_id, seed=seed + 17 * rank,
+                      prefetch_queue_depth=2)
+        def pipeline():
+            jpegs, index = fn.readers.file(files=files, labels=list(range(len(files))), shuffle_after_epoch=train,
+                                           shard_id=rank, num_shards=world, pad_last_batch=True, name="Reader",
+                                           seed=seed)
+            if train:
+                images = fn.decoders.image_random_crop(jpegs, device=decode_device, output_type=types.RGB,
+                                                       random_area=[0.08, 1.0], random_aspect_ratio=[0.75, 4 / 3],
+                                                       num_attempts=10)
+                images = fn.resize(images, device=op_device, resize_x=image_size, resize_y=image_size)
+                mirror = fn.random.coin_flip(probability=0.5)
+            else:
+                images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
+                images = fn.resize(images, device=op_device, resize_shorter=resize_val)
+                mirror = 0
+            images = fn.crop_mirror_normalize(images, device=op_device, dtype=out_type, output_layout=layout,
+                                              crop=(image_size, image_size), crop_pos_x=0.5, crop_pos_y=0.5,
+                                              mean=mean255, std=std255, mirror=mirror)
+            if gpu:
+                index = index.gpu()
+            return images, index
+
+        self._pipe = pipeline()
+        self._pipe.build()
+        self._iter = iterator_cls([self._pipe], ["images", "index"], reader_name="Reader", auto_reset=True,
+                                  last_batch_policy=policy.DROP if self.drop_last else policy.PARTIAL)
+        self._len = len(self._iter)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def set_epoch(self, epoch: int) -> None:
+        # The reader reshuffles by itself after each epoch; only the noisy labels change here.
+        if self.noise is not None:
+            self.table = self.noise.labels_for_epoch(epoch).to(self.device)
+
+    def __iter__(self):
+        try:
+            for out in self._iter:
+                x = out[0]["images"]
+                idx = out[0]["index"].view(-1).long()
+                if self.channels_last:
+                    x = x.permute(0, 3, 1, 2)  # NHWC memory seen as NCHW: channels_last, no copy
+                yield x, self.table[idx]
+        except RuntimeError as exc:
+            if "Critical error in pipeline" in str(exc):
+                raise RuntimeError(f"DALI failed to decode an image ({str(exc).splitlines()[-1].strip()}). Run "
+                                   "`python -m collab_fast.data check DIR --decode` to find the file.") from exc
+            raise

@@ -1,0 +1,195 @@
+"""Device-resident data sets (digits, CIFAR-10/100, synthetic) and their batched on-device augmentation.
+
+Images are kept on the device as uint8 [N, H + 2p, W + 2p, 3] (zero padding p = 4 for the random crop),
+and every batch is cropped, flipped and normalised by one gather and one fused arithmetic expression,
+with no per-sample Python loop. Batches come out as float [B, 3, H, W] in channels_last memory (a
+permuted view of NHWC), labels as int64 [B], both on the device.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from collab_fast.data.noise import LabelNoise
+
+__all__ = ["CIFAR_MEAN", "CIFAR_STD", "DeviceLoader", "SyntheticLoader", "load_cifar", "load_digits"]
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+DIGITS_MEAN = (0.3049,) * 3  # of the 32x32 upsampled training images, scaled to [0, 1]
+DIGITS_STD = (0.3234,) * 3
+
+
+def load_digits(size: int = 32):
+    """scikit-learn's bundled handwritten digits (1797 real 8x8 images, 10 classes), upsampled to
+    size x size, 3 channels, uint8 NHWC. Fixed split: a seeded permutation, 1437 train / 360 test."""
+    try:
+        from sklearn.datasets import load_digits as sk_digits
+    except ImportError as exc:
+        raise RuntimeError("the digits data set ships with scikit-learn: `pip install scikit-learn`") from exc
+    d = sk_digits()
+    x = torch.from_numpy(d.images).float().div(16.0).unsqueeze(1)  # [N, 1, 8, 8] in [0, 1]
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
+    x = (x * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).permute(0, 2, 3, 1).contiguous()
+    y = torch.from_numpy(d.target).long()
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    tr, te = perm[:1437], perm[1437:]
+    return (x[tr], y[tr]), (x[te], y[te])
+
+
+def _unpickle(path: Path) -> dict:
+    with open(path, "rb") as f:
+        return pickle.load(f, encoding="bytes")
+
+
+def load_cifar(root: str | Path, num_classes: int):
+    """CIFAR-10/100 from the standard python-pickle batches (cifar-10-batches-py/, cifar-100-python/)."""
+    if num_classes not in (10, 100):
+        raise ValueError(f"CIFAR has 10 or 100 classes, got {num_classes}")
+    root = Path(root)
+    sub = "cifar-10-batches-py" if num_classes == 10 else "cifar-100-python"
+    base = root if (root / ("data_batch_1" if num_classes == 10 else "train")).exists() else root / sub
+    train_files = [base / f"data_batch_{i}" for i in range(1, 6)] if num_classes == 10 else [base / "train"]
+    test_files = [base / ("test_batch" if num_classes == 10 else "test")]
+    missing = [str(p) for p in train_files + test_files if not p.exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"CIFAR-{num_classes} python batches not found: missing {missing[0]}"
+            f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}. Put the extracted "
+            f"'{sub}' folder (from the official cifar-{num_classes}-python.tar.gz) in {root} and pass --data {root}. "
+            "Nothing is downloaded here.")
+    key = b"labels" if num_classes == 10 else b"fine_labels"
+
+    def read(files):
+        xs, ys = [], []
+        for f in files:
+            d = _unpickle(f)
+            xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            ys.append(np.asarray(d[key], dtype=np.int64))
+        x = torch.from_numpy(np.concatenate(xs)).permute(0, 2, 3, 1).contiguous()  # NHWC
+        return x, torch.from_numpy(np.concatenate(ys))
+
+    return read(train_files), read(test_files)
+
+
+class DeviceLoader:
+    """Batches of an in-memory image set, augmented on the device.
+
+    Args:
+        images: uint8 [N, H, W, 3]; labels: int64 [N].
+        augment: random crop with `pad`-pixel zero padding and horizontal flip (training).
+        shuffle / drop_last: per-epoch permutation (seeded, identical on every rank) / drop a short batch.
+        rank, world: this process takes every world-th sample of the permutation.
+        label_noise: fraction of training samples whose labels are redrawn every epoch.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, mean, std,
+                 device: torch.device | str = "cpu", augment: bool = False, shuffle: bool = False,
+                 drop_last: bool = False, pad: int = 4, rank: int = 0, world: int = 1, seed: int = 0,
+                 label_noise: float = 0.0, num_classes: int | None = None, dtype: torch.dtype = torch.float32,
+                 channels_last: bool = True):
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
+            raise ValueError(f"images must be uint8 [N, H, W, 3], got {images.dtype} {tuple(images.shape)}")
+        if labels.shape != images.shape[:1]:
+            raise ValueError(f"labels must be [N] = [{images.shape[0]}], got {tuple(labels.shape)}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = torch.device(device)
+        self.pad = pad if augment else 0
+        # Padding once here; the per-batch crop is a gather from the padded images.
+        x = images.permute(0, 3, 1, 2)
+        x = F.pad(x, (self.pad,) * 4) if self.pad else x
+        self.images = x.permute(0, 2, 3, 1).contiguous().to(self.device)  # uint8 [N, H+2p, W+2p, 3]
+        self.height, self.width = images.shape[1], images.shape[2]
+        self.num_classes = int(num_classes if num_classes is not None else int(labels.max()) + 1)
+        self.noise = LabelNoise(labels, label_noise, self.num_classes, seed) if label_noise > 0 else None
+        self.true_labels = labels.to(self.device, torch.int64)
+        self.labels = self.true_labels
+        self.batch_size, self.augment, self.shuffle, self.drop_last = batch_size, augment, shuffle, drop_last
+        self.rank, self.world, self.seed = rank, world, seed
+        self.dtype, self.channels_last = dtype, channels_last
+        scale = torch.tensor(std, device=self.device) * 255.0
+        self._mul = (1.0 / scale).to(dtype)  # [3]: x / (255 std) - mean / std
+        self._add = (-torch.tensor(mean, device=self.device) / torch.tensor(std, device=self.device)).to(dtype)
+        self.epoch = 0
+        n = images.shape[0]
+        self.num_samples = len(range(rank, n, world))  # this rank's share
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return self.num_samples // self.batch_size
+        return -(-self.num_samples // self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        if self.noise is not None:
+            self.labels = self.noise.labels_for_epoch(epoch).to(self.device)
+
+    def _indices(self) -> torch.Tensor:
+        n = self.images.shape[0]
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 7_777_777 + self.epoch)
+            order = torch.randperm(n, generator=g)
+        else:
+            order = torch.arange(n)
+        return order[self.rank :: self.world].to(self.device)
+
+    def _gen(self) -> torch.Generator:
+        g = torch.Generator(device=self.device)
+        g.manual_seed(self.seed * 1_000_003 + 31 * self.epoch + self.rank)
+        return g
+
+    def batch(self, idx: torch.Tensor, g: torch.Generator | None = None) -> torch.Tensor:
+        """Crop (+ flip) and normalise images[idx] in one gather: float [B, 3, H, W], channels_last."""
+        b, h, w = idx.numel(), self.height, self.width
+        rows = torch.arange(h, device=self.device)
+        cols = torch.arange(w, device=self.device)
+        if self.augment:
+            oy = torch.randint(0, 2 * self.pad + 1, (b, 1), device=self.device, generator=g)
+            ox = torch.randint(0, 2 * self.pad + 1, (b, 1), device=self.device, generator=g)
+            flip = torch.rand((b, 1), device=self.device, generator=g) < 0.5
+            r = oy + rows  # [B, H]
+            c = ox + torch.where(flip, w - 1 - cols, cols)  # [B, W]
+            x = self.images[idx[:, None, None], r[:, :, None], c[:, None, :]]  # [B, H, W, 3]
+        else:
+            x = self.images[idx]
+        x = x.to(self.dtype) * self._mul + self._add  # NHWC, contiguous
+        x = x.permute(0, 3, 1, 2)  # NCHW view of NHWC memory: channels_last
+        return x if self.channels_last else x.contiguous()
+
+    def __iter__(self):
+        idx = self._indices()
+        g = self._gen() if self.augment else None
+        for i in range(len(self)):
+            sel = idx[i * self.batch_size : (i + 1) * self.batch_size]
+            yield self.batch(sel, g), self.labels[sel]
+
+
+class SyntheticLoader:
+    """Random images already on the device (for pure-compute benchmarks): the same batch every step."""
+
+    def __init__(self, batch_size: int, image_size: int = 224, num_classes: int = 1000, steps_per_epoch: int = 100,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, channels_last: bool = True,
+                 seed: int = 0):
+        g = torch.Generator(device=device).manual_seed(seed)
+        x = torch.randn(batch_size, image_size, image_size, 3, device=device, generator=g, dtype=torch.float32)
+        x = x.to(dtype).permute(0, 3, 1, 2)
+        self.images = x if channels_last else x.contiguous()
+        self.labels = torch.randint(num_classes, (batch_size,), device=device, generator=g)
+        self.steps, self.num_classes, self.batch_size = steps_per_epoch, num_classes, batch_size
+        self.num_samples = batch_size * steps_per_epoch
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def __iter__(self):
+        for _ in range(self.steps):
+            yield self.images, self.labels

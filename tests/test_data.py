@@ -1,0 +1,319 @@
+"""Data: toy folders, scanning and bad files, the DALI CPU pipeline, device-resident sets, label noise."""
+
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from collab_fast.data import (
+    DaliLoader,
+    DeviceLoader,
+    LabelNoise,
+    SyntheticLoader,
+    build_loaders,
+    check_image,
+    scan_split,
+    write_toy,
+)
+from collab_fast.data.__main__ import main as data_main
+from collab_fast.data.memory import load_cifar, load_digits
+from collab_fast.data.toy import parse_size
+
+pytest.importorskip("nvidia.dali", reason="the folder pipeline needs DALI (pip install 'collab_fast[dali]')")
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    return write_toy(tmp_path_factory.mktemp("toy"), classes=3, per_class=7, size="40x30", val_per_class=3)
+
+
+# -------------------------------------------------------------------------- toy folder
+
+
+def test_toy_is_deterministic_and_sized(tmp_path, toy):
+    again = write_toy(tmp_path / "again", classes=3, per_class=7, size="40x30", val_per_class=3)
+    a = sorted(p.relative_to(toy) for p in toy.rglob("*.JPEG"))
+    assert a == sorted(p.relative_to(again) for p in again.rglob("*.JPEG"))
+    assert len(a) == 3 * 7 + 3 * 3
+    for rel in a[:5]:
+        assert (toy / rel).read_bytes() == (again / rel).read_bytes()
+    with Image.open(toy / a[0]) as im:
+        assert im.size == (40, 30) and im.mode == "RGB"
+
+
+def test_parse_size():
+    assert parse_size("160") == (160, 160) and parse_size("500x375") == (500, 375) and parse_size(64) == (64, 64)
+    for bad in ("abc", "5x", "4x4", "1x2x3"):
+        with pytest.raises(ValueError, match="size"):
+            parse_size(bad)
+
+
+def test_data_cli(tmp_path, capsys):
+    assert data_main(["toy", str(tmp_path / "t"), "--classes", "2", "--per-class", "2", "--size", "16"]) == 0
+    assert data_main(["check", str(tmp_path / "t"), "--decode"]) == 0
+    assert "0 bad" in capsys.readouterr().out
+    (tmp_path / "t" / "train" / "class_000" / "bad.JPEG").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    assert data_main(["check", str(tmp_path / "t")]) == 1
+    assert "bad.JPEG: truncated JPEG" in capsys.readouterr().out
+
+
+# -------------------------------------------------------------------------- scanning and bad input
+
+
+def _folder(tmp_path, layout):
+    """layout: {split: {class: [(name, kind)]}} with kind in jpeg, png, gray, cmyk, trunc, junk."""
+    rng = np.random.default_rng(0)
+    for split, classes in layout.items():
+        for c, items in classes.items():
+            d = tmp_path / split / c
+            d.mkdir(parents=True, exist_ok=True)
+            for name, kind in items:
+                rgb = Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8))
+                if kind == "jpeg":
+                    rgb.save(d / name, format="JPEG")
+                elif kind == "png":
+                    rgb.save(d / name, format="PNG")
+                elif kind == "gray":
+                    rgb.convert("L").save(d / name, format="JPEG")
+                elif kind == "cmyk":
+                    rgb.convert("CMYK").save(d / name, format="JPEG")
+                elif kind == "trunc":
+                    rgb.save(d / name, format="JPEG")
+                    (d / name).write_bytes((d / name).read_bytes()[:200])
+                elif kind == "junk":
+                    (d / name).write_bytes(b"hello, not an image")
+    return tmp_path
+
+
+def test_scan_classes_from_train(toy):
+    files, labels, classes = scan_split(toy, "train")
+    assert classes == ["class_000", "class_001", "class_002"] and len(files) == 21
+    assert sorted(set(labels)) == [0, 1, 2]
+    vfiles, vlabels, _ = scan_split(toy, "val", classes=classes)
+    assert len(vfiles) == 9 and all(f.split("/")[-2] == classes[y] for f, y in zip(vfiles, vlabels))
+
+
+def test_val_uses_train_class_indices(tmp_path):
+    root = _folder(tmp_path, {"train": {"a": [("1.JPEG", "jpeg")], "b": [("1.JPEG", "jpeg")], "c": [("1.JPEG", "jpeg")]},
+                              "val": {"c": [("1.JPEG", "jpeg")]}})
+    _, _, classes = scan_split(root, "train")
+    _, vlabels, _ = scan_split(root, "val", classes=classes)
+    assert vlabels == [2]  # 'c' keeps its train index, not 0
+
+
+@pytest.mark.parametrize("layout, match", [
+    ({"train": {"a": [("1.JPEG", "jpeg")]}, "val": {"z": [("1.JPEG", "jpeg")]}}, "the train split does not have"),
+    ({"train": {"a": []}}, "has no images"),
+    ({"train": {}}, "no class folders"),
+    ({"train": {"a": [("1.JPEG", "trunc")]}}, r"1.JPEG: truncated JPEG"),
+    ({"train": {"a": [("1.JPEG", "junk")]}}, r"1.JPEG: not a JPEG or PNG"),
+])
+def test_bad_folders(tmp_path, layout, match):
+    root = _folder(tmp_path, layout)
+    if layout["train"] == {}:
+        (root / "train").mkdir(exist_ok=True)
+    with pytest.raises(ValueError, match=match):
+        _, _, classes = scan_split(root, "train")
+        scan_split(root, "val", classes=classes)
+
+
+def test_missing_directories(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        scan_split(tmp_path / "nope", "train")
+    with pytest.raises(FileNotFoundError, match="ImageNet layout"):
+        scan_split(tmp_path, "train")
+
+
+def test_skip_bad_files_with_a_counted_warning(tmp_path):
+    root = _folder(tmp_path, {"train": {"a": [("1.JPEG", "jpeg"), ("2.JPEG", "trunc"), ("3.JPEG", "junk")]}})
+    with pytest.warns(RuntimeWarning, match="skipping 2 unreadable image file"):
+        files, _, _ = scan_split(root, "train", skip_bad=True)
+    assert [f.split("/")[-1] for f in files] == ["1.JPEG"]
+
+
+def test_odd_but_valid_files_decode_to_rgb(tmp_path):
+    root = _folder(tmp_path, {"train": {"a": [("gray.JPEG", "gray"), ("cmyk.JPEG", "cmyk"), ("png.JPEG", "png"),
+                                              ("ok.jpg", "jpeg")]}})
+    files, labels, _ = scan_split(root, "train")
+    assert all(check_image(f) is None for f in files)
+    loader = DaliLoader(files, labels, 4, train=False, num_classes=1, image_size=16, channels_last=False,
+                        mean=(0, 0, 0), std=(1 / 255,) * 3)
+    x, _ = next(iter(loader))
+    assert x.shape == (4, 3, 16, 16)
+    by_name = dict(zip([f.split("/")[-1] for f in files], x))
+    g = by_name["gray.JPEG"]
+    assert torch.equal(g[0], g[1]) and torch.equal(g[1], g[2])  # grayscale -> 3 equal channels
+
+
+# -------------------------------------------------------------------------- DALI pipeline (CPU)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_dali_train_batches(toy, dtype, channels_last):
+    files, labels, classes = scan_split(toy, "train")
+    loader = DaliLoader(files, labels, 4, train=True, num_classes=3, image_size=24, dtype=dtype,
+                        channels_last=channels_last, seed=1)
+    assert len(loader) == 21 // 4  # drop_last for training
+    seen = []
+    for _ in range(2):  # two epochs
+        for x, y in loader:
+            assert x.shape == (4, 3, 24, 24) and x.dtype == dtype and x.device.type == "cpu"
+            assert x.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            assert y.dtype == torch.int64 and y.shape == (4,)
+            seen += y.tolist()
+    assert set(seen) <= {0, 1, 2} and len(seen) == 2 * 5 * 4
+    assert abs(float(x.float().mean())) < 2  # normalised
+
+
+def test_dali_val_is_deterministic(toy):
+    files, labels, _ = scan_split(toy, "val", classes=scan_split(toy, "train")[2])
+    loader = DaliLoader(files, labels, 4, train=False, num_classes=3, image_size=24)
+    assert len(loader) == 3  # 9 images, partial last batch kept
+    a = [(x.clone(), y.clone()) for x, y in loader]
+    b = [(x.clone(), y.clone()) for x, y in loader]
+    assert [t[0].shape[0] for t in a] == [4, 4, 1]
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert torch.cat([y for _, y in a]).tolist() == labels
+
+
+def test_dali_sharding_two_ranks_disjoint_and_complete(toy):
+    files, labels, _ = scan_split(toy, "train")
+    shards = []
+    for rank in range(2):
+        loader = DaliLoader(files, labels, 4, train=True, num_classes=3, image_size=16, rank=rank, world=2,
+                            drop_last=False)
+        loader.table = torch.arange(len(files))  # report sample indices instead of labels
+        assert len(loader) == -(-loader.num_samples // 4)
+        for _epoch in range(2):
+            idx = torch.cat([y for _, y in loader]).tolist()
+            assert len(idx) == len(set(idx)) == loader.num_samples  # every image of the shard once
+        shards.append(set(idx))
+    assert not shards[0] & shards[1]
+    assert shards[0] | shards[1] == set(range(len(files)))
+
+
+# -------------------------------------------------------------------------- device-resident sets
+
+
+def test_digits_split_and_stats():
+    (x, y), (xt, yt) = load_digits()
+    assert x.shape == (1437, 32, 32, 3) and xt.shape == (360, 32, 32, 3) and x.dtype == torch.uint8
+    assert sorted(set(y.tolist())) == list(range(10))
+    train, val, classes = build_loaders("digits", batch_size=100)
+    assert classes == 10 and len(train) == 14 and len(val) == 4
+    xb, yb = next(iter(val))
+    assert xb.shape == (100, 3, 32, 32) and xb.is_contiguous(memory_format=torch.channels_last)
+    assert abs(xb.mean().item()) < 0.3 and 0.7 < xb.std().item() < 1.3
+
+
+def test_device_augmentation_matches_per_sample_reference():
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.randint(0, 256, (6, 5, 7, 3), dtype=torch.uint8, generator=g)
+    loader = DeviceLoader(imgs, torch.arange(6), 6, mean=(0, 0, 0), std=(1 / 255,) * 3, augment=True, pad=2)
+    idx = torch.tensor([3, 0, 5, 5])
+    out = loader.batch(idx, torch.Generator().manual_seed(9))
+    g2 = torch.Generator().manual_seed(9)
+    oy = torch.randint(0, 5, (4, 1), generator=g2)
+    ox = torch.randint(0, 5, (4, 1), generator=g2)
+    flip = torch.rand((4, 1), generator=g2) < 0.5
+    padded = torch.nn.functional.pad(imgs.permute(0, 3, 1, 2), (2, 2, 2, 2)).float()
+    for b in range(4):
+        ref = padded[idx[b], :, oy[b, 0]: oy[b, 0] + 5, ox[b, 0]: ox[b, 0] + 7]
+        if flip[b, 0]:
+            ref = ref.flip(-1)
+        torch.testing.assert_close(out[b], ref)
+    assert flip.any() and (~flip).any()  # both branches exercised
+
+
+def test_device_loader_sharding_and_epochs():
+    imgs = torch.zeros(10, 4, 4, 3, dtype=torch.uint8)
+    seen = []
+    for rank in range(2):
+        loader = DeviceLoader(imgs, torch.arange(10), 2, mean=(0,) * 3, std=(1,) * 3, shuffle=True, rank=rank,
+                              world=2, num_classes=10)
+        loader.set_epoch(3)
+        seen.append(torch.cat([y for _, y in loader]).tolist())
+    assert sorted(seen[0] + seen[1]) == list(range(10))
+    loader.set_epoch(4)
+    assert torch.cat([y for _, y in loader]).tolist() != seen[1]  # reshuffled
+
+
+def _write_cifar(root, num_classes):
+    rng = np.random.default_rng(0)
+    if num_classes == 10:
+        d = root / "cifar-10-batches-py"
+        d.mkdir(parents=True)
+        names, key = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"], b"labels"
+    else:
+        d = root / "cifar-100-python"
+        d.mkdir(parents=True)
+        names, key = ["train", "test"], b"fine_labels"
+    for n in names:
+        batch = {b"data": rng.integers(0, 255, (4, 3072), dtype=np.uint8), key: list(rng.integers(0, num_classes, 4))}
+        with open(d / n, "wb") as f:
+            pickle.dump(batch, f)
+
+
+@pytest.mark.parametrize("classes", [10, 100])
+def test_cifar_pickles(tmp_path, classes):
+    _write_cifar(tmp_path, classes)
+    (x, y), (xt, yt) = load_cifar(tmp_path, classes)
+    assert x.shape == ((20 if classes == 10 else 4), 32, 32, 3) and xt.shape == (4, 32, 32, 3)
+    train, val, n = build_loaders(f"cifar{classes}", data_dir=str(tmp_path), batch_size=2)
+    assert n == classes and next(iter(train))[0].shape == (2, 3, 32, 32)
+
+
+def test_cifar_missing_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="Put the extracted 'cifar-10-batches-py' folder"):
+        load_cifar(tmp_path, 10)
+    with pytest.raises(ValueError, match="needs --data"):
+        build_loaders("cifar100")
+    with pytest.raises(ValueError, match="unknown data set 'mnist'"):
+        build_loaders("mnist")
+
+
+def test_synthetic():
+    train, val, n = build_loaders("synthetic", batch_size=3, image_size=16, synthetic_classes=5, synthetic_steps=4)
+    batches = list(train)
+    assert len(batches) == len(train) == 4 and batches[0][0].shape == (3, 3, 16, 16) and n == 5
+    assert isinstance(train, SyntheticLoader)
+
+
+# -------------------------------------------------------------------------- label noise
+
+
+def test_label_noise_fraction_and_redraw():
+    true = torch.arange(1000) % 10
+    noise = LabelNoise(true, 0.3, 10, seed=5)
+    assert int(noise.noisy.sum()) == 300
+    e0, e1 = noise.labels_for_epoch(0), noise.labels_for_epoch(1)
+    assert torch.equal(e0[~noise.noisy], true[~noise.noisy])  # clean samples keep their labels
+    assert torch.equal(e1[~noise.noisy], true[~noise.noisy])
+    assert (e0[noise.noisy] != e1[noise.noisy]).float().mean() > 0.5  # redrawn every epoch
+    assert torch.equal(e0, noise.labels_for_epoch(0))  # reproducible
+    assert torch.equal(LabelNoise(true, 0.3, 10, seed=5).noisy, noise.noisy)  # fixed from the seed
+    wrong = (e0 != true).float().mean().item()
+    assert 0.3 * 0.9 - 0.05 < wrong < 0.3 * 0.9 + 0.05  # a redraw keeps the true label 1/10 of the time
+    with pytest.raises(ValueError, match="fraction"):
+        LabelNoise(true, 1.5, 10)
+
+
+def test_label_noise_in_loaders_train_only(toy):
+    train, val, _ = build_loaders("digits", batch_size=1437, label_noise=0.5, seed=1)
+    (_, ytrue), (_, yval) = load_digits()
+    train.set_epoch(0)
+    assert 0.35 < (train.labels.cpu() != ytrue).float().mean().item() < 0.55
+    assert torch.equal(torch.cat([y for _, y in val]).cpu(), yval)  # evaluation labels are never corrupted
+    files, labels, _ = scan_split(toy, "train")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loader = DaliLoader(files, labels, 4, train=True, num_classes=3, image_size=16, label_noise=1.0, seed=3)
+    loader.set_epoch(0)
+    t0 = loader.table.clone()
+    loader.set_epoch(1)
+    assert not torch.equal(t0, loader.table)
