@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from collab_fast.data.folder import IMAGENET_MEAN, IMAGENET_STD, DaliLoader, check_image, scan_split
+from collab_fast.data.folder import DaliLoader, check_image, scan_split
 from collab_fast.data.memory import (
     CIFAR_MEAN,
     CIFAR_STD,
