@@ -215,19 +215,25 @@ def test_device_augmentation_matches_per_sample_reference():
     g = torch.Generator().manual_seed(0)
     imgs = torch.randint(0, 256, (6, 5, 7, 3), dtype=torch.uint8, generator=g)
     loader = DeviceLoader(imgs, torch.arange(6), 6, mean=(0, 0, 0), std=(1 / 255,) * 3, augment=True, pad=2)
-    idx = torch.tensor([3, 0, 5, 5])
-    out = loader.batch(idx, torch.Generator().manual_seed(9))
-    g2 = torch.Generator().manual_seed(9)
-    oy = torch.randint(0, 5, (4, 1), generator=g2)
-    ox = torch.randint(0, 5, (4, 1), generator=g2)
-    flip = torch.rand((4, 1), generator=g2) < 0.5
+    idx = torch.tensor([3, 0, 5, 5, 1, 2, 4, 0])
+    out = loader.batch(idx)
+    oy, ox, flip = loader.augment_params(idx)
+    assert oy.min() >= 0 and oy.max() <= 4 and ox.min() >= 0 and ox.max() <= 4
+    assert torch.equal(out[2], out[3])  # the same sample, the same augmentation (independent of the batch)
     padded = torch.nn.functional.pad(imgs.permute(0, 3, 1, 2), (2, 2, 2, 2)).float()
-    for b in range(4):
+    for b in range(len(idx)):
         ref = padded[idx[b], :, oy[b, 0]: oy[b, 0] + 5, ox[b, 0]: ox[b, 0] + 7]
         if flip[b, 0]:
             ref = ref.flip(-1)
         torch.testing.assert_close(out[b], ref)
     assert flip.any() and (~flip).any()  # both branches exercised
+    loader.set_epoch(1)
+    assert not torch.equal(torch.cat(loader.augment_params(torch.arange(6))), torch.cat(
+        (oy[[1, 4, 5, 0, 6, 2]], ox[[1, 4, 5, 0, 6, 2]], flip[[1, 4, 5, 0, 6, 2]])))  # new draws each epoch
+    big = DeviceLoader(torch.zeros(4000, 2, 2, 3, dtype=torch.uint8), torch.zeros(4000, dtype=torch.long), 8,
+                       mean=(0,) * 3, std=(1,) * 3, augment=True, pad=4)
+    oy, ox, flip = big.augment_params(torch.arange(4000))
+    assert torch.bincount(oy.view(-1), minlength=9).min() > 300 and 0.45 < flip.float().mean() < 0.55  # spread
 
 
 def test_device_loader_sharding_and_epochs():

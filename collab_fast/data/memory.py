@@ -21,6 +21,8 @@ __all__ = ["CIFAR_MEAN", "CIFAR_STD", "DeviceLoader", "SyntheticLoader", "load_c
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
+# splitmix64's odd constants as signed int64 (two's complement)
+_MIX = tuple(c - (1 << 64) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
 DIGITS_MEAN = (0.3049,) * 3  # of the 32x32 upsampled training images, scaled to [0, 1]
 DIGITS_STD = (0.3234,) * 3
 
@@ -139,20 +141,23 @@ class DeviceLoader:
             order = torch.arange(n)
         return order[self.rank :: self.world].to(self.device)
 
-    def _gen(self) -> torch.Generator:
-        g = torch.Generator(device=self.device)
-        g.manual_seed(self.seed * 1_000_003 + 31 * self.epoch + self.rank)
-        return g
+    def augment_params(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Crop offsets and flips [B, 1] of samples idx this epoch: a hash of (seed, epoch, sample index),
+        so a sample is augmented the same way whatever its batch, rank or resume point."""
+        key = (self.seed * 1_000_003 + self.epoch) * _MIX[1] % (1 << 63)
+        h = idx.to(torch.int64) * _MIX[0] + key
+        h = (h ^ (h >> 31)) * _MIX[2]  # int64 arithmetic wraps: a splitmix-style mix
+        h = (h ^ (h >> 29)) & 0x7FFFFFFF
+        span = 2 * self.pad + 1
+        return (h % span)[:, None], ((h // span) % span)[:, None], ((h // (span * span)) % 2 == 1)[:, None]
 
-    def batch(self, idx: torch.Tensor, g: torch.Generator | None = None) -> torch.Tensor:
+    def batch(self, idx: torch.Tensor) -> torch.Tensor:
         """Crop (+ flip) and normalise images[idx] in one gather: float [B, 3, H, W], channels_last."""
-        b, h, w = idx.numel(), self.height, self.width
+        h, w = self.height, self.width
         rows = torch.arange(h, device=self.device)
         cols = torch.arange(w, device=self.device)
         if self.augment:
-            oy = torch.randint(0, 2 * self.pad + 1, (b, 1), device=self.device, generator=g)
-            ox = torch.randint(0, 2 * self.pad + 1, (b, 1), device=self.device, generator=g)
-            flip = torch.rand((b, 1), device=self.device, generator=g) < 0.5
+            oy, ox, flip = self.augment_params(idx)
             r = oy + rows  # [B, H]
             c = ox + torch.where(flip, w - 1 - cols, cols)  # [B, W]
             x = self.images[idx[:, None, None], r[:, :, None], c[:, None, :]]  # [B, H, W, 3]
@@ -163,11 +168,14 @@ class DeviceLoader:
         return x if self.channels_last else x.contiguous()
 
     def __iter__(self):
+        return self.iter_from(0)
+
+    def iter_from(self, start: int):
+        """Batches of this epoch from batch `start` on (resuming mid-epoch costs nothing here)."""
         idx = self._indices()
-        g = self._gen() if self.augment else None
-        for i in range(len(self)):
+        for i in range(start, len(self)):
             sel = idx[i * self.batch_size : (i + 1) * self.batch_size]
-            yield self.batch(sel, g), self.labels[sel]
+            yield self.batch(sel), self.labels[sel]
 
 
 class SyntheticLoader:

@@ -43,7 +43,7 @@ class _CifarBlock(nn.Module):
 class CifarResNet(nn.Module):
     """Depth 6n + 2: a 3x3 stem, three stages of n basic blocks (16, 32, 64 channels), pooling, fc."""
 
-    def __init__(self, depth: int, num_classes: int = 10):
+    def __init__(self, depth: int, num_classes: int = 10, zero_init_residual: bool = False):
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n + 2 (20, 32, 44, 56, 110, ...), got {depth}")
@@ -61,6 +61,8 @@ class CifarResNet(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, _CifarBlock) and zero_init_residual:
+                nn.init.zeros_(m.bn2.weight)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
@@ -120,12 +122,12 @@ class DenseNet(nn.Module):
         return self.fc(self.avgpool(x).flatten(1))
 
 
-def resnet32(num_classes: int = 10) -> CifarResNet:
-    return CifarResNet(32, num_classes)
+def resnet32(num_classes: int = 10, **kw) -> CifarResNet:
+    return CifarResNet(32, num_classes, **kw)
 
 
-def resnet110(num_classes: int = 10) -> CifarResNet:
-    return CifarResNet(110, num_classes)
+def resnet110(num_classes: int = 10, **kw) -> CifarResNet:
+    return CifarResNet(110, num_classes, **kw)
 
 
 def densenet40_12(num_classes: int = 10) -> DenseNet:

@@ -39,7 +39,7 @@ class PatternCost:
 def child_flops(arch: str, image_size: int, num_classes: int | None = None) -> dict[str, float]:
     """Forward FLOPs per image of each named child of the single network (in forward order)."""
     with torch.device("meta"):
-        net = build(arch, "single", num_classes=num_classes)
+        net = build(arch, "single", num_classes=num_classes).eval()  # batch 1: batch norm in eval mode
         x = torch.empty(1, 3, image_size, image_size)
     out = {}
     for name, module in net.named_children():
