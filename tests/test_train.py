@@ -1,0 +1,218 @@
+"""The trainer end to end on CPU: every pattern, outputs, resume, signals, DDP, eval-only, faults, bad flags."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from collab_fast import train
+from collab_fast.checkpoint import load_checkpoint
+from collab_fast.data import write_toy
+from collab_fast.models import build
+
+BASE = ["digits", "--arch", "resnet32", "-b", "32", "--log-every", "1"]
+
+
+def run_train(tmp_path, *extra, name="run"):
+    out = tmp_path / name
+    code = train.main([*BASE, "--output", str(out), *extra])
+    assert code == 0
+    return out
+
+
+def records(out, kind):
+    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+@pytest.mark.parametrize("pattern", ["single", "inst2", "ilr2", "hier4", "tree:4"])
+def test_every_pattern_end_to_end(tmp_path, pattern):
+    out = run_train(tmp_path, "--pattern", pattern, "--max-steps", "2")
+    heads = {"single": 1, "inst2": 2, "ilr2": 2, "hier4": 4, "tree:4": 4}[pattern]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["pattern"] == pattern and cfg["lr"] == pytest.approx(0.1 * 32 / 256) and cfg["amp"] == "off"
+    tr, ev = records(out, "train"), records(out, "eval")
+    assert [r["step"] for r in tr] == [1, 2]
+    for key in ("loss", "hard", "soft", "train_acc", "img_per_s", "peak_rss_mb", "lr", "epoch"):
+        assert key in tr[0]
+    assert len(tr[0]["hard"]) == heads and tr[0]["img_per_s"] > 0
+    assert len(ev) == 1 and len(ev[0]["top1_heads"]) == heads and ev[0]["val_samples"] == 360
+    for key in ("top1", "top5", "top1_ensemble", "val_loss"):
+        assert key in ev[0]
+    for f in ("last.pt", "best.pt", "head0.pth", "config.json"):
+        assert (out / f).is_file()
+    assert list((out / "tb").iterdir())  # TensorBoard event file
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["state"]["step"] == 2 and set(ckpt) >= {"model", "optimizer", "scaler", "config", "state", "rng"}
+    build("resnet32", "single").load_state_dict(torch.load(out / "head0.pth", weights_only=True), strict=True)
+
+
+@pytest.mark.slow
+def test_toy_folder_through_dali(tmp_path):
+    pytest.importorskip("nvidia.dali")
+    data = write_toy(tmp_path / "toy", classes=3, per_class=8, size=48, val_per_class=2)
+    out = tmp_path / "run"
+    assert train.main(["toy", "--data", str(data), "--arch", "resnet18", "--pattern", "hier4", "--image-size", "32",
+                       "-b", "8", "--max-steps", "3", "--output", str(out), "--log-every", "1"]) == 0
+    assert [r["step"] for r in records(out, "train")] == [1, 2, 3]
+    assert records(out, "eval")[0]["val_samples"] == 6
+
+
+def _params(path):
+    return load_checkpoint(path)["model"]
+
+
+@pytest.mark.slow
+def test_resume_equivalence_across_an_epoch_boundary(tmp_path):
+    # 1437 digits at batch 128: 11 steps per epoch. Uninterrupted 13 steps vs 5 steps + resume to 13.
+    common = ["--pattern", "ilr2", "-b", "128", "--lr", "0.2", "--label-noise", "0.2", "--warmup-epochs", "0.5"]
+    full = run_train(tmp_path, *common, "--max-steps", "13", name="full")
+    part = run_train(tmp_path, *common, "--max-steps", "5", name="part")
+    assert load_checkpoint(part / "last.pt")["state"]["batch_in_epoch"] == 5
+    assert train.main([*BASE, "--output", str(part), *common, "--max-steps", "13", "--resume", "auto"]) == 0
+    a, b = _params(full / "last.pt"), _params(part / "last.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    la = [r["loss"] for r in records(full, "train")]
+    lb = [r["loss"] for r in records(part, "train")]
+    assert la == lb  # the same 13 steps, step by step
+
+
+@pytest.mark.slow
+def test_sigterm_writes_checkpoint_then_resume(tmp_path):
+    out = tmp_path / "sig"
+    cmd = [sys.executable, "-m", "collab_fast.train", *BASE, "--pattern", "ilr2", "--epochs", "50", "--output", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (out / "metrics.jsonl").exists() and len(records(out, "train")) >= 2:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "received SIGTERM" in err and "--resume auto" in err
+    step = load_checkpoint(out / "last.pt")["state"]["step"]
+    assert step >= 2
+    assert train.main([*BASE, "--pattern", "ilr2", "--epochs", "50", "--output", str(out), "--resume", "auto",
+                       "--max-steps", str(step + 2)]) == 0
+    assert load_checkpoint(out / "last.pt")["state"]["step"] == step + 2
+    assert records(out, "train")[-1]["step"] == step + 2
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_equal_one_process_same_global_batch(tmp_path):
+    common = ["--pattern", "hier4", "--max-steps", "3", "--lr", "0.1"]
+    single = run_train(tmp_path, *common, "-b", "32", "--accum-steps", "2", name="single")
+    out = tmp_path / "ddp"
+    # As a user runs it: without the Triton interpreter that conftest turns on for the kernel tests (the CPU
+    # trainer does not use the kernel, and the interpreter's exit-time teardown can abort a gloo worker).
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--standalone", "-m", "collab_fast.train", *BASE, *common, "-b", "16",
+                          "--output", str(out)], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    ls, ld = records(single, "train"), records(out, "train")
+    assert [r["samples"] for r in ld] == [32, 32, 32]  # metrics all-reduced over both ranks
+    for a, b in zip(ls, ld):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
+    pa, pb = _params(single / "last.pt"), _params(out / "last.pt")
+    for k in pa:
+        if "running" in k or "num_batches" in k:
+            continue  # DDP broadcasts rank 0's batch-norm buffers; accumulation updates them twice
+        torch.testing.assert_close(pa[k], pb[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_eval_only_from_exported_head(tmp_path, capsys):
+    out = run_train(tmp_path, "--pattern", "hier4", "--max-steps", "2")
+    final = records(out, "eval")[-1]
+    ev = tmp_path / "eval"
+    assert train.main([*BASE, "--pattern", "single", "--eval-only", "--weights", str(out / "head0.pth"),
+                       "--output", str(ev)]) == 0
+    got = records(ev, "eval")[0]
+    assert got["top1"] == pytest.approx(final["top1_heads"][0])
+    assert got["top5"] == pytest.approx(final["top5_heads"][0])
+    assert not (ev / "last.pt").exists()
+
+
+def test_non_finite_loss_stops_naming_the_step(tmp_path):
+    good = run_train(tmp_path, "--pattern", "ilr2", "--max-steps", "1", name="nan")
+    before = (good / "last.pt").read_bytes()
+    with pytest.raises(SystemExit, match=r"non-finite loss at step \d+"):
+        train.main([*BASE, "--pattern", "ilr2", "--lr", "1e30", "--output", str(good), "--resume", "auto",
+                    "--max-steps", "12", "--log-every", "10"])
+    assert (good / "last.pt").read_bytes() == before  # the last good checkpoint is kept
+
+
+def test_skip_nonfinite_counts_and_continues(tmp_path):
+    out = run_train(tmp_path, "--pattern", "ilr2", "--lr", "1e30", "--max-steps", "6", "--skip-nonfinite",
+                    "--log-every", "3")
+    tr = records(out, "train")
+    assert tr[-1]["step"] == 6 and tr[-1]["skipped_steps"] >= 1
+
+
+def test_out_of_memory_message(tmp_path, monkeypatch):
+    real_build = train.build
+
+    def oom_build(*a, **k):
+        model = real_build(*a, **k)
+
+        def boom(*_a, **_k):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+        model.forward = boom
+        return model
+
+    monkeypatch.setattr(train, "build", oom_build)
+    with pytest.raises(SystemExit, match=r"out of memory at batch size 32 .* try --batch-size 16"):
+        train.main([*BASE, "--pattern", "ilr2", "--max-steps", "1", "--output", str(tmp_path / "oom")])
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["digits", "--arch", "vgg16"], "invalid choice: 'vgg16'"),
+    (["digits", "--beta", "2"], r"--beta must be in \[0, 1\]"),
+    (["digits", "--temperature", "0"], "--temperature must be > 0"),
+    (["digits", "--pattern", "hier5"], "unknown pattern 'hier5'"),
+    (["imagenet"], "imagenet needs --data DIR"),
+    (["digits", "--data", "/no/such/dir"], "--data /no/such/dir: no such directory"),
+    (["digits", "--weights", "/no/such.pth"], "--weights /no/such.pth: no such file"),
+    (["digits", "--eval-only"], "--eval-only needs --weights PATH or --resume"),
+    (["digits", "-b", "30", "--accum-steps", "4"], "must be a multiple of --accum-steps"),
+    (["digits", "--amp", "fp16", "--skip-nonfinite"], "--skip-nonfinite cannot be combined"),
+    (["digits", "-b", "0"], "expected a positive integer"),
+    (["mnist"], "invalid choice: 'mnist'"),
+])
+def test_bad_flags(argv, match, capsys):
+    with pytest.raises(SystemExit) as exc:
+        train.parse_config(argv)
+    assert exc.value.code == 2
+    assert __import__("re").search(match, capsys.readouterr().err)
+
+
+def test_bad_checkpoints(tmp_path, capsys):
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"\x00" * 100)
+    assert train.main([*BASE, "--resume", str(corrupt), "--output", str(tmp_path / "a")]) == 2
+    assert "corrupt, truncated" in capsys.readouterr().err
+    out = run_train(tmp_path, "--pattern", "ilr2", "--max-steps", "1")
+    assert train.main([*BASE, "--pattern", "hier4", "--resume", str(out / "last.pt"), "--output", str(tmp_path / "b")]) == 2
+    assert "is a resnet32 ilr2 run, not resnet32 hier4" in capsys.readouterr().err
+    assert train.main([*BASE, "--pattern", "ilr2", "--weights", str(out / "head0.pth"), "--output", str(tmp_path / "c"),
+                       "--max-steps", "1"]) == 2
+    assert "needs --pattern single" in capsys.readouterr().err
+
+
+def test_lr_schedules():
+    cfg = train.TrainConfig("digits", epochs=90, lr=0.1, lr_milestones=[30, 60, 80])
+    assert train.lr_factor(cfg, 0, 100) == 1.0
+    assert train.lr_factor(cfg, 3000, 100) == pytest.approx(0.1)
+    assert train.lr_factor(cfg, 8000, 100) == pytest.approx(1e-3)
+    cfg = train.TrainConfig("digits", epochs=10, schedule="cosine", warmup_epochs=1)
+    assert train.lr_factor(cfg, 0, 100) == pytest.approx(0.01)
+    assert train.lr_factor(cfg, 100, 100) == pytest.approx(1.0)
+    assert train.lr_factor(cfg, 999, 100) < 1e-4
