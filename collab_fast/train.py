@@ -250,6 +250,12 @@ def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
     return 0.1 ** sum(epoch >= m for m in cfg.lr_milestones)
 
 
+def make_model(cfg: TrainConfig, num_classes: int, device: torch.device) -> torch.nn.Module:
+    arch_kw = {"zero_init_residual": cfg.zero_init_residual} if cfg.arch.startswith("resnet") else {}
+    model = build(cfg.arch, cfg.pattern, num_classes=num_classes, rescale=cfg.rescale, **arch_kw).to(device)
+    return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
+
+
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     # No weight decay on batch-norm parameters and biases (standard for ResNets at large batch).
     decay, no_decay = [], []
@@ -320,13 +326,41 @@ class State:
     skipped: int = 0  # non-finite steps skipped (--skip-nonfinite)
 
 
+def train_step(model, x: torch.Tensor, y: torch.Tensor, optimizer, scaler, cfg: TrainConfig, loss_scale: float,
+               meter: Meter | None = None) -> torch.Tensor:
+    """One optimizer step (forward, fused loss, backward, update) with no host sync. Returns the step's
+    loss on the device (the sum over micro-batches, each a mean); a non-finite step is skipped on the
+    device when cfg.skip_nonfinite."""
+    device = x.device
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+    step_loss = torch.zeros((), device=device)
+    for k in range(cfg.accum_steps):
+        xk, yk = (x, y) if cfg.accum_steps == 1 else (x[k :: cfg.accum_steps], y[k :: cfg.accum_steps])
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = as_heads(model(xk))
+        loss, stats = loss_fn(cfg, logits, yk)
+        if meter is not None:
+            meter.add(loss, stats)
+        step_loss += loss.detach()
+        scaled = loss * (loss_scale / cfg.accum_steps)
+        scaler.scale(scaled).backward() if scaler is not None else scaled.backward()
+    if cfg.skip_nonfinite:
+        optimizer.found_inf = (~torch.isfinite(step_loss)).float()  # fused SGD skips the update on the device
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return step_loss
+
+
 def train_one_epoch(model, raw_model, loader, optimizer, scaler, cfg: TrainConfig, state: State, d: Dist,
                     log, stop_flag: dict) -> None:
     device = next(raw_model.parameters()).device
     heads = getattr(raw_model, "num_heads", 1)
     loss_scale = getattr(raw_model, "loss_scale", 1.0)
     meter = Meter(heads, device)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
     first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # first non-finite step, on the device
     skipped = torch.zeros((), dtype=torch.int64, device=device)
     steps_per_epoch = len(loader)
@@ -339,27 +373,10 @@ def train_one_epoch(model, raw_model, loader, optimizer, scaler, cfg: TrainConfi
         lr = cfg.lr * lr_factor(cfg, state.step, steps_per_epoch)
         for g in optimizer.param_groups:
             g["lr"] = lr
-        step_loss = torch.zeros((), device=device)
-        for k in range(cfg.accum_steps):
-            xk, yk = (x, y) if cfg.accum_steps == 1 else (x[k :: cfg.accum_steps], y[k :: cfg.accum_steps])
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = as_heads(model(xk))
-            loss, stats = loss_fn(cfg, logits, yk)
-            meter.add(loss, stats)
-            step_loss += loss.detach()
-            scaled = loss * (loss_scale / cfg.accum_steps)
-            scaler.scale(scaled).backward() if scaler is not None else scaled.backward()
+        step_loss = train_step(model, x, y, optimizer, scaler, cfg, loss_scale, meter)
         bad = ~torch.isfinite(step_loss)
         first_bad = torch.where(bad & (first_bad < 0), state.step, first_bad)
-        if cfg.skip_nonfinite:
-            optimizer.found_inf = bad.float()  # fused SGD skips the update on the device
-            skipped += bad
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        skipped += bad
         state.step += 1
         state.batch_in_epoch += 1
         seen += x.shape[0]
@@ -371,7 +388,7 @@ def train_one_epoch(model, raw_model, loader, optimizer, scaler, cfg: TrainConfi
             if int(first_bad) >= 0 and not cfg.skip_nonfinite:
                 raise Stop(f"non-finite loss at step {int(first_bad) + 1} (epoch {state.epoch}); the run stops "
                            "and keeps the last good checkpoint (--skip-nonfinite skips such steps instead)")
-            state.skipped = int(skipped) + state.skipped
+            state.skipped += int(skipped)
             skipped.zero_()
             rec = meter.read(d)
             rec.update(step=state.step, epoch=state.epoch, lr=lr, img_per_s=seen * d.world / dt,
@@ -563,10 +580,7 @@ def run(cfg: TrainConfig) -> dict:
         channels_last=cfg.channels_last, skip_bad_images=cfg.skip_bad_images, num_threads=cfg.threads,
         synthetic_steps=cfg.synthetic_steps)
     cfg.num_classes = num_classes
-    arch_kw = {"zero_init_residual": cfg.zero_init_residual} if cfg.arch.startswith("resnet") else {}
-    raw = build(cfg.arch, cfg.pattern, num_classes=num_classes, rescale=cfg.rescale, **arch_kw).to(device)
-    if cfg.channels_last:
-        raw = raw.to(memory_format=torch.channels_last)
+    raw = make_model(cfg, num_classes, device)
     if cfg.weights:
         load_weights(raw, cfg.weights)
     optimizer = make_optimizer(raw, cfg)

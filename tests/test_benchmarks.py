@@ -50,3 +50,16 @@ def test_bench_data_quick(tmp_path, monkeypatch, capsys):
     assert bench_data.main(["--quick"]) == 0
     assert "img_per_s=" in capsys.readouterr().out
     assert list(tmp_path.glob("bench_data_cpu_*.json"))
+
+
+@pytest.mark.slow
+def test_bench_train_quick(tmp_path, monkeypatch, capsys):
+    import bench_train
+    import common
+
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
+    assert bench_train.main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "pattern=single" in out and "pattern=hier4" in out and "time_vs_single=" in out
+    md = next(tmp_path.glob("bench_train_cpu_*.md")).read_text()
+    assert "paper_time" in md

@@ -1,0 +1,152 @@
+"""Training throughput, memory and model-FLOPs utilisation of the trainer's own step, per pattern, with the
+paper's Table 4 cost columns beside ours.
+
+    python benchmarks/bench_train.py                        # GPU: resnet50 x patterns, 224 px, batch 256, bf16
+    python benchmarks/bench_train.py --compile both         # with and without torch.compile
+    python benchmarks/bench_train.py --quick                # CPU smoke test: resnet18, 32 px, batch 8
+
+Each row: median step time over --steps timed steps after --warmup steps (CUDA events per step on GPU),
+images/s = batch / median, peak memory (torch.cuda.max_memory_allocated over the timed steps), and MFU =
+counted training FLOPs per image (3x forward, collab_fast.models.cost) x images/s / the measured bf16
+matmul peak. Data: synthetic tensors already on the device (the data pipeline is measured separately by
+bench_data.py), or --data toy for DALI-decoded JPEGs where DALI runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import bench, write_results  # noqa: E402
+
+from collab_fast.data import build_loaders  # noqa: E402
+from collab_fast.models.cost import pattern_cost  # noqa: E402
+from collab_fast.train import TrainConfig, make_model, make_optimizer, train_step  # noqa: E402
+
+# Paper Table 4 (ResNet-50, ImageNet): training time and memory relative to one model.
+PAPER_TABLE4 = {"single": (1.0, 1.0), "inst2": (2.0, 2.0), "ilr2": (1.4, 1.32), "hier4": (1.75, 1.5)}
+COLUMNS = ["arch", "pattern", "compile", "batch", "image", "img_per_s", "step_ms", "peak_mem_mb", "mfu_pct",
+           "time_vs_single", "mem_vs_single", "paper_time", "paper_mem"]
+
+
+def bf16_peak_flops(device: torch.device) -> float | None:
+    """Measured dense bf16 matmul rate (FLOP/s): the denominator of MFU."""
+    if device.type != "cuda":
+        return None
+    n = 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    ms = bench(lambda: a @ b, device)
+    return 2 * n**3 / (ms * 1e-3)
+
+
+def time_steps(step, steps: int, warmup: int, device: torch.device) -> list[float]:
+    for _ in range(warmup):
+        step()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(steps)]
+        for start, end in events:
+            start.record()
+            step()
+            end.record()
+        torch.cuda.synchronize(device)
+        times = [s.elapsed_time(e) for s, e in events]
+    else:
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            step()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return times
+
+
+def run_one(arch, pattern, compiled, args, device, peak):
+    cuda = device.type == "cuda"
+    cfg = TrainConfig("synthetic", arch=arch, pattern=pattern, batch_size=args.batch_size, lr=0.1,
+                      amp="bf16" if cuda else "off", channels_last=cuda, compile=compiled, image_size=args.image_size)
+    train, _, classes = build_loaders(args.data, batch_size=args.batch_size, image_size=args.image_size,
+                                      device=device, channels_last=cuda, synthetic_classes=1000,
+                                      synthetic_steps=10**9)
+    model = make_model(cfg, classes, device)
+    optimizer = make_optimizer(model, cfg)
+    runner = torch.compile(model) if compiled else model
+    batches = iter(train)
+    x, y = next(batches)
+
+    def step():
+        nonlocal x, y
+        if args.data != "synthetic":
+            x, y = next(batches)
+        train_step(runner, x, y, optimizer, None, cfg, getattr(model, "loss_scale", 1.0))
+
+    model.train()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    times = time_steps(step, args.steps, args.warmup, device)
+    step_ms = statistics.median(times)
+    img_s = args.batch_size / (step_ms * 1e-3)
+    cost = pattern_cost(arch, pattern, args.image_size, classes)
+    mem = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
+    del model, optimizer, runner
+    if cuda:
+        torch.cuda.empty_cache()
+    return {"arch": arch, "pattern": pattern, "compile": compiled, "batch": args.batch_size, "image": args.image_size,
+            "img_per_s": img_s, "step_ms": step_ms, "peak_mem_mb": mem,
+            "mfu_pct": 100 * cost.train_flops * img_s / peak if peak else None,
+            "paper_time": PAPER_TABLE4.get(pattern, (None, None))[0] if arch == "resnet50" else None,
+            "paper_mem": PAPER_TABLE4.get(pattern, (None, None))[1] if arch == "resnet50" else None}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", default="resnet50")
+    p.add_argument("--patterns", default="single,ilr2,hier4,inst2,inst4")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--compile", choices=["off", "on", "both"], default="off")
+    p.add_argument("--data", choices=["synthetic", "toy"], default="synthetic")
+    p.add_argument("--quick", action="store_true", help="tiny CPU-sized run (a smoke test)")
+    p.add_argument("--no-save", action="store_true")
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.quick:
+        args.arch, args.batch_size, args.image_size, args.steps, args.warmup = "resnet18", 8, 32, 3, 1
+        args.patterns = "single,hier4"
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    peak = bf16_peak_flops(device)
+    if peak:
+        print(f"measured bf16 matmul peak: {peak / 1e12:.0f} TFLOP/s")
+    rows = []
+    for compiled in {"off": [False], "on": [True], "both": [False, True]}[args.compile]:
+        base = None
+        for pattern in args.patterns.split(","):
+            r = run_one(args.arch, pattern, compiled, args, device, peak)
+            if pattern == "single":
+                base = r
+            if base is not None:
+                r["time_vs_single"] = base["img_per_s"] / r["img_per_s"]
+                if r["peak_mem_mb"] and base["peak_mem_mb"]:
+                    r["mem_vs_single"] = r["peak_mem_mb"] / base["peak_mem_mb"]
+            rows.append(r)
+            print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()
+                            if v is not None))
+    if not args.no_save:
+        cmd = "python benchmarks/bench_train.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+        path = write_results("bench_train", rows, device, cmd.strip(), COLUMNS)
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
