@@ -95,9 +95,6 @@ def run_one(arch, pattern, compiled, args, device, peak):
     img_s = args.batch_size / (step_ms * 1e-3)
     cost = pattern_cost(arch, pattern, args.image_size, classes)
     mem = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
-    del model, optimizer, runner
-    if cuda:
-        torch.cuda.empty_cache()
     return {"arch": arch, "pattern": pattern, "compile": compiled, "batch": args.batch_size, "image": args.image_size,
             "img_per_s": img_s, "step_ms": step_ms, "peak_mem_mb": mem,
             "mfu_pct": 100 * cost.train_flops * img_s / peak if peak else None,
@@ -132,6 +129,8 @@ def main(argv=None) -> int:
         base = None
         for pattern in args.patterns.split(","):
             r = run_one(args.arch, pattern, compiled, args, device, peak)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # the previous pattern's model and optimizer are gone
             if pattern == "single":
                 base = r
             if base is not None:
