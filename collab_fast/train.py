@@ -32,11 +32,13 @@ from collab_fast.kernels.collab_loss import fused_collab_loss
 from collab_fast.models import ARCHS, build
 from collab_fast.models.collab import RESCALE_MODES, parse_pattern
 from collab_fast.models.cost import pattern_cost
+from collab_fast.recipes import RECIPES, describe
 
 
 @dataclass
 class TrainConfig:
     dataset: str  # imagenet | cifar10 | cifar100 | digits | toy | synthetic
+    recipe: str | None = None  # the paper recipe the defaults came from (collab_fast.recipes)
     data: str | None = None  # data directory (imagenet, cifar*; toy: generated in the cache when unset)
     arch: str = "resnet50"  # see collab_fast.models.ARCHS
     pattern: str = "hier4"  # single | inst2 | inst4 | inst:N | ilr2 | hier4 | tree:AxB...
@@ -101,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m collab_fast.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("dataset", choices=DATASETS)
+    a("dataset", nargs="?", choices=DATASETS, help="the data set (a --recipe may set it)")
+    a("--recipe", default=None, choices=list(RECIPES), help="a paper setting; explicit flags override it")
+    a("--list-recipes", action="store_true", help="print the recipes and their settings, then exit")
     a("--data", default=None, metavar="DIR", help="data directory")
     a("--arch", default="resnet50", choices=list(ARCHS))
     a("--pattern", default="hier4", help="single, inst2, inst4, inst:N, ilr2, hier4, tree:AxB... (default hier4)")
@@ -146,8 +150,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_config(argv=None) -> TrainConfig:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    cfg = TrainConfig(**vars(args))
+    first, _ = parser.parse_known_args(argv)
+    if first.list_recipes:
+        print(describe())
+        parser.exit(0)
+    if first.recipe:
+        parser.set_defaults(**RECIPES[first.recipe])  # defaults: any flag given explicitly wins
+    args = vars(parser.parse_args(argv))
+    args.pop("list_recipes")
+    if args["dataset"] is None:
+        parser.error("the data set is required (e.g. digits, imagenet), unless a --recipe sets it")
+    cfg = TrainConfig(**args)
     try:
         validate(cfg)
     except ValueError as exc:

@@ -1,0 +1,84 @@
+"""Run reports from short CPU runs, including one that was interrupted and resumed."""
+
+import json
+
+import pytest
+
+from collab_fast import train
+from collab_fast.report import layer_weight_stats, load_run
+from collab_fast.report import main as report_main
+
+BASE = ["digits", "--arch", "resnet32", "-b", "64", "--log-every", "2"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("runs")
+    single, hier = tmp / "single", tmp / "hier4"
+    assert train.main([*BASE, "--pattern", "single", "--max-steps", "4", "--output", str(single)]) == 0
+    # hier4: stopped at step 3, resumed to step 6: steps are logged again after the resume point.
+    assert train.main([*BASE, "--pattern", "hier4", "--max-steps", "3", "--output", str(hier)]) == 0
+    assert train.main([*BASE, "--pattern", "hier4", "--max-steps", "6", "--output", str(hier), "--resume", "auto"]) == 0
+    return single, hier
+
+
+def test_report_has_every_figure(runs, tmp_path):
+    single, hier = runs
+    assert report_main([str(single), str(hier), "--out", str(tmp_path)]) == 0
+    html = (tmp_path / "report.html").read_text()
+    for png in ("curves.png", "speed.png", "weights.png", "dead.png"):
+        assert (tmp_path / png).stat().st_size > 5000
+        assert f"src='{png}'" in html
+    for text in ("top1_head0", "best_head", "top1_ensemble", "near-zero", "single", "hier4", "layer1.0.conv1"):
+        assert text in html
+
+
+def test_resumed_run_is_deduplicated(runs):
+    _, hier = runs
+    raw = [json.loads(line) for line in (hier / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in raw if r["kind"] == "train"]
+    run = load_run(hier)
+    assert [t["step"] for t in run["train"]] == sorted(set(steps)) and run["train"][-1]["step"] == 6
+    assert len(run["train"][0]["train_acc"]) == 4
+
+
+def test_report_from_checkpoint_without_head0(runs, tmp_path):
+    _, hier = runs
+    (hier / "head0.pth").rename(tmp_path / "moved.pth")  # as if the run had been killed before the end
+    try:
+        assert report_main([str(hier), "--out", str(tmp_path / "r")]) == 0
+        assert (tmp_path / "r" / "weights.png").is_file()
+    finally:
+        (tmp_path / "moved.pth").rename(hier / "head0.pth")
+
+
+def test_layer_stats():
+    import torch
+
+    w = {"a.weight": torch.tensor([[0.0, 0.0005, 0.5, -0.5]])}
+    (row,) = layer_weight_stats(w, dead_threshold=1e-3)
+    assert row["layer"] == "a" and row["dead"] == 0.5 and row["count"] == 4
+
+
+def test_report_errors(tmp_path, capsys):
+    assert report_main([str(tmp_path)]) == 2
+    assert "no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_recipes_list_and_override(capsys):
+    with pytest.raises(SystemExit) as exc:
+        train.parse_config(["--list-recipes"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for name in ("imagenet-resnet50", "cifar-resnet32", "cifar-resnet110", "cifar-densenet40", "cifar10-densenet40-tf",
+                 "label-noise"):
+        assert name in out
+    cfg = train.parse_config(["--recipe", "cifar10-densenet40-tf", "--data", "/tmp", "--epochs", "7"])
+    assert (cfg.dataset, cfg.arch, cfg.pattern, cfg.batch_size, cfg.soft_weight) == ("cifar10", "densenet40_12", "hier4", 64, 1.0)
+    assert cfg.lr_milestones == [150, 225, 290] and cfg.epochs == 7 and cfg.recipe == "cifar10-densenet40-tf"
+    cfg = train.parse_config(["digits", "--recipe", "label-noise", "--label-noise", "0.4"])
+    assert cfg.dataset == "digits" and cfg.label_noise == 0.4 and cfg.arch == "resnet32"
+    with pytest.raises(SystemExit):
+        train.parse_config(["--recipe", "nope"])
+    with pytest.raises(SystemExit):
+        train.parse_config([])  # no data set and no recipe
