@@ -74,7 +74,8 @@ def test_recipes_list_and_override(capsys):
                  "label-noise"):
         assert name in out
     cfg = train.parse_config(["--recipe", "cifar10-densenet40-tf", "--data", "/tmp", "--epochs", "7"])
-    assert (cfg.dataset, cfg.arch, cfg.pattern, cfg.batch_size, cfg.soft_weight) == ("cifar10", "densenet40_12", "hier4", 64, 1.0)
+    got = (cfg.dataset, cfg.arch, cfg.pattern, cfg.batch_size, cfg.soft_weight)
+    assert got == ("cifar10", "densenet40_12", "hier4", 64, 1.0)
     assert cfg.lr_milestones == [150, 225, 290] and cfg.epochs == 7 and cfg.recipe == "cifar10-densenet40-tf"
     cfg = train.parse_config(["digits", "--recipe", "label-noise", "--label-noise", "0.4"])
     assert cfg.dataset == "digits" and cfg.label_noise == 0.4 and cfg.arch == "resnet32"
