@@ -10,6 +10,7 @@ log intervals. Outputs in --output: config.json, metrics.jsonl, TensorBoard even
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -349,14 +350,17 @@ def train_step(model, x: torch.Tensor, y: torch.Tensor, optimizer, scaler, cfg: 
     step_loss = torch.zeros((), device=device)
     for k in range(cfg.accum_steps):
         xk, yk = (x, y) if cfg.accum_steps == 1 else (x[k :: cfg.accum_steps], y[k :: cfg.accum_steps])
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = as_heads(model(xk))
-        loss, stats = loss_fn(cfg, logits, yk)
-        if meter is not None:
-            meter.add(loss, stats)
-        step_loss += loss.detach()
-        scaled = loss * (loss_scale / cfg.accum_steps)
-        scaler.scale(scaled).backward() if scaler is not None else scaled.backward()
+        # DDP: all-reduce the gradients once, after the last micro-batch (no_sync covers forward and backward)
+        sync = k == cfg.accum_steps - 1 or not hasattr(model, "no_sync")
+        with contextlib.nullcontext() if sync else model.no_sync():
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                logits = as_heads(model(xk))
+            loss, stats = loss_fn(cfg, logits, yk)
+            if meter is not None:
+                meter.add(loss, stats)
+            step_loss += loss.detach()
+            scaled = loss * (loss_scale / cfg.accum_steps)
+            scaler.scale(scaled).backward() if scaler is not None else scaled.backward()
     if cfg.skip_nonfinite:
         optimizer.found_inf = (~torch.isfinite(step_loss)).float()  # fused SGD skips the update on the device
     if scaler is not None:
