@@ -699,6 +699,9 @@ def run(cfg: TrainConfig) -> dict:
 
 def _cleanup(d: Dist) -> None:
     if d.world > 1 and dist.is_initialized():
+        # Every rank reaches the teardown before any destroys: without this barrier, gloo on CPU
+        # (torch 2.13) intermittently aborts a worker at exit ("terminate called without an active exception").
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -234,6 +234,7 @@ def _ddp_worker(rank, world, port, x, out_dir):
     model(shard).square().mean().backward()
     if rank == 0:
         torch.save([p.grad for p in model.module.parameters()], os.path.join(out_dir, "grads.pt"))
+    dist.barrier()  # gloo on CPU can abort a worker at exit when ranks tear down at different times
     dist.destroy_process_group()
 
 

@@ -110,9 +110,7 @@ def test_ddp_two_processes_equal_one_process_same_global_batch(tmp_path):
     common = ["--pattern", "hier4", "--max-steps", "3", "--lr", "0.1"]
     single = run_train(tmp_path, *common, "-b", "32", "--accum-steps", "2", name="single")
     out = tmp_path / "ddp"
-    # As a user runs it: without the Triton interpreter that conftest turns on for the kernel tests (the CPU
-    # trainer does not use the kernel, and the interpreter's exit-time teardown can abort a gloo worker).
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"OMP_NUM_THREADS": "1"}
+    env = dict(os.environ, OMP_NUM_THREADS="1")
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                           "--standalone", "-m", "collab_fast.train", *BASE, *common, "-b", "16",
                           "--output", str(out)], env=env, capture_output=True, text=True, timeout=300)

@@ -4,10 +4,13 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
 #include <torch/types.h>
 
+#include <algorithm>
 #include <vector>
 
 namespace collab_fast {
@@ -69,16 +72,23 @@ __global__ void scaled_sum_kernel(Pointers<scalar_t> in, int n, opmath_t* acc, s
   }
 }
 
+static int sm_count() {
+  int device = 0, sms = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return sms;
+}
+
 template <typename scalar_t, int VEC, bool ACC, bool FINAL>
 static void launch(const Pointers<scalar_t>& ptrs, int n, at::opmath_type<scalar_t>* acc, scalar_t* out,
                    int64_t numel, double scale) {
   using opmath_t = at::opmath_type<scalar_t>;
   constexpr int kThreads = 256;
   const int64_t work = (numel + VEC - 1) / VEC;
-  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int sms = sm_count();
   const int64_t blocks = std::max<int64_t>(1, std::min<int64_t>((work + kThreads - 1) / kThreads, sms * 8LL));
   scaled_sum_kernel<scalar_t, opmath_t, VEC, ACC, FINAL>
-      <<<static_cast<unsigned>(blocks), kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      <<<static_cast<unsigned>(blocks), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
           ptrs, n, acc, out, numel, static_cast<opmath_t>(scale));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -96,7 +106,7 @@ static void run_all(const std::vector<at::Tensor>& inputs, at::Tensor& out, doub
     return;
   }
   // More than kMaxFused children: sum groups into a wide buffer, scale on the last group.
-  auto acc = at::empty({numel}, out.options().dtype(c10::CppTypeToScalarType<opmath_t>::value));
+  at::Tensor acc = at::empty({numel}, out.options().dtype(c10::CppTypeToScalarType<opmath_t>::value));
   opmath_t* acc_ptr = acc.mutable_data_ptr<opmath_t>();
   for (int start = 0; start < n; start += kMaxFused) {
     const int m = std::min(kMaxFused, n - start);
