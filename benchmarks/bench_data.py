@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import statistics
 import sys
 import tempfile
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results  # noqa: E402
+from common import format_row, save  # noqa: E402
 
 from collab_fast.data import DaliLoader, scan_split, write_toy  # noqa: E402
 
@@ -65,12 +64,9 @@ def main(argv=None) -> int:
     row = {"images": len(files), "size": args.size if not args.data else "folder", "batch": args.batch_size,
            "threads": threads, "device": "gpu (mixed decode)" if device_id is not None else "cpu operators",
            "img_per_s": statistics.median(rates), "epochs": len(rates)}
-    print("  ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+    print(format_row(row))
     if not args.no_save:
-        dev = torch.device("cuda" if device_id is not None else "cpu")
-        cmd = "python benchmarks/bench_data.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-        path = write_results("bench_data", [row], dev, cmd.strip(), COLUMNS)
-        print(f"wrote {path}")
+        save("bench_data", [row], torch.device("cuda" if device_id is not None else "cpu"), argv, COLUMNS)
     return 0
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import sys
 import warnings
 from pathlib import Path
@@ -25,7 +24,7 @@ if not torch.cuda.is_available():  # the kernel runs in Triton's interpreter on 
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench, copy_bandwidth, peak_extra_memory, write_results  # noqa: E402
+from common import bench, copy_bandwidth, format_row, peak_extra_memory, save  # noqa: E402
 
 from collab_fast import collab_loss_reference, fused_collab_loss  # noqa: E402
 
@@ -127,16 +126,10 @@ def main(argv=None) -> int:
     for shape in shapes:
         rows += run_shape(*shape, providers, device, bandwidth)
     for r in rows:
-        print("  ".join(f"{c}={_short(r[c])}" for c in COLUMNS if r.get(c) is not None))
+        print(format_row(r, COLUMNS))
     if not args.no_save:
-        cmd = "python benchmarks/bench_loss.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-        path = write_results("bench_loss", rows, device, cmd.strip(), COLUMNS)
-        print(f"wrote {path} and {path.with_suffix('.md')}")
+        save("bench_loss", rows, device, argv, COLUMNS)
     return 0
-
-
-def _short(v):
-    return f"{v:.4g}" if isinstance(v, float) else v
 
 
 if __name__ == "__main__":

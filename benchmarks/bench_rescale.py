@@ -11,14 +11,13 @@ device-to-device copy rate.
 from __future__ import annotations
 
 import argparse
-import shlex
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench, copy_bandwidth, write_results  # noqa: E402
+from common import bench, copy_bandwidth, format_row, save  # noqa: E402
 
 from collab_fast.rescale import branch, branch_reference, load_extension  # noqa: E402
 
@@ -65,11 +64,9 @@ def main(argv=None) -> int:
             for n in (2, 4):
                 rows += run(name, shape, dtype, n, device, bandwidth)
     for r in rows:
-        print("  ".join(f"{c}={r[c]:.4g}" if isinstance(r[c], float) else f"{c}={r[c]}" for c in COLUMNS))
+        print(format_row(r, COLUMNS))
     if not args.no_save:
-        cmd = "python benchmarks/bench_rescale.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-        path = write_results("bench_rescale", rows, device, cmd.strip(), COLUMNS)
-        print(f"wrote {path} and {path.with_suffix('.md')}")
+        save("bench_rescale", rows, device, argv, COLUMNS)
     return 0
 
 

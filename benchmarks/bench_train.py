@@ -15,7 +15,6 @@ bench_data.py), or --data toy for DALI-decoded JPEGs where DALI runs.
 from __future__ import annotations
 
 import argparse
-import shlex
 import statistics
 import sys
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench, write_results  # noqa: E402
+from common import bench, format_row, save  # noqa: E402
 
 from collab_fast.data import build_loaders  # noqa: E402
 from collab_fast.models.cost import pattern_cost  # noqa: E402
@@ -138,12 +137,9 @@ def main(argv=None) -> int:
                 if r["peak_mem_mb"] and base["peak_mem_mb"]:
                     r["mem_vs_single"] = r["peak_mem_mb"] / base["peak_mem_mb"]
             rows.append(r)
-            print("  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()
-                            if v is not None))
+            print(format_row(r))
     if not args.no_save:
-        cmd = "python benchmarks/bench_train.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-        path = write_results("bench_train", rows, device, cmd.strip(), COLUMNS)
-        print(f"wrote {path}")
+        save("bench_train", rows, device, argv, COLUMNS)
     return 0
 
 

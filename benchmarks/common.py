@@ -11,6 +11,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -98,6 +99,22 @@ def write_results(name: str, rows: list[dict], device: torch.device, command: st
         lines.append("| " + " | ".join(_fmt(r.get(c)) for c in columns) + " |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     return json_path
+
+
+def format_row(row: dict, columns: list[str] | None = None) -> str:
+    """One console line: key=value for the given columns (all by default), None values left out."""
+    keys = columns or list(row)
+    return "  ".join(f"{k}={row[k]:.4g}" if isinstance(row[k], float) else f"{k}={row[k]}"
+                     for k in keys if row.get(k) is not None)
+
+
+def save(name: str, rows: list[dict], device: torch.device, argv: list[str] | None, columns: list[str]) -> Path:
+    """write_results with the exact command line that produced the rows."""
+    args = sys.argv[1:] if argv is None else argv
+    cmd = f"python benchmarks/{name}.py " + " ".join(shlex.quote(a) for a in args)
+    path = write_results(name, rows, device, cmd.strip(), columns)
+    print(f"wrote {path} and {path.with_suffix('.md')}")
+    return path
 
 
 def _fmt(v) -> str:

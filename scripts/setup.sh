@@ -10,4 +10,4 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 # A regular (non-editable) install: what users get from a wheel. EXTRAS default: "test,dali".
 "$PY" -m pip install --quiet ".[${EXTRAS:-test,dali}]"
-"$PY" -c "import collab_fast, torch, triton; print('collab_fast', collab_fast.__version__, 'from', collab_fast.__file__); print('torch', torch.__version__, 'triton', triton.__version__)"
+PYTHONSAFEPATH=1 "$PY" -c "import collab_fast, torch, triton; print('collab_fast', collab_fast.__version__, 'from', collab_fast.__file__); print('torch', torch.__version__, 'triton', triton.__version__)"
