@@ -78,9 +78,18 @@ def run_shape(name, H, N, C, dtype, providers, device, bandwidth):
             z.grad = None
             fn(z, y).backward()
 
-        times = {"forward": bench(fwd_nograd, device), "fwd+bwd": bench(fwd_bwd, device)}
-        times["backward"] = max(times["fwd+bwd"] - bench(fwd_graph, device), 0.0)
-        peak = peak_extra_memory(fwd_bwd, device)
+        try:
+            times = {"forward": bench(fwd_nograd, device), "fwd+bwd": bench(fwd_bwd, device)}
+            times["backward"] = max(times["fwd+bwd"] - bench(fwd_graph, device), 0.0)
+            peak = peak_extra_memory(fwd_bwd, device)
+        except torch.OutOfMemoryError:
+            # The eager reference materialises several fp32 [H, N, C] tensors: at LM shapes it may not fit.
+            z.grad = None
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            rows.append({"shape": name, "H": H, "N": N, "C": C, "dtype": str(dtype).replace("torch.", ""),
+                         "provider": provider, "mode": "out of memory"})
+            continue
         for mode, ms in times.items():
             if provider == "eager":
                 eager_ms[mode] = ms
@@ -93,6 +102,7 @@ def run_shape(name, H, N, C, dtype, providers, device, bandwidth):
                 "speedup_vs_eager": eager_ms[mode] / ms if mode in eager_ms and ms > 0 else None,
                 "peak_extra_MB": peak / 2**20 if peak is not None and mode == "fwd+bwd" else None,
             })
+        del z
     return rows
 
 
