@@ -382,7 +382,7 @@ def train_one_epoch(model, raw_model, loader, optimizer, scaler, cfg: TrainConfi
     skipped = torch.zeros((), dtype=torch.int64, device=device)
     steps_per_epoch = len(loader)
     model.train()
-    t0, seen = time.perf_counter(), 0
+    t0, seen, clock = time.perf_counter(), 0, StepClock()
     batches = loader.iter_from(state.batch_in_epoch) if hasattr(loader, "iter_from") else _skip(loader, state)
     for x, y in batches:
         if stop_flag.get("signal"):
@@ -397,6 +397,13 @@ def train_one_epoch(model, raw_model, loader, optimizer, scaler, cfg: TrainConfi
         state.step += 1
         state.batch_in_epoch += 1
         seen += x.shape[0]
+        total = min(cfg.epochs * steps_per_epoch, cfg.max_steps or 1 << 62)
+        if cfg.progress and d.main:  # host-side numbers only: no sync
+            rate = clock.rate(time.perf_counter())
+            eta = (total - state.step) / rate if rate else float("nan")
+            print(f"\033[K epoch {state.epoch} step {state.batch_in_epoch}/{steps_per_epoch} "
+                  f"({state.step}/{total}) {rate * x.shape[0] * d.world:.1f} img/s ETA {_hms(eta)}", end="\r",
+                  file=sys.stderr, flush=True)
         last = state.batch_in_epoch >= steps_per_epoch or (cfg.max_steps and state.step >= cfg.max_steps)
         if state.step % cfg.log_every == 0 or last:
             if device.type == "cuda":
@@ -408,13 +415,35 @@ def train_one_epoch(model, raw_model, loader, optimizer, scaler, cfg: TrainConfi
             state.skipped += int(skipped)
             skipped.zero_()
             rec = meter.read(d)
+            eta = (total - state.step) * dt / max(meter.steps, 1) / cfg.accum_steps
             rec.update(step=state.step, epoch=state.epoch, lr=lr, img_per_s=seen * d.world / dt,
-                       skipped_steps=state.skipped, **memory_stats(device))
+                       skipped_steps=state.skipped, eta_s=eta, **memory_stats(device))
             log(rec, kind="train")
             meter.reset()
             t0, seen = time.perf_counter(), 0
         if cfg.max_steps and state.step >= cfg.max_steps:
             return
+
+
+def _hms(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "--:--:--"
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+class StepClock:
+    """Recent optimizer steps per second, from host time stamps (the progress bar's rate and ETA)."""
+
+    def __init__(self, window: int = 20):
+        self.stamps: list[float] = []
+        self.window = window
+
+    def rate(self, now: float) -> float:
+        self.stamps = (self.stamps + [now])[-self.window :]
+        if len(self.stamps) < 2:
+            return 0.0
+        return (len(self.stamps) - 1) / (self.stamps[-1] - self.stamps[0])
 
 
 def _skip(loader, state: State):
@@ -558,14 +587,13 @@ class Logger:
             acc = " ".join(f"{100 * a:.1f}" for a in rec["train_acc"])
             mem = rec.get("peak_mem_mb", rec.get("peak_rss_mb", 0))
             msg = (f"epoch {rec['epoch']} step {rec['step']}: loss {rec['loss']:.4f} lr {rec['lr']:.4g} "
-                   f"train acc/head [{acc}] {rec['img_per_s']:.1f} img/s peak mem {mem:.0f} MB")
+                   f"train acc/head [{acc}] {rec['img_per_s']:.1f} img/s peak mem {mem:.0f} MB "
+                   f"ETA {_hms(rec['eta_s'])}")
         else:
             heads = " ".join(f"{a:.2f}" for a in rec["top1_heads"])
             msg = (f"epoch {rec['epoch']} eval: top-1 head0 {rec['top1']:.2f}% top-5 {rec['top5']:.2f}% | "
                    f"top-1 per head [{heads}] ensemble {rec['top1_ensemble']:.2f}% | val loss {rec['val_loss']:.4f}")
-        end = "\r" if self.progress and kind == "train" else "\n"
-        print(("\033[K" if self.progress else "") + msg, end=end, file=sys.stderr if self.progress else sys.stdout,
-              flush=True)
+        print(("\033[K" if self.progress else "") + msg, flush=True)
 
     def close(self) -> None:
         if self.file:
