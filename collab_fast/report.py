@@ -75,6 +75,18 @@ def layer_weight_stats(weights: dict[str, torch.Tensor], dead_threshold: float =
     return rows
 
 
+def _finish(plt, fig, axes, xlabel: str, path: Path, legend_size: int = 8) -> str:
+    """Common axis styling, then save and close the figure; returns the file name."""
+    for a in axes:
+        a.set_xlabel(xlabel)
+        a.grid(alpha=0.3)
+        a.legend(fontsize=legend_size)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path.name
+
+
 def _plots(runs: list[dict], stats: dict[str, list[dict]], out: Path, dead_threshold: float) -> list[str]:
     import matplotlib
 
@@ -99,14 +111,8 @@ def _plots(runs: list[dict], stats: dict[str, list[dict]], out: Path, dead_thres
     for a, title, yl in zip(ax, ("train loss", "train accuracy per head", "val top-1 (heads, ensemble)"),
                             ("loss", "%", "%")):
         a.set_title(title)
-        a.set_xlabel("step")
         a.set_ylabel(yl)
-        a.grid(alpha=0.3)
-        a.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=110)
-    plt.close(fig)
-    files.append("curves.png")
+    files.append(_finish(plt, fig, ax, "step", out / "curves.png", legend_size=7))
 
     fig, ax = plt.subplots(1, 2, figsize=(12, 4))
     for r in runs:
@@ -116,14 +122,7 @@ def _plots(runs: list[dict], stats: dict[str, list[dict]], out: Path, dead_thres
         ax[1].plot(steps, mem, label=r["name"])
     ax[0].set_title("images / s")
     ax[1].set_title("peak memory (MB; GPU allocated, or process RSS on CPU)")
-    for a in ax:
-        a.set_xlabel("step")
-        a.grid(alpha=0.3)
-        a.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "speed.png", dpi=110)
-    plt.close(fig)
-    files.append("speed.png")
+    files.append(_finish(plt, fig, ax, "step", out / "speed.png"))
 
     n = len(stats)
     fig, axes = plt.subplots(n, 1, figsize=(max(8, 0.18 * max(len(s) for s in stats.values())), 3 * n), squeeze=False)
@@ -134,13 +133,7 @@ def _plots(runs: list[dict], stats: dict[str, list[dict]], out: Path, dead_thres
         a.fill_between(x, qs[1], qs[3], alpha=0.5, label="25-75%")
         a.plot(x, qs[2], lw=1, label="median")
         a.set_title(f"{name}: per-layer weight distribution of head 0 (layers in forward order)")
-        a.set_xlabel("layer")
-        a.grid(alpha=0.3)
-        a.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "weights.png", dpi=110)
-    plt.close(fig)
-    files.append("weights.png")
+    files.append(_finish(plt, fig, axes[:, 0], "layer", out / "weights.png", legend_size=7))
 
     fig, ax = plt.subplots(1, 2, figsize=(14, 4))
     for name, rows in stats.items():
@@ -148,14 +141,7 @@ def _plots(runs: list[dict], stats: dict[str, list[dict]], out: Path, dead_thres
         ax[1].plot([r["std"] for r in rows], marker=".", label=name)
     ax[0].set_title(f"near-zero weights per layer (|w| < {dead_threshold:g}), %")
     ax[1].set_title("weight standard deviation per layer")
-    for a in ax:
-        a.set_xlabel("layer")
-        a.grid(alpha=0.3)
-        a.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "dead.png", dpi=110)
-    plt.close(fig)
-    files.append("dead.png")
+    files.append(_finish(plt, fig, ax, "layer", out / "dead.png"))
     return files
 
 
