@@ -306,7 +306,9 @@ if triton is not None:
                 tl.store(loss_ptr + heads.to(tl.int64) * N + n, per_out, mask=head_mask)
             if STATS:
                 tl.store(stats_ptr + 3 * H, n_valid, mask=n == 0)  # stats[3, 0] = number of valid samples
-                smask = head_mask & ok
+                # The mask as one comparison on the [H_PAD] block: an int1 block of the pointer's shape
+                # (a scalar & block mixes ranks, which Triton 3.9's interpreter turns into int32).
+                smask = tl.where(ok, heads, H_PAD) < H
                 tl.atomic_add(stats_ptr + heads, hard * inv_valid, mask=smask)
                 tl.atomic_add(stats_ptr + H + heads, soft * inv_valid, mask=smask)
                 tl.atomic_add(stats_ptr + 2 * H + heads, (arg == y_safe).to(tl.float32), mask=smask)
