@@ -14,17 +14,25 @@ rescales by 1/(its number of children).
                                      rescale=False gives the plain sum (the "no scaling" ablation)
 
 The ops are C++ (csrc/rescale.cpp, csrc/rescale_cuda.cu), registered as torch.ops.collab_fast.*, and
-compiled on first use with torch.utils.cpp_extension (ninja), cached per user under
-~/.cache/collab_fast (or $COLLAB_FAST_CACHE) and keyed by the torch version, the CUDA flag and a hash
-of the sources. There is no Python fallback: without a compiler the first call raises a clear error.
+compiled on first use with torch.utils.cpp_extension (ninja), cached under ~/.cache/collab_fast (or
+$COLLAB_FAST_CACHE; the project's scripts put it inside their virtual environment) and keyed by
+everything that changes the binary. There is no Python fallback: without a compiler the first call
+raises a clear error.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import importlib.util
 import os
 import shutil
+import socket
+import subprocess
+import sys
+import sysconfig
 import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -75,7 +83,11 @@ def branch_reference(x: torch.Tensor, n: int, rescale: bool = True) -> list[torc
 
 
 # ----------------------------------------------------------------------------------------------------
-# Build / load
+# Build / load. A build is published atomically as <cache>/<name>/<name>.so, <name> hashing everything
+# that changes the binary (sources, flags, compiler, torch version and include paths, Python ABI).
+# Loading a published build takes no lock. Building happens in a private directory under an flock on
+# <cache>/<name>.lock: the kernel releases an flock when its owner dies (kill -9, OOM killer), so a
+# crashed builder never blocks the next one, and a waiter says whom it waits for.
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -108,6 +120,89 @@ def _want_cuda() -> tuple[bool, str | None]:
     return True, None
 
 
+def _compiler_id(cxx: str) -> str:
+    try:
+        out = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    return f"{shutil.which(cxx)} {out.splitlines()[0] if out else '?'}"
+
+
+def build_key(sources: list[Path], cflags: list[str], with_cuda: bool, cxx: str) -> str:
+    """Hash of everything that changes the binary: two environments share a build only if it is theirs."""
+    from torch.utils import cpp_extension
+
+    key = hashlib.sha256()
+    for src in sources:
+        key.update(src.read_bytes())
+    parts = [torch.__version__, str(torch.version.cuda), *cflags, _compiler_id(cxx),
+             *cpp_extension.include_paths(), sysconfig.get_config_var("EXT_SUFFIX") or "",
+             sysconfig.get_paths()["include"], sys.version]
+    if with_cuda:
+        parts += [str(cpp_extension.CUDA_HOME), os.environ.get("TORCH_CUDA_ARCH_LIST", "")]
+    key.update("\n".join(parts).encode())
+    return key.hexdigest()[:16]
+
+
+def _import_built(name: str, so: Path):
+    spec = importlib.util.spec_from_file_location(name, so)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _build_timeout() -> float:
+    return float(os.environ.get("COLLAB_FAST_BUILD_TIMEOUT", "1800"))
+
+
+def _acquire(lock_path: Path, what: str):
+    """flock on lock_path (released by the kernel if this process dies); prints whom it waits for."""
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + _build_timeout()
+    announced = False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if not announced:
+                try:
+                    owner = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                except OSError:
+                    owner = "another process"
+                print(f"collab_fast: waiting for {owner} to finish building {what} (lock {lock_path})",
+                      file=sys.stderr, flush=True)
+                announced = True
+            if time.monotonic() > deadline:
+                os.close(fd)
+                raise RuntimeError(
+                    f"collab_fast: gave up after {_build_timeout():.0f} s waiting for the build lock {lock_path} "
+                    "(held by a live process); wait for it, or raise COLLAB_FAST_BUILD_TIMEOUT") from None
+            time.sleep(0.25)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}".encode(), 0)
+    return fd
+
+
+def _clear_dead_builds(root: Path, name: str) -> None:
+    # Private build directories of builders that died (same host, pid gone); we hold the lock.
+    host = socket.gethostname()
+    for d in root.glob(f".build-{name}-*"):
+        pid_s = d.name.rsplit("-", 1)[-1]
+        if pid_s.isdigit() and d.name.endswith(f"-{host}-{pid_s}") and not _alive(int(pid_s)):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def load_extension(verbose: bool | None = None):
     """Compiles (first time) and loads the C++ extension; returns its pybind11 module. Thread-safe."""
     global _module
@@ -123,34 +218,61 @@ def load_extension(verbose: bool | None = None):
             raise RuntimeError(
                 f"collab_fast's C++ extension (backprop rescaling) is compiled on first use, but no C++ compiler "
                 f"was found (looked for {cxx!r}; set CXX or install one, e.g. `apt-get install g++`).")
-        if not cpp_extension.is_ninja_available():
-            raise RuntimeError("collab_fast's C++ extension is built with ninja, which was not found: "
-                               "`pip install ninja`.")
         with_cuda, why_not = _want_cuda()
         if why_not:
             warnings.warn(f"collab_fast: {why_not}", RuntimeWarning, stacklevel=2)
         sources = [_CSRC / "rescale.cpp"] + ([_CSRC / "rescale_cuda.cu"] if with_cuda else [])
         cflags = ["-O3"] + _cpu_flags() + (["-DWITH_CUDA"] if with_cuda else [])
-        key = hashlib.sha256()
-        for src in sources:
-            key.update(src.read_bytes())
-        key.update(" ".join([torch.__version__, str(torch.version.cuda), *cflags]).encode())
-        name = f"collab_fast_ext_{'cuda' if with_cuda else 'cpu'}_{key.hexdigest()[:12]}"
-        build_dir = _cache_root() / name
-        build_dir.mkdir(parents=True, exist_ok=True)
+        name = f"collab_fast_ext_{'cuda' if with_cuda else 'cpu'}_{build_key(sources, cflags, with_cuda, cxx)}"
+        root = _cache_root()
+        published = root / name / f"{name}.so"
+        if published.exists():  # the common case: no lock, no ninja, no compiler
+            _module = _import_built(name, published)
+        else:
+            _module = _build_and_publish(name, root, published, sources, cflags, with_cuda, verbose)
+        _module.cuda_kernel = with_cuda
+        return _module
+
+
+def _build_and_publish(name, root, published, sources, cflags, with_cuda, verbose):
+    from torch.utils import cpp_extension
+
+    if not cpp_extension.is_ninja_available():
+        raise RuntimeError("collab_fast's C++ extension is built with ninja, which was not found: `pip install ninja`.")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RuntimeError(f"collab_fast: cannot create the extension cache {root} ({exc.strerror}); "
+                           "set COLLAB_FAST_CACHE to a writable directory") from None
+    fd = _acquire(root / f"{name}.lock", f"the C++ extension {name}")
+    try:
+        if published.exists():  # built by the process we waited for
+            return _import_built(name, published)
+        _clear_dead_builds(root, name)
+        build_dir = root / f".build-{name}-{socket.gethostname()}-{os.getpid()}"
+        shutil.rmtree(build_dir, ignore_errors=True)
+        build_dir.mkdir()
         if verbose is None:
             verbose = os.environ.get("COLLAB_FAST_VERBOSE_BUILD", "0") == "1"
+        if not verbose:
+            print(f"collab_fast: compiling the C++ extension (once per environment, ~30 s) in {root}",
+                  file=sys.stderr, flush=True)
         try:
-            _module = cpp_extension.load(
+            module = cpp_extension.load(
                 name=name, sources=[str(s) for s in sources], extra_cflags=cflags,
                 extra_cuda_cflags=["-O3", "-DWITH_CUDA"] if with_cuda else None,
                 with_cuda=with_cuda, build_directory=str(build_dir), verbose=verbose)
         except Exception as exc:
             raise RuntimeError(
-                f"collab_fast: building the C++ extension in {build_dir} failed ({type(exc).__name__}: {exc}). "
-                "Set COLLAB_FAST_VERBOSE_BUILD=1 to see the compiler output.") from exc
-        _module.cuda_kernel = with_cuda
-        return _module
+                f"collab_fast: building the C++ extension in {build_dir} failed ({type(exc).__name__}: "
+                f"{str(exc)[-2000:]}). Set COLLAB_FAST_VERBOSE_BUILD=1 to see the compiler output.") from None
+        # Publish atomically: a reader sees either no .so or the complete one, never a partial file.
+        published.parent.mkdir(exist_ok=True)
+        os.replace(build_dir / f"{name}.so", published)
+        shutil.rmtree(build_dir, ignore_errors=True)
+        return module
+    finally:
+        os.close(fd)  # releases the flock
 
 
 def build_info() -> dict:
@@ -222,7 +344,7 @@ def scaled_sum(grads: list[torch.Tensor], scale: float) -> torch.Tensor:
 
 
 class GradRescale(nn.Module):
-    """nn.Module form of grad_rescale: put it where `num_children` branches leave a shared layer."""
+    """nn.Module form of grad_rescale; where n branches leave a shared layer, scale = 1 / n."""
 
     def __init__(self, scale: float):
         super().__init__()

@@ -1,9 +1,11 @@
 """Backprop rescaling C++ ops: grad_rescale, branch, scaled_sum against the Python reference."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -203,6 +205,97 @@ def test_no_compiler_is_a_clear_error(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode != 0
     assert "no C++ compiler" in res.stderr
+
+
+# -------------------------------------------------------------------------- loading: no hang, no thrash
+
+_LOAD = "import torch, collab_fast; collab_fast.grad_rescale(torch.ones(2, requires_grad=True), .5); print('loaded')"
+
+
+def _env(cache, **extra):
+    return dict(os.environ, COLLAB_FAST_CACHE=str(cache), **extra)
+
+
+def _hold_lock(lock_path):
+    # A live process that holds the build lock (as a builder would) until killed.
+    code = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); os.pwrite(fd, b'process %d on test' % os.getpid(), 0); "
+            "print('held', flush=True); time.sleep(600)")
+    p = subprocess.Popen([sys.executable, "-c", code, str(lock_path)], stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+def _ext_name():
+    rescale.load_extension()
+    return next(p for p in rescale._cache_root().glob("collab_fast_ext_*") if p.is_dir()).name
+
+
+def test_loading_a_published_build_takes_no_lock(tmp_path):
+    # Copy this session's published build into a fresh cache, and hold its lock from a live process:
+    # loading must still succeed at once (it used to wait on the lock, or run ninja).
+    name = _ext_name()
+    (tmp_path / name).mkdir()
+    src = rescale._cache_root() / name / f"{name}.so"
+    (tmp_path / name / f"{name}.so").write_bytes(src.read_bytes())
+    holder = _hold_lock(tmp_path / f"{name}.lock")
+    try:
+        res = subprocess.run([sys.executable, "-c", _LOAD], env=_env(tmp_path), capture_output=True, text=True,
+                             timeout=60)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert res.returncode == 0 and "loaded" in res.stdout, res.stderr[-2000:]
+    assert "waiting" not in res.stderr and "compiling" not in res.stderr
+
+
+def test_waiting_on_a_live_builder_says_whom(tmp_path):
+    name = _ext_name()
+    holder = _hold_lock(tmp_path / f"{name}.lock")
+    try:
+        res = subprocess.run([sys.executable, "-c", _LOAD], env=_env(tmp_path, COLLAB_FAST_BUILD_TIMEOUT="2"),
+                             capture_output=True, text=True, timeout=60)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert res.returncode != 0
+    assert f"waiting for process {holder.pid} on test" in res.stderr
+    assert "COLLAB_FAST_BUILD_TIMEOUT" in res.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_builder_killed_mid_build_does_not_block_the_next(tmp_path):
+    # The repro of the hang: kill -9 a process while it builds (lock taken, private build directory
+    # present); the next process must build and load, and clear the dead builder's directory.
+    p = subprocess.Popen([sys.executable, "-c", _LOAD], env=_env(tmp_path), stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".build-*/*.ninja")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert list(tmp_path.glob("*.lock")), "the builder never took its lock"
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not list(tmp_path.glob("collab_fast_ext_*/*.so")), "killed before publishing"
+    res = subprocess.run([sys.executable, "-c", _LOAD], env=_env(tmp_path), capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0 and "loaded" in res.stdout, res.stderr[-2000:]
+    assert len(list(tmp_path.glob("collab_fast_ext_*/*.so"))) == 1
+    assert not list(tmp_path.glob(".build-*")), "the dead builder's directory was left behind"
+
+
+def test_build_key_separates_environments(monkeypatch):
+    from torch.utils import cpp_extension
+
+    srcs = [rescale._CSRC / "rescale.cpp"]
+    k0 = rescale.build_key(srcs, ["-O3"], False, "c++")
+    assert rescale.build_key(srcs, ["-O3"], False, "c++") == k0
+    assert rescale.build_key(srcs, ["-O2"], False, "c++") != k0
+    real = cpp_extension.include_paths
+    monkeypatch.setattr(cpp_extension, "include_paths", lambda *a, **k: ["/other/env"] + real(*a, **k))
+    assert rescale.build_key(srcs, ["-O3"], False, "c++") != k0  # another environment's torch headers
+    monkeypatch.undo()
+    monkeypatch.setattr(rescale.sys, "version", "3.99.0 (other interpreter)")
+    assert rescale.build_key(srcs, ["-O3"], False, "c++") != k0
 
 
 # -------------------------------------------------------------------------- DDP (2 CPU processes, gloo)
