@@ -238,8 +238,7 @@ def test_out_of_range_label_in_kernel_gives_nan():
     # The device-side check (what CUDA tensors get without a host sync).
     z, y = make(2, 4, 6)
     y[2] = 6
-    loss, _, _ = cl._launch(z, y, temperature=2.0, beta=0.5, soft_weight=4.0, detach_consensus=True,
-                            ignore_index=-100, label_smoothing=0.0, reduction="mean")
+    loss, _, _ = cl._launch(z, y, cl.CollabLossParams())
     assert torch.isnan(loss)
 
 
@@ -268,9 +267,14 @@ def test_double_backward_is_refused():
     z, y = make(2, 3, 4)
     x = z.clone().requires_grad_()
     loss = fused_collab_loss(x, y, impl="triton")
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, x, create_graph=True)
+    # the reference path computes it: a gradient penalty really depends on x
+    loss = fused_collab_loss(x, y, impl="torch")
     (g,) = torch.autograd.grad(loss, x, create_graph=True)
-    with pytest.raises(RuntimeError):
-        g.sum().backward()
+    assert g.requires_grad
+    (gg,) = torch.autograd.grad(g.square().sum(), x)
+    assert gg.abs().sum() > 0
 
 
 def test_no_grad_forward_matches():
@@ -303,7 +307,7 @@ def test_empty_batch():
 
 def test_custom_op_opcheck():
     z, y = make(3, 4, 9)
-    args = (z.requires_grad_(), y, 2.0, 0.5, 4.0, True, -100, 0.0, "mean", True, True, 0)
+    args = (z.requires_grad_(), y, 2.0, 0.5, 4.0, True, -100, 0.0, "mean", 0, True, True)
     torch.library.opcheck(torch.ops.collab_fast.collab_loss_forward, args,
                           test_utils=("test_schema", "test_faketensor"))
 
@@ -359,10 +363,20 @@ def test_under_torch_compile():
      ValueError, "inplace"),
     ((torch.zeros(2, 4, 5), torch.zeros(4, dtype=torch.long)), {"impl": "triton", "block_c": 12},
      ValueError, "block_c"),
+    ((torch.zeros(2, 4, 5), torch.zeros(4, dtype=torch.long)), {"impl": "triton", "block_c": 2**20},
+     ValueError, "block_c"),
+    ((torch.zeros(2, 4, 5), torch.zeros(4, dtype=torch.long)), {"ignore_index": 2**70}, ValueError, "ignore_index"),
 ])
 def test_bad_input(args, kw, exc, match):
     with pytest.raises(exc, match=match):
         fused_collab_loss(*args, **kw)
+
+
+@pytest.mark.parametrize("kw, match", [({"temperature": -1}, "temperature"), ({"beta": 2}, "beta"),
+                                       ({"block_c": 2**20}, "block_c"), ({"reduction": "avg"}, "reduction")])
+def test_module_validates_at_construction(kw, match):
+    with pytest.raises(ValueError, match=match):
+        CollabLoss(**kw)
 
 
 def test_triton_on_cpu_without_interpreter_is_a_clear_error():

@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
@@ -49,6 +50,7 @@ except Exception as exc:  # pragma: no cover - exercised only on machines withou
 
 __all__ = [
     "CollabLoss",
+    "CollabLossParams",
     "CollabStats",
     "collab_loss_reference",
     "fused_collab_loss",
@@ -57,6 +59,7 @@ __all__ = [
 _REDUCTIONS = ("mean", "sum", "none")
 _IMPLS = ("auto", "triton", "torch")
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_MAX_BLOCK_C = 2**16  # a larger column block does not fit Triton's per-tensor limit with several heads
 
 
 class CollabStats(NamedTuple):
@@ -66,6 +69,59 @@ class CollabStats(NamedTuple):
     soft: torch.Tensor  # [H] mean soft (consensus) loss over non-ignored samples; 0 when H == 1
     correct: torch.Tensor  # [H] number of non-ignored samples whose top-1 prediction is the label
     num_valid: torch.Tensor  # [] number of non-ignored samples (float32)
+
+
+@dataclass(frozen=True)
+class CollabLossParams:
+    """The loss's settings, validated once (at construction) and carried as one value from the API
+    through the autograd Function and the custom ops to the launcher. See fused_collab_loss."""
+
+    temperature: float = 2.0
+    beta: float = 0.5
+    soft_weight: float | None = None  # None: T^2
+    detach_consensus: bool = True
+    ignore_index: int = -100
+    label_smoothing: float = 0.0
+    reduction: str = "mean"
+    impl: str = "auto"
+    block_c: int | None = None
+
+    def __post_init__(self):
+        put = lambda k, v: object.__setattr__(self, k, v)
+        put("temperature", _check_number("temperature", self.temperature, 0.0, math.inf, lo_open=True))
+        put("beta", _check_number("beta", self.beta, 0.0, 1.0))
+        put("soft_weight", self.temperature**2 if self.soft_weight is None
+            else _check_number("soft_weight", self.soft_weight, 0.0, math.inf))
+        put("label_smoothing", _check_number("label_smoothing", self.label_smoothing, 0.0, 1.0))
+        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
+            raise TypeError(f"ignore_index must be an int, got {type(self.ignore_index).__name__}")
+        if not -(2**63) <= self.ignore_index < 2**63:
+            raise ValueError(f"ignore_index must fit in int64, got {self.ignore_index}")
+        if self.reduction not in _REDUCTIONS:
+            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {self.reduction!r}")
+        if self.impl not in _IMPLS:
+            raise ValueError(f"impl must be one of {_IMPLS}, got {self.impl!r}")
+        if not isinstance(self.detach_consensus, bool):
+            raise TypeError(f"detach_consensus must be a bool, got {type(self.detach_consensus).__name__}")
+        if self.block_c is not None:
+            b = self.block_c
+            if isinstance(b, bool) or not isinstance(b, int) or not 16 <= b <= _MAX_BLOCK_C or b & (b - 1):
+                raise ValueError(f"block_c must be a power of two in [16, {_MAX_BLOCK_C}], got {b!r}")
+
+    @property
+    def soft_coef(self) -> float:
+        """(1 - beta) * soft_weight: the factor on the soft objective."""
+        return (1.0 - self.beta) * self.soft_weight
+
+
+def _check_number(name: str, value, lo: float, hi: float, lo_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    v = float(value)
+    if not math.isfinite(v) or v < lo or v > hi or (lo_open and v == lo):
+        interval = f"{'(' if lo_open else '['}{lo}, {hi}]".replace("inf]", "inf)")
+        raise ValueError(f"{name} must be a finite number in {interval}, got {value}")
+    return v
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -386,8 +442,6 @@ def pick_block_c(num_heads: int, num_classes: int, block_c: int | None = None) -
     h_pad = triton.next_power_of_2(num_heads)
     if block_c is None:
         block_c = min(triton.next_power_of_2(num_classes), max(_MAX_TILE // h_pad, 16))
-    elif block_c < 16 or block_c & (block_c - 1):
-        raise ValueError(f"block_c must be a power of two >= 16, got {block_c}")
     num_blocks = triton.cdiv(num_classes, block_c)
     num_warps = min(16, max(4, (h_pad * block_c) // 512))
     return block_c, num_blocks, num_warps
@@ -396,27 +450,20 @@ def pick_block_c(num_heads: int, num_classes: int, block_c: int | None = None) -
 def _launch(
     logits: torch.Tensor,  # [H, N, C]
     target: torch.Tensor,  # [N]
+    params: CollabLossParams,
     *,
-    temperature: float,
-    beta: float,
-    soft_weight: float,
-    detach_consensus: bool,
-    ignore_index: int,
-    label_smoothing: float,
-    reduction: str,
     compute_loss: bool = True,
     compute_grad: bool = False,
     return_stats: bool = False,
     row_weights: torch.Tensor | None = None,  # [H, N] upstream weights (backward of "none")
     grad_out: torch.Tensor | None = None,  # where to write the gradient (default: fresh [H, N, C])
-    block_c: int | None = None,
 ):
     """Runs the kernel once. Returns (loss, stats [4, H] or None, grad or None)."""
     num_heads, n, c = logits.shape
     device = logits.device
-    block, num_blocks, num_warps = pick_block_c(num_heads, c, block_c)
-    reduce = reduction != "none"
-    mean = reduction == "mean" and row_weights is None
+    block, num_blocks, num_warps = pick_block_c(num_heads, c, params.block_c)
+    reduce = params.reduction != "none" and row_weights is None
+    mean = params.reduction == "mean" and row_weights is None
     f32 = torch.float32
     if compute_loss and reduce:
         loss = torch.zeros((), dtype=f32, device=device)
@@ -426,7 +473,7 @@ def _launch(
         loss = torch.empty((), dtype=f32, device=device)
     stats = torch.zeros((4, num_heads), dtype=f32, device=device) if return_stats else loss
     need_count = (mean and (compute_loss or compute_grad)) or return_stats
-    nvalid = (target != ignore_index).sum() if need_count else loss
+    nvalid = (target != params.ignore_index).sum() if need_count else loss
     if compute_grad:
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if grad_out is None else grad_out
     else:
@@ -440,12 +487,12 @@ def _launch(
             grad, grad.stride(0), grad.stride(1), grad.stride(2),
             loss, stats, nvalid,
             r, r_strides[0], r_strides[1],
-            n, c, ignore_index,
-            1.0 / temperature, beta, (1.0 - beta) * soft_weight, label_smoothing,
+            n, c, params.ignore_index,
+            1.0 / params.temperature, params.beta, params.soft_coef, params.label_smoothing,
             H=num_heads, H_PAD=triton.next_power_of_2(num_heads), BLOCK_C=block, NUM_BLOCKS=num_blocks,
             REDUCE=reduce, MEAN=mean, COMPUTE_LOSS=compute_loss, COMPUTE_GRAD=compute_grad,
-            ROW_WEIGHTS=row_weights is not None, DETACH=detach_consensus, STATS=return_stats,
-            SMOOTH=label_smoothing > 0, T_IS_TWO=temperature == 2.0,
+            ROW_WEIGHTS=row_weights is not None, DETACH=params.detach_consensus, STATS=return_stats,
+            SMOOTH=params.label_smoothing > 0, T_IS_TWO=params.temperature == 2.0,
             num_warps=num_warps,
         )
     elif compute_grad and grad_out is None:
@@ -454,30 +501,39 @@ def _launch(
 
 
 # ----------------------------------------------------------------------------------------------------
-# torch.library custom ops: what torch.compile sees (opaque, with fake implementations). Eager calls
-# go straight to _launch to avoid the dispatcher's overhead on small shapes.
+# torch.library custom ops: what torch.compile sees (opaque, with fake implementations). A custom op's
+# schema takes no dataclass, so the params travel as their fields and are rebuilt (already validated
+# values: no new checks fail). Eager calls go straight to _launch, avoiding the dispatcher's overhead.
 # ----------------------------------------------------------------------------------------------------
+
+
+def _params_args(p: CollabLossParams) -> tuple:
+    return (p.temperature, p.beta, p.soft_weight, p.detach_consensus, p.ignore_index, p.label_smoothing,
+            p.reduction, p.block_c or 0)
+
+
+def _params_from(temperature, beta, soft_weight, detach_consensus, ignore_index, label_smoothing, reduction,
+                 block_c) -> CollabLossParams:
+    return CollabLossParams(temperature, beta, soft_weight, detach_consensus, ignore_index, label_smoothing,
+                            reduction, "triton", block_c or None)
 
 
 @torch.library.custom_op("collab_fast::collab_loss_forward", mutates_args=())
 def _collab_loss_forward_op(
     logits: torch.Tensor, target: torch.Tensor, temperature: float, beta: float, soft_weight: float,
-    detach_consensus: bool, ignore_index: int, label_smoothing: float, reduction: str,
-    compute_grad: bool, return_stats: bool, block_c: int,
+    detach_consensus: bool, ignore_index: int, label_smoothing: float, reduction: str, block_c: int,
+    compute_grad: bool, return_stats: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    loss, stats, grad = _launch(
-        logits, target, temperature=temperature, beta=beta, soft_weight=soft_weight,
-        detach_consensus=detach_consensus, ignore_index=ignore_index, label_smoothing=label_smoothing,
-        reduction=reduction, compute_grad=compute_grad, return_stats=return_stats,
-        block_c=block_c or None,
-    )
+    params = _params_from(temperature, beta, soft_weight, detach_consensus, ignore_index, label_smoothing,
+                          reduction, block_c)
+    loss, stats, grad = _launch(logits, target, params, compute_grad=compute_grad, return_stats=return_stats)
     empty = logits.new_empty((0,), dtype=torch.float32)
     return loss, (stats if stats is not None else empty), (grad if grad is not None else logits.new_empty(0))
 
 
 @_collab_loss_forward_op.register_fake
 def _(logits, target, temperature, beta, soft_weight, detach_consensus, ignore_index, label_smoothing,
-      reduction, compute_grad, return_stats, block_c):
+      reduction, block_c, compute_grad, return_stats):
     h, n, _ = logits.shape
     loss = logits.new_empty((h, n) if reduction == "none" else (), dtype=torch.float32)
     stats = logits.new_empty((4, h) if return_stats else (0,), dtype=torch.float32)
@@ -488,20 +544,18 @@ def _(logits, target, temperature, beta, soft_weight, detach_consensus, ignore_i
 @torch.library.custom_op("collab_fast::collab_loss_backward_rows", mutates_args=())
 def _collab_loss_backward_rows_op(
     logits: torch.Tensor, target: torch.Tensor, row_weights: torch.Tensor, temperature: float, beta: float,
-    soft_weight: float, detach_consensus: bool, ignore_index: int, label_smoothing: float, block_c: int,
+    soft_weight: float, detach_consensus: bool, ignore_index: int, label_smoothing: float, reduction: str,
+    block_c: int,
 ) -> torch.Tensor:
-    _, _, grad = _launch(
-        logits, target, temperature=temperature, beta=beta, soft_weight=soft_weight,
-        detach_consensus=detach_consensus, ignore_index=ignore_index, label_smoothing=label_smoothing,
-        reduction="none", compute_loss=False, compute_grad=True, row_weights=row_weights,
-        block_c=block_c or None,
-    )
+    params = _params_from(temperature, beta, soft_weight, detach_consensus, ignore_index, label_smoothing,
+                          reduction, block_c)
+    _, _, grad = _launch(logits, target, params, compute_loss=False, compute_grad=True, row_weights=row_weights)
     return grad
 
 
 @_collab_loss_backward_rows_op.register_fake
 def _(logits, target, row_weights, temperature, beta, soft_weight, detach_consensus, ignore_index,
-      label_smoothing, block_c):
+      label_smoothing, reduction, block_c):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
@@ -512,33 +566,25 @@ def _(logits, target, row_weights, temperature, beta, soft_weight, detach_consen
 
 class _FusedCollabLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, temperature, beta, soft_weight, detach_consensus, ignore_index,
-                label_smoothing, reduction, return_stats, inplace, block_c):
+    def forward(ctx, logits, target, params: CollabLossParams, return_stats, inplace):
         compiling = torch.compiler.is_compiling()
         needs_grad = ctx.needs_input_grad[0]
         # "none": the upstream weights differ per (head, sample) and mix across heads when the
         # consensus is not detached, so the gradient is computed in backward from grad_output.
-        grad_in_forward = needs_grad and reduction != "none"
-        kw = dict(temperature=temperature, beta=beta, soft_weight=soft_weight,
-                  detach_consensus=detach_consensus, ignore_index=ignore_index,
-                  label_smoothing=label_smoothing)
+        grad_in_forward = needs_grad and params.reduction != "none"
         if compiling:
             if inplace:
                 raise NotImplementedError("fused_collab_loss(inplace=True) is not supported under torch.compile")
             loss, stats, grad = torch.ops.collab_fast.collab_loss_forward(
-                logits, target, temperature, beta, soft_weight, detach_consensus, ignore_index,
-                label_smoothing, reduction, grad_in_forward, return_stats, block_c or 0)
+                logits, target, *_params_args(params), grad_in_forward, return_stats)
         else:
             loss, stats, grad = _launch(
-                logits, target, **kw, reduction=reduction, compute_grad=grad_in_forward,
-                return_stats=return_stats, grad_out=logits if inplace and grad_in_forward else None,
-                block_c=block_c)
+                logits, target, params, compute_grad=grad_in_forward, return_stats=return_stats,
+                grad_out=logits if inplace and grad_in_forward else None)
             if inplace and grad_in_forward:
                 # The logits now hold the gradient: make autograd refuse any op that saved them.
                 torch.autograd.graph.increment_version(logits)
-        ctx.kw = kw
-        ctx.reduction = reduction
-        ctx.block_c = block_c
+        ctx.params = params
         ctx.compiling = compiling
         ctx.consumed = False
         if grad_in_forward:
@@ -551,18 +597,19 @@ class _FusedCollabLoss(torch.autograd.Function):
         return loss, stats
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_stats):
-        if ctx.reduction == "none":
+        if torch.is_grad_enabled():  # create_graph=True: a gradient of this gradient was asked for
+            raise RuntimeError(
+                "fused_collab_loss: double backward (create_graph=True, e.g. a gradient penalty) is not "
+                "supported by the Triton kernel, whose gradient is not differentiable; use impl='torch' for it")
+        params = ctx.params
+        if params.reduction == "none":
             logits, target = ctx.saved_tensors
             if ctx.compiling:
-                kw = ctx.kw
-                grad = torch.ops.collab_fast.collab_loss_backward_rows(
-                    logits, target, grad_loss, kw["temperature"], kw["beta"], kw["soft_weight"],
-                    kw["detach_consensus"], kw["ignore_index"], kw["label_smoothing"], ctx.block_c or 0)
+                grad = torch.ops.collab_fast.collab_loss_backward_rows(logits, target, grad_loss, *_params_args(params))
             else:
-                _, _, grad = _launch(logits, target, **ctx.kw, reduction="none", compute_loss=False,
-                                     compute_grad=True, row_weights=grad_loss, block_c=ctx.block_c)
+                _, _, grad = _launch(logits, target, params, compute_loss=False, compute_grad=True,
+                                     row_weights=grad_loss)
         else:
             if ctx.consumed:
                 raise RuntimeError(
@@ -576,7 +623,7 @@ class _FusedCollabLoss(torch.autograd.Function):
                 ctx.consumed = True
                 del ctx.grad
                 grad.mul_(grad_loss)  # on the device: no host sync, no second buffer
-        return grad, None, None, None, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -607,16 +654,6 @@ def _stack_heads(logits) -> torch.Tensor:
     return torch.stack(list(logits))  # a copy: models should return one [H, N, C] tensor instead
 
 
-def _check_number(name: str, value, lo: float, hi: float, lo_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    v = float(value)
-    if not math.isfinite(v) or v < lo or v > hi or (lo_open and v == lo):
-        interval = f"{'(' if lo_open else '['}{lo}, {hi}]".replace("inf]", "inf)")
-        raise ValueError(f"{name} must be a finite number in {interval}, got {value}")
-    return v
-
-
 def _labels_checked_on_host(target: torch.Tensor) -> bool:
     # CPU tensors are checked eagerly (cheap, no device sync); CUDA tensors only when asked, since the
     # check reads a value back to the host. Unchecked labels (CUDA, or anything under torch.compile,
@@ -625,6 +662,62 @@ def _labels_checked_on_host(target: torch.Tensor) -> bool:
     if torch.compiler.is_compiling():
         return False
     return target.device.type == "cpu" or os.environ.get("COLLAB_FAST_CHECK_LABELS", "0") == "1"
+
+
+def _check_inputs(logits, target: torch.Tensor, params: CollabLossParams) -> torch.Tensor:
+    """Tensor checks (the settings were checked when params was built). Returns logits as [H, N, C]."""
+    logits = _stack_heads(logits)
+    num_heads, n, c = logits.shape
+    if num_heads == 0:
+        raise ValueError("logits: no heads (H == 0); expected [H, N, C] with H >= 1")
+    if not logits.is_floating_point():
+        raise TypeError(f"logits must be a floating-point tensor (float32, bfloat16, float16), got {logits.dtype}")
+    if c == 0:
+        raise ValueError("logits: no classes (C == 0); expected [H, N, C] with C >= 1")
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be an integer tensor [N], got {type(target).__name__}")
+    if target.dtype == torch.bool or target.is_floating_point() or target.is_complex():
+        raise TypeError(f"target must be an integer tensor [N] of class indices, got dtype {target.dtype}")
+    if target.dim() != 1 or target.shape[0] != n:
+        raise ValueError(f"target must have shape [N] = [{n}] to match logits {tuple(logits.shape)}, "
+                         f"got {tuple(target.shape)}")
+    if target.device != logits.device:
+        raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
+    if _labels_checked_on_host(target) and n > 0:
+        bad = (target != params.ignore_index) & ((target < 0) | (target >= c))
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"target[{i}] = {int(target[i])} is outside [0, {c}) and is not ignore_index "
+                             f"({params.ignore_index})")
+    return logits
+
+
+def collab_loss(logits, target: torch.Tensor, params: CollabLossParams, *, return_stats: bool = False,
+                inplace: bool = False):
+    """fused_collab_loss with its settings already validated in `params` (what CollabLoss calls)."""
+    logits = _check_inputs(logits, target, params)
+    if params.impl == "auto":
+        use_kernel = logits.device.type == "cuda" and logits.dtype in _KERNEL_DTYPES
+    else:
+        use_kernel = params.impl == "triton"
+    if use_kernel:
+        _check_triton_usable(logits.device)
+        if logits.dtype not in _KERNEL_DTYPES:
+            raise TypeError(f"impl='triton' takes float32, bfloat16 or float16 logits, got {logits.dtype}; "
+                            "use impl='torch' for float64")
+    if inplace and (not use_kernel or params.reduction == "none"):
+        raise ValueError("inplace=True needs the Triton kernel (impl='triton', or 'auto' on CUDA) and "
+                         "reduction 'mean' or 'sum'")
+    if not use_kernel:
+        p = params
+        return collab_loss_reference(
+            logits, target, temperature=p.temperature, beta=p.beta, soft_weight=p.soft_weight,
+            detach_consensus=p.detach_consensus, ignore_index=p.ignore_index, label_smoothing=p.label_smoothing,
+            reduction=p.reduction, return_stats=return_stats)
+    loss, stats = _FusedCollabLoss.apply(logits, target, params, return_stats, inplace)
+    if not return_stats:
+        return loss
+    return loss, CollabStats(hard=stats[0], soft=stats[1], correct=stats[2], num_valid=stats[3, 0])
 
 
 def fused_collab_loss(
@@ -655,7 +748,7 @@ def fused_collab_loss(
             TensorFlow code used 1.
         detach_consensus: True: the consensus is a constant target. False: gradient also flows
             through it into the other heads.
-        ignore_index: label value of ignored samples.
+        ignore_index: label value of ignored samples (they count in neither term nor in the mean).
         label_smoothing: eps in [0, 1] of the hard objective (torch's definition).
         reduction: "mean" (sum over heads of the mean over non-ignored samples), "sum", or "none"
             ([H, N], 0 at ignored samples).
@@ -664,75 +757,19 @@ def fused_collab_loss(
             computed in the same pass with no host sync.
         inplace: write the gradient into the logits' storage (saves one [H, N, C] buffer; the logits
             are destroyed). Triton path, reduction "mean"/"sum" only.
-        block_c: column block of the kernel (a power of two); default picks one.
+        block_c: column block of the kernel (a power of two in [16, 65536]); default picks one.
 
     Returns:
-        The loss (float32; a scalar, or [H, N] for "none"), and a CollabStats if return_stats.
+        The loss (float32, or float64 for float64 logits on the reference path; a scalar, or [H, N] for
+        "none"), and a CollabStats if return_stats.
 
     Label values on CUDA tensors are checked in the kernel without a host sync: an out-of-range label
     makes the loss NaN. Set COLLAB_FAST_CHECK_LABELS=1 for an eager ValueError instead (one sync).
+    The Triton path's gradient is not differentiable: create_graph=True through it raises.
     """
-    logits = _stack_heads(logits)
-    num_heads, n, c = logits.shape
-    if num_heads == 0:
-        raise ValueError("logits: no heads (H == 0); expected [H, N, C] with H >= 1")
-    if not logits.is_floating_point():
-        raise TypeError(f"logits must be a floating-point tensor (float32, bfloat16, float16), got {logits.dtype}")
-    if c == 0:
-        raise ValueError("logits: no classes (C == 0); expected [H, N, C] with C >= 1")
-    if not isinstance(target, torch.Tensor):
-        raise TypeError(f"target must be an integer tensor [N], got {type(target).__name__}")
-    if target.dtype == torch.bool or target.is_floating_point() or target.is_complex():
-        raise TypeError(f"target must be an integer tensor [N] of class indices, got dtype {target.dtype}")
-    if target.dim() != 1 or target.shape[0] != n:
-        raise ValueError(f"target must have shape [N] = [{n}] to match logits {tuple(logits.shape)}, "
-                         f"got {tuple(target.shape)}")
-    if target.device != logits.device:
-        raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
-    temperature = _check_number("temperature", temperature, 0.0, math.inf, lo_open=True)
-    beta = _check_number("beta", beta, 0.0, 1.0)
-    soft_weight = temperature**2 if soft_weight is None else _check_number("soft_weight", soft_weight, 0.0, math.inf)
-    label_smoothing = _check_number("label_smoothing", label_smoothing, 0.0, 1.0)
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if impl not in _IMPLS:
-        raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
-    if not isinstance(detach_consensus, bool):
-        raise TypeError(f"detach_consensus must be a bool, got {type(detach_consensus).__name__}")
-    if _labels_checked_on_host(target) and n > 0:
-        bad = (target != ignore_index) & ((target < 0) | (target >= c))
-        if bool(bad.any()):
-            i = int(bad.nonzero()[0, 0])
-            raise ValueError(f"target[{i}] = {int(target[i])} is outside [0, {c}) and is not ignore_index "
-                             f"({ignore_index})")
-
-    if impl == "auto":
-        use_kernel = logits.device.type == "cuda" and logits.dtype in _KERNEL_DTYPES
-    else:
-        use_kernel = impl == "triton"
-    if use_kernel:
-        _check_triton_usable(logits.device)
-        if logits.dtype not in _KERNEL_DTYPES:
-            raise TypeError(f"impl='triton' takes float32, bfloat16 or float16 logits, got {logits.dtype}; "
-                            "use impl='torch' for float64")
-    if inplace and (not use_kernel or reduction == "none"):
-        raise ValueError("inplace=True needs the Triton kernel (impl='triton', or 'auto' on CUDA) and "
-                         "reduction 'mean' or 'sum'")
-
-    if not use_kernel:
-        return collab_loss_reference(
-            logits, target, temperature=temperature, beta=beta, soft_weight=soft_weight,
-            detach_consensus=detach_consensus, ignore_index=ignore_index,
-            label_smoothing=label_smoothing, reduction=reduction, return_stats=return_stats)
-
-    loss, stats = _FusedCollabLoss.apply(
-        logits, target, temperature, beta, soft_weight, detach_consensus, ignore_index, label_smoothing,
-        reduction, return_stats, inplace, block_c)
-    if not return_stats:
-        return loss
-    return loss, CollabStats(hard=stats[0], soft=stats[1], correct=stats[2], num_valid=stats[3, 0])
+    params = CollabLossParams(temperature, beta, soft_weight, detach_consensus, ignore_index, label_smoothing,
+                              reduction, impl, block_c)
+    return collab_loss(logits, target, params, return_stats=return_stats, inplace=inplace)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -741,28 +778,20 @@ def fused_collab_loss(
 
 
 class CollabLoss(nn.Module):
-    """nn.Module form of :func:`fused_collab_loss` (same arguments, fixed at construction)."""
+    """nn.Module form of :func:`fused_collab_loss`: the settings (every keyword of fused_collab_loss but
+    return_stats and inplace, which are per call) are validated once, here."""
 
     def __init__(self, temperature: float = 2.0, beta: float = 0.5, soft_weight: float | None = None,
                  detach_consensus: bool = True, ignore_index: int = -100, label_smoothing: float = 0.0,
-                 reduction: str = "mean", impl: str = "auto"):
+                 reduction: str = "mean", impl: str = "auto", block_c: int | None = None):
         super().__init__()
-        self.temperature = temperature
-        self.beta = beta
-        self.soft_weight = soft_weight
-        self.detach_consensus = detach_consensus
-        self.ignore_index = ignore_index
-        self.label_smoothing = label_smoothing
-        self.reduction = reduction
-        self.impl = impl
+        self.params = CollabLossParams(temperature, beta, soft_weight, detach_consensus, ignore_index,
+                                       label_smoothing, reduction, impl, block_c)
 
-    def forward(self, logits, target: torch.Tensor, return_stats: bool = False):
-        return fused_collab_loss(
-            logits, target, temperature=self.temperature, beta=self.beta, soft_weight=self.soft_weight,
-            detach_consensus=self.detach_consensus, ignore_index=self.ignore_index,
-            label_smoothing=self.label_smoothing, reduction=self.reduction, impl=self.impl,
-            return_stats=return_stats)
+    def forward(self, logits, target: torch.Tensor, return_stats: bool = False, inplace: bool = False):
+        return collab_loss(logits, target, self.params, return_stats=return_stats, inplace=inplace)
 
     def extra_repr(self) -> str:
-        return (f"temperature={self.temperature}, beta={self.beta}, soft_weight={self.soft_weight}, "
-                f"detach_consensus={self.detach_consensus}, reduction={self.reduction!r}, impl={self.impl!r}")
+        p = self.params
+        return (f"temperature={p.temperature}, beta={p.beta}, soft_weight={p.soft_weight}, "
+                f"detach_consensus={p.detach_consensus}, reduction={p.reduction!r}, impl={p.impl!r}")

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from collab_fast.models.heads import SingleHead
+
 __all__ = ["CifarResNet", "DenseNet", "densenet40_12", "resnet32", "resnet110"]
 
 
@@ -40,7 +42,7 @@ class _CifarBlock(nn.Module):
         return self.relu(out + self.shortcut(x))
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(SingleHead, nn.Module):
     """Depth 6n + 2: a 3x3 stem, three stages of n basic blocks (16, 32, 64 channels), pooling, fc."""
 
     def __init__(self, depth: int, num_classes: int = 10, zero_init_residual: bool = False):
@@ -87,7 +89,7 @@ class _Transition(nn.Sequential):
                          nn.AvgPool2d(2))
 
 
-class DenseNet(nn.Module):
+class DenseNet(SingleHead, nn.Module):
     """DenseNet for 32x32 inputs: 3 dense blocks of (depth - 4) / 3 layers, no bottleneck, no compression."""
 
     def __init__(self, depth: int = 40, growth: int = 12, num_classes: int = 10, init_channels: int = 16):

@@ -1,0 +1,295 @@
+"""The trainer's configuration: one typed dataclass, the only place a default, a valid range and a help
+text live. The command line (`python -m collab_fast.train --help`), config.json, the recipes and
+`--list-recipes` are generated from it, and it validates itself once, when it is built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from collab_fast.data import DATASETS
+from collab_fast.models import ARCHS
+from collab_fast.models.collab import RESCALE_MODES, parse_pattern
+from collab_fast.recipes import RECIPES
+
+__all__ = ["TrainConfig", "build_parser", "parse_config", "recipe_command", "resolve"]
+
+_INF = math.inf
+
+
+def opt(default=None, help: str = "", *, choices=None, lo=None, hi=None, lo_open=False, hi_open=False,
+        short: str | None = None, metavar: str | None = None, cli: bool = True):
+    """A config field: its default, help text, choices and valid range [lo, hi] (open ends as flagged)."""
+    meta = dict(help=help, choices=choices, lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open, short=short,
+                metavar=metavar, cli=cli)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = opt(None, "the data set (a --recipe may set it)", choices=DATASETS)
+    recipe: str | None = opt(None, "a paper setting (see --list-recipes); explicit flags override it",
+                             choices=tuple(RECIPES))
+    data: str | None = opt(None, "data directory: imagenet/toy DIR/train/<class>/*.JPEG and DIR/val/<class>/*.JPEG; "
+                                 "cifar10/100 the extracted python batches; toy: generated when unset",
+                           metavar="DIR")
+    arch: str = opt("resnet50", "network", choices=tuple(ARCHS))
+    pattern: str = opt("hier4", "head pattern: single, inst2, inst4, inst:N, ilr2, hier4, tree:AxB...")
+    num_classes: int | None = opt(None, "set from the data set", cli=False)
+    batch_size: int = opt(256, "images per process and optimizer step (before --accum-steps)", lo=1, short="-b")
+    accum_steps: int = opt(1, "micro-batches per optimizer step (each takes every k-th sample, like DDP ranks)", lo=1)
+    epochs: int = opt(90, "training epochs", lo=1)
+    max_steps: int | None = opt(None, "stop after this many optimizer steps (tests, benchmarks)", lo=1)
+    lr: float | None = opt(None, "peak learning rate; unset: 0.1 x global batch / 256", lo=0, lo_open=True)
+    momentum: float = opt(0.9, "SGD momentum", lo=0, hi=1, hi_open=True)
+    wd: float = opt(1e-4, "weight decay (not on batch-norm parameters and biases)", lo=0)
+    nesterov: bool = opt(False, "Nesterov momentum")
+    schedule: str = opt("step", "learning-rate schedule: x0.1 at the milestones, or cosine to 0",
+                        choices=("step", "cosine"))
+    lr_milestones: list[float] = opt([], "epochs of the x0.1 steps, e.g. 30,60,80; empty: 1/3, 2/3, 8/9 of the run",
+                                     metavar="E1,E2,...")
+    warmup_epochs: float = opt(0.0, "linear learning-rate warm-up from 0, in epochs", lo=0)
+    temperature: float = opt(2.0, "T of the soft (consensus) objective", lo=0, lo_open=True)
+    beta: float = opt(0.5, "weight of the hard (label) objective; the soft one gets 1 - beta", lo=0, hi=1)
+    soft_weight: float | None = opt(None, "extra factor on the soft objective; unset: T^2 (the paper)", lo=0)
+    detach_consensus: bool = opt(True, "the consensus is a constant target (no gradient through it)")
+    rescale: str = opt("backprop", "gradient rescaling at split points (the paper's Table 3 ablation)",
+                       choices=RESCALE_MODES)
+    zero_init_residual: bool = opt(True, "ResNets: each block's last BN scale starts at 0 (Goyal et al. 2017)")
+    label_smoothing: float = opt(0.0, "label smoothing of the hard objective (torch's definition)", lo=0, hi=1)
+    label_noise: float = opt(0.0, "fraction of training labels redrawn uniformly every epoch (paper Fig. 3)",
+                             lo=0, hi=1, hi_open=True)
+    image_size: int | None = opt(None, "training image size; unset: 224 for image folders, 32 for CIFAR/digits", lo=8)
+    amp: str | None = opt(None, "autocast precision; unset: bf16 on CUDA, off on CPU", choices=("bf16", "fp16", "off"))
+    channels_last: bool | None = opt(None, "channels-last memory format; unset: on with CUDA")
+    compile: bool = opt(False, "torch.compile the model")
+    output: str | None = opt(None, "run directory; unset: runs/<dataset>_<arch>_<pattern>", metavar="DIR")
+    overwrite: bool = opt(False, "start over in an --output that holds an earlier run (its files are replaced)")
+    resume: str | None = opt(None, "continue a run: auto (OUTPUT/last.pt if present) or a checkpoint PATH",
+                             metavar="auto|PATH")
+    weights: str | None = opt(None, "initial weights: an exported head (.pth) or a training checkpoint",
+                              metavar="PATH")
+    seed: int = opt(0, "random seed (weights, data order, augmentation, label noise)", lo=0)
+    eval_only: bool = opt(False, "evaluate --weights (or the resumed checkpoint) and exit")
+    log_every: int = opt(50, "optimizer steps between log records (the hot path's only host syncs)", lo=1)
+    eval_every: int = opt(1, "epochs between evaluations", lo=1)
+    skip_nonfinite: bool = opt(False, "skip steps whose loss is not finite (counted) instead of stopping")
+    skip_bad_images: bool = opt(False, "skip undecodable images (counted, named) instead of failing")
+    threads: int | None = opt(None, "DALI CPU threads; unset: DALI's default", lo=1)
+    synthetic_steps: int = opt(100, "steps per epoch of the synthetic data set", lo=1)
+    progress: str = opt("auto", "progress display: a bar on a terminal, a line every --progress-every seconds "
+                                "otherwise (auto), or forced", choices=("auto", "bar", "lines", "off"))
+    progress_every: float = opt(30.0, "seconds between progress lines when output is not a terminal",
+                                lo=0, lo_open=True)
+
+    def __post_init__(self):
+        validate(self)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _fields():
+    hints = typing.get_type_hints(TrainConfig)
+    return [(f, hints[f.name]) for f in dataclasses.fields(TrainConfig)]
+
+
+def _base_type(tp):
+    """(scalar type, is a list) of an annotation such as `float | None` or `list[float]`."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) is list:
+        return args[0], True
+    if args:
+        return _base_type(args[0])
+    return tp, False
+
+
+def _in_range(v, meta) -> bool:
+    lo, hi = meta["lo"], meta["hi"]
+    lo = -_INF if lo is None else lo
+    hi = _INF if hi is None else hi
+    ok_lo = v > lo if meta["lo_open"] else v >= lo
+    ok_hi = v < hi if meta["hi_open"] else v <= hi
+    return ok_lo and ok_hi
+
+
+def _range_text(meta) -> str:
+    lo = "-inf" if meta["lo"] is None else f"{meta['lo']:g}"
+    hi = "inf" if meta["hi"] is None else f"{meta['hi']:g}"
+    return f"{'(' if meta['lo_open'] or meta['lo'] is None else '['}{lo}, {hi}{')' if meta['hi_open'] or meta['hi'] is None else ']'}"
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Every field's type, choices and range, then the checks that involve several fields or files.
+    Raises ValueError naming the flag."""
+    for f, tp in _fields():
+        v, meta = getattr(cfg, f.name), f.metadata
+        if v is None:
+            continue
+        base, is_list = _base_type(tp)
+        for x in (v if is_list else [v]):
+            if base is float and (isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x)):
+                raise ValueError(f"{flag(f.name)} must be a finite number, got {x!r}")
+            if base is int and (isinstance(x, bool) or not isinstance(x, int)):
+                raise ValueError(f"{flag(f.name)} must be an integer, got {x!r}")
+            if base is bool and not isinstance(x, bool):
+                raise ValueError(f"{flag(f.name)} must be true or false, got {x!r}")
+            if meta["choices"] is not None and x not in meta["choices"]:
+                raise ValueError(f"{flag(f.name)} must be one of {', '.join(map(str, meta['choices']))}, got {x!r}")
+            if (meta["lo"] is not None or meta["hi"] is not None) and not _in_range(x, meta):
+                raise ValueError(f"{flag(f.name)} must be in {_range_text(meta)}, got {x}")
+    if cfg.dataset is None:
+        raise ValueError("the data set is required (e.g. digits, imagenet), unless a --recipe sets it")
+    try:
+        parse_pattern(cfg.pattern)
+    except ValueError as exc:
+        raise ValueError(f"--pattern: {exc}") from None
+    if cfg.dataset in ("imagenet", "cifar10", "cifar100") and not cfg.data:
+        layout = ("DIR/train/<class>/*.JPEG and DIR/val/<class>/*.JPEG" if cfg.dataset == "imagenet"
+                  else "the extracted python batches (data_batch_1..5, test_batch or train, test)")
+        raise ValueError(f"{cfg.dataset} needs --data DIR holding {layout}")
+    if cfg.data and not Path(cfg.data).is_dir():
+        raise ValueError(f"--data {cfg.data}: no such directory")
+    if cfg.weights and not Path(cfg.weights).is_file():
+        raise ValueError(f"--weights {cfg.weights}: no such file")
+    if cfg.resume not in (None, "auto") and not Path(cfg.resume).is_file():
+        raise ValueError(f"--resume {cfg.resume}: no such file (use --resume auto to continue OUTPUT/last.pt)")
+    if cfg.eval_only and not (cfg.weights or cfg.resume):
+        raise ValueError("--eval-only needs --weights PATH or --resume")
+    if cfg.overwrite and cfg.resume:
+        raise ValueError("--overwrite starts over and --resume continues: give one of them")
+    if cfg.skip_nonfinite and cfg.amp == "fp16":
+        raise ValueError("--skip-nonfinite cannot be combined with --amp fp16, whose grad scaler already skips "
+                         "steps with non-finite gradients")
+    if cfg.batch_size % cfg.accum_steps:
+        raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of --accum-steps {cfg.accum_steps}")
+
+
+def resolve(cfg: TrainConfig, *, cuda: bool, world: int) -> TrainConfig:
+    """Fills every unset (None) default from the device, the process count and the data set."""
+    cfg.amp = cfg.amp or ("bf16" if cuda else "off")
+    cfg.channels_last = cuda if cfg.channels_last is None else cfg.channels_last
+    if cfg.image_size is None:
+        cfg.image_size = 224 if cfg.dataset in ("imagenet", "toy", "synthetic") else 32
+    if cfg.lr is None:
+        cfg.lr = 0.1 * cfg.batch_size * world / 256
+    if cfg.schedule == "step" and not cfg.lr_milestones:
+        cfg.lr_milestones = [round(cfg.epochs * f, 3) for f in (1 / 3, 2 / 3, 8 / 9)]
+    if cfg.output is None:
+        cfg.output = str(Path("runs") / f"{cfg.dataset}_{cfg.arch}_{cfg.pattern.replace(':', '')}")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------
+# command line, generated from the fields
+# ----------------------------------------------------------------------------------------------------
+
+
+def _parse_list(base):
+    def parse(text: str):
+        try:
+            return [base(t) for t in text.split(",") if t.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    return parse
+
+
+def _parse_scalar(base):
+    def parse(text: str):
+        try:
+            return base(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if base is int else 'a number'}, "
+                                             f"got {text!r}") from None
+    parse.__name__ = base.__name__
+    return parse
+
+
+def _default_text(f) -> str:
+    d = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if d is None:
+        return ""
+    if isinstance(d, bool):
+        return f" (default: {'on' if d else 'off'})"
+    if isinstance(d, list):
+        return f" (default: {','.join(map(str, d)) or 'none'})"
+    return f" (default: {d})"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m collab_fast.train", description=(
+        "Train a collaborative network (Song & Chai 2018): several heads of one network learning from the "
+        "label and from each other; one head is exported for inference."))
+    p.add_argument("--list-recipes", action="store_true", help="print each recipe as a runnable command line, then exit")
+    for f, tp in _fields():
+        meta = f.metadata
+        if not meta.get("cli", True):
+            continue
+        base, is_list = _base_type(tp)
+        text = meta["help"] + ("" if meta["lo"] is None and meta["hi"] is None or meta["choices"]
+                               else f"; range {_range_text(meta)}") + _default_text(f)
+        if f.name == "dataset":
+            p.add_argument("dataset", nargs="?", choices=meta["choices"], default=None, help=text)
+            continue
+        names = ([meta["short"]] if meta["short"] else []) + [flag(f.name)]
+        kw = dict(dest=f.name, help=text, default=argparse.SUPPRESS)
+        if base is bool:
+            p.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
+        elif is_list:
+            p.add_argument(*names, type=_parse_list(base), metavar=meta["metavar"] or "A,B", **kw)
+        else:
+            p.add_argument(*names, type=_parse_scalar(base) if base is not str else str, choices=meta["choices"],
+                           metavar=meta["metavar"], **kw)
+    return p
+
+
+def parse_config(argv=None) -> TrainConfig:
+    """Command line -> validated TrainConfig: the dataclass defaults, then the recipe's, then the flags."""
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    if args.pop("list_recipes"):
+        print(describe_recipes())
+        parser.exit(0)
+    if args.get("dataset") is None:
+        args.pop("dataset", None)
+    settings = dict(RECIPES[args["recipe"]]) if args.get("recipe") else {}
+    settings.update(args)
+    try:
+        return TrainConfig(**settings)
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
+def recipe_command(name: str) -> str:
+    """A recipe as the command line that runs it (flags in the field order)."""
+    settings = RECIPES[name]
+    parts = ["python -m collab_fast.train"]
+    if "dataset" in settings:
+        parts.append(settings["dataset"])
+    for f, _ in _fields():
+        if f.name == "dataset" or f.name not in settings:
+            continue
+        v = settings[f.name]
+        if isinstance(v, bool):
+            parts.append(flag(f.name) if v else "--no-" + f.name.replace("_", "-"))
+        elif isinstance(v, list):
+            parts.append(f"{flag(f.name)} {','.join(f'{x:g}' for x in v)}")
+        else:
+            parts.append(f"{flag(f.name)} {v:g}" if isinstance(v, float) else f"{flag(f.name)} {v}")
+    return " ".join(parts)
+
+
+def describe_recipes() -> str:
+    """What --list-recipes prints: each recipe's source note and runnable command line."""
+    return "\n".join(f"{name}\n  {recipe_command(name)}" for name in RECIPES)
