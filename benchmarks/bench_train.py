@@ -27,7 +27,7 @@ from common import bench, format_row, save  # noqa: E402
 
 from collab_fast.data import build_loaders  # noqa: E402
 from collab_fast.models.cost import pattern_cost  # noqa: E402
-from collab_fast.train import TrainConfig, make_model, make_optimizer, train_step  # noqa: E402
+from collab_fast.train import Step, TrainConfig, make_model, make_optimizer  # noqa: E402
 
 # Paper Table 4 (ResNet-50, ImageNet): training time and memory relative to one model.
 PAPER_TABLE4 = {"single": (1.0, 1.0), "inst2": (2.0, 2.0), "ilr2": (1.4, 1.32), "hier4": (1.75, 1.5)}
@@ -77,6 +77,7 @@ def run_one(arch, pattern, compiled, args, device, peak):
     model = make_model(cfg, classes, device)
     optimizer = make_optimizer(model, cfg)
     runner = torch.compile(model) if compiled else model
+    train_step = Step(cfg, runner, model, optimizer)
     batches = iter(train)
     x, y = next(batches)
 
@@ -84,7 +85,7 @@ def run_one(arch, pattern, compiled, args, device, peak):
         nonlocal x, y
         if args.data != "synthetic":
             x, y = next(batches)
-        train_step(runner, x, y, optimizer, None, cfg, getattr(model, "loss_scale", 1.0))
+        train_step(x, y)
 
     model.train()
     if cuda:

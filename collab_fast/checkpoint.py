@@ -1,23 +1,24 @@
-"""Checkpoints: written atomically (temp file in the same directory, fsync, rename) and loaded with
-torch.load(weights_only=True), with clear errors for missing, corrupt or foreign files.
+"""Checkpoints: written atomically (temp file in the same directory, fsync, rename), loaded with
+torch.load(weights_only=True) and verified, with one-line errors for missing, corrupt or foreign files.
 
 A training checkpoint is a dict with FORMAT under "format", the model's state dict under "model" and the
 resolved run config (a plain dict) under "config"; the trainer adds optimizer, scaler, schedule, step and
-RNG states. An exported head is a plain state dict.
+RNG states. It carries a checksum of every tensor's bytes ("checksum"), which loading verifies: flipped
+bytes inside a tensor, which unpickling cannot notice, are refused. An exported head is a plain state dict
+(no checksum, so that torchvision and others load it as it is).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
-import pickle
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["FORMAT", "CheckpointError", "load_checkpoint", "save_atomic"]
+__all__ = ["FORMAT", "CheckpointError", "checksum", "load_checkpoint", "load_file", "save_atomic", "save_checkpoint"]
 
 FORMAT = "collab_fast.checkpoint/1"
 
@@ -26,24 +27,77 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, unreadable, corrupt, or not one of ours."""
 
 
+def _tensors(obj, prefix=""):
+    """(path, tensor) of every tensor in nested dicts, lists and tuples, in a fixed order."""
+    if isinstance(obj, torch.Tensor):
+        yield prefix, obj
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            yield from _tensors(obj[k], f"{prefix}/{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{prefix}/{i}")
+
+
+def checksum(obj) -> str:
+    """blake2b over every tensor's path, dtype, shape and bytes (CPU tensors)."""
+    h = hashlib.blake2b(digest_size=16)
+    for path, t in _tensors(obj):
+        t = t.detach().contiguous()
+        h.update(f"{path}:{t.dtype}:{tuple(t.shape)};".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.dtype != torch.bool
+                     else t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _to_cpu(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_to_cpu(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_to_cpu(v) for v in obj)
+    return obj
+
+
 def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
-    """torch.save to a temp file beside `path`, fsync, then rename: a crash never leaves a truncated file."""
+    """torch.save to a temp file beside `path`, fsync, then rename: a crash never leaves a truncated file,
+    and a failed write (full disk, no permission) keeps the old file, removes the temp file, and raises a
+    CheckpointError naming the path and the OS error."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+    except BaseException as exc:
+        if tmp is not None:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+        err = exc
+        while err is not None and not isinstance(err, OSError):  # torch wraps the OS error in a RuntimeError
+            err = err.__cause__ or err.__context__
+        if isinstance(err, OSError) or (isinstance(exc, RuntimeError) and "write" in str(exc).lower()):
+            why = err.strerror if isinstance(err, OSError) and err.strerror else str(exc).splitlines()[0]
+            raise CheckpointError(f"cannot write {path}: {why} (the previous file, if any, is kept)") from None
         raise
     return path
+
+
+def save_checkpoint(ckpt: dict, path: str | os.PathLike) -> Path:
+    """A training checkpoint (a dict with FORMAT), moved to the CPU, checksummed, written atomically."""
+    ckpt = _to_cpu({k: v for k, v in ckpt.items() if k != "checksum"})
+    ckpt["checksum"] = checksum(ckpt)
+    return save_atomic(ckpt, path)
 
 
 def load_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Any:
@@ -55,20 +109,28 @@ def load_file(path: str | os.PathLike, map_location: str | torch.device = "cpu")
         raise CheckpointError(f"checkpoint {path} is a directory, expected a file written by torch.save")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except (zipfile.BadZipFile, EOFError, pickle.UnpicklingError, RuntimeError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except Exception as exc:  # any failure of a damaged or foreign file: zip, pickle, index, type errors
+        text = str(exc).strip()
+        first = text.splitlines()[0][:200] if text else type(exc).__name__
         raise CheckpointError(f"checkpoint {path} is corrupt, truncated, or not a torch.save file "
-                              f"(safe loading with weights_only=True failed: {first})") from exc
+                              f"(safe loading with weights_only=True failed: {first})") from None
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Loads a collab_fast training checkpoint and checks its structure."""
-    ckpt = load_file(path, map_location)
+    """Loads a collab_fast training checkpoint, checks its structure and verifies its checksum."""
+    ckpt = load_file(path, "cpu")
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
-        what = f"a {type(ckpt).__name__}" if not isinstance(ckpt, dict) else f"a dict with keys {sorted(ckpt)[:8]}"
+        what = f"a {type(ckpt).__name__}" if not isinstance(ckpt, dict) else f"a dict with keys {sorted(map(str, ckpt))[:8]}"
         raise CheckpointError(f"{path} is not a collab_fast training checkpoint (expected format {FORMAT!r}, "
                               f"found {what}); for a plain state dict use torch.load")
     for key in ("model", "config"):
         if not isinstance(ckpt.get(key), dict):
             raise CheckpointError(f"{path}: the checkpoint has no {key!r} dict")
+    if "checksum" in ckpt:  # checkpoints written before checksums were added load unverified
+        stored = ckpt.pop("checksum")
+        if checksum(ckpt) != stored:
+            raise CheckpointError(f"{path} is corrupt: its tensors do not match the checksum written with them "
+                                  "(use another checkpoint, e.g. best.pt, or start over)")
+    if map_location != "cpu":
+        ckpt = {k: (v.to(map_location) if isinstance(v, torch.Tensor) else v) for k, v in ckpt.items()}
     return ckpt

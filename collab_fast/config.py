@@ -123,7 +123,9 @@ def _in_range(v, meta) -> bool:
 def _range_text(meta) -> str:
     lo = "-inf" if meta["lo"] is None else f"{meta['lo']:g}"
     hi = "inf" if meta["hi"] is None else f"{meta['hi']:g}"
-    return f"{'(' if meta['lo_open'] or meta['lo'] is None else '['}{lo}, {hi}{')' if meta['hi_open'] or meta['hi'] is None else ']'}"
+    left = "(" if meta["lo_open"] or meta["lo"] is None else "["
+    right = ")" if meta["hi_open"] or meta["hi"] is None else "]"
+    return f"{left}{lo}, {hi}{right}"
 
 
 def flag(name: str) -> str:

@@ -9,7 +9,9 @@ torchvision.models.resnet* (identical parameter and buffer names).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from pathlib import Path
 
 from torch import nn
 
@@ -23,7 +25,7 @@ def model_from_config(config: dict) -> nn.Module:
     """Rebuilds the training model a checkpoint's config describes."""
     try:
         return build(config["arch"], config.get("pattern", "single"), num_classes=config.get("num_classes"),
-                     rescale=config.get("rescale", "backprop"), splits=config.get("splits"))
+                     rescale=config.get("rescale", "backprop"))
     except KeyError as exc:
         raise CheckpointError(f"the checkpoint's config has no {exc.args[0]!r}") from None
 
@@ -36,11 +38,13 @@ def export_checkpoint(checkpoint: str, head: int, output: str) -> nn.Module:
     except RuntimeError as exc:
         raise CheckpointError(f"{checkpoint}: its weights do not fit the model its config describes "
                               f"({ckpt['config'].get('arch')}, {ckpt['config'].get('pattern')}): {exc}") from None
-    heads = getattr(model, "num_heads", 1)
-    if not 0 <= head < heads:
-        raise ValueError(f"--head must be in [0, {heads}) for this {heads}-head checkpoint, got {head}")
-    net = model.export_head(head) if heads > 1 or hasattr(model, "export_head") else model
-    save_atomic(net.state_dict(), output)
+    if not 0 <= head < model.num_heads:
+        raise ValueError(f"--head must be in [0, {model.num_heads}) for this {model.num_heads}-head checkpoint, got {head}")
+    out = Path(output)
+    if out.is_dir() or str(output).endswith(os.sep):
+        raise ValueError(f"-o {output} is a directory; give a file name, e.g. {out / 'head0.pth'}")
+    net = model.export_head(head)
+    save_atomic(net.state_dict(), out)
     return net
 
 

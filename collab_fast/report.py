@@ -58,7 +58,7 @@ def head0_weights(out: Path) -> dict[str, torch.Tensor]:
         ckpt = load_checkpoint(out / "last.pt")
         model = model_from_config(ckpt["config"])
         model.load_state_dict(ckpt["model"])
-        sd = (model.export_head(0) if hasattr(model, "export_head") else model).state_dict()
+        sd = model.export_head(0).state_dict()
     return {k: v.float() for k, v in sd.items() if k.endswith("weight") and v.dim() >= 2}
 
 

@@ -211,7 +211,6 @@ def load_extension(verbose: bool | None = None):
     with _lock:
         if _module is not None:
             return _module
-        from torch.utils import cpp_extension
 
         cxx = os.environ.get("CXX", "c++")
         if shutil.which(cxx) is None:

@@ -8,4 +8,4 @@ source "$(dirname "$0")/env.sh"
 bash "$ROOT/scripts/setup.sh"
 cd "$ROOT"
 PYTHONSAFEPATH=1 "$PY" -m collab_fast.train toy --arch resnet50 --pattern hier4 --image-size 64 --epochs 3 \
-    -b 32 --lr 0.05 --schedule cosine --log-every 10 --output runs/main "$@"
+    -b 32 --lr 0.05 --schedule cosine --log-every 10 --output runs/main --overwrite "$@"

@@ -147,11 +147,45 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path):
     assert (good / "last.pt").read_bytes() == before  # the last good checkpoint is kept
 
 
-def test_skip_nonfinite_counts_and_continues(tmp_path):
-    out = run_train(tmp_path, "--pattern", "ilr2", "--lr", "1e30", "--max-steps", "6", "--skip-nonfinite",
-                    "--log-every", "3")
-    tr = records(out, "train")
-    assert tr[-1]["step"] == 6 and tr[-1]["skipped_steps"] >= 1
+def test_skip_nonfinite_counts_and_continues(tmp_path, monkeypatch):
+    # One poisoned batch (NaN images): its step is skipped, the model is left exactly as it was (batch-norm
+    # statistics included, which the forward pass had already overwritten with NaN), training goes on.
+    real, calls = train.Step.__call__, {"n": 0}
+
+    def poisoned(self, x, y, meter=None):
+        calls["n"] += 1
+        return real(self, x * float("nan") if calls["n"] == 2 else x, y, meter)
+
+    monkeypatch.setattr(train.Step, "__call__", poisoned)
+    out = run_train(tmp_path, "--pattern", "ilr2", "--max-steps", "6", "--skip-nonfinite", "--log-every", "3")
+    tr, ev = records(out, "train"), records(out, "eval")
+    assert tr[-1]["step"] == 6 and tr[-1]["skipped_steps"] == 1
+    assert all(map(torch.isfinite, [torch.tensor(ev[-1]["val_loss"]), torch.tensor(ev[-1]["val_loss_head0"])]))
+    head = torch.load(out / "head0.pth", weights_only=True)
+    assert all(torch.isfinite(t).all() for t in head.values() if t.is_floating_point())
+
+
+def test_diverged_model_is_never_kept_as_good(tmp_path):
+    # --lr 1e30: the first update breaks the weights; later steps are skipped, but the model is broken.
+    # The run must stop with an error and write neither best.pt nor head0.pth from it.
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match="diverged"):
+        train.main([*BASE, "--pattern", "ilr2", "--lr", "1e30", "--max-steps", "6", "--skip-nonfinite",
+                    "--output", str(out)])
+    assert not (out / "best.pt").exists() and not (out / "head0.pth").exists()
+
+
+@pytest.mark.parametrize("argv, match", [(["--lr", "nan"], "--lr"), (["--warmup-epochs", "-5"], "--warmup-epochs"),
+                                         (["--seed", "-1"], "--seed"), (["--lr", "inf"], "--lr")])
+def test_bad_numbers_are_usage_errors(argv, match, capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_config([*BASE, *argv])
+    assert e.value.code == 2 and match in capsys.readouterr().err
+
+
+def test_batch_larger_than_the_training_set(tmp_path, capsys):
+    assert train.main([*BASE, "-b", "5000", "--output", str(tmp_path / "big")]) == 2
+    assert "--batch-size 5000 is larger than the training set" in capsys.readouterr().err
 
 
 def test_out_of_memory_message(tmp_path, monkeypatch):
@@ -174,7 +208,7 @@ def test_out_of_memory_message(tmp_path, monkeypatch):
 @pytest.mark.parametrize("argv, match", [
     (["digits", "--arch", "vgg16"], "invalid choice: 'vgg16'"),
     (["digits", "--beta", "2"], r"--beta must be in \[0, 1\]"),
-    (["digits", "--temperature", "0"], "--temperature must be > 0"),
+    (["digits", "--temperature", "0"], r"--temperature must be in \(0, inf\)"),
     (["digits", "--pattern", "hier5"], "unknown pattern 'hier5'"),
     (["imagenet"], "imagenet needs --data DIR"),
     (["digits", "--data", "/no/such/dir"], "--data /no/such/dir: no such directory"),
@@ -182,7 +216,7 @@ def test_out_of_memory_message(tmp_path, monkeypatch):
     (["digits", "--eval-only"], "--eval-only needs --weights PATH or --resume"),
     (["digits", "-b", "30", "--accum-steps", "4"], "must be a multiple of --accum-steps"),
     (["digits", "--amp", "fp16", "--skip-nonfinite"], "--skip-nonfinite cannot be combined"),
-    (["digits", "-b", "0"], "expected a positive integer"),
+    (["digits", "-b", "0"], r"--batch-size must be in \[1, inf\)"),
     (["mnist"], "invalid choice: 'mnist'"),
 ])
 def test_bad_flags(argv, match, capsys):
@@ -214,3 +248,19 @@ def test_lr_schedules():
     assert train.lr_factor(cfg, 0, 100) == pytest.approx(0.01)
     assert train.lr_factor(cfg, 100, 100) == pytest.approx(1.0)
     assert train.lr_factor(cfg, 999, 100) < 1e-4
+
+
+def test_eta_under_accumulation_and_epoch_numbers(tmp_path, capsys):
+    # The ETA is the remaining optimizer steps times the measured time per optimizer step (it used to
+    # divide by accum_steps twice), and every line names the epoch it belongs to, 1-based.
+    out = run_train(tmp_path, "--pattern", "single", "-b", "256", "--accum-steps", "4", "--epochs", "2",
+                    "--log-every", "2", "--progress", "off")
+    tr, ev = records(out, "train"), records(out, "eval")
+    first, last = tr[0], tr[-1]
+    remaining = last["time"] - first["time"]
+    assert first["eta_s"] == pytest.approx(remaining, rel=0.6)
+    assert [r["epoch"] for r in ev] == [1, 2]
+    steps = len(tr) and max(r["step"] for r in tr)
+    assert {r["epoch"] for r in tr} == {1, 2} and steps == 10
+    text = capsys.readouterr().out
+    assert "epoch 1/2 eval" in text and "epoch 2/2 eval" in text and "epoch 0" not in text

@@ -1,0 +1,52 @@
+"""Process groups: one process alone, or one per GPU under torchrun (NCCL; gloo on CPU)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["Dist", "cleanup", "init_distributed"]
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t
+
+
+def init_distributed() -> tuple[Dist, torch.device]:
+    """Reads torchrun's variables; returns this process's place and device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local)
+            dist.init_process_group("nccl", device_id=torch.device("cuda", local))
+        else:
+            dist.init_process_group("gloo")
+        d = Dist(rank, world, local)
+    else:
+        d = Dist()
+    device = torch.device("cuda", d.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    return d, device
+
+
+def cleanup(d: Dist) -> None:
+    if d.world > 1 and dist.is_initialized():
+        # Every rank reaches the teardown before any destroys: without this barrier, gloo on CPU
+        # (torch 2.13) intermittently aborts a worker at exit ("terminate called without an active exception").
+        dist.barrier()
+        dist.destroy_process_group()

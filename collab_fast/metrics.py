@@ -1,0 +1,180 @@
+"""What the trainer reports: device-side meters (read at log intervals, the hot path's only syncs),
+records in metrics.jsonl and TensorBoard, console lines, and host-side progress (a tqdm bar on a
+terminal, a plain line every few seconds otherwise)."""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from collab_fast.distributed import Dist
+
+__all__ = ["Logger", "Meter", "Progress", "hms", "memory_stats"]
+
+
+def hms(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "--:--:--"
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def memory_stats(device: torch.device) -> dict:
+    if device.type == "cuda":
+        return {"peak_mem_mb": torch.cuda.max_memory_allocated(device) / 2**20}
+    return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+class Meter:
+    """Per-head sums of one log interval, kept on the device; read() is the one sync."""
+
+    def __init__(self, num_heads: int, device: torch.device):
+        self.h, self.device = num_heads, device
+        self.reset()
+
+    def reset(self) -> None:
+        z = lambda *s: torch.zeros(*s, device=self.device, dtype=torch.float64)
+        self.loss, self.hard, self.soft, self.correct, self.count = z(()), z(self.h), z(self.h), z(self.h), z(())
+        self.optimizer_steps = 0  # steps, not micro-batches: the ETA divides time by these
+        self.t0 = time.perf_counter()
+        self.images = 0
+
+    def add(self, loss: torch.Tensor, stats) -> None:
+        """One micro-batch's loss (its mean over samples) and CollabStats."""
+        n = stats.num_valid.double()
+        self.loss += loss.detach().double() * n
+        self.hard += stats.hard.double() * n
+        self.soft += stats.soft.double() * n
+        self.correct += stats.correct.double()
+        self.count += n
+
+    def step_done(self, images: int) -> None:
+        self.optimizer_steps += 1
+        self.images += images
+
+    def read(self, d: Dist) -> dict:
+        t = d.all_reduce(torch.cat([self.loss[None], self.hard, self.soft, self.correct, self.count[None]])).cpu()
+        dt = time.perf_counter() - self.t0
+        n, h = max(float(t[-1]), 1.0), self.h
+        return {"loss": float(t[0]) / n, "hard": (t[1 : 1 + h] / n).tolist(), "soft": (t[1 + h : 1 + 2 * h] / n).tolist(),
+                "train_acc": (t[1 + 2 * h : 1 + 3 * h] / n).tolist(), "samples": int(t[-1]),
+                "img_per_s": self.images * d.world / dt, "sec_per_step": dt / max(self.optimizer_steps, 1)}
+
+
+class Progress:
+    """Host-side progress, no device sync: mode "bar" (tqdm), "lines" (one line every `every` seconds, for
+    logs that are not a terminal), "off"; "auto" picks bar on a terminal, lines otherwise."""
+
+    def __init__(self, mode: str, total_steps: int, done_steps: int, every: float, enabled: bool):
+        if mode == "auto":
+            mode = "bar" if sys.stderr.isatty() else "lines"
+        self.mode = mode if enabled else "off"
+        self.total, self.every = total_steps, every
+        self.bar = None
+        if self.mode == "bar":
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                print("note: the progress bar needs tqdm (pip install 'collab_fast[train]'); printing lines instead",
+                      file=sys.stderr)
+                self.mode = "lines"
+            else:
+                self.bar = tqdm(total=total_steps, initial=done_steps, unit="step", dynamic_ncols=True,
+                                file=sys.stderr, smoothing=0.1)
+        self.last_line = time.perf_counter()
+        self.stamps: list[tuple[float, int, int]] = []  # (time, step, images) over a recent window
+
+    def update(self, epoch: int, epochs: int, step: int, images: int) -> None:
+        now = time.perf_counter()
+        self.stamps = (self.stamps + [(now, step, images)])[-50:]
+        if self.mode == "bar":
+            self.bar.set_description(f"epoch {epoch}/{epochs}", refresh=False)
+            self.bar.update(step - self.bar.n)
+        elif self.mode == "lines" and now - self.last_line >= self.every:
+            self.last_line = now
+            print(f"progress: epoch {epoch}/{epochs} step {step}/{self.total} {self.rate_text()}", flush=True)
+
+    def rate_text(self) -> str:
+        if len(self.stamps) < 2:
+            return ""
+        (t0, s0, _), (t1, s1, _) = self.stamps[0], self.stamps[-1]
+        imgs = sum(i for _, _, i in self.stamps[1:])
+        steps_per_s = (s1 - s0) / max(t1 - t0, 1e-9)
+        eta = (self.total - s1) / steps_per_s if steps_per_s > 0 else float("nan")
+        return f"{imgs / max(t1 - t0, 1e-9):.1f} img/s ETA {hms(eta)}"
+
+    def postfix(self, rec: dict) -> None:
+        if self.bar is not None:
+            acc = "/".join(f"{100 * a:.0f}" for a in rec["train_acc"])
+            self.bar.set_postfix_str(f"loss {rec['loss']:.3f} acc/head {acc} {rec['img_per_s']:.0f} img/s", refresh=False)
+
+    def write(self, msg: str) -> None:
+        if self.bar is not None:
+            self.bar.write(msg, file=sys.stdout)
+        else:
+            print(msg, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class Logger:
+    """metrics.jsonl (one JSON record per line), TensorBoard events (if installed), console lines."""
+
+    def __init__(self, out: Path, enabled: bool, progress: Progress):
+        self.enabled, self.progress = enabled, progress
+        self.file = open(out / "metrics.jsonl", "a") if enabled else None
+        self.tb = None
+        if enabled:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                print("note: no TensorBoard events (pip install 'collab_fast[train]' for tensorboard)", file=sys.stderr)
+            else:
+                self.tb = SummaryWriter(str(out / "tb"))
+
+    def __call__(self, rec: dict, kind: str) -> None:
+        if not self.enabled:
+            return
+        rec = {"kind": kind, "time": time.time(), **rec}
+        self.file.write(json.dumps(rec) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in rec.items():
+                if isinstance(v, (int, float)) and k not in ("time", "step", "epoch"):
+                    self.tb.add_scalar(f"{kind}/{k}", v, rec.get("step", 0))
+                elif isinstance(v, list):
+                    for i, x in enumerate(v):
+                        self.tb.add_scalar(f"{kind}/{k}/head{i}", x, rec.get("step", 0))
+        if kind == "train":
+            self.progress.postfix(rec)
+        self.progress.write(self.line(rec, kind))
+
+    @staticmethod
+    def line(rec: dict, kind: str) -> str:
+        epoch = f"epoch {rec['epoch']}/{rec['epochs']}"
+        if kind == "train":
+            acc = " ".join(f"{100 * a:.1f}" for a in rec["train_acc"])
+            mem = rec.get("peak_mem_mb", rec.get("peak_rss_mb", 0))
+            return (f"{epoch} step {rec['step']}: loss {rec['loss']:.4f} lr {rec['lr']:.4g} "
+                    f"train acc/head [{acc}] {rec['img_per_s']:.1f} img/s peak mem {mem:.0f} MB ETA {hms(rec['eta_s'])}")
+        heads = " ".join(f"{a:.2f}" for a in rec["top1_heads"])
+        return (f"{epoch} eval: top-1 head0 {rec['top1']:.2f}% top-5 {rec['top5']:.2f}% | top-1 per head [{heads}] "
+                f"ensemble {rec['top1_ensemble']:.2f}% | val CE head0 {rec['val_loss_head0']:.4f}, "
+                f"collaborative loss {rec['val_loss']:.4f}")
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+            self.file = None
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None

@@ -1,0 +1,155 @@
+"""A run's persistent state: its output directory (claimed by one live run at a time), the training
+position and RNG states, checkpoints written and restored, and initial weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import math
+import os
+import random
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from collab_fast.checkpoint import FORMAT, CheckpointError, load_checkpoint, load_file, save_checkpoint
+
+__all__ = ["RunDir", "State", "finite_model", "load_weights", "restore", "snapshot"]
+
+_RUN_FILES = ("metrics.jsonl", "config.json", "last.pt", "best.pt", "head0.pth", "tb")
+
+
+@dataclass
+class State:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # epochs completed; the epoch being trained is epoch + 1 in every printed line
+    batch_in_epoch: int = 0  # batches of the current epoch already consumed
+    best_top1: float = -1.0
+    skipped: int = 0  # non-finite steps skipped (--skip-nonfinite)
+    last_eval: dict = field(default_factory=dict)  # the latest evaluation (the final summary on resume)
+
+
+class RunDir:
+    """The --output directory, held by one live run at a time through an flock on OUTPUT/.lock (the
+    kernel releases it if the run dies). A directory with an earlier run needs --resume or --overwrite."""
+
+    def __init__(self, path: str, *, resume: bool, overwrite: bool, main: bool):
+        self.path = Path(path)
+        self.fd = None
+        if not main:
+            return
+        if self.path.exists() and not self.path.is_dir():
+            raise CheckpointError(f"--output {self.path} is a file; give a directory")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise CheckpointError(f"--output {self.path}: cannot create the run directory ({exc.strerror})") from None
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(self.fd, 100, 0).decode(errors="replace").strip() or "another process"
+            raise CheckpointError(f"--output {self.path} is in use by a live run ({owner}); wait for it to end or "
+                                  "choose another --output") from None
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"process {os.getpid()}".encode(), 0)
+        for tmp in self.path.glob(".*.tmp"):  # temp files of saves that were killed (we hold the lock)
+            tmp.unlink(missing_ok=True)
+        earlier = [n for n in _RUN_FILES if (self.path / n).exists()]
+        if earlier and overwrite:
+            for n in earlier:
+                p = self.path / n
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        elif earlier and not resume:
+            raise CheckpointError(f"--output {self.path} holds an earlier run ({', '.join(earlier)}): add --resume auto "
+                                  "to continue it or --overwrite to start over")
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def _rng_state() -> dict:
+    # Plain lists and tuples: what torch.load(weights_only=True) accepts besides tensors.
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    s = {"torch": torch.get_rng_state(), "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
+         "python": random.getstate()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def _set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    name, keys, pos, has_gauss, cached = s["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+    version, internal, gauss = s["python"]
+    random.setstate((version, tuple(internal), gauss))
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def snapshot(path: Path, net, optimizer, scaler, config: dict, state: State) -> None:
+    """Writes a training checkpoint (atomic, checksummed)."""
+    save_checkpoint({
+        "format": FORMAT,
+        "model": net.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else {},
+        "config": config,
+        "state": dataclasses.asdict(state),
+        "rng": _rng_state(),
+    }, path)
+
+
+def restore(path: Path, net, optimizer, scaler, arch: str, pattern: str) -> State:
+    """Loads a checkpoint into the model, optimizer, scaler and RNGs; returns the training position."""
+    ckpt = load_checkpoint(path)
+    cfg = ckpt["config"]
+    if cfg.get("arch") != arch or cfg.get("pattern") != pattern:
+        raise CheckpointError(f"{path} is a {cfg.get('arch')} {cfg.get('pattern')} run, not {arch} {pattern}")
+    try:
+        net.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        known = {f.name for f in dataclasses.fields(State)}
+        unknown = sorted(set(ckpt["state"]) - known)
+        if unknown:
+            raise ValueError(f"unknown training-state keys {unknown} (written by a newer collab_fast?)")
+        state = State(**ckpt["state"])
+        _set_rng_state(ckpt["rng"])
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path} does not fit this run: {first}") from None
+    return state
+
+
+def load_weights(net, path: str) -> None:
+    """--weights: an exported head (plain state dict) or a training checkpoint of the same model."""
+    obj = load_file(path)
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        obj = load_checkpoint(path)["model"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"--weights {path}: expected a state dict of tensors, found a {type(obj).__name__}")
+    try:
+        net.load_state_dict(obj, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"--weights {path} does not fit {type(net).__name__}: "
+                              f"{str(exc).splitlines()[0]} (an exported head needs --pattern single)") from None
+
+
+def finite_model(net) -> bool:
+    """Every parameter and floating buffer finite (one host sync)."""
+    ts = [t for t in list(net.parameters()) + list(net.buffers()) if t.is_floating_point()]
+    if not ts:
+        return True
+    return bool(torch.stack([torch.isfinite(t).all() for t in ts]).all())
+
+
+def finite_number(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
