@@ -26,6 +26,14 @@ class Dist:
             dist.all_reduce(t)
         return t
 
+    def gather(self, obj) -> list:
+        """Every rank's `obj` (picklable), in rank order, on every rank."""
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
 
 def init_distributed() -> tuple[Dist, torch.device]:
     """Reads torchrun's variables; returns this process's place and device."""

@@ -30,6 +30,7 @@ class State:
     best_top1: float = -1.0
     skipped: int = 0  # non-finite steps skipped (--skip-nonfinite)
     last_eval: dict = field(default_factory=dict)  # the latest evaluation (the final summary on resume)
+    loader_state: list = field(default_factory=list)  # per rank: the training loader's position (DALI), or []
 
 
 class RunDir:

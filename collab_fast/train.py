@@ -149,9 +149,13 @@ class Run:
     out: Path
     steps_per_epoch: int
     total_steps: int
+    train_loader: object  # see collab_fast.data: iter_from, set_epoch, checkpoint, restore
     signal: str | None = None  # set by SIGINT / SIGTERM
 
     def save(self, name: str) -> None:
+        # Called on every rank: image-folder loaders gather each rank's reader position (a collective).
+        position = self.train_loader.checkpoint()
+        self.state.loader_state = self.d.gather(position) if position else []
         if self.d.main:
             snapshot(self.out / name, self.net, self.optimizer, self.scaler, self.cfg.to_dict(), self.state)
 
@@ -162,7 +166,7 @@ def train_one_epoch(r: Run, loader) -> None:
     first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # first non-finite step, on the device
     skipped = torch.zeros((), dtype=torch.int64, device=device)
     r.model.train()
-    batches = loader.iter_from(state.batch_in_epoch) if hasattr(loader, "iter_from") else _skip(loader, state)
+    batches = loader.iter_from(state.batch_in_epoch)
     for x, y in batches:
         if r.signal:
             raise Stop(f"received {r.signal}")
@@ -193,13 +197,6 @@ def train_one_epoch(r: Run, loader) -> None:
             meter.reset()
         if state.step >= r.total_steps:
             return
-
-
-def _skip(loader, state: State):
-    """Resume mid-epoch on a loader that cannot seek (DALI): read and drop the consumed batches."""
-    for i, batch in enumerate(loader):
-        if i >= state.batch_in_epoch:
-            yield batch
 
 
 @torch.no_grad()
@@ -290,6 +287,11 @@ def _setup(cfg: TrainConfig):
     optimizer = make_optimizer(net, cfg)
     scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
     state = restore(resume_path, net, optimizer, scaler, cfg.arch, cfg.pattern) if resume_path else State()
+    if state.loader_state and len(state.loader_state) == d.world:
+        train_loader.restore(state.loader_state[d.rank], state.batch_in_epoch)
+    elif state.loader_state and d.main:
+        print(f"collab_fast: warning: the checkpoint was written by {len(state.loader_state)} processes, this run has "
+              f"{d.world}: the data order restarts from the seed (resume is not exact)", file=sys.stderr)
     model = net
     if d.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[d.local_rank] if device.type == "cuda" else None)
@@ -299,7 +301,7 @@ def _setup(cfg: TrainConfig):
     total = min(cfg.epochs * steps, cfg.max_steps or 1 << 62)
     progress = Progress(cfg.progress, total, state.step, cfg.progress_every, enabled=d.main)
     r = Run(cfg, d, device, net, model, optimizer, scaler, Step(cfg, model, net, optimizer, scaler), state,
-            Logger(out, d.main, progress), progress, out, steps, total)
+            Logger(out, d.main, progress), progress, out, steps, total, train_loader)
     if d.main:
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
         print(f"collab_fast: {pattern_cost(cfg.arch, cfg.pattern, cfg.image_size, num_classes).line()}")

@@ -131,7 +131,6 @@ class DaliLoader:
             # whole list after every epoch, identically on every rank: shards stay disjoint and complete.
             perm = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed)).tolist()
             files, labels = [files[i] for i in perm], [labels[i] for i in perm]
-        self.files = files
         self.train = train
         self.batch_size = batch_size
         self.num_classes = num_classes
@@ -151,8 +150,10 @@ class DaliLoader:
         resize_val = round(image_size / crop_ratio)
         threads = num_threads or max(1, min(8, os.cpu_count() or 1))
 
+        # Checkpointing (training only) records the reader's position and every random generator, so a run
+        # resumed mid-epoch or at a later epoch sees the order and augmentations the uninterrupted run saw.
         @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=device_id, seed=seed + 17 * rank,
-                      prefetch_queue_depth=2)
+                      prefetch_queue_depth=2, enable_checkpointing=train)
         def pipeline():
             jpegs, index = fn.readers.file(files=files, labels=list(range(len(files))), shuffle_after_epoch=train,
                                            shard_id=rank, num_shards=world, pad_last_batch=True, name="Reader",
@@ -174,14 +175,37 @@ class DaliLoader:
                 index = index.gpu()
             return images, index
 
-        self._pipe = pipeline()
+        self._make_pipeline = pipeline
+        self._make_iter = lambda pipe: iterator_cls(
+            [pipe], ["images", "index"], reader_name="Reader", auto_reset=True,
+            last_batch_policy=policy.DROP if self.drop_last else policy.PARTIAL)
+        self._build(None)
+
+    def _build(self, checkpoint: str | None) -> None:
+        self._pipe = self._make_pipeline(checkpoint=checkpoint) if checkpoint else self._make_pipeline()
         self._pipe.build()
-        self._iter = iterator_cls([self._pipe], ["images", "index"], reader_name="Reader", auto_reset=True,
-                                  last_batch_policy=policy.DROP if self.drop_last else policy.PARTIAL)
+        self._iter = self._make_iter(self._pipe)
         self._len = len(self._iter)
+        self._resumed_at = 0
 
     def __len__(self) -> int:
         return self._len
+
+    def checkpoint(self) -> str:
+        """The reader's position and random states after the batches consumed so far (training loaders), for
+        `restore`; "" for evaluation loaders, which always start from their first batch."""
+        return self._iter.checkpoints()[0] if self.train else ""
+
+    def restore(self, checkpoint: str, batch_in_epoch: int) -> None:
+        """Continues where `checkpoint` was taken, batch_in_epoch batches into an epoch."""
+        if checkpoint and self.train:
+            try:
+                self._build(checkpoint)
+            except RuntimeError as exc:
+                raise ValueError(f"the data loader state in the checkpoint does not fit this data set or DALI "
+                                 f"version ({str(exc).splitlines()[0]}); resume with the same --data and "
+                                 "--batch-size") from None
+            self._resumed_at = batch_in_epoch
 
     def set_epoch(self, epoch: int) -> None:
         # The reader reshuffles by itself after each epoch; only the noisy labels change here.
@@ -189,6 +213,17 @@ class DaliLoader:
             self.table = self.noise.labels_for_epoch(epoch).to(self.device)
 
     def __iter__(self):
+        return self.iter_from(0)
+
+    def iter_from(self, start: int):
+        """This epoch's batches from batch `start` on: free after `restore` at that batch; otherwise the
+        first `start` batches are read and dropped (a checkpoint without loader state)."""
+        resumed, self._resumed_at = self._resumed_at, 0
+        for i, batch in enumerate(self._batches()):
+            if i >= start - resumed:
+                yield batch
+
+    def _batches(self):
         try:
             for out in self._iter:
                 x = out[0]["images"]

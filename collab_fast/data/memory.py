@@ -110,8 +110,7 @@ class DeviceLoader:
         self.height, self.width = images.shape[1], images.shape[2]
         self.num_classes = int(num_classes if num_classes is not None else int(labels.max()) + 1)
         self.noise = LabelNoise(labels, label_noise, self.num_classes, seed) if label_noise > 0 else None
-        self.true_labels = labels.to(self.device, torch.int64)
-        self.labels = self.true_labels
+        self.labels = labels.to(self.device, torch.int64)  # this epoch's (noisy) labels
         self.batch_size, self.augment, self.shuffle, self.drop_last = batch_size, augment, shuffle, drop_last
         self.rank, self.world, self.seed = rank, world, seed
         self.dtype, self.channels_last = dtype, channels_last
@@ -170,6 +169,12 @@ class DeviceLoader:
     def __iter__(self):
         return self.iter_from(0)
 
+    def checkpoint(self) -> str:
+        return ""  # the position follows from (seed, epoch, batch): nothing to save
+
+    def restore(self, checkpoint: str, batch_in_epoch: int) -> None:
+        pass
+
     def iter_from(self, start: int):
         """Batches of this epoch from batch `start` on (resuming mid-epoch costs nothing here)."""
         idx = self._indices()
@@ -198,6 +203,15 @@ class SyntheticLoader:
     def set_epoch(self, epoch: int) -> None:
         pass
 
+    def checkpoint(self) -> str:
+        return ""
+
+    def restore(self, checkpoint: str, batch_in_epoch: int) -> None:
+        pass
+
     def __iter__(self):
-        for _ in range(self.steps):
+        return self.iter_from(0)
+
+    def iter_from(self, start: int):
+        for _ in range(start, self.steps):
             yield self.images, self.labels
