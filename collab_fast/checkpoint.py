@@ -3,8 +3,9 @@ torch.load(weights_only=True) and verified, with one-line errors for missing, co
 
 A training checkpoint is a dict with FORMAT under "format", the model's state dict under "model" and the
 resolved run config (a plain dict) under "config"; the trainer adds optimizer, scaler, schedule, step and
-RNG states. It carries a checksum of every tensor's bytes ("checksum"), which loading verifies: flipped
-bytes inside a tensor, which unpickling cannot notice, are refused. An exported head is a plain state dict
+RNG states. It carries a checksum of its whole content ("checksum": every tensor's bytes and every other
+value), which loading verifies: flipped bytes inside a tensor or a number, which unpickling cannot notice,
+are refused. An exported head is a plain state dict
 (no checksum, so that torchvision and others load it as it is).
 """
 
@@ -27,28 +28,34 @@ class CheckpointError(RuntimeError):
     """A checkpoint that is missing, unreadable, corrupt, or not one of ours."""
 
 
-def _tensors(obj, prefix=""):
-    """(path, tensor) of every tensor in nested dicts, lists and tuples, in a fixed order."""
-    if isinstance(obj, torch.Tensor):
-        yield prefix, obj
-    elif isinstance(obj, dict):
+_CHECKSUM_PREFIX = "blake2b-all:"  # checksums without it (early checkpoints) cover the tensors only
+
+
+def _leaves(obj, prefix=""):
+    """(path, leaf) of every value in nested dicts, lists and tuples, in a fixed order."""
+    if isinstance(obj, dict):
         for k in sorted(obj, key=str):
-            yield from _tensors(obj[k], f"{prefix}/{k}")
+            yield from _leaves(obj[k], f"{prefix}/{k}")
     elif isinstance(obj, (list, tuple)):
         for i, v in enumerate(obj):
-            yield from _tensors(v, f"{prefix}/{i}")
+            yield from _leaves(v, f"{prefix}/{i}")
+    else:
+        yield prefix, obj
 
 
-def checksum(obj) -> str:
-    """blake2b over every tensor's path, dtype, shape and bytes (CPU tensors)."""
+def checksum(obj, tensors_only: bool = False) -> str:
+    """blake2b over every tensor's path, dtype, shape and bytes (CPU tensors) and every other leaf's repr."""
     h = hashlib.blake2b(digest_size=16)
-    for path, t in _tensors(obj):
-        t = t.detach().contiguous()
-        h.update(f"{path}:{t.dtype}:{tuple(t.shape)};".encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.dtype != torch.bool
-                     else t.numpy().tobytes())
-    return h.hexdigest()
+    for path, v in _leaves(obj):
+        if isinstance(v, torch.Tensor):
+            t = v.detach().contiguous()
+            h.update(f"{path}:{t.dtype}:{tuple(t.shape)};".encode())
+            if t.numel():
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.dtype != torch.bool
+                         else t.numpy().tobytes())
+        elif not tensors_only:
+            h.update(f"{path}={v!r};".encode())
+    return h.hexdigest() if tensors_only else _CHECKSUM_PREFIX + h.hexdigest()
 
 
 def _to_cpu(obj):
@@ -128,7 +135,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             raise CheckpointError(f"{path}: the checkpoint has no {key!r} dict")
     if "checksum" in ckpt:  # checkpoints written before checksums were added load unverified
         stored = ckpt.pop("checksum")
-        if checksum(ckpt) != stored:
+        if checksum(ckpt, tensors_only=not str(stored).startswith(_CHECKSUM_PREFIX)) != stored:
             raise CheckpointError(f"{path} is corrupt: its tensors do not match the checksum written with them "
                                   "(use another checkpoint, e.g. best.pt, or start over)")
     if map_location != "cpu":

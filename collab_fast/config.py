@@ -80,6 +80,8 @@ class TrainConfig:
     eval_only: bool = opt(False, "evaluate --weights (or the resumed checkpoint) and exit")
     log_every: int = opt(50, "optimizer steps between log records (the hot path's only host syncs)", lo=1)
     eval_every: int = opt(1, "epochs between evaluations", lo=1)
+    save_every: int | None = opt(None, "optimizer steps between mid-epoch last.pt checkpoints (long epochs); unset: "
+                                       "at each epoch end only", lo=1)
     skip_nonfinite: bool = opt(False, "skip steps whose loss is not finite (counted) instead of stopping")
     skip_bad_images: bool = opt(False, "skip undecodable images (counted, named) instead of failing")
     threads: int | None = opt(None, "DALI CPU threads; unset: DALI's default", lo=1)

@@ -53,8 +53,16 @@ class RunDir:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             owner = os.pread(self.fd, 100, 0).decode(errors="replace").strip() or "another process"
+            self.close()
             raise CheckpointError(f"--output {self.path} is in use by a live run ({owner}); wait for it to end or "
                                   "choose another --output") from None
+        try:
+            self._claim(resume, overwrite)
+        except BaseException:
+            self.close()  # a refused directory is not left locked by this process
+            raise
+
+    def _claim(self, resume: bool, overwrite: bool) -> None:
         os.ftruncate(self.fd, 0)
         os.pwrite(self.fd, f"process {os.getpid()}".encode(), 0)
         for tmp in self.path.glob(".*.tmp"):  # temp files of saves that were killed (we hold the lock)

@@ -182,21 +182,34 @@ def train_one_epoch(r: Run, loader) -> None:
         meter.step_done(x.shape[0])
         r.progress.update(state.epoch + 1, cfg.epochs, state.step, x.shape[0] * r.d.world)
         last = state.batch_in_epoch >= r.steps_per_epoch or state.step >= r.total_steps
-        if state.step % cfg.log_every == 0 or last:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            if int(first_bad) >= 0 and not cfg.skip_nonfinite:
-                raise Stop(f"non-finite loss at step {int(first_bad) + 1} (epoch {state.epoch + 1}); the run stops "
-                           "and keeps the last good checkpoint (--skip-nonfinite skips such steps instead)")
-            state.skipped += int(skipped)
-            skipped.zero_()
+        due_log = state.step % cfg.log_every == 0 or last
+        due_save = bool(cfg.save_every) and state.step % cfg.save_every == 0 and not last
+        if due_log or due_save:
+            _check_steps(r, first_bad, skipped)  # the only host sync of the loop
+        if due_log:
             rec = meter.read(r.d)
             rec.update(step=state.step, epoch=state.epoch + 1, epochs=cfg.epochs, lr=lr, skipped_steps=state.skipped,
                        eta_s=(r.total_steps - state.step) * rec["sec_per_step"], **memory_stats(device))
             r.log(rec, kind="train")
             meter.reset()
+        if due_save:
+            if not finite_model(r.net):
+                raise Stop(f"the model diverged at step {state.step} (non-finite weights); the last good checkpoint "
+                           "is kept")
+            r.save("last.pt")
         if state.step >= r.total_steps:
             return
+
+
+def _check_steps(r: Run, first_bad: torch.Tensor, skipped: torch.Tensor) -> None:
+    """Waits for the device, then stops at a non-finite step (or counts it under --skip-nonfinite)."""
+    if r.device.type == "cuda":
+        torch.cuda.synchronize(r.device)
+    if int(first_bad) >= 0 and not r.cfg.skip_nonfinite:
+        raise Stop(f"non-finite loss at step {int(first_bad) + 1} (epoch {r.state.epoch + 1}); the run stops and keeps "
+                   "the last good checkpoint (--skip-nonfinite skips such steps instead)")
+    r.state.skipped += int(skipped)
+    skipped.zero_()
 
 
 @torch.no_grad()
@@ -237,7 +250,9 @@ def _eval_and_save(r: Run, val_loader, epoch_done: bool, final: bool) -> None:
     """Evaluates when due; a non-finite evaluation or model never becomes a checkpoint."""
     if (epoch_done and r.state.epoch % r.cfg.eval_every == 0) or final:
         result = evaluate(r.model, r.net, val_loader, r.cfg, r.d)
-        r.log({"epoch": r.state.epoch, "epochs": r.cfg.epochs, "step": r.state.step, **result}, kind="eval")
+        # 1-based: the epoch just finished, or the one an early stop (--max-steps) ended in
+        epoch = r.state.epoch + (r.state.batch_in_epoch > 0)
+        r.log({"epoch": epoch, "epochs": r.cfg.epochs, "step": r.state.step, **result}, kind="eval")
         if not (finite_number(result["val_loss"]) and finite_model(r.net)):
             raise Stop(f"the model diverged at step {r.state.step} (non-finite evaluation loss or weights); the "
                        "last good checkpoint is kept (try a lower --lr)")
@@ -319,7 +334,8 @@ def run(cfg: TrainConfig) -> dict:
     try:
         if cfg.eval_only:
             res = evaluate(r.model, r.net, val_loader, cfg, r.d)
-            r.log({"epoch": state.epoch, "epochs": cfg.epochs, "step": state.step, **res}, kind="eval")
+            r.log({"epoch": state.epoch + (state.batch_in_epoch > 0), "epochs": cfg.epochs, "step": state.step, **res},
+                  kind="eval")
             return res
         if state.step >= r.total_steps or state.epoch >= cfg.epochs:
             r.progress.write(f"collab_fast: the run in {r.out} is already complete ({state.step} of {r.total_steps} "
@@ -366,10 +382,14 @@ def _train(r: Run, train_loader, val_loader) -> None:
             _eval_and_save(r, val_loader, epoch_done, final=state.epoch >= cfg.epochs or state.step >= r.total_steps)
     except Stop as stop:
         if r.signal:
-            r.save("last.pt")
             r.progress.close()
-            print(f"\ncollab_fast: {stop}; wrote {r.out / 'last.pt'} at step {state.step} (continue with --resume auto)",
-                  file=sys.stderr)
+            if finite_model(r.net):
+                r.save("last.pt")
+                print(f"\ncollab_fast: {stop}; wrote {r.out / 'last.pt'} at step {state.step} (continue with "
+                      "--resume auto)", file=sys.stderr)
+            else:
+                print(f"\ncollab_fast: {stop}; the model is not finite, so the last good checkpoint is kept",
+                      file=sys.stderr)
             raise SystemExit(128 + getattr(signal, r.signal)) from None
         raise
     finally:

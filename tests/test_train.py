@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -41,6 +42,7 @@ def test_every_pattern_end_to_end(tmp_path, pattern):
         assert key in tr[0]
     assert len(tr[0]["hard"]) == heads and tr[0]["img_per_s"] > 0
     assert len(ev) == 1 and len(ev[0]["top1_heads"]) == heads and ev[0]["val_samples"] == 360
+    assert ev[0]["epoch"] == 1  # stopped by --max-steps inside epoch 1
     for key in ("top1", "top5", "top1_ensemble", "val_loss"):
         assert key in ev[0]
     for f in ("last.pt", "best.pt", "head0.pth", "config.json"):
@@ -123,6 +125,42 @@ def test_sigterm_writes_checkpoint_then_resume(tmp_path):
                        "--max-steps", str(step + 2)]) == 0
     assert load_checkpoint(out / "last.pt")["state"]["step"] == step + 2
     assert records(out, "train")[-1]["step"] == step + 2
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_always_resumes_from_a_good_checkpoint(tmp_path):
+    """Fault injection: SIGKILL at random moments and inside checkpoint writes (as soon as a temp file
+    appears); every time, last.pt loads, passes its checksum and holds finite weights, and --resume auto
+    finishes the run."""
+    out = tmp_path / "kill"
+    argv = [*BASE, "--pattern", "ilr2", "-b", "64", "--image-size", "16", "--epochs", "8", "--save-every", "3",
+            "--progress", "off", "--output", str(out), "--resume", "auto"]
+    rng = random.Random(1)
+    steps, in_write = [], 0
+    for i in range(6):
+        proc = subprocess.Popen([sys.executable, "-m", "collab_fast.train", *argv], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        start, deadline = time.time(), time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if i == 0 and (out / "last.pt").exists():  # a first checkpoint, then a random moment after it
+                time.sleep(rng.uniform(0.0, 1.0))
+                break
+            if i % 2 == 1 and time.time() - start > rng.uniform(3.0, 10.0):
+                break
+            if i % 2 == 0 and i and list(out.glob(".*.pt.*.tmp")):  # inside a checkpoint write
+                in_write += 1
+                break
+            time.sleep(0.002)
+        assert proc.poll() is None, "the run ended before it was killed"
+        proc.kill()
+        proc.wait()
+        if (out / "last.pt").exists():
+            ckpt = load_checkpoint(out / "last.pt")  # verifies the checksum
+            assert all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())
+            steps.append(ckpt["state"]["step"])
+    assert in_write >= 2 and steps == sorted(steps) and steps[-1] > 0
+    assert train.main(argv) == 0
+    assert load_checkpoint(out / "last.pt")["state"]["step"] == 8 * (1437 // 64)
 
 
 @pytest.mark.slow

@@ -1,0 +1,104 @@
+"""Checkpoint files: checksums catch flipped bytes, write errors are one line, damaged files never escape as
+anything but a CheckpointError (fuzzed)."""
+
+import errno
+import os
+import random
+
+import pytest
+import torch
+
+import collab_fast.checkpoint as ck
+from collab_fast.checkpoint import FORMAT, CheckpointError, checksum, load_checkpoint, save_atomic, save_checkpoint
+
+MARK = torch.arange(4096, dtype=torch.float32) + 0.5  # distinctive bytes to find in the file
+
+
+def _ckpt():
+    return {"format": FORMAT, "model": {"w": MARK.clone(), "b": torch.zeros(3)}, "config": {"lr": 0.1},
+            "state": {"step": 7, "loader_state": ["abc"]}, "rng": {"python": [3, (1, 2, 3), None]}}
+
+
+def test_round_trip_and_checksum_covers_every_value(tmp_path):
+    path = save_checkpoint(_ckpt(), tmp_path / "a.pt")
+    loaded = load_checkpoint(path)
+    assert torch.equal(loaded["model"]["w"], MARK) and loaded["state"]["step"] == 7
+    base = checksum(_ckpt())
+    changed = _ckpt()
+    changed["state"]["step"] = 8  # a non-tensor value changes the checksum too
+    assert checksum(changed) != base
+    changed = _ckpt()
+    changed["model"]["w"][100] += 1
+    assert checksum(changed) != base
+
+
+def test_flipped_tensor_bytes_are_refused(tmp_path):
+    path = save_checkpoint(_ckpt(), tmp_path / "a.pt")
+    data = bytearray(path.read_bytes())
+    at = data.find(MARK.numpy().tobytes()[:256])
+    assert at > 0
+    for i in range(at + 1024, at + 1024 + 64):  # 64 bytes inside the tensor; unpickling cannot notice
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert torch.load(path, weights_only=True)["model"]["w"].shape == MARK.shape  # loads without checksum
+    with pytest.raises(CheckpointError, match="corrupt: its tensors do not match the checksum"):
+        load_checkpoint(path)
+
+
+def test_checkpoints_with_a_tensor_only_checksum_still_load(tmp_path):
+    old = ck._to_cpu(_ckpt())
+    old["checksum"] = checksum(old, tensors_only=True)  # the first checksummed format
+    save_atomic(old, tmp_path / "old.pt")
+    assert load_checkpoint(tmp_path / "old.pt")["state"]["step"] == 7
+
+
+@pytest.mark.parametrize("err", [errno.ENOSPC, errno.EACCES, errno.EIO])
+def test_write_error_is_one_line_naming_the_file(tmp_path, monkeypatch, err):
+    path = tmp_path / "last.pt"
+    save_checkpoint(_ckpt(), path)
+
+    def failing_fsync(fd):
+        raise OSError(err, os.strerror(err))
+
+    monkeypatch.setattr(ck.os, "fsync", failing_fsync)
+    with pytest.raises(CheckpointError) as info:
+        save_checkpoint({**_ckpt(), "config": {"lr": 0.2}}, path)
+    msg = str(info.value)
+    assert "\n" not in msg and str(path) in msg and os.strerror(err) in msg and "previous file" in msg
+    monkeypatch.undo()
+    assert load_checkpoint(path)["config"]["lr"] == 0.1  # the old file is intact
+    assert sorted(os.listdir(tmp_path)) == ["last.pt"]  # and no temp file is left
+
+
+def test_path_under_a_file_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CheckpointError, match=r"cannot write .*file/sub/last.pt"):
+        save_checkpoint(_ckpt(), tmp_path / "file" / "sub" / "last.pt")
+
+
+def test_fuzz_random_truncated_and_mutated_files(tmp_path):
+    """A few hundred damaged files: every one is either loaded and verified, or a CheckpointError."""
+    good = save_checkpoint(_ckpt(), tmp_path / "good.pt").read_bytes()
+    rng = random.Random(0)
+    path = tmp_path / "fuzz.pt"
+    loaded = 0
+    for i in range(300):
+        kind = i % 3
+        if kind == 0:  # random bytes, sometimes with a zip header
+            data = (b"PK\x03\x04" if i % 2 else b"") + rng.randbytes(rng.randrange(0, 4096))
+        elif kind == 1:  # truncated at a random point
+            data = good[: rng.randrange(0, len(good))]
+        else:  # a few random bytes overwritten anywhere
+            data = bytearray(good)
+            for _ in range(rng.randrange(1, 9)):
+                data[rng.randrange(len(data))] = rng.randrange(256)
+            data = bytes(data)
+        path.write_bytes(data)
+        try:
+            ckpt = load_checkpoint(path)
+        except CheckpointError as exc:
+            assert "\n" not in str(exc) and str(path) in str(exc)
+            continue
+        loaded += 1  # only if the damage missed everything that matters: then the content is intact
+        assert torch.equal(ckpt["model"]["w"], MARK) and ckpt["state"]["step"] == 7
+    assert loaded < 100
