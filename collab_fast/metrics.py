@@ -140,6 +140,8 @@ class Logger:
                 print("note: no TensorBoard events (pip install 'collab_fast[train]' for tensorboard)", file=sys.stderr)
             else:
                 self.tb = SummaryWriter(str(out / "tb"))
+            self.file.write(json.dumps({"kind": "start", "time": time.time()}) + "\n")  # wall time from here
+            self.file.flush()
 
     def __call__(self, rec: dict, kind: str) -> None:
         if not self.enabled:

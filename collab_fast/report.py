@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from collab_fast.checkpoint import CheckpointError, load_checkpoint, load_file
+from collab_fast.extras import MissingExtra, require
 
 __all__ = ["layer_weight_stats", "load_run", "main", "write_report"]
 
@@ -31,27 +32,48 @@ def load_run(out: str | Path) -> dict:
     path = out / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{out} has no metrics.jsonl: not a collab_fast run directory")
-    train, evals = {}, {}
-    for n, line in enumerate(path.read_text().splitlines(), 1):
+    train, evals, times = {}, {}, []
+    lines = path.read_text(errors="replace").splitlines()
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
-            if n == len(path.read_text().splitlines()):
+            if n == len(lines):
                 continue  # a line cut by a crash mid-write
-            raise ValueError(f"{path}:{n} is not JSON") from None
-        (train if rec.get("kind") == "train" else evals)[rec["step"] if rec.get("kind") == "train" else
-                                                         (rec["epoch"], rec["step"])] = rec
-    config = json.loads((out / "config.json").read_text()) if (out / "config.json").is_file() else {}
+            raise ValueError(f"{path}:{n} is not JSON (a damaged or foreign metrics file)") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("time"), (int, float)):
+            raise ValueError(f"{path}:{n} is not a collab_fast metrics record (a damaged or foreign metrics file)")
+        times.append(rec["time"])
+        kind = rec.get("kind")
+        need = {"train": ("step", "loss", "train_acc", "img_per_s"), "eval": ("step", "epoch", "top1", "top1_heads")}
+        missing = [k for k in need.get(kind, ()) if k not in rec]
+        if missing:
+            raise ValueError(f"{path}:{n}: a {kind} record without {', '.join(missing)} (a damaged or foreign "
+                             "metrics file)")
+        if kind == "train":
+            train[rec["step"]] = rec
+        elif kind == "eval":
+            evals[(rec["epoch"], rec["step"])] = rec
+    config = {}
+    if (out / "config.json").is_file():
+        try:
+            config = json.loads((out / "config.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ValueError(f"{out / 'config.json'} is not JSON (a damaged run folder)") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{out / 'config.json'} is not a run configuration (a damaged run folder)")
     return {"dir": out, "name": out.name, "config": config, "train": [train[k] for k in sorted(train)],
-            "eval": [evals[k] for k in sorted(evals, key=lambda k: k[1])]}
+            "eval": [evals[k] for k in sorted(evals, key=lambda k: k[1])], "times": times}
 
 
 def head0_weights(out: Path) -> dict[str, torch.Tensor]:
     """Head 0's conv/linear weights: from head0.pth, else exported from last.pt (an unfinished run)."""
     if (out / "head0.pth").is_file():
         sd = load_file(out / "head0.pth")
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise CheckpointError(f"{out / 'head0.pth'} holds a {type(sd).__name__}, not a state dict of tensors")
     else:
         from collab_fast.export import model_from_config
 
@@ -88,20 +110,19 @@ def _finish(plt, fig, axes, xlabel: str, path: Path, legend_size: int = 8) -> st
 
 
 def _plots(runs: list[dict], stats: dict[str, list[dict]], out: Path, dead_threshold: float) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
+    require("matplotlib", "train", "drawing the report").use("Agg")
     import matplotlib.pyplot as plt
 
     files = []
     fig, ax = plt.subplots(1, 3, figsize=(16, 4.5))
     for r in runs:
         steps = [t["step"] for t in r["train"]]
-        ax[0].plot(steps, [t["loss"] for t in r["train"]], label=r["name"])
+        dots = {"marker": "o", "ms": 4} if len(steps) < 30 else {}  # short runs: every point visible
+        ax[0].plot(steps, [t["loss"] for t in r["train"]], label=r["name"], **dots)
         heads = len(r["train"][0]["train_acc"]) if r["train"] else 0
         for h in range(heads):
             ax[1].plot(steps, [100 * t["train_acc"][h] for t in r["train"]], label=f"{r['name']} head {h}",
-                       alpha=0.8, lw=1)
+                       alpha=0.8, lw=1, **dots)
         ev = r["eval"]
         if ev:
             es = [e["step"] for e in ev]
@@ -117,9 +138,10 @@ def _plots(runs: list[dict], stats: dict[str, list[dict]], out: Path, dead_thres
     fig, ax = plt.subplots(1, 2, figsize=(12, 4))
     for r in runs:
         steps = [t["step"] for t in r["train"]]
-        ax[0].plot(steps, [t["img_per_s"] for t in r["train"]], label=r["name"])
+        dots = {"marker": "o", "ms": 4} if len(steps) < 30 else {}
+        ax[0].plot(steps, [t["img_per_s"] for t in r["train"]], label=r["name"], **dots)
         mem = [t.get("peak_mem_mb", t.get("peak_rss_mb")) for t in r["train"]]
-        ax[1].plot(steps, mem, label=r["name"])
+        ax[1].plot(steps, mem, label=r["name"], **dots)
     ax[0].set_title("images / s")
     ax[1].set_title("peak memory (MB; GPU allocated, or process RSS on CPU)")
     files.append(_finish(plt, fig, ax, "step", out / "speed.png"))
@@ -149,7 +171,7 @@ def _summary(r: dict) -> dict:
     ev = r["eval"][-1] if r["eval"] else {}
     heads = ev.get("top1_heads", [])
     best = max(range(len(heads)), key=lambda h: heads[h]) if heads else None
-    times = [t["time"] for t in r["train"]]
+    times = r["times"]  # every record's, the run's start record included
     mem = [t.get("peak_mem_mb", t.get("peak_rss_mb")) for t in r["train"]]
     return {"run": r["name"], "arch": r["config"].get("arch"), "pattern": r["config"].get("pattern"),
             "steps": r["train"][-1]["step"] if r["train"] else 0,
@@ -164,14 +186,15 @@ def write_report(dirs: list[str | Path], out: str | Path | None = None, dead_thr
     runs = [load_run(d) for d in dirs]
     out = Path(out) if out else Path(dirs[0])
     out.mkdir(parents=True, exist_ok=True)
-    stats = {}
+    stats, why = {}, []
     for r in runs:
         try:
             stats[r["name"]] = layer_weight_stats(head0_weights(r["dir"]), dead_threshold)
         except (CheckpointError, FileNotFoundError) as exc:
             print(f"note: no weights for {r['name']} ({exc})", file=sys.stderr)
+            why.append(str(exc))
     if not stats:
-        raise FileNotFoundError("none of the runs has head0.pth or last.pt: nothing to draw weights from")
+        raise FileNotFoundError(f"no run has readable weights: {'; '.join(why)}")
     images = _plots(runs, stats, out, dead_threshold)
     rows = [_summary(r) for r in runs]
     cols = list(rows[0])
@@ -204,7 +227,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         path = write_report(args.runs, args.out, args.dead_threshold)
-    except (FileNotFoundError, ValueError, CheckpointError) as exc:
+    except (FileNotFoundError, ValueError, CheckpointError, MissingExtra) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"wrote {path}")

@@ -28,6 +28,7 @@ from collab_fast.checkpoint import CheckpointError, save_atomic
 from collab_fast.config import TrainConfig, parse_config, resolve
 from collab_fast.data import build_loaders
 from collab_fast.distributed import Dist, cleanup, init_distributed
+from collab_fast.extras import MissingExtra
 from collab_fast.kernels.collab_loss import CollabLoss
 from collab_fast.metrics import Logger, Meter, Progress, memory_stats
 from collab_fast.models import build
@@ -401,7 +402,7 @@ def main(argv=None) -> int:
     cfg = parse_config(argv)
     try:
         run(cfg)
-    except (CheckpointError, FileNotFoundError, ValueError) as exc:
+    except (CheckpointError, FileNotFoundError, ValueError, MissingExtra) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except (MemoryError, RuntimeError) as exc:

@@ -134,6 +134,83 @@ def test_skip_bad_files_with_a_counted_warning(tmp_path):
     assert [f.split("/")[-1] for f in files] == ["1.JPEG"]
 
 
+def _forge(path, kind):
+    """A JPEG whose markers pass the header check but which no decoder can take."""
+    import struct
+
+    data = bytearray(path.read_bytes())
+    if kind == "huge":  # SOF0 claims 65500 x 65500 pixels
+        i = data.find(b"\xff\xc0")
+        data[i + 5 : i + 9] = struct.pack(">HH", 65500, 65500)
+    else:  # garbage from the tables on, end marker kept
+        for j in range(30, len(data) - 2):
+            data[j] = (j * 7) & 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_bad_image_without_skip_is_one_line_naming_the_folder(tmp_path):
+    from collab_fast.data import DataError
+
+    root = write_toy(tmp_path / "t", classes=2, per_class=4, size=32, val_per_class=1)
+    _forge(sorted((root / "train").rglob("*.JPEG"))[0], "huge")
+    train, _, _ = build_loaders("toy", data_dir=str(root), batch_size=4, image_size=24)
+    with pytest.raises(DataError) as info:
+        for _ in train:
+            pass
+    msg = str(info.value)
+    assert "\n" not in msg and str(root / "train") in msg and "--skip-bad-images" in msg and "check" in msg
+
+
+def test_skip_bad_images_decodes_every_file_once(tmp_path, monkeypatch):
+    import collab_fast.data.folder as folder
+
+    monkeypatch.setenv("COLLAB_FAST_CACHE", str(tmp_path / "cache"))
+    root = write_toy(tmp_path / "t", classes=2, per_class=4, size=32, val_per_class=1)
+    files = sorted((root / "train").rglob("*.JPEG"))
+    _forge(files[0], "huge")
+    _forge(files[5], "garbage")
+    with pytest.warns(RuntimeWarning, match="skipping 2 unreadable image file"):
+        train, _, _ = build_loaders("toy", data_dir=str(root), batch_size=2, image_size=24, skip_bad_images=True)
+    assert sum(x.shape[0] for x, _ in train) == 6  # the 6 good training images, no DALI failure
+    decoded = []
+    monkeypatch.setattr(folder, "decode_image", lambda p: decoded.append(p))
+    with pytest.warns(RuntimeWarning, match="skipping 2"):  # the verdicts come from the cache
+        scan_split(root, "train", skip_bad=True, decode=True)
+    assert decoded == []
+    files[1].write_bytes(files[1].read_bytes() + b"\x00")  # a changed file is decoded again
+    with pytest.warns(RuntimeWarning):
+        scan_split(root, "train", skip_bad=True, decode=True)
+    assert decoded == [files[1]]
+
+
+def test_toy_under_a_file_and_check_of_a_file(tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    assert data_main(["toy", str(tmp_path / "f" / "toy"), "--classes", "2", "--per-class", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot write the toy folder") and "\n" not in err
+    assert data_main(["check", str(tmp_path / "f")]) == 2
+
+
+def test_missing_extra_names_it(monkeypatch):
+    import builtins
+
+    from collab_fast.extras import MissingExtra
+
+    real = builtins.__import__
+
+    def no_sklearn(name, *a, **k):
+        if name.startswith("sklearn"):
+            raise ImportError("No module named 'sklearn'")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_sklearn)
+    monkeypatch.delitem(__import__("sys").modules, "sklearn.datasets", raising=False)
+    monkeypatch.delitem(__import__("sys").modules, "sklearn", raising=False)
+    with pytest.raises(MissingExtra, match=r"digits data set .* needs sklearn, which is not installed: pip install "
+                                           r"'collab_fast\[train\]'"):
+        load_digits(16)
+
+
 def test_odd_but_valid_files_decode_to_rgb(tmp_path):
     root = _folder(tmp_path, {"train": {"a": [("gray.JPEG", "gray"), ("cmyk.JPEG", "cmyk"), ("png.JPEG", "png"),
                                               ("ok.jpg", "jpeg")]}})

@@ -65,6 +65,48 @@ def test_report_errors(tmp_path, capsys):
     assert "no metrics.jsonl" in capsys.readouterr().err
 
 
+def _copy_run(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("tb", "*.pt"))
+    return dst
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda d: (d / "metrics.jsonl").write_text('{"kind": "train", "time": 1.0, "loss": 1}\n' * 3),
+     r"metrics.jsonl:1: a train record without step"),
+    (lambda d: (d / "metrics.jsonl").write_text("[1, 2]\n[3]\n"), r"metrics.jsonl:1 is not a collab_fast metrics record"),
+    (lambda d: (d / "metrics.jsonl").write_text("nonsense\n{}\n"), r"metrics.jsonl:1 is not JSON"),
+    (lambda d: (d / "config.json").write_text("{{{"), r"config.json is not JSON"),
+    (lambda d: __import__("torch").save([1, 2], d / "head0.pth"), r"head0.pth holds a list, not a state dict"),
+    (lambda d: (d / "head0.pth").write_bytes(bytes(range(256)) * 4), r"head0.pth is corrupt, truncated"),
+])
+def test_damaged_run_folders_are_one_line_errors(runs, tmp_path, capsys, damage, match):
+    single, _ = runs
+    run = _copy_run(single, tmp_path / "run")  # no last.pt: head0.pth is the only source of weights
+    damage(run)
+    assert report_main([str(run), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and __import__("re").search(match, err[-1]), err
+
+
+def test_short_run_draws_points_and_fills_every_column(tmp_path, monkeypatch):
+    import collab_fast.report as report
+
+    out = tmp_path / "one"
+    assert train.main([*BASE, "--pattern", "ilr2", "--max-steps", "1", "--output", str(out)]) == 0
+    drawn = []
+    real_finish = report._finish
+    monkeypatch.setattr(report, "_finish", lambda plt, fig, axes, *a, **k: (
+        drawn.extend(line for ax in axes for line in ax.get_lines()), real_finish(plt, fig, axes, *a, **k))[1])
+    assert report_main([str(out), "--out", str(tmp_path / "r")]) == 0
+    one_point = [line for line in drawn if len(line.get_xdata()) == 1]
+    assert one_point and all(line.get_marker() not in (None, "None", "") for line in one_point)
+    row = report._summary(load_run(out))
+    assert all(v is not None for v in row.values()), row
+    assert row["wall_min"] > 0
+
+
 def test_recipes_list_and_override(capsys):
     with pytest.raises(SystemExit) as exc:
         train.parse_config(["--list-recipes"])

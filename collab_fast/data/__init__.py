@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from collab_fast.data.folder import DaliLoader, check_image, scan_split
+from collab_fast.data.folder import DaliLoader, DataError, check_image, decode_image, scan_split
 from collab_fast.data.memory import (
     CIFAR_MEAN,
     CIFAR_STD,
@@ -26,8 +26,8 @@ from collab_fast.data.memory import (
 from collab_fast.data.noise import LabelNoise
 from collab_fast.data.toy import write_toy
 
-__all__ = ["DATASETS", "DaliLoader", "DeviceLoader", "LabelNoise", "SyntheticLoader", "build_loaders",
-           "check_image", "default_toy_dir", "scan_split", "write_toy"]
+__all__ = ["DATASETS", "DataError", "DaliLoader", "DeviceLoader", "LabelNoise", "SyntheticLoader", "build_loaders",
+           "check_image", "decode_image", "default_toy_dir", "scan_split", "write_toy"]
 
 DATASETS = ("imagenet", "cifar10", "cifar100", "digits", "toy", "synthetic")
 TOY_DEFAULT = {"classes": 10, "per_class": 100, "size": 96}
@@ -86,8 +86,10 @@ def build_loaders(dataset: str, *, data_dir: str | None = None, batch_size: int 
     root = _ensure_toy(data_dir) if dataset == "toy" else data_dir
     if not root:
         raise ValueError("imagenet needs --data DIR (DIR/train/<class>/*.JPEG and DIR/val/<class>/*.JPEG)")
-    files, labels, classes = scan_split(root, "train", check_files=check_files, skip_bad=skip_bad_images)
-    vfiles, vlabels, _ = scan_split(root, "val", classes=classes, check_files=check_files, skip_bad=skip_bad_images)
+    # --skip-bad-images decodes every image once (cached): the header check cannot see every bad file
+    check = dict(check_files=check_files, skip_bad=skip_bad_images, decode=skip_bad_images, threads=num_threads)
+    files, labels, classes = scan_split(root, "train", **check)
+    vfiles, vlabels, _ = scan_split(root, "val", classes=classes, **check)
     device_id = device.index if device.type == "cuda" else None
     if device.type == "cuda" and device_id is None:
         device_id = torch.cuda.current_device()

@@ -10,8 +10,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from collab_fast.data.folder import IMAGE_EXTENSIONS, check_image
+from collab_fast.data.folder import IMAGE_EXTENSIONS, DataError, check_image, decode_image
 from collab_fast.data.toy import write_toy
+from collab_fast.extras import MissingExtra
 
 
 def _check(root: Path, decode: bool) -> int:
@@ -23,15 +24,7 @@ def _check(root: Path, decode: bool) -> int:
         if not p.is_file() or p.suffix.lower() not in IMAGE_EXTENSIONS:
             continue
         n += 1
-        why = check_image(p)
-        if why is None and decode:
-            from PIL import Image
-
-            try:
-                with Image.open(p) as im:
-                    im.convert("RGB").load()
-            except Exception as exc:  # PIL raises many types for broken files
-                why = f"does not decode ({type(exc).__name__}: {exc})"
+        why = decode_image(p) if decode else check_image(p)
         if why:
             bad.append(p)
             print(f"{p}: {why}")
@@ -54,14 +47,20 @@ def main(argv=None) -> int:
     c.add_argument("dir")
     c.add_argument("--decode", action="store_true", help="fully decode every image (slow, finds every bad file)")
     args = p.parse_args(argv)
-    if args.cmd == "toy":
-        try:
-            out = write_toy(args.out, args.classes, args.per_class, args.size, args.val_per_class, args.seed)
-        except ValueError as exc:
-            p.error(str(exc))
-        print(f"wrote {out}/train and {out}/val ({args.classes} classes)")
-        return 0
-    return _check(Path(args.dir), args.decode)
+    try:
+        if args.cmd == "toy":
+            try:
+                out = write_toy(args.out, args.classes, args.per_class, args.size, args.val_per_class, args.seed)
+            except OSError as exc:
+                raise DataError(f"cannot write the toy folder {args.out}: {exc.strerror} ({exc.filename})") from None
+            print(f"wrote {out}/train and {out}/val ({args.classes} classes)")
+            return 0
+        return _check(Path(args.dir), args.decode)
+    except (DataError, MissingExtra) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except ValueError as exc:
+        p.error(str(exc))
 
 
 if __name__ == "__main__":

@@ -12,15 +12,19 @@ epoch's label on the device, which is how label noise is redrawn every epoch wit
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 from collab_fast.data.noise import LabelNoise
+from collab_fast.extras import require
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DaliLoader", "check_image", "scan_split"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DataError", "DaliLoader", "check_image", "decode_image", "scan_split"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -28,15 +32,13 @@ IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
 
 
 def _dali():
-    try:
-        import nvidia.dali.fn as fn
-        import nvidia.dali.types as types
-        from nvidia.dali import pipeline_def
-        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
-    except ImportError as exc:
-        raise RuntimeError(
-            "image folders are read with NVIDIA DALI, which is not installed: "
-            "`pip install 'collab_fast[dali]'` (nvidia-dali-cuda130) or the DALI build for your CUDA") from exc
+    require("nvidia.dali", "dali", "reading image folders (imagenet, toy) with NVIDIA DALI; or the DALI build for "
+            "your CUDA,")
+    import nvidia.dali.fn as fn
+    import nvidia.dali.types as types
+    from nvidia.dali import pipeline_def
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
     return fn, types, pipeline_def, DALIGenericIterator, LastBatchPolicy
 
 
@@ -61,9 +63,65 @@ def check_image(path: str | Path) -> str | None:
     return "not a JPEG or PNG file" if size else "empty file"
 
 
+class DataError(ValueError):
+    """A data set that cannot be read as asked (reported in one line)."""
+
+
+def decode_image(path: str | Path) -> str | None:
+    """Full check: the header check, then a complete decode with Pillow, whose pixel limit (about 179M
+    pixels) also refuses forged headers such as 65500x65500. Returns why the file is bad, or None."""
+    why = check_image(path)
+    if why:
+        return why
+    Image = require("PIL.Image", "train", "checking images by decoding them")
+    try:
+        with Image.open(path) as im:
+            im.convert("RGB").load()
+    except Exception as exc:  # Pillow raises many types for broken files
+        return f"does not decode ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})"
+    return None
+
+
+def _decode_cache(base: Path) -> Path:
+    cache = os.environ.get("COLLAB_FAST_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "collab_fast")
+    key = hashlib.blake2b(str(base.resolve()).encode(), digest_size=8).hexdigest()
+    return Path(cache) / "decode_checks" / f"{base.name}-{key}.json"
+
+
+def _decode_all(base: Path, paths: list[Path], threads: int | None) -> dict[Path, str | None]:
+    """decode_image of every path, in parallel (Pillow decodes without the GIL); results are cached by
+    (path, size, mtime), so a later run decodes only new or changed files."""
+    cache_file = _decode_cache(base)
+    try:
+        cached = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    stamps = {}
+    for p in paths:
+        st = p.stat()
+        stamps[p] = f"{st.st_size}:{st.st_mtime_ns}"
+    todo = [p for p in paths if cached.get(str(p), [None])[0] != stamps[p]]
+    with ThreadPoolExecutor(threads or min(32, os.cpu_count() or 1)) as pool:
+        for p, why in zip(todo, pool.map(decode_image, todo)):
+            cached[str(p)] = [stamps[p], why]
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cached))
+        os.replace(tmp, cache_file)
+    except OSError:
+        pass  # a read-only cache only costs the next run another check
+    return {p: cached[str(p)][1] for p in paths}
+
+
 def scan_split(root: str | Path, split: str, classes: list[str] | None = None, check_files: bool = True,
-               skip_bad: bool = False) -> tuple[list[str], list[int], list[str]]:
-    """Files and labels of root/split. Class indices come from `classes` (the sorted train folders)."""
+               skip_bad: bool = False, decode: bool = False,
+               threads: int | None = None) -> tuple[list[str], list[int], list[str]]:
+    """Files and labels of root/split. Class indices come from `classes` (the sorted train folders).
+
+    check_files: the cheap header check of every file; decode: a full decode of every file (cached), which
+    finds what the header check cannot; skip_bad: skip (and name) bad files instead of failing."""
     base = Path(root) / split
     if not Path(root).is_dir():
         raise FileNotFoundError(f"data directory {root} does not exist")
@@ -80,18 +138,23 @@ def scan_split(root: str | Path, split: str, classes: list[str] | None = None, c
             raise ValueError(f"{base} has class folders that the train split does not have: {unknown[:5]}"
                              f"{' ...' if len(unknown) > 5 else ''} (their labels would be wrong)")
     index = {c: i for i, c in enumerate(classes)}
-    files, labels, bad = [], [], []
+    entries = []
     for c in found:
-        entries = sorted(p for p in (base / c).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-        if not entries:
+        these = sorted(p for p in (base / c).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not these:
             raise ValueError(f"class folder {base / c} has no images (.JPEG/.jpg/.png)")
-        for p in entries:
-            why = check_image(p) if check_files else None
-            if why:
-                bad.append((p, why))
-                continue
+        entries += [(p, index[c]) for p in these]
+    if decode:
+        verdict = _decode_all(base, [p for p, _ in entries], threads)
+    else:
+        verdict = {p: check_image(p) if check_files else None for p, _ in entries}
+    files, labels, bad = [], [], []
+    for p, label in entries:
+        if verdict[p]:
+            bad.append((p, verdict[p]))
+        else:
             files.append(str(p))
-            labels.append(index[c])
+            labels.append(label)
     if bad:
         listing = "; ".join(f"{p}: {why}" for p, why in bad[:5]) + (" ..." if len(bad) > 5 else "")
         if not skip_bad:
@@ -132,6 +195,7 @@ class DaliLoader:
             perm = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed)).tolist()
             files, labels = [files[i] for i in perm], [labels[i] for i in perm]
         self.train = train
+        self.root = os.path.commonpath(files) if len(files) > 1 else os.path.dirname(files[0])
         self.batch_size = batch_size
         self.num_classes = num_classes
         self.drop_last = train if drop_last is None else drop_last
@@ -232,7 +296,10 @@ class DaliLoader:
                     x = x.permute(0, 3, 1, 2)  # NHWC memory seen as NCHW: channels_last, no copy
                 yield x, self.table[idx]
         except RuntimeError as exc:
-            if "Critical error in pipeline" in str(exc):
-                raise RuntimeError(f"DALI failed to decode an image ({str(exc).splitlines()[-1].strip()}). Run "
-                                   "`python -m collab_fast.data check DIR --decode` to find the file.") from exc
-            raise
+            if "Critical error in pipeline" not in str(exc):
+                raise
+            lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+            why = next((ln for ln in lines if "failure" in ln or "rror:" in ln), lines[-1])
+            raise DataError(f"DALI could not decode an image under {self.root} ({why}); find it with `python -m "
+                            f"collab_fast.data check {self.root} --decode`, or pass --skip-bad-images (every "
+                            "image decoded once before training, bad ones named and skipped)") from None

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from collab_fast.extras import require
+
 __all__ = ["parse_size", "write_toy"]
 
 
@@ -48,8 +50,7 @@ def _image(rng: np.random.Generator, cls: int, num_classes: int, w: int, h: int)
 def write_toy(out: str | Path, classes: int = 10, per_class: int = 100, size: str | int = 160,
               val_per_class: int | None = None, seed: int = 0, quality: int = 90) -> Path:
     """Writes OUT/train/class_XXX/*.JPEG and OUT/val/class_XXX/*.JPEG; returns OUT."""
-    from PIL import Image
-
+    Image = require("PIL.Image", "train", "writing the toy data set")
     if classes < 2 or per_class < 1:
         raise ValueError(f"need at least 2 classes and 1 image per class, got {classes} and {per_class}")
     w, h = parse_size(size)
