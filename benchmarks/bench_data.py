@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import format_row, save  # noqa: E402
+from common import add_output_args, format_row, output_dir, save  # noqa: E402
 
 from collab_fast.data import DaliLoader, scan_split, write_toy  # noqa: E402
 
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="DALI CPU threads (default: min(8, cores))")
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--no-save", action="store_true")
+    add_output_args(p)
     args = p.parse_args(argv)
     if args.quick:
         args.per_class, args.classes, args.batch_size, args.epochs, args.size = 4, 4, 8, 2, "128x96"
@@ -65,8 +65,8 @@ def main(argv=None) -> int:
            "threads": threads, "device": "gpu (mixed decode)" if device_id is not None else "cpu operators",
            "img_per_s": statistics.median(rates), "epochs": len(rates)}
     print(format_row(row))
-    if not args.no_save:
-        save("bench_data", [row], torch.device("cuda" if device_id is not None else "cpu"), argv, COLUMNS)
+    dev = torch.device("cuda" if device_id is not None else "cpu")
+    save("bench_data", [row], dev, argv, COLUMNS, output_dir(args, dev))
     return 0
 
 

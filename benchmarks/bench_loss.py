@@ -24,7 +24,16 @@ if not torch.cuda.is_available():  # the kernel runs in Triton's interpreter on 
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench, copy_bandwidth, format_row, peak_extra_memory, save  # noqa: E402
+from common import (  # noqa: E402
+    add_output_args,
+    bench,
+    copy_bandwidth,
+    format_row,
+    output_dir,
+    pct_of_floor,
+    peak_extra_memory,
+    save,
+)
 
 from collab_fast import collab_loss_reference, fused_collab_loss  # noqa: E402
 
@@ -63,8 +72,15 @@ def run_shape(name, H, N, C, dtype, providers, device, bandwidth):
     elt = z0.element_size()
     floors = {"forward": H * N * C * elt, "fwd+bwd": 2 * H * N * C * elt}
     rows, eager_ms = [], {}
-    for provider in providers:
-        fn = make_loss_fn(provider)
+    fns = {provider: make_loss_fn(provider) for provider in providers}
+    for fn in fns.values():  # every provider warmed up (compilation, first launches) before any timing
+        try:
+            with torch.no_grad():
+                fn(z0, y)
+            fn(z0.clone().requires_grad_(), y).backward()
+        except torch.OutOfMemoryError:
+            pass  # reported below, when this provider is timed
+    for provider, fn in fns.items():
         z = z0.clone().requires_grad_()
 
         def fwd_nograd(fn=fn):
@@ -98,7 +114,7 @@ def run_shape(name, H, N, C, dtype, providers, device, bandwidth):
             rows.append({
                 "shape": name, "H": H, "N": N, "C": C, "dtype": str(dtype).replace("torch.", ""),
                 "provider": provider, "mode": mode, "ms": ms, "GB/s": gbs,
-                "pct_floor": (100 * nbytes / bandwidth / (ms * 1e-3)) if nbytes and ms > 0 else None,
+                "pct_floor": pct_of_floor(nbytes, bandwidth, ms),
                 "speedup_vs_eager": eager_ms[mode] / ms if mode in eager_ms and ms > 0 else None,
                 "peak_extra_MB": peak / 2**20 if peak is not None and mode == "fwd+bwd" else None,
             })
@@ -111,7 +127,7 @@ def main(argv=None) -> int:
     p.add_argument("--providers", default=None, help="comma list of eager,compiled,ours (default: all)")
     p.add_argument("--shapes", default=None, help="comma list of shape names (default: all for the device)")
     p.add_argument("--quick", action="store_true", help="one tiny shape (a smoke test)")
-    p.add_argument("--no-save", action="store_true", help="print only; do not write benchmarks/results/")
+    add_output_args(p)
     args = p.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -137,8 +153,7 @@ def main(argv=None) -> int:
         rows += run_shape(*shape, providers, device, bandwidth)
     for r in rows:
         print(format_row(r, COLUMNS))
-    if not args.no_save:
-        save("bench_loss", rows, device, argv, COLUMNS)
+    save("bench_loss", rows, device, argv, COLUMNS, output_dir(args, device))
     return 0
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench, copy_bandwidth, format_row, save  # noqa: E402
+from common import add_output_args, bench, copy_bandwidth, format_row, output_dir, pct_of_floor, save  # noqa: E402
 
 from collab_fast.rescale import branch, branch_reference, load_extension  # noqa: E402
 
@@ -33,23 +33,26 @@ def run(name, shape, dtype, n, device, bandwidth):
     grads = [torch.randn_like(x) for _ in range(n)]
     nbytes = (n + 1) * x.numel() * x.element_size()
     rows, base = [], None
-    for provider, fn in PROVIDERS.items():
-        def step(fn=fn):
-            x.grad = None
-            torch.autograd.backward(fn(x, n), grads)
 
-        ms = bench(step, device)
+    def step(fn):
+        x.grad = None
+        torch.autograd.backward(fn(x, n), grads)
+
+    for fn in PROVIDERS.values():  # every provider warmed up (extension load, allocator) before any timing
+        step(fn)
+    for provider, fn in PROVIDERS.items():
+        ms = bench(lambda fn=fn: step(fn), device)
         base = ms if provider == "autograd" else base
         rows.append({"shape": f"{name} {list(shape)}", "dtype": str(dtype).replace("torch.", ""), "n": n,
                      "provider": provider, "ms": ms, "GB/s": nbytes / (ms * 1e-3) / 1e9,
-                     "pct_floor": 100 * nbytes / bandwidth / (ms * 1e-3), "speedup_vs_autograd": base / ms})
+                     "pct_floor": pct_of_floor(nbytes, bandwidth, ms), "speedup_vs_autograd": base / ms})
     return rows
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="one tiny shape (a smoke test)")
-    p.add_argument("--no-save", action="store_true", help="print only; do not write benchmarks/results/")
+    add_output_args(p)
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     load_extension()  # compile outside the timed region
@@ -65,8 +68,7 @@ def main(argv=None) -> int:
                 rows += run(name, shape, dtype, n, device, bandwidth)
     for r in rows:
         print(format_row(r, COLUMNS))
-    if not args.no_save:
-        save("bench_rescale", rows, device, argv, COLUMNS)
+    save("bench_rescale", rows, device, argv, COLUMNS, output_dir(args, device))
     return 0
 
 

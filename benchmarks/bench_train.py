@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import bench, format_row, save  # noqa: E402
+from common import add_output_args, bench, format_row, output_dir, save  # noqa: E402
 
 from collab_fast.data import build_loaders  # noqa: E402
 from collab_fast.models.cost import pattern_cost  # noqa: E402
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     p.add_argument("--compile", choices=["off", "on", "both"], default="off")
     p.add_argument("--data", choices=["synthetic", "toy"], default="synthetic")
     p.add_argument("--quick", action="store_true", help="tiny CPU-sized run (a smoke test)")
-    p.add_argument("--no-save", action="store_true")
+    add_output_args(p)
     args = p.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.quick:
@@ -139,8 +139,7 @@ def main(argv=None) -> int:
                     r["mem_vs_single"] = r["peak_mem_mb"] / base["peak_mem_mb"]
             rows.append(r)
             print(format_row(r))
-    if not args.no_save:
-        save("bench_train", rows, device, argv, COLUMNS)
+    save("bench_train", rows, device, argv, COLUMNS, output_dir(args, device))
     return 0
 
 

@@ -75,13 +75,43 @@ def peak_extra_memory(fn, device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated(device) - base
 
 
-def write_results(name: str, rows: list[dict], device: torch.device, command: str, columns: list[str]) -> Path:
-    """Writes RESULTS_DIR/<name>_<device>_<date>.{json,md}; returns the JSON path."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+def add_output_args(p) -> None:
+    """--out / --no-save, the same for every benchmark script."""
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help=f"where to write the JSON and markdown results (default: {RESULTS_DIR} on a GPU; CPU smoke "
+                        "runs are printed only unless --out is given)")
+    p.add_argument("--no-save", action="store_true", help="print only")
+
+
+def output_dir(args, device: torch.device) -> Path | None:
+    """The results folder for this run, or None (print only)."""
+    if args.no_save:
+        return None
+    if args.out:
+        return Path(args.out)
+    if device.type == "cuda":
+        return RESULTS_DIR
+    print("CPU smoke run: results not saved (pass --out DIR to keep them)")
+    return None
+
+
+def pct_of_floor(nbytes: float | None, bandwidth: float, ms: float) -> float | None:
+    """Percent of the DRAM floor reached, or None where the time beats the floor: the data were served
+    from a cache, so the DRAM floor does not bound the operation (never a figure above 100%)."""
+    if not nbytes or ms <= 0:
+        return None
+    pct = 100 * nbytes / bandwidth / (ms * 1e-3)
+    return pct if pct <= 100 else None
+
+
+def write_results(name: str, rows: list[dict], device: torch.device, command: str, columns: list[str],
+                  out_dir: Path = RESULTS_DIR) -> Path:
+    """Writes out_dir/<name>_<device>_<date>.{json,md}; returns the JSON path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
     today = _dt.date.today().isoformat()
     tag = "cpu" if device.type == "cpu" else torch.cuda.get_device_name(device).replace(" ", "-").lower()
     meta = {"device": device_name(device), "versions": versions(), "date": today, "command": command}
-    stem = RESULTS_DIR / f"{name}_{tag}_{today}"
+    stem = out_dir / f"{name}_{tag}_{today}"
     json_path = stem.with_suffix(".json")
     json_path.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     lines = [
@@ -108,11 +138,14 @@ def format_row(row: dict, columns: list[str] | None = None) -> str:
                      for k in keys if row.get(k) is not None)
 
 
-def save(name: str, rows: list[dict], device: torch.device, argv: list[str] | None, columns: list[str]) -> Path:
-    """write_results with the exact command line that produced the rows."""
+def save(name: str, rows: list[dict], device: torch.device, argv: list[str] | None, columns: list[str],
+         out_dir: Path | None = RESULTS_DIR) -> Path | None:
+    """write_results with the exact command line that produced the rows (nothing when out_dir is None)."""
+    if out_dir is None:
+        return None
     args = sys.argv[1:] if argv is None else argv
     cmd = f"python benchmarks/{name}.py " + " ".join(shlex.quote(a) for a in args)
-    path = write_results(name, rows, device, cmd.strip(), columns)
+    path = write_results(name, rows, device, cmd.strip(), columns, Path(out_dir))
     print(f"wrote {path} and {path.with_suffix('.md')}")
     return path
 

@@ -13,11 +13,12 @@ def test_bench_loss_quick(tmp_path, monkeypatch, capsys):
     import bench_loss
     import common
 
-    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
-    assert bench_loss.main(["--quick"]) == 0
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path / "checkout")
+    assert bench_loss.main(["--quick", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     for provider in ("eager", "compiled", "ours"):
         assert f"provider={provider}" in out
+    assert not (tmp_path / "checkout").exists()  # --out, not the checkout
     md = list(tmp_path.glob("bench_loss_cpu_*.md"))
     assert md and "not a performance figure" in md[0].read_text()
     assert list(tmp_path.glob("bench_loss_cpu_*.json"))
@@ -32,10 +33,8 @@ def test_bench_loss_rejects_unknown_provider():
 
 def test_bench_rescale_quick(tmp_path, monkeypatch, capsys):
     import bench_rescale
-    import common
 
-    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
-    assert bench_rescale.main(["--quick"]) == 0
+    assert bench_rescale.main(["--quick", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "provider=autograd" in out and "provider=ours" in out
     assert list(tmp_path.glob("bench_rescale_cpu_*.json"))
@@ -44,10 +43,8 @@ def test_bench_rescale_quick(tmp_path, monkeypatch, capsys):
 def test_bench_data_quick(tmp_path, monkeypatch, capsys):
     pytest.importorskip("nvidia.dali")
     import bench_data
-    import common
 
-    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
-    assert bench_data.main(["--quick"]) == 0
+    assert bench_data.main(["--quick", "--out", str(tmp_path)]) == 0
     assert "img_per_s=" in capsys.readouterr().out
     assert list(tmp_path.glob("bench_data_cpu_*.json"))
 
@@ -55,11 +52,27 @@ def test_bench_data_quick(tmp_path, monkeypatch, capsys):
 @pytest.mark.slow
 def test_bench_train_quick(tmp_path, monkeypatch, capsys):
     import bench_train
-    import common
 
-    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path)
-    assert bench_train.main(["--quick"]) == 0
+    assert bench_train.main(["--quick", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "pattern=single" in out and "pattern=hier4" in out and "time_vs_single=" in out
     md = next(tmp_path.glob("bench_train_cpu_*.md")).read_text()
     assert "paper_time" in md
+
+
+def test_cpu_smoke_runs_are_not_saved_in_the_checkout_by_default(tmp_path, monkeypatch, capsys):
+    import bench_rescale
+    import common
+
+    monkeypatch.setattr(common, "RESULTS_DIR", tmp_path / "results")
+    assert bench_rescale.main(["--quick"]) == 0
+    assert "not saved (pass --out DIR" in capsys.readouterr().out
+    assert not (tmp_path / "results").exists()
+
+
+def test_percent_of_floor_is_never_above_100():
+    import common
+
+    assert common.pct_of_floor(1e9, 1e12, 2.0) == pytest.approx(50.0)
+    assert common.pct_of_floor(1e9, 1e12, 0.5) is None  # faster than DRAM: served from a cache
+    assert common.pct_of_floor(None, 1e12, 1.0) is None
