@@ -167,6 +167,42 @@ def scan_split(root: str | Path, split: str, classes: list[str] | None = None, c
     return files, labels, classes
 
 
+def _pipeline(files, batch_size, *, train, device_id, image_size, crop_ratio, rank, world, seed, num_threads, dtype,
+              channels_last, mean, std):
+    """The DALI pipeline definition (call it, optionally with checkpoint=..., to get a pipeline): reader ->
+    decode (+ random resized crop when training) -> resize -> flip + normalise; outputs (images, index)."""
+    fn, types, pipeline_def, _, _ = _dali()
+    gpu = device_id is not None
+    decode_device, op_device = ("mixed", "gpu") if gpu else ("cpu", "cpu")
+    out_type = types.FLOAT16 if dtype == torch.float16 else types.FLOAT
+    threads = num_threads or max(1, min(8, os.cpu_count() or 1))
+
+    # Checkpointing (training only) records the reader's position and every random generator, so a run
+    # resumed mid-epoch or at a later epoch sees the order and augmentations the uninterrupted run saw.
+    @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=device_id, seed=seed + 17 * rank,
+                  prefetch_queue_depth=2, enable_checkpointing=train)
+    def pipeline():
+        jpegs, index = fn.readers.file(files=files, labels=list(range(len(files))), shuffle_after_epoch=train,
+                                       shard_id=rank, num_shards=world, pad_last_batch=True, name="Reader", seed=seed)
+        if train:
+            images = fn.decoders.image_random_crop(jpegs, device=decode_device, output_type=types.RGB,
+                                                   random_area=[0.08, 1.0], random_aspect_ratio=[0.75, 4 / 3],
+                                                   num_attempts=10)
+            images = fn.resize(images, device=op_device, resize_x=image_size, resize_y=image_size)
+            mirror = fn.random.coin_flip(probability=0.5)
+        else:
+            images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
+            images = fn.resize(images, device=op_device, resize_shorter=round(image_size / crop_ratio))
+            mirror = 0
+        images = fn.crop_mirror_normalize(images, device=op_device, dtype=out_type,
+                                          output_layout="HWC" if channels_last else "CHW",
+                                          crop=(image_size, image_size), crop_pos_x=0.5, crop_pos_y=0.5,
+                                          mean=[255 * m for m in mean], std=[255 * s for s in std], mirror=mirror)
+        return images, index.gpu() if gpu else index
+
+    return pipeline
+
+
 class DaliLoader:
     """(images, labels) batches of an image folder split through a DALI pipeline.
 
@@ -183,7 +219,6 @@ class DaliLoader:
                  rank: int = 0, world: int = 1, seed: int = 0, num_threads: int | None = None,
                  drop_last: bool | None = None, label_noise: float = 0.0, dtype: torch.dtype = torch.float32,
                  channels_last: bool = True, mean=IMAGENET_MEAN, std=IMAGENET_STD):
-        fn, types, pipeline_def, iterator_cls, policy = _dali()
         if len(files) != len(labels) or not files:
             raise ValueError(f"need as many labels as files (got {len(files)} files, {len(labels)} labels)")
         if dtype not in (torch.float32, torch.float16):
@@ -204,42 +239,11 @@ class DaliLoader:
         self.channels_last = channels_last
         n = len(files)
         self.num_samples = n * (rank + 1) // world - n * rank // world  # DALI's contiguous shard of the list
-        gpu = device_id is not None
-        decode_device = "mixed" if gpu else "cpu"
-        op_device = "gpu" if gpu else "cpu"
-        out_type = types.FLOAT16 if dtype == torch.float16 else types.FLOAT
-        layout = "HWC" if channels_last else "CHW"
-        mean255 = [255 * m for m in mean]
-        std255 = [255 * s for s in std]
-        resize_val = round(image_size / crop_ratio)
-        threads = num_threads or max(1, min(8, os.cpu_count() or 1))
-
-        # Checkpointing (training only) records the reader's position and every random generator, so a run
-        # resumed mid-epoch or at a later epoch sees the order and augmentations the uninterrupted run saw.
-        @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=device_id, seed=seed + 17 * rank,
-                      prefetch_queue_depth=2, enable_checkpointing=train)
-        def pipeline():
-            jpegs, index = fn.readers.file(files=files, labels=list(range(len(files))), shuffle_after_epoch=train,
-                                           shard_id=rank, num_shards=world, pad_last_batch=True, name="Reader",
-                                           seed=seed)
-            if train:
-                images = fn.decoders.image_random_crop(jpegs, device=decode_device, output_type=types.RGB,
-                                                       random_area=[0.08, 1.0], random_aspect_ratio=[0.75, 4 / 3],
-                                                       num_attempts=10)
-                images = fn.resize(images, device=op_device, resize_x=image_size, resize_y=image_size)
-                mirror = fn.random.coin_flip(probability=0.5)
-            else:
-                images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
-                images = fn.resize(images, device=op_device, resize_shorter=resize_val)
-                mirror = 0
-            images = fn.crop_mirror_normalize(images, device=op_device, dtype=out_type, output_layout=layout,
-                                              crop=(image_size, image_size), crop_pos_x=0.5, crop_pos_y=0.5,
-                                              mean=mean255, std=std255, mirror=mirror)
-            if gpu:
-                index = index.gpu()
-            return images, index
-
-        self._make_pipeline = pipeline
+        self._make_pipeline = _pipeline(files, batch_size, train=train, device_id=device_id, image_size=image_size,
+                                        crop_ratio=crop_ratio, rank=rank, world=world, seed=seed,
+                                        num_threads=num_threads, dtype=dtype, channels_last=channels_last,
+                                        mean=mean, std=std)
+        _, _, _, iterator_cls, policy = _dali()
         self._make_iter = lambda pipe: iterator_cls(
             [pipe], ["images", "index"], reader_name="Reader", auto_reset=True,
             last_batch_policy=policy.DROP if self.drop_last else policy.PARTIAL)
