@@ -57,8 +57,13 @@ class TrainConfig:
                                      metavar="E1,E2,...")
     warmup_epochs: float = opt(0.0, "linear learning-rate warm-up from 0, in epochs", lo=0)
     temperature: float = opt(2.0, "T of the soft (consensus) objective", lo=0, lo_open=True)
-    beta: float = opt(0.5, "weight of the hard (label) objective; the soft one gets 1 - beta", lo=0, hi=1)
+    beta: float | None = opt(None, "weight of the hard (label) objective; the soft one gets 1 - beta; unset: 0.5",
+                             lo=0, hi=1)
     soft_weight: float | None = opt(None, "extra factor on the soft objective; unset: T^2 (the paper)", lo=0)
+    soft_loss: str = opt("ce", "soft objective: ce = CE(consensus, head) as in the paper, kl = KL(consensus || "
+                               "head) as several public implementations write it", choices=("ce", "kl"))
+    loss_weights: list[float] = opt([], "free factors of the hard and the soft objective, replacing --beta and "
+                                        "--soft-weight (e.g. 1,4 for CE + 4 KL)", lo=0, metavar="HARD,SOFT")
     detach_consensus: bool = opt(True, "the consensus is a constant target (no gradient through it)")
     rescale: str = opt("backprop", "gradient rescaling at split points (the paper's Table 3 ablation)",
                        choices=RESCALE_MODES)
@@ -176,6 +181,11 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.skip_nonfinite and cfg.amp == "fp16":
         raise ValueError("--skip-nonfinite cannot be combined with --amp fp16, whose grad scaler already skips "
                          "steps with non-finite gradients")
+    if cfg.loss_weights and len(cfg.loss_weights) != 2:
+        raise ValueError(f"--loss-weights takes two numbers HARD,SOFT, got {len(cfg.loss_weights)}")
+    if cfg.loss_weights and (cfg.beta is not None or cfg.soft_weight is not None):
+        raise ValueError("--loss-weights replaces --beta and --soft-weight (a --recipe may set them): give one or "
+                         "the other")
     if cfg.batch_size % cfg.accum_steps:
         raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of --accum-steps {cfg.accum_steps}")
 

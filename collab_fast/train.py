@@ -74,7 +74,8 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
 
 
 def make_loss(cfg: TrainConfig) -> CollabLoss:
-    return CollabLoss(temperature=cfg.temperature, beta=cfg.beta, soft_weight=cfg.soft_weight,
+    return CollabLoss(temperature=cfg.temperature, beta=cfg.beta, soft_weight=cfg.soft_weight, soft_loss=cfg.soft_loss,
+                      weights=tuple(cfg.loss_weights) if cfg.loss_weights else None,
                       detach_consensus=cfg.detach_consensus, label_smoothing=cfg.label_smoothing)
 
 

@@ -15,8 +15,10 @@ from collab_fast.kernels import collab_loss as cl
 DEV = torch.device("cuda" if HAS_CUDA else "cpu")
 
 
-def paper_loss(z, y, T, beta, w, detach, eps=0.0, ignore_index=-100):
-    """Eq. 2-4 written head by head with torch.nn.functional, float64: an independent formula."""
+def paper_loss(z, y, T, beta, w, detach, eps=0.0, ignore_index=-100, kl=False, weights=None):
+    """Eq. 2-4 written head by head with torch.nn.functional, float64: an independent formula.
+    kl: the soft term as F.kl_div (KL(q || p)); weights: (hard, soft) factors instead of beta, (1-beta) w."""
+    k_hard, k_soft = weights if weights is not None else (beta, (1 - beta) * w)
     H = z.shape[0]
     valid = y != ignore_index
     total = 0.0
@@ -29,8 +31,12 @@ def paper_loss(z, y, T, beta, w, detach, eps=0.0, ignore_index=-100):
         if detach:
             others = others.detach()
         q = F.softmax(others[valid] / T, -1)
-        soft = -(q * F.log_softmax(z[h][valid] / T, -1)).sum()
-        total = total + beta * hard + (1 - beta) * w * soft
+        if kl:
+            soft = F.kl_div(F.log_softmax(z[h][valid] / T, -1), F.log_softmax(others[valid] / T, -1),
+                            reduction="sum", log_target=True)
+        else:
+            soft = -(q * F.log_softmax(z[h][valid] / T, -1)).sum()
+        total = total + k_hard * hard + k_soft * soft
     return total / valid.sum().clamp(min=1)
 
 
@@ -78,6 +84,53 @@ def test_reference_matches_paper_formula(H, detach, eps):
     torch.testing.assert_close(a.grad, b.grad)
 
 
+@pytest.mark.parametrize("H", [2, 3, 4])
+@pytest.mark.parametrize("detach", [True, False])
+@pytest.mark.parametrize("weights", [None, (1.0, 2.5)])
+def test_reference_kl_and_weights_match_the_formula(H, detach, weights):
+    z, y = make(H, 9, 13, dtype=torch.float64)
+    y[2] = -100
+    a = z.clone().requires_grad_()
+    b = z.clone().requires_grad_()
+    kw = {"weights": weights} if weights else {"beta": 0.3, "soft_weight": 1.7}
+    ref = collab_loss_reference(a, y, temperature=3.0, detach_consensus=detach, soft_loss="kl", **kw)
+    want = paper_loss(b, y, 3.0, 0.3, 1.7, detach, kl=True, weights=weights)
+    torch.testing.assert_close(ref, want)
+    ref.backward()
+    want.backward()
+    torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_kl_and_ce_relation():
+    # Detached consensus: KL = CE - entropy(q), same gradient. Live consensus: different gradients.
+    z, y = make(3, 6, 11, dtype=torch.float64)
+    grads = {}
+    for soft_loss in ("ce", "kl"):
+        for detach in (True, False):
+            x = z.clone().requires_grad_()
+            loss = collab_loss_reference(x, y, soft_loss=soft_loss, detach_consensus=detach, reduction="none")
+            loss.sum().backward()
+            grads[soft_loss, detach] = (loss.detach(), x.grad)
+    torch.testing.assert_close(grads["ce", True][1], grads["kl", True][1])
+    assert (grads["ce", True][0] - grads["kl", True][0]).abs().min() > 1e-3  # the entropy offset
+    assert (grads["ce", False][1] - grads["kl", False][1]).abs().max() > 1e-3
+
+
+def test_weights_replace_beta_and_soft_weight():
+    z, y = make(3, 6, 11, dtype=torch.float64)
+    a = collab_loss_reference(z, y, beta=0.25, soft_weight=3.0)
+    b = collab_loss_reference(z, y, weights=(0.25, 0.75 * 3.0))
+    torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="weights=\\(hard, soft\\) replaces beta and soft_weight"):
+        fused_collab_loss(z, y, beta=0.5, weights=(1.0, 1.0))
+    for bad, match in [((1.0,), "a pair"), ((1.0, -1.0), r"weights\[1\] \(soft\) must be a finite number"),
+                       ((float("nan"), 1.0), r"weights\[0\]"), ("ab", "a pair")]:
+        with pytest.raises(ValueError, match=match):
+            CollabLoss(weights=bad)
+    with pytest.raises(ValueError, match="soft_loss must be one of"):
+        CollabLoss(soft_loss="js")
+
+
 def test_reference_single_head_is_cross_entropy():
     z, y = make(1, 6, 7, dtype=torch.float64)
     torch.testing.assert_close(collab_loss_reference(z, y), F.cross_entropy(z[0], y))
@@ -106,6 +159,28 @@ def test_kernel_matches_reference(H, C, detach):
     ref, ker, gr, gk = run_both(z, y, detach_consensus=detach)
     assert_close(ker, ref, atol=1e-5)
     assert_close(gk, gr, atol=1e-6)
+
+
+@pytest.mark.parametrize("H, C, block_c", [(2, 7, None), (3, 37, 16), (4, 1000, None), (5, 130, 32)])
+@pytest.mark.parametrize("detach", [True, False])
+@pytest.mark.parametrize("weights", [None, (1.0, 0.7)])
+@pytest.mark.parametrize("eps, reduction", [(0.0, "mean"), (0.1, "sum"), (0.0, "none")])
+def test_kernel_kl_every_switch_matches_reference(H, C, block_c, detach, weights, eps, reduction):
+    # soft_loss="kl" x consensus x free weights x label smoothing x ignore_index x reduction x looped
+    # blocks, against the float64 reference: the loss and every head's gradient, non-contiguous logits.
+    z, y = make(H, 6, C, seed=C)
+    z = z.transpose(0, 1).contiguous().transpose(0, 1)  # [H, N, C] view with non-standard strides
+    y[1] = -100
+    kw = {"weights": weights} if weights else {"beta": 0.4}
+    ref, ker, gr, gk = run_both(z, y, block_c=block_c, soft_loss="kl", detach_consensus=detach,
+                                label_smoothing=eps, reduction=reduction, **kw)
+    assert_close(ker, ref, atol=2e-5)
+    assert_close(gk, gr, atol=2e-6)
+    _, stats = fused_collab_loss(z, y, impl="triton", soft_loss="kl", detach_consensus=detach,
+                                 label_smoothing=eps, return_stats=True, **kw)
+    _, want = collab_loss_reference(z.double(), y, soft_loss="kl", detach_consensus=detach, label_smoothing=eps,
+                                    return_stats=True, **kw)
+    assert_close(stats.soft, want.soft, atol=2e-5)
 
 
 @pytest.mark.parametrize("N", [1, 7])
@@ -263,18 +338,29 @@ def test_backward_twice_is_refused():
         loss.backward()
 
 
-def test_double_backward_is_refused():
-    z, y = make(2, 3, 4)
-    x = z.clone().requires_grad_()
-    loss = fused_collab_loss(x, y, impl="triton")
-    with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(loss, x, create_graph=True)
-    # the reference path computes it: a gradient penalty really depends on x
-    loss = fused_collab_loss(x, y, impl="torch")
-    (g,) = torch.autograd.grad(loss, x, create_graph=True)
-    assert g.requires_grad
-    (gg,) = torch.autograd.grad(g.square().sum(), x)
-    assert gg.abs().sum() > 0
+@pytest.mark.parametrize("soft_loss", ["ce", "kl"])
+@pytest.mark.parametrize("detach", [True, False])
+def test_gradient_penalty_is_right_or_refused(soft_loss, detach):
+    # A gradient penalty needs the gradient's own gradient: the reference path computes it (checked
+    # against the independent float64 formula), the Triton path refuses with a clear error.
+    z, y = make(3, 4, 6, dtype=torch.float64)
+
+    def penalty(fn):
+        x = z.clone().requires_grad_()
+        (g,) = torch.autograd.grad(fn(x), x, create_graph=True)
+        (gg,) = torch.autograd.grad(g.square().sum(), x)
+        return gg
+
+    got = penalty(lambda x: fused_collab_loss(x, y, impl="torch", soft_loss=soft_loss, detach_consensus=detach))
+    want = penalty(lambda x: paper_loss(x, y, 2.0, 0.5, 4.0, detach, kl=soft_loss == "kl"))
+    torch.testing.assert_close(got, want)
+    assert got.abs().sum() > 0
+    for reduction in ("mean", "none"):
+        x = z.float().clone().requires_grad_()
+        loss = fused_collab_loss(x, y, impl="triton", soft_loss=soft_loss, detach_consensus=detach,
+                                 reduction=reduction).sum()
+        with pytest.raises(RuntimeError, match="double backward .* use impl='torch'"):
+            torch.autograd.grad(loss, x, create_graph=True)
 
 
 def test_no_grad_forward_matches():
@@ -307,7 +393,7 @@ def test_empty_batch():
 
 def test_custom_op_opcheck():
     z, y = make(3, 4, 9)
-    args = (z.requires_grad_(), y, 2.0, 0.5, 4.0, True, -100, 0.0, "mean", 0, True, True)
+    args = (z.requires_grad_(), y, 2.0, 0.5, 2.0, True, -100, 0.0, "mean", 0, "kl", True, True)
     torch.library.opcheck(torch.ops.collab_fast.collab_loss_forward, args,
                           test_utils=("test_schema", "test_faketensor"))
 
@@ -440,18 +526,20 @@ from collab_fast.kernels.collab_loss import _collab_loss_kernel as kernel
 sig = {"z_ptr": "*bf16", "stride_zh": "i64", "stride_zn": "i64", "stride_zc": "i64", "y_ptr": "*i64",
        "stride_y": "i64", "g_ptr": "*bf16", "stride_gh": "i64", "stride_gn": "i64", "stride_gc": "i64",
        "loss_ptr": "*fp32", "stats_ptr": "*fp32", "nvalid_ptr": "*i64", "r_ptr": "*fp32", "stride_rh": "i64",
-       "stride_rn": "i64", "N": "i32", "C": "i32", "ignore_index": "i32", "inv_t": "fp32", "beta": "fp32",
+       "stride_rn": "i64", "N": "i32", "C": "i32", "ignore_index": "i32", "inv_t": "fp32", "hard_coef": "fp32",
        "soft_coef": "fp32", "eps": "fp32"}
-variants = [  # (H, BLOCK_C, NUM_BLOCKS, REDUCE, ROW_WEIGHTS, DETACH, STATS, SMOOTH, T_IS_TWO)
-    (4, 1024, 1, True, False, True, True, False, True),     # ImageNet-like, one block, stats
-    (4, 2048, 16, True, False, False, False, True, True),   # LM-like, looped, through the consensus
-    (3, 64, 3, False, True, False, False, False, False),    # backward of "none", padded heads
-    (1, 1024, 2, True, False, True, False, True, False),    # one head
+variants = [  # (H, BLOCK_C, NUM_BLOCKS, REDUCE, ROW_WEIGHTS, DETACH, STATS, SMOOTH, T_IS_TWO, KL)
+    (4, 1024, 1, True, False, True, True, False, True, False),     # ImageNet-like, one block, stats
+    (4, 2048, 16, True, False, False, False, True, True, False),   # LM-like, looped, through the consensus
+    (3, 64, 3, False, True, False, False, False, False, False),    # backward of "none", padded heads
+    (1, 1024, 2, True, False, True, False, True, False, False),    # one head
+    (4, 1024, 1, True, False, False, True, False, True, True),     # KL through the consensus, one block
+    (2, 2048, 8, True, False, False, False, False, False, True),   # KL through the consensus, looped
 ]
-for H, B, NB, RED, ROW, DET, ST, SM, T2 in variants:
+for H, B, NB, RED, ROW, DET, ST, SM, T2, KL in variants:
     consts = dict(H=H, H_PAD=triton.next_power_of_2(H), BLOCK_C=B, NUM_BLOCKS=NB, REDUCE=RED, MEAN=RED,
                   COMPUTE_LOSS=not ROW, COMPUTE_GRAD=True, ROW_WEIGHTS=ROW, DETACH=DET, STATS=ST, SMOOTH=SM,
-                  T_IS_TWO=T2)
+                  T_IS_TWO=T2, KL=KL)
     s = dict(sig, **{c: "constexpr" for c in consts})
     triton.compile(ASTSource(fn=kernel, signature=s, constexprs=consts), target=GPUTarget("cuda", 90, 32),
                    options={"num_warps": 8})
@@ -467,4 +555,4 @@ def test_kernel_compiles_for_sm90_without_a_gpu():
     if res.returncode != 0 and "GPUTarget" in res.stderr and "ImportError" in res.stderr:
         pytest.skip("this Triton has no GPUTarget compile API")
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "compiled 4" in res.stdout
+    assert "compiled 6" in res.stdout

@@ -53,6 +53,14 @@ def test_every_pattern_end_to_end(tmp_path, pattern):
     build("resnet32", "single").load_state_dict(torch.load(out / "head0.pth", weights_only=True), strict=True)
 
 
+def test_kl_soft_loss_with_free_weights(tmp_path):
+    out = run_train(tmp_path, "--pattern", "ilr2", "--max-steps", "2", "--soft-loss", "kl", "--loss-weights", "1,4")
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["soft_loss"] == "kl" and cfg["loss_weights"] == [1.0, 4.0] and cfg["beta"] is None
+    loss = train.make_loss(train.TrainConfig(**{k: v for k, v in cfg.items()}))
+    assert loss.params.soft_loss == "kl" and (loss.params.hard_coef, loss.params.soft_coef) == (1.0, 4.0)
+
+
 @pytest.mark.slow
 def test_toy_folder_through_dali(tmp_path):
     pytest.importorskip("nvidia.dali")
@@ -276,6 +284,10 @@ def test_out_of_memory_message(tmp_path, monkeypatch):
     (["digits", "--amp", "fp16", "--skip-nonfinite"], "--skip-nonfinite cannot be combined"),
     (["digits", "-b", "0"], r"--batch-size must be in \[1, inf\)"),
     (["mnist"], "invalid choice: 'mnist'"),
+    (["digits", "--loss-weights", "1"], "--loss-weights takes two numbers HARD,SOFT"),
+    (["digits", "--loss-weights", "1,4", "--beta", "0.3"], "--loss-weights replaces --beta and --soft-weight"),
+    (["digits", "--loss-weights", "1,-4"], r"--loss-weights must be in \[0, inf\)"),
+    (["digits", "--soft-loss", "js"], "invalid choice: 'js'"),
 ])
 def test_bad_flags(argv, match, capsys):
     with pytest.raises(SystemExit) as exc:

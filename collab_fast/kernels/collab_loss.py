@@ -6,18 +6,23 @@ weight beta, soft weight w (default T^2), label smoothing eps; C' = number of fi
     hard_h = lse(z_h) - (1 - eps) z_h[y] - eps * sum_{i finite} z_h,i / C'      (torch's smoothing)
     c_h    = (sum_{j != h} z_j) / (H - 1)                 leave-one-out consensus of the other heads
     a_h    = z_h / T,  u_h = c_h / T,  p_h = softmax(a_h),  q_h = softmax(u_h)
-    soft_h = -sum_i q_h,i log p_h,i = lse(a_h) - <q_h, a_h>
-    L_h    = beta hard_h + (1 - beta) w soft_h            (H = 1: L_1 = hard_1, plain cross-entropy)
+    soft_h = -sum_i q_h,i log p_h,i = lse(a_h) - <q_h, a_h>                  (soft_loss="ce")
+    soft_h = sum_i q_h,i (log q_h,i - log p_h,i) = CE - ent(q_h),             (soft_loss="kl")
+             ent(q_h) = lse(u_h) - <q_h, u_h>
+    L_h    = k_hard hard_h + k_soft soft_h                (H = 1: L_1 = hard_1, plain cross-entropy)
+             k_hard = beta, k_soft = (1 - beta) w;  or free:  (k_hard, k_soft) = weights
 
     loss = sum_h mean_{n not ignored} L_h(n)   ("mean"; "sum" sums over n; "none" gives [H, N])
 
 Gradient, with r_h the upstream weight of L_h (1/n_valid for "mean", 1 for "sum", grad_output[h, n]
 for "none"):
 
-    dz_j  = r_j [beta (softmax(z_j) - (1 - eps) e_y - eps 1_finite / C') + (1 - beta) w (p_j - q_j) / T]
-  and when the consensus is not detached, soft_h (h != j) also reaches z_j through u_h:
-    g_h   = d soft_h / d z_j = -q_h * (a_h - <q_h, a_h>) / (T (H - 1))        (same for every j != h)
-    dz_j += (1 - beta) w (G - r_j g_j),  G = sum_h r_h g_h
+    dz_j  = r_j [k_hard (softmax(z_j) - (1 - eps) e_y - eps 1_finite / C') + k_soft (p_j - q_j) / T]
+  (the same for "ce" and "kl": ent(q_j) does not depend on z_j), and when the consensus is not detached,
+  soft_h (h != j) also reaches z_j through u_h:
+    g_h   = d soft_h / d z_j = -q_h * (b_h - <q_h, b_h>) / (T (H - 1))        (same for every j != h)
+            b_h = a_h ("ce"), or a_h - u_h ("kl": the entropy's gradient flows into the other heads too)
+    dz_j += k_soft (G - r_j g_j),  G = sum_h r_h g_h
 
 A class whose logit is -inf is absent: it gets probability 0 and gradient 0, and the loss equals the
 loss computed without it (C' counts only finite classes). A class masked in another head is absent
@@ -57,6 +62,7 @@ __all__ = [
 ]
 
 _REDUCTIONS = ("mean", "sum", "none")
+_SOFT_LOSSES = ("ce", "kl")
 _IMPLS = ("auto", "triton", "torch")
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MAX_BLOCK_C = 2**16  # a larger column block does not fit Triton's per-tensor limit with several heads
@@ -77,21 +83,35 @@ class CollabLossParams:
     through the autograd Function and the custom ops to the launcher. See fused_collab_loss."""
 
     temperature: float = 2.0
-    beta: float = 0.5
-    soft_weight: float | None = None  # None: T^2
+    beta: float | None = None  # None: 0.5 (or unused, with weights)
+    soft_weight: float | None = None  # None: T^2 (or unused, with weights)
     detach_consensus: bool = True
     ignore_index: int = -100
     label_smoothing: float = 0.0
     reduction: str = "mean"
     impl: str = "auto"
     block_c: int | None = None
+    soft_loss: str = "ce"
+    weights: tuple[float, float] | None = None  # (hard, soft) coefficients, instead of beta and soft_weight
 
     def __post_init__(self):
         put = lambda k, v: object.__setattr__(self, k, v)
         put("temperature", _check_number("temperature", self.temperature, 0.0, math.inf, lo_open=True))
-        put("beta", _check_number("beta", self.beta, 0.0, 1.0))
-        put("soft_weight", self.temperature**2 if self.soft_weight is None
-            else _check_number("soft_weight", self.soft_weight, 0.0, math.inf))
+        if self.weights is not None:
+            if self.beta is not None or self.soft_weight is not None:
+                raise ValueError("weights=(hard, soft) replaces beta and soft_weight: give either weights or "
+                                 "beta/soft_weight, not both")
+            w = self.weights
+            if not isinstance(w, (tuple, list)) or len(w) != 2:
+                raise ValueError(f"weights must be a pair (hard, soft) of numbers >= 0, got {w!r}")
+            put("weights", (_check_number("weights[0] (hard)", w[0], 0.0, math.inf),
+                            _check_number("weights[1] (soft)", w[1], 0.0, math.inf)))
+        else:
+            put("beta", 0.5 if self.beta is None else _check_number("beta", self.beta, 0.0, 1.0))
+            put("soft_weight", self.temperature**2 if self.soft_weight is None
+                else _check_number("soft_weight", self.soft_weight, 0.0, math.inf))
+        if self.soft_loss not in _SOFT_LOSSES:
+            raise ValueError(f"soft_loss must be one of {_SOFT_LOSSES}, got {self.soft_loss!r}")
         put("label_smoothing", _check_number("label_smoothing", self.label_smoothing, 0.0, 1.0))
         if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
             raise TypeError(f"ignore_index must be an int, got {type(self.ignore_index).__name__}")
@@ -109,9 +129,14 @@ class CollabLossParams:
                 raise ValueError(f"block_c must be a power of two in [16, {_MAX_BLOCK_C}], got {b!r}")
 
     @property
+    def hard_coef(self) -> float:
+        """The factor on the hard objective: beta, or weights[0]."""
+        return self.weights[0] if self.weights is not None else self.beta
+
+    @property
     def soft_coef(self) -> float:
-        """(1 - beta) * soft_weight: the factor on the soft objective."""
-        return (1.0 - self.beta) * self.soft_weight
+        """The factor on the soft objective: (1 - beta) * soft_weight, or weights[1]."""
+        return self.weights[1] if self.weights is not None else (1.0 - self.beta) * self.soft_weight
 
 
 def _check_number(name: str, value, lo: float, hi: float, lo_open: bool = False) -> float:
@@ -134,27 +159,35 @@ def collab_loss_reference(
     logits: torch.Tensor,
     target: torch.Tensor,
     temperature: float = 2.0,
-    beta: float = 0.5,
+    beta: float | None = None,
     soft_weight: float | None = None,
     detach_consensus: bool = True,
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
     reduction: str = "mean",
     return_stats: bool = False,
+    soft_loss: str = "ce",
+    weights: tuple[float, float] | None = None,
 ):
     """The collaborative loss as a composition of PyTorch ops. logits [H, N, C], target [N]."""
+    params = CollabLossParams(temperature, beta, soft_weight, detach_consensus, ignore_index, label_smoothing,
+                              reduction, "torch", None, soft_loss, weights)
+    return _reference(logits, target, params, return_stats)
+
+
+def _reference(logits: torch.Tensor, target: torch.Tensor, params: CollabLossParams, return_stats: bool = False):
     num_heads, n, _ = logits.shape
+    p = params
     z = logits if logits.dtype == torch.float64 else logits.float()
-    w = temperature**2 if soft_weight is None else soft_weight
-    valid = target != ignore_index  # [N]
+    valid = target != p.ignore_index  # [N]
     y = torch.where(valid, target, torch.zeros_like(target)).long()
     finite = z > float("-inf")  # [H, N, C]; -inf marks an absent class
 
     logp = torch.log_softmax(z, dim=-1)
     nll = -logp.gather(-1, y.view(1, n, 1).expand(num_heads, n, 1)).squeeze(-1)  # [H, N]
-    if label_smoothing > 0:
+    if p.label_smoothing > 0:
         smooth = -logp.masked_fill(~finite, 0.0).sum(-1) / finite.sum(-1)
-        hard = (1.0 - label_smoothing) * nll + label_smoothing * smooth
+        hard = (1.0 - p.label_smoothing) * nll + p.label_smoothing * smooth
     else:
         hard = nll
 
@@ -166,22 +199,26 @@ def collab_loss_reference(
         consensus = (zf.sum(0, keepdim=True) - zf) / (num_heads - 1)  # [H, N, C]
         masked = (~finite).int()
         consensus = consensus.masked_fill((masked.sum(0, keepdim=True) - masked) > 0, float("-inf"))
-        if detach_consensus:
+        if p.detach_consensus:
             consensus = consensus.detach()
-        q = torch.softmax(consensus / temperature, dim=-1)
-        logp_t = torch.log_softmax(z / temperature, dim=-1)
+        logq = torch.log_softmax(consensus / p.temperature, dim=-1)
+        q = logq.exp()
+        logp_t = torch.log_softmax(z / p.temperature, dim=-1)
         # 0 * log 0 = 0 for absent classes (and no NaN in the gradient through the masked branch)
         logp_t = logp_t.masked_fill(~finite & (q == 0), 0.0)
-        soft = -(q * logp_t).sum(-1)  # [H, N]
-        per = beta * hard + (1.0 - beta) * w * soft
+        if p.soft_loss == "kl":
+            soft = (q * (logq.masked_fill(q == 0, 0.0) - logp_t)).sum(-1)  # [H, N]
+        else:
+            soft = -(q * logp_t).sum(-1)  # [H, N]
+        per = p.hard_coef * hard + p.soft_coef * soft
 
     zero = torch.zeros((), dtype=per.dtype, device=per.device)
     per = torch.where(valid, per, zero)
     num_valid = valid.sum()
     denom = num_valid.clamp(min=1).to(per.dtype)
-    if reduction == "none":
+    if p.reduction == "none":
         loss = per
-    elif reduction == "sum":
+    elif p.reduction == "sum":
         loss = per.sum()
     else:
         loss = per.sum() / denom
@@ -224,7 +261,8 @@ if triton is not None:
         return tl.where((n_absent[None, :] - absent.to(tl.int32)) > 0, float("-inf"), u)
 
     @triton.jit
-    def _pass1_block(z, head_mask, inv_t, m1, s1, s_t, m_c, s_c, t_c, H: tl.constexpr, T_IS_TWO: tl.constexpr):
+    def _pass1_block(z, head_mask, inv_t, m1, s1, s_t, m_c, s_c, t_c, v_c, H: tl.constexpr, T_IS_TWO: tl.constexpr,
+                     KL: tl.constexpr):
         # Online update of the row statistics with one [H_PAD, BLOCK_C] block. Also returns the
         # block's exponentials (relative to the updated maxima) for reuse when the row is one block.
         m_new = tl.maximum(m1, tl.max(z, axis=1))
@@ -245,20 +283,25 @@ if triton is not None:
             rescale = tl.exp(m_c - mc_safe)
             s_c = s_c * rescale + tl.sum(e_u, axis=1)
             t_c = t_c * rescale + tl.sum(tl.where(e_u > 0, e_u * (z * inv_t), 0.0), axis=1)
+            if KL:
+                v_c = v_c * rescale + tl.sum(tl.where(e_u > 0, e_u * u, 0.0), axis=1)
             m_c = mc_new
-        return m_new, s1, s_t, m_c, s_c, t_c, e_1, e_t, e_u
+        return m_new, s1, s_t, m_c, s_c, t_c, v_c, e_1, e_t, e_u
 
     @triton.jit
-    def _grad_block(z, p_1, p_t, q, cols, y_safe, r, qa, n_fin, inv_t, beta, soft_coef, eps,
-                    H: tl.constexpr, DETACH: tl.constexpr, SMOOTH: tl.constexpr):
+    def _grad_block(z, p_1, p_t, q, u, cols, y_safe, r, qa, qu, n_fin, inv_t, hard_coef, soft_coef, eps,
+                    H: tl.constexpr, DETACH: tl.constexpr, SMOOTH: tl.constexpr, KL: tl.constexpr):
         # dL/dz for one block, every head, weighted by the upstream weights r [H_PAD].
         d_hard = p_1 - tl.where(cols[None, :] == y_safe, 1.0 - eps, 0.0)
         if SMOOTH:
             d_hard -= tl.where(z > float("-inf"), eps, 0.0) / n_fin[:, None]
         if H > 1:
-            grad = r[:, None] * (beta * d_hard + (soft_coef * inv_t) * (p_t - q))
+            grad = r[:, None] * (hard_coef * d_hard + (soft_coef * inv_t) * (p_t - q))
             if not DETACH:
-                g_q = tl.where(q > 0, q * (z * inv_t - qa[:, None]), 0.0) * (-inv_t / (H - 1))
+                if KL:  # b = a - u: the consensus entropy's gradient
+                    g_q = tl.where(q > 0, q * ((z * inv_t - u) - (qa - qu)[:, None]), 0.0) * (-inv_t / (H - 1))
+                else:  # b = a
+                    g_q = tl.where(q > 0, q * (z * inv_t - qa[:, None]), 0.0) * (-inv_t / (H - 1))
                 g_q = r[:, None] * g_q  # padded heads have r = 0
                 grad += soft_coef * (tl.sum(g_q, axis=0)[None, :] - g_q)
         else:
@@ -275,11 +318,11 @@ if triton is not None:
         nvalid_ptr,  # [] number of non-ignored labels (read when MEAN or STATS)
         r_ptr, stride_rh, stride_rn,  # upstream weights [H, N] (ROW_WEIGHTS: backward of "none")
         N, C, ignore_index,
-        inv_t, beta, soft_coef, eps,  # soft_coef = (1 - beta) * soft_weight
+        inv_t, hard_coef, soft_coef, eps,  # the factors on the hard and the soft objective
         H: tl.constexpr, H_PAD: tl.constexpr, BLOCK_C: tl.constexpr, NUM_BLOCKS: tl.constexpr,
         REDUCE: tl.constexpr, MEAN: tl.constexpr, COMPUTE_LOSS: tl.constexpr,
         COMPUTE_GRAD: tl.constexpr, ROW_WEIGHTS: tl.constexpr, DETACH: tl.constexpr,
-        STATS: tl.constexpr, SMOOTH: tl.constexpr, T_IS_TWO: tl.constexpr,
+        STATS: tl.constexpr, SMOOTH: tl.constexpr, T_IS_TWO: tl.constexpr, KL: tl.constexpr,
     ):
         n = tl.program_id(0).to(tl.int64)
         y = tl.load(y_ptr + n * stride_y).to(tl.int64)
@@ -303,6 +346,7 @@ if triton is not None:
         m_c = tl.full([H_PAD], float("-inf"), tl.float32)  # max u
         s_c = tl.zeros([H_PAD], tl.float32)  # sum exp(u - m_c)
         t_c = tl.zeros([H_PAD], tl.float32)  # sum exp(u - m_c) * a, so <q, a> = t_c / s_c
+        v_c = tl.zeros([H_PAD], tl.float32)  # sum exp(u - m_c) * u, so <q, u> = v_c / s_c (KL)
         sum_fin = tl.zeros([H_PAD], tl.float32)  # sum of finite z (label smoothing)
         n_fin = tl.zeros([H_PAD], tl.float32)  # number of finite classes
         arg = tl.zeros([H_PAD], tl.int64)  # first argmax (stats)
@@ -312,8 +356,8 @@ if triton is not None:
             z = _load_block(z_row, stride_zc, cols0, col_mask, head_mask)
             if STATS:
                 arg = tl.argmax(z, axis=1).to(tl.int64)
-            m1, s1, s_t, m_c, s_c, t_c, e_1, e_t, e_u = _pass1_block(
-                z, head_mask, inv_t, m1, s1, s_t, m_c, s_c, t_c, H, T_IS_TWO)
+            m1, s1, s_t, m_c, s_c, t_c, v_c, e_1, e_t, e_u = _pass1_block(
+                z, head_mask, inv_t, m1, s1, s_t, m_c, s_c, t_c, v_c, H, T_IS_TWO, KL)
             if SMOOTH:
                 finite = z > float("-inf")
                 sum_fin = tl.sum(tl.where(finite, z, 0.0), axis=1)
@@ -325,8 +369,8 @@ if triton is not None:
                 if STATS:
                     blk_arg = tl.argmax(z, axis=1).to(tl.int64) + b * BLOCK_C
                     arg = tl.where(tl.max(z, axis=1) > m1, blk_arg, arg)  # strict: first index wins
-                m1, s1, s_t, m_c, s_c, t_c, _e1, _et, _eu = _pass1_block(
-                    z, head_mask, inv_t, m1, s1, s_t, m_c, s_c, t_c, H, T_IS_TWO)
+                m1, s1, s_t, m_c, s_c, t_c, v_c, _e1, _et, _eu = _pass1_block(
+                    z, head_mask, inv_t, m1, s1, s_t, m_c, s_c, t_c, v_c, H, T_IS_TWO, KL)
                 if SMOOTH:
                     finite = z > float("-inf")
                     sum_fin += tl.sum(tl.where(finite, z, 0.0), axis=1)
@@ -340,10 +384,14 @@ if triton is not None:
             hard = lse_1 - z_y
         mc_safe = tl.where(m_c == float("-inf"), 0.0, m_c)
         qa = t_c  # <q_h, a_h> below; unused when H == 1
+        qu = v_c  # <q_h, u_h> below; used by KL only
         if H > 1:
             qa = t_c / s_c
             soft = m1_safe * inv_t + tl.log(s_t) - qa  # lse(a_h) - <q_h, a_h>
-            per = beta * hard + soft_coef * soft
+            if KL:
+                qu = v_c / s_c
+                soft -= mc_safe + tl.log(s_c) - qu  # minus the consensus entropy lse(u_h) - <q_h, u_h>
+            per = hard_coef * hard + soft_coef * soft
         else:
             soft = tl.zeros([H_PAD], tl.float32)
             per = hard
@@ -384,8 +432,13 @@ if triton is not None:
             inv_sc = 1.0 / s_c
             g_row = g_ptr + n * stride_gn + heads[:, None].to(tl.int64) * stride_gh
             if NUM_BLOCKS == 1:
-                grad = _grad_block(z, e_1 * inv_s1[:, None], e_t * inv_st[:, None], e_u * inv_sc[:, None],
-                                   cols0, y_safe, r, qa, n_fin, inv_t, beta, soft_coef, eps, H, DETACH, SMOOTH)
+                u = e_u  # used only for KL through a live consensus
+                if H > 1:
+                    if KL and not DETACH:
+                        u = _consensus_logits(z, head_mask, inv_t, H)
+                grad = _grad_block(z, e_1 * inv_s1[:, None], e_t * inv_st[:, None], e_u * inv_sc[:, None], u,
+                                   cols0, y_safe, r, qa, qu, n_fin, inv_t, hard_coef, soft_coef, eps, H, DETACH,
+                                   SMOOTH, KL)
                 grad = tl.where(ok, grad, 0.0)
                 tl.store(g_row + cols0[None, :].to(tl.int64) * stride_gc, grad.to(g_ptr.dtype.element_ty),
                          mask=head_mask[:, None] & col_mask[None, :])
@@ -400,10 +453,13 @@ if triton is not None:
                     else:
                         e_1 = tl.exp(z - m1_safe[:, None])
                     q = e_t  # unused when H == 1
+                    u = e_t
                     if H > 1:
-                        q = tl.exp(_consensus_logits(z, head_mask, inv_t, H) - mc_safe[:, None]) * inv_sc[:, None]
-                    grad = _grad_block(z, e_1 * inv_s1[:, None], e_t * inv_st[:, None], q,
-                                       cols, y_safe, r, qa, n_fin, inv_t, beta, soft_coef, eps, H, DETACH, SMOOTH)
+                        u = _consensus_logits(z, head_mask, inv_t, H)
+                        q = tl.exp(u - mc_safe[:, None]) * inv_sc[:, None]
+                    grad = _grad_block(z, e_1 * inv_s1[:, None], e_t * inv_st[:, None], q, u,
+                                       cols, y_safe, r, qa, qu, n_fin, inv_t, hard_coef, soft_coef, eps, H, DETACH,
+                                       SMOOTH, KL)
                     grad = tl.where(ok, grad, 0.0)
                     tl.store(g_row + cols[None, :].to(tl.int64) * stride_gc, grad.to(g_ptr.dtype.element_ty),
                              mask=head_mask[:, None] & col_mask[None, :])
@@ -488,11 +544,11 @@ def _launch(
             loss, stats, nvalid,
             r, r_strides[0], r_strides[1],
             n, c, params.ignore_index,
-            1.0 / params.temperature, params.beta, params.soft_coef, params.label_smoothing,
+            1.0 / params.temperature, params.hard_coef, params.soft_coef, params.label_smoothing,
             H=num_heads, H_PAD=triton.next_power_of_2(num_heads), BLOCK_C=block, NUM_BLOCKS=num_blocks,
             REDUCE=reduce, MEAN=mean, COMPUTE_LOSS=compute_loss, COMPUTE_GRAD=compute_grad,
             ROW_WEIGHTS=row_weights is not None, DETACH=params.detach_consensus, STATS=return_stats,
-            SMOOTH=params.label_smoothing > 0, T_IS_TWO=params.temperature == 2.0,
+            SMOOTH=params.label_smoothing > 0, T_IS_TWO=params.temperature == 2.0, KL=params.soft_loss == "kl",
             num_warps=num_warps,
         )
     elif compute_grad and grad_out is None:
@@ -508,32 +564,33 @@ def _launch(
 
 
 def _params_args(p: CollabLossParams) -> tuple:
-    return (p.temperature, p.beta, p.soft_weight, p.detach_consensus, p.ignore_index, p.label_smoothing,
-            p.reduction, p.block_c or 0)
+    # The resolved coefficients travel (beta/soft_weight or weights alike): (hard_coef, soft_coef).
+    return (p.temperature, p.hard_coef, p.soft_coef, p.detach_consensus, p.ignore_index, p.label_smoothing,
+            p.reduction, p.block_c or 0, p.soft_loss)
 
 
-def _params_from(temperature, beta, soft_weight, detach_consensus, ignore_index, label_smoothing, reduction,
-                 block_c) -> CollabLossParams:
-    return CollabLossParams(temperature, beta, soft_weight, detach_consensus, ignore_index, label_smoothing,
-                            reduction, "triton", block_c or None)
+def _params_from(temperature, hard_coef, soft_coef, detach_consensus, ignore_index, label_smoothing, reduction,
+                 block_c, soft_loss) -> CollabLossParams:
+    return CollabLossParams(temperature, None, None, detach_consensus, ignore_index, label_smoothing,
+                            reduction, "triton", block_c or None, soft_loss, (hard_coef, soft_coef))
 
 
 @torch.library.custom_op("collab_fast::collab_loss_forward", mutates_args=())
 def _collab_loss_forward_op(
-    logits: torch.Tensor, target: torch.Tensor, temperature: float, beta: float, soft_weight: float,
+    logits: torch.Tensor, target: torch.Tensor, temperature: float, hard_coef: float, soft_coef: float,
     detach_consensus: bool, ignore_index: int, label_smoothing: float, reduction: str, block_c: int,
-    compute_grad: bool, return_stats: bool,
+    soft_loss: str, compute_grad: bool, return_stats: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    params = _params_from(temperature, beta, soft_weight, detach_consensus, ignore_index, label_smoothing,
-                          reduction, block_c)
+    params = _params_from(temperature, hard_coef, soft_coef, detach_consensus, ignore_index, label_smoothing,
+                          reduction, block_c, soft_loss)
     loss, stats, grad = _launch(logits, target, params, compute_grad=compute_grad, return_stats=return_stats)
     empty = logits.new_empty((0,), dtype=torch.float32)
     return loss, (stats if stats is not None else empty), (grad if grad is not None else logits.new_empty(0))
 
 
 @_collab_loss_forward_op.register_fake
-def _(logits, target, temperature, beta, soft_weight, detach_consensus, ignore_index, label_smoothing,
-      reduction, block_c, compute_grad, return_stats):
+def _(logits, target, temperature, hard_coef, soft_coef, detach_consensus, ignore_index, label_smoothing,
+      reduction, block_c, soft_loss, compute_grad, return_stats):
     h, n, _ = logits.shape
     loss = logits.new_empty((h, n) if reduction == "none" else (), dtype=torch.float32)
     stats = logits.new_empty((4, h) if return_stats else (0,), dtype=torch.float32)
@@ -543,19 +600,19 @@ def _(logits, target, temperature, beta, soft_weight, detach_consensus, ignore_i
 
 @torch.library.custom_op("collab_fast::collab_loss_backward_rows", mutates_args=())
 def _collab_loss_backward_rows_op(
-    logits: torch.Tensor, target: torch.Tensor, row_weights: torch.Tensor, temperature: float, beta: float,
-    soft_weight: float, detach_consensus: bool, ignore_index: int, label_smoothing: float, reduction: str,
-    block_c: int,
+    logits: torch.Tensor, target: torch.Tensor, row_weights: torch.Tensor, temperature: float, hard_coef: float,
+    soft_coef: float, detach_consensus: bool, ignore_index: int, label_smoothing: float, reduction: str,
+    block_c: int, soft_loss: str,
 ) -> torch.Tensor:
-    params = _params_from(temperature, beta, soft_weight, detach_consensus, ignore_index, label_smoothing,
-                          reduction, block_c)
+    params = _params_from(temperature, hard_coef, soft_coef, detach_consensus, ignore_index, label_smoothing,
+                          reduction, block_c, soft_loss)
     _, _, grad = _launch(logits, target, params, compute_loss=False, compute_grad=True, row_weights=row_weights)
     return grad
 
 
 @_collab_loss_backward_rows_op.register_fake
-def _(logits, target, row_weights, temperature, beta, soft_weight, detach_consensus, ignore_index,
-      label_smoothing, reduction, block_c):
+def _(logits, target, row_weights, temperature, hard_coef, soft_coef, detach_consensus, ignore_index,
+      label_smoothing, reduction, block_c, soft_loss):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
@@ -709,11 +766,7 @@ def collab_loss(logits, target: torch.Tensor, params: CollabLossParams, *, retur
         raise ValueError("inplace=True needs the Triton kernel (impl='triton', or 'auto' on CUDA) and "
                          "reduction 'mean' or 'sum'")
     if not use_kernel:
-        p = params
-        return collab_loss_reference(
-            logits, target, temperature=p.temperature, beta=p.beta, soft_weight=p.soft_weight,
-            detach_consensus=p.detach_consensus, ignore_index=p.ignore_index, label_smoothing=p.label_smoothing,
-            reduction=p.reduction, return_stats=return_stats)
+        return _reference(logits, target, params, return_stats)
     loss, stats = _FusedCollabLoss.apply(logits, target, params, return_stats, inplace)
     if not return_stats:
         return loss
@@ -725,8 +778,10 @@ def fused_collab_loss(
     target: torch.Tensor,
     *,
     temperature: float = 2.0,
-    beta: float = 0.5,
+    beta: float | None = None,
     soft_weight: float | None = None,
+    soft_loss: str = "ce",
+    weights: tuple[float, float] | None = None,
     detach_consensus: bool = True,
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
@@ -743,9 +798,15 @@ def fused_collab_loss(
             tensors [N, C] (stacked, which copies: prefer one [H, N, C] tensor).
         target: [N] integer class indices; ``ignore_index`` marks samples that contribute nothing.
         temperature: T > 0 of the soft objective.
-        beta: weight of the hard objective in [0, 1]; the soft one gets 1 - beta (ignored when H == 1).
+        beta: weight of the hard objective in [0, 1] (None: 0.5); the soft one gets 1 - beta.
         soft_weight: extra factor on the soft objective; None means T**2 (the paper). The public
             TensorFlow code used 1.
+        soft_loss: "ce": the soft objective is CE(q_h, p_h) (the paper); "kl": KL(q_h || p_h), which
+            differs by the consensus entropy (the same gradient with a detached consensus; with a live
+            one the entropy's gradient reaches the other heads).
+        weights: (hard, soft) factors of the two objectives, replacing beta and soft_weight: e.g.
+            CE + a T^2 KL is weights=(1, a * T**2), soft_loss="kl". With one head (H == 1) the loss is
+            plain cross-entropy whatever the weights.
         detach_consensus: True: the consensus is a constant target. False: gradient also flows
             through it into the other heads.
         ignore_index: label value of ignored samples (they count in neither term nor in the mean).
@@ -768,7 +829,7 @@ def fused_collab_loss(
     The Triton path's gradient is not differentiable: create_graph=True through it raises.
     """
     params = CollabLossParams(temperature, beta, soft_weight, detach_consensus, ignore_index, label_smoothing,
-                              reduction, impl, block_c)
+                              reduction, impl, block_c, soft_loss, weights)
     return collab_loss(logits, target, params, return_stats=return_stats, inplace=inplace)
 
 
@@ -781,17 +842,19 @@ class CollabLoss(nn.Module):
     """nn.Module form of :func:`fused_collab_loss`: the settings (every keyword of fused_collab_loss but
     return_stats and inplace, which are per call) are validated once, here."""
 
-    def __init__(self, temperature: float = 2.0, beta: float = 0.5, soft_weight: float | None = None,
-                 detach_consensus: bool = True, ignore_index: int = -100, label_smoothing: float = 0.0,
-                 reduction: str = "mean", impl: str = "auto", block_c: int | None = None):
+    def __init__(self, temperature: float = 2.0, beta: float | None = None, soft_weight: float | None = None,
+                 soft_loss: str = "ce", weights: tuple[float, float] | None = None, detach_consensus: bool = True,
+                 ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean",
+                 impl: str = "auto", block_c: int | None = None):
         super().__init__()
         self.params = CollabLossParams(temperature, beta, soft_weight, detach_consensus, ignore_index,
-                                       label_smoothing, reduction, impl, block_c)
+                                       label_smoothing, reduction, impl, block_c, soft_loss, weights)
 
     def forward(self, logits, target: torch.Tensor, return_stats: bool = False, inplace: bool = False):
         return collab_loss(logits, target, self.params, return_stats=return_stats, inplace=inplace)
 
     def extra_repr(self) -> str:
         p = self.params
-        return (f"temperature={p.temperature}, beta={p.beta}, soft_weight={p.soft_weight}, "
+        weights = f"weights={p.weights}" if p.weights else f"beta={p.beta}, soft_weight={p.soft_weight}"
+        return (f"temperature={p.temperature}, {weights}, soft_loss={p.soft_loss!r}, "
                 f"detach_consensus={p.detach_consensus}, reduction={p.reduction!r}, impl={p.impl!r}")
