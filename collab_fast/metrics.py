@@ -58,13 +58,13 @@ class Meter:
         self.optimizer_steps += 1
         self.images += images
 
-    def read(self, d: Dist) -> dict:
-        t = d.all_reduce(torch.cat([self.loss[None], self.hard, self.soft, self.correct, self.count[None]])).cpu()
+    def read(self, proc: Dist) -> dict:
+        t = proc.all_reduce(torch.cat([self.loss[None], self.hard, self.soft, self.correct, self.count[None]])).cpu()
         dt = time.perf_counter() - self.t0
         n, h = max(float(t[-1]), 1.0), self.h
         return {"loss": float(t[0]) / n, "hard": (t[1 : 1 + h] / n).tolist(), "soft": (t[1 + h : 1 + 2 * h] / n).tolist(),
                 "train_acc": (t[1 + 2 * h : 1 + 3 * h] / n).tolist(), "samples": int(t[-1]),
-                "img_per_s": self.images * d.world / dt, "sec_per_step": dt / max(self.optimizer_steps, 1)}
+                "img_per_s": self.images * proc.world / dt, "sec_per_step": dt / max(self.optimizer_steps, 1)}
 
 
 class Progress:

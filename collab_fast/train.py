@@ -138,7 +138,7 @@ class Run:
     """Everything one training run holds, passed to the loop as one value."""
 
     cfg: TrainConfig
-    d: Dist
+    proc: Dist  # this process's place: rank, world size, main
     device: torch.device
     net: torch.nn.Module  # the bare model: state dicts, export, num_heads
     model: torch.nn.Module  # what runs the forward pass (DDP / compile wrapped)
@@ -157,8 +157,8 @@ class Run:
     def save(self, name: str) -> None:
         # Called on every rank: image-folder loaders gather each rank's reader position (a collective).
         position = self.train_loader.checkpoint()
-        self.state.loader_state = self.d.gather(position) if position else []
-        if self.d.main:
+        self.state.loader_state = self.proc.gather(position) if position else []
+        if self.proc.main:
             snapshot(self.out / name, self.net, self.optimizer, self.scaler, self.cfg.to_dict(), self.state)
 
 
@@ -182,14 +182,14 @@ def train_one_epoch(r: Run, loader) -> None:
         state.step += 1
         state.batch_in_epoch += 1
         meter.step_done(x.shape[0])
-        r.progress.update(state.epoch + 1, cfg.epochs, state.step, x.shape[0] * r.d.world)
+        r.progress.update(state.epoch + 1, cfg.epochs, state.step, x.shape[0] * r.proc.world)
         last = state.batch_in_epoch >= r.steps_per_epoch or state.step >= r.total_steps
         due_log = state.step % cfg.log_every == 0 or last
         due_save = bool(cfg.save_every) and state.step % cfg.save_every == 0 and not last
         if due_log or due_save:
             _check_steps(r, first_bad, skipped)  # the only host sync of the loop
         if due_log:
-            rec = meter.read(r.d)
+            rec = meter.read(r.proc)
             rec.update(step=state.step, epoch=state.epoch + 1, epochs=cfg.epochs, lr=lr, skipped_steps=state.skipped,
                        eta_s=(r.total_steps - state.step) * rec["sec_per_step"], **memory_stats(device))
             r.log(rec, kind="train")
@@ -215,7 +215,7 @@ def _check_steps(r: Run, first_bad: torch.Tensor, skipped: torch.Tensor) -> None
 
 
 @torch.no_grad()
-def evaluate(model, net, loader, cfg: TrainConfig, d: Dist) -> dict:
+def evaluate(model, net, loader, cfg: TrainConfig, proc: Dist) -> dict:
     """Top-1/top-5 of head 0 (the paper's number), of every head and of the mean-logit ensemble; head 0's
     plain cross-entropy (comparable across patterns) and the collaborative loss (summed over heads)."""
     device = next(net.parameters()).device
@@ -240,7 +240,7 @@ def evaluate(model, net, loader, cfg: TrainConfig, d: Dist) -> dict:
         hard += stats.hard[0].double() * n
         total += loss.double() * n
         count += n
-    t = d.all_reduce(torch.cat([top1, top5, hard[None], total[None], count[None]])).cpu().tolist()
+    t = proc.all_reduce(torch.cat([top1, top5, hard[None], total[None], count[None]])).cpu().tolist()
     n, h = max(t[-1], 1.0), heads + 1
     acc1, acc5 = [100 * v / n for v in t[:h]], [100 * v / n for v in t[h : 2 * h]]
     return {"top1": acc1[0], "top5": acc5[0], "top1_heads": acc1[:-1], "top5_heads": acc5[:-1],
@@ -251,7 +251,7 @@ def evaluate(model, net, loader, cfg: TrainConfig, d: Dist) -> dict:
 def _eval_and_save(r: Run, val_loader, epoch_done: bool, final: bool) -> None:
     """Evaluates when due; a non-finite evaluation or model never becomes a checkpoint."""
     if (epoch_done and r.state.epoch % r.cfg.eval_every == 0) or final:
-        result = evaluate(r.model, r.net, val_loader, r.cfg, r.d)
+        result = evaluate(r.model, r.net, val_loader, r.cfg, r.proc)
         # 1-based: the epoch just finished, or the one an early stop (--max-steps) ended in
         epoch = r.state.epoch + (r.state.batch_in_epoch > 0)
         r.log({"epoch": epoch, "epochs": r.cfg.epochs, "step": r.state.step, **result}, kind="eval")
@@ -278,11 +278,11 @@ def _summary(r: Run, num_classes: int) -> str:
 
 def _setup(cfg: TrainConfig):
     """Device, process group, data, model, optimizer, resumed state: everything the loop needs."""
-    d, device = init_distributed()
-    cfg = resolve(cfg, cuda=device.type == "cuda", world=d.world)
-    rundir = RunDir(cfg.output, resume=bool(cfg.resume), overwrite=cfg.overwrite, main=d.main)
+    proc, device = init_distributed()
+    cfg = resolve(cfg, cuda=device.type == "cuda", world=proc.world)
+    rundir = RunDir(cfg.output, resume=bool(cfg.resume), overwrite=cfg.overwrite, main=proc.main)
     out = rundir.path
-    seed_everything(cfg.seed, d.rank)
+    seed_everything(cfg.seed, proc.rank)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     resume_path = None
@@ -291,7 +291,7 @@ def _setup(cfg: TrainConfig):
         resume_path = resume_path if resume_path.exists() else None  # auto with nothing to resume: a fresh run
     train_loader, val_loader, num_classes = build_loaders(
         cfg.dataset, data_dir=cfg.data, batch_size=cfg.batch_size, image_size=cfg.image_size, device=device,
-        rank=d.rank, world=d.world, seed=cfg.seed, label_noise=cfg.label_noise,
+        rank=proc.rank, world=proc.world, seed=cfg.seed, label_noise=cfg.label_noise,
         dtype=torch.float16 if cfg.amp == "fp16" else torch.float32, channels_last=cfg.channels_last,
         skip_bad_images=cfg.skip_bad_images, num_threads=cfg.threads, synthetic_steps=cfg.synthetic_steps)
     if len(train_loader) == 0:
@@ -304,27 +304,28 @@ def _setup(cfg: TrainConfig):
     optimizer = make_optimizer(net, cfg)
     scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
     state = restore(resume_path, net, optimizer, scaler, cfg.arch, cfg.pattern) if resume_path else State()
-    if state.loader_state and len(state.loader_state) == d.world:
-        train_loader.restore(state.loader_state[d.rank], state.batch_in_epoch)
-    elif state.loader_state and d.main:
+    if state.loader_state and len(state.loader_state) == proc.world:
+        train_loader.restore(state.loader_state[proc.rank], state.batch_in_epoch)
+    elif state.loader_state and proc.main:
         print(f"collab_fast: warning: the checkpoint was written by {len(state.loader_state)} processes, this run has "
-              f"{d.world}: the data order restarts from the seed (resume is not exact)", file=sys.stderr)
+              f"{proc.world}: the data order restarts from the seed (resume is not exact)", file=sys.stderr)
     model = net
-    if d.world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=[d.local_rank] if device.type == "cuda" else None)
+    if proc.world > 1:
+        ids = [proc.local_rank] if device.type == "cuda" else None
+        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
     if cfg.compile:
         model = torch.compile(model)
     steps = len(train_loader)
     total = min(cfg.epochs * steps, cfg.max_steps or 1 << 62)
-    progress = Progress(cfg.progress, total, state.step, cfg.progress_every, enabled=d.main)
-    r = Run(cfg, d, device, net, model, optimizer, scaler, Step(cfg, model, net, optimizer, scaler), state,
-            Logger(out, d.main, progress), progress, out, steps, total, train_loader)
-    if d.main:
+    progress = Progress(cfg.progress, total, state.step, cfg.progress_every, enabled=proc.main)
+    r = Run(cfg, proc, device, net, model, optimizer, scaler, Step(cfg, model, net, optimizer, scaler), state,
+            Logger(out, proc.main, progress), progress, out, steps, total, train_loader)
+    if proc.main:
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
         print(f"collab_fast: {pattern_cost(cfg.arch, cfg.pattern, cfg.image_size, num_classes).line()}")
         print(f"collab_fast: {cfg.dataset} ({num_classes} classes), {steps} steps/epoch x {cfg.epochs} epochs, "
-              f"global batch {cfg.batch_size * d.world}, lr {cfg.lr:g}, amp {cfg.amp}, device {device}"
-              f"{f', {d.world} processes' if d.world > 1 else ''}; output {out}"
+              f"global batch {cfg.batch_size * proc.world}, lr {cfg.lr:g}, amp {cfg.amp}, device {device}"
+              f"{f', {proc.world} processes' if proc.world > 1 else ''}; output {out}"
               + (f"; resumed at step {state.step}" if resume_path else ""), flush=True)
     return r, rundir, train_loader, val_loader, num_classes
 
@@ -335,7 +336,7 @@ def run(cfg: TrainConfig) -> dict:
     cfg, state = r.cfg, r.state
     try:
         if cfg.eval_only:
-            res = evaluate(r.model, r.net, val_loader, cfg, r.d)
+            res = evaluate(r.model, r.net, val_loader, cfg, r.proc)
             r.log({"epoch": state.epoch + (state.batch_in_epoch > 0), "epochs": cfg.epochs, "step": state.step, **res},
                   kind="eval")
             return res
@@ -344,7 +345,7 @@ def run(cfg: TrainConfig) -> dict:
                              "steps); nothing to train (raise --epochs or --max-steps to go on)")
         else:
             _train(r, train_loader, val_loader)
-        if r.d.main:
+        if r.proc.main:
             if not finite_model(r.net):
                 raise Stop("the final model is not finite; head0.pth is not written")
             save_atomic(r.net.export_head(0).state_dict(), r.out / "head0.pth")
@@ -358,7 +359,7 @@ def run(cfg: TrainConfig) -> dict:
         r.progress.close()
         r.log.close()
         rundir.close()
-        cleanup(r.d)
+        cleanup(r.proc)
 
 
 def _train(r: Run, train_loader, val_loader) -> None:

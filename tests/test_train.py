@@ -53,6 +53,15 @@ def test_every_pattern_end_to_end(tmp_path, pattern):
     build("resnet32", "single").load_state_dict(torch.load(out / "head0.pth", weights_only=True), strict=True)
 
 
+def test_resume_of_a_finished_run_says_so_and_prints_the_summary(tmp_path, capsys):
+    out = run_train(tmp_path, "--pattern", "ilr2", "--max-steps", "2")
+    capsys.readouterr()
+    assert train.main([*BASE, "--pattern", "ilr2", "--max-steps", "2", "--output", str(out), "--resume", "auto"]) == 0
+    text = capsys.readouterr().out
+    assert "is already complete (2 of 2 steps); nothing to train" in text
+    assert "done at step 2: top-1 per head [" in text and "head 0 exported to" in text
+
+
 def test_kl_soft_loss_with_free_weights(tmp_path):
     out = run_train(tmp_path, "--pattern", "ilr2", "--max-steps", "2", "--soft-loss", "kl", "--loss-weights", "1,4")
     cfg = json.loads((out / "config.json").read_text())

@@ -128,9 +128,9 @@ class CollabNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         feats = [run_children(self.trunk, x)]
-        for level, copies in zip(self.factors, self.levels):
-            feats = [run_children(copies[i * level + j], child)
-                     for i, f in enumerate(feats) for j, child in enumerate(self._fan_out(f, level))]
+        for factor, copies in zip(self.factors, self.levels):  # factor: children per node at this level
+            feats = [run_children(copies[i * factor + j], child)
+                     for i, f in enumerate(feats) for j, child in enumerate(self._fan_out(f, factor))]
         return torch.stack(feats)  # [H, N, C]
 
     def head_path(self, k: int) -> list[int]:

@@ -1,0 +1,70 @@
+"""Meters (device sums, optimizer-step timing), progress (bar, plain lines, off) and log lines."""
+
+import json
+
+import torch
+
+from collab_fast.distributed import Dist
+from collab_fast.kernels.collab_loss import CollabStats
+from collab_fast.metrics import Logger, Meter, Progress, hms
+
+
+def _stats(n, correct):
+    return CollabStats(hard=torch.tensor([1.0, 2.0]), soft=torch.tensor([0.5, 0.5]),
+                       correct=torch.tensor(correct), num_valid=torch.tensor(float(n)))
+
+
+def test_meter_weights_micro_batches_by_samples_and_counts_optimizer_steps():
+    m = Meter(2, torch.device("cpu"))
+    m.add(torch.tensor(3.0), _stats(4, [4.0, 2.0]))  # two micro-batches of one optimizer step
+    m.add(torch.tensor(1.0), _stats(12, [6.0, 6.0]))
+    m.step_done(16)
+    rec = m.read(Dist())
+    assert rec["loss"] == (3 * 4 + 1 * 12) / 16 and rec["samples"] == 16
+    assert rec["train_acc"] == [10 / 16, 8 / 16] and rec["hard"] == [1.0, 2.0]
+    assert rec["sec_per_step"] > 0 and rec["img_per_s"] > 0  # per optimizer step, not per micro-batch
+
+
+def test_progress_lines_when_not_a_terminal(capsys, monkeypatch):
+    clock = iter(range(0, 1000, 10))  # every update is 10 s after the previous one
+    monkeypatch.setattr("collab_fast.metrics.time.perf_counter", lambda: float(next(clock)))
+    p = Progress("auto", total_steps=100, done_steps=0, every=25.0, enabled=True)  # pytest's stderr: no tty
+    assert p.mode == "lines"
+    for step in range(1, 8):
+        p.update(1, 2, step, 32)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("progress:")]
+    assert len(lines) == 2  # one every 25 s of the 70 s
+    assert lines[0].startswith("progress: epoch 1/2 step 3/100") and "img/s ETA" in lines[0]
+
+
+def test_progress_off_and_disabled_ranks_print_nothing(capsys):
+    for p in (Progress("off", 10, 0, 0.001, enabled=True), Progress("lines", 10, 0, 0.001, enabled=False)):
+        for step in range(1, 5):
+            p.update(1, 1, step, 8)
+        p.close()
+    assert capsys.readouterr().out == ""
+
+
+def test_progress_bar_with_tqdm(capsys):
+    p = Progress("bar", 10, 2, 30.0, enabled=True)
+    assert p.bar is not None and p.bar.n == 2
+    p.update(1, 1, 5, 8)
+    p.postfix({"loss": 1.0, "train_acc": [0.5, 0.25], "img_per_s": 100.0})
+    assert p.bar.n == 5
+    p.write("a log line")
+    p.close()
+    assert "a log line" in capsys.readouterr().out
+
+
+def test_logger_records_start_train_and_eval(tmp_path, capsys):
+    log = Logger(tmp_path, True, Progress("off", 1, 0, 1.0, enabled=True))
+    log({"step": 1, "epoch": 1, "epochs": 2, "loss": 1.5, "lr": 0.1, "train_acc": [0.5], "img_per_s": 10.0,
+         "peak_rss_mb": 100.0, "eta_s": 65.0}, kind="train")
+    log({"step": 1, "epoch": 1, "epochs": 2, "top1": 50.0, "top5": 90.0, "top1_heads": [50.0],
+         "top1_ensemble": 50.0, "val_loss_head0": 1.0, "val_loss": 1.0}, kind="eval")
+    log.close()
+    kinds = [json.loads(ln)["kind"] for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert kinds == ["start", "train", "eval"]
+    out = capsys.readouterr().out
+    assert "epoch 1/2 step 1: loss 1.5000" in out and "ETA 0:01:05" in out and "epoch 1/2 eval" in out
+    assert hms(3725) == "1:02:05" and hms(float("nan")) == "--:--:--"
