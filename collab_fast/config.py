@@ -12,7 +12,7 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from collab_fast.data import DATASETS
+from collab_fast.data import DATASETS, default_augment
 from collab_fast.models import ARCHS
 from collab_fast.models.collab import RESCALE_MODES, parse_pattern
 from collab_fast.recipes import RECIPES
@@ -71,6 +71,10 @@ class TrainConfig:
     label_smoothing: float = opt(0.0, "label smoothing of the hard objective (torch's definition)", lo=0, hi=1)
     label_noise: float = opt(0.0, "fraction of training labels redrawn uniformly every epoch (paper Fig. 3)",
                              lo=0, hi=1, hi_open=True)
+    augment: str = opt("auto", "training augmentation: random crop + horizontal flip, crop only, or none; auto: "
+                               "crop for digits (a mirrored digit is another digit), crop+flip otherwise. The "
+                               "crop shifts by up to 1/8 of the side on device-resident sets",
+                       choices=("auto", "crop+flip", "crop", "none"))
     image_size: int | None = opt(None, "training image size; unset: 224 for image folders, 32 for CIFAR/digits", lo=8)
     amp: str | None = opt(None, "autocast precision; unset: bf16 on CUDA, off on CPU", choices=("bf16", "fp16", "off"))
     channels_last: bool | None = opt(None, "channels-last memory format; unset: on with CUDA")
@@ -193,6 +197,7 @@ def validate(cfg: TrainConfig) -> None:
 def resolve(cfg: TrainConfig, *, cuda: bool, world: int) -> TrainConfig:
     """Fills every unset (None) default from the device, the process count and the data set."""
     cfg.amp = cfg.amp or ("bf16" if cuda else "off")
+    cfg.augment = default_augment(cfg.dataset) if cfg.augment == "auto" else cfg.augment
     cfg.channels_last = cuda if cfg.channels_last is None else cfg.channels_last
     if cfg.image_size is None:
         cfg.image_size = 224 if cfg.dataset in ("imagenet", "toy", "synthetic") else 32

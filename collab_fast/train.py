@@ -293,7 +293,8 @@ def _setup(cfg: TrainConfig):
         cfg.dataset, data_dir=cfg.data, batch_size=cfg.batch_size, image_size=cfg.image_size, device=device,
         rank=proc.rank, world=proc.world, seed=cfg.seed, label_noise=cfg.label_noise,
         dtype=torch.float16 if cfg.amp == "fp16" else torch.float32, channels_last=cfg.channels_last,
-        skip_bad_images=cfg.skip_bad_images, num_threads=cfg.threads, synthetic_steps=cfg.synthetic_steps)
+        skip_bad_images=cfg.skip_bad_images, num_threads=cfg.threads, synthetic_steps=cfg.synthetic_steps,
+        augment=cfg.augment)
     if len(train_loader) == 0:
         raise ValueError(f"--batch-size {cfg.batch_size} is larger than the training set's share of each process: "
                          "no full batch per epoch; lower --batch-size")

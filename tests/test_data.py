@@ -288,6 +288,22 @@ def test_digits_split_and_stats():
     assert abs(xb.mean().item()) < 0.3 and 0.7 < xb.std().item() < 1.3
 
 
+def test_augmentation_suits_the_data_set():
+    from collab_fast.data import default_augment
+
+    assert default_augment("digits") == "crop" and default_augment("cifar10") == "crop+flip"
+    train, _, _ = build_loaders("digits", batch_size=64, image_size=16)
+    assert train.pad == 2 and not train.flip  # 1/8 of 16 px; digits are never mirrored
+    _, _, flip = train.augment_params(torch.arange(1000))
+    assert not flip.any()
+    train, _, _ = build_loaders("digits", batch_size=64, image_size=32, augment="crop+flip")
+    assert train.pad == 4 and train.augment_params(torch.arange(1000))[2].any()
+    train, _, _ = build_loaders("digits", batch_size=64, image_size=32, augment="none")
+    assert train.pad == 0 and not train.augment
+    with pytest.raises(ValueError, match="unknown augmentation 'rotate'"):
+        build_loaders("digits", batch_size=64, augment="rotate")
+
+
 def test_device_augmentation_matches_per_sample_reference():
     g = torch.Generator().manual_seed(0)
     imgs = torch.randint(0, 256, (6, 5, 7, 3), dtype=torch.uint8, generator=g)

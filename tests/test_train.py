@@ -36,6 +36,7 @@ def test_every_pattern_end_to_end(tmp_path, pattern):
     heads = {"single": 1, "inst2": 2, "ilr2": 2, "hier4": 4, "tree:4": 4}[pattern]
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["pattern"] == pattern and cfg["lr"] == pytest.approx(0.1 * 32 / 256) and cfg["amp"] == "off"
+    assert cfg["augment"] == "crop"  # resolved and recorded: digits are not flipped
     tr, ev = records(out, "train"), records(out, "eval")
     assert [r["step"] for r in tr] == [1, 2]
     for key in ("loss", "hard", "soft", "train_acc", "img_per_s", "peak_rss_mb", "lr", "epoch"):

@@ -26,11 +26,20 @@ from collab_fast.data.memory import (
 from collab_fast.data.noise import LabelNoise
 from collab_fast.data.toy import write_toy
 
-__all__ = ["DATASETS", "DataError", "DaliLoader", "DeviceLoader", "LabelNoise", "SyntheticLoader", "build_loaders",
-           "check_image", "decode_image", "default_toy_dir", "scan_split", "write_toy"]
+__all__ = ["AUGMENTS", "DATASETS", "DataError", "DaliLoader", "DeviceLoader", "LabelNoise", "SyntheticLoader",
+           "build_loaders", "check_image", "decode_image", "default_augment", "default_toy_dir", "scan_split", "write_toy"]
 
 DATASETS = ("imagenet", "cifar10", "cifar100", "digits", "toy", "synthetic")
 TOY_DEFAULT = {"classes": 10, "per_class": 100, "size": 96}
+
+
+AUGMENTS = ("crop+flip", "crop", "none")
+
+
+def default_augment(dataset: str) -> str:
+    """Training augmentation that suits the data: no flips for digits (a mirrored digit is not the same
+    digit), random crop + horizontal flip for natural images."""
+    return "crop" if dataset == "digits" else "crop+flip"
 
 
 def default_toy_dir() -> Path:
@@ -55,8 +64,14 @@ def build_loaders(dataset: str, *, data_dir: str | None = None, batch_size: int 
                   device: torch.device | str = "cpu", rank: int = 0, world: int = 1, seed: int = 0,
                   label_noise: float = 0.0, dtype: torch.dtype = torch.float32, channels_last: bool = True,
                   eval_batch_size: int | None = None, skip_bad_images: bool = False, check_files: bool = True,
-                  num_threads: int | None = None, synthetic_classes: int = 1000, synthetic_steps: int = 100):
-    """(train_loader, val_loader, num_classes) for `dataset`; see the module docstring."""
+                  num_threads: int | None = None, synthetic_classes: int = 1000, synthetic_steps: int = 100,
+                  augment: str = "auto"):
+    """(train_loader, val_loader, num_classes) for `dataset`; see the module docstring. augment: "crop+flip",
+    "crop" or "none" for the training set; "auto" is default_augment(dataset)."""
+    if augment == "auto":
+        augment = default_augment(dataset)
+    if augment not in AUGMENTS:
+        raise ValueError(f"unknown augmentation {augment!r}; valid: auto, {', '.join(AUGMENTS)}")
     if dataset not in DATASETS:
         raise ValueError(f"unknown data set {dataset!r}; valid: {', '.join(DATASETS)}")
     device = torch.device(device)
@@ -79,8 +94,11 @@ def build_loaders(dataset: str, *, data_dir: str | None = None, batch_size: int 
             mean, std = CIFAR_MEAN, CIFAR_STD
         common = dict(mean=mean, std=std, device=device, rank=rank, world=world, seed=seed, dtype=dtype,
                       channels_last=channels_last, num_classes=classes)
-        train = DeviceLoader(xtr, ytr, batch_size, augment=True, shuffle=True, drop_last=True,
-                             label_noise=label_noise, **common)
+        # The random-crop shift is 1/8 of the side (CIFAR's 4 pixels at 32), whatever the image size.
+        size = xtr.shape[1]
+        train = DeviceLoader(xtr, ytr, batch_size, augment=augment != "none", pad=max(1, round(size / 8)),
+                             flip=augment == "crop+flip", shuffle=True, drop_last=True, label_noise=label_noise,
+                             **common)
         val = DeviceLoader(xte, yte, eval_batch_size, **common)
         return train, val, classes
     root = _ensure_toy(data_dir) if dataset == "toy" else data_dir
@@ -96,6 +114,6 @@ def build_loaders(dataset: str, *, data_dir: str | None = None, batch_size: int 
     size = image_size or 224
     common = dict(num_classes=len(classes), device_id=device_id, image_size=size, rank=rank, world=world, seed=seed,
                   dtype=dtype, channels_last=channels_last, num_threads=num_threads)
-    train = DaliLoader(files, labels, batch_size, train=True, label_noise=label_noise, **common)
+    train = DaliLoader(files, labels, batch_size, train=True, label_noise=label_noise, augment=augment, **common)
     val = DaliLoader(vfiles, vlabels, eval_batch_size, train=False, **common)
     return train, val, len(classes)

@@ -168,7 +168,7 @@ def scan_split(root: str | Path, split: str, classes: list[str] | None = None, c
 
 
 def _pipeline(files, batch_size, *, train, device_id, image_size, crop_ratio, rank, world, seed, num_threads, dtype,
-              channels_last, mean, std):
+              channels_last, mean, std, augment):
     """The DALI pipeline definition (call it, optionally with checkpoint=..., to get a pipeline): reader ->
     decode (+ random resized crop when training) -> resize -> flip + normalise; outputs (images, index)."""
     fn, types, pipeline_def, _, _ = _dali()
@@ -184,12 +184,12 @@ def _pipeline(files, batch_size, *, train, device_id, image_size, crop_ratio, ra
     def pipeline():
         jpegs, index = fn.readers.file(files=files, labels=list(range(len(files))), shuffle_after_epoch=train,
                                        shard_id=rank, num_shards=world, pad_last_batch=True, name="Reader", seed=seed)
-        if train:
+        if train and augment != "none":
             images = fn.decoders.image_random_crop(jpegs, device=decode_device, output_type=types.RGB,
                                                    random_area=[0.08, 1.0], random_aspect_ratio=[0.75, 4 / 3],
                                                    num_attempts=10)
             images = fn.resize(images, device=op_device, resize_x=image_size, resize_y=image_size)
-            mirror = fn.random.coin_flip(probability=0.5)
+            mirror = fn.random.coin_flip(probability=0.5) if augment == "crop+flip" else 0
         else:
             images = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
             images = fn.resize(images, device=op_device, resize_shorter=round(image_size / crop_ratio))
@@ -207,7 +207,8 @@ class DaliLoader:
     """(images, labels) batches of an image folder split through a DALI pipeline.
 
     Args:
-        files, labels: from scan_split. train: random resized crop + flip; else resize + centre crop.
+        files, labels: from scan_split. train: random resized crop + flip (augment "crop+flip"; "crop": no
+            flip; "none": resize + centre crop as in evaluation); else resize + centre crop.
         device_id: CUDA device for the mixed/GPU operators, or None for the CPU pipeline.
         image_size: output side; val resizes the shorter side to round(image_size / crop_ratio) first.
         rank, world: sharding; every sample is read exactly once per epoch across the ranks.
@@ -218,7 +219,7 @@ class DaliLoader:
                  device_id: int | None = None, image_size: int = 224, crop_ratio: float = 0.875,
                  rank: int = 0, world: int = 1, seed: int = 0, num_threads: int | None = None,
                  drop_last: bool | None = None, label_noise: float = 0.0, dtype: torch.dtype = torch.float32,
-                 channels_last: bool = True, mean=IMAGENET_MEAN, std=IMAGENET_STD):
+                 channels_last: bool = True, mean=IMAGENET_MEAN, std=IMAGENET_STD, augment: str = "crop+flip"):
         if len(files) != len(labels) or not files:
             raise ValueError(f"need as many labels as files (got {len(files)} files, {len(labels)} labels)")
         if dtype not in (torch.float32, torch.float16):
@@ -242,7 +243,7 @@ class DaliLoader:
         self._make_pipeline = _pipeline(files, batch_size, train=train, device_id=device_id, image_size=image_size,
                                         crop_ratio=crop_ratio, rank=rank, world=world, seed=seed,
                                         num_threads=num_threads, dtype=dtype, channels_last=channels_last,
-                                        mean=mean, std=std)
+                                        mean=mean, std=std, augment=augment)
         _, _, _, iterator_cls, policy = _dali()
         self._make_iter = lambda pipe: iterator_cls(
             [pipe], ["images", "index"], reader_name="Reader", auto_reset=True,

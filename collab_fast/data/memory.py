@@ -81,7 +81,7 @@ class DeviceLoader:
 
     Args:
         images: uint8 [N, H, W, 3]; labels: int64 [N].
-        augment: random crop with `pad`-pixel zero padding and horizontal flip (training).
+        augment: random crop with `pad`-pixel zero padding, and a horizontal flip if `flip` (training).
         shuffle / drop_last: per-epoch permutation (seeded, identical on every rank) / drop a short batch.
         rank, world: this process takes every world-th sample of the permutation.
         label_noise: fraction of training samples whose labels are redrawn every epoch.
@@ -89,7 +89,7 @@ class DeviceLoader:
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, mean, std,
                  device: torch.device | str = "cpu", augment: bool = False, shuffle: bool = False,
-                 drop_last: bool = False, pad: int = 4, rank: int = 0, world: int = 1, seed: int = 0,
+                 drop_last: bool = False, pad: int = 4, flip: bool = True, rank: int = 0, world: int = 1, seed: int = 0,
                  label_noise: float = 0.0, num_classes: int | None = None, dtype: torch.dtype = torch.float32,
                  channels_last: bool = True):
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
@@ -100,6 +100,7 @@ class DeviceLoader:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = torch.device(device)
         self.pad = pad if augment else 0
+        self.flip = flip
         # Padding once here; the per-batch crop is a gather from the padded images.
         x = images.permute(0, 3, 1, 2)
         x = F.pad(x, (self.pad,) * 4) if self.pad else x
@@ -145,7 +146,8 @@ class DeviceLoader:
         h = (h ^ (h >> 31)) * _MIX[2]  # int64 arithmetic wraps: a splitmix-style mix
         h = (h ^ (h >> 29)) & 0x7FFFFFFF
         span = 2 * self.pad + 1
-        return (h % span)[:, None], ((h // span) % span)[:, None], ((h // (span * span)) % 2 == 1)[:, None]
+        flip = ((h // (span * span)) % 2 == 1) & self.flip
+        return (h % span)[:, None], ((h // span) % span)[:, None], flip[:, None]
 
     def batch(self, idx: torch.Tensor) -> torch.Tensor:
         """Crop (+ flip) and normalise images[idx] in one gather: float [B, 3, H, W], channels_last."""
