@@ -1,0 +1,307 @@
+"""Comparison grids: patterns x label-noise levels x seeds (x any trainer flag), run, resumed, tabulated.
+
+    python -m collab_fast.grid OUT --patterns single,ilr2,hier4 --noise 0,0.2,0.4 --seeds 0,1,2 \
+        [--axis beta=0.3,0.5 ...] [--jobs N] -- digits --arch resnet32 --epochs 60 -b 64
+
+Every cell is one trainer run in OUT/cells/<name>/ (its own process, `--resume auto`): a cell that finished
+(OUT/cells/<name>/result.json) is never rerun, an interrupted one continues from its last checkpoint, so
+running the same command again completes an interrupted grid. Cells run in parallel: one per GPU, or on
+CPU `--jobs` cells with an equal share of the cores each (OMP threads).
+
+Writes OUT/grid.json (one row per cell), OUT/grid.md (per setting: mean and standard deviation over seeds
+of head 0's test error and the ensemble's, and the difference to the baseline pattern with a 95% confidence
+interval over seeds, paired by seed), OUT/fig3.png (test error against label noise, one line per pattern,
+as the paper's Fig. 3) and OUT/grid.html (both together).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import html
+import io
+import itertools
+import json
+import math
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from collab_fast.extras import MissingExtra, require
+
+__all__ = ["Cell", "main", "plan", "summarize"]
+
+# Two-sided 95% quantiles of Student's t for 1..30 degrees of freedom (then the normal's 1.96).
+_T95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+
+
+class Cell(dict):
+    """One run of the grid: {"pattern", "noise", "seed", plus one key per extra axis}."""
+
+    @property
+    def name(self) -> str:
+        extra = "".join(f"_{k}-{v}" for k, v in self.items() if k not in ("pattern", "noise", "seed"))
+        return f"{self['pattern'].replace(':', '')}_noise{self['noise']:g}{extra}_seed{self['seed']}"
+
+    @property
+    def setting(self) -> tuple:
+        """Everything but the seed: the cells averaged together."""
+        return tuple((k, v) for k, v in self.items() if k != "seed")
+
+    def flags(self) -> list[str]:
+        out = ["--pattern", self["pattern"], "--label-noise", f"{self['noise']:g}", "--seed", str(self["seed"])]
+        for k, v in self.items():
+            if k not in ("pattern", "noise", "seed"):
+                out += [f"--{k.replace('_', '-')}", str(v)]
+        return out
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{what}: expected comma-separated numbers, got {text!r}") from None
+
+
+def plan(patterns: list[str], noise: list[float], seeds: list[int], axes: dict[str, list[str]]) -> list[Cell]:
+    """Every combination, the seed varying fastest (so a setting's seeds finish together)."""
+    keys = list(axes)
+    cells = []
+    for pattern, level, *extra in itertools.product(patterns, noise, *axes.values()):
+        for seed in seeds:
+            cells.append(Cell(pattern=pattern, noise=level, **dict(zip(keys, extra)), seed=seed))
+    return cells
+
+
+def _last_eval(out: Path) -> dict | None:
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    evals = [r for r in map(json.loads, filter(str.strip, path.read_text().splitlines()))
+             if isinstance(r, dict) and r.get("kind") == "eval"]
+    return evals[-1] if evals else None
+
+
+def run_cell(cell: Cell, root: Path, base: list[str], env: dict, lock: threading.Lock) -> dict:
+    """Runs (or resumes, or skips) one cell; returns its result row."""
+    out = root / "cells" / cell.name
+    done = out / "result.json"
+    if done.is_file():
+        with lock:
+            print(f"grid: {cell.name}: finished earlier, skipped", flush=True)
+        return json.loads(done.read_text())
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "collab_fast.train", *base, *cell.flags(), "--output", str(out / "run"),
+           "--resume", "auto", "--progress", "off"]
+    with lock:
+        print(f"grid: {cell.name}: {' '.join(shlex.quote(c) for c in cmd[1:])}", flush=True)
+    with open(out / "train.log", "a") as log:
+        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+    ev = _last_eval(out / "run")
+    if code != 0 or ev is None:
+        tail = (out / "train.log").read_text(errors="replace").strip().splitlines()[-1:] or [""]
+        raise RuntimeError(f"cell {cell.name} failed (exit {code}): {tail[0]} (log: {out / 'train.log'})")
+    row = {**cell, "cell": cell.name, "top1": ev["top1"], "top1_ensemble": ev["top1_ensemble"],
+           "top1_heads": ev["top1_heads"], "val_loss_head0": ev["val_loss_head0"], "step": ev["step"]}
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(json.dumps(row) + "\n")
+    os.replace(tmp, done)
+    with lock:
+        print(f"grid: {cell.name}: head 0 top-1 {ev['top1']:.2f}%", flush=True)
+    return row
+
+
+def _mean_sd(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def summarize(rows: list[dict], baseline: str) -> list[dict]:
+    """Per setting (all but the seed): test error of head 0 and of the ensemble over seeds, and the
+    seed-paired difference to the baseline pattern's head 0 with a 95% confidence interval."""
+    by_setting: dict[tuple, dict[int, dict]] = {}
+    for r in rows:
+        by_setting.setdefault(Cell({k: r[k] for k in r if k in _cell_keys(r)}).setting, {})[r["seed"]] = r
+    out = []
+    for setting, seeds in by_setting.items():
+        s = dict(setting)
+        err = [100 - r["top1"] for r in seeds.values()]
+        ens = [100 - r["top1_ensemble"] for r in seeds.values()]
+        m, sd = _mean_sd(err)
+        me, sde = _mean_sd(ens)
+        row = {**s, "seeds": len(err), "err_head0": m, "err_head0_sd": sd, "err_ensemble": me,
+               "err_ensemble_sd": sde, "diff_vs_baseline": None, "diff_ci95": None}
+        base = by_setting.get(tuple((k, baseline if k == "pattern" else v) for k, v in setting))
+        if base is not None and s["pattern"] != baseline:
+            diffs = [(100 - seeds[k]["top1"]) - (100 - base[k]["top1"]) for k in seeds if k in base]
+            if diffs:
+                dm, dsd = _mean_sd(diffs)
+                n = len(diffs)
+                half = (_T95[n - 2] if n - 2 < len(_T95) else 1.96) * dsd / math.sqrt(n) if n > 1 else None
+                row["diff_vs_baseline"], row["diff_ci95"] = dm, half
+        out.append(row)
+    return out
+
+
+def _cell_keys(row: dict) -> list[str]:
+    skip = {"cell", "top1", "top1_ensemble", "top1_heads", "val_loss_head0", "step"}
+    return [k for k in row if k not in skip]
+
+
+def _markdown(summary: list[dict], baseline: str, command: str) -> str:
+    axes = [k for k in summary[0] if k not in ("pattern", "noise", "seeds", "err_head0", "err_head0_sd",
+                                               "err_ensemble", "err_ensemble_sd", "diff_vs_baseline", "diff_ci95")]
+    head = ["pattern", "label noise", *axes, "seeds", "test error head 0 (%)", "ensemble (%)",
+            f"head 0 vs {baseline} (points, 95% CI)"]
+    lines = [f"- command: `{command}`", "- test error = 100 - top-1 on the evaluation split; mean +- standard "
+             "deviation over seeds; the difference is paired by seed", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in sorted(summary, key=lambda r: (r["noise"], str(r["pattern"]), *[str(r[a]) for a in axes])):
+        diff = "-"
+        if r["diff_vs_baseline"] is not None:
+            ci = f" +- {r['diff_ci95']:.2f}" if r["diff_ci95"] is not None else ""
+            diff = f"{r['diff_vs_baseline']:+.2f}{ci}"
+        lines.append("| " + " | ".join([str(r["pattern"]), f"{r['noise']:g}", *[str(r[a]) for a in axes],
+                                        str(r["seeds"]), f"{r['err_head0']:.2f} +- {r['err_head0_sd']:.2f}",
+                                        f"{r['err_ensemble']:.2f} +- {r['err_ensemble_sd']:.2f}", diff]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(summary: list[dict], path: Path) -> None:
+    require("matplotlib", "train", "drawing the grid's figure").use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    lines: dict[tuple, list[dict]] = {}
+    for r in summary:
+        key = tuple((k, v) for k, v in r.items() if k not in ("noise", "seeds") and not k.startswith(("err", "diff")))
+        lines.setdefault(key, []).append(r)
+    for key, rs in sorted(lines.items(), key=lambda kv: str(kv[0])):
+        rs = sorted(rs, key=lambda r: r["noise"])
+        label = ", ".join(str(v) for _, v in key)
+        ax.errorbar([100 * r["noise"] for r in rs], [r["err_head0"] for r in rs], yerr=[r["err_head0_sd"] for r in rs],
+                    marker="o", ms=4, capsize=3, label=label)
+    ax.set_xlabel("label noise (%)")
+    ax.set_ylabel("test error of head 0 (%)")
+    ax.set_title("test error vs label noise (mean +- sd over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(root: Path, rows: list[dict], baseline: str, command: str) -> list[dict]:
+    summary = summarize(rows, baseline)
+    (root / "grid.json").write_text(json.dumps({"command": command, "cells": rows, "summary": summary}, indent=1))
+    md = _markdown(summary, baseline, command)
+    (root / "grid.md").write_text("# collab_fast grid\n\n" + md)
+    _plot(summary, root / "fig3.png")
+    (root / "grid.html").write_text(
+        "<!doctype html><html><head><meta charset='utf-8'><title>collab_fast grid</title></head><body>"
+        f"<h1>collab_fast grid</h1><img src='fig3.png' alt='fig3'><pre>{html.escape(md)}</pre></body></html>\n")
+    return summary
+
+
+def _check_flags(argv: list[str], cell: Cell) -> None:
+    """The trainer's own validation of one cell's command line, as a ValueError (no usage dump)."""
+    from collab_fast.config import parse_config
+
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            parse_config(argv)
+    except SystemExit:
+        lines = err.getvalue().strip().splitlines() or ["invalid flags"]
+        raise ValueError(f"cell {cell.name}: {lines[-1].split('error: ', 1)[-1]}") from None
+
+
+def _jobs_and_envs(jobs: int | None) -> list[dict]:
+    """One environment per parallel slot: a GPU each, or an equal share of the CPU cores."""
+    import torch
+
+    base = dict(os.environ)
+    if torch.cuda.is_available():
+        gpus = torch.cuda.device_count()
+        n = jobs or gpus
+        return [dict(base, CUDA_VISIBLE_DEVICES=str(i % gpus)) for i in range(n)]
+    cores = os.cpu_count() or 1
+    n = jobs or 1
+    threads = str(max(1, cores // n))
+    return [dict(base, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads) for _ in range(n)]
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    base = argv[argv.index("--") + 1 :] if "--" in argv else []
+    own = argv[: argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(prog="python -m collab_fast.grid", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("out", help="grid folder (cells, table, figure)")
+    p.add_argument("--patterns", default="single,ilr2,hier4", help="comma list (default: %(default)s)")
+    p.add_argument("--noise", default="0", help="comma list of label-noise fractions (default: %(default)s)")
+    p.add_argument("--seeds", default="0,1,2", help="comma list (default: %(default)s)")
+    p.add_argument("--axis", action="append", default=[], metavar="FLAG=V1,V2",
+                   help="another trainer flag as an axis, e.g. beta=0.3,0.5 (repeatable)")
+    p.add_argument("--baseline", default=None, help="pattern the others are compared with (default: the first)")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="cells at once (default: one per GPU; on CPU 1, with every core)")
+    args = p.parse_args(own)
+    if not base:
+        p.error("give the trainer's flags after --, e.g. -- digits --arch resnet32 --epochs 60")
+    try:
+        patterns = [x for x in args.patterns.split(",") if x]
+        noise = _floats(args.noise, "--noise")
+        seeds = [int(x) for x in _floats(args.seeds, "--seeds")]
+        axes = {}
+        for a in args.axis:
+            if "=" not in a:
+                raise ValueError(f"--axis {a!r}: expected FLAG=V1,V2")
+            k, v = a.split("=", 1)
+            axes[k.lstrip("-").replace("-", "_")] = [x for x in v.split(",") if x]
+        for flag in ("--pattern", "--label-noise", "--seed", "--output", "--resume"):
+            if flag in base:
+                raise ValueError(f"{flag} is set by the grid for each cell; remove it from the trainer's flags")
+        if args.jobs is not None and args.jobs < 1:
+            raise ValueError("--jobs must be >= 1")
+        for cell in {c.setting: c for c in plan(patterns, noise, seeds[:1], axes)}.values():
+            _check_flags([*base, *cell.flags()], cell)  # every cell's flags are valid before anything runs
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    root = Path(args.out)
+    root.mkdir(parents=True, exist_ok=True)
+    command = "python -m collab_fast.grid " + " ".join(shlex.quote(a) for a in argv)
+    cells = plan(patterns, noise, seeds, axes)
+    envs = _jobs_and_envs(args.jobs)
+    lock, slots = threading.Lock(), list(range(len(envs)))
+
+    def work(cell):
+        with lock:
+            slot = slots.pop()
+        try:
+            return run_cell(cell, root, base, envs[slot], lock)
+        finally:
+            with lock:
+                slots.append(slot)
+
+    print(f"grid: {len(cells)} cells, {len(envs)} at a time, in {root}", flush=True)
+    try:
+        with ThreadPoolExecutor(len(envs)) as pool:
+            rows = list(pool.map(work, cells))
+        summary = write_outputs(root, rows, args.baseline or patterns[0], command)
+    except (RuntimeError, MissingExtra) as exc:
+        print(f"error: {exc} (run the same command again to continue the grid)", file=sys.stderr)
+        return 1
+    print(_markdown(summary, args.baseline or patterns[0], command))
+    print(f"grid: wrote {root / 'grid.md'}, {root / 'grid.json'}, {root / 'fig3.png'}, {root / 'grid.html'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,81 @@
+"""The comparison grid on CPU: a tiny grid runs, tabulates, draws, skips finished cells and continues an
+interrupted grid."""
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from collab_fast.grid import Cell, main, plan, summarize
+
+BASE = ["--", "digits", "--arch", "resnet32", "-b", "64", "--image-size", "16", "--max-steps", "2", "--log-every", "1"]
+
+
+def test_plan_and_summary_statistics():
+    cells = plan(["single", "hier4"], [0.0, 0.4], [0, 1, 2], {"beta": ["0.3"]})
+    assert len(cells) == 12 and cells[0].name == "single_noise0_beta-0.3_seed0"
+    assert cells[0].flags()[:6] == ["--pattern", "single", "--label-noise", "0", "--seed", "0"]
+    rows = []
+    for c, top1 in zip(cells, [90, 92, 94, 80, 82, 84, 93, 95, 97, 85, 85, 85]):
+        rows.append({**c, "cell": c.name, "top1": top1, "top1_ensemble": top1, "top1_heads": [top1],
+                     "val_loss_head0": 0.1, "step": 1})
+    s = {(r["pattern"], r["noise"]): r for r in summarize(rows, "single")}
+    assert s["single", 0.0]["err_head0"] == pytest.approx(8.0) and s["single", 0.0]["err_head0_sd"] == pytest.approx(2.0)
+    assert s["hier4", 0.0]["diff_vs_baseline"] == pytest.approx(-3.0)  # paired by seed: -3, -3, -3
+    assert s["hier4", 0.0]["diff_ci95"] == pytest.approx(0.0)
+    assert s["hier4", 0.4]["diff_vs_baseline"] == pytest.approx(-3.0)
+    assert s["hier4", 0.4]["diff_ci95"] == pytest.approx(4.303 * 2.0 / 3**0.5, rel=1e-3)  # diffs -5, -3, -1
+    assert s["single", 0.0]["diff_vs_baseline"] is None
+
+
+@pytest.mark.slow
+def test_tiny_grid_runs_tabulates_draws_and_skips_finished_cells(tmp_path, capsys):
+    out = tmp_path / "grid"
+    args = [str(out), "--patterns", "single,ilr2", "--seeds", "0,1", "--noise", "0.2", *BASE]
+    assert main(args) == 0
+    md = (out / "grid.md").read_text()
+    assert "| single | 0.2 | 2 |" in md and "| ilr2 | 0.2 | 2 |" in md and "+-" in md
+    data = json.loads((out / "grid.json").read_text())
+    assert len(data["cells"]) == 4 and {c["pattern"] for c in data["cells"]} == {"single", "ilr2"}
+    assert (out / "fig3.png").stat().st_size > 5000 and "fig3.png" in (out / "grid.html").read_text()
+    stamps = {p: p.stat().st_mtime_ns for p in out.glob("cells/*/result.json")}
+    capsys.readouterr()
+    assert main(args) == 0
+    assert capsys.readouterr().out.count("finished earlier, skipped") == 4
+    assert {p: p.stat().st_mtime_ns for p in out.glob("cells/*/result.json")} == stamps
+
+
+@pytest.mark.slow
+def test_interrupted_grid_continues(tmp_path):
+    out = tmp_path / "grid"
+    args = [str(out), "--patterns", "single", "--seeds", "0,1,2", *BASE]
+    proc = subprocess.Popen([sys.executable, "-m", "collab_fast.grid", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(out.glob("cells/*/result.json")):
+        time.sleep(0.1)
+    proc.kill()  # the grid dies; its running cell is orphaned or killed: either way not finished
+    proc.wait()
+    first = {p: p.stat().st_mtime_ns for p in out.glob("cells/*/result.json")}
+    assert 1 <= len(first) < 3
+    time.sleep(3)  # an orphaned cell process still holding its run folder finishes or is refused and retried
+    for _ in range(3):
+        if main(args) == 0:
+            break
+        time.sleep(3)
+    assert len(list(out.glob("cells/*/result.json"))) == 3
+    assert all(p.stat().st_mtime_ns == t for p, t in first.items())  # finished cells were not rerun
+
+
+def test_bad_grid_arguments(tmp_path, capsys):
+    assert main([str(tmp_path / "g"), "--noise", "a,b", *BASE]) == 2
+    assert "--noise: expected comma-separated numbers" in capsys.readouterr().err
+    assert main([str(tmp_path / "g"), *BASE, "--seed", "3"]) == 2
+    assert "--seed is set by the grid" in capsys.readouterr().err
+    assert main([str(tmp_path / "g"), "--patterns", "hier5", *BASE]) == 2
+    assert "unknown pattern" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "g")])
+    assert Cell(pattern="tree:2x2", noise=0.5, seed=1).name == "tree2x2_noise0.5_seed1"
