@@ -8,8 +8,11 @@ paper's Table 4 cost columns beside ours.
 Each row: median step time over --steps timed steps after --warmup steps (CUDA events per step on GPU),
 images/s = batch / median, peak memory (torch.cuda.max_memory_allocated over the timed steps), and MFU =
 counted training FLOPs per image (3x forward, collab_fast.models.cost) x images/s / the measured bf16
-matmul peak. Data: synthetic tensors already on the device (the data pipeline is measured separately by
-bench_data.py), or --data toy for DALI-decoded JPEGs where DALI runs.
+matmul peak. Pattern "plain" is the baseline: the same ResNet as single, trained by a plain eager PyTorch
+step (F.cross_entropy, backward, torch.optim.SGD), same batch and precision. A pattern that runs out of
+memory is recorded as such and the run goes on; the results are written after every row. Data: synthetic
+tensors already on the device (the data pipeline is measured separately by bench_data.py), or --data toy
+for DALI-decoded JPEGs where DALI runs.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_output_args, bench, format_row, output_dir, save  # noqa: E402
@@ -32,7 +36,7 @@ from collab_fast.train import Step, TrainConfig, make_model, make_optimizer  # n
 # Paper Table 4 (ResNet-50, ImageNet): training time and memory relative to one model.
 PAPER_TABLE4 = {"single": (1.0, 1.0), "inst2": (2.0, 2.0), "ilr2": (1.4, 1.32), "hier4": (1.75, 1.5)}
 COLUMNS = ["arch", "pattern", "compile", "batch", "image", "img_per_s", "step_ms", "peak_mem_mb", "mfu_pct",
-           "time_vs_single", "mem_vs_single", "paper_time", "paper_mem"]
+           "time_vs_single", "mem_vs_single", "paper_time", "paper_mem", "note"]
 
 
 def bf16_peak_flops(device: torch.device) -> float | None:
@@ -67,17 +71,33 @@ def time_steps(step, steps: int, warmup: int, device: torch.device) -> list[floa
     return times
 
 
+def _plain_step(cfg, model, net):
+    """The baseline: what a plain PyTorch training loop does for one network (no collab_fast code)."""
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    amp = torch.bfloat16 if cfg.amp == "bf16" else None
+
+    def step(x, y):
+        with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
 def run_one(arch, pattern, compiled, args, device, peak):
     cuda = device.type == "cuda"
-    cfg = TrainConfig("synthetic", arch=arch, pattern=pattern, batch_size=args.batch_size, lr=0.1,
-                      amp="bf16" if cuda else "off", channels_last=cuda, compile=compiled, image_size=args.image_size)
+    cfg = TrainConfig("synthetic", arch=arch, pattern="single" if pattern == "plain" else pattern,
+                      batch_size=args.batch_size, lr=0.1, amp="bf16" if cuda else "off", channels_last=cuda,
+                      compile=compiled, image_size=args.image_size)
     train, _, classes = build_loaders(args.data, batch_size=args.batch_size, image_size=args.image_size,
                                       device=device, channels_last=cuda, synthetic_classes=1000,
                                       synthetic_steps=10**9)
     model = make_model(cfg, classes, device)
     optimizer = make_optimizer(model, cfg)
     runner = torch.compile(model) if compiled else model
-    train_step = Step(cfg, runner, model, optimizer)
+    train_step = Step(cfg, runner, model, optimizer) if pattern != "plain" else _plain_step(cfg, runner, model)
     batches = iter(train)
     x, y = next(batches)
 
@@ -93,7 +113,7 @@ def run_one(arch, pattern, compiled, args, device, peak):
     times = time_steps(step, args.steps, args.warmup, device)
     step_ms = statistics.median(times)
     img_s = args.batch_size / (step_ms * 1e-3)
-    cost = pattern_cost(arch, pattern, args.image_size, classes)
+    cost = pattern_cost(arch, cfg.pattern, args.image_size, classes)
     mem = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
     return {"arch": arch, "pattern": pattern, "compile": compiled, "batch": args.batch_size, "image": args.image_size,
             "img_per_s": img_s, "step_ms": step_ms, "peak_mem_mb": mem,
@@ -105,7 +125,8 @@ def run_one(arch, pattern, compiled, args, device, peak):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", default="resnet50")
-    p.add_argument("--patterns", default="single,ilr2,hier4,inst2,inst4")
+    p.add_argument("--patterns", default="plain,single,ilr2,hier4,inst2,inst4",
+                   help="comma list; plain = the same network by a plain eager PyTorch step (the baseline)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--steps", type=int, default=30)
@@ -118,28 +139,32 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.quick:
         args.arch, args.batch_size, args.image_size, args.steps, args.warmup = "resnet18", 8, 32, 3, 1
-        args.patterns = "single,hier4"
+        args.patterns = "plain,single,hier4"
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     peak = bf16_peak_flops(device)
     if peak:
         print(f"measured bf16 matmul peak: {peak / 1e12:.0f} TFLOP/s")
-    rows = []
+    rows, out = [], output_dir(args, device)
     for compiled in {"off": [False], "on": [True], "both": [False, True]}[args.compile]:
         base = None
         for pattern in args.patterns.split(","):
-            r = run_one(args.arch, pattern, compiled, args, device, peak)
+            try:
+                r = run_one(args.arch, pattern, compiled, args, device, peak)
+            except torch.OutOfMemoryError:
+                r = {"arch": args.arch, "pattern": pattern, "compile": compiled, "batch": args.batch_size,
+                     "image": args.image_size, "step_ms": None, "img_per_s": None, "note": "out of memory"}
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # the previous pattern's model and optimizer are gone
             if pattern == "single":
                 base = r
-            if base is not None:
+            if base is not None and base.get("img_per_s") and r.get("img_per_s"):
                 r["time_vs_single"] = base["img_per_s"] / r["img_per_s"]
                 if r["peak_mem_mb"] and base["peak_mem_mb"]:
                     r["mem_vs_single"] = r["peak_mem_mb"] / base["peak_mem_mb"]
             rows.append(r)
-            print(format_row(r))
-    save("bench_train", rows, device, argv, COLUMNS, output_dir(args, device))
+            print(format_row(r), flush=True)
+            save("bench_train", rows, device, argv, COLUMNS, out)  # after every row: a cut-off run keeps its rows
     return 0
 
 

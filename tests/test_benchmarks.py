@@ -55,7 +55,7 @@ def test_bench_train_quick(tmp_path, monkeypatch, capsys):
 
     assert bench_train.main(["--quick", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "pattern=single" in out and "pattern=hier4" in out and "time_vs_single=" in out
+    assert "pattern=plain" in out and "pattern=single" in out and "pattern=hier4" in out and "time_vs_single=" in out
     md = next(tmp_path.glob("bench_train_cpu_*.md")).read_text()
     assert "paper_time" in md
 
