@@ -39,10 +39,15 @@ __global__ void scaled_sum_kernel(Pointers<scalar_t> in, int n, opmath_t* acc, s
     const auto first = reinterpret_cast<const Packet<scalar_t, VEC>*>(in.p[0])[i];
 #pragma unroll
     for (int j = 0; j < VEC; ++j) sum[j] = static_cast<opmath_t>(first.v[j]);
-    for (int k = 1; k < n; ++k) {
-      const auto pk = reinterpret_cast<const Packet<scalar_t, VEC>*>(in.p[k])[i];
+    // Fully unrolled over the fixed capacity: every in.p[k] is a constant index into the kernel's parameter
+    // space, so the pointer array is never copied to local memory (a runtime index would put it on the stack).
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) sum[j] += static_cast<opmath_t>(pk.v[j]);
+    for (int k = 1; k < kMaxFused; ++k) {
+      if (k < n) {
+        const auto pk = reinterpret_cast<const Packet<scalar_t, VEC>*>(in.p[k])[i];
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) sum[j] += static_cast<opmath_t>(pk.v[j]);
+      }
     }
     if constexpr (ACC) {
 #pragma unroll
@@ -62,7 +67,10 @@ __global__ void scaled_sum_kernel(Pointers<scalar_t> in, int n, opmath_t* acc, s
   for (int64_t e = num_packets * VEC + static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; e < numel;
        e += stride) {
     opmath_t s = static_cast<opmath_t>(in.p[0][e]);
-    for (int k = 1; k < n; ++k) s += static_cast<opmath_t>(in.p[k][e]);
+#pragma unroll
+    for (int k = 1; k < kMaxFused; ++k) {
+      if (k < n) s += static_cast<opmath_t>(in.p[k][e]);
+    }
     if constexpr (ACC) s += acc[e];
     if constexpr (FINAL) {
       out[e] = static_cast<scalar_t>(s * scale);
