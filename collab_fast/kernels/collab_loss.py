@@ -310,20 +310,29 @@ if triton is not None:
 
     @triton.jit
     def _collab_loss_kernel(
-        z_ptr, stride_zh, stride_zn, stride_zc,  # logits [H, N, C], any strides
+        z_ptr, stride_zh_v, stride_zn_v, stride_zc,  # logits [H, N, C], any strides (head/row strides / VEC)
         y_ptr, stride_y,  # target [N], integer
-        g_ptr, stride_gh, stride_gn, stride_gc,  # gradient out [H, N, C] (may alias the logits)
+        g_ptr, stride_gh_v, stride_gn_v, stride_gc,  # gradient out [H, N, C] (may alias the logits)
         loss_ptr,  # REDUCE: fp32 scalar accumulator; else fp32 [H, N] per-head per-sample loss
         stats_ptr,  # fp32 [4, H] accumulators: mean hard, mean soft, correct count; [3, 0] = n_valid
         nvalid_ptr,  # [] number of non-ignored labels (read when MEAN or STATS)
         r_ptr, stride_rh, stride_rn,  # upstream weights [H, N] (ROW_WEIGHTS: backward of "none")
-        N, C, ignore_index,
+        N, C_v, ignore_index,  # C / VEC
         inv_t, hard_coef, soft_coef, eps,  # the factors on the hard and the soft objective
         H: tl.constexpr, H_PAD: tl.constexpr, BLOCK_C: tl.constexpr, NUM_BLOCKS: tl.constexpr,
         REDUCE: tl.constexpr, MEAN: tl.constexpr, COMPUTE_LOSS: tl.constexpr,
         COMPUTE_GRAD: tl.constexpr, ROW_WEIGHTS: tl.constexpr, DETACH: tl.constexpr,
         STATS: tl.constexpr, SMOOTH: tl.constexpr, T_IS_TWO: tl.constexpr, KL: tl.constexpr,
+        VEC: tl.constexpr,  # elements per 16 bytes when every row starts 16-byte aligned, else 1
     ):
+        # The row strides and C arrive divided by VEC: multiplied back here, Triton knows that they are
+        # multiples of VEC, so every row starts on a 16-byte boundary and masks are constant per VEC
+        # columns: vector loads and stores (C = 1000 included) where the launcher found them legal.
+        stride_zh = stride_zh_v.to(tl.int64) * VEC
+        stride_zn = stride_zn_v.to(tl.int64) * VEC
+        stride_gh = stride_gh_v.to(tl.int64) * VEC
+        stride_gn = stride_gn_v.to(tl.int64) * VEC
+        C = C_v * VEC
         n = tl.program_id(0).to(tl.int64)
         y = tl.load(y_ptr + n * stride_y).to(tl.int64)
         valid = y != ignore_index
@@ -493,6 +502,19 @@ def _check_triton_usable(device: torch.device) -> None:
         )
 
 
+def _vector_width(logits: torch.Tensor, grad: torch.Tensor) -> int:
+    """Elements per 16-byte vector when the logits and the gradient both have unit class stride, 16-byte
+    aligned storage, and head and row strides and C that are multiples of it; else 1 (scalar accesses)."""
+    vec = 16 // logits.element_size()
+    c = logits.shape[2]
+    for t in (logits, grad):
+        if t.stride(2) != 1 or t.data_ptr() % 16 or t.element_size() != logits.element_size():
+            return 1
+        if t.stride(0) % vec or t.stride(1) % vec:
+            return 1
+    return vec if c % vec == 0 else 1
+
+
 def pick_block_c(num_heads: int, num_classes: int, block_c: int | None = None) -> tuple[int, int, int]:
     """Column block, number of blocks and warps for a row of `num_heads` x `num_classes`."""
     h_pad = triton.next_power_of_2(num_heads)
@@ -536,20 +558,21 @@ def _launch(
         grad = logits  # never written (COMPUTE_GRAD is a constexpr False)
     r = row_weights if row_weights is not None else loss
     r_strides = (row_weights.stride(0), row_weights.stride(1)) if row_weights is not None else (0, 0)
+    vec = _vector_width(logits, grad if compute_grad else logits)
     if n > 0:
         _collab_loss_kernel[(n,)](
-            logits, logits.stride(0), logits.stride(1), logits.stride(2),
+            logits, logits.stride(0) // vec, logits.stride(1) // vec, logits.stride(2),
             target, target.stride(0),
-            grad, grad.stride(0), grad.stride(1), grad.stride(2),
+            grad, grad.stride(0) // vec, grad.stride(1) // vec, grad.stride(2),
             loss, stats, nvalid,
             r, r_strides[0], r_strides[1],
-            n, c, params.ignore_index,
+            n, c // vec, params.ignore_index,
             1.0 / params.temperature, params.hard_coef, params.soft_coef, params.label_smoothing,
             H=num_heads, H_PAD=triton.next_power_of_2(num_heads), BLOCK_C=block, NUM_BLOCKS=num_blocks,
             REDUCE=reduce, MEAN=mean, COMPUTE_LOSS=compute_loss, COMPUTE_GRAD=compute_grad,
             ROW_WEIGHTS=row_weights is not None, DETACH=params.detach_consensus, STATS=return_stats,
             SMOOTH=params.label_smoothing > 0, T_IS_TWO=params.temperature == 2.0, KL=params.soft_loss == "kl",
-            num_warps=num_warps,
+            VEC=vec, num_warps=num_warps,
         )
     elif compute_grad and grad_out is None:
         grad.zero_()
