@@ -53,6 +53,12 @@ def test_export_cli_errors(tmp_path, capsys):
                  "config": {"arch": "resnet32", "pattern": "ilr2", "num_classes": 10}}, mismatch)
     assert export_main([str(mismatch), "-o", str(tmp_path / "x.pth")]) == 2
     assert "do not fit the model" in capsys.readouterr().err
+    assert export_main([str(path), "-o", str(tmp_path)]) == 2  # a directory
+    assert "is a directory; give a file name" in capsys.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert export_main([str(path), "-o", str(tmp_path / "file" / "head0.pth")]) == 2  # under a file
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: cannot write") and "file/head0.pth" in err and "\n" not in err
 
 
 def test_corrupt_and_truncated_files(tmp_path):
