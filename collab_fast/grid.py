@@ -102,7 +102,7 @@ def run_cell(cell: Cell, root: Path, base: list[str], env: dict, lock: threading
     with lock:
         print(f"grid: {cell.name}: {' '.join(shlex.quote(c) for c in cmd[1:])}", flush=True)
     with open(out / "train.log", "a") as log:
-        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
+        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent).returncode
     ev = _last_eval(out / "run")
     if code != 0 or ev is None:
         tail = (out / "train.log").read_text(errors="replace").strip().splitlines()[-1:] or [""]
@@ -115,6 +115,18 @@ def run_cell(cell: Cell, root: Path, base: list[str], env: dict, lock: threading
     with lock:
         print(f"grid: {cell.name}: head 0 top-1 {ev['top1']:.2f}%", flush=True)
     return row
+
+
+def _die_with_parent() -> None:
+    """In the cell's process (Linux): SIGTERM when the grid dies, even by SIGKILL, so the trainer writes
+    last.pt and stops instead of running on unattended."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _mean_sd(xs: list[float]) -> tuple[float, float]:

@@ -56,15 +56,14 @@ def test_interrupted_grid_continues(tmp_path):
     deadline = time.time() + 300
     while time.time() < deadline and not list(out.glob("cells/*/result.json")):
         time.sleep(0.1)
-    proc.kill()  # the grid dies; its running cell is orphaned or killed: either way not finished
+    proc.kill()  # the grid dies (SIGKILL); its running cell gets SIGTERM, writes last.pt and stops
     proc.wait()
     first = {p: p.stat().st_mtime_ns for p in out.glob("cells/*/result.json")}
     assert 1 <= len(first) < 3
-    time.sleep(3)  # an orphaned cell process still holding its run folder finishes or is refused and retried
-    for _ in range(3):
+    for _ in range(20):  # the cell may take a moment to stop and release its run folder
         if main(args) == 0:
             break
-        time.sleep(3)
+        time.sleep(1)
     assert len(list(out.glob("cells/*/result.json"))) == 3
     assert all(p.stat().st_mtime_ns == t for p, t in first.items())  # finished cells were not rerun
 
