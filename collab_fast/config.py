@@ -64,6 +64,9 @@ class TrainConfig:
                                "head) as several public implementations write it", choices=("ce", "kl"))
     loss_weights: list[float] = opt([], "free factors of the hard and the soft objective, replacing --beta and "
                                         "--soft-weight (e.g. 1,4 for CE + 4 KL)", lo=0, metavar="HARD,SOFT")
+    soft_ramp: float = opt(0.0, "epochs over which the soft objective's weight rises from near 0 to its full value "
+                                "(exp(-5 (1 - t)^2), t = epoch / ramp, per step; Laine & Aila 2017): early consensus "
+                                "of untrained heads is noise; 0: full weight from the start", lo=0)
     detach_consensus: bool = opt(True, "the consensus is a constant target (no gradient through it)")
     rescale: str = opt("backprop", "gradient rescaling at split points (the paper's Table 3 ablation)",
                        choices=RESCALE_MODES)
@@ -71,6 +74,10 @@ class TrainConfig:
     label_smoothing: float = opt(0.0, "label smoothing of the hard objective (torch's definition)", lo=0, hi=1)
     label_noise: float = opt(0.0, "fraction of training labels redrawn uniformly every epoch (paper Fig. 3)",
                              lo=0, hi=1, hi_open=True)
+    train_samples: int | None = opt(None, "train on a fixed, class-balanced subset of this many training samples (the "
+                                          "same subset for every seed); unset: the whole training set", lo=1)
+    holdout: int = opt(0, "hold this many training samples out (fixed, class-balanced, never trained on) and evaluate "
+                          "on them instead of the test split: choose settings here, report on the test split", lo=0)
     augment: str = opt("auto", "training augmentation: random crop + horizontal flip, crop only, or none; auto: "
                                "crop for digits (a mirrored digit is another digit), crop+flip otherwise. The "
                                "crop shifts by up to 1/8 of the side on device-resident sets",

@@ -11,7 +11,9 @@ CPU `--jobs` cells with an equal share of the cores each (OMP threads).
 Writes OUT/grid.json (one row per cell), OUT/grid.md (per setting: mean and standard deviation over seeds
 of head 0's test error and the ensemble's, and the difference to the baseline pattern with a 95% confidence
 interval over seeds, paired by seed), OUT/fig3.png (test error against label noise, one line per pattern,
-as the paper's Fig. 3) and OUT/grid.html (both together).
+as the paper's Fig. 3) and OUT/grid.html (both together). Cells trained with --holdout N evaluate on samples
+held out of the training set, and every table and figure says "holdout error" instead of "test error":
+choose settings on a holdout, report on the test split.
 """
 
 from __future__ import annotations
@@ -165,13 +167,24 @@ def _cell_keys(row: dict) -> list[str]:
     return [k for k in row if k not in skip]
 
 
-def _markdown(summary: list[dict], baseline: str, command: str) -> str:
+def eval_split(trainer_flags: list[str]) -> str:
+    """What the cells evaluate on: "holdout" (samples held out of the training set, --holdout N) or "test"."""
+    for i, a in enumerate(trainer_flags):
+        value = a.split("=", 1)[1] if a.startswith("--holdout=") else (
+            trainer_flags[i + 1] if a == "--holdout" and i + 1 < len(trainer_flags) else None)
+        if value is not None:
+            return "holdout" if value.strip() not in ("0", "") else "test"
+    return "test"
+
+
+def _markdown(summary: list[dict], baseline: str, command: str, split: str = "test") -> str:
     axes = [k for k in summary[0] if k not in ("pattern", "noise", "seeds", "err_head0", "err_head0_sd",
                                                "err_ensemble", "err_ensemble_sd", "diff_vs_baseline", "diff_ci95")]
-    head = ["pattern", "label noise", *axes, "seeds", "test error head 0 (%)", "ensemble (%)",
+    head = ["pattern", "label noise", *axes, "seeds", f"{split} error head 0 (%)", "ensemble (%)",
             f"head 0 vs {baseline} (points, 95% CI)"]
-    lines = [f"- command: `{command}`", "- test error = 100 - top-1 on the evaluation split; mean +- standard "
-             "deviation over seeds; the difference is paired by seed", "",
+    lines = [f"- command: `{command}`", (f"- {split} error = 100 - top-1 on the "
+             + ("samples held out of the training set (--holdout), not the test split" if split == "holdout"
+                else "test split") + "; mean +- standard deviation over seeds; the difference is paired by seed"), "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in sorted(summary, key=lambda r: (r["noise"], str(r["pattern"]), *[str(r[a]) for a in axes])):
         diff = "-"
@@ -184,7 +197,7 @@ def _markdown(summary: list[dict], baseline: str, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _plot(summary: list[dict], path: Path) -> None:
+def _plot(summary: list[dict], path: Path, split: str = "test") -> None:
     require("matplotlib", "train", "drawing the grid's figure").use("Agg")
     import matplotlib.pyplot as plt
 
@@ -199,8 +212,8 @@ def _plot(summary: list[dict], path: Path) -> None:
         ax.errorbar([100 * r["noise"] for r in rs], [r["err_head0"] for r in rs], yerr=[r["err_head0_sd"] for r in rs],
                     marker="o", ms=4, capsize=3, label=label)
     ax.set_xlabel("label noise (%)")
-    ax.set_ylabel("test error of head 0 (%)")
-    ax.set_title("test error vs label noise (mean +- sd over seeds)")
+    ax.set_ylabel(f"{split} error of head 0 (%)")
+    ax.set_title(f"{split} error vs label noise (mean +- sd over seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -208,12 +221,13 @@ def _plot(summary: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(root: Path, rows: list[dict], baseline: str, command: str) -> list[dict]:
+def write_outputs(root: Path, rows: list[dict], baseline: str, command: str, split: str = "test") -> list[dict]:
     summary = summarize(rows, baseline)
-    (root / "grid.json").write_text(json.dumps({"command": command, "cells": rows, "summary": summary}, indent=1))
-    md = _markdown(summary, baseline, command)
+    record = {"command": command, "eval_split": split, "cells": rows, "summary": summary}
+    (root / "grid.json").write_text(json.dumps(record, indent=1))
+    md = _markdown(summary, baseline, command, split)
     (root / "grid.md").write_text("# collab_fast grid\n\n" + md)
-    _plot(summary, root / "fig3.png")
+    _plot(summary, root / "fig3.png", split)
     (root / "grid.html").write_text(
         "<!doctype html><html><head><meta charset='utf-8'><title>collab_fast grid</title></head><body>"
         f"<h1>collab_fast grid</h1><img src='fig3.png' alt='fig3'><pre>{html.escape(md)}</pre></body></html>\n")
@@ -306,11 +320,11 @@ def main(argv=None) -> int:
     try:
         with ThreadPoolExecutor(len(envs)) as pool:
             rows = list(pool.map(work, cells))
-        summary = write_outputs(root, rows, args.baseline or patterns[0], command)
+        summary = write_outputs(root, rows, args.baseline or patterns[0], command, eval_split(base))
     except (RuntimeError, MissingExtra) as exc:
         print(f"error: {exc} (run the same command again to continue the grid)", file=sys.stderr)
         return 1
-    print(_markdown(summary, args.baseline or patterns[0], command))
+    print(_markdown(summary, args.baseline or patterns[0], command, eval_split(base)))
     print(f"grid: wrote {root / 'grid.md'}, {root / 'grid.json'}, {root / 'fig3.png'}, {root / 'grid.html'}")
     return 0
 

@@ -29,7 +29,7 @@ from collab_fast.config import TrainConfig, parse_config, resolve
 from collab_fast.data import build_loaders
 from collab_fast.distributed import Dist, cleanup, init_distributed
 from collab_fast.extras import MissingExtra
-from collab_fast.kernels.collab_loss import CollabLoss
+from collab_fast.kernels.collab_loss import CollabLoss, collab_loss
 from collab_fast.metrics import Logger, Meter, Progress, memory_stats
 from collab_fast.models import build
 from collab_fast.models.cost import pattern_cost
@@ -55,6 +55,15 @@ def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
         t = (epoch - cfg.warmup_epochs) / max(cfg.epochs - cfg.warmup_epochs, 1e-9)
         return 0.5 * (1 + math.cos(math.pi * min(max(t, 0.0), 1.0)))
     return 0.1 ** sum(epoch >= m for m in cfg.lr_milestones)
+
+
+def soft_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """The soft objective's weight multiplier at optimizer step `step` (0-based): --soft-ramp's
+    exp(-5 (1 - t)^2), t the fraction of the ramp done, then 1."""
+    if cfg.soft_ramp <= 0:
+        return 1.0
+    t = min(step / (cfg.soft_ramp * max(steps_per_epoch, 1)), 1.0)
+    return math.exp(-5.0 * (1.0 - t) ** 2) if t < 1.0 else 1.0
 
 
 def make_model(cfg: TrainConfig, num_classes: int, device: torch.device) -> torch.nn.Module:
@@ -89,13 +98,17 @@ class Step:
 
     def __init__(self, cfg: TrainConfig, model, net, optimizer, scaler=None):
         self.model, self.net, self.optimizer, self.scaler = model, net, optimizer, scaler
-        self.loss = make_loss(cfg)
+        self.base = make_loss(cfg).params
+        self.params = self.base  # the base settings, the soft coefficient scaled by --soft-ramp
         self.amp = AMP_DTYPES.get(cfg.amp)
         self.accum = cfg.accum_steps
         self.scale = net.loss_scale / cfg.accum_steps
         # --skip-nonfinite: a skipped step must leave the model exactly as it was, and its forward has
         # already updated the batch-norm statistics: those buffers are put back on the device.
         self.buffers = [b for b in net.buffers()] if cfg.skip_nonfinite else None
+
+    def set_soft_factor(self, factor: float) -> None:
+        self.params = self.base if factor == 1.0 else self.base.with_soft_factor(factor)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, meter: Meter | None = None) -> torch.Tensor:
         """Returns the step's loss on the device (the sum over micro-batches of each one's mean)."""
@@ -108,7 +121,7 @@ class Step:
             with contextlib.nullcontext() if sync else self.model.no_sync():
                 with torch.autocast(x.device.type, dtype=self.amp, enabled=self.amp is not None):
                     logits = as_heads(self.model(xk))
-                loss, stats = self.loss(logits, yk, return_stats=True)
+                loss, stats = collab_loss(logits, yk, self.params, return_stats=True)
                 if meter is not None:
                     meter.add(loss, stats)
                 step_loss += loss.detach()
@@ -175,6 +188,8 @@ def train_one_epoch(r: Run, loader) -> None:
         lr = cfg.lr * lr_factor(cfg, state.step, r.steps_per_epoch)
         for g in r.optimizer.param_groups:
             g["lr"] = lr
+        if cfg.soft_ramp:
+            r.step.set_soft_factor(soft_factor(cfg, state.step, r.steps_per_epoch))
         step_loss = r.step(x, y, meter)
         bad = ~torch.isfinite(step_loss)
         first_bad = torch.where(bad & (first_bad < 0), state.step, first_bad)
@@ -294,7 +309,7 @@ def _setup(cfg: TrainConfig):
         rank=proc.rank, world=proc.world, seed=cfg.seed, label_noise=cfg.label_noise,
         dtype=torch.float16 if cfg.amp == "fp16" else torch.float32, channels_last=cfg.channels_last,
         skip_bad_images=cfg.skip_bad_images, num_threads=cfg.threads, synthetic_steps=cfg.synthetic_steps,
-        augment=cfg.augment)
+        augment=cfg.augment, train_samples=cfg.train_samples, holdout=cfg.holdout)
     if len(train_loader) == 0:
         raise ValueError(f"--batch-size {cfg.batch_size} is larger than the training set's share of each process: "
                          "no full batch per epoch; lower --batch-size")

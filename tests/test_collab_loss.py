@@ -132,6 +132,20 @@ def test_weights_replace_beta_and_soft_weight():
         CollabLoss(soft_loss="js")
 
 
+@pytest.mark.parametrize("settings", [dict(beta=0.3, soft_weight=2.0), dict(weights=(1.0, 4.0), soft_loss="kl")])
+def test_soft_factor_scales_only_the_soft_objective(settings):
+    z, y = make(3, 6, 11, dtype=torch.float64)
+    base = CollabLoss(impl="torch", **settings).params
+    scaled = base.with_soft_factor(0.25)
+    assert scaled.hard_coef == base.hard_coef and scaled.soft_coef == pytest.approx(0.25 * base.soft_coef)
+    assert scaled.temperature == base.temperature and scaled.soft_loss == base.soft_loss
+    _, stats = cl.collab_loss(z, y, base, return_stats=True)
+    got = cl.collab_loss(z, y, scaled)
+    want = (base.hard_coef * stats.hard.sum() + 0.25 * base.soft_coef * stats.soft.sum()).to(got.dtype)
+    torch.testing.assert_close(got, want)
+    assert base.with_soft_factor(0.0).soft_coef == 0.0
+
+
 def test_reference_single_head_is_cross_entropy():
     z, y = make(1, 6, 7, dtype=torch.float64)
     torch.testing.assert_close(collab_loss_reference(z, y), F.cross_entropy(z[0], y))

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from collab_fast.grid import Cell, main, plan, summarize
+from collab_fast.grid import Cell, eval_split, main, plan, summarize, write_outputs
 
 BASE = ["--", "digits", "--arch", "resnet32", "-b", "64", "--image-size", "16", "--max-steps", "2", "--log-every", "1"]
 
@@ -28,6 +28,19 @@ def test_plan_and_summary_statistics():
     assert s["hier4", 0.4]["diff_vs_baseline"] == pytest.approx(-3.0)
     assert s["hier4", 0.4]["diff_ci95"] == pytest.approx(4.303 * 2.0 / 3**0.5, rel=1e-3)  # diffs -5, -3, -1
     assert s["single", 0.0]["diff_vs_baseline"] is None
+
+
+def test_holdout_cells_are_labelled_holdout_error_not_test_error(tmp_path):
+    assert eval_split(["digits", "--holdout", "300"]) == "holdout" and eval_split(["digits", "--holdout=300"]) == "holdout"
+    assert eval_split(["digits", "--holdout", "0"]) == "test" and eval_split(["digits", "--epochs", "3"]) == "test"
+    cells = plan(["single", "hier4"], [0.4], [0, 1], {})
+    rows = [{**c, "cell": c.name, "top1": 90.0 + i, "top1_ensemble": 91.0, "top1_heads": [90.0], "val_loss_head0": 0.1,
+             "step": 1} for i, c in enumerate(cells)]
+    pytest.importorskip("matplotlib", reason="the figure needs matplotlib (the train extra)")
+    write_outputs(tmp_path, rows, "single", "cmd", "holdout")
+    md = (tmp_path / "grid.md").read_text()
+    assert "holdout error head 0 (%)" in md and "held out of the training set" in md and "test error" not in md
+    assert json.loads((tmp_path / "grid.json").read_text())["eval_split"] == "holdout"
 
 
 @pytest.mark.slow

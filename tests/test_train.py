@@ -1,6 +1,7 @@
 """The trainer end to end on CPU: every pattern, outputs, resume, signals, DDP, eval-only, faults, bad flags."""
 
 import json
+import math
 import os
 import random
 import signal
@@ -69,6 +70,27 @@ def test_kl_soft_loss_with_free_weights(tmp_path):
     assert cfg["soft_loss"] == "kl" and cfg["loss_weights"] == [1.0, 4.0] and cfg["beta"] is None
     loss = train.make_loss(train.TrainConfig(**{k: v for k, v in cfg.items()}))
     assert loss.params.soft_loss == "kl" and (loss.params.hard_coef, loss.params.soft_coef) == (1.0, 4.0)
+
+
+def test_soft_ramp_holdout_and_reduced_training_set(tmp_path):
+    cfg = train.TrainConfig("digits", soft_ramp=2.0)
+    f = [train.soft_factor(cfg, s, 10) for s in (0, 5, 10, 15, 19, 20, 100)]
+    assert f[0] == pytest.approx(math.exp(-5)) and f[2] == pytest.approx(math.exp(-5 / 4))
+    assert f == sorted(f) and f[4] < 1.0 and f[5] == f[6] == 1.0
+    assert train.soft_factor(train.TrainConfig("digits"), 0, 10) == 1.0  # no ramp: full weight from the start
+    out = run_train(tmp_path, "--pattern", "ilr2", "--epochs", "2", "--train-samples", "96", "--holdout", "50",
+                    "--soft-ramp", "1", "--log-every", "1")
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["soft_ramp"], cfg["train_samples"], cfg["holdout"]) == (1.0, 96, 50)
+    tr, ev = records(out, "train"), records(out, "eval")
+    assert len(tr) == 6 and [r["val_samples"] for r in ev] == [50, 50]  # 96 // 32 steps per epoch; the holdout
+    # the logged soft objective is unscaled; the total carries the ramp: hard_coef * hard + factor * soft_coef * soft
+    p = train.make_loss(train.TrainConfig(**cfg)).params
+    for r in tr:
+        factor = train.soft_factor(train.TrainConfig(**cfg), r["step"] - 1, 3)
+        want = p.hard_coef * sum(r["hard"]) + factor * p.soft_coef * sum(r["soft"])
+        assert r["loss"] == pytest.approx(want, rel=1e-4), r["step"]
+    assert train.main([*BASE, "--output", str(tmp_path / "x"), "--holdout", "1437"]) == 2
 
 
 @pytest.mark.slow
@@ -298,6 +320,8 @@ def test_out_of_memory_message(tmp_path, monkeypatch):
     (["digits", "--loss-weights", "1,4", "--beta", "0.3"], "--loss-weights replaces --beta and --soft-weight"),
     (["digits", "--loss-weights", "1,-4"], r"--loss-weights must be in \[0, inf\)"),
     (["digits", "--soft-loss", "js"], "invalid choice: 'js'"),
+    (["digits", "--soft-ramp", "-1"], r"--soft-ramp must be in \[0, inf\)"),
+    (["digits", "--train-samples", "0"], r"--train-samples must be in \[1, inf\)"),
 ])
 def test_bad_flags(argv, match, capsys):
     with pytest.raises(SystemExit) as exc:

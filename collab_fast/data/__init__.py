@@ -24,6 +24,7 @@ from collab_fast.data.memory import (
     load_digits,
 )
 from collab_fast.data.noise import LabelNoise
+from collab_fast.data.split import split_train
 from collab_fast.data.toy import write_toy
 
 __all__ = ["AUGMENTS", "DATASETS", "DataError", "DaliLoader", "DeviceLoader", "LabelNoise", "SyntheticLoader",
@@ -65,9 +66,11 @@ def build_loaders(dataset: str, *, data_dir: str | None = None, batch_size: int 
                   label_noise: float = 0.0, dtype: torch.dtype = torch.float32, channels_last: bool = True,
                   eval_batch_size: int | None = None, skip_bad_images: bool = False, check_files: bool = True,
                   num_threads: int | None = None, synthetic_classes: int = 1000, synthetic_steps: int = 100,
-                  augment: str = "auto"):
+                  augment: str = "auto", train_samples: int | None = None, holdout: int = 0):
     """(train_loader, val_loader, num_classes) for `dataset`; see the module docstring. augment: "crop+flip",
-    "crop" or "none" for the training set; "auto" is default_augment(dataset)."""
+    "crop" or "none" for the training set; "auto" is default_augment(dataset). train_samples / holdout: train
+    on a fixed class-balanced subset, and evaluate on samples held out of the training set instead of the
+    test split (see data/split.py)."""
     if augment == "auto":
         augment = default_augment(dataset)
     if augment not in AUGMENTS:
@@ -77,6 +80,8 @@ def build_loaders(dataset: str, *, data_dir: str | None = None, batch_size: int 
     device = torch.device(device)
     eval_batch_size = eval_batch_size or batch_size
     if dataset == "synthetic":
+        if train_samples is not None or holdout:
+            raise ValueError("--train-samples and --holdout need a real data set, not synthetic")
         size = image_size or 224
         kw = dict(image_size=size, num_classes=synthetic_classes, device=device, dtype=dtype,
                   channels_last=channels_last)
@@ -92,6 +97,11 @@ def build_loaders(dataset: str, *, data_dir: str | None = None, batch_size: int 
             classes = 10 if dataset == "cifar10" else 100
             (xtr, ytr), (xte, yte) = load_cifar(data_dir, classes)
             mean, std = CIFAR_MEAN, CIFAR_STD
+        if train_samples is not None or holdout:
+            tr, ho = split_train(ytr, train_samples, holdout)
+            if holdout:
+                xte, yte = xtr[ho], ytr[ho]
+            xtr, ytr = xtr[tr], ytr[tr]
         common = dict(mean=mean, std=std, device=device, rank=rank, world=world, seed=seed, dtype=dtype,
                       channels_last=channels_last, num_classes=classes)
         # The random-crop shift is 1/8 of the side (CIFAR's 4 pixels at 32), whatever the image size.
@@ -107,7 +117,13 @@ def build_loaders(dataset: str, *, data_dir: str | None = None, batch_size: int 
     # --skip-bad-images decodes every image once (cached): the header check cannot see every bad file
     check = dict(check_files=check_files, skip_bad=skip_bad_images, decode=skip_bad_images, threads=num_threads)
     files, labels, classes = scan_split(root, "train", **check)
-    vfiles, vlabels, _ = scan_split(root, "val", classes=classes, **check)
+    if train_samples is not None or holdout:
+        tr, ho = split_train(torch.tensor(labels), train_samples, holdout)
+        if holdout:
+            vfiles, vlabels = [files[i] for i in ho.tolist()], [labels[i] for i in ho.tolist()]
+        files, labels = [files[i] for i in tr.tolist()], [labels[i] for i in tr.tolist()]
+    if not holdout:
+        vfiles, vlabels, _ = scan_split(root, "val", classes=classes, **check)
     device_id = device.index if device.type == "cuda" else None
     if device.type == "cuda" and device_id is None:
         device_id = torch.cuda.current_device()

@@ -37,7 +37,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -137,6 +137,10 @@ class CollabLossParams:
     def soft_coef(self) -> float:
         """The factor on the soft objective: (1 - beta) * soft_weight, or weights[1]."""
         return self.weights[1] if self.weights is not None else (1.0 - self.beta) * self.soft_weight
+
+    def with_soft_factor(self, factor: float) -> CollabLossParams:
+        """These settings with the soft objective's coefficient times `factor` (a soft-weight ramp)."""
+        return replace(self, beta=None, soft_weight=None, weights=(self.hard_coef, self.soft_coef * factor))
 
 
 def _check_number(name: str, value, lo: float, hi: float, lo_open: bool = False) -> float:
