@@ -332,25 +332,58 @@ def test_out_of_range_label_in_kernel_gives_nan():
     assert torch.isnan(loss)
 
 
-def test_inplace_writes_gradient_into_logits():
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_inplace_writes_gradient_into_logits(reduction):
     z, y = make(3, 5, 20)
+    up = torch.rand(3, 5) + 0.5 if reduction == "none" else torch.tensor(1.7)  # upstream weights other than 1
     x = z.clone().requires_grad_()
-    fused_collab_loss(x, y, impl="triton").backward()
+    fused_collab_loss(x, y, impl="triton", reduction=reduction).backward(up)
     leaf = z.clone().requires_grad_()
     work = leaf * 1.0  # a non-leaf whose storage may be reused
-    loss = fused_collab_loss(work, y, impl="triton", inplace=True)
-    loss.backward()
+    loss = fused_collab_loss(work, y, impl="triton", inplace=True, reduction=reduction)
+    assert torch.equal(work.detach(), z)  # forward only reads: the logits are intact until backward
+    loss.backward(up)
     assert_close(leaf.grad, x.grad, atol=1e-7)
     assert_close(work.detach(), x.grad, atol=1e-7)  # the logits now hold the gradient
 
 
-def test_backward_twice_is_refused():
+def test_inplace_backward_makes_other_users_of_the_logits_refuse():
+    z, y = make(2, 4, 9)
+    work = z.clone().requires_grad_() * 1.0
+    other = (work.exp()).sum()  # exp saves its output, not work; sin saves its input
+    saved = work.sin().sum()
+    loss = fused_collab_loss(work, y, impl="triton", inplace=True)
+    (loss + other).backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.backward()
+
+
+def test_backward_twice_gives_the_same_gradient():
+    # the gradient is computed in backward from the saved logits: retain_graph works like any torch op
     z, y = make(2, 3, 4)
     x = z.clone().requires_grad_()
-    loss = fused_collab_loss(x, y, impl="triton")
+    loss = fused_collab_loss(x, y, impl="triton", detach_consensus=False)
     loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="backward ran twice"):
-        loss.backward()
+    first = x.grad.clone()
+    loss.backward()
+    assert_close(x.grad, 2 * first, atol=1e-7)
+
+
+def test_forward_keeps_no_gradient_buffer():
+    # the forward launch computes no gradient: nothing of [H, N, C] is held until backward
+    z, y = make(2, 64, 300)
+    x = z.clone().requires_grad_()
+    calls = []
+    real = cl._launch
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cl, "_launch", lambda *a, **k: calls.append(k.get("compute_grad", False)) or real(*a, **k))
+        loss = fused_collab_loss(x, y, impl="triton")
+        assert calls == [False]
+        loss.backward(torch.tensor(3.0))
+        assert calls == [False, True]
+    ref = z.double().requires_grad_()
+    (3.0 * collab_loss_reference(ref, y)).backward()
+    assert_close(x.grad.double(), ref.grad, atol=1e-6)
 
 
 @pytest.mark.parametrize("soft_loss", ["ce", "kl"])
@@ -483,7 +516,7 @@ def test_under_torch_compile():
     ((torch.zeros(2, 4, 5, dtype=torch.float64), torch.zeros(4, dtype=torch.long)), {"impl": "triton"},
      TypeError, "float64"),
     ((torch.zeros(2, 4, 5), torch.zeros(4, dtype=torch.long)), {"impl": "torch", "inplace": True},
-     ValueError, "inplace"),
+     ValueError, "inplace=True needs the Triton kernel"),
     ((torch.zeros(2, 4, 5), torch.zeros(4, dtype=torch.long)), {"impl": "triton", "block_c": 12},
      ValueError, "block_c"),
     ((torch.zeros(2, 4, 5), torch.zeros(4, dtype=torch.long)), {"impl": "triton", "block_c": 2**20},

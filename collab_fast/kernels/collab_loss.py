@@ -1,4 +1,5 @@
-"""Fused collaborative-learning loss: every head's hard + soft loss and its gradient in one pass.
+"""Fused collaborative-learning loss: every head's hard + soft loss in one pass (forward), its gradient,
+scaled by grad_output on the device, in one more (backward).
 
 Math (Song & Chai 2018, eq. 2-4). One sample, label y, heads z_1..z_H in R^C, temperature T,
 weight beta, soft weight w (default T^2), label smoothing eps; C' = number of finite classes:
@@ -644,36 +645,36 @@ def _(logits, target, row_weights, temperature, hard_coef, soft_coef, detach_con
 
 
 # ----------------------------------------------------------------------------------------------------
-# Autograd: the gradient is computed in the forward launch; backward scales it by grad_output.
+# Autograd: forward reads the logits once for the loss (and statistics); backward launches the kernel
+# again with the upstream weights r [H, N] read on the device (grad_output / n_valid for "mean", a
+# stride-0 view of the scalar), so the gradient is written once, already scaled: no stored [H, N, C]
+# gradient between forward and backward, no extra multiply pass, no host sync.
 # ----------------------------------------------------------------------------------------------------
+
+
+def _upstream_weights(grad_loss: torch.Tensor, target: torch.Tensor, params: CollabLossParams, shape) -> torch.Tensor:
+    """r [H, N] of the gradient formula from the loss's grad_output, without a host sync."""
+    if params.reduction == "none":
+        return grad_loss
+    r = grad_loss.float()
+    if params.reduction == "mean":
+        r = r / (target != params.ignore_index).sum().clamp_min(1)
+    return r.expand(shape)  # strides (0, 0): every row reads the same scalar
 
 
 class _FusedCollabLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, params: CollabLossParams, return_stats, inplace):
         compiling = torch.compiler.is_compiling()
-        needs_grad = ctx.needs_input_grad[0]
-        # "none": the upstream weights differ per (head, sample) and mix across heads when the
-        # consensus is not detached, so the gradient is computed in backward from grad_output.
-        grad_in_forward = needs_grad and params.reduction != "none"
         if compiling:
             if inplace:
                 raise NotImplementedError("fused_collab_loss(inplace=True) is not supported under torch.compile")
-            loss, stats, grad = torch.ops.collab_fast.collab_loss_forward(
-                logits, target, *_params_args(params), grad_in_forward, return_stats)
+            loss, stats, _ = torch.ops.collab_fast.collab_loss_forward(
+                logits, target, *_params_args(params), False, return_stats)
         else:
-            loss, stats, grad = _launch(
-                logits, target, params, compute_grad=grad_in_forward, return_stats=return_stats,
-                grad_out=logits if inplace and grad_in_forward else None)
-            if inplace and grad_in_forward:
-                # The logits now hold the gradient: make autograd refuse any op that saved them.
-                torch.autograd.graph.increment_version(logits)
-        ctx.params = params
-        ctx.compiling = compiling
-        ctx.consumed = False
-        if grad_in_forward:
-            ctx.grad = grad
-        elif needs_grad:
+            loss, stats, _ = _launch(logits, target, params, return_stats=return_stats)
+        ctx.params, ctx.compiling, ctx.inplace = params, compiling, inplace
+        if ctx.needs_input_grad[0]:
             ctx.save_for_backward(logits, target)
         if stats is None:
             stats = loss.new_empty(0)
@@ -687,26 +688,16 @@ class _FusedCollabLoss(torch.autograd.Function):
                 "fused_collab_loss: double backward (create_graph=True, e.g. a gradient penalty) is not "
                 "supported by the Triton kernel, whose gradient is not differentiable; use impl='torch' for it")
         params = ctx.params
-        if params.reduction == "none":
-            logits, target = ctx.saved_tensors
-            if ctx.compiling:
-                grad = torch.ops.collab_fast.collab_loss_backward_rows(logits, target, grad_loss, *_params_args(params))
-            else:
-                _, _, grad = _launch(logits, target, params, compute_loss=False, compute_grad=True,
-                                     row_weights=grad_loss)
+        logits, target = ctx.saved_tensors
+        r = _upstream_weights(grad_loss, target, params, logits.shape[:2])
+        if ctx.compiling:
+            grad = torch.ops.collab_fast.collab_loss_backward_rows(logits, target, r, *_params_args(params))
         else:
-            if ctx.consumed:
-                raise RuntimeError(
-                    "fused_collab_loss: backward ran twice through the same graph. The gradient is "
-                    "stored at forward time and scaled in place; call the loss again instead of "
-                    "retain_graph=True.")
-            grad = ctx.grad
-            if ctx.compiling:
-                grad = grad * grad_loss
-            else:
-                ctx.consumed = True
-                del ctx.grad
-                grad.mul_(grad_loss)  # on the device: no host sync, no second buffer
+            _, _, grad = _launch(logits, target, params, compute_loss=False, compute_grad=True, row_weights=r,
+                                 grad_out=logits if ctx.inplace else None)
+            if ctx.inplace:
+                # The logits now hold the gradient: any other node that saved them must refuse to run.
+                torch.autograd.graph.increment_version(logits)
         return grad, None, None, None, None
 
 
@@ -789,9 +780,8 @@ def collab_loss(logits, target: torch.Tensor, params: CollabLossParams, *, retur
         if logits.dtype not in _KERNEL_DTYPES:
             raise TypeError(f"impl='triton' takes float32, bfloat16 or float16 logits, got {logits.dtype}; "
                             "use impl='torch' for float64")
-    if inplace and (not use_kernel or params.reduction == "none"):
-        raise ValueError("inplace=True needs the Triton kernel (impl='triton', or 'auto' on CUDA) and "
-                         "reduction 'mean' or 'sum'")
+    if inplace and not use_kernel:
+        raise ValueError("inplace=True needs the Triton kernel (impl='triton', or 'auto' on CUDA)")
     if not use_kernel:
         return _reference(logits, target, params, return_stats)
     loss, stats = _FusedCollabLoss.apply(logits, target, params, return_stats, inplace)
@@ -843,8 +833,8 @@ def fused_collab_loss(
         impl: "auto" (Triton on CUDA tensors, the reference on CPU), "triton", or "torch".
         return_stats: also return a CollabStats (per-head mean hard/soft loss and top-1 correct count),
             computed in the same pass with no host sync.
-        inplace: write the gradient into the logits' storage (saves one [H, N, C] buffer; the logits
-            are destroyed). Triton path, reduction "mean"/"sum" only.
+        inplace: backward writes the gradient into the logits' storage (saves one [H, N, C] buffer; the
+            logits are destroyed by backward). Triton path only.
         block_c: column block of the kernel (a power of two in [16, 65536]); default picks one.
 
     Returns:
