@@ -53,6 +53,21 @@ def bench(fn, device: torch.device, warmup_ms: float = 25, rep_ms: float = 100, 
     return statistics.median(times)
 
 
+def cuda_graph(fn):
+    """fn captured once into a CUDA graph (after warm-up launches on a side stream, as capture requires);
+    returns the graph's replay: the kernels alone, with no Python, argument checks or launch overhead."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
     """Measured device-to-device copy rate in bytes/s (read + write counted)."""
     if device.type != "cuda":
