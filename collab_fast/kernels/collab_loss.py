@@ -321,7 +321,8 @@ if triton is not None:
         loss_ptr,  # REDUCE: fp32 scalar accumulator; else fp32 [H, N] per-head per-sample loss
         stats_ptr,  # fp32 [4, H] accumulators: mean hard, mean soft, correct count; [3, 0] = n_valid
         nvalid_ptr,  # [] number of non-ignored labels (read when MEAN or STATS)
-        r_ptr, stride_rh, stride_rn,  # upstream weights [H, N] (ROW_WEIGHTS: backward of "none")
+        r_ptr, stride_rh, stride_rn,  # upstream weights [H, N] (ROW_WEIGHTS: backward)
+        rs_ptr,  # fp32 [8, H, N] row statistics: written by forward (ROW_STATS 1), read by backward (2)
         N, C_v, ignore_index,  # C / VEC
         inv_t, hard_coef, soft_coef, eps,  # the factors on the hard and the soft objective
         H: tl.constexpr, H_PAD: tl.constexpr, BLOCK_C: tl.constexpr, NUM_BLOCKS: tl.constexpr,
@@ -329,6 +330,7 @@ if triton is not None:
         COMPUTE_GRAD: tl.constexpr, ROW_WEIGHTS: tl.constexpr, DETACH: tl.constexpr,
         STATS: tl.constexpr, SMOOTH: tl.constexpr, T_IS_TWO: tl.constexpr, KL: tl.constexpr,
         VEC: tl.constexpr,  # elements per 16 bytes when every row starts 16-byte aligned, else 1
+        ROW_STATS: tl.constexpr,  # 0: none; 1: store pass 1's statistics; 2: load them instead of pass 1
     ):
         # The row strides and C arrive divided by VEC: multiplied back here, Triton knows that they are
         # multiples of VEC, so every row starts on a 16-byte boundary and masks are constant per VEC
@@ -354,6 +356,7 @@ if triton is not None:
         cols0 = tl.arange(0, BLOCK_C)
 
         # ---- pass 1: row statistics per head ([H_PAD] vectors), online over column blocks ----
+        # (backward of a long row loads them from forward instead: the row is read once per phase)
         m1 = tl.full([H_PAD], float("-inf"), tl.float32)  # max z
         s1 = tl.zeros([H_PAD], tl.float32)  # sum exp(z - m1)
         s_t = tl.zeros([H_PAD], tl.float32)  # sum exp((z - m1) / T)
@@ -364,7 +367,18 @@ if triton is not None:
         sum_fin = tl.zeros([H_PAD], tl.float32)  # sum of finite z (label smoothing)
         n_fin = tl.zeros([H_PAD], tl.float32)  # number of finite classes
         arg = tl.zeros([H_PAD], tl.int64)  # first argmax (stats)
-        if NUM_BLOCKS == 1:
+        rs_row = rs_ptr + heads.to(tl.int64) * N + n  # [H_PAD]: statistic k of (head, row) at k * H * N
+        if ROW_STATS == 2:
+            # padded heads get finite values: their gradient is weighted by r = 0 and must not be NaN
+            m1 = tl.load(rs_row, mask=head_mask, other=0.0)
+            s1 = tl.load(rs_row + H * N, mask=head_mask, other=1.0)
+            s_t = tl.load(rs_row + 2 * H * N, mask=head_mask, other=1.0)
+            m_c = tl.load(rs_row + 3 * H * N, mask=head_mask, other=0.0)
+            s_c = tl.load(rs_row + 4 * H * N, mask=head_mask, other=1.0)
+            t_c = tl.load(rs_row + 5 * H * N, mask=head_mask, other=0.0)
+            v_c = tl.load(rs_row + 6 * H * N, mask=head_mask, other=0.0)
+            n_fin = tl.load(rs_row + 7 * H * N, mask=head_mask, other=1.0)
+        elif NUM_BLOCKS == 1:
             # The whole row is one tile: read it once, keep its exponentials for pass 2.
             col_mask = cols0 < C
             z = _load_block(z_row, stride_zc, cols0, col_mask, head_mask)
@@ -431,6 +445,16 @@ if triton is not None:
                 tl.atomic_add(stats_ptr + H + heads, soft * inv_valid, mask=smask)
                 tl.atomic_add(stats_ptr + 2 * H + heads, (arg == y_safe).to(tl.float32), mask=smask)
 
+        if ROW_STATS == 1:
+            tl.store(rs_row, m1, mask=head_mask)
+            tl.store(rs_row + H * N, s1, mask=head_mask)
+            tl.store(rs_row + 2 * H * N, s_t, mask=head_mask)
+            tl.store(rs_row + 3 * H * N, m_c, mask=head_mask)
+            tl.store(rs_row + 4 * H * N, s_c, mask=head_mask)
+            tl.store(rs_row + 5 * H * N, t_c, mask=head_mask)
+            tl.store(rs_row + 6 * H * N, v_c, mask=head_mask)
+            tl.store(rs_row + 7 * H * N, n_fin, mask=head_mask)
+
         # ---- pass 2: gradient ----
         if COMPUTE_GRAD:
             if ROW_WEIGHTS:
@@ -445,7 +469,7 @@ if triton is not None:
             inv_st = 1.0 / s_t
             inv_sc = 1.0 / s_c
             g_row = g_ptr + n * stride_gn + heads[:, None].to(tl.int64) * stride_gh
-            if NUM_BLOCKS == 1:
+            if NUM_BLOCKS == 1 and ROW_STATS != 2:
                 u = e_u  # used only for KL through a live consensus
                 if H > 1:
                     if KL and not DETACH:
@@ -538,8 +562,10 @@ def _launch(
     compute_loss: bool = True,
     compute_grad: bool = False,
     return_stats: bool = False,
-    row_weights: torch.Tensor | None = None,  # [H, N] upstream weights (backward of "none")
+    row_weights: torch.Tensor | None = None,  # [H, N] upstream weights (backward)
     grad_out: torch.Tensor | None = None,  # where to write the gradient (default: fresh [H, N, C])
+    save_row_stats: torch.Tensor | None = None,  # fp32 [8, H, N]: forward stores pass 1's statistics here
+    row_stats: torch.Tensor | None = None,  # fp32 [8, H, N] from forward: backward skips pass 1
 ):
     """Runs the kernel once. Returns (loss, stats [4, H] or None, grad or None)."""
     num_heads, n, c = logits.shape
@@ -564,6 +590,11 @@ def _launch(
     r = row_weights if row_weights is not None else loss
     r_strides = (row_weights.stride(0), row_weights.stride(1)) if row_weights is not None else (0, 0)
     vec = _vector_width(logits, grad if compute_grad else logits)
+    mode = 1 if save_row_stats is not None else 2 if row_stats is not None else 0
+    rs = save_row_stats if mode == 1 else row_stats if mode == 2 else loss
+    if mode and (rs.shape != (8, num_heads, n) or rs.dtype != f32 or not rs.is_contiguous()):
+        raise ValueError(f"row statistics must be contiguous float32 [8, {num_heads}, {n}], got {rs.dtype} "
+                         f"{tuple(rs.shape)}")
     if n > 0:
         _collab_loss_kernel[(n,)](
             logits, logits.stride(0) // vec, logits.stride(1) // vec, logits.stride(2),
@@ -571,17 +602,27 @@ def _launch(
             grad, grad.stride(0) // vec, grad.stride(1) // vec, grad.stride(2),
             loss, stats, nvalid,
             r, r_strides[0], r_strides[1],
+            rs,
             n, c // vec, params.ignore_index,
             1.0 / params.temperature, params.hard_coef, params.soft_coef, params.label_smoothing,
             H=num_heads, H_PAD=triton.next_power_of_2(num_heads), BLOCK_C=block, NUM_BLOCKS=num_blocks,
             REDUCE=reduce, MEAN=mean, COMPUTE_LOSS=compute_loss, COMPUTE_GRAD=compute_grad,
             ROW_WEIGHTS=row_weights is not None, DETACH=params.detach_consensus, STATS=return_stats,
             SMOOTH=params.label_smoothing > 0, T_IS_TWO=params.temperature == 2.0, KL=params.soft_loss == "kl",
-            VEC=vec, num_warps=num_warps,
+            VEC=vec, ROW_STATS=mode, num_warps=num_warps,
         )
     elif compute_grad and grad_out is None:
         grad.zero_()
     return loss, (stats if return_stats else None), (grad if compute_grad else None)
+
+
+def _row_stats_buffer(logits: torch.Tensor, params: CollabLossParams) -> torch.Tensor | None:
+    """fp32 [8, H, N] for forward to keep pass 1's statistics of rows longer than one block (backward then
+    reads the row once instead of twice); None where a row is one block (read once anyway)."""
+    num_heads, n, c = logits.shape
+    if pick_block_c(num_heads, c, params.block_c)[1] == 1:
+        return None
+    return torch.empty((8, num_heads, n), dtype=torch.float32, device=logits.device)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -607,39 +648,42 @@ def _params_from(temperature, hard_coef, soft_coef, detach_consensus, ignore_ind
 def _collab_loss_forward_op(
     logits: torch.Tensor, target: torch.Tensor, temperature: float, hard_coef: float, soft_coef: float,
     detach_consensus: bool, ignore_index: int, label_smoothing: float, reduction: str, block_c: int,
-    soft_loss: str, compute_grad: bool, return_stats: bool,
+    soft_loss: str, keep_row_stats: bool, return_stats: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     params = _params_from(temperature, hard_coef, soft_coef, detach_consensus, ignore_index, label_smoothing,
                           reduction, block_c, soft_loss)
-    loss, stats, grad = _launch(logits, target, params, compute_grad=compute_grad, return_stats=return_stats)
+    rs = _row_stats_buffer(logits, params) if keep_row_stats else None
+    loss, stats, _ = _launch(logits, target, params, return_stats=return_stats, save_row_stats=rs)
     empty = logits.new_empty((0,), dtype=torch.float32)
-    return loss, (stats if stats is not None else empty), (grad if grad is not None else logits.new_empty(0))
+    return loss, (stats if stats is not None else empty), (rs if rs is not None else empty.clone())
 
 
 @_collab_loss_forward_op.register_fake
 def _(logits, target, temperature, hard_coef, soft_coef, detach_consensus, ignore_index, label_smoothing,
-      reduction, block_c, soft_loss, compute_grad, return_stats):
-    h, n, _ = logits.shape
+      reduction, block_c, soft_loss, keep_row_stats, return_stats):
+    h, n, c = logits.shape
     loss = logits.new_empty((h, n) if reduction == "none" else (), dtype=torch.float32)
     stats = logits.new_empty((4, h) if return_stats else (0,), dtype=torch.float32)
-    grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if compute_grad else logits.new_empty(0)
-    return loss, stats, grad
+    long_rows = pick_block_c(h, c, block_c or None)[1] > 1
+    rs = logits.new_empty((8, h, n) if keep_row_stats and long_rows else (0,), dtype=torch.float32)
+    return loss, stats, rs
 
 
 @torch.library.custom_op("collab_fast::collab_loss_backward_rows", mutates_args=())
 def _collab_loss_backward_rows_op(
-    logits: torch.Tensor, target: torch.Tensor, row_weights: torch.Tensor, temperature: float, hard_coef: float,
-    soft_coef: float, detach_consensus: bool, ignore_index: int, label_smoothing: float, reduction: str,
-    block_c: int, soft_loss: str,
+    logits: torch.Tensor, target: torch.Tensor, row_weights: torch.Tensor, row_stats: torch.Tensor,
+    temperature: float, hard_coef: float, soft_coef: float, detach_consensus: bool, ignore_index: int,
+    label_smoothing: float, reduction: str, block_c: int, soft_loss: str,
 ) -> torch.Tensor:
     params = _params_from(temperature, hard_coef, soft_coef, detach_consensus, ignore_index, label_smoothing,
                           reduction, block_c, soft_loss)
-    _, _, grad = _launch(logits, target, params, compute_loss=False, compute_grad=True, row_weights=row_weights)
+    _, _, grad = _launch(logits, target, params, compute_loss=False, compute_grad=True, row_weights=row_weights,
+                         row_stats=row_stats if row_stats.numel() else None)
     return grad
 
 
 @_collab_loss_backward_rows_op.register_fake
-def _(logits, target, row_weights, temperature, hard_coef, soft_coef, detach_consensus, ignore_index,
+def _(logits, target, row_weights, row_stats, temperature, hard_coef, soft_coef, detach_consensus, ignore_index,
       label_smoothing, reduction, block_c, soft_loss):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
@@ -648,7 +692,9 @@ def _(logits, target, row_weights, temperature, hard_coef, soft_coef, detach_con
 # Autograd: forward reads the logits once for the loss (and statistics); backward launches the kernel
 # again with the upstream weights r [H, N] read on the device (grad_output / n_valid for "mean", a
 # stride-0 view of the scalar), so the gradient is written once, already scaled: no stored [H, N, C]
-# gradient between forward and backward, no extra multiply pass, no host sync.
+# gradient between forward and backward, no extra multiply pass, no host sync. Rows longer than one
+# block: forward keeps pass 1's statistics (fp32 [8, H, N], 32 bytes a row and head), so backward reads
+# each row once too.
 # ----------------------------------------------------------------------------------------------------
 
 
@@ -666,16 +712,19 @@ class _FusedCollabLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, params: CollabLossParams, return_stats, inplace):
         compiling = torch.compiler.is_compiling()
+        needs_grad = ctx.needs_input_grad[0]
         if compiling:
             if inplace:
                 raise NotImplementedError("fused_collab_loss(inplace=True) is not supported under torch.compile")
-            loss, stats, _ = torch.ops.collab_fast.collab_loss_forward(
-                logits, target, *_params_args(params), False, return_stats)
+            loss, stats, rs = torch.ops.collab_fast.collab_loss_forward(
+                logits, target, *_params_args(params), needs_grad, return_stats)
         else:
-            loss, stats, _ = _launch(logits, target, params, return_stats=return_stats)
+            rs = _row_stats_buffer(logits, params) if needs_grad else None
+            loss, stats, _ = _launch(logits, target, params, return_stats=return_stats, save_row_stats=rs)
+            rs = rs if rs is not None else logits.new_empty(0, dtype=torch.float32)
         ctx.params, ctx.compiling, ctx.inplace = params, compiling, inplace
-        if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(logits, target)
+        if needs_grad:
+            ctx.save_for_backward(logits, target, rs)
         if stats is None:
             stats = loss.new_empty(0)
         ctx.mark_non_differentiable(stats)
@@ -688,13 +737,13 @@ class _FusedCollabLoss(torch.autograd.Function):
                 "fused_collab_loss: double backward (create_graph=True, e.g. a gradient penalty) is not "
                 "supported by the Triton kernel, whose gradient is not differentiable; use impl='torch' for it")
         params = ctx.params
-        logits, target = ctx.saved_tensors
+        logits, target, rs = ctx.saved_tensors
         r = _upstream_weights(grad_loss, target, params, logits.shape[:2])
         if ctx.compiling:
-            grad = torch.ops.collab_fast.collab_loss_backward_rows(logits, target, r, *_params_args(params))
+            grad = torch.ops.collab_fast.collab_loss_backward_rows(logits, target, r, rs, *_params_args(params))
         else:
             _, _, grad = _launch(logits, target, params, compute_loss=False, compute_grad=True, row_weights=r,
-                                 grad_out=logits if ctx.inplace else None)
+                                 grad_out=logits if ctx.inplace else None, row_stats=rs if rs.numel() else None)
             if ctx.inplace:
                 # The logits now hold the gradient: any other node that saved them must refuse to run.
                 torch.autograd.graph.increment_version(logits)
