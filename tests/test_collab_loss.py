@@ -629,7 +629,8 @@ for dt, H, B, NB, RED, ROW, DET, ST, SM, T2, KL, VEC, RS in variants:
     k = triton.compile(ASTSource(fn=kernel, signature=s, constexprs=consts, attrs=attrs),
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
     ptx = k.asm["ptx"]
-    out.append({"vec": VEC, "row_stats": RS, "grad": RS != 1, "vector_loads": len(re.findall(r"ld\.global(?:\.\w+)*\.v[248]", ptx)),
+    out.append({"vec": VEC, "row_stats": RS, "grad": RS != 1,
+                "vector_loads": len(re.findall(r"ld\.global(?:\.\w+)*\.v[248]", ptx)),
                 "vector_stores": len(re.findall(r"st\.global(?:\.\w+)*\.v[248]", ptx)),
                 "local": len(re.findall(r"\.local", ptx))})
 print("RESULT", json.dumps(out))
