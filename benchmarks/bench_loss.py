@@ -15,6 +15,7 @@ measured device-to-device copy rate; "% of floor" is given on kernel-only rows o
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import warnings
@@ -40,6 +41,7 @@ from common import (  # noqa: E402
 )
 
 from collab_fast import collab_loss_reference, fused_collab_loss  # noqa: E402
+from collab_fast.kernels import collab_loss as cl  # noqa: E402
 
 # (name, H, N, C, dtype)
 GPU_SHAPES = [
@@ -54,7 +56,7 @@ CPU_SHAPES = [
     ("imagenet-tiny", 4, 16, 1000, torch.float32),
     ("cifar10-tiny", 4, 32, 10, torch.float32),
 ]
-PROVIDERS = ("eager", "compiled", "ours")
+PROVIDERS = ("eager", "compiled", "ours", "ours-no-prefetch")
 COLUMNS = ["shape", "H", "N", "C", "dtype", "provider", "mode", "ms", "GB/s", "pct_floor", "speedup_vs_eager",
            "peak_extra_MB"]
 
@@ -65,9 +67,21 @@ def make_loss_fn(provider: str):
         return lambda z, y: collab_loss_reference(z, y, **kw)
     if provider == "compiled":
         return torch.compile(lambda z, y: collab_loss_reference(z, y, **kw))
-    if provider == "ours":
+    if provider in ("ours", "ours-no-prefetch"):  # the second: see loop_stages
         return lambda z, y: fused_collab_loss(z, y, impl="triton", **kw)
     raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
+
+
+@contextlib.contextmanager
+def loop_stages(provider: str):
+    """"ours-no-prefetch" runs (forward and backward alike) with the long-row loops not pipelined: an A/B
+    of the kernel's prefetch on the same shapes."""
+    stages = cl._LOOP_STAGES
+    cl._LOOP_STAGES = 1 if provider == "ours-no-prefetch" else stages
+    try:
+        yield
+    finally:
+        cl._LOOP_STAGES = stages
 
 
 def run_shape(name, H, N, C, dtype, providers, device, bandwidth):
@@ -77,11 +91,12 @@ def run_shape(name, H, N, C, dtype, providers, device, bandwidth):
     floors = {"forward": H * N * C * elt, "fwd+bwd": 2 * H * N * C * elt}
     rows, eager_ms = [], {}
     fns = {provider: make_loss_fn(provider) for provider in providers}
-    for fn in fns.values():  # every provider warmed up (compilation, first launches) before any timing
+    for provider, fn in fns.items():  # every provider warmed up (compilation, first launches) before any timing
         try:
-            with torch.no_grad():
-                fn(z0, y)
-            fn(z0.clone().requires_grad_(), y).backward()
+            with loop_stages(provider):
+                with torch.no_grad():
+                    fn(z0, y)
+                fn(z0.clone().requires_grad_(), y).backward()
         except torch.OutOfMemoryError:
             pass  # reported below, when this provider is timed
     for provider, fn in fns.items():
@@ -99,17 +114,18 @@ def run_shape(name, H, N, C, dtype, providers, device, bandwidth):
             fn(z, y).backward()
 
         try:
-            times = {"forward": bench(fwd_nograd, device), "fwd+bwd": bench(fwd_bwd, device)}
-            times["backward"] = max(times["fwd+bwd"] - bench(fwd_graph, device), 0.0)
-            peak = peak_extra_memory(fwd_bwd, device)
-            if provider == "ours" and device.type == "cuda":
-                for mode, step in (("forward", fwd_nograd), ("fwd+bwd", fwd_bwd)):
-                    try:
-                        times[f"{mode} kernel-only"] = bench(cuda_graph(step), device)
-                    except RuntimeError as exc:  # recorded, not fatal: the end-to-end rows stand
-                        rows.append({"shape": name, "H": H, "N": N, "C": C, "dtype": str(dtype).replace("torch.", ""),
-                                     "provider": provider, "mode": f"{mode} kernel-only: capture failed: "
-                                     f"{str(exc).splitlines()[0][:80]}"})
+            with loop_stages(provider):
+                times = {"forward": bench(fwd_nograd, device), "fwd+bwd": bench(fwd_bwd, device)}
+                times["backward"] = max(times["fwd+bwd"] - bench(fwd_graph, device), 0.0)
+                peak = peak_extra_memory(fwd_bwd, device)
+                if provider.startswith("ours") and device.type == "cuda":
+                    for mode, step in (("forward", fwd_nograd), ("fwd+bwd", fwd_bwd)):
+                        try:
+                            times[f"{mode} kernel-only"] = bench(cuda_graph(step), device)
+                        except RuntimeError as exc:  # recorded, not fatal: the end-to-end rows stand
+                            rows.append({"shape": name, "H": H, "N": N, "C": C, "dtype": str(dtype).replace("torch.", ""),
+                                         "provider": provider, "mode": f"{mode} kernel-only: capture failed: "
+                                         f"{str(exc).splitlines()[0][:80]}"})
         except torch.OutOfMemoryError:
             # The eager reference materialises several fp32 [H, N, C] tensors: at LM shapes it may not fit.
             z.grad = None
@@ -136,7 +152,8 @@ def run_shape(name, H, N, C, dtype, providers, device, bandwidth):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--providers", default=None, help="comma list of eager,compiled,ours (default: all)")
+    p.add_argument("--providers", default=None,
+                   help="comma list of eager,compiled,ours,ours-no-prefetch (default: all; on CPU not the last)")
     p.add_argument("--shapes", default=None, help="comma list of shape names (default: all for the device)")
     p.add_argument("--quick", action="store_true", help="one tiny shape (a smoke test)")
     add_output_args(p)
@@ -151,7 +168,9 @@ def main(argv=None) -> int:
         shapes = [s for s in shapes if s[0] in wanted]
         if not shapes:
             p.error(f"--shapes: none of {sorted(wanted)} is known here")
-    providers = PROVIDERS if args.providers is None else tuple(args.providers.split(","))
+    # the prefetch A/B means nothing in the CPU interpreter: by default it runs on CUDA only
+    default = PROVIDERS if device.type == "cuda" else tuple(x for x in PROVIDERS if x != "ours-no-prefetch")
+    providers = default if args.providers is None else tuple(args.providers.split(","))
     for pr in providers:
         if pr not in PROVIDERS:
             p.error(f"--providers: unknown provider {pr!r}; choose from {', '.join(PROVIDERS)}")

@@ -623,7 +623,7 @@ out = []
 for dt, H, B, NB, RED, ROW, DET, ST, SM, T2, KL, VEC, RS in variants:
     consts = dict(H=H, H_PAD=triton.next_power_of_2(H), BLOCK_C=B, NUM_BLOCKS=NB, REDUCE=RED, MEAN=RED,
                   COMPUTE_LOSS=not ROW, COMPUTE_GRAD=RS != 1, ROW_WEIGHTS=ROW, DETACH=DET, STATS=ST, SMOOTH=SM,
-                  T_IS_TWO=T2, KL=KL, VEC=VEC, ROW_STATS=RS, stride_zc=1, stride_gc=1)
+                  T_IS_TWO=T2, KL=KL, VEC=VEC, ROW_STATS=RS, NUM_STAGES=1, stride_zc=1, stride_gc=1)
     s = dict(signature(dt), **{c: "constexpr" for c in consts})
     attrs = {k: v for k, v in div16.items() if names[k[0]] not in consts}
     k = triton.compile(ASTSource(fn=kernel, signature=s, constexprs=consts, attrs=attrs),
@@ -683,7 +683,10 @@ for H, N, C, dt in [(4, 256, 1000, "float32"), (4, 256, 1000, "bfloat16"), (2, 4
     for phase, k in zip(("forward", "backward"), compiled):
         ptx = k.asm["ptx"]
         row = {"shape": f"H{H} N{N} C{C} {dt}", "phase": phase, "row_stats": rs is not None,
-               "vector_loads": len(re.findall(r"ld\.global(?:\.\w+)*\.v[248]", ptx)),
+               # 16-byte loads: plain vector loads, or the prefetching loops' 16-byte async copies
+               "vector_loads": len(re.findall(r"ld\.global(?:\.\w+)*\.v[248]", ptx))
+               + len(re.findall(r"cp\.async\.c[ag]\.shared\.global[^;]*, (?:0x10|16)\b", ptx)),
+               "prefetch": len(re.findall(r"cp\.async\.c[ag]", ptx)) > 0,
                "vector_stores": len(re.findall(r"st\.global(?:\.\w+)*\.v[248]", ptx)),
                "ptx_local": len(re.findall(r"\.local", ptx))}
         if os.path.exists(cuobjdump) and "cubin" in k.asm:  # the SASS Triton built: registers, stack, local
@@ -723,6 +726,7 @@ def test_launcher_compiles_for_sm90_through_tritons_binder():
         # read pass 1's statistics instead of a second pass over the row)
         assert bwd["vector_loads"] == fwd["vector_loads"], (fwd, bwd)
     assert [r["row_stats"] for r in rows[::2]] == [False, False, True, True]
+    assert [r["prefetch"] for r in rows] == [False] * 4 + [True] * 4  # long rows' loops prefetch
 
 
 @pytest.mark.slow

@@ -331,6 +331,7 @@ if triton is not None:
         STATS: tl.constexpr, SMOOTH: tl.constexpr, T_IS_TWO: tl.constexpr, KL: tl.constexpr,
         VEC: tl.constexpr,  # elements per 16 bytes when every row starts 16-byte aligned, else 1
         ROW_STATS: tl.constexpr,  # 0: none; 1: store pass 1's statistics; 2: load them instead of pass 1
+        NUM_STAGES: tl.constexpr,  # > 1: the column loops prefetch the next blocks (cp.async into shared memory)
     ):
         # The row strides and C arrive divided by VEC: multiplied back here, Triton knows that they are
         # multiples of VEC, so every row starts on a 16-byte boundary and masks are constant per VEC
@@ -391,7 +392,7 @@ if triton is not None:
                 sum_fin = tl.sum(tl.where(finite, z, 0.0), axis=1)
                 n_fin = tl.sum(finite.to(tl.float32), axis=1)
         else:
-            for b in range(NUM_BLOCKS):
+            for b in tl.range(0, NUM_BLOCKS, num_stages=NUM_STAGES):
                 cols = b * BLOCK_C + cols0
                 z = _load_block(z_row, stride_zc, cols, cols < C, head_mask)
                 if STATS:
@@ -481,7 +482,7 @@ if triton is not None:
                 tl.store(g_row + cols0[None, :].to(tl.int64) * stride_gc, grad.to(g_ptr.dtype.element_ty),
                          mask=head_mask[:, None] & col_mask[None, :])
             else:
-                for b in range(NUM_BLOCKS):
+                for b in tl.range(0, NUM_BLOCKS, num_stages=NUM_STAGES):
                     cols = b * BLOCK_C + cols0
                     col_mask = cols < C
                     z = _load_block(z_row, stride_zc, cols, col_mask, head_mask)
@@ -508,6 +509,11 @@ if triton is not None:
 # ----------------------------------------------------------------------------------------------------
 
 _MAX_TILE = 8192  # elements of the [H_PAD, BLOCK_C] register tile
+# Software pipelining of the column loops (rows of at least this many blocks): Triton turns the loop's
+# loads into cp.async copies of the next block into shared memory, so a block's arithmetic overlaps the
+# next block's DRAM read. 2 (double buffering) compiles without stack or local memory under Triton
+# 3.6-3.9 for the LM shapes, where 3 took an 8-byte stack frame under 3.6; 1 turns it off.
+_LOOP_STAGES = 2
 _REDUCE_CODE = {"none": 0, "sum": 1, "mean": 2}
 
 
@@ -609,7 +615,8 @@ def _launch(
             REDUCE=reduce, MEAN=mean, COMPUTE_LOSS=compute_loss, COMPUTE_GRAD=compute_grad,
             ROW_WEIGHTS=row_weights is not None, DETACH=params.detach_consensus, STATS=return_stats,
             SMOOTH=params.label_smoothing > 0, T_IS_TWO=params.temperature == 2.0, KL=params.soft_loss == "kl",
-            VEC=vec, ROW_STATS=mode, num_warps=num_warps,
+            VEC=vec, ROW_STATS=mode, NUM_STAGES=_LOOP_STAGES if num_blocks >= _LOOP_STAGES else 1,
+            num_warps=num_warps,
         )
     elif compute_grad and grad_out is None:
         grad.zero_()
