@@ -182,8 +182,11 @@ def _pipeline(files, batch_size, *, train, device_id, image_size, crop_ratio, ra
     @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=device_id, seed=seed + 17 * rank,
                   prefetch_queue_depth=2, enable_checkpointing=train)
     def pipeline():
+        # Plain reads, not mmap: a file truncated or rewritten under a running job must give a decode error,
+        # not SIGBUS (a mapped page past the new end kills the process with no checkpoint written).
         jpegs, index = fn.readers.file(files=files, labels=list(range(len(files))), shuffle_after_epoch=train,
-                                       shard_id=rank, num_shards=world, pad_last_batch=True, name="Reader", seed=seed)
+                                       shard_id=rank, num_shards=world, pad_last_batch=True, name="Reader", seed=seed,
+                                       dont_use_mmap=True)
         if train and augment != "none":
             images = fn.decoders.image_random_crop(jpegs, device=decode_device, output_type=types.RGB,
                                                    random_area=[0.08, 1.0], random_aspect_ratio=[0.75, 4 / 3],
