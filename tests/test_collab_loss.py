@@ -702,16 +702,21 @@ print("RESULT", json.dumps(out))
 """
 
 
+def _compile_rows(script: str) -> list[dict]:
+    """Runs a compile-for-sm_90 script outside the interpreter; returns the rows it prints after RESULT."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
+    if res.returncode != 0 and "GPUTarget" in res.stderr and "ImportError" in res.stderr:
+        pytest.skip("this Triton has no GPUTarget compile API")
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.split("RESULT", 1)[1])
+
+
 @pytest.mark.slow
 def test_launcher_compiles_for_sm90_through_tritons_binder():
     # The launcher's own calls (its strides, vector width, constexprs, row statistics) for the issue's four
     # shapes, specialized by Triton's launch-time binder for an H100 and compiled, not launched: no GPU needed.
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", _BINDER], env=env, capture_output=True, text=True, timeout=900)
-    if res.returncode != 0 and "GPUTarget" in res.stderr and "ImportError" in res.stderr:
-        pytest.skip("this Triton has no GPUTarget compile API")
-    assert res.returncode == 0, res.stderr[-3000:]
-    rows = json.loads(res.stdout.split("RESULT", 1)[1])
+    rows = _compile_rows(_BINDER)
     assert len(rows) == 8
     for r in rows:
         assert r["ptx_local"] == 0 and r["vector_loads"] > 0, r  # aligned rows: 16-byte loads, no local memory
@@ -732,12 +737,7 @@ def test_launcher_compiles_for_sm90_through_tritons_binder():
 @pytest.mark.slow
 def test_kernel_compiles_for_sm90_without_a_gpu():
     # The interpreter is lenient; the real compiler (to PTX and SASS for H100) is not, and needs no GPU.
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", _AOT], env=env, capture_output=True, text=True, timeout=600)
-    if res.returncode != 0 and "GPUTarget" in res.stderr and "ImportError" in res.stderr:
-        pytest.skip("this Triton has no GPUTarget compile API")
-    assert res.returncode == 0, res.stderr[-3000:]
-    rows = json.loads(res.stdout.split("RESULT", 1)[1])
+    rows = _compile_rows(_AOT)
     assert len(rows) == 10
     for r in rows:
         assert r["local"] == 0  # no local memory (stack, spills)
