@@ -83,6 +83,8 @@ class TrainConfig:
                                "crop shifts by up to 1/8 of the side on device-resident sets",
                        choices=("auto", "crop+flip", "crop", "none"))
     image_size: int | None = opt(None, "training image size; unset: 224 for image folders, 32 for CIFAR/digits", lo=8)
+    device: str = opt("auto", "where to train: auto (a CUDA device when present, one per process under torchrun), "
+                              "cuda, or cpu (also where a GPU exists)", choices=("auto", "cuda", "cpu"))
     amp: str | None = opt(None, "autocast precision; unset: bf16 on CUDA, off on CPU", choices=("bf16", "fp16", "off"))
     channels_last: bool | None = opt(None, "channels-last memory format; unset: on with CUDA")
     compile: bool = opt(False, "torch.compile the model")

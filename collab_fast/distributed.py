@@ -35,12 +35,19 @@ class Dist:
         return out
 
 
-def init_distributed() -> tuple[Dist, torch.device]:
-    """Reads torchrun's variables; returns this process's place and device."""
+def init_distributed(device: str = "auto") -> tuple[Dist, torch.device]:
+    """Reads torchrun's variables; returns this process's place and device ("auto": CUDA when present,
+    "cuda", or "cpu" even where a GPU exists)."""
+    if device not in ("auto", "cuda", "cpu"):
+        raise ValueError(f"device must be auto, cuda or cpu, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available to this torch "
+                         f"({torch.__version__}, CUDA {torch.version.cuda or 'none'}); use --device cpu or auto")
+    cuda = device != "cpu" and torch.cuda.is_available()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-        if torch.cuda.is_available():
+        if cuda:
             torch.cuda.set_device(local)
             dist.init_process_group("nccl", device_id=torch.device("cuda", local))
         else:
@@ -48,8 +55,7 @@ def init_distributed() -> tuple[Dist, torch.device]:
         d = Dist(rank, world, local)
     else:
         d = Dist()
-    device = torch.device("cuda", d.local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    return d, device
+    return d, torch.device("cuda", d.local_rank) if cuda else torch.device("cpu")
 
 
 def cleanup(d: Dist) -> None:

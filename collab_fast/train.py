@@ -293,7 +293,7 @@ def _summary(r: Run, num_classes: int) -> str:
 
 def _setup(cfg: TrainConfig):
     """Device, process group, data, model, optimizer, resumed state: everything the loop needs."""
-    proc, device = init_distributed()
+    proc, device = init_distributed(cfg.device)
     cfg = resolve(cfg, cuda=device.type == "cuda", world=proc.world)
     rundir = RunDir(cfg.output, resume=bool(cfg.resume), overwrite=cfg.overwrite, main=proc.main)
     out = rundir.path

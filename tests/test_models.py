@@ -238,3 +238,16 @@ def test_pattern_cost_ratios():
     assert pattern_cost("resnet50", "single").params == 25_557_032
     assert 1.5 < pattern_cost("resnet50", "ilr2").flops_ratio < 1.6
     assert "1.95x single" in hier4.line()
+
+
+@pytest.mark.parametrize("pattern", ["ilr2", "hier4"])
+def test_compile_model_and_loss_one_graph_no_breaks(pattern):
+    # The rescaling ops are loaded when the model is built: torch.compile traces model + loss as one graph.
+    from collab_fast import fused_collab_loss
+
+    torch._dynamo.reset()
+    model = build("resnet32", pattern, num_classes=10)
+    x, y = torch.randn(4, 3, 16, 16), torch.randint(0, 10, (4,))
+    ex = torch._dynamo.explain(lambda a, b: fused_collab_loss(model(a), b))(x, y)
+    assert (ex.graph_count, ex.graph_break_count) == (1, 0), [str(b.reason) for b in ex.break_reasons]
+    torch._dynamo.reset()

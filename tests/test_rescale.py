@@ -1,5 +1,6 @@
 """Backprop rescaling C++ ops: grad_rescale, branch, scaled_sum against the Python reference."""
 
+import math
 import os
 import signal
 import socket
@@ -14,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import HAS_CUDA, requires_cuda
 
-from collab_fast import rescale
+from collab_fast import extension, rescale
 from collab_fast.rescale import GradRescale, branch, branch_reference, grad_rescale, scaled_sum
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
@@ -33,7 +34,7 @@ def test_build_info():
     info = rescale.build_info()
     assert info["torch_version"] == torch.__version__.split("+")[0]
     assert set(info["ops"]) == {"scaled_sum", "grad_rescale", "branch"}
-    assert info["cuda"] == (HAS_CUDA and rescale.load_extension().cuda_kernel)
+    assert info["cuda"] == (HAS_CUDA and extension.load_extension().cuda_kernel)
 
 
 @pytest.mark.parametrize("device", devices())
@@ -200,12 +201,115 @@ def test_bad_input(bad, exc, match):
         bad()
 
 
-def test_no_compiler_is_a_clear_error(tmp_path):
-    code = "import torch\nfrom collab_fast import rescale\nrescale.grad_rescale(torch.zeros(2), 0.5)\n"
-    env = dict(os.environ, CXX=str(tmp_path / "no-such-compiler"), COLLAB_FAST_CACHE=str(tmp_path / "cache"))
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert res.returncode != 0
-    assert "no C++ compiler" in res.stderr
+_TRAIN_SPLIT = """
+import warnings, torch
+warnings.simplefilter("always")
+from collab_fast import fused_collab_loss, rescale
+from collab_fast.models import build
+torch.manual_seed(0)
+model = build("resnet32", "hier4", num_classes=10)
+opt = torch.optim.SGD(model.parameters(), lr=0.05)
+x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+losses = []
+for _ in range(3):
+    loss = fused_collab_loss(model(x), y)
+    opt.zero_grad(); loss.backward(); opt.step(); losses.append(float(loss))
+table = torch._C._dispatch_dump_table("collab_fast::scaled_sum").splitlines()
+cuda = [ln for ln in table if ln.startswith("CUDA:")]
+auto = [ln for ln in torch._C._dispatch_dump_table("collab_fast::branch").splitlines() if ln.startswith("AutogradCUDA:")]
+print("BACKEND", rescale.build_info()["backend"], rescale.build_info()["cuda_impl"])
+print("CUDA", cuda[0] if cuda else "none")
+print("AUTOGRAD_CUDA", auto[0] if auto else "none")
+print("LOSSES", losses)
+"""
+
+
+def _run_split_training(tmp_path, **env):
+    full = dict(os.environ, COLLAB_FAST_CACHE=str(tmp_path / "cache"), **env)
+    res = subprocess.run([sys.executable, "-c", _TRAIN_SPLIT], env=full, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = dict(ln.split(" ", 1) for ln in res.stdout.splitlines() if ln.split(" ", 1)[0].isupper())
+    return lines, res.stderr
+
+
+def test_no_compiler_registers_the_torch_ops_and_trains(tmp_path):
+    # No C++ compiler at all (CXX names none): the plain-PyTorch ops under the same names, for every device
+    # (CUDA included), one warning, and a split pattern trains.
+    lines, err = _run_split_training(tmp_path, CXX=str(tmp_path / "no-such-compiler"))
+    assert lines["BACKEND"] == "torch torch"
+    assert "rescale.py" in lines["CUDA"] and "kernel" in lines["CUDA"]  # a CUDA kernel is registered
+    assert "autograd kernel" in lines["AUTOGRAD_CUDA"]
+    assert err.count("no C++ compiler was found") == 1 and "plain-PyTorch ops" in err
+    losses = eval(lines["LOSSES"])
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").glob("collab_fast_ext_*"))
+
+
+def test_no_nvcc_build_registers_aten_calls_for_cuda(tmp_path):
+    # A compiler but no nvcc (a pip-installed CUDA torch): the C++ build registers its ATen implementation
+    # for the CUDA key, so CUDA tensors are accepted, and a split pattern trains.
+    lines, err = _run_split_training(tmp_path, CUDA_HOME=str(tmp_path / "no-cuda"))
+    assert lines["BACKEND"] == "cpp aten"
+    assert "rescale.cpp" in lines["CUDA"]
+    assert "no C++ compiler" not in err
+    assert all(math.isfinite(v) for v in eval(lines["LOSSES"]))
+
+
+def test_no_nvcc_on_a_cuda_machine_warns_once_naming_the_cost(monkeypatch):
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)
+    with_cuda, why = extension.want_cuda_kernel()
+    assert not with_cuda
+    assert "nvcc was not found" in why and "ATen calls" in why and "1.7x" in why
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 2, 3, 9])
+def test_aten_implementation_equals_the_kernel(dtype, n):
+    # What CUDA tensors run in a build without nvcc (and any other device): the same arithmetic as the
+    # kernels, so the same bits, here against the CPU kernel; channels-last layouts kept.
+    torch.manual_seed(n)
+    g = [torch.randn(2, 6, 5, 7).to(dtype).contiguous(memory_format=torch.channels_last) for _ in range(n)]
+    mod = extension.load_extension()
+    want = torch.ops.collab_fast.scaled_sum(g, 1 / 3)
+    got = mod.scaled_sum_aten(g, 1 / 3)
+    assert got.dtype == dtype and got.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(got, want)
+    mixed = [g[0], g[-1].contiguous()]
+    assert torch.equal(mod.scaled_sum_aten(mixed, 0.5), torch.ops.collab_fast.scaled_sum(mixed, 0.5))
+
+
+def test_torch_ops_match_the_cpp_ops():
+    # The fallback's pieces, called directly (registering them would clash with the loaded C++ ops).
+    torch.manual_seed(0)
+    for dtype in DTYPES:
+        g = [torch.randn(3, 37).to(dtype) for _ in range(3)]
+        assert torch.equal(rescale._scaled_sum_torch(g, 0.25), scaled_sum(g, 0.25))
+    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    ys = rescale._BranchTorch.apply(x, 3, 1 / 3)
+    (ys[0] * 2 + ys[2] ** 2).sum().backward()
+    torch.testing.assert_close(x.grad, (2 + 2 * x.detach()) / 3)
+    with pytest.raises(RuntimeError, match="must be >= 1"):
+        rescale._alias_checked(x, 0, 1.0, "branch")
+    with pytest.raises(RuntimeError, match="finite"):
+        rescale._scaled_sum_torch([x.detach()], float("inf"))
+
+
+def test_a_damaged_published_build_is_rebuilt_not_loaded(tmp_path):
+    # A truncated .so (a full disk, a copy cut short) would kill the process with SIGBUS when mapped: it is
+    # checked against its checksum first and rebuilt.
+    name = _ext_name()
+    src = extension.cache_root() / name
+    (tmp_path / name).mkdir()
+    so = tmp_path / name / f"{name}.so"
+    so.write_bytes((src / f"{name}.so").read_bytes()[:4096])
+    (tmp_path / name / f"{name}.sha256").write_text((src / f"{name}.sha256").read_text())
+    res = subprocess.run([sys.executable, "-c", _LOAD], env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0 and "loaded" in res.stdout, res.stderr[-2000:]
+    assert "damaged" in res.stderr
+    assert so.read_bytes() == (src / f"{name}.so").read_bytes() or so.stat().st_size > 4096
 
 
 # -------------------------------------------------------------------------- loading: no hang, no thrash
@@ -229,7 +333,7 @@ def _hold_lock(lock_path):
 
 def _ext_name():
     rescale.load_extension()
-    return next(p for p in rescale._cache_root().glob("collab_fast_ext_*") if p.is_dir()).name
+    return next(p for p in extension.cache_root().glob("collab_fast_ext_*") if p.is_dir()).name
 
 
 def test_loading_a_published_build_takes_no_lock(tmp_path):
@@ -237,8 +341,9 @@ def test_loading_a_published_build_takes_no_lock(tmp_path):
     # loading must still succeed at once (it used to wait on the lock, or run ninja).
     name = _ext_name()
     (tmp_path / name).mkdir()
-    src = rescale._cache_root() / name / f"{name}.so"
+    src = extension.cache_root() / name / f"{name}.so"
     (tmp_path / name / f"{name}.so").write_bytes(src.read_bytes())
+    (tmp_path / name / f"{name}.sha256").write_bytes(src.with_suffix(".sha256").read_bytes())
     holder = _hold_lock(tmp_path / f"{name}.lock")
     try:
         res = subprocess.run([sys.executable, "-c", _LOAD], env=_env(tmp_path), capture_output=True, text=True,
@@ -287,16 +392,16 @@ def test_builder_killed_mid_build_does_not_block_the_next(tmp_path):
 def test_build_key_separates_environments(monkeypatch):
     from torch.utils import cpp_extension
 
-    srcs = [rescale._CSRC / "rescale.cpp"]
-    k0 = rescale.build_key(srcs, ["-O3"], False, "c++")
-    assert rescale.build_key(srcs, ["-O3"], False, "c++") == k0
-    assert rescale.build_key(srcs, ["-O2"], False, "c++") != k0
+    srcs = [extension.CSRC / "rescale.cpp"]
+    k0 = extension.build_key(srcs, ["-O3"], False, "c++")
+    assert extension.build_key(srcs, ["-O3"], False, "c++") == k0
+    assert extension.build_key(srcs, ["-O2"], False, "c++") != k0
     real = cpp_extension.include_paths
     monkeypatch.setattr(cpp_extension, "include_paths", lambda *a, **k: ["/other/env"] + real(*a, **k))
-    assert rescale.build_key(srcs, ["-O3"], False, "c++") != k0  # another environment's torch headers
+    assert extension.build_key(srcs, ["-O3"], False, "c++") != k0  # another environment's torch headers
     monkeypatch.undo()
-    monkeypatch.setattr(rescale.sys, "version", "3.99.0 (other interpreter)")
-    assert rescale.build_key(srcs, ["-O3"], False, "c++") != k0
+    monkeypatch.setattr(extension.sys, "version", "3.99.0 (other interpreter)")
+    assert extension.build_key(srcs, ["-O3"], False, "c++") != k0
 
 
 # -------------------------------------------------------------------------- DDP (2 CPU processes, gloo)

@@ -17,7 +17,7 @@ from collab_fast.checkpoint import load_checkpoint
 from collab_fast.data import write_toy
 from collab_fast.models import build
 
-BASE = ["digits", "--arch", "resnet32", "-b", "32", "--log-every", "1"]
+BASE = ["digits", "--device", "cpu", "--arch", "resnet32", "-b", "32", "--log-every", "1"]
 
 
 def run_train(tmp_path, *extra, name="run"):
@@ -98,7 +98,7 @@ def test_toy_folder_through_dali(tmp_path):
     pytest.importorskip("nvidia.dali")
     data = write_toy(tmp_path / "toy", classes=3, per_class=8, size=48, val_per_class=2)
     out = tmp_path / "run"
-    assert train.main(["toy", "--data", str(data), "--arch", "resnet18", "--pattern", "hier4", "--image-size", "32",
+    assert train.main(["toy", "--device", "cpu", "--data", str(data), "--arch", "resnet18", "--pattern", "hier4", "--image-size", "32",
                        "-b", "8", "--max-steps", "3", "--output", str(out), "--log-every", "1"]) == 0
     assert [r["step"] for r in records(out, "train")] == [1, 2, 3]
     assert records(out, "eval")[0]["val_samples"] == 6
@@ -111,7 +111,7 @@ def test_dali_resume_is_exact_mid_epoch_and_across_epochs(tmp_path):
     # steps (a fresh reader would replay epoch 1's order and random state).
     pytest.importorskip("nvidia.dali")
     data = write_toy(tmp_path / "toy", classes=3, per_class=8, size=40, val_per_class=1)
-    common = ["toy", "--data", str(data), "--arch", "resnet18", "--pattern", "ilr2", "--image-size", "32", "-b", "4",
+    common = ["toy", "--device", "cpu", "--data", str(data), "--arch", "resnet18", "--pattern", "ilr2", "--image-size", "32", "-b", "4",
               "--log-every", "1", "--threads", "1", "--epochs", "3"]
     full, part = tmp_path / "full", tmp_path / "part"
     assert train.main([*common, "--max-steps", "14", "--output", str(full)]) == 0
@@ -368,3 +368,34 @@ def test_eta_under_accumulation_and_epoch_numbers(tmp_path, capsys):
     assert {r["epoch"] for r in tr} == {1, 2} and steps == 10
     text = capsys.readouterr().out
     assert "epoch 1/2 eval" in text and "epoch 2/2 eval" in text and "epoch 0" not in text
+
+
+@pytest.mark.parametrize("pattern", ["ilr2", "hier4"])
+def test_compiled_step_is_one_graph_without_breaks(tmp_path, monkeypatch, pattern):
+    # The real trainer with --compile, through a counting backend: the rescaling ops were loaded when the
+    # model was built, so tracing never enters the loader and the model compiles as one graph.
+    from torch._dynamo.testing import CompileCounter
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    cnt = CompileCounter()
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: real(m, backend=cnt))
+    run_train(tmp_path, "--pattern", pattern, "--compile", "--max-steps", "2", "--image-size", "16")
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert cnt.frame_count == 2  # one graph for training, one for evaluation (eval mode, no grad)
+    torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_training_run(tmp_path):
+    # On a GPU host: the GPU defaults (bf16 autocast, channels-last), GPU memory in the records, a finite loss.
+    out = tmp_path / "gpu"
+    assert train.main(["synthetic", "--device", "cuda", "--arch", "resnet18", "--pattern", "hier4", "-b", "16",
+                       "--image-size", "64", "--max-steps", "4", "--log-every", "1", "--output", str(out)]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["amp"] == "bf16" and cfg["channels_last"] is True
+    tr = records(out, "train")
+    assert len(tr) == 4 and all(math.isfinite(r["loss"]) for r in tr) and tr[0]["peak_mem_mb"] > 0

@@ -8,7 +8,8 @@
 // A child that receives no gradient (an undefined grad) counts as zero. Scales that are powers of two
 // (1/2, 1/4, 1/8) make the backward exact in every float dtype.
 //
-// Registration: TORCH_LIBRARY(_FRAGMENT) schema; CPU and CUDA kernels and a Meta kernel for scaled_sum; an Autograd
+// Registration: TORCH_LIBRARY(_FRAGMENT) schema; CPU, CUDA (the fused kernel, or ATen calls in a build
+// without nvcc) and Meta kernels for scaled_sum, ATen calls for any other device; an Autograd
 // kernel (a C++ autograd::Function) and a CompositeExplicitAutograd alias kernel for grad_rescale and
 // branch, so that FakeTensor / torch.compile trace through to aten::alias plus scaled_sum.
 
@@ -131,6 +132,24 @@ at::Tensor scaled_sum_meta(at::TensorList grads, double scale) {
   return out;
 }
 
+// ------------------------------------------------------------------------------------------ ATen implementation
+
+// scaled_sum from ATen calls, for every device without a kernel of its own: CUDA where the extension was
+// built without nvcc (a pip-installed torch ships none), MPS, XPU. The same arithmetic as the kernels
+// (inputs summed in the op-math type in order, then scaled once), so the results equal theirs; it costs
+// n + 1 passes over memory where the fused kernel makes one (two-way split: 5 tensor reads/writes vs 3).
+at::Tensor scaled_sum_aten(at::TensorList grads, double scale) {
+  check_scale(scale, "collab_fast::scaled_sum");
+  at::Tensor out;
+  const auto inputs = prepare_inputs(grads, out, "collab_fast::scaled_sum");
+  const auto opmath = at::toOpMathType(out.scalar_type());
+  at::Tensor acc = inputs.size() > 1 ? at::add(inputs[0].to(opmath), inputs[1]) : inputs[0].to(opmath, false, true);
+  for (size_t k = 2; k < inputs.size(); ++k) acc.add_(inputs[k]);
+  acc.mul_(scale);
+  if (acc.scalar_type() == out.scalar_type()) return acc;
+  return out.copy_(acc);
+}
+
 // ------------------------------------------------------------------------------------------ dispatch helpers
 
 static at::Tensor call_scaled_sum(at::TensorList grads, double scale) {
@@ -237,8 +256,12 @@ TORCH_LIBRARY_FRAGMENT(collab_fast, m) {
 
 TORCH_LIBRARY_IMPL(collab_fast, CPU, m) { m.impl("scaled_sum", &collab_fast::scaled_sum_cpu); }
 
+// CUDA: the fused kernel when nvcc built it, else the ATen implementation (torch's own CUDA kernels, no
+// nvcc needed to compile this file). Any other device: the ATen implementation.
 #ifdef WITH_CUDA
 TORCH_LIBRARY_IMPL(collab_fast, CUDA, m) { m.impl("scaled_sum", &collab_fast::scaled_sum_cuda); }
+#else
+TORCH_LIBRARY_IMPL(collab_fast, CUDA, m) { m.impl("scaled_sum", &collab_fast::scaled_sum_aten); }
 #endif
 
 TORCH_LIBRARY_IMPL(collab_fast, Meta, m) { m.impl("scaled_sum", &collab_fast::scaled_sum_meta); }
@@ -251,6 +274,7 @@ TORCH_LIBRARY_IMPL(collab_fast, Autograd, m) {
 TORCH_LIBRARY_IMPL(collab_fast, CompositeExplicitAutograd, m) {
   m.impl("grad_rescale", &collab_fast::grad_rescale_alias);
   m.impl("branch", &collab_fast::branch_alias);
+  m.impl("scaled_sum", &collab_fast::scaled_sum_aten);
 }
 
 // ------------------------------------------------------------------------------------------ build info
@@ -260,8 +284,10 @@ static py::dict build_info() {
   d["torch_version"] = TORCH_VERSION;
 #ifdef WITH_CUDA
   d["cuda"] = true;
+  d["cuda_impl"] = "kernel";
 #else
   d["cuda"] = false;
+  d["cuda_impl"] = "aten";
 #endif
 #if defined(CPU_CAPABILITY_AVX512)
   d["cpu_capability"] = "avx512";
@@ -284,4 +310,8 @@ static py::dict build_info() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "collab_fast C++ extension: backprop rescaling ops (registered as torch.ops.collab_fast.*)";
   m.def("build_info", &build_info, "How this extension was built");
+  m.def("scaled_sum_aten", [](const std::vector<at::Tensor>& grads, double scale) {
+          return collab_fast::scaled_sum_aten(grads, scale);
+        }, "scaled_sum through ATen calls (what CUDA tensors use "
+        "in a build without nvcc); for tests");
 }

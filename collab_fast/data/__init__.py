@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from collab_fast.cache import cache_root
 from collab_fast.data.folder import DaliLoader, DataError, check_image, decode_image, scan_split
 from collab_fast.data.memory import (
     CIFAR_MEAN,
@@ -45,10 +46,8 @@ def default_augment(dataset: str) -> str:
 
 def default_toy_dir() -> Path:
     """Where the toy folder is generated when --data is not given (deterministic, so reusable)."""
-    base = os.environ.get("COLLAB_FAST_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "collab_fast")
     t = TOY_DEFAULT
-    return Path(base) / f"toy_c{t['classes']}_p{t['per_class']}_s{t['size']}"
+    return cache_root() / f"toy_c{t['classes']}_p{t['per_class']}_s{t['size']}"
 
 
 def _ensure_toy(data_dir: str | None) -> Path:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from collab_fast.cache import cache_root
 from collab_fast.data.noise import LabelNoise
 from collab_fast.extras import require
 
@@ -83,10 +84,8 @@ def decode_image(path: str | Path) -> str | None:
 
 
 def _decode_cache(base: Path) -> Path:
-    cache = os.environ.get("COLLAB_FAST_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "collab_fast")
     key = hashlib.blake2b(str(base.resolve()).encode(), digest_size=8).hexdigest()
-    return Path(cache) / "decode_checks" / f"{base.name}-{key}.json"
+    return cache_root() / "decode_checks" / f"{base.name}-{key}.json"
 
 
 def _decode_all(base: Path, paths: list[Path], threads: int | None) -> dict[Path, str | None]:

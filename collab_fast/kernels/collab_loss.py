@@ -35,6 +35,8 @@ Layout of this file: reference (plain PyTorch), Triton kernel, launcher, torch.l
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import os
 from collections.abc import Sequence
@@ -560,6 +562,44 @@ def pick_block_c(num_heads: int, num_classes: int, block_c: int | None = None) -
     return block_c, num_blocks, num_warps
 
 
+# Shared memory: a prefetching loop keeps (stages - 1) tiles of [H_PAD, BLOCK_C] in shared memory, and
+# Triton's layout conversions and cross-warp reductions need up to one tile of scratch. The default block
+# (a tile of at most _MAX_TILE elements: 32 KB in fp32) fits every GPU; a user's block_c may not (the
+# 99 KB of sm_86/89/120, the 227 KB of sm_90): prefetch is then turned off, and a tile that does not fit
+# even without it is refused before launch instead of failing there with OutOfResources.
+_SMEM_MARGIN = 4096  # bytes for the kernel's small reduction buffers
+
+
+def shared_memory_limit(device: torch.device) -> int | None:
+    """Bytes of shared memory one program may use on `device` (opt-in maximum); None off CUDA."""
+    if device.type != "cuda" or interpreter_active():
+        return None
+    return _smem_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_of(index: int) -> int:
+    props = torch.cuda.get_device_properties(index)
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or getattr(props, "shared_memory_per_block", 49152))
+
+
+def loop_stages(num_heads: int, block_c: int, num_blocks: int, element_size: int, smem_limit: int | None,
+                user_block: bool = False) -> int:
+    """Pipeline depth of the column loops for this tile on a device with `smem_limit` bytes per program."""
+    tile = triton.next_power_of_2(num_heads) * block_c * element_size
+    if smem_limit is not None and tile + _SMEM_MARGIN > smem_limit:
+        largest = max(16, triton.next_power_of_2((smem_limit - _SMEM_MARGIN) // (
+            triton.next_power_of_2(num_heads) * element_size)) // 2)
+        what = "block_c" if user_block else "the column block"
+        raise ValueError(f"{what}={block_c} needs about {(tile + _SMEM_MARGIN) // 1024} KB of shared memory for "
+                         f"{num_heads} heads of {element_size}-byte logits, over this GPU's {smem_limit // 1024} KB "
+                         f"per block: use block_c <= {largest} (or leave block_c unset)")
+    stages = _LOOP_STAGES if num_blocks >= _LOOP_STAGES else 1
+    if stages > 1 and smem_limit is not None and stages * tile + _SMEM_MARGIN > smem_limit:
+        stages = 1  # the prefetch buffer does not fit next to the scratch: no prefetch
+    return stages
+
+
 def _launch(
     logits: torch.Tensor,  # [H, N, C]
     target: torch.Tensor,  # [N]
@@ -602,22 +642,27 @@ def _launch(
         raise ValueError(f"row statistics must be contiguous float32 [8, {num_heads}, {n}], got {rs.dtype} "
                          f"{tuple(rs.shape)}")
     if n > 0:
-        _collab_loss_kernel[(n,)](
-            logits, logits.stride(0) // vec, logits.stride(1) // vec, logits.stride(2),
-            target, target.stride(0),
-            grad, grad.stride(0) // vec, grad.stride(1) // vec, grad.stride(2),
-            loss, stats, nvalid,
-            r, r_strides[0], r_strides[1],
-            rs,
-            n, c // vec, params.ignore_index,
-            1.0 / params.temperature, params.hard_coef, params.soft_coef, params.label_smoothing,
-            H=num_heads, H_PAD=triton.next_power_of_2(num_heads), BLOCK_C=block, NUM_BLOCKS=num_blocks,
-            REDUCE=reduce, MEAN=mean, COMPUTE_LOSS=compute_loss, COMPUTE_GRAD=compute_grad,
-            ROW_WEIGHTS=row_weights is not None, DETACH=params.detach_consensus, STATS=return_stats,
-            SMOOTH=params.label_smoothing > 0, T_IS_TWO=params.temperature == 2.0, KL=params.soft_loss == "kl",
-            VEC=vec, ROW_STATS=mode, NUM_STAGES=_LOOP_STAGES if num_blocks >= _LOOP_STAGES else 1,
-            num_warps=num_warps,
-        )
+        stages = loop_stages(num_heads, block, num_blocks, logits.element_size(), shared_memory_limit(device),
+                             params.block_c is not None)
+        # Triton launches on the current device: logits on another GPU (model parallel, device_map) need it set.
+        guard = (torch.cuda.device(device) if device.type == "cuda" and device.index is not None
+                 and device.index != torch.cuda.current_device() else contextlib.nullcontext())
+        with guard:
+            _collab_loss_kernel[(n,)](
+                logits, logits.stride(0) // vec, logits.stride(1) // vec, logits.stride(2),
+                target, target.stride(0),
+                grad, grad.stride(0) // vec, grad.stride(1) // vec, grad.stride(2),
+                loss, stats, nvalid,
+                r, r_strides[0], r_strides[1],
+                rs,
+                n, c // vec, params.ignore_index,
+                1.0 / params.temperature, params.hard_coef, params.soft_coef, params.label_smoothing,
+                H=num_heads, H_PAD=triton.next_power_of_2(num_heads), BLOCK_C=block, NUM_BLOCKS=num_blocks,
+                REDUCE=reduce, MEAN=mean, COMPUTE_LOSS=compute_loss, COMPUTE_GRAD=compute_grad,
+                ROW_WEIGHTS=row_weights is not None, DETACH=params.detach_consensus, STATS=return_stats,
+                SMOOTH=params.label_smoothing > 0, T_IS_TWO=params.temperature == 2.0, KL=params.soft_loss == "kl",
+                VEC=vec, ROW_STATS=mode, NUM_STAGES=stages, num_warps=num_warps,
+            )
     elif compute_grad and grad_out is None:
         grad.zero_()
     return loss, (stats if return_stats else None), (grad if compute_grad else None)

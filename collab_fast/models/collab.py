@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from collab_fast.rescale import branch
+from collab_fast.rescale import branch, ensure_ops
 
 __all__ = ["RESCALE_MODES", "CollabNet", "parse_pattern", "run_children"]
 
@@ -105,6 +105,8 @@ class CollabNet(nn.Module):
         self.rescale = rescale
         self.num_heads = math.prod(self.factors)
         self._make_target = make_target
+        if any(f > 1 for f in self.factors):
+            ensure_ops()  # build/load the rescaling ops now, not inside a torch.compile trace
         self.trunk = nn.ModuleDict({n: getattr(proto, n) for n in self.segment_names[0]})
         self.levels = nn.ModuleList()
         for level, seg in enumerate(self.segment_names[1:]):
