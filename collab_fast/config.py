@@ -102,7 +102,10 @@ class TrainConfig:
                                        "at each epoch end only", lo=1)
     skip_nonfinite: bool = opt(False, "skip steps whose loss is not finite (counted) instead of stopping")
     skip_bad_images: bool = opt(False, "skip undecodable images (counted, named) instead of failing")
-    threads: int | None = opt(None, "DALI CPU threads; unset: DALI's default", lo=1)
+    loader: str = opt("auto", "image folders: dali (GPU decode and augmentation), torch (PyTorch workers with "
+                              "Pillow: no DALI needed, slower), auto: dali where it is installed",
+                      choices=("auto", "dali", "torch"))
+    threads: int | None = opt(None, "DALI CPU threads or PyTorch loader workers; unset: min(8, CPU cores)", lo=1)
     synthetic_steps: int = opt(100, "steps per epoch of the synthetic data set", lo=1)
     progress: str = opt("auto", "progress display: a bar on a terminal, a line every --progress-every seconds "
                                 "otherwise (auto), or forced", choices=("auto", "bar", "lines", "off"))

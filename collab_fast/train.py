@@ -26,7 +26,7 @@ import torch
 
 from collab_fast.checkpoint import CheckpointError, save_atomic
 from collab_fast.config import TrainConfig, parse_config, resolve
-from collab_fast.data import build_loaders
+from collab_fast.data import TorchFolderLoader, build_loaders
 from collab_fast.distributed import Dist, cleanup, init_distributed
 from collab_fast.extras import MissingExtra
 from collab_fast.kernels.collab_loss import CollabLoss, collab_loss
@@ -309,7 +309,7 @@ def _setup(cfg: TrainConfig):
         rank=proc.rank, world=proc.world, seed=cfg.seed, label_noise=cfg.label_noise,
         dtype=torch.float16 if cfg.amp == "fp16" else torch.float32, channels_last=cfg.channels_last,
         skip_bad_images=cfg.skip_bad_images, num_threads=cfg.threads, synthetic_steps=cfg.synthetic_steps,
-        augment=cfg.augment, train_samples=cfg.train_samples, holdout=cfg.holdout)
+        augment=cfg.augment, train_samples=cfg.train_samples, holdout=cfg.holdout, loader=cfg.loader)
     if len(train_loader) == 0:
         raise ValueError(f"--batch-size {cfg.batch_size} is larger than the training set's share of each process: "
                          "no full batch per epoch; lower --batch-size")
@@ -339,6 +339,9 @@ def _setup(cfg: TrainConfig):
     if proc.main:
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
         print(f"collab_fast: {pattern_cost(cfg.arch, cfg.pattern, cfg.image_size, num_classes).line()}")
+        if isinstance(train_loader, TorchFolderLoader):
+            print(f"collab_fast: images through the PyTorch loader ({train_loader.num_workers} workers, Pillow "
+                  "decode on the CPU; slower than DALI: pip install 'collab_fast[dali]', or [dali-cuda12])")
         print(f"collab_fast: {cfg.dataset} ({num_classes} classes), {steps} steps/epoch x {cfg.epochs} epochs, "
               f"global batch {cfg.batch_size * proc.world}, lr {cfg.lr:g}, amp {cfg.amp}, device {device}"
               f"{f', {proc.world} processes' if proc.world > 1 else ''}; output {out}"

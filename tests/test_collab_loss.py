@@ -757,3 +757,24 @@ def test_kernel_compiles_for_sm90_without_a_gpu():
     fwd, bwd_stats, bwd_plain = rows[7:]
     assert fwd["vector_stores"] == 0
     assert 0 < bwd_stats["vector_loads"] <= bwd_plain["vector_loads"] // 2, (bwd_stats, bwd_plain)
+
+
+def test_loop_stages_fit_the_device_shared_memory():
+    # H2 fp32 at block 16384: a 128 KB tile. On sm_90 (227 KB) it fits without prefetch (2 tiles do not);
+    # on sm_86/89/120 (99 KB) even one tile does not: a one-line error naming block_c and what fits.
+    kb = 1024
+    assert cl.loop_stages(1, 65536, 2, 2, 227 * kb) == 1  # H1 bf16 65536: one 128 KB tile fits sm_90
+    assert cl.loop_stages(2, 2048, 63, 4, 227 * kb) == 2  # the default tile: prefetch on
+    assert cl.loop_stages(2, 2048, 1, 4, 227 * kb) == 1  # one block per row: nothing to prefetch
+    assert cl.loop_stages(2, 16384, 8, 4, 227 * kb) == 1  # prefetch buffer would not fit: off
+    assert cl.loop_stages(2, 16384, 8, 4, None) == 2  # the interpreter / CPU: no limit
+    with pytest.raises(ValueError, match=r"block_c=16384 needs about 132 KB .* 99 KB per block: use block_c <= 8192"):
+        cl.loop_stages(2, 16384, 8, 4, 99 * kb, user_block=True)
+    with pytest.raises(ValueError, match=r"use block_c <= 32768"):
+        cl.loop_stages(2, 65536, 2, 2, 227 * kb, user_block=True)  # 256 KB of bf16 over sm_90
+    # the default block never trips the check, on any GPU (>= 99 KB), in any dtype, for 1-8 heads
+    for heads in range(1, 9):
+        for size in (2, 4):
+            for c in (10, 1000, 32000, 128256):
+                block, blocks, _ = cl.pick_block_c(heads, c)
+                assert cl.loop_stages(heads, block, blocks, size, 99 * kb) >= 1

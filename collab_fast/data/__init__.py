@@ -13,7 +13,15 @@ from pathlib import Path
 import torch
 
 from collab_fast.cache import cache_root
-from collab_fast.data.folder import DaliLoader, DataError, check_image, decode_image, scan_split
+from collab_fast.data.folder import (
+    DaliLoader,
+    DataError,
+    check_dali_wheel,
+    check_image,
+    dali_installed,
+    decode_image,
+    scan_split,
+)
 from collab_fast.data.memory import (
     CIFAR_MEAN,
     CIFAR_STD,
@@ -27,8 +35,10 @@ from collab_fast.data.memory import (
 from collab_fast.data.noise import LabelNoise
 from collab_fast.data.split import split_train
 from collab_fast.data.toy import write_toy
+from collab_fast.data.torch_folder import TorchFolderLoader
 
 __all__ = ["AUGMENTS", "DATASETS", "DataError", "DaliLoader", "DeviceLoader", "LabelNoise", "SyntheticLoader",
+           "TorchFolderLoader", "check_dali_wheel",
            "build_loaders", "check_image", "decode_image", "default_augment", "default_toy_dir", "scan_split", "write_toy"]
 
 DATASETS = ("imagenet", "cifar10", "cifar100", "digits", "toy", "synthetic")
@@ -65,11 +75,12 @@ def build_loaders(dataset: str, *, data_dir: str | None = None, batch_size: int 
                   label_noise: float = 0.0, dtype: torch.dtype = torch.float32, channels_last: bool = True,
                   eval_batch_size: int | None = None, skip_bad_images: bool = False, check_files: bool = True,
                   num_threads: int | None = None, synthetic_classes: int = 1000, synthetic_steps: int = 100,
-                  augment: str = "auto", train_samples: int | None = None, holdout: int = 0):
+                  augment: str = "auto", train_samples: int | None = None, holdout: int = 0, loader: str = "auto"):
     """(train_loader, val_loader, num_classes) for `dataset`; see the module docstring. augment: "crop+flip",
     "crop" or "none" for the training set; "auto" is default_augment(dataset). train_samples / holdout: train
     on a fixed class-balanced subset, and evaluate on samples held out of the training set instead of the
-    test split (see data/split.py)."""
+    test split (see data/split.py). loader (image folders): "dali", "torch" (TorchFolderLoader: no DALI
+    needed, slower), or "auto": DALI when it is installed."""
     if augment == "auto":
         augment = default_augment(dataset)
     if augment not in AUGMENTS:
@@ -127,8 +138,19 @@ def build_loaders(dataset: str, *, data_dir: str | None = None, batch_size: int 
     if device.type == "cuda" and device_id is None:
         device_id = torch.cuda.current_device()
     size = image_size or 224
-    common = dict(num_classes=len(classes), device_id=device_id, image_size=size, rank=rank, world=world, seed=seed,
-                  dtype=dtype, channels_last=channels_last, num_threads=num_threads)
-    train = DaliLoader(files, labels, batch_size, train=True, label_noise=label_noise, augment=augment, **common)
-    val = DaliLoader(vfiles, vlabels, eval_batch_size, train=False, **common)
+    if loader not in ("auto", "dali", "torch"):
+        raise ValueError(f"loader must be auto, dali or torch, got {loader!r}")
+    if loader == "auto":
+        loader = "dali" if dali_installed() else "torch"
+    common = dict(num_classes=len(classes), image_size=size, rank=rank, world=world, seed=seed, dtype=dtype,
+                  channels_last=channels_last)
+    if loader == "torch":
+        common.update(device=device, num_workers=num_threads)
+        make = TorchFolderLoader
+    else:
+        check_dali_wheel(device)
+        common.update(device_id=device_id, num_threads=num_threads)
+        make = DaliLoader
+    train = make(files, labels, batch_size, train=True, label_noise=label_noise, augment=augment, **common)
+    val = make(vfiles, vlabels, eval_batch_size, train=False, **common)
     return train, val, len(classes)

@@ -32,9 +32,52 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
 
 
+def dali_installed() -> bool:
+    """Whether NVIDIA DALI can be imported (image folders then default to it)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("nvidia.dali") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _dali_wheels() -> list[str]:
+    from importlib import metadata
+
+    return sorted({d.metadata["Name"].lower() for d in metadata.distributions()
+                   if (d.metadata["Name"] or "").lower().startswith("nvidia-dali-cuda")})
+
+
+def _driver_cuda() -> tuple[int, int] | None:
+    """The CUDA version the installed driver supports (e.g. (12, 4)), or None where unknown."""
+    try:
+        v = int(torch._C._cuda_getDriverVersion())
+    except (AttributeError, RuntimeError):
+        return None
+    return (v // 1000, v % 1000 // 10) if v > 0 else None
+
+
+def check_dali_wheel(device: torch.device) -> None:
+    """One line naming the right extra when the installed DALI wheel needs a newer CUDA driver than this
+    machine has (DALI would otherwise fail at pipeline build with a traceback)."""
+    if device.type != "cuda":
+        return
+    driver = _driver_cuda()
+    for name in _dali_wheels():
+        digits = name[len("nvidia-dali-cuda"):]
+        if not digits.isdigit() or driver is None:
+            continue
+        need = int(digits) // 10
+        if need > driver[0]:
+            raise ValueError(f"{name} needs a CUDA {need} driver, but this machine's driver supports CUDA "
+                             f"{driver[0]}.{driver[1]}: pip uninstall {name} && pip install "
+                             f"'collab_fast[dali-cuda{driver[0]}]' (or --loader torch, no DALI)")
+
+
 def _dali():
-    require("nvidia.dali", "dali", "reading image folders (imagenet, toy) with NVIDIA DALI; or the DALI build for "
-            "your CUDA,")
+    require("nvidia.dali", "dali", "reading image folders with NVIDIA DALI (--loader dali; "
+            "'collab_fast[dali-cuda12]' for a CUDA 12 driver; --loader torch needs no DALI)")
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
     from nvidia.dali import pipeline_def

@@ -1,0 +1,119 @@
+"""Image folders without DALI: the PyTorch loader (Pillow decode), its augmentation, sharding and exact resume."""
+
+import pytest
+import torch
+
+from collab_fast import train
+from collab_fast.data import TorchFolderLoader, build_loaders, check_dali_wheel, scan_split, write_toy
+from collab_fast.data import folder as folder_mod
+from collab_fast.data.torch_folder import _crop_box
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    return write_toy(tmp_path_factory.mktemp("toy") / "toy", classes=3, per_class=6, size=40, val_per_class=2)
+
+
+def _loader(toy, **kw):
+    files, labels, classes = scan_split(toy, "train")
+    args = dict(train=True, num_classes=len(classes), image_size=24, num_workers=0, channels_last=False)
+    args.update(kw)
+    return TorchFolderLoader(files, labels, 4, **args)
+
+
+def test_batches_shapes_dtype_layout_and_labels(toy):
+    ld = _loader(toy, channels_last=True, num_workers=2)
+    assert len(ld) == 18 // 4
+    batches = list(ld)
+    assert len(batches) == 4
+    x, y = batches[0]
+    assert x.shape == (4, 3, 24, 24) and x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
+    assert y.dtype == torch.int64 and y.min() >= 0 and y.max() < 3
+    assert -3 < float(x.mean()) < 3  # normalised
+    val = _loader(toy, train=False)
+    assert sum(len(b[1]) for b in val) == 18  # evaluation keeps the short last batch
+
+
+def test_resume_mid_epoch_is_exact_and_epochs_differ(toy):
+    ld = _loader(toy)
+    ld.set_epoch(1)
+    full = list(ld)
+    ld.set_epoch(1)
+    tail = list(ld.iter_from(2))
+    assert len(tail) == 2
+    for (a, ya), (b, yb) in zip(full[2:], tail):
+        assert torch.equal(a, b) and torch.equal(ya, yb)
+    ld.set_epoch(2)
+    assert not torch.equal(list(ld)[0][0], full[0][0])  # a new order and new crops each epoch
+    workers = _loader(toy, num_workers=2)
+    workers.set_epoch(1)
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(full, workers))  # workers change nothing
+
+
+def test_shards_are_disjoint_and_complete(toy):
+    files, labels, _ = scan_split(toy, "train")
+    seen = []
+    for rank in range(2):
+        ld = TorchFolderLoader(files, labels, 3, train=True, num_classes=3, image_size=16, num_workers=0, rank=rank,
+                               world=2)
+        ld.set_epoch(0)
+        seen += ld.order.shard()
+    assert sorted(seen) == list(range(len(files)))
+
+
+def test_crop_box_stays_inside_and_covers_8_to_100_percent():
+    g = torch.Generator().manual_seed(0)
+    for w, h in [(40, 40), (500, 375), (37, 200), (300, 20)]:
+        for _ in range(50):
+            left, top, right, bottom = _crop_box(w, h, g)
+            assert 0 <= left < right <= w and 0 <= top < bottom <= h
+
+
+def test_bad_image_is_one_line_naming_the_file(tmp_path):
+    data = write_toy(tmp_path / "toy", classes=2, per_class=2, size=32, val_per_class=1)
+    victim = sorted((data / "train").rglob("*.JPEG"))[0]
+    files, labels, _ = scan_split(data, "train")
+    victim.write_bytes(b"\xff\xd8\xff garbage \xff\xd9")
+    ld = TorchFolderLoader(files, labels, 2, train=True, num_classes=2, image_size=16, num_workers=0)
+    with pytest.raises(Exception, match=f"could not decode {victim}"):
+        list(ld)
+
+
+def test_auto_picks_torch_without_dali_and_trains(toy, tmp_path, monkeypatch, capsys):
+    import collab_fast.data as data_mod
+
+    monkeypatch.setattr(data_mod, "dali_installed", lambda: False)
+    tr, va, classes = build_loaders("toy", data_dir=str(toy), batch_size=4, image_size=24, num_threads=1)
+    assert isinstance(tr, TorchFolderLoader) and isinstance(va, TorchFolderLoader) and classes == 3
+    out = tmp_path / "run"
+    assert train.main(["toy", "--device", "cpu", "--data", str(toy), "--arch", "resnet18", "--pattern", "ilr2",
+                       "--image-size", "24", "-b", "4", "--max-steps", "3", "--threads", "1", "--output", str(out),
+                       "--log-every", "1"]) == 0
+    assert "images through the PyTorch loader" in capsys.readouterr().out
+
+
+def test_torch_loader_resume_through_the_trainer_is_exact(toy, tmp_path):
+    common = ["toy", "--device", "cpu", "--loader", "torch", "--data", str(toy), "--arch", "resnet18", "--pattern",
+              "ilr2", "--image-size", "24", "-b", "4", "--log-every", "1", "--threads", "1", "--epochs", "3"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert train.main([*common, "--max-steps", "7", "--output", str(full)]) == 0
+    assert train.main([*common, "--max-steps", "5", "--output", str(part)]) == 0
+    assert train.main([*common, "--max-steps", "7", "--output", str(part), "--resume", "auto"]) == 0
+    import json
+
+    rec = lambda o: [r["loss"] for r in map(json.loads, (o / "metrics.jsonl").read_text().splitlines())
+                     if r["kind"] == "train"]
+    assert rec(full) == rec(part)
+
+
+def test_dali_wheel_for_a_newer_cuda_than_the_driver_is_one_line(monkeypatch):
+    monkeypatch.setattr(folder_mod, "_dali_wheels", lambda: ["nvidia-dali-cuda130"])
+    monkeypatch.setattr(folder_mod, "_driver_cuda", lambda: (12, 4))
+    with pytest.raises(ValueError, match=r"nvidia-dali-cuda130 needs a CUDA 13 driver.*CUDA 12\.4.*"
+                                         r"collab_fast\[dali-cuda12\]"):
+        check_dali_wheel(torch.device("cuda", 0))
+    check_dali_wheel(torch.device("cpu"))  # CPU pipelines need no driver
+    monkeypatch.setattr(folder_mod, "_driver_cuda", lambda: (13, 0))
+    check_dali_wheel(torch.device("cuda", 0))  # a CUDA 13 driver runs it
+    monkeypatch.setattr(folder_mod, "_dali_wheels", lambda: ["nvidia-dali-cuda120"])
+    check_dali_wheel(torch.device("cuda", 0))  # and the CUDA 12 wheel too
