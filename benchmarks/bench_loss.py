@@ -179,12 +179,12 @@ def main(argv=None) -> int:
     print(f"device: {device}  copy bandwidth: {bandwidth / 1e9:.1f} GB/s")
     if device.type == "cpu":
         print("CPU run: the kernel runs in Triton's interpreter; these times are a smoke test, not a benchmark")
-    rows = []
+    rows, out = [], output_dir(args, device)
     for shape in shapes:
-        rows += run_shape(*shape, providers, device, bandwidth)
-    for r in rows:
-        print(format_row(r, COLUMNS))
-    save("bench_loss", rows, device, argv, COLUMNS, output_dir(args, device))
+        for r in run_shape(*shape, providers, device, bandwidth):
+            rows.append(r)
+            print(format_row(r, COLUMNS), flush=True)
+        save("bench_loss", rows, device, argv, COLUMNS, out)  # after every shape: a cut-off run keeps its rows
     return 0
 
 

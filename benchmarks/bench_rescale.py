@@ -61,14 +61,14 @@ def main(argv=None) -> int:
         shapes = [("tiny", (2, 16, 7, 7))]
     bandwidth = copy_bandwidth(device)
     print(f"device: {device}  copy bandwidth: {bandwidth / 1e9:.1f} GB/s")
-    rows = []
+    rows, out = [], output_dir(args, device)
     for name, shape in shapes:
         for dtype in (torch.bfloat16, torch.float32):
             for n in (2, 4):
-                rows += run(name, shape, dtype, n, device, bandwidth)
-    for r in rows:
-        print(format_row(r, COLUMNS))
-    save("bench_rescale", rows, device, argv, COLUMNS, output_dir(args, device))
+                for r in run(name, shape, dtype, n, device, bandwidth):
+                    rows.append(r)
+                    print(format_row(r, COLUMNS), flush=True)
+                save("bench_rescale", rows, device, argv, COLUMNS, out)  # after every row set
     return 0
 
 

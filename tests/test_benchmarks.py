@@ -1,5 +1,6 @@
 """The benchmark scripts run end to end (tiny sizes on CPU: a smoke test, not a measurement)."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -76,3 +77,31 @@ def test_percent_of_floor_is_never_above_100():
     assert common.pct_of_floor(1e9, 1e12, 2.0) == pytest.approx(50.0)
     assert common.pct_of_floor(1e9, 1e12, 0.5) is None  # faster than DRAM: served from a cache
     assert common.pct_of_floor(None, 1e12, 1.0) is None
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_and_no_cuda(tmp_path):
+    # The GPU validation's rehearsal on CPU: every stage runs at tiny sizes, the budget is kept, at most 6
+    # files come back; the real run on a machine without CUDA stops at once with one line.
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=sys.executable, GPU_CHECK_WORK=str(tmp_path / "work"),
+               GPU_CHECK_BUDGET="400")
+    env.pop("COLLAB_FAST_CACHE", None)
+    res = subprocess.run(["bash", str(root / "scripts" / "gpu_check.sh"), "--dry-run"], env=env, capture_output=True,
+                         text=True, timeout=600)
+    log = (tmp_path / "out" / "check.log").read_text()
+    assert res.returncode == 0, log[-3000:] + res.stderr[-2000:]
+    assert "0 stage(s) not ok" in log
+    for name in ("env", "loss-tests", "build", "ops-tests", "train", "bench-loss", "bench-train", "bench-rescale"):
+        assert f"{name}: ok" in log, name
+    files = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert len(files) <= 6 and {"check.log", "tests.log", "run.log"} <= set(files), files
+    assert sum(f.endswith(".json") for f in files) == 3
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    env["OUT"] = str(tmp_path / "out2")
+    res = subprocess.run(["bash", str(root / "scripts" / "gpu_check.sh")], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 2 and "no CUDA device" in res.stdout

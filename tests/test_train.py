@@ -384,7 +384,9 @@ def test_compiled_step_is_one_graph_without_breaks(tmp_path, monkeypatch, patter
     monkeypatch.setattr(torch, "compile", lambda m, **kw: real(m, backend=cnt))
     run_train(tmp_path, "--pattern", pattern, "--compile", "--max-steps", "2", "--image-size", "16")
     assert not counters["graph_break"], dict(counters["graph_break"])
-    assert cnt.frame_count == 2  # one graph for training, one for evaluation (eval mode, no grad)
+    # whole-model graphs only: training, evaluation (eval mode, no grad) and evaluation's short last batch
+    # (360 test digits at batch 32: a dynamic-shape recompile), never a graph per fragment
+    assert 2 <= cnt.frame_count <= 3
     torch._dynamo.reset()
 
 
