@@ -1,5 +1,6 @@
 """Data: toy folders, scanning and bad files, the DALI CPU pipeline, device-resident sets, label noise."""
 
+import os
 import pickle
 import warnings
 
@@ -450,3 +451,26 @@ def test_label_noise_in_loaders_train_only(toy):
     t0 = loader.table.clone()
     loader.set_epoch(1)
     assert not torch.equal(t0, loader.table)
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_cifar_batch_that_would_run_code_is_refused(tmp_path):
+    _write_cifar(tmp_path, 10)
+    marker = tmp_path / "pwned"
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_1"
+    batch.write_bytes(pickle.dumps({b"data": _RunsCode(marker), b"labels": [0]}))
+    with pytest.raises(ValueError, match=r"data_batch_1 is not a CIFAR python batch .*posix.system|os.system"):
+        load_cifar(tmp_path, 10)
+    assert not marker.exists()  # nothing ran
+    _write_cifar(tmp_path / "t", 10)
+    batch = tmp_path / "t" / "cifar-10-batches-py" / "data_batch_1"
+    batch.write_bytes(batch.read_bytes()[:100])  # truncated
+    with pytest.raises(ValueError, match="data_batch_1 is not a CIFAR python batch"):
+        load_cifar(tmp_path / "t", 10)

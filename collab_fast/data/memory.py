@@ -41,9 +41,30 @@ def load_digits(size: int = 32):
     return (x[tr], y[tr]), (x[te], y[te])
 
 
+# A CIFAR batch is a dict of numpy arrays, lists and bytes: the only globals its pickle may name. Anything
+# else (os.system, subprocess, builtins.eval: a crafted file in a data folder) is refused before it runs.
+_CIFAR_GLOBALS = {(m, n) for m in ("numpy.core.multiarray", "numpy._core.multiarray") for n in ("_reconstruct", "scalar")}
+_CIFAR_GLOBALS |= {("numpy", "ndarray"), ("numpy", "dtype")}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in _CIFAR_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which a CIFAR batch never holds (refused: loading it "
+                                     "could run code)")
+
+
 def _unpickle(path: Path) -> dict:
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="bytes")
+    try:
+        with open(path, "rb") as f:
+            d = _CifarUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as exc:
+        raise ValueError(f"{path} is not a CIFAR python batch ({type(exc).__name__}: {exc or 'truncated'}); "
+                         "re-extract the data set") from None
+    if not isinstance(d, dict) or b"data" not in d:
+        raise ValueError(f"{path} is not a CIFAR python batch (no data array); re-extract the data set")
+    return d
 
 
 def load_cifar(root: str | Path, num_classes: int):
