@@ -50,7 +50,8 @@ def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
     """Learning-rate multiplier at optimizer step `step` (0-based)."""
     epoch = step / max(steps_per_epoch, 1)
     if cfg.warmup_epochs > 0 and epoch < cfg.warmup_epochs:
-        return (step + 1) / (cfg.warmup_epochs * steps_per_epoch)
+        # never above the peak: a warm-up shorter than one step is no warm-up
+        return min(1.0, (step + 1) / max(cfg.warmup_epochs * steps_per_epoch, 1.0))
     if cfg.schedule == "cosine":
         t = (epoch - cfg.warmup_epochs) / max(cfg.epochs - cfg.warmup_epochs, 1e-9)
         return 0.5 * (1 + math.cos(math.pi * min(max(t, 0.0), 1.0)))
@@ -79,7 +80,14 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
         (no_decay if p.dim() <= 1 else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.wd}, {"params": no_decay, "weight_decay": 0.0}]
     # The fused SGD reads `found_inf` on the device: it is how a non-finite step is skipped without a sync.
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, fused=True)
+    opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, fused=True)
+    if cfg.momentum > 0:
+        # Zero momentum buffers up front: the fused SGD otherwise allocates them uninitialised on its first
+        # step, and a first step skipped through found_inf (--skip-nonfinite, the fp16 scaler) would leave them
+        # so. momentum * 0 + grad equals the first step's buf = grad bit for bit (no dampening).
+        for p in model.parameters():
+            opt.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    return opt
 
 
 def make_loss(cfg: TrainConfig) -> CollabLoss:
@@ -98,6 +106,9 @@ class Step:
 
     def __init__(self, cfg: TrainConfig, model, net, optimizer, scaler=None):
         self.model, self.net, self.optimizer, self.scaler = model, net, optimizer, scaler
+        # the DDP wrapper, also under torch.compile's (whose isinstance is not DDP): no_sync lives there
+        inner = getattr(model, "_orig_mod", model)
+        self.ddp = inner if isinstance(inner, torch.nn.parallel.DistributedDataParallel) else None
         self.base = make_loss(cfg).params
         self.params = self.base  # the base settings, the soft coefficient scaled by --soft-ramp
         self.amp = AMP_DTYPES.get(cfg.amp)
@@ -117,8 +128,8 @@ class Step:
         for k in range(self.accum):
             xk, yk = (x, y) if self.accum == 1 else (x[k :: self.accum], y[k :: self.accum])
             # DDP: all-reduce the gradients once, after the last micro-batch (no_sync covers forward and backward)
-            sync = k == self.accum - 1 or not isinstance(self.model, torch.nn.parallel.DistributedDataParallel)
-            with contextlib.nullcontext() if sync else self.model.no_sync():
+            sync = k == self.accum - 1 or self.ddp is None
+            with contextlib.nullcontext() if sync else self.ddp.no_sync():
                 with torch.autocast(x.device.type, dtype=self.amp, enabled=self.amp is not None):
                     logits = as_heads(self.model(xk))
                 loss, stats = collab_loss(logits, yk, self.params, return_stats=True)
@@ -303,6 +314,9 @@ def _setup(cfg: TrainConfig):
     resume_path = None
     if cfg.resume:
         resume_path = out / "last.pt" if cfg.resume == "auto" else Path(cfg.resume)
+        if cfg.eval_only and not resume_path.exists() and not cfg.weights:
+            raise ValueError(f"--eval-only --resume {cfg.resume}: {resume_path} does not exist, and evaluating an "
+                             "untrained network means nothing; give --weights PATH or an existing checkpoint")
         resume_path = resume_path if resume_path.exists() else None  # auto with nothing to resume: a fresh run
     train_loader, val_loader, num_classes = build_loaders(
         cfg.dataset, data_dir=cfg.data, batch_size=cfg.batch_size, image_size=cfg.image_size, device=device,

@@ -778,3 +778,24 @@ def test_loop_stages_fit_the_device_shared_memory():
             for c in (10, 1000, 32000, 128256):
                 block, blocks, _ = cl.pick_block_c(heads, c)
                 assert cl.loop_stages(heads, block, blocks, size, 99 * kb) >= 1
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_small_integer_targets_do_not_wrap(impl):
+    # uint8 label 156 wraps to -100 (the default ignore_index) in a uint8 comparison; labels 200/255 with C=300
+    # compare wrongly with C in int8: the loss must equal int64 targets'.
+    z = torch.randn(2, 4, 300)
+    for y in (torch.tensor([156, 3, 200, 255], dtype=torch.uint8), torch.tensor([5, 100, 127, 0], dtype=torch.int8),
+              torch.tensor([299, 1, 2, 3], dtype=torch.int16)):
+        want = fused_collab_loss(z, y.long(), impl=impl)
+        assert_close(fused_collab_loss(z, y, impl=impl), want, atol=1e-6)
+
+
+def test_inplace_refuses_logits_that_share_memory():
+    base = torch.randn(1, 3, 10)
+    y = torch.randint(0, 10, (3,))
+    with pytest.raises(ValueError, match="share memory"):
+        fused_collab_loss(base.expand(2, 3, 10).requires_grad_(), y, impl="triton", inplace=True)
+    rows = torch.randn(2, 1, 10).expand(2, 3, 10)
+    with pytest.raises(ValueError, match="share memory"):
+        fused_collab_loss(rows, y, impl="triton", inplace=True)

@@ -401,3 +401,49 @@ def test_gpu_training_run(tmp_path):
     assert cfg["amp"] == "bf16" and cfg["channels_last"] is True
     tr = records(out, "train")
     assert len(tr) == 4 and all(math.isfinite(r["loss"]) for r in tr) and tr[0]["peak_mem_mb"] > 0
+
+
+def test_fractional_warmup_never_exceeds_the_peak():
+    for warm, steps in [(0.05, 10), (0.01, 11), (1e-9, 10), (0.5, 3), (2.5, 7)]:
+        cfg = train.TrainConfig("digits", epochs=10, warmup_epochs=warm)
+        factors = [train.lr_factor(cfg, s, steps) for s in range(10 * steps)]
+        assert max(factors) <= 1.0 + 1e-12, (warm, steps, max(factors))
+
+
+def test_skipped_first_step_leaves_the_model_finite(tmp_path, monkeypatch):
+    # The fused SGD's momentum buffers: a first step skipped through found_inf must not leave them uninitialised.
+    real, calls = train.Step.__call__, {"n": 0}
+
+    def poisoned(self, x, y, meter=None):
+        calls["n"] += 1
+        return real(self, x * float("nan") if calls["n"] == 1 else x, y, meter)
+
+    monkeypatch.setattr(train.Step, "__call__", poisoned)
+    out = run_train(tmp_path, "--pattern", "ilr2", "--max-steps", "3", "--skip-nonfinite", "--log-every", "1")
+    assert records(out, "train")[-1]["skipped_steps"] == 1
+    model = load_checkpoint(out / "last.pt")["model"]
+    assert all(torch.isfinite(t).all() and t.abs().max() < 1e3 for t in model.values() if t.is_floating_point())
+    opt = train.make_optimizer(build("resnet32", "single"), train.TrainConfig("digits", lr=0.1))
+    assert all(torch.equal(s["momentum_buffer"], torch.zeros_like(s["momentum_buffer"])) for s in opt.state.values())
+
+
+def test_eval_only_without_a_checkpoint_refuses(tmp_path, capsys):
+    code = train.main([*BASE, "--output", str(tmp_path / "none"), "--eval-only", "--resume", "auto"])
+    assert code == 2
+    assert "evaluating an untrained network" in capsys.readouterr().err
+
+
+def test_accumulation_under_compiled_ddp_syncs_once(tmp_path, monkeypatch):
+    # torch.compile's wrapper is not a DistributedDataParallel: no_sync must still be found behind it.
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        net = build("resnet32", "ilr2")
+        ddp = torch.nn.parallel.DistributedDataParallel(net)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        step = train.Step(train.TrainConfig("digits", accum_steps=4), torch.compile(ddp, backend="eager"), net, opt)
+        assert step.ddp is ddp
+        assert train.Step(train.TrainConfig("digits"), net, net, opt).ddp is None
+    finally:
+        dist.destroy_process_group()

@@ -840,8 +840,9 @@ def _labels_checked_on_host(target: torch.Tensor) -> bool:
     return target.device.type == "cpu" or os.environ.get("COLLAB_FAST_CHECK_LABELS", "0") == "1"
 
 
-def _check_inputs(logits, target: torch.Tensor, params: CollabLossParams) -> torch.Tensor:
-    """Tensor checks (the settings were checked when params was built). Returns logits as [H, N, C]."""
+def _check_inputs(logits, target: torch.Tensor, params: CollabLossParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tensor checks (the settings were checked when params was built). Returns (logits as [H, N, C], target
+    as a type in which ignore_index and C compare without wrapping)."""
     logits = _stack_heads(logits)
     num_heads, n, c = logits.shape
     if num_heads == 0:
@@ -859,19 +860,22 @@ def _check_inputs(logits, target: torch.Tensor, params: CollabLossParams) -> tor
                          f"got {tuple(target.shape)}")
     if target.device != logits.device:
         raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
+    if target.dtype in (torch.uint8, torch.int8, torch.int16):
+        # comparisons with ignore_index (-100) and C would wrap in these types: widen ([N], cheap)
+        target = target.long()
     if _labels_checked_on_host(target) and n > 0:
         bad = (target != params.ignore_index) & ((target < 0) | (target >= c))
         if bool(bad.any()):
             i = int(bad.nonzero()[0, 0])
             raise ValueError(f"target[{i}] = {int(target[i])} is outside [0, {c}) and is not ignore_index "
                              f"({params.ignore_index})")
-    return logits
+    return logits, target
 
 
 def collab_loss(logits, target: torch.Tensor, params: CollabLossParams, *, return_stats: bool = False,
                 inplace: bool = False):
     """fused_collab_loss with its settings already validated in `params` (what CollabLoss calls)."""
-    logits = _check_inputs(logits, target, params)
+    logits, target = _check_inputs(logits, target, params)
     if params.impl == "auto":
         use_kernel = logits.device.type == "cuda" and logits.dtype in _KERNEL_DTYPES
     else:
@@ -883,6 +887,10 @@ def collab_loss(logits, target: torch.Tensor, params: CollabLossParams, *, retur
                             "use impl='torch' for float64")
     if inplace and not use_kernel:
         raise ValueError("inplace=True needs the Triton kernel (impl='triton', or 'auto' on CUDA)")
+    if inplace and torch._debug_has_internal_overlap(logits) != 0:
+        # rows or heads sharing memory (expand, as_strided): the gradient written into one would overwrite another's
+        raise ValueError("inplace=True: the logits' rows or heads share memory (an expanded or overlapping view), so "
+                         "the gradient cannot be written into them; pass contiguous logits or inplace=False")
     if not use_kernel:
         return _reference(logits, target, params, return_stats)
     loss, stats = _FusedCollabLoss.apply(logits, target, params, return_stats, inplace)
