@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import html
 import io
 import itertools
 import json
 import math
 import os
+import re
 import shlex
 import statistics
 import subprocess
@@ -48,8 +50,15 @@ class Cell(dict):
 
     @property
     def name(self) -> str:
+        """A folder name inside OUT/cells/: axis values are reduced to [A-Za-z0-9._=+-] (no separators, no
+        "..", no leading dot), with a hash of the raw name when anything was replaced, so that distinct cells
+        never share a folder and none lands outside cells/."""
         extra = "".join(f"_{k}-{v}" for k, v in self.items() if k not in ("pattern", "noise", "seed"))
-        return f"{self['pattern'].replace(':', '')}_noise{self['noise']:g}{extra}_seed{self['seed']}"
+        raw = f"{self['pattern'].replace(':', '')}_noise{self['noise']:g}{extra}_seed{self['seed']}"
+        safe = re.sub(r"[^A-Za-z0-9._=+-]", "-", raw).replace("..", "-").lstrip(".")
+        if safe != raw:
+            safe = f"{safe[:150]}-{hashlib.blake2b(raw.encode(), digest_size=4).hexdigest()}"
+        return safe
 
     @property
     def setting(self) -> tuple:

@@ -91,3 +91,15 @@ def test_bad_grid_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(tmp_path / "g")])
     assert Cell(pattern="tree:2x2", noise=0.5, seed=1).name == "tree2x2_noise0.5_seed1"
+
+
+def test_cell_names_stay_inside_cells_and_distinct():
+    from collab_fast.grid import Cell
+
+    names = set()
+    for v in ["../../etc", "a/b", "..", ".hidden", "x y", "a\\\\b", "ok-1.5"]:
+        name = Cell(pattern="ilr2", noise=0.0, **{"soft-loss": v}, seed=0).name
+        assert "/" not in name and "\\\\" not in name and ".." not in name and not name.startswith(".")
+        names.add(name)
+    assert len(names) == 7
+    assert Cell(pattern="tree:2x2", noise=0.2, seed=1).name == "tree2x2_noise0.2_seed1"  # plain names unchanged
