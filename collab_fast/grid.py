@@ -91,11 +91,12 @@ def plan(patterns: list[str], noise: list[float], seeds: list[int], axes: dict[s
 
 
 def _last_eval(out: Path) -> dict | None:
-    path = out / "metrics.jsonl"
-    if not path.is_file():
+    """The run's last evaluation, read as `report` reads runs (torn lines handled there)."""
+    from collab_fast.report import load_run
+
+    if not (out / "metrics.jsonl").is_file():
         return None
-    evals = [r for r in map(json.loads, filter(str.strip, path.read_text().splitlines()))
-             if isinstance(r, dict) and r.get("kind") == "eval"]
+    evals = load_run(out)["eval"]
     return evals[-1] if evals else None
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import sys
 import time
@@ -126,12 +127,32 @@ class Progress:
             self.bar = None
 
 
+def _open_repaired(path: Path):
+    """metrics.jsonl for appending, with a line cut by an earlier crash or write error removed first (the next
+    record would otherwise be glued onto it)."""
+    try:
+        f = open(path, "a+b")
+        size = f.seek(0, os.SEEK_END)
+        if size:
+            start = max(0, size - (1 << 16))  # records are short: the torn one lies in the last 64 KB
+            f.seek(start)
+            tail = f.read()
+            if not tail.endswith(b"\n"):
+                cut = tail.rfind(b"\n")
+                f.truncate(start + cut + 1 if cut >= 0 else start)
+        f.close()
+        return open(path, "a")
+    except OSError as exc:
+        raise ValueError(f"cannot write {path} ({exc.strerror or exc}); check the folder's permissions and space") from None
+
+
 class Logger:
     """metrics.jsonl (one JSON record per line), TensorBoard events (if installed), console lines."""
 
     def __init__(self, out: Path, enabled: bool, progress: Progress):
         self.enabled, self.progress = enabled, progress
-        self.file = open(out / "metrics.jsonl", "a") if enabled else None
+        self.path = out / "metrics.jsonl"
+        self.file = _open_repaired(self.path) if enabled else None
         self.tb = None
         if enabled:
             try:
@@ -147,18 +168,36 @@ class Logger:
         if not self.enabled:
             return
         rec = {"kind": kind, "time": time.time(), **rec}
-        self.file.write(json.dumps(rec) + "\n")
-        self.file.flush()
+        self._write(json.dumps(rec) + "\n")
         if self.tb is not None:
-            for k, v in rec.items():
-                if isinstance(v, (int, float)) and k not in ("time", "step", "epoch"):
-                    self.tb.add_scalar(f"{kind}/{k}", v, rec.get("step", 0))
-                elif isinstance(v, list):
-                    for i, x in enumerate(v):
-                        self.tb.add_scalar(f"{kind}/{k}/head{i}", x, rec.get("step", 0))
+            try:
+                for k, v in rec.items():
+                    if isinstance(v, (int, float)) and k not in ("time", "step", "epoch"):
+                        self.tb.add_scalar(f"{kind}/{k}", v, rec.get("step", 0))
+                    elif isinstance(v, list):
+                        for i, x in enumerate(v):
+                            self.tb.add_scalar(f"{kind}/{k}/head{i}", x, rec.get("step", 0))
+            except OSError as exc:  # TensorBoard is a convenience: its write errors never stop a run
+                print(f"collab_fast: warning: TensorBoard events stopped ({exc.strerror or exc}); metrics.jsonl "
+                      "goes on", file=sys.stderr)
+                self.tb = None
         if kind == "train":
             self.progress.postfix(rec)
         self.progress.write(self.line(rec, kind))
+
+    def _write(self, line: str) -> None:
+        """One whole record or nothing: a failed write is cut back off, so no torn line is left behind."""
+        pos = self.file.tell()
+        try:
+            self.file.write(line)
+            self.file.flush()
+        except OSError as exc:
+            try:
+                self.file.truncate(pos)
+            except OSError:
+                pass  # _open_repaired drops the partial line on the next open
+            raise ValueError(f"cannot write {self.path} ({exc.strerror or exc}); free space or fix the folder, then "
+                             "--resume auto") from None
 
     @staticmethod
     def line(rec: dict, kind: str) -> str:

@@ -10,7 +10,8 @@ import pytest
 
 from collab_fast.grid import Cell, eval_split, main, plan, summarize, write_outputs
 
-BASE = ["--", "digits", "--device", "cpu", "--arch", "resnet32", "-b", "64", "--image-size", "16", "--max-steps", "2", "--log-every", "1"]
+BASE = ["--", "digits", "--device", "cpu", "--arch", "resnet32", "-b", "64", "--image-size", "16", "--max-steps", "2",
+        "--log-every", "1"]
 
 
 def test_plan_and_summary_statistics():

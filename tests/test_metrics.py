@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from collab_fast.distributed import Dist
@@ -68,3 +69,46 @@ def test_logger_records_start_train_and_eval(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "epoch 1/2 step 1: loss 1.5000" in out and "ETA 0:01:05" in out and "epoch 1/2 eval" in out
     assert hms(3725) == "1:02:05" and hms(float("nan")) == "--:--:--"
+
+
+def test_a_torn_line_is_repaired_before_appending(tmp_path):
+    from collab_fast.metrics import Logger, Progress
+    from collab_fast.report import load_run
+
+    path = tmp_path / "metrics.jsonl"
+    good = json.dumps({"kind": "start", "time": 1.0})
+    path.write_text(good + "\n" + '{"kind": "train", "time": 2.0, "st')  # cut mid-write
+    log = Logger(tmp_path, True, Progress("off", 1, 0, 30.0, enabled=False))
+    log.close()
+    lines = path.read_text().splitlines()
+    assert lines[0] == good and len(lines) == 2 and json.loads(lines[1])["kind"] == "start"
+    assert load_run(tmp_path)["eval"] == []
+
+
+def test_a_failed_metrics_write_leaves_no_partial_line_and_is_one_line(tmp_path):
+    from collab_fast.metrics import Logger, Progress
+
+    log = Logger(tmp_path, True, Progress("off", 1, 0, 30.0, enabled=False))
+    log.tb = None
+    real = log.file
+
+    class Full:
+        def tell(self):
+            return real.tell()
+
+        def write(self, s):
+            real.write(s[: len(s) // 2])
+            real.flush()
+            raise OSError(28, "No space left on device")
+
+        def flush(self):
+            real.flush()
+
+        def truncate(self, pos):
+            real.truncate(pos)
+
+    log.file = Full()
+    with pytest.raises(ValueError, match="cannot write .*metrics.jsonl .No space left on device"):
+        log({"step": 1}, "custom")
+    real.close()
+    assert all(json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines())

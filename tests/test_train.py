@@ -98,7 +98,8 @@ def test_toy_folder_through_dali(tmp_path):
     pytest.importorskip("nvidia.dali")
     data = write_toy(tmp_path / "toy", classes=3, per_class=8, size=48, val_per_class=2)
     out = tmp_path / "run"
-    assert train.main(["toy", "--device", "cpu", "--data", str(data), "--arch", "resnet18", "--pattern", "hier4", "--image-size", "32",
+    assert train.main(["toy", "--device", "cpu", "--data", str(data), "--arch", "resnet18",
+                       "--pattern", "hier4", "--image-size", "32",
                        "-b", "8", "--max-steps", "3", "--output", str(out), "--log-every", "1"]) == 0
     assert [r["step"] for r in records(out, "train")] == [1, 2, 3]
     assert records(out, "eval")[0]["val_samples"] == 6
@@ -111,7 +112,8 @@ def test_dali_resume_is_exact_mid_epoch_and_across_epochs(tmp_path):
     # steps (a fresh reader would replay epoch 1's order and random state).
     pytest.importorskip("nvidia.dali")
     data = write_toy(tmp_path / "toy", classes=3, per_class=8, size=40, val_per_class=1)
-    common = ["toy", "--device", "cpu", "--data", str(data), "--arch", "resnet18", "--pattern", "ilr2", "--image-size", "32", "-b", "4",
+    common = ["toy", "--device", "cpu", "--data", str(data), "--arch", "resnet18",
+              "--pattern", "ilr2", "--image-size", "32", "-b", "4",
               "--log-every", "1", "--threads", "1", "--epochs", "3"]
     full, part = tmp_path / "full", tmp_path / "part"
     assert train.main([*common, "--max-steps", "14", "--output", str(full)]) == 0

@@ -7,7 +7,6 @@ device), has a known len() per epoch and a set_epoch(epoch).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -34,8 +33,8 @@ from collab_fast.data.memory import (
 )
 from collab_fast.data.noise import LabelNoise
 from collab_fast.data.split import split_train
-from collab_fast.data.toy import write_toy
 from collab_fast.data.torch_folder import TorchFolderLoader
+from collab_fast.data.toy import write_toy
 
 __all__ = ["AUGMENTS", "DATASETS", "DataError", "DaliLoader", "DeviceLoader", "LabelNoise", "SyntheticLoader",
            "TorchFolderLoader", "check_dali_wheel",

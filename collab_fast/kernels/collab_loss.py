@@ -577,7 +577,7 @@ def shared_memory_limit(device: torch.device) -> int | None:
     return _smem_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _smem_of(index: int) -> int:
     props = torch.cuda.get_device_properties(index)
     return int(getattr(props, "shared_memory_per_block_optin", 0) or getattr(props, "shared_memory_per_block", 49152))
