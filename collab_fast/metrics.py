@@ -149,12 +149,14 @@ def _open_repaired(path: Path):
 class Logger:
     """metrics.jsonl (one JSON record per line), TensorBoard events (if installed), console lines."""
 
-    def __init__(self, out: Path, enabled: bool, progress: Progress):
+    def __init__(self, out: Path, enabled: bool, progress: Progress, record: bool = True):
+        """enabled: this process logs (the main one); record: into metrics.jsonl and TensorBoard too (not for
+        --eval-only, which leaves the record of how the run was trained as it was)."""
         self.enabled, self.progress = enabled, progress
         self.path = out / "metrics.jsonl"
-        self.file = _open_repaired(self.path) if enabled else None
+        self.file = _open_repaired(self.path) if enabled and record else None
         self.tb = None
-        if enabled:
+        if self.file is not None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
@@ -168,7 +170,8 @@ class Logger:
         if not self.enabled:
             return
         rec = {"kind": kind, "time": time.time(), **rec}
-        self._write(json.dumps(rec) + "\n")
+        if self.file is not None:
+            self._write(json.dumps(rec) + "\n")
         if self.tb is not None:
             try:
                 for k, v in rec.items():

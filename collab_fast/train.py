@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import signal
 import sys
@@ -44,6 +45,12 @@ def seed_everything(seed: int, rank: int) -> None:
     random.seed(seed + rank)
     np.random.seed(seed + rank)
     torch.manual_seed(seed)  # the same initial weights on every rank
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + "\n")
+    os.replace(tmp, path)
 
 
 def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
@@ -349,8 +356,8 @@ def _setup(cfg: TrainConfig):
     total = min(cfg.epochs * steps, cfg.max_steps or 1 << 62)
     progress = Progress(cfg.progress, total, state.step, cfg.progress_every, enabled=proc.main)
     r = Run(cfg, proc, device, net, model, optimizer, scaler, Step(cfg, model, net, optimizer, scaler), state,
-            Logger(out, proc.main, progress), progress, out, steps, total, train_loader)
-    if proc.main:
+            Logger(out, proc.main, progress, record=not cfg.eval_only), progress, out, steps, total, train_loader)
+    if proc.main and not cfg.eval_only:  # --eval-only leaves the record of how the run was trained as it was
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
         print(f"collab_fast: {pattern_cost(cfg.arch, cfg.pattern, cfg.image_size, num_classes).line()}")
         if isinstance(train_loader, TorchFolderLoader):
@@ -370,8 +377,10 @@ def run(cfg: TrainConfig) -> dict:
     try:
         if cfg.eval_only:
             res = evaluate(r.model, r.net, val_loader, cfg, r.proc)
-            r.log({"epoch": state.epoch + (state.batch_in_epoch > 0), "epochs": cfg.epochs, "step": state.step, **res},
-                  kind="eval")
+            rec = {"epoch": state.epoch + (state.batch_in_epoch > 0), "epochs": cfg.epochs, "step": state.step, **res}
+            r.log(rec, kind="eval")
+            if r.proc.main:  # its own file: config.json and metrics.jsonl keep the record of the training
+                write_json_atomic(r.out / "eval.json", {"eval": rec, "config": cfg.to_dict()})
             return res
         if state.step >= r.total_steps or state.epoch >= cfg.epochs:
             r.progress.write(f"collab_fast: the run in {r.out} is already complete ({state.step} of {r.total_steps} "

@@ -232,7 +232,7 @@ def test_eval_only_from_exported_head(tmp_path, capsys):
     ev = tmp_path / "eval"
     assert train.main([*BASE, "--pattern", "single", "--eval-only", "--weights", str(out / "head0.pth"),
                        "--output", str(ev)]) == 0
-    got = records(ev, "eval")[0]
+    got = json.loads((ev / "eval.json").read_text())["eval"]
     assert got["top1"] == pytest.approx(final["top1_heads"][0])
     assert got["top5"] == pytest.approx(final["top5_heads"][0])
     assert not (ev / "last.pt").exists()
@@ -449,3 +449,12 @@ def test_accumulation_under_compiled_ddp_syncs_once(tmp_path, monkeypatch):
         assert train.Step(train.TrainConfig("digits"), net, net, opt).ddp is None
     finally:
         dist.destroy_process_group()
+
+
+def test_eval_only_leaves_the_training_record_as_it_was(tmp_path):
+    out = run_train(tmp_path, "--pattern", "ilr2", "--max-steps", "2")
+    before = {f: (out / f).read_bytes() for f in ("config.json", "metrics.jsonl")}
+    assert train.main([*BASE, "--pattern", "ilr2", "--output", str(out), "--resume", "auto", "--eval-only",
+                       "-b", "64"]) == 0
+    assert {f: (out / f).read_bytes() for f in before} == before
+    assert json.loads((out / "eval.json").read_text())["eval"]["top1"] >= 0
