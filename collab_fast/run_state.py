@@ -115,10 +115,13 @@ def snapshot(path: Path, net, optimizer, scaler, config: dict, state: State) -> 
     }, path)
 
 
-def restore(path: Path, net, optimizer, scaler, arch: str, pattern: str) -> State:
-    """Loads a checkpoint into the model, optimizer, scaler and RNGs; returns the training position."""
+def restore(path: Path, net, optimizer, scaler, arch: str, pattern: str, config_out: dict | None = None) -> State:
+    """Loads a checkpoint into the model, optimizer, scaler and RNGs; returns the training position (and puts
+    the checkpoint's resolved config into config_out, when given)."""
     ckpt = load_checkpoint(path)
     cfg = ckpt["config"]
+    if config_out is not None and isinstance(cfg, dict):
+        config_out.update(cfg)
     if cfg.get("arch") != arch or cfg.get("pattern") != pattern:
         raise CheckpointError(f"{path} is a {cfg.get('arch')} {cfg.get('pattern')} run, not {arch} {pattern}")
     try:

@@ -312,6 +312,7 @@ def _summary(r: Run, num_classes: int) -> str:
 def _setup(cfg: TrainConfig):
     """Device, process group, data, model, optimizer, resumed state: everything the loop needs."""
     proc, device = init_distributed(cfg.device)
+    default_milestones = cfg.schedule == "step" and not cfg.lr_milestones
     cfg = resolve(cfg, cuda=device.type == "cuda", world=proc.world)
     rundir = RunDir(cfg.output, resume=bool(cfg.resume), overwrite=cfg.overwrite, main=proc.main)
     out = rundir.path
@@ -340,7 +341,15 @@ def _setup(cfg: TrainConfig):
         load_weights(net, cfg.weights)
     optimizer = make_optimizer(net, cfg)
     scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
-    state = restore(resume_path, net, optimizer, scaler, cfg.arch, cfg.pattern) if resume_path else State()
+    saved_cfg: dict = {}
+    state = restore(resume_path, net, optimizer, scaler, cfg.arch, cfg.pattern, saved_cfg) if resume_path else State()
+    old = saved_cfg.get("lr_milestones")
+    if default_milestones and old and saved_cfg.get("schedule") == "step" and old != cfg.lr_milestones:
+        # the defaults follow --epochs: a run continued to more epochs keeps the steps it was trained with
+        cfg.lr_milestones = [float(m) for m in old]
+        if proc.main:
+            print(f"collab_fast: keeping the checkpoint's LR milestones {old} (the defaults for --epochs {cfg.epochs} "
+                  "would differ); pass --lr-milestones to set others", file=sys.stderr)
     if state.loader_state and len(state.loader_state) == proc.world:
         train_loader.restore(state.loader_state[proc.rank], state.batch_in_epoch)
     elif state.loader_state and proc.main:

@@ -458,3 +458,14 @@ def test_eval_only_leaves_the_training_record_as_it_was(tmp_path):
                        "-b", "64"]) == 0
     assert {f: (out / f).read_bytes() for f in before} == before
     assert json.loads((out / "eval.json").read_text())["eval"]["top1"] >= 0
+
+
+def test_resume_to_more_epochs_keeps_the_resolved_milestones(tmp_path, capsys):
+    out = run_train(tmp_path, "--pattern", "single", "-b", "256", "--epochs", "3")
+    assert json.loads((out / "config.json").read_text())["lr_milestones"] == [1.0, 2.0, 2.667]
+    assert train.main([*BASE, "--pattern", "single", "-b", "256", "--epochs", "4", "--output", str(out),
+                       "--resume", "auto"]) == 0
+    assert "keeping the checkpoint's LR milestones" in capsys.readouterr().err
+    assert json.loads((out / "config.json").read_text())["lr_milestones"] == [1.0, 2.0, 2.667]
+    lrs = [r["lr"] for r in records(out, "train")]
+    assert lrs[-1] == pytest.approx(lrs[0] * 1e-3, rel=1e-6)  # epoch 4 stays after the third step
