@@ -29,6 +29,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -104,28 +105,56 @@ def run_cell(cell: Cell, root: Path, base: list[str], env: dict, lock: threading
     """Runs (or resumes, or skips) one cell; returns its result row."""
     out = root / "cells" / cell.name
     done = out / "result.json"
-    if done.is_file():
-        with lock:
-            print(f"grid: {cell.name}: finished earlier, skipped", flush=True)
-        return json.loads(done.read_text())
-    out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "collab_fast.train", *base, *cell.flags(), "--output", str(out / "run"),
            "--resume", "auto", "--progress", "off"]
+    command = shlex.join(cmd[1:])
+    row = _finished(done, cell, command)
+    if row is not None:
+        with lock:
+            print(f"grid: {cell.name}: finished earlier, skipped", flush=True)
+        return row
+    out.mkdir(parents=True, exist_ok=True)
+    # A run folder left by another command (other flags, more epochs) is moved aside, never continued.
+    started = out / "command.txt"
+    if (out / "run").exists() and (not started.is_file() or started.read_text().strip() != command):
+        aside = out / f"run.old-{hashlib.blake2b(started.read_bytes() if started.is_file() else b'', digest_size=4).hexdigest()}"
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(out / "run", aside)
+        with lock:
+            print(f"grid: {cell.name}: the earlier run used another command; moved to {aside.name}", flush=True)
+    done.unlink(missing_ok=True)
+    started.write_text(command + "\n")
     with lock:
-        print(f"grid: {cell.name}: {' '.join(shlex.quote(c) for c in cmd[1:])}", flush=True)
+        print(f"grid: {cell.name}: {command}", flush=True)
     with open(out / "train.log", "a") as log:
         code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent).returncode
     ev = _last_eval(out / "run")
     if code != 0 or ev is None:
         tail = (out / "train.log").read_text(errors="replace").strip().splitlines()[-1:] or [""]
         raise RuntimeError(f"cell {cell.name} failed (exit {code}): {tail[0]} (log: {out / 'train.log'})")
+    try:
+        resolved = json.loads((out / "run" / "config.json").read_text())
+    except (OSError, ValueError):
+        resolved = {}
     row = {**cell, "cell": cell.name, "top1": ev["top1"], "top1_ensemble": ev["top1_ensemble"],
-           "top1_heads": ev["top1_heads"], "val_loss_head0": ev["val_loss_head0"], "step": ev["step"]}
+           "top1_heads": ev["top1_heads"], "val_loss_head0": ev["val_loss_head0"], "step": ev["step"],
+           "eval_split": eval_split(resolved), "command": command}
     tmp = done.with_suffix(".tmp")
     tmp.write_text(json.dumps(row) + "\n")
     os.replace(tmp, done)
     with lock:
         print(f"grid: {cell.name}: head 0 top-1 {ev['top1']:.2f}%", flush=True)
+    return row
+
+
+def _finished(done: Path, cell: Cell, command: str) -> dict | None:
+    """The cell's recorded result, if it is this cell's under this very command; else None (rerun)."""
+    try:
+        row = json.loads(done.read_text())
+    except (OSError, ValueError):
+        return None  # absent or damaged: run it
+    if not isinstance(row, dict) or row.get("cell") != cell.name or row.get("command") != command:
+        return None
     return row
 
 
@@ -173,18 +202,21 @@ def summarize(rows: list[dict], baseline: str) -> list[dict]:
 
 
 def _cell_keys(row: dict) -> list[str]:
-    skip = {"cell", "top1", "top1_ensemble", "top1_heads", "val_loss_head0", "step"}
+    skip = {"cell", "top1", "top1_ensemble", "top1_heads", "val_loss_head0", "step", "eval_split", "command"}
     return [k for k in row if k not in skip]
 
 
-def eval_split(trainer_flags: list[str]) -> str:
-    """What the cells evaluate on: "holdout" (samples held out of the training set, --holdout N) or "test"."""
-    for i, a in enumerate(trainer_flags):
-        value = a.split("=", 1)[1] if a.startswith("--holdout=") else (
-            trainer_flags[i + 1] if a == "--holdout" and i + 1 < len(trainer_flags) else None)
-        if value is not None:
-            return "holdout" if value.strip() not in ("0", "") else "test"
-    return "test"
+def eval_split(config: dict) -> str:
+    """What a cell evaluated on, from the trainer's resolved config.json: "holdout" (--holdout N) or "test"."""
+    return "holdout" if config.get("holdout") else "test"
+
+
+def _rows_split(rows: list[dict]) -> str:
+    splits = {r.get("eval_split", "test") for r in rows}
+    if len(splits) > 1:
+        raise RuntimeError(f"the cells evaluated on different splits ({', '.join(sorted(splits))}): give every cell "
+                           "the same --holdout")
+    return splits.pop() if splits else "test"
 
 
 def _markdown(summary: list[dict], baseline: str, command: str, split: str = "test") -> str:
@@ -330,11 +362,12 @@ def main(argv=None) -> int:
     try:
         with ThreadPoolExecutor(len(envs)) as pool:
             rows = list(pool.map(work, cells))
-        summary = write_outputs(root, rows, args.baseline or patterns[0], command, eval_split(base))
+        split = _rows_split(rows)
+        summary = write_outputs(root, rows, args.baseline or patterns[0], command, split)
     except (RuntimeError, MissingExtra) as exc:
         print(f"error: {exc} (run the same command again to continue the grid)", file=sys.stderr)
         return 1
-    print(_markdown(summary, args.baseline or patterns[0], command, eval_split(base)))
+    print(_markdown(summary, args.baseline or patterns[0], command, split))
     print(f"grid: wrote {root / 'grid.md'}, {root / 'grid.json'}, {root / 'fig3.png'}, {root / 'grid.html'}")
     return 0
 

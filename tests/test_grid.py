@@ -32,8 +32,9 @@ def test_plan_and_summary_statistics():
 
 
 def test_holdout_cells_are_labelled_holdout_error_not_test_error(tmp_path):
-    assert eval_split(["digits", "--holdout", "300"]) == "holdout" and eval_split(["digits", "--holdout=300"]) == "holdout"
-    assert eval_split(["digits", "--holdout", "0"]) == "test" and eval_split(["digits", "--epochs", "3"]) == "test"
+    # read from the cell's resolved config.json, never from the flags' text (an abbreviation such as --hold
+    # 100 was mislabelled)
+    assert eval_split({"holdout": 300}) == "holdout" and eval_split({"holdout": 0}) == "test"
     cells = plan(["single", "hier4"], [0.4], [0, 1], {})
     rows = [{**c, "cell": c.name, "top1": 90.0 + i, "top1_ensemble": 91.0, "top1_heads": [90.0], "val_loss_head0": 0.1,
              "step": 1} for i, c in enumerate(cells)]
@@ -104,3 +105,25 @@ def test_cell_names_stay_inside_cells_and_distinct():
         names.add(name)
     assert len(names) == 7
     assert Cell(pattern="tree:2x2", noise=0.2, seed=1).name == "tree2x2_noise0.2_seed1"  # plain names unchanged
+
+
+@pytest.mark.slow
+def test_a_cell_is_done_only_under_its_recorded_command(tmp_path, capsys):
+    out = tmp_path / "grid"
+    args = [str(out), "--patterns", "single", "--seeds", "0", *BASE]
+    assert main(args) == 0
+    res = next(out.glob("cells/*/result.json"))
+    assert json.loads(res.read_text())["step"] == 2
+    more = [str(out), "--patterns", "single", "--seeds", "0", *BASE[:-4], "--max-steps", "3", "--log-every", "1"]
+    assert main(more) == 0  # another command: rerun from scratch, the old run moved aside
+    text = capsys.readouterr().out
+    assert "finished earlier" not in text and "used another command" in text
+    assert json.loads(res.read_text())["step"] == 3
+    res.write_text("{not json")  # damaged: rerun, not a traceback
+    assert main(more) == 0
+    assert json.loads(res.read_text())["step"] == 3
+    row = json.loads(res.read_text())
+    row["cell"] = "another_cell"
+    res.write_text(json.dumps(row))  # a result copied from another cell is not this cell's
+    assert main(more) == 0
+    assert json.loads(res.read_text())["cell"] != "another_cell"
