@@ -117,7 +117,8 @@ def run_cell(cell: Cell, root: Path, base: list[str], env: dict, lock: threading
     # A run folder left by another command (other flags, more epochs) is moved aside, never continued.
     started = out / "command.txt"
     if (out / "run").exists() and (not started.is_file() or started.read_text().strip() != command):
-        aside = out / f"run.old-{hashlib.blake2b(started.read_bytes() if started.is_file() else b'', digest_size=4).hexdigest()}"
+        old = started.read_bytes() if started.is_file() else b""
+        aside = out / f"run.old-{hashlib.blake2b(old, digest_size=4).hexdigest()}"
         shutil.rmtree(aside, ignore_errors=True)
         os.replace(out / "run", aside)
         with lock:
