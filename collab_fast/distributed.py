@@ -21,9 +21,9 @@ class Dist:
     def main(self) -> bool:
         return self.rank == 0
 
-    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+    def all_reduce(self, t: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
         if self.world > 1:
-            dist.all_reduce(t)
+            dist.all_reduce(t, op=op)
         return t
 
     def gather(self, obj) -> list:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from collab_fast.checkpoint import CheckpointError, save_atomic
 from collab_fast.config import TrainConfig, parse_config, resolve
@@ -111,8 +112,9 @@ class Step:
     """One optimizer step (forward, fused loss, backward, update) with no host sync. `model` is what runs
     (maybe DDP- or compile-wrapped), `net` the bare model (num_heads, loss_scale, buffers)."""
 
-    def __init__(self, cfg: TrainConfig, model, net, optimizer, scaler=None):
+    def __init__(self, cfg: TrainConfig, model, net, optimizer, scaler=None, proc: Dist | None = None):
         self.model, self.net, self.optimizer, self.scaler = model, net, optimizer, scaler
+        self.proc = proc or Dist()
         # the DDP wrapper, also under torch.compile's (whose isinstance is not DDP): no_sync lives there
         inner = getattr(model, "_orig_mod", model)
         self.ddp = inner if isinstance(inner, torch.nn.parallel.DistributedDataParallel) else None
@@ -145,9 +147,12 @@ class Step:
                 step_loss += loss.detach()
                 scaled = loss * self.scale
                 self.scaler.scale(scaled).backward() if self.scaler is not None else scaled.backward()
+        # Non-finite on any rank is non-finite on all: one tiny all-reduce on the device (no host sync), so
+        # every rank skips (or stops at) the same steps.
+        self.bad = self.proc.all_reduce((~torch.isfinite(step_loss)).float(), op=dist.ReduceOp.MAX)
         if saved is not None:
-            bad = ~torch.isfinite(step_loss)
-            self.optimizer.found_inf = bad.float()  # fused SGD skips the update on the device
+            bad = self.bad.bool()
+            self.optimizer.found_inf = self.bad  # fused SGD skips the update on the device
             with torch.no_grad():
                 for b, s in zip(self.buffers, saved):
                     b.copy_(torch.where(bad, s, b))
@@ -201,15 +206,15 @@ def train_one_epoch(r: Run, loader) -> None:
     r.model.train()
     batches = loader.iter_from(state.batch_in_epoch)
     for x, y in batches:
-        if r.signal:
+        if r.signal and r.proc.world == 1:
             raise Stop(f"received {r.signal}")
         lr = cfg.lr * lr_factor(cfg, state.step, r.steps_per_epoch)
         for g in r.optimizer.param_groups:
             g["lr"] = lr
         if cfg.soft_ramp:
             r.step.set_soft_factor(soft_factor(cfg, state.step, r.steps_per_epoch))
-        step_loss = r.step(x, y, meter)
-        bad = ~torch.isfinite(step_loss)
+        r.step(x, y, meter)
+        bad = r.step.bad.bool()  # agreed across ranks
         first_bad = torch.where(bad & (first_bad < 0), state.step, first_bad)
         skipped += bad
         state.step += 1
@@ -219,7 +224,9 @@ def train_one_epoch(r: Run, loader) -> None:
         last = state.batch_in_epoch >= r.steps_per_epoch or state.step >= r.total_steps
         due_log = state.step % cfg.log_every == 0 or last
         due_save = bool(cfg.save_every) and state.step % cfg.save_every == 0 and not last
-        if due_log or due_save:
+        # under torchrun a signal seen by one rank is acted on by all, at the next check (every 10 steps at most)
+        due_agree = r.proc.world > 1 and state.step % _AGREE_EVERY == 0
+        if due_log or due_save or due_agree or last:
             _check_steps(r, first_bad, skipped)  # the only host sync of the loop
         if due_log:
             rec = meter.read(r.proc)
@@ -236,10 +243,21 @@ def train_one_epoch(r: Run, loader) -> None:
             return
 
 
+_AGREE_EVERY = 10  # steps between the ranks' agreement on a signal (one tiny all-reduce and a host sync)
+
+
 def _check_steps(r: Run, first_bad: torch.Tensor, skipped: torch.Tensor) -> None:
-    """Waits for the device, then stops at a non-finite step (or counts it under --skip-nonfinite)."""
+    """Waits for the device, then stops at a non-finite step (or counts it under --skip-nonfinite), or at a
+    signal that any rank received (every rank then stops at the same step)."""
     if r.device.type == "cuda":
         torch.cuda.synchronize(r.device)
+    if r.proc.world > 1:
+        flag = torch.tensor([1.0 if r.signal else 0.0], device=r.device)
+        r.proc.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item() and not r.signal:
+            r.signal = "SIGTERM"  # another rank's: stop together, checkpoint together
+        if r.signal:
+            raise Stop(f"received {r.signal}")
     if int(first_bad) >= 0 and not r.cfg.skip_nonfinite:
         raise Stop(f"non-finite loss at step {int(first_bad) + 1} (epoch {r.state.epoch + 1}); the run stops and keeps "
                    "the last good checkpoint (--skip-nonfinite skips such steps instead)")
@@ -364,7 +382,7 @@ def _setup(cfg: TrainConfig):
     steps = len(train_loader)
     total = min(cfg.epochs * steps, cfg.max_steps or 1 << 62)
     progress = Progress(cfg.progress, total, state.step, cfg.progress_every, enabled=proc.main)
-    r = Run(cfg, proc, device, net, model, optimizer, scaler, Step(cfg, model, net, optimizer, scaler), state,
+    r = Run(cfg, proc, device, net, model, optimizer, scaler, Step(cfg, model, net, optimizer, scaler, proc), state,
             Logger(out, proc.main, progress, record=not cfg.eval_only), progress, out, steps, total, train_loader)
     if proc.main and not cfg.eval_only:  # --eval-only leaves the record of how the run was trained as it was
         (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
@@ -438,9 +456,10 @@ def _train(r: Run, train_loader, val_loader) -> None:
         if r.signal:
             r.progress.close()
             if finite_model(r.net):
-                r.save("last.pt")
-                print(f"\ncollab_fast: {stop}; wrote {r.out / 'last.pt'} at step {state.step} (continue with "
-                      "--resume auto)", file=sys.stderr)
+                r.save("last.pt")  # on every rank (the loader positions are gathered); written by rank 0
+                if r.proc.main:
+                    print(f"\ncollab_fast: {stop}; wrote {r.out / 'last.pt'} at step {state.step} (continue with "
+                          "--resume auto)", file=sys.stderr)
             else:
                 print(f"\ncollab_fast: {stop}; the model is not finite, so the last good checkpoint is kept",
                       file=sys.stderr)

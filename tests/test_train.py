@@ -469,3 +469,62 @@ def test_resume_to_more_epochs_keeps_the_resolved_milestones(tmp_path, capsys):
     assert json.loads((out / "config.json").read_text())["lr_milestones"] == [1.0, 2.0, 2.667]
     lrs = [r["lr"] for r in records(out, "train")]
     assert lrs[-1] == pytest.approx(lrs[0] * 1e-3, rel=1e-6)  # epoch 4 stays after the third step
+
+
+def _torchrun(args, out, env=None):
+    env = dict(env or os.environ, OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                             "-m", "collab_fast.train", *BASE, *args, "--output", str(out), "--progress", "off"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_ddp_signal_to_one_rank_stops_both_with_a_checkpoint(tmp_path):
+    # SIGTERM to one worker only: the ranks agree at the next check, both stop at the same step, rank 0 writes
+    # last.pt (it used to deadlock both ranks in futex waits, and the signalled rank claimed a write).
+    out = tmp_path / "sig"
+    proc = _torchrun(["--pattern", "ilr2", "-b", "32", "--image-size", "8", "--epochs", "20"], out)
+    lines, deadline = [], time.time() + 240
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        lines.append(line)
+        if "step 3:" in line:
+            break
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2, (workers, lines[-5:])
+    os.kill(int(workers[-1]), signal.SIGTERM)  # rank 1 (or 0): one of them only
+    try:
+        rest, _ = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("the job hung after one rank got SIGTERM: " + "".join(lines[-5:]))
+    assert (out / "last.pt").is_file()
+    assert rest.count("wrote") == 1, rest[-2000:]
+    assert load_checkpoint(out / "last.pt")["state"]["step"] >= 3
+
+
+@pytest.mark.slow
+def test_ddp_nonfinite_on_one_rank_is_skipped_on_both(tmp_path):
+    # One rank's batch is NaN: both ranks see the step as non-finite (agreed on the device) and skip it.
+    out = tmp_path / "nan"
+    plug = tmp_path / "plug"
+    plug.mkdir()
+    (plug / "sitecustomize.py").write_text(
+        "import os\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    from collab_fast.data import memory\n"
+        "    real = memory.DeviceLoader.iter_from\n"
+        "    def poisoned(self, start):\n"
+        "        for i, (x, y) in enumerate(real(self, start)):\n"
+        "            yield (x * float('nan') if self.shuffle and i == 1 else x), y\n"
+        "    memory.DeviceLoader.iter_from = poisoned\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(plug), os.environ.get("PYTHONPATH", "")]))
+    proc = _torchrun(["--pattern", "ilr2", "-b", "32", "--image-size", "8", "--max-steps", "4", "--skip-nonfinite"],
+                     out, env=env)
+    try:
+        text, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("the job hung on a non-finite loss on one rank")
+    assert proc.returncode == 0, text[-3000:]
+    assert records(out, "train")[-1]["skipped_steps"] == 1
