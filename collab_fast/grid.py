@@ -30,6 +30,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -103,6 +104,8 @@ def _last_eval(out: Path) -> dict | None:
 
 def run_cell(cell: Cell, root: Path, base: list[str], env: dict, lock: threading.Lock) -> dict:
     """Runs (or resumes, or skips) one cell; returns its result row."""
+    if _cancel.is_set():
+        raise Cancelled()
     out = root / "cells" / cell.name
     done = out / "result.json"
     cmd = [sys.executable, "-m", "collab_fast.train", *base, *cell.flags(), "--output", str(out / "run"),
@@ -127,8 +130,18 @@ def run_cell(cell: Cell, root: Path, base: list[str], env: dict, lock: threading
     started.write_text(command + "\n")
     with lock:
         print(f"grid: {cell.name}: {command}", flush=True)
-    with open(out / "train.log", "a") as log:
-        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent).returncode
+    with open(out / "train.log", "a") as log, lock:
+        if _cancel.is_set():
+            raise Cancelled()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
+        _running.add(proc)
+    try:
+        code = proc.wait()
+    finally:
+        with lock:
+            _running.discard(proc)
+    if _cancel.is_set():
+        raise Cancelled()
     ev = _last_eval(out / "run")
     if code != 0 or ev is None:
         tail = (out / "train.log").read_text(errors="replace").strip().splitlines()[-1:] or [""]
@@ -146,6 +159,22 @@ def run_cell(cell: Cell, root: Path, base: list[str], env: dict, lock: threading
     with lock:
         print(f"grid: {cell.name}: head 0 top-1 {ev['top1']:.2f}%", flush=True)
     return row
+
+
+class Cancelled(Exception):
+    """The grid was interrupted (SIGINT / SIGTERM): no new cell starts."""
+
+
+_cancel = threading.Event()
+_running: set = set()  # the cells' trainer processes
+
+
+def _on_signal(signum, frame) -> None:
+    # Pending cells are cancelled; running trainers get SIGTERM, write last.pt and stop (--resume continues them).
+    _cancel.set()
+    for proc in list(_running):
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
 
 
 def _finished(done: Path, cell: Cell, command: str) -> dict | None:
@@ -360,14 +389,24 @@ def main(argv=None) -> int:
                 slots.append(slot)
 
     print(f"grid: {len(cells)} cells, {len(envs)} at a time, in {root}", flush=True)
+    _cancel.clear()
+    handlers = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         with ThreadPoolExecutor(len(envs)) as pool:
             rows = list(pool.map(work, cells))
         split = _rows_split(rows)
         summary = write_outputs(root, rows, args.baseline or patterns[0], command, split)
+    except Cancelled:
+        done = len(list((root / "cells").glob("*/result.json")))
+        print(f"grid: interrupted; {done} of {len(cells)} cells are finished, the running ones checkpointed "
+              "(run the same command again to continue)", file=sys.stderr)
+        return 130
     except (RuntimeError, MissingExtra) as exc:
         print(f"error: {exc} (run the same command again to continue the grid)", file=sys.stderr)
         return 1
+    finally:
+        for sig, h in handlers.items():
+            signal.signal(sig, h)
     print(_markdown(summary, args.baseline or patterns[0], command, split))
     print(f"grid: wrote {root / 'grid.md'}, {root / 'grid.json'}, {root / 'fig3.png'}, {root / 'grid.html'}")
     return 0

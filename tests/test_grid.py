@@ -127,3 +127,30 @@ def test_a_cell_is_done_only_under_its_recorded_command(tmp_path, capsys):
     res.write_text(json.dumps(row))  # a result copied from another cell is not this cell's
     assert main(more) == 0
     assert json.loads(res.read_text())["cell"] != "another_cell"
+
+
+@pytest.mark.slow
+def test_sigint_cancels_pending_cells_and_stops_the_running_one(tmp_path):
+    import signal
+
+    out = tmp_path / "grid"
+    args = [str(out), "--patterns", "single", "--seeds", "0,1,2", "--jobs", "1", *BASE[:-4], "--max-steps", "5000", "--log-every",
+            "1"]
+    proc = subprocess.Popen([sys.executable, "-m", "collab_fast.grid", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and not list(out.glob("cells/*/run/metrics.jsonl")):
+        time.sleep(0.2)
+    time.sleep(2)
+    proc.send_signal(signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("the grid ignored SIGINT")
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted" in err
+    started, finished = list(out.glob("cells/*/command.txt")), list(out.glob("cells/*/result.json"))
+    assert len(started) == len(finished) + 1 < 3  # the running cell stopped, no further cell was started
+    running = [p.parent for p in started if not (p.parent / "result.json").exists()]
+    assert (running[0] / "run" / "last.pt").is_file()  # the running trainer checkpointed
