@@ -134,8 +134,8 @@ def test_sigint_cancels_pending_cells_and_stops_the_running_one(tmp_path):
     import signal
 
     out = tmp_path / "grid"
-    args = [str(out), "--patterns", "single", "--seeds", "0,1,2", "--jobs", "1", *BASE[:-4], "--max-steps", "5000", "--log-every",
-            "1"]
+    args = [str(out), "--patterns", "single", "--seeds", "0,1,2", "--jobs", "1", *BASE[:-4], "--max-steps", "5000",
+            "--log-every", "1"]
     proc = subprocess.Popen([sys.executable, "-m", "collab_fast.grid", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
