@@ -247,16 +247,21 @@ def test_non_finite_loss_stops_naming_the_step(tmp_path):
     assert (good / "last.pt").read_bytes() == before  # the last good checkpoint is kept
 
 
-def test_skip_nonfinite_counts_and_continues(tmp_path, monkeypatch):
-    # One poisoned batch (NaN images): its step is skipped, the model is left exactly as it was (batch-norm
-    # statistics included, which the forward pass had already overwritten with NaN), training goes on.
+def _poison_step(monkeypatch, at: int) -> None:
+    """Optimizer step number `at` (1-based) gets NaN images."""
     real, calls = train.Step.__call__, {"n": 0}
 
     def poisoned(self, x, y, meter=None):
         calls["n"] += 1
-        return real(self, x * float("nan") if calls["n"] == 2 else x, y, meter)
+        return real(self, x * float("nan") if calls["n"] == at else x, y, meter)
 
     monkeypatch.setattr(train.Step, "__call__", poisoned)
+
+
+def test_skip_nonfinite_counts_and_continues(tmp_path, monkeypatch):
+    # One poisoned batch (NaN images): its step is skipped, the model is left exactly as it was (batch-norm
+    # statistics included, which the forward pass had already overwritten with NaN), training goes on.
+    _poison_step(monkeypatch, 2)
     out = run_train(tmp_path, "--pattern", "ilr2", "--max-steps", "6", "--skip-nonfinite", "--log-every", "3")
     tr, ev = records(out, "train"), records(out, "eval")
     assert tr[-1]["step"] == 6 and tr[-1]["skipped_steps"] == 1
@@ -414,13 +419,7 @@ def test_fractional_warmup_never_exceeds_the_peak():
 
 def test_skipped_first_step_leaves_the_model_finite(tmp_path, monkeypatch):
     # The fused SGD's momentum buffers: a first step skipped through found_inf must not leave them uninitialised.
-    real, calls = train.Step.__call__, {"n": 0}
-
-    def poisoned(self, x, y, meter=None):
-        calls["n"] += 1
-        return real(self, x * float("nan") if calls["n"] == 1 else x, y, meter)
-
-    monkeypatch.setattr(train.Step, "__call__", poisoned)
+    _poison_step(monkeypatch, 1)
     out = run_train(tmp_path, "--pattern", "ilr2", "--max-steps", "3", "--skip-nonfinite", "--log-every", "1")
     assert records(out, "train")[-1]["skipped_steps"] == 1
     model = load_checkpoint(out / "last.pt")["model"]
