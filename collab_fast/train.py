@@ -204,10 +204,16 @@ def train_one_epoch(r: Run, loader) -> None:
     first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # first non-finite step, on the device
     skipped = torch.zeros((), dtype=torch.int64, device=device)
     r.model.train()
-    batches = loader.iter_from(state.batch_in_epoch)
-    for x, y in batches:
+    batches = iter(loader.iter_from(state.batch_in_epoch))
+    while True:
+        # The signal is looked at before the next batch is fetched: a reader (DALI) advanced past a batch that
+        # was never trained on would save a position one batch ahead, and the resumed run would skip it.
         if r.signal and r.proc.world == 1:
             raise Stop(f"received {r.signal}")
+        try:
+            x, y = next(batches)
+        except StopIteration:
+            break
         lr = cfg.lr * lr_factor(cfg, state.step, r.steps_per_epoch)
         for g in r.optimizer.param_groups:
             g["lr"] = lr

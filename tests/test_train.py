@@ -527,3 +527,32 @@ def test_ddp_nonfinite_on_one_rank_is_skipped_on_both(tmp_path):
         pytest.fail("the job hung on a non-finite loss on one rank")
     assert proc.returncode == 0, text[-3000:]
     assert records(out, "train")[-1]["skipped_steps"] == 1
+
+
+@pytest.mark.slow
+def test_dali_resume_after_a_signal_skips_no_batch(tmp_path, monkeypatch):
+    # SIGTERM arrives during step 3: the run stops before fetching batch 4, so the saved reader position is
+    # after batch 3 and the resumed run trains on batch 4 (it used to be one batch ahead: batch 4 skipped).
+    pytest.importorskip("nvidia.dali")
+    data = write_toy(tmp_path / "toy", classes=3, per_class=8, size=40, val_per_class=1)
+    common = ["toy", "--device", "cpu", "--data", str(data), "--arch", "resnet18", "--pattern", "ilr2",
+              "--image-size", "32", "-b", "4", "--log-every", "1", "--threads", "1", "--epochs", "2",
+              "--max-steps", "8"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert train.main([*common, "--output", str(full)]) == 0
+    real, calls = train.Step.__call__, {"n": 0}
+
+    def signalled(self, x, y, meter=None):
+        calls["n"] += 1
+        out = real(self, x, y, meter)
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    monkeypatch.setattr(train.Step, "__call__", signalled)
+    with pytest.raises(SystemExit):
+        train.main([*common, "--output", str(part)])
+    monkeypatch.setattr(train.Step, "__call__", real)
+    assert load_checkpoint(part / "last.pt")["state"]["step"] == 3
+    assert train.main([*common, "--output", str(part), "--resume", "auto"]) == 0
+    assert [r["loss"] for r in records(full, "train")] == [r["loss"] for r in records(part, "train")]
