@@ -12,12 +12,19 @@ rescales by 1/(its number of children).
     ys = branch(x, n, rescale=True)  n tensors, one per child; backward: (dy_1 + ... + dy_n) / n in
                                      one fused pass (each dy read once, the result written once);
                                      rescale=False gives the plain sum (the "no scaling" ablation)
+    scaled_sum(grads, scale)         scale * (g_1 + ... + g_n): the kernel behind both backwards; its own
+                                     gradient is scale * grad_out for every input (double backward)
 
-The ops are registered as torch.ops.collab_fast.* and work on every device torch runs on:
-    - C++ (csrc/rescale.cpp: CPU kernel, C++ autograd, Meta) compiled on first use (collab_fast.extension),
-      with the fused CUDA kernel (csrc/rescale_cuda.cu) where nvcc exists, else ATen calls for CUDA tensors;
-    - where no C++ compiler exists, the plain-PyTorch ops below under the same names and schemas.
-Each degraded case says so in one warning.
+scaled_sum is a registered op, torch.ops.collab_fast.scaled_sum, that works on every device torch runs on:
+    - C++ (csrc/rescale.cpp: CPU kernel, Meta) compiled on first use (collab_fast.extension), with the fused
+      CUDA kernel (csrc/rescale_cuda.cu) where nvcc exists, else ATen calls for CUDA tensors;
+    - where no C++ compiler exists, the plain-PyTorch implementation below under the same name and schema.
+Each degraded case says so in one warning. branch and grad_rescale are autograd Functions around it, not
+registered ops: an op whose outputs alias its input loses its custom backward where those outputs leave a
+torch.compile graph (AOTAutograd regenerates them outside the graph as plain views: a graph break after
+branch(x, 2) doubled the trunk's gradient). Eager calls return aliases (no copy); under torch.compile the
+Function returns copies, which Inductor removes inside a graph (both children read one buffer) and keeps
+only where they leave one, so the compiled backward is always the scaled one.
 """
 
 from __future__ import annotations
@@ -76,37 +83,31 @@ def branch_reference(x: torch.Tensor, n: int, rescale: bool = True) -> list[torc
 
 
 # ----------------------------------------------------------------------------------------------------
-# Plain-PyTorch ops, registered under the same torch.ops.collab_fast.* names and schemas where no C++
-# compiler exists (macOS without Xcode tools, a slim container): every device torch runs on, autograd,
-# double backward, FakeTensor and torch.compile alike. scaled_sum sums in the op-math type in input order,
-# then scales once, as the C++ kernels do, so results agree with them.
+# scaled_sum: the plain-PyTorch implementation, registered under the same name and schema where no C++
+# compiler exists (macOS without Xcode tools, a slim container). It sums in the op-math type in input
+# order, then scales once, as the C++ kernels do, so results agree with them. Its gradient, registered for
+# both implementations: d/dg_i = scale * grad_out.
 # ----------------------------------------------------------------------------------------------------
 
-_SCHEMAS = {
-    "scaled_sum": "scaled_sum(Tensor[] grads, float scale) -> Tensor",
-    "grad_rescale": "grad_rescale(Tensor(a) x, float scale) -> Tensor(a)",
-    "branch": "branch(Tensor(a) x, int n, float scale) -> Tensor(a)[]",
-}
+_SCHEMA = "scaled_sum(Tensor[] grads, float scale) -> Tensor"
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def _check_float(t: torch.Tensor, op: str, what: str) -> None:
+def _check_float(t: torch.Tensor, what: str) -> None:
     if t.dtype not in _FLOATS:
-        raise RuntimeError(f"collab_fast::{op}: {what} must be float32, float64, float16 or bfloat16, got {t.dtype}")
-
-
-def _check_finite_scale(scale: float, op: str) -> None:
-    if not math.isfinite(scale):
-        raise RuntimeError(f"collab_fast::{op}: scale must be a finite number, got {scale}")
+        raise TypeError(f"{what} must be float32, float64, float16 or bfloat16, got {t.dtype}")
 
 
 def _scaled_sum_torch(grads: list[torch.Tensor], scale: float) -> torch.Tensor:
-    _check_finite_scale(scale, "scaled_sum")
+    if not math.isfinite(scale):
+        raise RuntimeError(f"collab_fast::scaled_sum: scale must be a finite number, got {scale}")
     if not grads:
         raise RuntimeError("collab_fast::scaled_sum: needs at least one gradient")
     g0 = grads[0]
     for i, g in enumerate(grads):
-        _check_float(g, "scaled_sum", f"grads[{i}]")
+        if g.dtype not in _FLOATS:
+            raise RuntimeError(f"collab_fast::scaled_sum: grads[{i}] must be float32, float64, float16 or "
+                               f"bfloat16, got {g.dtype}")
         if g.shape != g0.shape:
             raise RuntimeError(f"collab_fast::scaled_sum: grads[{i}] has shape {list(g.shape)} but grads[0] has "
                                f"{list(g0.shape)}")
@@ -119,63 +120,28 @@ def _scaled_sum_torch(grads: list[torch.Tensor], scale: float) -> torch.Tensor:
     return acc.mul_(scale).to(g0.dtype)
 
 
-def _alias_checked(x: torch.Tensor, n: int, scale: float, op: str) -> list[torch.Tensor]:
-    _check_float(x, op, "x")
-    _check_finite_scale(scale, op)
-    if n < 1:
-        raise RuntimeError(f"collab_fast::branch: n (the number of child branches) must be >= 1, got {n}")
-    return [torch.ops.aten.alias(x) for _ in range(n)]
+def _scaled_sum_setup_context(ctx, inputs, output):
+    grads, scale = inputs
+    ctx.n, ctx.scale = len(grads), scale
 
 
-def _reduce_grads(grads, scale: float):
-    defined = [g for g in grads if g is not None]
-    if not defined:
-        return None
-    if torch.is_grad_enabled() and any(g.requires_grad for g in defined):  # double backward: differentiable
-        return sum(defined[1:], defined[0]) * scale
-    return torch.ops.collab_fast.scaled_sum(defined, scale)
+def _scaled_sum_backward(ctx, grad):
+    g = grad * ctx.scale
+    return [g] * ctx.n, None
 
 
-class _BranchTorch(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, n, scale):
-        ctx.scale = scale
-        return tuple(_alias_checked(x, n, scale, "branch"))
-
-    @staticmethod
-    def backward(ctx, *grads):
-        return _reduce_grads(grads, ctx.scale), None, None
-
-
-class _GradRescaleTorch(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, scale):
-        ctx.scale = scale
-        return _alias_checked(x, 1, scale, "grad_rescale")[0]
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _reduce_grads([grad], ctx.scale), None
-
-
-def _register_torch_ops() -> None:
+def _register_torch_op() -> None:
     global _torch_lib
-    lib = torch.library.Library("collab_fast", "FRAGMENT")  # noqa: TOR901 (schemas shared with the C++ ops)
-    for schema in _SCHEMAS.values():
-        lib.define(schema)
+    lib = torch.library.Library("collab_fast", "FRAGMENT")  # noqa: TOR901 (the schema is shared with the C++ op)
+    lib.define(_SCHEMA)
     lib.impl("scaled_sum", _scaled_sum_torch, "CompositeExplicitAutograd")
-    lib.impl("grad_rescale", lambda x, scale: _alias_checked(x, 1, scale, "grad_rescale")[0],
-             "CompositeExplicitAutograd")
-    lib.impl("branch", lambda x, n, scale: _alias_checked(x, n, scale, "branch"), "CompositeExplicitAutograd")
-    lib.impl("grad_rescale", lambda x, scale: _GradRescaleTorch.apply(x, scale), "Autograd")
-    lib.impl("branch", lambda x, n, scale: list(_BranchTorch.apply(x, n, scale)), "Autograd")
     _torch_lib = lib
 
 
 def ensure_ops() -> str:
-    """Makes torch.ops.collab_fast.{grad_rescale,branch,scaled_sum} available: the C++ extension (built on
-    first use), or the plain-PyTorch ops with one warning where no C++ compiler exists. Returns which
-    ("cpp" or "torch"). Called when a collaborative model is built, so that torch.compile never traces it."""
+    """Makes torch.ops.collab_fast.scaled_sum available, with its gradient: the C++ extension (built on first
+    use), or the plain-PyTorch op with one warning where no C++ compiler exists. Returns which ("cpp" or
+    "torch"). Called when a collaborative model is built, so that torch.compile never traces the loader."""
     global _backend
     if _backend is not None:
         return _backend
@@ -183,13 +149,16 @@ def ensure_ops() -> str:
         if _backend is None:
             try:
                 extension.load_extension()
-                _backend = "cpp"
+                backend = "cpp"
             except extension.NoCompilerError as exc:
                 warnings.warn(f"collab_fast: {exc}: backprop rescaling uses its plain-PyTorch ops (the same "
                               "results; its backward is about as fast as autograd's own gradient sum, measured "
                               "on CPU in a training step)", RuntimeWarning, stacklevel=3)
-                _register_torch_ops()
-                _backend = "torch"
+                _register_torch_op()
+                backend = "torch"
+            torch.library.register_autograd("collab_fast::scaled_sum", _scaled_sum_backward,
+                                            setup_context=_scaled_sum_setup_context)
+            _backend = backend
     return _backend
 
 
@@ -203,15 +172,16 @@ def build_info() -> dict:
     ISA, compiler) or the plain-PyTorch ops."""
     if ensure_ops() == "torch":
         return {"backend": "torch", "torch_version": torch.__version__.split("+")[0], "cuda": False,
-                "cuda_impl": "torch", "ops": tuple(_SCHEMAS)}
+                "cuda_impl": "torch", "ops": ("scaled_sum",)}
     return {"backend": "cpp", **dict(extension.load_extension().build_info())}
 
 
 def _ops():
-    # Under torch.compile the ops were registered when the model was built: tracing never enters the loader.
+    # Under torch.compile the op was registered when the model was built: tracing never enters the loader.
     if not torch.compiler.is_compiling():
         ensure_ops()
     return torch.ops.collab_fast
+
 
 def _check_tensor(x, name: str = "x") -> None:
     if not isinstance(x, torch.Tensor):
@@ -221,7 +191,35 @@ def _check_tensor(x, name: str = "x") -> None:
 def _check_scale(scale, name: str = "scale") -> float:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"{name} must be a real number, got {type(scale).__name__}")
-    return float(scale)
+    scale = float(scale)
+    if not scale - scale == 0.0:  # inf or nan; math.isfinite breaks a torch.compile(dynamic=True) graph
+        raise ValueError(f"{name} must be a finite number, got {scale}")
+    return scale
+
+
+# ----------------------------------------------------------------------------------------------------
+# Autograd Function: n children of x; backward scale * (sum of the children's gradients) in one pass
+# ----------------------------------------------------------------------------------------------------
+
+
+class _Branch(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, n: int, scale: float, compiled: bool):
+        ctx.scale, ctx.compiled = scale, compiled
+        ctx.set_materialize_grads(False)  # a child that gets no gradient costs nothing
+        # Eager: aliases. Compiled: copies, which Inductor folds into one buffer inside a graph; an alias
+        # that left the graph would be regenerated as a plain view and lose this backward.
+        return tuple(x.clone() if compiled else x.view_as(x) for _ in range(n))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        defined = [g for g in grads if g is not None]
+        if not defined:
+            return None, None, None, None
+        if ctx.compiled:  # plain ops: Inductor fuses the sum into the neighbouring backward kernels
+            return sum(defined[1:], defined[0]) * ctx.scale, None, None, None
+        # The fused op; with create_graph=True its registered gradient makes double backward exact.
+        return torch.ops.collab_fast.scaled_sum(defined, ctx.scale), None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -232,19 +230,24 @@ def _check_scale(scale, name: str = "scale") -> float:
 def grad_rescale(x: torch.Tensor, scale: float) -> torch.Tensor:
     """Identity forward (an alias of x, no copy); backward multiplies the gradient by `scale`."""
     _check_tensor(x)
-    ops = _ops()
-    return ops.grad_rescale(x, _check_scale(scale))
+    _check_float(x, "x")
+    scale = _check_scale(scale)
+    compiled = torch.compiler.is_compiling()
+    _ops()
+    return _Branch.apply(x, 1, scale, compiled)[0]
 
 
 def branch(x: torch.Tensor, n: int, rescale: bool = True) -> list[torch.Tensor]:
     """n aliases of x for n child branches; backward: (g_1 + ... + g_n) / n (or the sum) in one pass."""
     _check_tensor(x)
+    _check_float(x, "x")
     if isinstance(n, bool) or not isinstance(n, int):
         raise TypeError(f"n must be an int (the number of child branches), got {type(n).__name__}")
     if n < 1:
         raise ValueError(f"n (the number of child branches) must be >= 1, got {n}")
-    ops = _ops()
-    return list(ops.branch(x, n, 1.0 / n if rescale else 1.0))
+    compiled = torch.compiler.is_compiling()
+    _ops()
+    return list(_Branch.apply(x, n, 1.0 / n if rescale else 1.0, compiled))
 
 
 def scaled_sum(grads: list[torch.Tensor], scale: float) -> torch.Tensor:

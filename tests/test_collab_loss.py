@@ -461,11 +461,18 @@ def test_empty_batch():
 # -------------------------------------------------------------------------- torch.compile / custom op
 
 
-def test_custom_op_opcheck():
-    z, y = make(3, 4, 9)
-    args = (z.requires_grad_(), y, 2.0, 0.5, 2.0, True, -100, 0.0, "mean", 16, "kl", True, True)
-    torch.library.opcheck(torch.ops.collab_fast.collab_loss_forward, args,
-                          test_utils=("test_schema", "test_faketensor"))
+@pytest.mark.parametrize("reduction, block_c", [("mean", 16), ("none", 64)])  # 16 < C: several blocks a row
+def test_custom_op_opcheck(reduction, block_c):
+    # Every util of opcheck (schema, autograd registration, FakeTensor, AOTAutograd static and dynamic) on
+    # both ops; the gradient op is not differentiable, so its inputs do not require grad.
+    z, y = make(2, 3, 37)
+    params = (2.0, 0.5, 2.0, True, -100, 0.0, reduction, block_c, "kl")
+    torch.library.opcheck(torch.ops.collab_fast.collab_loss_forward,
+                          (z.clone().requires_grad_(), y, *params, True, True))
+    torch.library.opcheck(torch.ops.collab_fast.collab_loss_forward, (z[:, :, ::2], y.clamp(max=18), *params, False, False))
+    _, _, rs = torch.ops.collab_fast.collab_loss_forward(z, y, *params, True, False)
+    r = torch.rand(2, 3)
+    torch.library.opcheck(torch.ops.collab_fast.collab_loss_backward_rows, (z, y, r, rs, *params))
 
 
 @pytest.mark.slow
@@ -485,6 +492,26 @@ def test_under_torch_compile():
     out_e.backward()
     assert_close(out_c, out_e, atol=1e-6)
     assert_close(x1.grad, x2.grad, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_under_torch_compile_dynamic_batch():
+    # dynamic=True: one graph for every batch size (N symbolic; H and C, which pick the kernel's block,
+    # specialised). Rows longer than one block keep their statistics (block_c=16 < C).
+    def step(x, t):
+        return fused_collab_loss(x, t, impl="triton", block_c=16)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, dynamic=True)
+    for n in (5, 7):
+        z, y = make(2, n, 37, seed=n)
+        x1, x2 = z.clone().requires_grad_(), z.clone().requires_grad_()
+        out_c = compiled(x1, y)
+        out_c.backward()
+        out_e = step(x2, y)
+        out_e.backward()
+        assert_close(out_c, out_e, atol=1e-6)
+        assert_close(x1.grad, x2.grad, atol=1e-6)
 
 
 # -------------------------------------------------------------------------- bad input

@@ -1,23 +1,22 @@
 // Backprop rescaling (Song & Chai 2018, eq. 5-6): the C++ API of collab_fast.
 //
-//   grad_rescale(x, s):  forward y = x (an alias, no copy);       backward dx = s * dy
-//   branch(x, n, s):     forward n aliases of x (one per child);  backward dx = s * (dy_1 + ... + dy_n)
 //   scaled_sum(gs, s):   s * (g_1 + ... + g_n) in one pass: each input read once, the result written
-//                        once, accumulated in fp32 (fp64 for double). The kernel behind both backwards.
+//                        once, accumulated in fp32 (fp64 for double).
 //
-// A child that receives no gradient (an undefined grad) counts as zero. Scales that are powers of two
-// (1/2, 1/4, 1/8) make the backward exact in every float dtype.
+// It is the backward of branch(x, n) (n children of a split point: dx = s * (dy_1 + ... + dy_n)) and of
+// grad_rescale(x, s) (n = 1). Those two are autograd Functions in rescale.py, not registered ops: their
+// forward returns aliases of x (no copy), and an op whose outputs alias its input loses its backward
+// where the outputs leave a torch.compile graph (AOTAutograd regenerates them as plain views), so it
+// could never pass opcheck. Scales that are powers of two (1/2, 1/4, 1/8) make the sum's scaling exact.
 //
-// Registration: TORCH_LIBRARY(_FRAGMENT) schema; CPU, CUDA (the fused kernel, or ATen calls in a build
-// without nvcc) and Meta kernels for scaled_sum, ATen calls for any other device; an Autograd
-// kernel (a C++ autograd::Function) and a CompositeExplicitAutograd alias kernel for grad_rescale and
-// branch, so that FakeTensor / torch.compile trace through to aten::alias plus scaled_sum.
+// Registration: TORCH_LIBRARY_FRAGMENT schema; CPU, CUDA (the fused kernel, or ATen calls in a build
+// without nvcc) and Meta kernels, ATen calls for any other device (CompositeExplicitAutograd). Its
+// gradient (scale * grad_out for every input: double backward) is registered from Python.
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/util/irange.h>
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -150,99 +149,6 @@ at::Tensor scaled_sum_aten(at::TensorList grads, double scale) {
   return out.copy_(acc);
 }
 
-// ------------------------------------------------------------------------------------------ dispatch helpers
-
-static at::Tensor call_scaled_sum(at::TensorList grads, double scale) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("collab_fast::scaled_sum", "")
-                       .typed<at::Tensor(at::TensorList, double)>();
-  return op.call(grads, scale);
-}
-
-// Backward of both ops: the fused kernel, or differentiable ATen ops when a graph of the backward is
-// being recorded (create_graph=True), so that double backward is correct rather than silently zero.
-static at::Tensor reduce_grads(const std::vector<at::Tensor>& defined, double scale) {
-  if (defined.empty()) return at::Tensor();  // no child received a gradient: zero
-  bool needs_graph = false;
-  for (const auto& g : defined) needs_graph = needs_graph || g.requires_grad();
-  if (at::GradMode::is_enabled() && needs_graph) {
-    at::Tensor acc = defined[0];
-    for (size_t k = 1; k < defined.size(); ++k) acc = acc + defined[k];
-    return acc * scale;
-  }
-  return call_scaled_sum(defined, scale);
-}
-
-// ------------------------------------------------------------------------------------------ autograd
-
-class GradRescaleFunction : public torch::autograd::Function<GradRescaleFunction> {
- public:
-  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, double scale) {
-    ctx->saved_data["scale"] = scale;
-    return x.alias();
-  }
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    const double scale = ctx->saved_data["scale"].toDouble();
-    std::vector<at::Tensor> defined;
-    if (grads[0].defined()) defined.push_back(grads[0]);
-    return {reduce_grads(defined, scale), at::Tensor()};
-  }
-};
-
-class BranchFunction : public torch::autograd::Function<BranchFunction> {
- public:
-  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
-                                                int64_t n, double scale) {
-    ctx->saved_data["scale"] = scale;
-    torch::autograd::variable_list outs;
-    outs.reserve(n);
-    for (int64_t i = 0; i < n; ++i) outs.push_back(x.alias());
-    return outs;
-  }
-  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
-                                                 torch::autograd::variable_list grads) {
-    const double scale = ctx->saved_data["scale"].toDouble();
-    std::vector<at::Tensor> defined;
-    for (const auto& g : grads)
-      if (g.defined()) defined.push_back(g);
-    return {reduce_grads(defined, scale), at::Tensor(), at::Tensor()};
-  }
-};
-
-static void check_rescale_args(const at::Tensor& x, double scale, const char* op) {
-  check_float(x, op, "x");
-  check_scale(scale, op);
-}
-
-static void check_branch_args(const at::Tensor& x, int64_t n, double scale) {
-  check_rescale_args(x, scale, "collab_fast::branch");
-  TORCH_CHECK(n >= 1, "collab_fast::branch: n (the number of child branches) must be >= 1, got ", n);
-}
-
-at::Tensor grad_rescale_autograd(const at::Tensor& x, double scale) {
-  check_rescale_args(x, scale, "collab_fast::grad_rescale");
-  return GradRescaleFunction::apply(x, scale);
-}
-
-std::vector<at::Tensor> branch_autograd(const at::Tensor& x, int64_t n, double scale) {
-  check_branch_args(x, n, scale);
-  return BranchFunction::apply(x, n, scale);
-}
-
-// Below autograd (inference mode, meta / fake tensors): plain aliases.
-at::Tensor grad_rescale_alias(const at::Tensor& x, double scale) {
-  check_rescale_args(x, scale, "collab_fast::grad_rescale");
-  return x.alias();
-}
-
-std::vector<at::Tensor> branch_alias(const at::Tensor& x, int64_t n, double scale) {
-  check_branch_args(x, n, scale);
-  std::vector<at::Tensor> outs;
-  for (int64_t i = 0; i < n; ++i) outs.push_back(x.alias());
-  return outs;
-}
-
 }  // namespace collab_fast
 
 // ------------------------------------------------------------------------------------------ registration
@@ -250,8 +156,6 @@ std::vector<at::Tensor> branch_alias(const at::Tensor& x, int64_t n, double scal
 // A fragment: the namespace is shared with the Python-registered Triton ops (collab_loss_*).
 TORCH_LIBRARY_FRAGMENT(collab_fast, m) {
   m.def("scaled_sum(Tensor[] grads, float scale) -> Tensor");
-  m.def("grad_rescale(Tensor(a) x, float scale) -> Tensor(a)");
-  m.def("branch(Tensor(a) x, int n, float scale) -> Tensor(a)[]");
 }
 
 TORCH_LIBRARY_IMPL(collab_fast, CPU, m) { m.impl("scaled_sum", &collab_fast::scaled_sum_cpu); }
@@ -266,16 +170,7 @@ TORCH_LIBRARY_IMPL(collab_fast, CUDA, m) { m.impl("scaled_sum", &collab_fast::sc
 
 TORCH_LIBRARY_IMPL(collab_fast, Meta, m) { m.impl("scaled_sum", &collab_fast::scaled_sum_meta); }
 
-TORCH_LIBRARY_IMPL(collab_fast, Autograd, m) {
-  m.impl("grad_rescale", &collab_fast::grad_rescale_autograd);
-  m.impl("branch", &collab_fast::branch_autograd);
-}
-
-TORCH_LIBRARY_IMPL(collab_fast, CompositeExplicitAutograd, m) {
-  m.impl("grad_rescale", &collab_fast::grad_rescale_alias);
-  m.impl("branch", &collab_fast::branch_alias);
-  m.impl("scaled_sum", &collab_fast::scaled_sum_aten);
-}
+TORCH_LIBRARY_IMPL(collab_fast, CompositeExplicitAutograd, m) { m.impl("scaled_sum", &collab_fast::scaled_sum_aten); }
 
 // ------------------------------------------------------------------------------------------ build info
 
@@ -303,7 +198,7 @@ static py::dict build_info() {
 #else
   d["compiler"] = "unknown";
 #endif
-  d["ops"] = py::make_tuple("scaled_sum", "grad_rescale", "branch");
+  d["ops"] = py::make_tuple("scaled_sum");
   return d;
 }
 

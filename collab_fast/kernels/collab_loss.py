@@ -150,7 +150,8 @@ def _check_number(name: str, value, lo: float, hi: float, lo_open: bool = False)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     v = float(value)
-    if not math.isfinite(v) or v < lo or v > hi or (lo_open and v == lo):
+    # v - v == 0 is false exactly for inf and nan; math.isfinite breaks a torch.compile(dynamic=True) graph.
+    if not v - v == 0.0 or v < lo or v > hi or (lo_open and v == lo):
         interval = f"{'(' if lo_open else '['}{lo}, {hi}]".replace("inf]", "inf)")
         raise ValueError(f"{name} must be a finite number in {interval}, got {value}")
     return v
@@ -716,7 +717,9 @@ def _(logits, target, temperature, hard_coef, soft_coef, detach_consensus, ignor
     h, n, c = logits.shape
     loss = logits.new_empty((h, n) if reduction == "none" else (), dtype=torch.float32)
     stats = logits.new_empty((4, h) if return_stats else (0,), dtype=torch.float32)
-    long_rows = pick_block_c(h, c, block_c or None)[1] > 1
+    # The block choice needs concrete H and C (the kernel is specialised on them anyway): int() guards on
+    # them; symbolic power-of-two arithmetic took minutes under dynamic shapes. N stays dynamic.
+    long_rows = pick_block_c(int(h), int(c), block_c or None)[1] > 1
     rs = logits.new_empty((8, h, n) if keep_row_stats and long_rows else (0,), dtype=torch.float32)
     return loss, stats, rs
 
@@ -758,6 +761,27 @@ def _upstream_weights(grad_loss: torch.Tensor, target: torch.Tensor, params: Col
     if params.reduction == "mean":
         r = r / (target != params.ignore_index).sum().clamp_min(1)
     return r.expand(shape)  # strides (0, 0): every row reads the same scalar
+
+
+def _forward_op_setup_context(ctx, inputs, output):
+    logits, target, *params_args = inputs
+    ctx.params_args = params_args[:9]  # temperature ... soft_loss; keep_row_stats, return_stats left out
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.save_for_backward(logits, target, output[2])
+
+
+def _forward_op_backward(ctx, grad_loss, _grad_stats, _grad_row_stats):
+    # The op's own gradient (what opcheck and AOTAutograd differentiate): the kernel's gradient pass. The
+    # gradient op itself is not differentiable (no double backward through the Triton kernel).
+    logits, target, rs = ctx.saved_tensors
+    params = _params_from(*ctx.params_args)
+    r = _upstream_weights(grad_loss, target, params, logits.shape[:2])
+    grad = torch.ops.collab_fast.collab_loss_backward_rows(logits, target, r, rs, *ctx.params_args)
+    return (grad,) + (None,) * 12
+
+
+torch.library.register_autograd("collab_fast::collab_loss_forward", _forward_op_backward,
+                                setup_context=_forward_op_setup_context)
 
 
 class _FusedCollabLoss(torch.autograd.Function):
