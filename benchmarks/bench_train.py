@@ -127,8 +127,8 @@ def main(argv=None) -> int:
     p.add_argument("--arch", default="resnet50")
     p.add_argument("--patterns", default="plain,single,ilr2,hier4,inst2,inst4",
                    help="comma list; plain = the same network by a plain eager PyTorch step (the baseline)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=None, help="default: 256 on a GPU, 16 on CPU")
+    p.add_argument("--image-size", type=int, default=None, help="default: 224 on a GPU, 64 on CPU")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--compile", choices=["off", "on", "both"], default="off")
@@ -140,6 +140,13 @@ def main(argv=None) -> int:
     if args.quick:
         args.arch, args.batch_size, args.image_size, args.steps, args.warmup = "resnet18", 8, 32, 3, 1
         args.patterns = "plain,single,hier4"
+    gpu = device.type == "cuda"
+    if args.batch_size is None or args.image_size is None:
+        args.batch_size = args.batch_size or (256 if gpu else 16)
+        args.image_size = args.image_size or (224 if gpu else 64)
+        if not gpu:  # GPU-scale defaults would run for many minutes on CPU without a word
+            print(f"bench_train: no GPU: CPU-sized defaults, batch {args.batch_size} at {args.image_size} px "
+                  "(pass --batch-size 256 --image-size 224 for the GPU setting)", flush=True)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     peak = bf16_peak_flops(device)
@@ -149,6 +156,8 @@ def main(argv=None) -> int:
     for compiled in {"off": [False], "on": [True], "both": [False, True]}[args.compile]:
         base = None
         for pattern in args.patterns.split(","):
+            print(f"bench_train: timing {args.arch} {pattern} (compile {'on' if compiled else 'off'}, "
+                  f"{args.warmup} warm-up + {args.steps} timed steps) ...", flush=True)
             try:
                 r = run_one(args.arch, pattern, compiled, args, device, peak)
             except torch.OutOfMemoryError:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -70,8 +71,22 @@ def _to_cpu(obj):
     return obj
 
 
-def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
-    """torch.save to a temp file beside `path`, fsync, then rename: a crash never leaves a truncated file,
+def _file_mode() -> int:
+    """What open() would give a new file under the current umask (mkstemp's temp files are 0600: a
+    teammate could not read a checkpoint or an exported head)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def os_error_line(exc: OSError) -> str:
+    """An OS error as one line naming the file: '/path: No space left on device'."""
+    why = exc.strerror or str(exc) or type(exc).__name__
+    return f"{exc.filename}: {why}" if exc.filename else why
+
+
+def _write_atomic(path: str | os.PathLike, write: Callable[[Any], Any]) -> Path:
+    """write(f) into a temp file beside `path`, fsync, then rename: a crash never leaves a truncated file,
     and a failed write (full disk, no permission) keeps the old file, removes the temp file, and raises a
     CheckpointError naming the path and the OS error."""
     path = Path(path)
@@ -79,8 +94,9 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.fchmod(fd, _file_mode())
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -98,6 +114,16 @@ def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
             raise CheckpointError(f"cannot write {path}: {why} (the previous file, if any, is kept)") from None
         raise
     return path
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
+    """torch.save(obj) to `path`, atomically (see _write_atomic)."""
+    return _write_atomic(path, lambda f: torch.save(obj, f))
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """A small text file (config.json, eval.json, a grid cell's result.json), atomically: never torn."""
+    return _write_atomic(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def save_checkpoint(ckpt: dict, path: str | os.PathLike) -> Path:

@@ -16,6 +16,7 @@ from pathlib import Path
 from torch import nn
 
 from collab_fast.checkpoint import CheckpointError, load_checkpoint, save_atomic
+from collab_fast.cli import Parser
 from collab_fast.models import build
 
 __all__ = ["export_checkpoint", "model_from_config", "main"]
@@ -49,7 +50,7 @@ def export_checkpoint(checkpoint: str, head: int, output: str) -> nn.Module:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m collab_fast.export", description=__doc__,
+    p = Parser(prog="python -m collab_fast.export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a training checkpoint (e.g. OUTPUT/last.pt or best.pt)")
     p.add_argument("--head", type=int, default=0, help="which head to keep (default 0, the one the paper reports)")

@@ -258,8 +258,15 @@ def _build_and_publish(name, root, published, sources, cflags, with_cuda, verbos
                 with_cuda=with_cuda, build_directory=str(build_dir), verbose=verbose)
         except KeyboardInterrupt:
             shutil.rmtree(build_dir, ignore_errors=True)
+            print("collab_fast: the C++ extension build was interrupted; nothing was left behind (it builds again "
+                  "on the next run)", file=sys.stderr, flush=True)
             raise
         except Exception as exc:
+            if "interrupted by user" in str(exc):  # ninja got the Ctrl-C first and reported it as a failure
+                shutil.rmtree(build_dir, ignore_errors=True)
+                print("collab_fast: the C++ extension build was interrupted; nothing was left behind (it builds "
+                      "again on the next run)", file=sys.stderr, flush=True)
+                raise KeyboardInterrupt from None
             raise RuntimeError(
                 f"collab_fast: building the C++ extension in {build_dir} failed ({type(exc).__name__}: "
                 f"{str(exc)[-2000:]}). Set COLLAB_FAST_VERBOSE_BUILD=1 to see the compiler output.") from None

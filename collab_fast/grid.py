@@ -38,6 +38,8 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from collab_fast.checkpoint import os_error_line, write_text_atomic
+from collab_fast.cli import Parser
 from collab_fast.extras import MissingExtra, require
 
 __all__ = ["Cell", "main", "plan", "summarize"]
@@ -153,9 +155,7 @@ def run_cell(cell: Cell, root: Path, base: list[str], env: dict, lock: threading
     row = {**cell, "cell": cell.name, "top1": ev["top1"], "top1_ensemble": ev["top1_ensemble"],
            "top1_heads": ev["top1_heads"], "val_loss_head0": ev["val_loss_head0"], "step": ev["step"],
            "eval_split": eval_split(resolved), "command": command}
-    tmp = done.with_suffix(".tmp")
-    tmp.write_text(json.dumps(row) + "\n")
-    os.replace(tmp, done)
+    write_text_atomic(done, json.dumps(row) + "\n")
     with lock:
         print(f"grid: {cell.name}: head 0 top-1 {ev['top1']:.2f}%", flush=True)
     return row
@@ -316,7 +316,8 @@ def _check_flags(argv: list[str], cell: Cell) -> None:
             parse_config(argv)
     except SystemExit:
         lines = err.getvalue().strip().splitlines() or ["invalid flags"]
-        raise ValueError(f"cell {cell.name}: {lines[-1].split('error: ', 1)[-1]}") from None
+        line = next((ln for ln in reversed(lines) if "error: " in ln), lines[-1])  # not the pointer to --help
+        raise ValueError(f"cell {cell.name}: {line.split('error: ', 1)[-1]}") from None
 
 
 def _jobs_and_envs(jobs: int | None) -> list[dict]:
@@ -338,7 +339,7 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     base = argv[argv.index("--") + 1 :] if "--" in argv else []
     own = argv[: argv.index("--")] if "--" in argv else argv
-    p = argparse.ArgumentParser(prog="python -m collab_fast.grid", description=__doc__,
+    p = Parser(prog="python -m collab_fast.grid", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", help="grid folder (cells, table, figure)")
     p.add_argument("--patterns", default="single,ilr2,hier4", help="comma list (default: %(default)s)")
@@ -373,7 +374,11 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     root = Path(args.out)
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"error: cannot create the grid folder ({os_error_line(exc)})", file=sys.stderr)
+        return 2
     command = "python -m collab_fast.grid " + " ".join(shlex.quote(a) for a in argv)
     cells = plan(patterns, noise, seeds, axes)
     envs = _jobs_and_envs(args.jobs)
@@ -403,6 +408,9 @@ def main(argv=None) -> int:
         return 130
     except (RuntimeError, MissingExtra) as exc:
         print(f"error: {exc} (run the same command again to continue the grid)", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a full disk or a read-only folder under the grid
+        print(f"error: {os_error_line(exc)} (run the same command again to continue the grid)", file=sys.stderr)
         return 1
     finally:
         for sig, h in handlers.items():

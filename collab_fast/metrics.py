@@ -208,7 +208,13 @@ class Logger:
         if kind == "train":
             acc = " ".join(f"{100 * a:.1f}" for a in rec["train_acc"])
             mem = rec.get("peak_mem_mb", rec.get("peak_rss_mb", 0))
-            return (f"{epoch} step {rec['step']}: loss {rec['loss']:.4f} lr {rec['lr']:.4g} "
+            # Head 0's plain CE first (comparable across patterns); the collaborative loss sums every head's
+            # hard and soft terms, so it grows with the number of heads (4 heads at chance: about 23).
+            hard = rec.get("hard") or []
+            ce = f"CE head0 {hard[0]:.4f}, " if hard else ""
+            total = f"collaborative loss {rec['loss']:.4f} (sum over {len(hard)} heads)" if len(hard) > 1 else \
+                f"loss {rec['loss']:.4f}"
+            return (f"{epoch} step {rec['step']}: {ce}{total} lr {rec['lr']:.4g} "
                     f"train acc/head [{acc}] {rec['img_per_s']:.1f} img/s peak mem {mem:.0f} MB ETA {hms(rec['eta_s'])}")
         heads = " ".join(f"{a:.2f}" for a in rec["top1_heads"])
         return (f"{epoch} eval: top-1 head0 {rec['top1']:.2f}% top-5 {rec['top5']:.2f}% | top-1 per head [{heads}] "

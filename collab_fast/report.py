@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from collab_fast.checkpoint import CheckpointError, load_checkpoint, load_file
+from collab_fast.checkpoint import CheckpointError, load_checkpoint, load_file, os_error_line
+from collab_fast.cli import Parser
 from collab_fast.extras import MissingExtra, require
 
 __all__ = ["layer_weight_stats", "load_run", "main", "write_report"]
@@ -219,7 +220,7 @@ def write_report(dirs: list[str | Path], out: str | Path | None = None, dead_thr
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m collab_fast.report", description=__doc__,
+    p = Parser(prog="python -m collab_fast.report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="run output directories (overlaid in the plots)")
     p.add_argument("--out", default=None, help="where to write report.html and the PNGs (default: the first run)")
@@ -229,6 +230,9 @@ def main(argv=None) -> int:
         path = write_report(args.runs, args.out, args.dead_threshold)
     except (FileNotFoundError, ValueError, CheckpointError, MissingExtra) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # --out read-only or full
+        print(f"error: cannot write the report ({os_error_line(exc)}); choose another --out", file=sys.stderr)
         return 2
     print(f"wrote {path}")
     return 0

@@ -1,11 +1,11 @@
 """A run's persistent state: its output directory (claimed by one live run at a time), the training
-position and RNG states, checkpoints written and restored, and initial weights."""
+position and RNG states, checkpoints written and restored, and initial weights. (Whether a model is still
+finite is collab_fast.health's.)"""
 
 from __future__ import annotations
 
 import dataclasses
 import fcntl
-import math
 import os
 import random
 import shutil
@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from collab_fast.checkpoint import FORMAT, CheckpointError, load_checkpoint, load_file, save_checkpoint
+from collab_fast.checkpoint import FORMAT, CheckpointError, load_checkpoint, load_file, os_error_line, save_checkpoint
 
-__all__ = ["RunDir", "State", "finite_model", "load_weights", "restore", "snapshot"]
+__all__ = ["RunDir", "State", "load_weights", "restore", "snapshot"]
 
 _RUN_FILES = ("metrics.jsonl", "config.json", "last.pt", "best.pt", "head0.pth", "tb")
 
@@ -58,6 +58,10 @@ class RunDir:
                                   "choose another --output") from None
         try:
             self._claim(resume, overwrite)
+        except OSError as exc:  # a full disk or a read-only folder while the directory is claimed
+            self.close()
+            raise CheckpointError(f"--output {self.path}: cannot claim the run directory "
+                                  f"({os_error_line(exc)})") from None
         except BaseException:
             self.close()  # a refused directory is not left locked by this process
             raise
@@ -153,15 +157,3 @@ def load_weights(net, path: str) -> None:
     except RuntimeError as exc:
         raise CheckpointError(f"--weights {path} does not fit {type(net).__name__}: "
                               f"{str(exc).splitlines()[0]} (an exported head needs --pattern single)") from None
-
-
-def finite_model(net) -> bool:
-    """Every parameter and floating buffer finite (one host sync)."""
-    ts = [t for t in list(net.parameters()) + list(net.buffers()) if t.is_floating_point()]
-    if not ts:
-        return True
-    return bool(torch.stack([torch.isfinite(t).all() for t in ts]).all())
-
-
-def finite_number(x) -> bool:
-    return isinstance(x, (int, float)) and math.isfinite(x)

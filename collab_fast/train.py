@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
 import signal
 import sys
@@ -26,16 +25,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from collab_fast.checkpoint import CheckpointError, save_atomic
-from collab_fast.config import TrainConfig, parse_config, resolve
-from collab_fast.data import TorchFolderLoader, build_loaders
+from collab_fast.checkpoint import FORMAT, CheckpointError, load_file, os_error_line, save_atomic, write_text_atomic
+from collab_fast.config import TrainConfig, parse_config, parse_model_kwargs, resolve
+from collab_fast.data import Loader, TorchFolderLoader, build_loaders
 from collab_fast.distributed import Dist, cleanup, init_distributed
 from collab_fast.extras import MissingExtra
+from collab_fast.health import finite_model, finite_number
 from collab_fast.kernels.collab_loss import CollabLoss, collab_loss
 from collab_fast.metrics import Logger, Meter, Progress, memory_stats
-from collab_fast.models import build
+from collab_fast.models import ARCHS, build, is_builtin_resnet
 from collab_fast.models.cost import pattern_cost
-from collab_fast.run_state import RunDir, State, finite_model, finite_number, load_weights, restore, snapshot
+from collab_fast.run_state import RunDir, State, load_weights, restore, snapshot
 
 __all__ = ["Step", "TrainConfig", "evaluate", "main", "make_model", "make_optimizer", "parse_config", "run"]
 
@@ -46,12 +46,6 @@ def seed_everything(seed: int, rank: int) -> None:
     random.seed(seed + rank)
     np.random.seed(seed + rank)
     torch.manual_seed(seed)  # the same initial weights on every rank
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
@@ -75,10 +69,28 @@ def soft_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
     return math.exp(-5.0 * (1.0 - t) ** 2) if t < 1.0 else 1.0
 
 
-def make_model(cfg: TrainConfig, num_classes: int, device: torch.device) -> torch.nn.Module:
-    arch_kw = {"zero_init_residual": cfg.zero_init_residual} if cfg.arch.startswith("resnet") else {}
-    model = build(cfg.arch, cfg.pattern, num_classes=num_classes, rescale=cfg.rescale, **arch_kw).to(device)
+def make_model(cfg: TrainConfig, num_classes: int, device: torch.device, weights: dict | None = None
+               ) -> torch.nn.Module:
+    """The network; `weights` (a plain network's state dict) go into every copy (see _pretrained_weights)."""
+    arch_kw = {"zero_init_residual": cfg.zero_init_residual} if is_builtin_resnet(cfg.arch) else {}
+    arch_kw.update(parse_model_kwargs(cfg.model_kwargs))
+    model = build(cfg.arch, cfg.pattern, num_classes=num_classes, rescale=cfg.rescale,
+                  pretrained=cfg.weights in ("timm", "torchvision"), weights=weights, **arch_kw).to(device)
     return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
+
+
+def _pretrained_weights(cfg: TrainConfig) -> dict | None:
+    """--weights PATH of a plain network (an exported head) for a collaborative pattern: loaded into every
+    copy by build (the classifier re-initialised per head). A training checkpoint, or pattern single, is
+    loaded later by load_weights as it is."""
+    if not cfg.weights or cfg.weights in ("timm", "torchvision") or cfg.pattern == "single":
+        return None
+    obj = load_file(cfg.weights)
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        return None  # a training checkpoint of this very model: load_weights
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"--weights {cfg.weights}: expected a state dict of tensors, found a {type(obj).__name__}")
+    return obj
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -187,12 +199,12 @@ class Run:
     out: Path
     steps_per_epoch: int
     total_steps: int
-    train_loader: object  # see collab_fast.data: iter_from, set_epoch, checkpoint, restore
+    train_loader: Loader
     signal: str | None = None  # set by SIGINT / SIGTERM
 
     def save(self, name: str) -> None:
         # Called on every rank: image-folder loaders gather each rank's reader position (a collective).
-        position = self.train_loader.checkpoint()
+        position = self.train_loader.state_dict()
         self.state.loader_state = self.proc.gather(position) if position else []
         if self.proc.main:
             snapshot(self.out / name, self.net, self.optimizer, self.scaler, self.cfg.to_dict(), self.state)
@@ -360,8 +372,9 @@ def _setup(cfg: TrainConfig):
         raise ValueError(f"--batch-size {cfg.batch_size} is larger than the training set's share of each process: "
                          "no full batch per epoch; lower --batch-size")
     cfg.num_classes = num_classes
-    net = make_model(cfg, num_classes, device)
-    if cfg.weights:
+    copies = _pretrained_weights(cfg)
+    net = make_model(cfg, num_classes, device, copies)
+    if cfg.weights and copies is None and cfg.weights not in ("timm", "torchvision"):
         load_weights(net, cfg.weights)
     optimizer = make_optimizer(net, cfg)
     scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
@@ -375,7 +388,10 @@ def _setup(cfg: TrainConfig):
             print(f"collab_fast: keeping the checkpoint's LR milestones {old} (the defaults for --epochs {cfg.epochs} "
                   "would differ); pass --lr-milestones to set others", file=sys.stderr)
     if state.loader_state and len(state.loader_state) == proc.world:
-        train_loader.restore(state.loader_state[proc.rank], state.batch_in_epoch)
+        saved = state.loader_state[proc.rank]
+        if isinstance(saved, str):  # checkpoints before the Loader protocol: the DALI reader's string
+            saved = {"reader": saved, "batch_in_epoch": state.batch_in_epoch}
+        train_loader.load_state_dict(saved)
     elif state.loader_state and proc.main:
         print(f"collab_fast: warning: the checkpoint was written by {len(state.loader_state)} processes, this run has "
               f"{proc.world}: the data order restarts from the seed (resume is not exact)", file=sys.stderr)
@@ -391,15 +407,27 @@ def _setup(cfg: TrainConfig):
     r = Run(cfg, proc, device, net, model, optimizer, scaler, Step(cfg, model, net, optimizer, scaler, proc), state,
             Logger(out, proc.main, progress, record=not cfg.eval_only), progress, out, steps, total, train_loader)
     if proc.main and not cfg.eval_only:  # --eval-only leaves the record of how the run was trained as it was
-        (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1) + "\n")
-        print(f"collab_fast: {pattern_cost(cfg.arch, cfg.pattern, cfg.image_size, num_classes).line()}")
+        write_text_atomic(out / "config.json", json.dumps(cfg.to_dict(), indent=1) + "\n")
+        if cfg.arch in ARCHS:
+            print(f"collab_fast: {pattern_cost(cfg.arch, cfg.pattern, cfg.image_size, num_classes).line()}")
+        else:
+            heads = getattr(net, "num_heads", 1)
+            splits = getattr(net, "splits", [])
+            print(f"collab_fast: {cfg.arch} {cfg.pattern}: {heads} head(s), "
+                  f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params, split after {splits or 'nothing'}")
         if isinstance(train_loader, TorchFolderLoader):
             print(f"collab_fast: images through the PyTorch loader ({train_loader.num_workers} workers, Pillow "
                   "decode on the CPU; slower than DALI: pip install 'collab_fast[dali]', or [dali-cuda12])")
-        print(f"collab_fast: {cfg.dataset} ({num_classes} classes), {steps} steps/epoch x {cfg.epochs} epochs, "
+        until = f" (stops at step {total}: --max-steps)" if cfg.max_steps and total < cfg.epochs * steps else ""
+        print(f"collab_fast: {cfg.dataset} ({num_classes} classes), {steps} steps/epoch x {cfg.epochs} epochs{until}, "
               f"global batch {cfg.batch_size * proc.world}, lr {cfg.lr:g}, amp {cfg.amp}, device {device}"
               f"{f', {proc.world} processes' if proc.world > 1 else ''}; output {out}"
               + (f"; resumed at step {state.step}" if resume_path else ""), flush=True)
+    elif proc.main:
+        source = resume_path or cfg.weights
+        split = f"{cfg.holdout} held-out training samples" if cfg.holdout else "its test split"
+        print(f"collab_fast: evaluating {source} on {cfg.dataset} ({num_classes} classes, {split}), "
+              f"device {device}; results to {out / 'eval.json'}", flush=True)
     return r, rundir, train_loader, val_loader, num_classes
 
 
@@ -413,7 +441,7 @@ def run(cfg: TrainConfig) -> dict:
             rec = {"epoch": state.epoch + (state.batch_in_epoch > 0), "epochs": cfg.epochs, "step": state.step, **res}
             r.log(rec, kind="eval")
             if r.proc.main:  # its own file: config.json and metrics.jsonl keep the record of the training
-                write_json_atomic(r.out / "eval.json", {"eval": rec, "config": cfg.to_dict()})
+                write_text_atomic(r.out / "eval.json", json.dumps({"eval": rec, "config": cfg.to_dict()}, indent=1) + "\n")
             return res
         if state.step >= r.total_steps or state.epoch >= cfg.epochs:
             r.progress.write(f"collab_fast: the run in {r.out} is already complete ({state.step} of {r.total_steps} "
@@ -483,6 +511,13 @@ def main(argv=None) -> int:
     except (CheckpointError, FileNotFoundError, ValueError, MissingExtra) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the environment (a full disk, a read-only folder, a vanished mount): one line
+        print(f"error: {os_error_line(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # Ctrl-C before training started (scanning data, building the extension)
+        print("collab_fast: interrupted during setup, before the first step (no checkpoint was written)",
+              file=sys.stderr)
+        return 130
     except (MemoryError, RuntimeError) as exc:
         if not isinstance(exc, MemoryError) and "can't allocate memory" not in str(exc):
             raise

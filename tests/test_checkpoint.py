@@ -102,3 +102,15 @@ def test_fuzz_random_truncated_and_mutated_files(tmp_path):
         loaded += 1  # only if the damage missed everything that matters: then the content is intact
         assert torch.equal(ckpt["model"]["w"], MARK) and ckpt["state"]["step"] == 7
     assert loaded < 100
+
+
+def test_written_files_get_the_umask_mode_not_0600(tmp_path):
+    # mkstemp makes 0600 temp files; a checkpoint or an exported head must be readable as any new file is.
+    old = os.umask(0o022)
+    try:
+        save_checkpoint(_ckpt(), tmp_path / "last.pt")
+        ck.write_text_atomic(tmp_path / "config.json", "{}\n")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "last.pt").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "config.json").stat().st_mode & 0o777 == 0o644

@@ -185,6 +185,54 @@ def test_skip_bad_images_decodes_every_file_once(tmp_path, monkeypatch):
     assert decoded == [files[1]]
 
 
+@pytest.mark.parametrize("damage", ['[1, 2, 3]', '{"x": 1}', '{"%s": [1]}', '{"%s": ["0:0", 7]}', "{{{", ""])
+def test_a_damaged_decode_cache_is_rebuilt(tmp_path, monkeypatch, damage):
+    import collab_fast.data.folder as folder
+
+    monkeypatch.setenv("COLLAB_FAST_CACHE", str(tmp_path / "cache"))
+    root = write_toy(tmp_path / "t", classes=2, per_class=3, size=32, val_per_class=1)
+    files = sorted((root / "train").rglob("*.JPEG"))
+    scan_split(root, "train", decode=True)
+    cache = folder._decode_cache(root / "train")
+    cache.write_text(damage.replace("%s", str(files[0])) if "%s" in damage else damage)
+    got, _, _ = scan_split(root, "train", decode=True)
+    assert got == [str(f) for f in files]
+    assert set(__import__("json").loads(cache.read_text())) == {str(f) for f in files}
+
+
+def _non_utf8_folder(tmp_path):
+    # A class folder and a file named in Latin-1 (not UTF-8): Python keeps the bytes as surrogates.
+    root = write_toy(tmp_path / "t", classes=2, per_class=3, size=32, val_per_class=1)
+    base = os.fsencode(root / "train")
+    os.rename(os.path.join(base, b"class_000"), os.path.join(base, b"caf\xe9"))
+    one = sorted(os.listdir(os.path.join(base, b"class_001")))[0]
+    os.rename(os.path.join(base, b"class_001", one), os.path.join(base, b"class_001", b"\xff" + one))
+    vbase = os.fsencode(root / "val")
+    os.rename(os.path.join(vbase, b"class_000"), os.path.join(vbase, b"caf\xe9"))
+    return root
+
+
+def test_non_utf8_names_are_one_line_for_dali_and_fine_for_the_torch_loader(tmp_path):
+    root = _non_utf8_folder(tmp_path)
+    with pytest.raises(ValueError) as info:  # DALI's reader takes only UTF-8 paths (a RuntimeError traceback)
+        build_loaders("toy", data_dir=str(root), batch_size=2, image_size=24, loader="dali")
+    msg = str(info.value)
+    assert "\n" not in msg and "4 unreadable image file(s)" in msg and "not valid UTF-8" in msg
+    assert "caf\\udce9" in msg and "--loader torch" in msg
+    msg.encode("utf-8")  # printable as it is
+    with pytest.warns(RuntimeWarning, match="skipping 4 unreadable"):
+        scan_split(root, "train", utf8_names=True, skip_bad=True)
+    from collab_fast.data import TorchFolderLoader
+
+    files, labels, classes = scan_split(root, "train")  # the PyTorch loader reads them (no workers: this
+    # process ran DALI pipelines, whose threads a forked worker must not inherit)
+    train = TorchFolderLoader(files, labels, 2, train=True, num_classes=2, image_size=24, num_workers=0)
+    assert len(classes) == 2 and sum(x.shape[0] for x, _ in train) == 6
+    with pytest.raises(ValueError, match="cannot be read by DALI, e.g. .*caf"):
+        files, labels, _ = scan_split(root, "train")
+        DaliLoader(files, labels, 2, train=True, num_classes=2, image_size=24)
+
+
 _CHANGED_UNDER_THE_PIPELINE = r"""
 import os, sys, warnings
 from pathlib import Path
@@ -474,3 +522,25 @@ def test_cifar_batch_that_would_run_code_is_refused(tmp_path):
     batch.write_bytes(batch.read_bytes()[:100])  # truncated
     with pytest.raises(ValueError, match="data_batch_1 is not a CIFAR python batch"):
         load_cifar(tmp_path / "t", 10)
+
+
+def test_every_loader_keeps_the_loader_protocol(toy):
+    from collab_fast.data import Loader, TorchFolderLoader
+
+    files, labels, _ = scan_split(toy, "train")
+    loaders = [DaliLoader(files, labels, 4, train=True, num_classes=3, image_size=24),
+               TorchFolderLoader(files, labels, 4, train=True, num_classes=3, image_size=24, num_workers=0),
+               DeviceLoader(torch.zeros(8, 4, 4, 3, dtype=torch.uint8), torch.arange(8) % 2, 4, mean=(0.5,) * 3,
+                            std=(0.5,) * 3),
+               SyntheticLoader(2, image_size=8, num_classes=3, steps_per_epoch=2)]
+    for loader in loaders:
+        assert isinstance(loader, Loader), type(loader).__name__
+        state = loader.state_dict()
+        assert isinstance(state, dict)
+        loader.load_state_dict(state)
+    # DALI: the reader's state and the batches of the epoch it stands after (plain values for a checkpoint)
+    dali = loaders[0]
+    it = iter(dali)
+    next(it)
+    state = dali.state_dict()
+    assert set(state) == {"reader", "batch_in_epoch"} and state["batch_in_epoch"] == 1

@@ -112,3 +112,12 @@ def test_a_failed_metrics_write_leaves_no_partial_line_and_is_one_line(tmp_path)
         log({"step": 1}, "custom")
     real.close()
     assert all(json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines())
+
+
+def test_train_line_labels_the_summed_loss_and_shows_head0_ce_first():
+    rec = {"step": 3, "epoch": 1, "epochs": 2, "loss": 23.1, "hard": [2.31, 2.30, 2.29, 2.32], "lr": 0.1,
+           "train_acc": [0.1] * 4, "img_per_s": 10.0, "peak_rss_mb": 100.0, "eta_s": 5.0}
+    line = Logger.line(rec, "train")
+    assert line.startswith("epoch 1/2 step 3: CE head0 2.3100, collaborative loss 23.1000 (sum over 4 heads) lr 0.1")
+    one = Logger.line({**rec, "loss": 2.31, "hard": [2.31], "train_acc": [0.1]}, "train")
+    assert "CE head0 2.3100, loss 2.3100 lr" in one

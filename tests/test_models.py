@@ -182,7 +182,8 @@ def test_generic_splitter_on_a_user_model():
     (lambda: build("resnet50", "hier3"), ValueError, "unknown pattern 'hier3'; valid: single, inst2"),
     (lambda: build("resnet50", "tree:2x0"), ValueError, "branching factor must be >= 1"),
     (lambda: build("resnet32", "tree:2x2x2"), ValueError, r"resnet32 has split points for at most 2 levels"),
-    (lambda: build("resnet50", "ilr2", splits=["layer5"]), ValueError, r"split point 'layer5' is not a child .*valid: \["),
+    (lambda: build("resnet50", "ilr2", splits=["layer5"]), ValueError,
+     r"split point 'layer5' is not a module that ResNet's forward runs in order; valid: \["),
     (lambda: build("resnet50", "hier4", splits=["layer3", "layer2"]), ValueError, "forward order"),
     (lambda: build("resnet50", "ilr2", splits=["fc"]), ValueError, "before the last child"),
     (lambda: build("resnet50", "hier4", splits=["layer2"]), ValueError, "2 split level"),
@@ -193,6 +194,138 @@ def test_generic_splitter_on_a_user_model():
 def test_bad_input(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+# -------------------------------------------------------------------------- any model: nested splits, own tensors
+
+
+class StagedNet(nn.Module):
+    """Stages in a Sequential (as ConvNeXt's `stages`, EfficientNet's `blocks`), a Sequential classifier."""
+
+    def __init__(self, num_classes=3):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.stages = nn.Sequential(*[nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+                                      for _ in range(4)])
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, num_classes))
+
+    def forward(self, x):
+        return self.classifier(self.pool(self.stages(self.stem(x))).flatten(1))
+
+
+def test_dotted_split_points_into_nested_stages():
+    x = torch.randn(2, 3, 8, 8)
+    model = make_collaborative(StagedNet, "hier4", splits=["stages.1", "stages.2"], example_input=x)
+    assert model.segment_names == [["stem", "stages.0", "stages.1"], ["stages.2"], ["stages.3", "pool", "classifier"]]
+    out = model(x)
+    assert out.shape == (4, 2, 3)
+    out.square().sum().backward()
+    assert model.trunk["stages__0"][0].weight.grad is not None
+    model.eval()
+    with torch.no_grad():
+        for k in range(4):
+            head = model.export_head(k)
+            assert isinstance(head, StagedNet)
+            torch.testing.assert_close(head(x), model(x)[k])
+    # the trunk's keys of top-level children are unchanged (checkpoints of built-in archs keep loading)
+    assert any(k.startswith("trunk.stem.") for k in model.state_dict())
+
+
+class OwnTokenNet(StagedNet):
+    def __init__(self, num_classes=3):
+        super().__init__(num_classes)
+        self.scale = nn.Parameter(torch.ones(()))  # a learnt parameter of the model itself
+
+    def forward(self, x):
+        return super().forward(x) * self.scale
+
+
+class PoolInCodeNet(StagedNet):
+    def __init__(self, num_classes=3):
+        super().__init__(num_classes)
+        del self.pool  # pooling in forward code, as a ViT pools its tokens
+
+    def forward(self, x):
+        return self.classifier(self.stages(self.stem(x)).mean((2, 3)))
+
+
+class DropoutInCodeNet(StagedNet):
+    def forward(self, x):
+        return super().forward(x) * 0.5  # forward logic that is no child
+
+
+@pytest.mark.parametrize("net, match", [
+    (OwnTokenNet, r"OwnTokenNet has parameters or buffers of its own, outside every child .*: scale"),
+    (PoolInCodeNet, r"PoolInCodeNet: running its children in order fails"),
+    (DropoutInCodeNet, r"DropoutInCodeNet: head 0 differs from the model's own forward"),
+])
+def test_what_a_split_would_drop_is_refused(net, match):
+    with pytest.raises(ValueError, match=match):
+        make_collaborative(net, "ilr2", splits=["stages.1"], example_input=torch.randn(2, 3, 8, 8))
+
+
+def test_split_inside_a_container_with_its_own_forward_is_refused():
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.b(self.a(x)) + x
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block, self.fc = Block(), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(self.block(x))
+
+    with pytest.raises(ValueError, match="split point inside 'block': it is a Block, whose own forward"):
+        make_collaborative(Net, "ilr2", splits=["block.a"])
+
+
+def test_auto_splits_pick_the_papers_points():
+    from collab_fast.models.external import pick_splits
+
+    stages = ["layer1", "layer2", "layer3", "layer4"]
+    assert pick_splits(stages, 1) == ["layer2"] and pick_splits(stages, 2) == ["layer2", "layer3"]
+    assert pick_splits(stages, 3) == ["layer1", "layer2", "layer3"]
+    assert pick_splits([f"blocks.{i}" for i in range(12)], 2) == ["blocks.5", "blocks.8"]
+    with pytest.raises(ValueError, match="do not fit"):
+        pick_splits(["a", "b"], 3)
+
+
+def test_external_arch_without_the_library_is_one_line(monkeypatch):
+    import sys
+
+    from collab_fast.extras import MissingExtra
+
+    for name in ("timm", "torchvision", "torchvision.models"):
+        monkeypatch.setitem(sys.modules, name, None)  # import fails, as where they are not installed
+    for arch in ("timm:convnext_tiny", "torchvision:mobilenet_v3_large"):
+        with pytest.raises(MissingExtra, match=rf"--arch {arch} needs .*does not import here"):
+            build(arch, "hier4")
+
+
+def test_pretrained_copies_differ_by_their_classifier():
+    from collab_fast.models import reinit_classifier
+
+    torch.manual_seed(0)
+    weights = StagedNet().state_dict()  # stands in for a pretrained checkpoint
+
+    def pretrained():
+        net = StagedNet()
+        net.load_state_dict(weights)
+        return reinit_classifier(net)
+
+    model = make_collaborative(pretrained, "inst2")
+    a, b = model.levels[0][0], model.levels[0][1]
+    assert torch.equal(a["stages"][0][0].weight, b["stages"][0][0].weight)  # the same features
+    assert not torch.equal(a["classifier"][2].weight, b["classifier"][2].weight)  # other decision layers
+    out = model(torch.randn(4, 3, 8, 8))
+    assert (out[0] - out[1]).abs().max() > 1e-3  # the heads' outputs diverge from the start
 
 
 # -------------------------------------------------------------------------- torchvision compatibility
@@ -251,3 +384,32 @@ def test_compile_model_and_loss_one_graph_no_breaks(pattern):
     ex = torch._dynamo.explain(lambda a, b: fused_collab_loss(model(a), b))(x, y)
     assert (ex.graph_count, ex.graph_break_count) == (1, 0), [str(b.reason) for b in ex.break_reasons]
     torch._dynamo.reset()
+
+
+class DropoutInForwardNet(StagedNet):
+    def forward(self, x):  # dropout in code (timm's drop_rate): only visible in training mode
+        x = self.pool(self.stages(self.stem(x))).flatten(1)
+        return self.classifier(nn.functional.dropout(x, 0.5, self.training))
+
+
+def test_dropout_in_forward_code_is_refused_and_bn_statistics_are_left_alone():
+    with pytest.raises(ValueError, match="differs from the model's own forward in training mode"):
+        make_collaborative(DropoutInForwardNet, "ilr2", splits=["stages.1"], example_input=torch.randn(4, 3, 8, 8))
+    torch.manual_seed(0)
+    model = make_collaborative(StagedNet, "ilr2", splits=["stages.1"])
+    before = {n: b.clone() for n, b in model.named_buffers()}
+    model.check_forward(torch.randn(4, 3, 8, 8))
+    assert all(torch.equal(b, before[n]) for n, b in model.named_buffers()) and model.training
+
+
+def test_inst1_is_single_with_the_collaborative_interface():
+    # One code path for every pattern: inst:1 is the single network as a CollabNet ([1, N, C], export_head).
+    torch.manual_seed(0)
+    model = build("resnet32", "inst:1", num_classes=10).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = model(x)
+        assert isinstance(model, CollabNet) and model.num_heads == 1 and out.shape == (1, 2, 10)
+        head = model.export_head(0).eval()
+        assert type(head) is type(build("resnet32", "single", num_classes=10))
+        torch.testing.assert_close(head(x), out[0])

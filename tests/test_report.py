@@ -125,3 +125,21 @@ def test_recipes_list_and_override(capsys):
         train.parse_config(["--recipe", "nope"])
     with pytest.raises(SystemExit):
         train.parse_config([])  # no data set and no recipe
+
+
+def test_unwritable_out_is_one_line(runs, tmp_path, capsys, monkeypatch):
+    single, _ = runs
+    (tmp_path / "file").write_text("x")
+    assert report_main([str(single), "--out", str(tmp_path / "file" / "sub")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "cannot write the report" in err[0] and "choose another --out" in err[0], err
+    import errno
+    import pathlib
+
+    def read_only(self, *a, **k):  # a read-only mount (root ignores permission bits, so simulated)
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    monkeypatch.setattr(pathlib.Path, "write_text", read_only)
+    assert report_main([str(single), "--out", str(tmp_path / "ro")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: cannot write the report (") and "Read-only file system" in err[-1], err

@@ -431,6 +431,26 @@ def test_builder_killed_mid_build_does_not_block_the_next(tmp_path):
     assert not list(tmp_path.glob(".build-*")), "the dead builder's directory was left behind"
 
 
+@pytest.mark.slow
+def test_ctrl_c_during_the_first_build_is_one_line(tmp_path):
+    # Ctrl-C reaches the whole process group (the trainer and ninja's compilers) while the extension builds:
+    # one line each, exit 130, no traceback, nothing left that blocks the next build.
+    cmd = [sys.executable, "-m", "collab_fast.train", "digits", "--device", "cpu", "--arch", "resnet32",
+           "--pattern", "ilr2", "--max-steps", "1", "--output", str(tmp_path / "run")]
+    p = subprocess.Popen(cmd, env=_env(tmp_path / "cache"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not list((tmp_path / "cache").glob(".build-*/*.ninja")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)  # the compilers are running
+    os.killpg(p.pid, signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err[-2000:]
+    assert "Traceback" not in err, err[-3000:]
+    assert "build was interrupted" in err and "interrupted during setup" in err
+    assert not list((tmp_path / "cache").glob(".build-*"))
+
+
 def test_build_key_separates_environments(monkeypatch):
     from torch.utils import cpp_extension
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from collab_fast.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from collab_fast.run_state import RunDir, State, finite_model, restore, snapshot
+from collab_fast.run_state import RunDir, State, restore, snapshot
 
 
 def _net_opt():
@@ -61,6 +61,52 @@ def test_output_that_is_a_file_or_under_a_file(tmp_path):
         RunDir(tmp_path / "f" / "run", resume=False, overwrite=False, main=True)
 
 
+def test_full_disk_while_claiming_is_one_line_and_leaves_no_lock(tmp_path, monkeypatch):
+    import errno
+
+    from collab_fast import run_state
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(run_state.os, "pwrite", full)
+    with pytest.raises(CheckpointError) as info:
+        RunDir(tmp_path / "run", resume=False, overwrite=False, main=True)
+    msg = str(info.value)
+    assert "\n" not in msg and "cannot claim the run directory (No space left on device)" in msg
+    monkeypatch.undo()
+    RunDir(tmp_path / "run", resume=False, overwrite=False, main=True).close()  # the lock was released
+
+
+def test_config_json_write_error_is_one_line_and_never_torn(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from collab_fast import checkpoint, train
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.os, "fsync", full)
+    rc = train.main(["digits", "--device", "cpu", "--arch", "resnet32", "--pattern", "single", "--max-steps", "1",
+                     "--output", str(tmp_path / "run")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err[-1].startswith("error: cannot write ") and "config.json: No space left" in err[-1], err
+    assert not (tmp_path / "run" / "config.json").exists() and not list((tmp_path / "run").glob(".*.tmp"))
+
+
+def test_os_errors_reaching_the_trainer_are_one_line(monkeypatch, capsys):
+    import errno
+
+    from collab_fast import train
+
+    def vanished(cfg):
+        raise OSError(errno.EIO, "Input/output error", "/mnt/data/train/n01/x.JPEG")
+
+    monkeypatch.setattr(train, "run", vanished)
+    assert train.main(["digits", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.strip() == "error: /mnt/data/train/n01/x.JPEG: Input/output error"
+
+
 def test_stale_temp_files_of_killed_saves_are_removed(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
@@ -93,10 +139,3 @@ def test_restore_errors_are_one_line(tmp_path, damage, match):
     with pytest.raises(CheckpointError, match=match) as info:
         restore(tmp_path / "bad.pt", *_net_opt(), None, "a", "p")
     assert "\n" not in str(info.value)
-
-
-def test_finite_model_sees_buffers():
-    net = torch.nn.BatchNorm1d(3)
-    assert finite_model(net)
-    net.running_mean[1] = float("nan")
-    assert not finite_model(net)

@@ -311,9 +311,9 @@ def test_out_of_memory_message(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("argv, match", [
-    (["digits", "--arch", "vgg16"], "invalid choice: 'vgg16'"),
+    (["digits", "--arch", "vgg16"], r"--arch must be one of resnet18, .*or timm:NAME / torchvision:NAME, got 'vgg16'"),
     (["digits", "--beta", "2"], r"--beta must be in \[0, 1\]"),
-    (["digits", "--temperature", "0"], r"--temperature must be in \(0, inf\)"),
+    (["digits", "--temperature", "0"], r"--temperature must be in \(0, 10000\]"),
     (["digits", "--pattern", "hier5"], "unknown pattern 'hier5'"),
     (["imagenet"], "imagenet needs --data DIR"),
     (["digits", "--data", "/no/such/dir"], "--data /no/such/dir: no such directory"),
@@ -321,14 +321,14 @@ def test_out_of_memory_message(tmp_path, monkeypatch):
     (["digits", "--eval-only"], "--eval-only needs --weights PATH or --resume"),
     (["digits", "-b", "30", "--accum-steps", "4"], "must be a multiple of --accum-steps"),
     (["digits", "--amp", "fp16", "--skip-nonfinite"], "--skip-nonfinite cannot be combined"),
-    (["digits", "-b", "0"], r"--batch-size must be in \[1, inf\)"),
+    (["digits", "-b", "0"], r"--batch-size must be in \[1, 1048576\]"),
     (["mnist"], "invalid choice: 'mnist'"),
     (["digits", "--loss-weights", "1"], "--loss-weights takes two numbers HARD,SOFT"),
     (["digits", "--loss-weights", "1,4", "--beta", "0.3"], "--loss-weights replaces --beta and --soft-weight"),
     (["digits", "--loss-weights", "1,-4"], r"--loss-weights must be in \[0, inf\)"),
     (["digits", "--soft-loss", "js"], "invalid choice: 'js'"),
     (["digits", "--soft-ramp", "-1"], r"--soft-ramp must be in \[0, inf\)"),
-    (["digits", "--train-samples", "0"], r"--train-samples must be in \[1, inf\)"),
+    (["digits", "--train-samples", "0"], r"--train-samples must be in \[1, 2147483647\]"),
 ])
 def test_bad_flags(argv, match, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -345,9 +345,31 @@ def test_bad_checkpoints(tmp_path, capsys):
     out = run_train(tmp_path, "--pattern", "ilr2", "--max-steps", "1")
     assert train.main([*BASE, "--pattern", "hier4", "--resume", str(out / "last.pt"), "--output", str(tmp_path / "b")]) == 2
     assert "is a resnet32 ilr2 run, not resnet32 hier4" in capsys.readouterr().err
+    # an exported head starts every copy of a collaborative pattern (the classifier re-initialised per head);
+    # one of another network is one line
     assert train.main([*BASE, "--pattern", "ilr2", "--weights", str(out / "head0.pth"), "--output", str(tmp_path / "c"),
-                       "--max-steps", "1"]) == 2
-    assert "needs --pattern single" in capsys.readouterr().err
+                       "--max-steps", "1"]) == 0
+    assert train.main([*BASE, "--arch", "resnet110", "--pattern", "ilr2", "--weights", str(out / "head0.pth"),
+                       "--output", str(tmp_path / "d"), "--max-steps", "1"]) == 2
+    assert "the weights do not fit" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_weights_start_every_copy_and_the_heads_differ(tmp_path):
+    from collab_fast.checkpoint import load_file
+
+    out = run_train(tmp_path, "--pattern", "single", "--max-steps", "1")
+    head = load_file(out / "head0.pth")
+    cfg = train.TrainConfig("digits", arch="resnet32", pattern="ilr2", weights=str(out / "head0.pth"))
+    net = train.make_model(cfg, 10, torch.device("cpu"), train._pretrained_weights(cfg))
+    a, b = net.levels[0][0], net.levels[0][1]
+    torch.testing.assert_close(a["layer3"].state_dict(), {k[len("layer3."):]: v for k, v in head.items()
+                                                           if k.startswith("layer3.")})
+    assert torch.equal(a["layer3"][0].conv1.weight, b["layer3"][0].conv1.weight)
+    assert not torch.equal(a["fc"].weight, b["fc"].weight)  # each head's classifier is its own
+    net.eval()
+    with torch.no_grad():
+        logits = net(torch.randn(4, 3, 32, 32))
+    assert (logits[0] - logits[1]).abs().max() > 1e-3
 
 
 def test_lr_schedules():

@@ -2,7 +2,8 @@
 
 `build_loaders(...)` returns (train_loader, val_loader, num_classes) for a data set name. Every loader
 yields (images float [B, 3, H, W] on the device (channels_last memory when asked), labels int64 [B] on the
-device), has a known len() per epoch and a set_epoch(epoch).
+device) and keeps the `Loader` protocol (collab_fast.data.loader): len() per epoch, set_epoch, iter_from,
+state_dict / load_state_dict.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collab_fast.data.folder import (
     decode_image,
     scan_split,
 )
+from collab_fast.data.loader import Loader
 from collab_fast.data.memory import (
     CIFAR_MEAN,
     CIFAR_STD,
@@ -36,7 +38,7 @@ from collab_fast.data.split import split_train
 from collab_fast.data.torch_folder import TorchFolderLoader
 from collab_fast.data.toy import write_toy
 
-__all__ = ["AUGMENTS", "DATASETS", "DataError", "DaliLoader", "DeviceLoader", "LabelNoise", "SyntheticLoader",
+__all__ = ["AUGMENTS", "DATASETS", "DataError", "DaliLoader", "DeviceLoader", "LabelNoise", "Loader", "SyntheticLoader",
            "TorchFolderLoader", "check_dali_wheel",
            "build_loaders", "check_image", "decode_image", "default_augment", "default_toy_dir", "scan_split", "write_toy"]
 
@@ -123,8 +125,13 @@ def build_loaders(dataset: str, *, data_dir: str | None = None, batch_size: int 
     root = _ensure_toy(data_dir) if dataset == "toy" else data_dir
     if not root:
         raise ValueError("imagenet needs --data DIR (DIR/train/<class>/*.JPEG and DIR/val/<class>/*.JPEG)")
+    if loader not in ("auto", "dali", "torch"):
+        raise ValueError(f"loader must be auto, dali or torch, got {loader!r}")
+    if loader == "auto":
+        loader = "dali" if dali_installed() else "torch"
     # --skip-bad-images decodes every image once (cached): the header check cannot see every bad file
-    check = dict(check_files=check_files, skip_bad=skip_bad_images, decode=skip_bad_images, threads=num_threads)
+    check = dict(check_files=check_files, skip_bad=skip_bad_images, decode=skip_bad_images, threads=num_threads,
+                 utf8_names=loader == "dali")
     files, labels, classes = scan_split(root, "train", **check)
     if train_samples is not None or holdout:
         tr, ho = split_train(torch.tensor(labels), train_samples, holdout)
@@ -137,10 +144,6 @@ def build_loaders(dataset: str, *, data_dir: str | None = None, batch_size: int 
     if device.type == "cuda" and device_id is None:
         device_id = torch.cuda.current_device()
     size = image_size or 224
-    if loader not in ("auto", "dali", "torch"):
-        raise ValueError(f"loader must be auto, dali or torch, got {loader!r}")
-    if loader == "auto":
-        loader = "dali" if dali_installed() else "torch"
     common = dict(num_classes=len(classes), image_size=size, rank=rank, world=world, seed=seed, dtype=dtype,
                   channels_last=channels_last)
     if loader == "torch":

@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from collab_fast.cli import Parser
 from collab_fast.data.folder import IMAGE_EXTENSIONS, DataError, check_image, decode_image
 from collab_fast.data.toy import write_toy
 from collab_fast.extras import MissingExtra
@@ -33,7 +34,7 @@ def _check(root: Path, decode: bool) -> int:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m collab_fast.data", description=__doc__,
+    p = Parser(prog="python -m collab_fast.data", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("toy", help="write a deterministic, learnable ImageNet-format JPEG folder")

@@ -127,7 +127,7 @@ def decode_image(path: str | Path) -> str | None:
 
 
 def _decode_cache(base: Path) -> Path:
-    key = hashlib.blake2b(str(base.resolve()).encode(), digest_size=8).hexdigest()
+    key = hashlib.blake2b(os.fsencode(base.resolve()), digest_size=8).hexdigest()
     return cache_root() / "decode_checks" / f"{base.name}-{key}.json"
 
 
@@ -139,6 +139,11 @@ def _decode_all(base: Path, paths: list[Path], threads: int | None) -> dict[Path
         cached = json.loads(cache_file.read_text())
     except (OSError, ValueError):
         cached = {}
+    if not isinstance(cached, dict):  # a damaged cache (another program's file, a bad copy): start over
+        cached = {}
+    # Entries of another shape are dropped: those files are simply checked again.
+    cached = {k: v for k, v in cached.items() if isinstance(v, list) and len(v) == 2 and isinstance(v[0], str)
+              and (v[1] is None or isinstance(v[1], str))}
     stamps = {}
     for p in paths:
         st = p.stat()
@@ -157,13 +162,31 @@ def _decode_all(base: Path, paths: list[Path], threads: int | None) -> dict[Path
     return {p: cached[str(p)][1] for p in paths}
 
 
+def _shown(p) -> str:
+    """A path for a message: bytes that are not UTF-8 (kept by Python as surrogates) shown as escapes."""
+    return str(p).encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _utf8(p: Path) -> bool:
+    try:
+        str(p).encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+_NOT_UTF8 = "its path is not valid UTF-8, which DALI cannot read (rename it, or use --loader torch)"
+
+
 def scan_split(root: str | Path, split: str, classes: list[str] | None = None, check_files: bool = True,
-               skip_bad: bool = False, decode: bool = False,
-               threads: int | None = None) -> tuple[list[str], list[int], list[str]]:
+               skip_bad: bool = False, decode: bool = False, threads: int | None = None,
+               utf8_names: bool = False) -> tuple[list[str], list[int], list[str]]:
     """Files and labels of root/split. Class indices come from `classes` (the sorted train folders).
 
     check_files: the cheap header check of every file; decode: a full decode of every file (cached), which
-    finds what the header check cannot; skip_bad: skip (and name) bad files instead of failing."""
+    finds what the header check cannot; skip_bad: skip (and name) bad files instead of failing; utf8_names:
+    a path that is not valid UTF-8 (a file or class folder named in another encoding) is a bad file (DALI
+    takes only UTF-8 paths)."""
     base = Path(root) / split
     if not Path(root).is_dir():
         raise FileNotFoundError(f"data directory {root} does not exist")
@@ -190,6 +213,8 @@ def scan_split(root: str | Path, split: str, classes: list[str] | None = None, c
         verdict = _decode_all(base, [p for p, _ in entries], threads)
     else:
         verdict = {p: check_image(p) if check_files else None for p, _ in entries}
+    if utf8_names:
+        verdict.update({p: _NOT_UTF8 for p, _ in entries if not _utf8(p)})
     files, labels, bad = [], [], []
     for p, label in entries:
         if verdict[p]:
@@ -198,7 +223,7 @@ def scan_split(root: str | Path, split: str, classes: list[str] | None = None, c
             files.append(str(p))
             labels.append(label)
     if bad:
-        listing = "; ".join(f"{p}: {why}" for p, why in bad[:5]) + (" ..." if len(bad) > 5 else "")
+        listing = "; ".join(f"{_shown(p)}: {why}" for p, why in bad[:5]) + (" ..." if len(bad) > 5 else "")
         if not skip_bad:
             raise ValueError(f"{len(bad)} unreadable image file(s) in {base}: {listing} "
                              "(remove them, or pass skip_bad / --skip-bad-images to skip them)")
@@ -269,6 +294,10 @@ class DaliLoader:
             raise ValueError(f"need as many labels as files (got {len(files)} files, {len(labels)} labels)")
         if dtype not in (torch.float32, torch.float16):
             raise ValueError(f"DALI outputs float32 or float16, got {dtype}")
+        not_utf8 = [f for f in files if not _utf8(Path(f))]
+        if not_utf8:
+            raise DataError(f"{len(not_utf8)} file(s) cannot be read by DALI, e.g. {_shown(not_utf8[0])}: {_NOT_UTF8}, "
+                            "or pass --skip-bad-images to skip them")
         self.device = torch.device("cpu" if device_id is None else f"cuda:{device_id}")
         if train:
             # A full seeded shuffle first (image folders are sorted by class), then DALI reshuffles the
@@ -300,26 +329,30 @@ class DaliLoader:
         self._pipe.build()
         self._iter = self._make_iter(self._pipe)
         self._len = len(self._iter)
-        self._resumed_at = 0
+        self._resumed_at = 0  # the epoch's batch at which the rebuilt reader starts
+        self._position = 0  # batches of the current epoch consumed
 
     def __len__(self) -> int:
         return self._len
 
-    def checkpoint(self) -> str:
-        """The reader's position and random states after the batches consumed so far (training loaders), for
-        `restore`; "" for evaluation loaders, which always start from their first batch."""
-        return self._iter.checkpoints()[0] if self.train else ""
+    def state_dict(self) -> dict:
+        """The reader's position and random states after the batches consumed so far, and how many batches
+        of the epoch that is (training loaders); {} for evaluation loaders, which always start from their
+        first batch."""
+        if not self.train:
+            return {}
+        return {"reader": self._iter.checkpoints()[0], "batch_in_epoch": self._position % max(self._len, 1)}
 
-    def restore(self, checkpoint: str, batch_in_epoch: int) -> None:
-        """Continues where `checkpoint` was taken, batch_in_epoch batches into an epoch."""
-        if checkpoint and self.train:
+    def load_state_dict(self, state: dict) -> None:
+        """Continues where `state` was taken (see state_dict)."""
+        if state.get("reader") and self.train:
             try:
-                self._build(checkpoint)
+                self._build(state["reader"])
             except RuntimeError as exc:
                 raise ValueError(f"the data loader state in the checkpoint does not fit this data set or DALI "
                                  f"version ({str(exc).splitlines()[0]}); resume with the same --data and "
                                  "--batch-size") from None
-            self._resumed_at = batch_in_epoch
+            self._resumed_at = int(state.get("batch_in_epoch", 0))
 
     def set_epoch(self, epoch: int) -> None:
         # The reader reshuffles by itself after each epoch; only the noisy labels change here.
@@ -330,10 +363,12 @@ class DaliLoader:
         return self.iter_from(0)
 
     def iter_from(self, start: int):
-        """This epoch's batches from batch `start` on: free after `restore` at that batch; otherwise the
-        first `start` batches are read and dropped (a checkpoint without loader state)."""
+        """This epoch's batches from batch `start` on: free after load_state_dict at that batch; otherwise
+        the first `start` batches are read and dropped (a checkpoint without loader state)."""
         resumed, self._resumed_at = self._resumed_at, 0
+        self._position = resumed
         for i, batch in enumerate(self._batches()):
+            self._position = resumed + i + 1  # batches of this epoch consumed once this one is
             if i >= start - resumed:
                 yield batch
 

@@ -189,10 +189,10 @@ class DeviceLoader:
     def __iter__(self):
         return self.iter_from(0)
 
-    def checkpoint(self) -> str:
-        return ""  # the position follows from (seed, epoch, batch): nothing to save
+    def state_dict(self) -> dict:
+        return {}  # the position follows from (seed, epoch, batch): nothing to save
 
-    def restore(self, checkpoint: str, batch_in_epoch: int) -> None:
+    def load_state_dict(self, state: dict) -> None:
         pass
 
     def iter_from(self, start: int):
@@ -223,10 +223,10 @@ class SyntheticLoader:
     def set_epoch(self, epoch: int) -> None:
         pass
 
-    def checkpoint(self) -> str:
-        return ""
+    def state_dict(self) -> dict:
+        return {}
 
-    def restore(self, checkpoint: str, batch_in_epoch: int) -> None:
+    def load_state_dict(self, state: dict) -> None:
         pass
 
     def __iter__(self):

@@ -144,11 +144,11 @@ class TorchFolderLoader:
         if self.noise is not None:
             self.table = self.noise.labels_for_epoch(epoch).to(self.device)
 
-    def checkpoint(self) -> str:
-        """"": the position is (epoch, batch), which the trainer saves anyway (see the module doc)."""
-        return ""
+    def state_dict(self) -> dict:
+        """{}: the position is (epoch, batch), which the trainer saves anyway (see the module doc)."""
+        return {}
 
-    def restore(self, checkpoint: str, batch_in_epoch: int) -> None:
+    def load_state_dict(self, state: dict) -> None:
         """Nothing to restore: iter_from(batch) starts there exactly."""
 
     def __iter__(self):

@@ -111,6 +111,9 @@ class CollabLossParams:
                             _check_number("weights[1] (soft)", w[1], 0.0, math.inf)))
         else:
             put("beta", 0.5 if self.beta is None else _check_number("beta", self.beta, 0.0, 1.0))
+            if self.soft_weight is None and self.temperature > 1e150:  # T^2 would overflow a float
+                raise ValueError(f"temperature {self.temperature:g}: the default soft_weight T^2 overflows; pass "
+                                 "soft_weight (or weights), or a smaller temperature")
             put("soft_weight", self.temperature**2 if self.soft_weight is None
                 else _check_number("soft_weight", self.soft_weight, 0.0, math.inf))
         if self.soft_loss not in _SOFT_LOSSES:

@@ -13,12 +13,14 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 
+import torch
 from torch import nn
 
 from collab_fast.models import cifar, resnet
 from collab_fast.models.collab import BEFORE_ALL, RESCALE_MODES, CollabNet, parse_pattern
 
-__all__ = ["ARCHS", "BEFORE_ALL", "CollabNet", "build", "default_splits", "make_collaborative", "parse_pattern"]
+__all__ = ["ARCHS", "BEFORE_ALL", "EXTERNAL_PREFIXES", "CollabNet", "build", "default_splits", "is_builtin_resnet",
+           "make_collaborative", "parse_pattern", "reinit_classifier"]
 
 # name -> (constructor(num_classes), default split points by number of split levels, default classes)
 # ImageNet ResNets: the paper splits after conv3_x (layer2) and conv4_x (layer3) (sec. 4.2).
@@ -38,50 +40,117 @@ ARCHS: dict[str, tuple[Callable[..., nn.Module], dict[int, list[str]], int]] = {
 }
 
 
+EXTERNAL_PREFIXES = ("timm:", "torchvision:")
+
+
+def is_builtin_resnet(arch: str) -> bool:
+    """The built-in ResNets (ImageNet and CIFAR), which take zero_init_residual."""
+    return arch in ARCHS and arch.startswith("resnet")
+
+
 def _arch(arch: str):
     if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(ARCHS)}")
+        raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(ARCHS)}, or timm:NAME / torchvision:NAME")
     return ARCHS[arch]
 
 
 def default_splits(arch: str, levels: int) -> list[str]:
-    """The split points a pattern with `levels` split levels uses on `arch`."""
-    _, table, _ = _arch(arch)
+    """The paper's split points for `levels` split levels of a built-in architecture."""
+    table = _arch(arch)[1]
     if levels not in table:
         raise ValueError(f"{arch} has split points for at most {max(table)} levels (valid: "
                          f"{', '.join(f'{k}: {v}' for k, v in table.items())}); the pattern needs {levels}")
     return list(table[levels])
 
 
-def make_collaborative(make_target: Callable[[], nn.Module], pattern: str, splits: Sequence[str] | None = None,
-                       rescale: str = "backprop") -> nn.Module:
-    """Collaborative version of any network that runs its named children in order.
+def reinit_classifier(model: nn.Module) -> nn.Module:
+    """Re-initialises the model's classifier (timm's reset_classifier, else its last Linear): copies built
+    from one set of pretrained weights start from the same features but different decision layers, so
+    their outputs, and what they teach each other, differ from the first step."""
+    if hasattr(model, "reset_classifier") and hasattr(model, "num_classes"):
+        model.reset_classifier(model.num_classes)
+        return model
+    last = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not last:
+        raise ValueError(f"{type(model).__name__} has no Linear classifier to re-initialise per head")
+    last[-1].reset_parameters()
+    return model
+
+
+def make_collaborative(make_target: Callable[[], nn.Module], pattern: str, splits: Sequence[str] | str | None = None,
+                       rescale: str = "backprop", example_input: torch.Tensor | None = None) -> nn.Module:
+    """Collaborative version of any network that runs its children in order.
 
     make_target builds a fresh target network per call (so copies are independently initialised); splits
-    names the child after which each level splits (not needed for single and inst patterns).
+    names the module after which each level splits, as a dotted path into nn.Sequential containers
+    ("layer2", "stages.1", "features.9"), or "auto" (the paper's points among the network's stages; see
+    collab_fast.models.external); not needed for single and inst patterns. example_input: checks that
+    head 0 computes what the network's own forward does (eval mode), refusing a network whose forward does
+    more than run its children.
     """
     factors, instances = parse_pattern(pattern)
     if not factors:
         return make_target()
     if instances:
-        return CollabNet(make_target, factors, [BEFORE_ALL], rescale=rescale)
-    if splits is None or len(splits) != len(factors):
-        raise ValueError(f"pattern {pattern!r} has {len(factors)} split level(s): pass that many split child "
-                         f"names, got {None if splits is None else list(splits)}")
-    return CollabNet(make_target, factors, list(splits), rescale=rescale)
+        model = CollabNet(make_target, factors, [BEFORE_ALL], rescale=rescale)
+    else:
+        if splits == "auto":
+            from collab_fast.models.external import pick_splits, stage_modules
+
+            splits = pick_splits(stage_modules(make_target()), len(factors))
+        if splits is None or isinstance(splits, str) or len(splits) != len(factors):
+            raise ValueError(f"pattern {pattern!r} has {len(factors)} split level(s): pass that many split points "
+                             f"(dotted module paths) or splits='auto', got {splits!r}")
+        model = CollabNet(make_target, factors, list(splits), rescale=rescale)
+    if example_input is not None:
+        model.check_forward(example_input)
+    return model
 
 
 def build(arch: str, pattern: str = "single", num_classes: int | None = None, rescale: str = "backprop",
-          splits: Sequence[str] | None = None, **arch_kwargs) -> nn.Module:
-    """The target network (pattern "single") or its collaborative version; see collab_fast.models.collab."""
-    ctor, _, default_classes = _arch(arch)
+          splits: Sequence[str] | str | None = None, pretrained: bool = False,
+          weights: dict[str, torch.Tensor] | None = None, **arch_kwargs) -> nn.Module:
+    """The target network (pattern "single") or its collaborative version; see collab_fast.models.collab.
+
+    arch: a built-in name (ARCHS), or "timm:NAME" / "torchvision:NAME" (the timm / torchvision extras),
+    whose split points default to "auto" and whose head 0 is checked against the model's own forward.
+    pretrained: the library's pretrained weights in every copy, the classifier re-initialised per head.
+    weights: a state dict of the target network (an exported head, a converted checkpoint) loaded into every
+    copy, likewise with the classifier re-initialised per head (pattern single: loaded as it is).
+    """
     if rescale not in RESCALE_MODES:
         raise ValueError(f"rescale must be one of {RESCALE_MODES}, got {rescale!r}")
+    external = arch.startswith(EXTERNAL_PREFIXES)
+    if external:
+        from collab_fast.models.external import external_constructor
+
+        ctor, default_classes = external_constructor(arch, pretrained), 1000
+    else:
+        if pretrained:
+            raise ValueError(f"pretrained weights exist for timm:NAME and torchvision:NAME archs, not {arch!r}")
+        ctor, _, default_classes = _arch(arch)
     num_classes = default_classes if num_classes is None else num_classes
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     make_target = functools.partial(ctor, num_classes=num_classes, **arch_kwargs)
     factors, instances = parse_pattern(pattern)
+    if weights is not None:
+        plain_ctor = make_target
+
+        def make_target():
+            net = plain_ctor()
+            try:
+                net.load_state_dict(weights, strict=True)
+            except RuntimeError as exc:
+                raise ValueError(f"the weights do not fit {type(net).__name__}: {str(exc).splitlines()[0]}") from None
+            return net
+    if (pretrained or weights is not None) and factors:
+        plain = make_target
+        make_target = lambda: reinit_classifier(plain())  # noqa: E731
     if factors and not instances and splits is None:
-        splits = default_splits(arch, len(factors))
-    return make_collaborative(make_target, pattern, splits, rescale)
+        splits = "auto" if external else default_splits(arch, len(factors))
+    example = None
+    if external and factors:
+        size = (getattr(make_target(), "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))
+        example = torch.randn(2, *size, generator=torch.Generator().manual_seed(0))
+    return make_collaborative(make_target, pattern, splits, rescale, example)

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from collab_fast.rescale import branch, ensure_ops
 
-__all__ = ["RESCALE_MODES", "CollabNet", "parse_pattern", "run_children"]
+__all__ = ["RESCALE_MODES", "CollabNet", "forward_units", "parse_pattern", "run_children"]
 
 RESCALE_MODES = ("backprop", "loss", "none")
 _NAMED = {"single": [], "ilr2": [2], "hier4": [2, 2]}
@@ -57,13 +57,59 @@ def parse_pattern(pattern: str) -> tuple[list[int], bool]:
                      "tree:AxB... (e.g. tree:2x2 = hier4, tree:4, tree:2x2x2)")
 
 
+def _starts_with_linear(module: nn.Module) -> bool:
+    while isinstance(module, nn.Sequential) and len(module):
+        module = module[0]
+    return isinstance(module, nn.Linear)
+
+
 def run_children(modules: nn.ModuleDict, x: Tensor) -> Tensor:
-    """Runs named children in order; flattens before a Linear that gets a feature map (as ResNets do)."""
+    """Runs named children in order; flattens a feature map before a Linear (or a Sequential classifier
+    that starts with one), as ResNets and torchvision's MobileNets do in their forward."""
     for module in modules.values():
-        if isinstance(module, nn.Linear) and x.dim() > 2:
+        if x.dim() > 2 and _starts_with_linear(module):
             x = x.flatten(1)
         x = module(x)
     return x
+
+
+def _key(path: str) -> str:
+    return path.replace(".", "__")  # ModuleDict keys cannot hold dots; top-level names stay as they are
+
+
+def forward_units(model: nn.Module, splits: Sequence[str]) -> list[str]:
+    """The dotted paths of the modules the model's forward runs in order: its children, with every
+    container on a split point's path (an nn.Sequential, which runs its children in order) replaced by
+    its own children. E.g. splits ["stages.1"] on a ConvNeXt: stem, stages.0 ... stages.3, norm_pre, head."""
+    expand = {".".join(s.split(".")[:i]) for s in splits if s != BEFORE_ALL for i in range(1, len(s.split(".")))}
+
+    def walk(module: nn.Module, prefix: str) -> list[str]:
+        out = []
+        for name, child in module.named_children():
+            path = f"{prefix}{name}"
+            if path in expand:
+                if not isinstance(child, nn.Sequential):
+                    raise ValueError(f"split point inside {path!r}: it is a {type(child).__name__}, whose own forward "
+                                     "decides how its children run; split inside an nn.Sequential, or at a child of "
+                                     f"{type(model).__name__}")
+                out += walk(child, path + ".")
+            else:
+                out.append(path)
+        return out
+
+    return walk(model, "")
+
+
+def _own_tensors(model: nn.Module, units: list[str]) -> list[str]:
+    """Parameters and buffers that belong to the model (or an expanded container) rather than to a unit:
+    CollabNet would neither train nor export them."""
+    holders = {""} | {".".join(u.split(".")[:i]) for u in units for i in range(1, len(u.split(".")))}
+    names = []
+    for h in sorted(holders):
+        m = model.get_submodule(h) if h else model
+        names += [f"{h + '.' if h else ''}{n}" for n in (*m._parameters, *m._buffers)
+                  if getattr(m, n, None) is not None]
+    return names
 
 
 class CollabNet(nn.Module):
@@ -77,22 +123,29 @@ class CollabNet(nn.Module):
     """
 
     def __init__(self, make_target: Callable[[], nn.Module], factors: Sequence[int], splits: Sequence[str],
-                 rescale: str = "backprop"):
+                 rescale: str = "backprop"):  # splits: dotted paths (e.g. "stages.1") into nn.Sequential children
         super().__init__()
         if rescale not in RESCALE_MODES:
             raise ValueError(f"rescale must be one of {RESCALE_MODES}, got {rescale!r}")
         if len(factors) != len(splits) or not factors:
             raise ValueError(f"need one split point per level: factors {list(factors)}, splits {list(splits)}")
         proto = make_target()
-        names = [n for n, _ in proto.named_children()]
+        names = forward_units(proto, splits)
         if not names:
             raise ValueError(f"{type(proto).__name__} has no named children to split")
+        own = _own_tensors(proto, names)
+        if own:
+            raise ValueError(f"{type(proto).__name__} has parameters or buffers of its own, outside every child that "
+                             f"its forward runs: {', '.join(own[:6])}{' ...' if len(own) > 6 else ''}; a collaborative "
+                             "copy would neither train nor export them (move them into a child module, or wrap the "
+                             "model so that they are)")
         cuts = []
         for s in splits:
             if s == BEFORE_ALL:
                 cuts.append(0)
             elif s not in names:
-                raise ValueError(f"split point {s!r} is not a child of {type(proto).__name__}; valid: {names}")
+                raise ValueError(f"split point {s!r} is not a module that {type(proto).__name__}'s forward runs in "
+                                 f"order; valid: {names}")
             else:
                 cuts.append(names.index(s) + 1)
         if cuts != sorted(set(cuts)) or cuts[-1] >= len(names):
@@ -107,13 +160,13 @@ class CollabNet(nn.Module):
         self._make_target = make_target
         if any(f > 1 for f in self.factors):
             ensure_ops()  # build/load the rescaling ops now, not inside a torch.compile trace
-        self.trunk = nn.ModuleDict({n: getattr(proto, n) for n in self.segment_names[0]})
+        self.trunk = nn.ModuleDict({_key(n): proto.get_submodule(n) for n in self.segment_names[0]})
         self.levels = nn.ModuleList()
         for level, seg in enumerate(self.segment_names[1:]):
             copies = []
             for _ in range(math.prod(self.factors[: level + 1])):
                 fresh = make_target()
-                copies.append(nn.ModuleDict({n: getattr(fresh, n) for n in seg}))
+                copies.append(nn.ModuleDict({_key(n): fresh.get_submodule(n) for n in seg}))
             self.levels.append(nn.ModuleList(copies))
 
     @property
@@ -148,13 +201,54 @@ class CollabNet(nn.Module):
         net = self._make_target()
         parts = [self.trunk] + [copies[i] for copies, i in zip(self.levels, path)]
         with torch.no_grad():
-            for part in parts:
-                for name, module in part.items():
-                    getattr(net, name).load_state_dict(module.state_dict())
+            for part, names in zip(parts, self.segment_names):
+                for name in names:
+                    net.get_submodule(name).load_state_dict(part[_key(name)].state_dict())
         p = next(iter(self.parameters()), None)
         if p is not None:
             net = net.to(device=p.device)
         return net.train(self.training)
+
+    def run_head(self, x: Tensor, k: int) -> Tensor:
+        """Head k alone, [N, C]: its path through the tree, no other copy run (no rescaling)."""
+        path = self.head_path(k)
+        x = run_children(self.trunk, x)
+        for copies, i in zip(self.levels, path):
+            x = run_children(copies[i], x)
+        return x
+
+    @torch.no_grad()
+    def check_forward(self, example: Tensor, rtol: float = 1e-4, atol: float = 1e-5) -> None:
+        """Raises ValueError unless head 0 computes what the target network's own forward computes with the
+        same weights, on `example`, in eval mode and in training mode (the same random seed for both, so
+        dropout and drop-path match): a model whose forward does more than run its children in order (token
+        pooling, a reshape, dropout in code) would otherwise train as a different network."""
+        name = type(self._make_target()).__name__
+        was = self.training
+        buffers = {n: b.clone() for n, b in self.named_buffers()}  # training mode moves BN statistics
+        try:
+            for mode in ("eval", "training"):
+                ref_net = self.export_head(0).train(mode == "training")
+                self.train(mode == "training")
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(0)
+                    ref = ref_net(example)
+                    torch.manual_seed(0)
+                    ours = self.run_head(example, 0)
+                if ref.shape != ours.shape or not torch.allclose(ours, ref, rtol=rtol, atol=atol):
+                    diff = (ours - ref).abs().max().item() if ref.shape == ours.shape else float("nan")
+                    raise ValueError(f"{name}: head 0 differs from the model's own forward in {mode} mode (max |diff| "
+                                     f"{diff:.3g}, shapes {tuple(ours.shape)} vs {tuple(ref.shape)}): its forward does "
+                                     "more than run its children in order (dropout or pooling in code?); wrap it so "
+                                     "that it does, or leave such options off")
+        except RuntimeError as exc:
+            raise ValueError(f"{name}: running its children in order fails ({str(exc).splitlines()[0]}); its forward "
+                             "does more than that (token pooling, a flatten or reshape in code): wrap it so that "
+                             "its forward runs its children") from None
+        finally:
+            self.train(was)
+            for n, b in self.named_buffers():
+                b.copy_(buffers[n])
 
     def extra_repr(self) -> str:
         return (f"heads={self.num_heads}, factors={self.factors}, splits={self.splits}, rescale={self.rescale!r}, "

@@ -1,0 +1,45 @@
+"""The contract every training and evaluation loader keeps (DaliLoader, TorchFolderLoader, DeviceLoader,
+SyntheticLoader), and all the trainer relies on. Its state follows the ecosystem's `Stateful` convention
+(`state_dict` / `load_state_dict`, as torch.utils.data's StatefulDataLoader and torchtitan use).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol, runtime_checkable
+
+import torch
+
+__all__ = ["Loader"]
+
+
+@runtime_checkable
+class Loader(Protocol):
+    """(images [B, 3, S, S] on the device, labels [B] int64 on the device) batches of one process's shard."""
+
+    num_classes: int
+
+    def __len__(self) -> int:
+        """Batches per epoch of this process's shard."""
+        ...
+
+    def set_epoch(self, epoch: int) -> None:
+        """Makes the next iteration epoch `epoch` (its order, augmentation and noisy labels)."""
+        ...
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This epoch's batches from the first (or from where load_state_dict left the loader)."""
+        ...
+
+    def iter_from(self, start: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This epoch's batches from batch `start` on (resuming mid-epoch)."""
+        ...
+
+    def state_dict(self) -> dict:
+        """What resumes the loader exactly where the batches consumed so far leave it (plain values: a
+        checkpoint holds it). {} where the position follows from (seed, epoch, batch) alone."""
+        ...
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continues from `state` (a state_dict() of a loader built with the same arguments)."""
+        ...

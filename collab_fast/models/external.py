@@ -1,0 +1,105 @@
+"""Networks from timm and torchvision (optional extras) as collaborative targets: `build("timm:NAME", ...)`,
+`build("torchvision:NAME", ...)`, and the paper's split points found from the network's stage layout.
+
+Split points ("auto"): the network's stages (timm: its `feature_info`, the modules after which the feature
+map's stride grows; torchvision: the ResNet layers, or the blocks of `features` where the stride grows),
+then the stage at 1/2 of them for one split level and at 1/2 and 3/4 for two, as the paper splits a
+ResNet-50 after conv3_x and conv4_x (sec. 4.2); three levels: 1/4, 1/2, 3/4.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from collab_fast.extras import MissingExtra
+
+__all__ = ["external_constructor", "pick_splits", "stage_modules"]
+
+PREFIXES = ("timm:", "torchvision:")
+
+
+def external_constructor(arch: str, pretrained: bool = False) -> Callable[..., nn.Module]:
+    """A constructor(num_classes=..., **model_kwargs) for "timm:NAME" or "torchvision:NAME"."""
+    lib, name = arch.split(":", 1)
+    if lib == "timm":
+        timm = _import("timm", arch)
+        if name not in timm.list_models() and not timm.is_model(name):
+            raise ValueError(f"--arch {arch}: timm has no model {name!r} (see timm.list_models())")
+        return functools.partial(timm.create_model, name, pretrained=pretrained)
+    tv = _import("torchvision.models", arch)
+    if name not in tv.list_models():
+        raise ValueError(f"--arch {arch}: torchvision has no model {name!r} (see torchvision.models.list_models())")
+
+    def make(num_classes: int = 1000, **kwargs):
+        weights = "DEFAULT" if pretrained else None
+        if pretrained and num_classes != 1000:
+            raise ValueError(f"--arch {arch} with pretrained weights has 1000 classes; the classifier is "
+                             "re-initialised per head anyway: build with num_classes=1000, or without pretrained")
+        return tv.get_model(name, weights=weights, num_classes=num_classes, **kwargs)
+
+    return make
+
+
+def _import(module: str, arch: str):
+    # No pip extra: torchvision must be the release built for the installed torch (an unpinned one makes
+    # pip replace torch by another build), so the user installs the matching pair.
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except Exception as exc:  # ImportError, or torchvision's RuntimeError beside a torch it was not built for
+        raise MissingExtra(f"--arch {arch} needs {module.split('.')[0]} (and torchvision built for torch "
+                           f"{torch.__version__.split('+')[0]}), which does not import here "
+                           f"({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}): "
+                           "pip install timm 'torchvision==<the release for your torch>'") from None
+
+
+def stage_modules(model: nn.Module) -> list[str]:
+    """Dotted paths of the modules that end each stage (the feature map's stride grows after them)."""
+    info = getattr(model, "feature_info", None)
+    if info is not None:  # timm
+        entries = info.get_dicts() if hasattr(info, "get_dicts") else list(info)
+        stages = [e["module"] for e in entries if e.get("reduction", 4) >= 4]
+        return [m for m in stages if _exists(model, m)]
+    names = [n for n, _ in model.named_children()]
+    if all(f"layer{i}" in names for i in range(1, 5)):  # torchvision ResNet / ResNeXt / Wide ResNet
+        return [f"layer{i}" for i in range(1, 5)]
+    features = getattr(model, "features", None)
+    if isinstance(features, nn.Sequential):  # MobileNet, EfficientNet, VGG, ...: where the stride grows
+        return _stride_changes(features, "features")
+    raise ValueError(f"{type(model).__name__}: no stage layout found (no timm feature_info, no layer1..4, no "
+                     "features Sequential); pass splits explicitly (dotted paths of the children to split after)")
+
+
+def _exists(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
+
+
+def _stride_changes(features: nn.Sequential, prefix: str) -> list[str]:
+    # The last block before each downsampling, found by running a probe image through the blocks.
+    x = torch.zeros(1, 3, 224, 224)
+    sizes = []
+    with torch.no_grad():
+        for block in features:
+            x = block(x)
+            sizes.append(x.shape[-1])
+    ends = [i for i in range(len(sizes) - 1) if sizes[i + 1] < sizes[i] and sizes[i] < 224 // 2]
+    return [f"{prefix}.{i}" for i in ends] + [f"{prefix}.{len(sizes) - 1}"]
+
+
+def pick_splits(stages: list[str], levels: int) -> list[str]:
+    """The paper's split points among a network's stages (see the module doc)."""
+    fractions = {1: [1 / 2], 2: [1 / 2, 3 / 4], 3: [1 / 4, 1 / 2, 3 / 4]}.get(
+        levels, [(i + 1) / (levels + 1) for i in range(levels)])
+    picks = [stages[max(0, round(len(stages) * f) - 1)] for f in fractions]
+    if len(set(picks)) != len(picks) or picks[-1] == stages[-1] and len(stages) > 1 and levels > 1:
+        raise ValueError(f"{levels} split levels do not fit {len(stages)} stages ({stages}); pass splits explicitly")
+    return picks
