@@ -106,6 +106,21 @@ def test_toy_folder_through_dali(tmp_path):
 
 
 @pytest.mark.slow
+def test_default_toy_set_is_generated_on_first_use(tmp_path, monkeypatch):
+    # What the Quick start runs: toy without --data, in a fresh cache. The resolved config names the default
+    # folder before it exists; it must be generated, not refused as a missing --data.
+    import collab_fast.data as data
+
+    monkeypatch.setenv("COLLAB_FAST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(data, "TOY_DEFAULT", {"classes": 3, "per_class": 8, "size": 48})
+    out = tmp_path / "run"
+    assert train.main(["toy", "--device", "cpu", "--arch", "resnet18", "--pattern", "ilr2", "--image-size", "32",
+                       "-b", "8", "--max-steps", "1", "--output", str(out), "--loader", "torch"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["data"] == str(data.default_toy_dir()) and (data.default_toy_dir() / ".complete").exists()
+
+
+@pytest.mark.slow
 def test_dali_resume_is_exact_mid_epoch_and_across_epochs(tmp_path):
     # Image folders go through DALI, whose reader position and random state travel in the checkpoint:
     # 24 images at batch 4 = 6 steps per epoch; 8 steps (epoch 2, batch 2) + resume to 14 equals 14 uninterrupted

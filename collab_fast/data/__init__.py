@@ -62,9 +62,11 @@ def default_toy_dir() -> Path:
 
 
 def _ensure_toy(data_dir: str | None) -> Path:
-    if data_dir:
-        return Path(data_dir)
+    """The toy folder: a user's --data, or the default one, generated on first use (the resolved config
+    names the default folder before it exists)."""
     out = default_toy_dir()
+    if data_dir and Path(data_dir).absolute() != out.absolute():
+        return Path(data_dir)
     if not (out / ".complete").exists():
         write_toy(out, **TOY_DEFAULT)
         (out / ".complete").write_text("ok\n")
