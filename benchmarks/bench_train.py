@@ -29,9 +29,12 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_output_args, bench, format_row, output_dir, save  # noqa: E402
 
+from collab_fast.config import TrainConfig  # noqa: E402
 from collab_fast.data import build_loaders  # noqa: E402
+from collab_fast.models import build_model  # noqa: E402
 from collab_fast.models.cost import pattern_cost  # noqa: E402
-from collab_fast.train import Step, TrainConfig, make_model, make_optimizer  # noqa: E402
+from collab_fast.optim import make_optimizer  # noqa: E402
+from collab_fast.train import Step  # noqa: E402
 
 # Paper Table 4 (ResNet-50, ImageNet): training time and memory relative to one model.
 PAPER_TABLE4 = {"single": (1.0, 1.0), "inst2": (2.0, 2.0), "ilr2": (1.4, 1.32), "hier4": (1.75, 1.5)}
@@ -74,7 +77,7 @@ def time_steps(step, steps: int, warmup: int, device: torch.device) -> list[floa
 def _plain_step(cfg, model, net):
     """The baseline: what a plain PyTorch training loop does for one network (no collab_fast code)."""
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
-    amp = torch.bfloat16 if cfg.amp == "bf16" else None
+    amp = torch.bfloat16 if cfg.optim.amp == "bf16" else None
 
     def step(x, y):
         with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
@@ -88,14 +91,13 @@ def _plain_step(cfg, model, net):
 
 def run_one(arch, pattern, compiled, args, device, peak):
     cuda = device.type == "cuda"
-    cfg = TrainConfig("synthetic", arch=arch, pattern="single" if pattern == "plain" else pattern,
-                      batch_size=args.batch_size, lr=0.1, amp="bf16" if cuda else "off", channels_last=cuda,
-                      compile=compiled, image_size=args.image_size)
-    train, _, classes = build_loaders(args.data, batch_size=args.batch_size, image_size=args.image_size,
-                                      device=device, channels_last=cuda, synthetic_classes=1000,
-                                      synthetic_steps=10**9)
-    model = make_model(cfg, classes, device)
-    optimizer = make_optimizer(model, cfg)
+    cfg = TrainConfig.from_flags(args.data, arch=arch, pattern="single" if pattern == "plain" else pattern,
+                                 batch_size=args.batch_size, lr=0.1, amp="bf16" if cuda else "off", channels_last=cuda,
+                                 compile=compiled, image_size=args.image_size, synthetic_steps=10**9)
+    train, _, classes = build_loaders(cfg.data, batch_size=args.batch_size, device=device, channels_last=cuda,
+                                      synthetic_classes=1000)
+    model = build_model(cfg.model, classes, device)
+    optimizer = make_optimizer(model, cfg.optim)
     runner = torch.compile(model) if compiled else model
     train_step = Step(cfg, runner, model, optimizer) if pattern != "plain" else _plain_step(cfg, runner, model)
     batches = iter(train)
@@ -113,7 +115,7 @@ def run_one(arch, pattern, compiled, args, device, peak):
     times = time_steps(step, args.steps, args.warmup, device)
     step_ms = statistics.median(times)
     img_s = args.batch_size / (step_ms * 1e-3)
-    cost = pattern_cost(arch, cfg.pattern, args.image_size, classes)
+    cost = pattern_cost(arch, cfg.model.pattern, args.image_size, classes)
     mem = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
     return {"arch": arch, "pattern": pattern, "compile": compiled, "batch": args.batch_size, "image": args.image_size,
             "img_per_s": img_s, "step_ms": step_ms, "peak_mem_mb": mem,

@@ -1,12 +1,19 @@
 """collab_fast: a fast training engine for collaborative learning (Song & Chai, NeurIPS 2018)."""
 
-from collab_fast.kernels.collab_loss import CollabLoss, CollabStats, collab_loss_reference, fused_collab_loss
+from collab_fast.kernels.collab_loss import (
+    CollabLoss,
+    CollabLossParams,
+    CollabStats,
+    collab_loss_reference,
+    fused_collab_loss,
+)
 from collab_fast.rescale import GradRescale, branch, grad_rescale
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CollabLoss",
+    "CollabLossParams",
     "CollabStats",
     "GradRescale",
     "branch",

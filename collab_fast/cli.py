@@ -1,12 +1,108 @@
-"""The command lines' common parser: an argparse error is the one line that matters and a pointer to
---help, not the whole usage block first."""
+"""What the command lines share: `opt`, the metadata that makes a dataclass field a flag (its help text,
+choices and valid range), and `Parser`, whose error is the one line that matters and a pointer to --help,
+not the whole usage block first. The sections that own the trainer's settings (data.DataConfig,
+models.ModelConfig, CollabLossParams, optim.OptimConfig, run_state.RunConfig) declare their fields with
+`opt`; collab_fast.config composes them and generates the flat command line."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import sys
+import typing
+from dataclasses import field
 
-__all__ = ["Parser"]
+__all__ = ["Parser", "base_type", "check_fields", "check_values", "flag", "flat_name", "opt", "range_text", "settings"]
+
+INT_MAX = 2**31 - 1  # the bound of an integer setting without its own: counts, sizes and steps that torch and the
+# data loaders take as 32-bit or allocate from (2^70 overflowed in C++ with a traceback)
+
+
+def opt(default=None, help: str = "", *, choices=None, lo=None, hi=None, lo_open=False, hi_open=False,
+        short: str | None = None, metavar: str | None = None, cli: bool = True, name: str | None = None):
+    """A setting: its default (the only place it is written), help text, choices and valid range [lo, hi]
+    (open ends as flagged). `name`: its name on the command line and in config.json where the field's own
+    name would clash with another section's (the loss's `weights` is --loss-weights); cli=False: recorded
+    in config.json but not a flag."""
+    meta = dict(help=help, choices=choices, lo=lo, hi=hi, lo_open=lo_open, hi_open=hi_open, short=short,
+                metavar=metavar, cli=cli, name=name)
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def flag(name: str) -> str:
+    """A setting's flag: its (flat) name with dashes."""
+    return "--" + name.replace("_", "-")
+
+
+def flat_name(f: dataclasses.Field) -> str:
+    """A setting's name on the command line and in config.json."""
+    return f.metadata.get("name") or f.name
+
+
+def settings(cls) -> list[tuple[dataclasses.Field, object]]:
+    """(field, type annotation) of each setting of a section class: its fields declared with `opt`."""
+    hints = typing.get_type_hints(cls)
+    return [(f, hints[f.name]) for f in dataclasses.fields(cls) if "help" in f.metadata]
+
+
+def base_type(tp):
+    """(scalar type, is a sequence) of an annotation such as `float | None`, `list[float]` or
+    `tuple[float, float] | None`."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) in (list, tuple):
+        return args[0], True
+    if args:
+        return base_type(args[0])
+    return tp, False
+
+
+def _in_range(v, meta) -> bool:
+    lo = -math.inf if meta["lo"] is None else meta["lo"]
+    hi = math.inf if meta["hi"] is None else meta["hi"]
+    return (v > lo if meta["lo_open"] else v >= lo) and (v < hi if meta["hi_open"] else v <= hi)
+
+
+def range_text(meta, base=float) -> str:
+    num = lambda v: str(v) if isinstance(v, int) else f"{v:g}"
+    hi = INT_MAX if base is int and meta["hi"] is None else meta["hi"]
+    lo = "-inf" if meta["lo"] is None else num(meta["lo"])
+    left = "(" if meta["lo_open"] or meta["lo"] is None else "["
+    right = ")" if meta["hi_open"] or hi is None else "]"
+    return f"{left}{lo}, {'inf' if hi is None else num(hi)}{right}"
+
+
+def check_values(cls, values: dict) -> None:
+    """Type, choices and range of each setting of section `cls` present in `values` (keyed by field name).
+    Raises ValueError naming the flag."""
+    for f, tp in settings(cls):
+        v, meta = values.get(f.name), f.metadata
+        if v is None:
+            continue
+        name, (base, many) = flag(flat_name(f)), base_type(tp)
+        if many and not isinstance(v, (list, tuple)):
+            raise ValueError(f"{name} must be a list of numbers, got {v!r}")
+        for x in (v if many else [v]):
+            if base is float and (isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x)):
+                raise ValueError(f"{name} must be a finite number, got {x!r}")
+            if base is int and (isinstance(x, bool) or not isinstance(x, int)):
+                raise ValueError(f"{name} must be an integer, got {x!r}")
+            if base is bool and not isinstance(x, bool):
+                raise ValueError(f"{name} must be true or false, got {x!r}")
+            if base is str and not isinstance(x, str):
+                raise ValueError(f"{name} must be a string, got {x!r}")
+            if meta["choices"] is not None and x not in meta["choices"]:
+                raise ValueError(f"{name} must be one of {', '.join(map(str, meta['choices']))}, got {x!r}")
+            if ((meta["lo"] is not None or meta["hi"] is not None) and not _in_range(x, meta)
+                    or base is int and meta["hi"] is None and abs(x) > INT_MAX):
+                raise ValueError(f"{name} must be in {range_text(meta, base)}, got {x}")
+
+
+def check_fields(section) -> None:
+    """check_values on a section object's own fields (its __post_init__)."""
+    check_values(type(section), vars(section))
 
 
 class Parser(argparse.ArgumentParser):

@@ -9,6 +9,7 @@ torchvision.models.resnet* (identical parameter and buffer names).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -17,18 +18,19 @@ from torch import nn
 
 from collab_fast.checkpoint import CheckpointError, load_checkpoint, save_atomic
 from collab_fast.cli import Parser
-from collab_fast.models import build
+from collab_fast.models import ModelConfig, build_model
 
 __all__ = ["export_checkpoint", "model_from_config", "main"]
 
 
 def model_from_config(config: dict) -> nn.Module:
-    """Rebuilds the training model a checkpoint's config describes."""
-    try:
-        return build(config["arch"], config.get("pattern", "single"), num_classes=config.get("num_classes"),
-                     rescale=config.get("rescale", "backprop"))
-    except KeyError as exc:
-        raise CheckpointError(f"the checkpoint's config has no {exc.args[0]!r}") from None
+    """Rebuilds the training model a checkpoint's (flat) config describes: its model section, less the
+    initial weights (the checkpoint's own replace them)."""
+    if "arch" not in config:
+        raise CheckpointError("the checkpoint's config has no 'arch'")
+    keep = {f.name for f in dataclasses.fields(ModelConfig)} - {"weights", "channels_last", "compile"}
+    model = ModelConfig(**{k: v for k, v in config.items() if k in keep and v is not None})
+    return build_model(model, config.get("num_classes"))
 
 
 def export_checkpoint(checkpoint: str, head: int, output: str) -> nn.Module:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import random
 import signal
 import sys
@@ -26,18 +25,19 @@ import torch
 import torch.distributed as dist
 
 from collab_fast.checkpoint import FORMAT, CheckpointError, load_file, os_error_line, save_atomic, write_text_atomic
-from collab_fast.config import TrainConfig, parse_config, parse_model_kwargs, resolve
+from collab_fast.config import TrainConfig, parse_config, resolve
 from collab_fast.data import Loader, TorchFolderLoader, build_loaders
 from collab_fast.distributed import Dist, cleanup, init_distributed
 from collab_fast.extras import MissingExtra
 from collab_fast.health import finite_model, finite_number
-from collab_fast.kernels.collab_loss import CollabLoss, collab_loss
+from collab_fast.kernels.collab_loss import collab_loss
 from collab_fast.metrics import Logger, Meter, Progress, memory_stats
-from collab_fast.models import ARCHS, build, is_builtin_resnet
+from collab_fast.models import ARCHS, build_model
 from collab_fast.models.cost import pattern_cost
+from collab_fast.optim import lr_factor, make_optimizer, soft_factor
 from collab_fast.run_state import RunDir, State, load_weights, restore, snapshot
 
-__all__ = ["Step", "TrainConfig", "evaluate", "main", "make_model", "make_optimizer", "parse_config", "run"]
+__all__ = ["Step", "TrainConfig", "evaluate", "main", "parse_config", "run"]
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -48,72 +48,19 @@ def seed_everything(seed: int, rank: int) -> None:
     torch.manual_seed(seed)  # the same initial weights on every rank
 
 
-def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
-    """Learning-rate multiplier at optimizer step `step` (0-based)."""
-    epoch = step / max(steps_per_epoch, 1)
-    if cfg.warmup_epochs > 0 and epoch < cfg.warmup_epochs:
-        # never above the peak: a warm-up shorter than one step is no warm-up
-        return min(1.0, (step + 1) / max(cfg.warmup_epochs * steps_per_epoch, 1.0))
-    if cfg.schedule == "cosine":
-        t = (epoch - cfg.warmup_epochs) / max(cfg.epochs - cfg.warmup_epochs, 1e-9)
-        return 0.5 * (1 + math.cos(math.pi * min(max(t, 0.0), 1.0)))
-    return 0.1 ** sum(epoch >= m for m in cfg.lr_milestones)
-
-
-def soft_factor(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
-    """The soft objective's weight multiplier at optimizer step `step` (0-based): --soft-ramp's
-    exp(-5 (1 - t)^2), t the fraction of the ramp done, then 1."""
-    if cfg.soft_ramp <= 0:
-        return 1.0
-    t = min(step / (cfg.soft_ramp * max(steps_per_epoch, 1)), 1.0)
-    return math.exp(-5.0 * (1.0 - t) ** 2) if t < 1.0 else 1.0
-
-
-def make_model(cfg: TrainConfig, num_classes: int, device: torch.device, weights: dict | None = None
-               ) -> torch.nn.Module:
-    """The network; `weights` (a plain network's state dict) go into every copy (see _pretrained_weights)."""
-    arch_kw = {"zero_init_residual": cfg.zero_init_residual} if is_builtin_resnet(cfg.arch) else {}
-    arch_kw.update(parse_model_kwargs(cfg.model_kwargs))
-    model = build(cfg.arch, cfg.pattern, num_classes=num_classes, rescale=cfg.rescale,
-                  pretrained=cfg.weights in ("timm", "torchvision"), weights=weights, **arch_kw).to(device)
-    return model.to(memory_format=torch.channels_last) if cfg.channels_last else model
-
-
 def _pretrained_weights(cfg: TrainConfig) -> dict | None:
     """--weights PATH of a plain network (an exported head) for a collaborative pattern: loaded into every
     copy by build (the classifier re-initialised per head). A training checkpoint, or pattern single, is
     loaded later by load_weights as it is."""
-    if not cfg.weights or cfg.weights in ("timm", "torchvision") or cfg.pattern == "single":
+    if not cfg.model.weights or cfg.model.pretrained or cfg.model.pattern == "single":
         return None
-    obj = load_file(cfg.weights)
+    obj = load_file(cfg.model.weights)
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         return None  # a training checkpoint of this very model: load_weights
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"--weights {cfg.weights}: expected a state dict of tensors, found a {type(obj).__name__}")
+        raise CheckpointError(f"--weights {cfg.model.weights}: expected a state dict of tensors, found a "
+                              f"{type(obj).__name__}")
     return obj
-
-
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    # No weight decay on batch-norm parameters and biases (standard for ResNets at large batch).
-    decay, no_decay = [], []
-    for p in model.parameters():
-        (no_decay if p.dim() <= 1 else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.wd}, {"params": no_decay, "weight_decay": 0.0}]
-    # The fused SGD reads `found_inf` on the device: it is how a non-finite step is skipped without a sync.
-    opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, fused=True)
-    if cfg.momentum > 0:
-        # Zero momentum buffers up front: the fused SGD otherwise allocates them uninitialised on its first
-        # step, and a first step skipped through found_inf (--skip-nonfinite, the fp16 scaler) would leave them
-        # so. momentum * 0 + grad equals the first step's buf = grad bit for bit (no dampening).
-        for p in model.parameters():
-            opt.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-    return opt
-
-
-def make_loss(cfg: TrainConfig) -> CollabLoss:
-    return CollabLoss(temperature=cfg.temperature, beta=cfg.beta, soft_weight=cfg.soft_weight, soft_loss=cfg.soft_loss,
-                      weights=tuple(cfg.loss_weights) if cfg.loss_weights else None,
-                      detach_consensus=cfg.detach_consensus, label_smoothing=cfg.label_smoothing)
 
 
 def as_heads(logits: torch.Tensor) -> torch.Tensor:
@@ -122,7 +69,7 @@ def as_heads(logits: torch.Tensor) -> torch.Tensor:
 
 class Step:
     """One optimizer step (forward, fused loss, backward, update) with no host sync. `model` is what runs
-    (maybe DDP- or compile-wrapped), `net` the bare model (num_heads, loss_scale, buffers)."""
+    (maybe DDP- or compile-wrapped), `net` the bare model (num_heads, loss_factor, buffers)."""
 
     def __init__(self, cfg: TrainConfig, model, net, optimizer, scaler=None, proc: Dist | None = None):
         self.model, self.net, self.optimizer, self.scaler = model, net, optimizer, scaler
@@ -130,14 +77,14 @@ class Step:
         # the DDP wrapper, also under torch.compile's (whose isinstance is not DDP): no_sync lives there
         inner = getattr(model, "_orig_mod", model)
         self.ddp = inner if isinstance(inner, torch.nn.parallel.DistributedDataParallel) else None
-        self.base = make_loss(cfg).params
+        self.base = cfg.loss
         self.params = self.base  # the base settings, the soft coefficient scaled by --soft-ramp
-        self.amp = AMP_DTYPES.get(cfg.amp)
-        self.accum = cfg.accum_steps
-        self.scale = net.loss_scale / cfg.accum_steps
+        self.amp = AMP_DTYPES.get(cfg.optim.amp)
+        self.accum = cfg.optim.accum_steps
+        self.scale = net.loss_factor / cfg.optim.accum_steps
         # --skip-nonfinite: a skipped step must leave the model exactly as it was, and its forward has
         # already updated the batch-norm statistics: those buffers are put back on the device.
-        self.buffers = [b for b in net.buffers()] if cfg.skip_nonfinite else None
+        self.buffers = [b for b in net.buffers()] if cfg.optim.skip_nonfinite else None
 
     def set_soft_factor(self, factor: float) -> None:
         self.params = self.base if factor == 1.0 else self.base.with_soft_factor(factor)
@@ -192,7 +139,7 @@ class Run:
     model: torch.nn.Module  # what runs the forward pass (DDP / compile wrapped)
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None
-    step: Step
+    train_step: Step  # one optimizer step (state.step counts them)
     state: State
     log: Logger
     progress: Progress
@@ -226,29 +173,29 @@ def train_one_epoch(r: Run, loader) -> None:
             x, y = next(batches)
         except StopIteration:
             break
-        lr = cfg.lr * lr_factor(cfg, state.step, r.steps_per_epoch)
+        lr = cfg.optim.lr * lr_factor(cfg.optim, state.step, r.steps_per_epoch)
         for g in r.optimizer.param_groups:
             g["lr"] = lr
-        if cfg.soft_ramp:
-            r.step.set_soft_factor(soft_factor(cfg, state.step, r.steps_per_epoch))
-        r.step(x, y, meter)
-        bad = r.step.bad.bool()  # agreed across ranks
+        if cfg.optim.soft_ramp:
+            r.train_step.set_soft_factor(soft_factor(cfg.optim, state.step, r.steps_per_epoch))
+        r.train_step(x, y, meter)
+        bad = r.train_step.bad.bool()  # agreed across ranks
         first_bad = torch.where(bad & (first_bad < 0), state.step, first_bad)
         skipped += bad
         state.step += 1
         state.batch_in_epoch += 1
         meter.step_done(x.shape[0])
-        r.progress.update(state.epoch + 1, cfg.epochs, state.step, x.shape[0] * r.proc.world)
+        r.progress.update(state.epoch + 1, cfg.optim.epochs, state.step, x.shape[0] * r.proc.world)
         last = state.batch_in_epoch >= r.steps_per_epoch or state.step >= r.total_steps
-        due_log = state.step % cfg.log_every == 0 or last
-        due_save = bool(cfg.save_every) and state.step % cfg.save_every == 0 and not last
+        due_log = state.step % cfg.run.log_every == 0 or last
+        due_save = bool(cfg.run.save_every) and state.step % cfg.run.save_every == 0 and not last
         # under torchrun a signal seen by one rank is acted on by all, at the next check (every 10 steps at most)
         due_agree = r.proc.world > 1 and state.step % _AGREE_EVERY == 0
         if due_log or due_save or due_agree or last:
             _check_steps(r, first_bad, skipped)  # the only host sync of the loop
         if due_log:
             rec = meter.read(r.proc)
-            rec.update(step=state.step, epoch=state.epoch + 1, epochs=cfg.epochs, lr=lr, skipped_steps=state.skipped,
+            rec.update(step=state.step, epoch=state.epoch + 1, epochs=cfg.optim.epochs, lr=lr, skipped_steps=state.skipped,
                        eta_s=(r.total_steps - state.step) * rec["sec_per_step"], **memory_stats(device))
             r.log(rec, kind="train")
             meter.reset()
@@ -276,7 +223,7 @@ def _check_steps(r: Run, first_bad: torch.Tensor, skipped: torch.Tensor) -> None
             r.signal = "SIGTERM"  # another rank's: stop together, checkpoint together
         if r.signal:
             raise Stop(f"received {r.signal}")
-    if int(first_bad) >= 0 and not r.cfg.skip_nonfinite:
+    if int(first_bad) >= 0 and not r.cfg.optim.skip_nonfinite:
         raise Stop(f"non-finite loss at step {int(first_bad) + 1} (epoch {r.state.epoch + 1}); the run stops and keeps "
                    "the last good checkpoint (--skip-nonfinite skips such steps instead)")
     r.state.skipped += int(skipped)
@@ -289,8 +236,7 @@ def evaluate(model, net, loader, cfg: TrainConfig, proc: Dist) -> dict:
     plain cross-entropy (comparable across patterns) and the collaborative loss (summed over heads)."""
     device = next(net.parameters()).device
     heads = net.num_heads
-    amp = AMP_DTYPES.get(cfg.amp)
-    loss_fn = make_loss(cfg)
+    amp = AMP_DTYPES.get(cfg.optim.amp)
     model.eval()
     top1 = torch.zeros(heads + 1, device=device, dtype=torch.float64)  # heads..., ensemble
     top5 = torch.zeros(heads + 1, device=device, dtype=torch.float64)
@@ -299,7 +245,7 @@ def evaluate(model, net, loader, cfg: TrainConfig, proc: Dist) -> dict:
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             logits = as_heads(model(x))
         logits = logits.float()
-        loss, stats = loss_fn(logits, y, return_stats=True)
+        loss, stats = collab_loss(logits, y, cfg.loss, return_stats=True)
         both = torch.cat([logits, logits.mean(0, keepdim=True)])  # [H + 1, N, C]
         pred = both.topk(min(5, both.shape[-1]), dim=-1).indices  # [H + 1, N, k]
         hit = pred == y[None, :, None]
@@ -319,11 +265,11 @@ def evaluate(model, net, loader, cfg: TrainConfig, proc: Dist) -> dict:
 
 def _eval_and_save(r: Run, val_loader, epoch_done: bool, final: bool) -> None:
     """Evaluates when due; a non-finite evaluation or model never becomes a checkpoint."""
-    if (epoch_done and r.state.epoch % r.cfg.eval_every == 0) or final:
+    if (epoch_done and r.state.epoch % r.cfg.run.eval_every == 0) or final:
         result = evaluate(r.model, r.net, val_loader, r.cfg, r.proc)
         # 1-based: the epoch just finished, or the one an early stop (--max-steps) ended in
         epoch = r.state.epoch + (r.state.batch_in_epoch > 0)
-        r.log({"epoch": epoch, "epochs": r.cfg.epochs, "step": r.state.step, **result}, kind="eval")
+        r.log({"epoch": epoch, "epochs": r.cfg.optim.epochs, "step": r.state.step, **result}, kind="eval")
         if not (finite_number(result["val_loss"]) and finite_model(r.net)):
             raise Stop(f"the model diverged at step {r.state.step} (non-finite evaluation loss or weights); the "
                        "last good checkpoint is kept (try a lower --lr)")
@@ -347,46 +293,44 @@ def _summary(r: Run, num_classes: int) -> str:
 
 def _setup(cfg: TrainConfig):
     """Device, process group, data, model, optimizer, resumed state: everything the loop needs."""
-    proc, device = init_distributed(cfg.device)
-    default_milestones = cfg.schedule == "step" and not cfg.lr_milestones
+    proc, device = init_distributed(cfg.run.device)
+    default_milestones = cfg.optim.schedule == "step" and not cfg.optim.lr_milestones
     cfg = resolve(cfg, cuda=device.type == "cuda", world=proc.world)
-    rundir = RunDir(cfg.output, resume=bool(cfg.resume), overwrite=cfg.overwrite, main=proc.main)
+    rundir = RunDir(cfg.run.output, resume=bool(cfg.run.resume), overwrite=cfg.run.overwrite, main=proc.main)
     out = rundir.path
-    seed_everything(cfg.seed, proc.rank)
+    seed_everything(cfg.run.seed, proc.rank)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     resume_path = None
-    if cfg.resume:
-        resume_path = out / "last.pt" if cfg.resume == "auto" else Path(cfg.resume)
-        if cfg.eval_only and not resume_path.exists() and not cfg.weights:
-            raise ValueError(f"--eval-only --resume {cfg.resume}: {resume_path} does not exist, and evaluating an "
+    if cfg.run.resume:
+        resume_path = out / "last.pt" if cfg.run.resume == "auto" else Path(cfg.run.resume)
+        if cfg.run.eval_only and not resume_path.exists() and not cfg.model.weights:
+            raise ValueError(f"--eval-only --resume {cfg.run.resume}: {resume_path} does not exist, and evaluating an "
                              "untrained network means nothing; give --weights PATH or an existing checkpoint")
         resume_path = resume_path if resume_path.exists() else None  # auto with nothing to resume: a fresh run
     train_loader, val_loader, num_classes = build_loaders(
-        cfg.dataset, data_dir=cfg.data, batch_size=cfg.batch_size, image_size=cfg.image_size, device=device,
-        rank=proc.rank, world=proc.world, seed=cfg.seed, label_noise=cfg.label_noise,
-        dtype=torch.float16 if cfg.amp == "fp16" else torch.float32, channels_last=cfg.channels_last,
-        skip_bad_images=cfg.skip_bad_images, num_threads=cfg.threads, synthetic_steps=cfg.synthetic_steps,
-        augment=cfg.augment, train_samples=cfg.train_samples, holdout=cfg.holdout, loader=cfg.loader)
+        cfg.data, batch_size=cfg.optim.batch_size, device=device, rank=proc.rank, world=proc.world, seed=cfg.run.seed,
+        dtype=torch.float16 if cfg.optim.amp == "fp16" else torch.float32, channels_last=cfg.model.channels_last)
     if len(train_loader) == 0:
-        raise ValueError(f"--batch-size {cfg.batch_size} is larger than the training set's share of each process: "
+        raise ValueError(f"--batch-size {cfg.optim.batch_size} is larger than the training set's share of each process: "
                          "no full batch per epoch; lower --batch-size")
-    cfg.num_classes = num_classes
+    cfg.data.num_classes = num_classes
     copies = _pretrained_weights(cfg)
-    net = make_model(cfg, num_classes, device, copies)
-    if cfg.weights and copies is None and cfg.weights not in ("timm", "torchvision"):
-        load_weights(net, cfg.weights)
-    optimizer = make_optimizer(net, cfg)
-    scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
+    net = build_model(cfg.model, num_classes, device, copies)
+    if cfg.model.weights and copies is None and not cfg.model.pretrained:
+        load_weights(net, cfg.model.weights)
+    optimizer = make_optimizer(net, cfg.optim)
+    scaler = torch.amp.GradScaler(device.type) if cfg.optim.amp == "fp16" else None
     saved_cfg: dict = {}
-    state = restore(resume_path, net, optimizer, scaler, cfg.arch, cfg.pattern, saved_cfg) if resume_path else State()
+    state = (restore(resume_path, net, optimizer, scaler, cfg.model.arch, cfg.model.pattern, saved_cfg) if resume_path
+             else State())
     old = saved_cfg.get("lr_milestones")
-    if default_milestones and old and saved_cfg.get("schedule") == "step" and old != cfg.lr_milestones:
+    if default_milestones and old and saved_cfg.get("schedule") == "step" and old != cfg.optim.lr_milestones:
         # the defaults follow --epochs: a run continued to more epochs keeps the steps it was trained with
-        cfg.lr_milestones = [float(m) for m in old]
+        cfg.optim.lr_milestones = [float(m) for m in old]
         if proc.main:
-            print(f"collab_fast: keeping the checkpoint's LR milestones {old} (the defaults for --epochs {cfg.epochs} "
-                  "would differ); pass --lr-milestones to set others", file=sys.stderr)
+            print(f"collab_fast: keeping the checkpoint's LR milestones {old} (the defaults for --epochs "
+                  f"{cfg.optim.epochs} would differ); pass --lr-milestones to set others", file=sys.stderr)
     if state.loader_state and len(state.loader_state) == proc.world:
         saved = state.loader_state[proc.rank]
         if isinstance(saved, str):  # checkpoints before the Loader protocol: the DALI reader's string
@@ -399,36 +343,43 @@ def _setup(cfg: TrainConfig):
     if proc.world > 1:
         ids = [proc.local_rank] if device.type == "cuda" else None
         model = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
-    if cfg.compile:
+    if cfg.model.compile:
         model = torch.compile(model)
     steps = len(train_loader)
-    total = min(cfg.epochs * steps, cfg.max_steps or 1 << 62)
-    progress = Progress(cfg.progress, total, state.step, cfg.progress_every, enabled=proc.main)
+    total = min(cfg.optim.epochs * steps, cfg.optim.max_steps or 1 << 62)
+    progress = Progress(cfg.run.progress, total, state.step, cfg.run.progress_every, enabled=proc.main)
     r = Run(cfg, proc, device, net, model, optimizer, scaler, Step(cfg, model, net, optimizer, scaler, proc), state,
-            Logger(out, proc.main, progress, record=not cfg.eval_only), progress, out, steps, total, train_loader)
-    if proc.main and not cfg.eval_only:  # --eval-only leaves the record of how the run was trained as it was
-        write_text_atomic(out / "config.json", json.dumps(cfg.to_dict(), indent=1) + "\n")
-        if cfg.arch in ARCHS:
-            print(f"collab_fast: {pattern_cost(cfg.arch, cfg.pattern, cfg.image_size, num_classes).line()}")
-        else:
-            heads = getattr(net, "num_heads", 1)
-            splits = getattr(net, "splits", [])
-            print(f"collab_fast: {cfg.arch} {cfg.pattern}: {heads} head(s), "
-                  f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params, split after {splits or 'nothing'}")
-        if isinstance(train_loader, TorchFolderLoader):
-            print(f"collab_fast: images through the PyTorch loader ({train_loader.num_workers} workers, Pillow "
-                  "decode on the CPU; slower than DALI: pip install 'collab_fast[dali]', or [dali-cuda12])")
-        until = f" (stops at step {total}: --max-steps)" if cfg.max_steps and total < cfg.epochs * steps else ""
-        print(f"collab_fast: {cfg.dataset} ({num_classes} classes), {steps} steps/epoch x {cfg.epochs} epochs{until}, "
-              f"global batch {cfg.batch_size * proc.world}, lr {cfg.lr:g}, amp {cfg.amp}, device {device}"
-              f"{f', {proc.world} processes' if proc.world > 1 else ''}; output {out}"
-              + (f"; resumed at step {state.step}" if resume_path else ""), flush=True)
-    elif proc.main:
-        source = resume_path or cfg.weights
-        split = f"{cfg.holdout} held-out training samples" if cfg.holdout else "its test split"
-        print(f"collab_fast: evaluating {source} on {cfg.dataset} ({num_classes} classes, {split}), "
-              f"device {device}; results to {out / 'eval.json'}", flush=True)
+            Logger(out, proc.main, progress, record=not cfg.run.eval_only), progress, out, steps, total, train_loader)
+    if proc.main:
+        _header(r, num_classes, resume_path)
     return r, rundir, train_loader, val_loader, num_classes
+
+
+def _header(r: Run, num_classes: int, resume_path: Path | None) -> None:
+    """What the run is, printed once at the start (and config.json, the record of how it was trained)."""
+    cfg, net, out, total, steps = r.cfg, r.net, r.out, r.total_steps, r.steps_per_epoch
+    data, model, optim = cfg.data, cfg.model, cfg.optim
+    if cfg.run.eval_only:  # --eval-only leaves the record of how the run was trained as it was
+        split = f"{data.holdout} held-out training samples" if data.holdout else "its test split"
+        print(f"collab_fast: evaluating {resume_path or model.weights} on {data.dataset} ({num_classes} classes, "
+              f"{split}), device {r.device}; results to {out / 'eval.json'}", flush=True)
+        return
+    write_text_atomic(out / "config.json", json.dumps(cfg.to_dict(), indent=1) + "\n")
+    if model.arch in ARCHS:
+        print(f"collab_fast: {pattern_cost(model.arch, model.pattern, data.image_size, num_classes).line()}")
+    else:
+        print(f"collab_fast: {model.arch} {model.pattern}: {getattr(net, 'num_heads', 1)} head(s), "
+              f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params, split after "
+              f"{getattr(net, 'splits', []) or 'nothing'}")
+    if isinstance(r.train_loader, TorchFolderLoader):
+        print(f"collab_fast: images through the PyTorch loader ({r.train_loader.num_workers} workers, Pillow "
+              "decode on the CPU; slower than DALI: pip install 'collab_fast[dali]', or [dali-cuda12])")
+    world = r.proc.world
+    until = f" (stops at step {total}: --max-steps)" if optim.max_steps and total < optim.epochs * steps else ""
+    print(f"collab_fast: {data.dataset} ({num_classes} classes), {steps} steps/epoch x {optim.epochs} epochs{until}, "
+          f"global batch {optim.batch_size * world}, lr {optim.lr:g}, amp {optim.amp}, device {r.device}"
+          f"{f', {world} processes' if world > 1 else ''}; output {out}"
+          + (f"; resumed at step {r.state.step}" if resume_path else ""), flush=True)
 
 
 def run(cfg: TrainConfig) -> dict:
@@ -436,14 +387,14 @@ def run(cfg: TrainConfig) -> dict:
     r, rundir, train_loader, val_loader, num_classes = _setup(cfg)
     cfg, state = r.cfg, r.state
     try:
-        if cfg.eval_only:
+        if cfg.run.eval_only:
             res = evaluate(r.model, r.net, val_loader, cfg, r.proc)
-            rec = {"epoch": state.epoch + (state.batch_in_epoch > 0), "epochs": cfg.epochs, "step": state.step, **res}
+            rec = {"epoch": state.epoch + (state.batch_in_epoch > 0), "epochs": cfg.optim.epochs, "step": state.step, **res}
             r.log(rec, kind="eval")
             if r.proc.main:  # its own file: config.json and metrics.jsonl keep the record of the training
                 write_text_atomic(r.out / "eval.json", json.dumps({"eval": rec, "config": cfg.to_dict()}, indent=1) + "\n")
             return res
-        if state.step >= r.total_steps or state.epoch >= cfg.epochs:
+        if state.step >= r.total_steps or state.epoch >= cfg.optim.epochs:
             r.progress.write(f"collab_fast: the run in {r.out} is already complete ({state.step} of {r.total_steps} "
                              "steps); nothing to train (raise --epochs or --max-steps to go on)")
         else:
@@ -473,19 +424,20 @@ def _train(r: Run, train_loader, val_loader) -> None:
 
     handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while state.epoch < cfg.epochs and state.step < r.total_steps:
+        while state.epoch < cfg.optim.epochs and state.step < r.total_steps:
             train_loader.set_epoch(state.epoch)
             try:
                 train_one_epoch(r, train_loader)
             except torch.OutOfMemoryError:
-                raise Stop(f"out of memory at batch size {cfg.batch_size} per process ({cfg.arch} {cfg.pattern}, "
-                           f"image size {cfg.image_size}); try --batch-size {max(cfg.batch_size // 2, 1)} (with "
-                           "--accum-steps 2 to keep the global batch)") from None
+                b = cfg.optim.batch_size
+                raise Stop(f"out of memory at batch size {b} per process ({cfg.model.arch} {cfg.model.pattern}, image "
+                           f"size {cfg.data.image_size}); try --batch-size {max(b // 2, 1)} (with --accum-steps 2 to "
+                           "keep the global batch)") from None
             epoch_done = state.batch_in_epoch >= r.steps_per_epoch
             if epoch_done:
                 state.epoch += 1
                 state.batch_in_epoch = 0
-            _eval_and_save(r, val_loader, epoch_done, final=state.epoch >= cfg.epochs or state.step >= r.total_steps)
+            _eval_and_save(r, val_loader, epoch_done, final=state.epoch >= cfg.optim.epochs or state.step >= r.total_steps)
     except Stop as stop:
         if r.signal:
             r.progress.close()
@@ -521,8 +473,8 @@ def main(argv=None) -> int:
     except (MemoryError, RuntimeError) as exc:
         if not isinstance(exc, MemoryError) and "can't allocate memory" not in str(exc):
             raise
-        print(f"error: out of host memory ({cfg.arch} {cfg.pattern}, batch size {cfg.batch_size}); try a smaller "
-              "--batch-size or --image-size", file=sys.stderr)
+        print(f"error: out of host memory ({cfg.model.arch} {cfg.model.pattern}, batch size {cfg.optim.batch_size}); "
+              "try a smaller --batch-size or --image-size", file=sys.stderr)
         return 2
     return 0
 

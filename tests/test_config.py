@@ -1,6 +1,7 @@
 """The trainer's configuration: one source for defaults and help, the generated command line, recipes."""
 
 import dataclasses
+import inspect
 import os
 import shlex
 
@@ -8,16 +9,38 @@ import pytest
 
 from collab_fast import config
 from collab_fast.config import TrainConfig, build_parser, parse_config, recipe_command
+from collab_fast.data import DataConfig
+from collab_fast.models import parse_model_kwargs
 from collab_fast.recipes import RECIPES
 
 
-def test_parser_is_generated_from_the_dataclass():
-    # Every CLI field has exactly one flag, and parsing nothing but the data set gives the dataclass defaults.
+def test_parser_is_generated_from_the_sections():
+    # Every CLI setting of every section has exactly one flag, and parsing nothing but the data set gives the
+    # sections' defaults; config.json's flat view gives the config back.
     parser = build_parser()
     dests = {a.dest for a in parser._actions} - {"help", "list_recipes"}
-    fields = {f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("cli", True)}
-    assert dests == fields
-    assert parse_config(["digits"]) == TrainConfig("digits")
+    fields = {name for name, (_, f, _) in config.FLAT.items() if f.metadata["cli"]}
+    assert dests == fields and "num_classes" in config.FLAT and "num_classes" not in dests
+    assert parse_config(["digits"]) == TrainConfig.from_flags("digits") == TrainConfig(DataConfig("digits"))
+    cfg = parse_config(["digits", "--temperature", "3", "--loss-weights", "1,2", "--lr", "0.5", "-b", "64"])
+    assert TrainConfig.from_flags(**cfg.to_dict()) == cfg
+    assert cfg.loss.weights == (1.0, 2.0) and cfg.optim.batch_size == 64 and cfg.to_dict()["loss_weights"] == [1.0, 2.0]
+    with pytest.raises(ValueError, match="unknown setting 'temprature'"):
+        TrainConfig.from_flags("digits", temprature=3)
+
+
+def test_every_default_is_written_once():
+    # The loss section is CollabLossParams itself: the trainer's default T is the library's.
+    from collab_fast import CollabLossParams, fused_collab_loss
+
+    assert TrainConfig.from_flags("digits").loss == CollabLossParams()
+    assert inspect.signature(fused_collab_loss).parameters["temperature"].default == CollabLossParams().temperature
+    assert config.FLAT["temperature"][0] == "loss" and config.FLAT["loss_weights"][1].name == "weights"
+    for name, settings in RECIPES.items():  # recipes state only what differs from the defaults
+        defaults = TrainConfig.from_flags(settings["dataset"], **({"data": "."} if settings["dataset"] != "digits"
+                                                                 else {})).to_dict()
+        same = [k for k, v in settings.items() if k != "dataset" and defaults[k] == v]
+        assert not same, (name, same)
 
 
 def test_help_shows_text_and_default_for_every_flag():
@@ -26,9 +49,9 @@ def test_help_shows_text_and_default_for_every_flag():
         if action.dest in ("help", "list_recipes"):
             continue
         assert action.help and len(action.help) > 10, action.dest
-        f = next(f for f in dataclasses.fields(TrainConfig) if f.name == action.dest)
+        f = config.FLAT[action.dest][1]
         has_default = f.default is not None or f.default_factory is not dataclasses.MISSING
-        if has_default and f.name != "dataset":
+        if has_default and action.dest != "dataset":
             assert "(default:" in action.help, action.dest
     text = parser.format_help()
     for flag in ("--epochs", "--momentum", "--wd", "--temperature", "--beta", "--image-size", "--output",
@@ -44,13 +67,14 @@ def test_list_recipes_prints_runnable_command_lines(name, tmp_path):
         argv += ["--data", str(tmp_path)]
     cfg = parse_config(argv)
     for k, v in RECIPES[name].items():
-        assert getattr(cfg, k) == v, k
+        assert cfg.to_dict()[k] == v, k
     assert "True" not in cmd and "False" not in cmd
 
 
 def test_recipe_defaults_yield_to_explicit_flags(tmp_path):
     cfg = parse_config(["--recipe", "cifar-resnet32", "--data", str(tmp_path), "--epochs", "7", "--no-zero-init-residual"])
-    assert cfg.epochs == 7 and cfg.lr == 0.1 and cfg.zero_init_residual is False and cfg.recipe == "cifar-resnet32"
+    assert cfg.optim.epochs == 7 and cfg.optim.lr == 0.1 and cfg.model.zero_init_residual is False
+    assert cfg.run.recipe == "cifar-resnet32"
 
 
 @pytest.mark.parametrize("kw, match", [
@@ -70,17 +94,19 @@ def test_recipe_defaults_yield_to_explicit_flags(tmp_path):
 ])
 def test_validation_happens_at_construction(kw, match):
     with pytest.raises(ValueError, match=match):
-        TrainConfig("digits", **kw)
+        TrainConfig.from_flags("digits", **kw)
 
 
 def test_resolve_fills_defaults():
-    cfg = config.resolve(TrainConfig("digits", epochs=9), cuda=False, world=2)
-    assert cfg.lr == pytest.approx(0.2) and cfg.lr_milestones == [3.0, 6.0, 8.0] and cfg.image_size == 32
-    assert cfg.amp == "off" and cfg.channels_last is False and cfg.output.endswith("digits_resnet50_hier4")
+    cfg = config.resolve(TrainConfig.from_flags("digits", epochs=9), cuda=False, world=2)
+    assert cfg.optim.lr == pytest.approx(0.2) and cfg.optim.lr_milestones == [3.0, 6.0, 8.0]
+    assert cfg.data.image_size == 32 and cfg.data.augment == "crop"
+    assert cfg.optim.amp == "off" and cfg.model.channels_last is False
+    assert cfg.run.output.endswith("digits_resnet50_hier4")
     # config.json records what was used: the loss's weights, an absolute run folder, the toy folder
-    assert cfg.beta == 0.5 and cfg.soft_weight == 4.0 and os.path.isabs(cfg.output)
-    toy = config.resolve(TrainConfig("toy", temperature=3.0, loss_weights=[1.0, 2.0]), cuda=False, world=1)
-    assert toy.data and toy.beta is None and toy.soft_weight is None
+    assert cfg.loss.beta == 0.5 and cfg.loss.soft_weight == 4.0 and os.path.isabs(cfg.run.output)
+    toy = config.resolve(TrainConfig.from_flags("toy", temperature=3.0, loss_weights=[1.0, 2.0]), cuda=False, world=1)
+    assert toy.data.root and toy.loss.beta is None and toy.loss.soft_weight is None and toy.data.image_size == 224
 
 
 def test_a_flag_error_is_the_line_and_a_pointer_to_help(capsys):
@@ -96,21 +122,20 @@ def test_a_flag_error_is_the_line_and_a_pointer_to_help(capsys):
 def test_help_is_grouped_by_section():
     text = config.build_parser().format_help()
     heads = [ln for ln in text.splitlines() if ln and not ln.startswith(" ") and ln.endswith(":")]
-    assert heads == ["options:"] + [f"{k} ({v}):" for k, v in config.SECTIONS.items()]
+    assert heads == ["options:"] + [f"{k} ({v}):" for k, (_, v) in config.SECTIONS.items()]
     loss = text[text.index("loss (") : text.index("optim (")]
-    assert "--temperature" in loss and "--beta" in loss and "--lr " not in loss
-    for f in dataclasses.fields(TrainConfig):
-        assert f.metadata["section"] in config.SECTIONS, f.name
+    assert "--temperature" in loss and "--beta" in loss and "--loss-weights" in loss and "--lr " not in loss
 
 
 def test_external_archs_and_model_kwargs():
-    cfg = TrainConfig("digits", arch="timm:convnext_tiny", model_kwargs="drop_path_rate=0.1,act_layer=gelu,x=True")
-    assert config.parse_model_kwargs(cfg.model_kwargs) == {"drop_path_rate": 0.1, "act_layer": "gelu", "x": True}
+    cfg = TrainConfig.from_flags("digits", arch="timm:convnext_tiny",
+                                 model_kwargs="drop_path_rate=0.1,act_layer=gelu,x=True")
+    assert parse_model_kwargs(cfg.model.model_kwargs) == {"drop_path_rate": 0.1, "act_layer": "gelu", "x": True}
     for kw, match in [(dict(arch="vgg16"), "--arch must be one of resnet18"),
                       (dict(arch="resnet50", model_kwargs="a=1"), "--model-kwargs is for timm: and torchvision:"),
                       (dict(arch="timm:resnet50", model_kwargs="a"), "expected K=V pairs"),
                       (dict(arch="resnet50", weights="timm"), "--weights timm .*needs --arch timm:NAME")]:
         with pytest.raises(ValueError, match=match):
-            TrainConfig("digits", **kw)
-    assert config.resolve(TrainConfig("digits", arch="timm:resnet50"), cuda=False, world=1).output.endswith(
-        "digits_timmresnet50_hier4")
+            TrainConfig.from_flags("digits", **kw)
+    resolved = config.resolve(TrainConfig.from_flags("digits", arch="timm:resnet50"), cuda=False, world=1)
+    assert resolved.run.output.endswith("digits_timmresnet50_hier4")

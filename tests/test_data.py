@@ -11,6 +11,7 @@ from PIL import Image
 
 from collab_fast.data import (
     DaliLoader,
+    DataConfig,
     DeviceLoader,
     LabelNoise,
     SyntheticLoader,
@@ -154,7 +155,7 @@ def test_bad_image_without_skip_is_one_line_naming_the_folder(tmp_path):
 
     root = write_toy(tmp_path / "t", classes=2, per_class=4, size=32, val_per_class=1)
     _forge(sorted((root / "train").rglob("*.JPEG"))[0], "huge")
-    train, _, _ = build_loaders("toy", data_dir=str(root), batch_size=4, image_size=24)
+    train, _, _ = build_loaders(DataConfig("toy", root=str(root), image_size=24), batch_size=4)
     with pytest.raises(DataError) as info:
         for _ in train:
             pass
@@ -171,7 +172,7 @@ def test_skip_bad_images_decodes_every_file_once(tmp_path, monkeypatch):
     _forge(files[0], "huge")
     _forge(files[5], "garbage")
     with pytest.warns(RuntimeWarning, match="skipping 2 unreadable image file"):
-        train, _, _ = build_loaders("toy", data_dir=str(root), batch_size=2, image_size=24, skip_bad_images=True)
+        train, _, _ = build_loaders(DataConfig("toy", root=str(root), image_size=24, skip_bad_images=True), batch_size=2)
     assert sum(x.shape[0] for x, _ in train) == 6  # the 6 good training images, no DALI failure
     del train  # its pipeline prefetches the next epoch: no files rewritten under it
     decoded = []
@@ -215,7 +216,7 @@ def _non_utf8_folder(tmp_path):
 def test_non_utf8_names_are_one_line_for_dali_and_fine_for_the_torch_loader(tmp_path):
     root = _non_utf8_folder(tmp_path)
     with pytest.raises(ValueError) as info:  # DALI's reader takes only UTF-8 paths (a RuntimeError traceback)
-        build_loaders("toy", data_dir=str(root), batch_size=2, image_size=24, loader="dali")
+        build_loaders(DataConfig("toy", root=str(root), image_size=24, loader="dali"), batch_size=2)
     msg = str(info.value)
     assert "\n" not in msg and "4 unreadable image file(s)" in msg and "not valid UTF-8" in msg
     assert "caf\\udce9" in msg and "--loader torch" in msg
@@ -237,9 +238,9 @@ _CHANGED_UNDER_THE_PIPELINE = r"""
 import os, sys, warnings
 from pathlib import Path
 warnings.simplefilter("ignore")
-from collab_fast.data import build_loaders, write_toy
+from collab_fast.data import DataConfig, build_loaders, write_toy
 root = write_toy(Path(sys.argv[1]), classes=2, per_class=40, size=64, val_per_class=1)
-train, _, _ = build_loaders("toy", data_dir=str(root), batch_size=4, image_size=32)
+train, _, _ = build_loaders(DataConfig("toy", root=str(root), image_size=32), batch_size=4)
 for _ in train:
     pass
 for p in (root / "train").rglob("*.JPEG"):
@@ -364,7 +365,7 @@ def test_digits_split_and_stats():
     (x, y), (xt, yt) = load_digits()
     assert x.shape == (1437, 32, 32, 3) and xt.shape == (360, 32, 32, 3) and x.dtype == torch.uint8
     assert sorted(set(y.tolist())) == list(range(10))
-    train, val, classes = build_loaders("digits", batch_size=100)
+    train, val, classes = build_loaders(DataConfig("digits"), batch_size=100)
     assert classes == 10 and len(train) == 14 and len(val) == 4
     xb, yb = next(iter(val))
     assert xb.shape == (100, 3, 32, 32) and xb.is_contiguous(memory_format=torch.channels_last)
@@ -375,16 +376,16 @@ def test_augmentation_suits_the_data_set():
     from collab_fast.data import default_augment
 
     assert default_augment("digits") == "crop" and default_augment("cifar10") == "crop+flip"
-    train, _, _ = build_loaders("digits", batch_size=64, image_size=16)
+    train, _, _ = build_loaders(DataConfig("digits", image_size=16), batch_size=64)
     assert train.pad == 2 and not train.flip  # 1/8 of 16 px; digits are never mirrored
     _, _, flip = train.augment_params(torch.arange(1000))
     assert not flip.any()
-    train, _, _ = build_loaders("digits", batch_size=64, image_size=32, augment="crop+flip")
+    train, _, _ = build_loaders(DataConfig("digits", image_size=32, augment="crop+flip"), batch_size=64)
     assert train.pad == 4 and train.augment_params(torch.arange(1000))[2].any()
-    train, _, _ = build_loaders("digits", batch_size=64, image_size=32, augment="none")
+    train, _, _ = build_loaders(DataConfig("digits", image_size=32, augment="none"), batch_size=64)
     assert train.pad == 0 and not train.augment
-    with pytest.raises(ValueError, match="unknown augmentation 'rotate'"):
-        build_loaders("digits", batch_size=64, augment="rotate")
+    with pytest.raises(ValueError, match="--augment must be one of auto, crop.flip, crop, none, got 'rotate'"):
+        build_loaders(DataConfig("digits", augment="rotate"), batch_size=64)
 
 
 def test_device_augmentation_matches_per_sample_reference():
@@ -446,7 +447,7 @@ def test_cifar_pickles(tmp_path, classes):
     _write_cifar(tmp_path, classes)
     (x, y), (xt, yt) = load_cifar(tmp_path, classes)
     assert x.shape == ((20 if classes == 10 else 4), 32, 32, 3) and xt.shape == (4, 32, 32, 3)
-    train, val, n = build_loaders(f"cifar{classes}", data_dir=str(tmp_path), batch_size=2)
+    train, val, n = build_loaders(DataConfig(f"cifar{classes}", root=str(tmp_path)), batch_size=2)
     assert n == classes and next(iter(train))[0].shape == (2, 3, 32, 32)
 
 
@@ -454,13 +455,16 @@ def test_cifar_missing_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="Put the extracted 'cifar-10-batches-py' folder"):
         load_cifar(tmp_path, 10)
     with pytest.raises(ValueError, match="needs --data"):
-        build_loaders("cifar100")
-    with pytest.raises(ValueError, match="unknown data set 'mnist'"):
-        build_loaders("mnist")
+        DataConfig("cifar100")
+    with pytest.raises(ValueError, match="--dataset must be one of imagenet, .*, got 'mnist'"):
+        DataConfig("mnist")
+    with pytest.raises(TypeError, match="build_loaders takes a DataConfig"):
+        build_loaders("digits")
 
 
 def test_synthetic():
-    train, val, n = build_loaders("synthetic", batch_size=3, image_size=16, synthetic_classes=5, synthetic_steps=4)
+    train, val, n = build_loaders(DataConfig("synthetic", image_size=16, synthetic_steps=4), batch_size=3,
+                                  synthetic_classes=5)
     batches = list(train)
     assert len(batches) == len(train) == 4 and batches[0][0].shape == (3, 3, 16, 16) and n == 5
     assert isinstance(train, SyntheticLoader)
@@ -486,7 +490,7 @@ def test_label_noise_fraction_and_redraw():
 
 
 def test_label_noise_in_loaders_train_only(toy):
-    train, val, _ = build_loaders("digits", batch_size=1437, label_noise=0.5, seed=1)
+    train, val, _ = build_loaders(DataConfig("digits", label_noise=0.5), batch_size=1437, seed=1)
     (_, ytrue), (_, yval) = load_digits()
     train.set_epoch(0)
     assert 0.35 < (train.labels.cpu() != ytrue).float().mean().item() < 0.55

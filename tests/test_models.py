@@ -118,8 +118,8 @@ def test_trunk_gradient_is_mean_of_head_gradients(pattern):
 
 
 def test_loss_scale_attribute():
-    assert build("resnet32", "hier4", rescale="loss").loss_scale == 0.25
-    assert build("resnet32", "hier4", rescale="backprop").loss_scale == 1.0
+    assert build("resnet32", "hier4", rescale="loss").loss_factor == 0.25
+    assert build("resnet32", "hier4", rescale="backprop").loss_factor == 1.0
 
 
 @pytest.mark.parametrize("arch, pattern", [("resnet32", "hier4"), ("densenet40_12", "ilr2"), ("resnet18", "tree:4"),

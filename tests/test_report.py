@@ -116,11 +116,11 @@ def test_recipes_list_and_override(capsys):
                  "label-noise"):
         assert name in out
     cfg = train.parse_config(["--recipe", "cifar10-densenet40-tf", "--data", "/tmp", "--epochs", "7"])
-    got = (cfg.dataset, cfg.arch, cfg.pattern, cfg.batch_size, cfg.soft_weight)
+    got = (cfg.data.dataset, cfg.model.arch, cfg.model.pattern, cfg.optim.batch_size, cfg.loss.soft_weight)
     assert got == ("cifar10", "densenet40_12", "hier4", 64, 1.0)
-    assert cfg.lr_milestones == [150, 225, 290] and cfg.epochs == 7 and cfg.recipe == "cifar10-densenet40-tf"
+    assert cfg.optim.lr_milestones == [150, 225, 290] and cfg.optim.epochs == 7 and cfg.run.recipe == "cifar10-densenet40-tf"
     cfg = train.parse_config(["digits", "--recipe", "label-noise", "--label-noise", "0.4"])
-    assert cfg.dataset == "digits" and cfg.label_noise == 0.4 and cfg.arch == "resnet32"
+    assert cfg.data.dataset == "digits" and cfg.data.label_noise == 0.4 and cfg.model.arch == "resnet32"
     with pytest.raises(SystemExit):
         train.parse_config(["--recipe", "nope"])
     with pytest.raises(SystemExit):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from collab_fast.data import build_loaders
+from collab_fast.data import DataConfig, build_loaders
 from collab_fast.data.memory import load_digits
 from collab_fast.data.split import balanced_order, split_train
 
@@ -49,19 +49,19 @@ def test_counts_that_do_not_fit_name_the_flag(train_samples, holdout, match):
 def test_digits_loaders_train_on_the_subset_and_evaluate_on_the_holdout():
     pytest.importorskip("sklearn", reason="digits need scikit-learn (the train extra)")
     (xtr, ytr), (xte, _) = load_digits(8)
-    train, val, _ = build_loaders("digits", batch_size=50, image_size=8, train_samples=500, holdout=300,
-                                  augment="none")
+    train, val, _ = build_loaders(DataConfig("digits", image_size=8, train_samples=500, holdout=300, augment="none"),
+                                  batch_size=50)
     assert train.num_samples == 500 and val.num_samples == 300
     tr, ho = split_train(ytr, 500, 300)
     # the held-out images are training images (never the test split), unaugmented, with their true labels
     assert torch.equal(val.images.cpu(), xtr[ho]) and torch.equal(val.labels.cpu(), ytr[ho])
     assert torch.equal(train.images.cpu(), xtr[tr])
-    _, val_test, _ = build_loaders("digits", batch_size=50, image_size=8, train_samples=500)
+    _, val_test, _ = build_loaders(DataConfig("digits", image_size=8, train_samples=500), batch_size=50)
     assert val_test.num_samples == 360  # no holdout: the test split
     with pytest.raises(ValueError, match="--train-samples 1200 must be in"):
-        build_loaders("digits", batch_size=50, image_size=8, train_samples=1200, holdout=300)
+        build_loaders(DataConfig("digits", image_size=8, train_samples=1200, holdout=300), batch_size=50)
     with pytest.raises(ValueError, match="need a real data set"):
-        build_loaders("synthetic", batch_size=4, holdout=10)
+        build_loaders(DataConfig("synthetic", holdout=10), batch_size=4)
 
 
 def test_image_folder_holdout_comes_from_train(tmp_path):
@@ -69,7 +69,7 @@ def test_image_folder_holdout_comes_from_train(tmp_path):
     from collab_fast.data import write_toy
 
     root = write_toy(tmp_path / "toy", classes=3, per_class=10, size="24x24", val_per_class=2)
-    train, val, classes = build_loaders("toy", data_dir=str(root), batch_size=4, image_size=16, train_samples=12,
-                                        holdout=9)
+    train, val, classes = build_loaders(DataConfig("toy", root=str(root), image_size=16, train_samples=12, holdout=9),
+                                        batch_size=4)
     assert classes == 3 and train.num_samples == 12 and val.num_samples == 9
     assert "/train" in val.root and "/val" not in val.root

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from collab_fast import train
-from collab_fast.data import TorchFolderLoader, build_loaders, check_dali_wheel, scan_split, write_toy
+from collab_fast.data import DataConfig, TorchFolderLoader, build_loaders, check_dali_wheel, scan_split, write_toy
 from collab_fast.data import folder as folder_mod
 from collab_fast.data.torch_folder import _crop_box
 
@@ -83,7 +83,7 @@ def test_auto_picks_torch_without_dali_and_trains(toy, tmp_path, monkeypatch, ca
     import collab_fast.data as data_mod
 
     monkeypatch.setattr(data_mod, "dali_installed", lambda: False)
-    tr, va, classes = build_loaders("toy", data_dir=str(toy), batch_size=4, image_size=24, num_threads=1)
+    tr, va, classes = build_loaders(DataConfig("toy", root=str(toy), image_size=24, threads=1), batch_size=4)
     assert isinstance(tr, TorchFolderLoader) and isinstance(va, TorchFolderLoader) and classes == 3
     out = tmp_path / "run"
     assert train.main(["toy", "--device", "cpu", "--data", str(toy), "--arch", "resnet18", "--pattern", "ilr2",

@@ -15,7 +15,7 @@ import torch
 from collab_fast import train
 from collab_fast.checkpoint import load_checkpoint
 from collab_fast.data import write_toy
-from collab_fast.models import build
+from collab_fast.models import build, build_model
 
 BASE = ["digits", "--device", "cpu", "--arch", "resnet32", "-b", "32", "--log-every", "1"]
 
@@ -68,16 +68,16 @@ def test_kl_soft_loss_with_free_weights(tmp_path):
     out = run_train(tmp_path, "--pattern", "ilr2", "--max-steps", "2", "--soft-loss", "kl", "--loss-weights", "1,4")
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["soft_loss"] == "kl" and cfg["loss_weights"] == [1.0, 4.0] and cfg["beta"] is None
-    loss = train.make_loss(train.TrainConfig(**{k: v for k, v in cfg.items()}))
-    assert loss.params.soft_loss == "kl" and (loss.params.hard_coef, loss.params.soft_coef) == (1.0, 4.0)
+    params = train.TrainConfig.from_flags(**cfg).loss  # config.json gives the run's settings back
+    assert params.soft_loss == "kl" and (params.hard_coef, params.soft_coef) == (1.0, 4.0)
 
 
 def test_soft_ramp_holdout_and_reduced_training_set(tmp_path):
-    cfg = train.TrainConfig("digits", soft_ramp=2.0)
-    f = [train.soft_factor(cfg, s, 10) for s in (0, 5, 10, 15, 19, 20, 100)]
+    cfg = train.TrainConfig.from_flags("digits", soft_ramp=2.0)
+    f = [train.soft_factor(cfg.optim, s, 10) for s in (0, 5, 10, 15, 19, 20, 100)]
     assert f[0] == pytest.approx(math.exp(-5)) and f[2] == pytest.approx(math.exp(-5 / 4))
     assert f == sorted(f) and f[4] < 1.0 and f[5] == f[6] == 1.0
-    assert train.soft_factor(train.TrainConfig("digits"), 0, 10) == 1.0  # no ramp: full weight from the start
+    assert train.soft_factor(train.TrainConfig.from_flags("digits").optim, 0, 10) == 1.0  # no ramp: full weight
     out = run_train(tmp_path, "--pattern", "ilr2", "--epochs", "2", "--train-samples", "96", "--holdout", "50",
                     "--soft-ramp", "1", "--log-every", "1")
     cfg = json.loads((out / "config.json").read_text())
@@ -85,9 +85,9 @@ def test_soft_ramp_holdout_and_reduced_training_set(tmp_path):
     tr, ev = records(out, "train"), records(out, "eval")
     assert len(tr) == 6 and [r["val_samples"] for r in ev] == [50, 50]  # 96 // 32 steps per epoch; the holdout
     # the logged soft objective is unscaled; the total carries the ramp: hard_coef * hard + factor * soft_coef * soft
-    p = train.make_loss(train.TrainConfig(**cfg)).params
+    p = train.TrainConfig.from_flags(**cfg).loss
     for r in tr:
-        factor = train.soft_factor(train.TrainConfig(**cfg), r["step"] - 1, 3)
+        factor = train.soft_factor(train.TrainConfig.from_flags(**cfg).optim, r["step"] - 1, 3)
         want = p.hard_coef * sum(r["hard"]) + factor * p.soft_coef * sum(r["soft"])
         assert r["loss"] == pytest.approx(want, rel=1e-4), r["step"]
     assert train.main([*BASE, "--output", str(tmp_path / "x"), "--holdout", "1437"]) == 2
@@ -309,7 +309,7 @@ def test_batch_larger_than_the_training_set(tmp_path, capsys):
 
 
 def test_out_of_memory_message(tmp_path, monkeypatch):
-    real_build = train.build
+    real_build = train.build_model
 
     def oom_build(*a, **k):
         model = real_build(*a, **k)
@@ -320,7 +320,7 @@ def test_out_of_memory_message(tmp_path, monkeypatch):
         model.forward = boom
         return model
 
-    monkeypatch.setattr(train, "build", oom_build)
+    monkeypatch.setattr(train, "build_model", oom_build)
     with pytest.raises(SystemExit, match=r"out of memory at batch size 32 .* try --batch-size 16"):
         train.main([*BASE, "--pattern", "ilr2", "--max-steps", "1", "--output", str(tmp_path / "oom")])
 
@@ -374,8 +374,8 @@ def test_weights_start_every_copy_and_the_heads_differ(tmp_path):
 
     out = run_train(tmp_path, "--pattern", "single", "--max-steps", "1")
     head = load_file(out / "head0.pth")
-    cfg = train.TrainConfig("digits", arch="resnet32", pattern="ilr2", weights=str(out / "head0.pth"))
-    net = train.make_model(cfg, 10, torch.device("cpu"), train._pretrained_weights(cfg))
+    cfg = train.TrainConfig.from_flags("digits", arch="resnet32", pattern="ilr2", weights=str(out / "head0.pth"))
+    net = build_model(cfg.model, 10, torch.device("cpu"), train._pretrained_weights(cfg))
     a, b = net.levels[0][0], net.levels[0][1]
     torch.testing.assert_close(a["layer3"].state_dict(), {k[len("layer3."):]: v for k, v in head.items()
                                                            if k.startswith("layer3.")})
@@ -388,14 +388,14 @@ def test_weights_start_every_copy_and_the_heads_differ(tmp_path):
 
 
 def test_lr_schedules():
-    cfg = train.TrainConfig("digits", epochs=90, lr=0.1, lr_milestones=[30, 60, 80])
-    assert train.lr_factor(cfg, 0, 100) == 1.0
-    assert train.lr_factor(cfg, 3000, 100) == pytest.approx(0.1)
-    assert train.lr_factor(cfg, 8000, 100) == pytest.approx(1e-3)
-    cfg = train.TrainConfig("digits", epochs=10, schedule="cosine", warmup_epochs=1)
-    assert train.lr_factor(cfg, 0, 100) == pytest.approx(0.01)
-    assert train.lr_factor(cfg, 100, 100) == pytest.approx(1.0)
-    assert train.lr_factor(cfg, 999, 100) < 1e-4
+    cfg = train.TrainConfig.from_flags("digits", epochs=90, lr=0.1, lr_milestones=[30, 60, 80])
+    assert train.lr_factor(cfg.optim, 0, 100) == 1.0
+    assert train.lr_factor(cfg.optim, 3000, 100) == pytest.approx(0.1)
+    assert train.lr_factor(cfg.optim, 8000, 100) == pytest.approx(1e-3)
+    cfg = train.TrainConfig.from_flags("digits", epochs=10, schedule="cosine", warmup_epochs=1)
+    assert train.lr_factor(cfg.optim, 0, 100) == pytest.approx(0.01)
+    assert train.lr_factor(cfg.optim, 100, 100) == pytest.approx(1.0)
+    assert train.lr_factor(cfg.optim, 999, 100) < 1e-4
 
 
 def test_eta_under_accumulation_and_epoch_numbers(tmp_path, capsys):
@@ -449,8 +449,8 @@ def test_gpu_training_run(tmp_path):
 
 def test_fractional_warmup_never_exceeds_the_peak():
     for warm, steps in [(0.05, 10), (0.01, 11), (1e-9, 10), (0.5, 3), (2.5, 7)]:
-        cfg = train.TrainConfig("digits", epochs=10, warmup_epochs=warm)
-        factors = [train.lr_factor(cfg, s, steps) for s in range(10 * steps)]
+        cfg = train.TrainConfig.from_flags("digits", epochs=10, warmup_epochs=warm)
+        factors = [train.lr_factor(cfg.optim, s, steps) for s in range(10 * steps)]
         assert max(factors) <= 1.0 + 1e-12, (warm, steps, max(factors))
 
 
@@ -461,7 +461,7 @@ def test_skipped_first_step_leaves_the_model_finite(tmp_path, monkeypatch):
     assert records(out, "train")[-1]["skipped_steps"] == 1
     model = load_checkpoint(out / "last.pt")["model"]
     assert all(torch.isfinite(t).all() and t.abs().max() < 1e3 for t in model.values() if t.is_floating_point())
-    opt = train.make_optimizer(build("resnet32", "single"), train.TrainConfig("digits", lr=0.1))
+    opt = train.make_optimizer(build("resnet32", "single"), train.TrainConfig.from_flags("digits", lr=0.1).optim)
     assert all(torch.equal(s["momentum_buffer"], torch.zeros_like(s["momentum_buffer"])) for s in opt.state.values())
 
 
@@ -480,9 +480,10 @@ def test_accumulation_under_compiled_ddp_syncs_once(tmp_path, monkeypatch):
         net = build("resnet32", "ilr2")
         ddp = torch.nn.parallel.DistributedDataParallel(net)
         opt = torch.optim.SGD(net.parameters(), lr=0.1)
-        step = train.Step(train.TrainConfig("digits", accum_steps=4), torch.compile(ddp, backend="eager"), net, opt)
+        step = train.Step(train.TrainConfig.from_flags("digits", accum_steps=4), torch.compile(ddp, backend="eager"), net,
+                          opt)
         assert step.ddp is ddp
-        assert train.Step(train.TrainConfig("digits"), net, net, opt).ddp is None
+        assert train.Step(train.TrainConfig.from_flags("digits"), net, net, opt).ddp is None
     finally:
         dist.destroy_process_group()
 

@@ -1,18 +1,22 @@
 """Data: DALI pipelines for image folders, device-resident small sets, label noise.
 
-`build_loaders(...)` returns (train_loader, val_loader, num_classes) for a data set name. Every loader
-yields (images float [B, 3, H, W] on the device (channels_last memory when asked), labels int64 [B] on the
-device) and keeps the `Loader` protocol (collab_fast.data.loader): len() per epoch, set_epoch, iter_from,
-state_dict / load_state_dict.
+`DataConfig` is the trainer's `data` section (its flags and defaults); `build_loaders(data, ...)` returns
+(train_loader, val_loader, num_classes) for the data set it names. Every loader yields (images float
+[B, 3, H, W] on the device (channels_last memory when asked), labels int64 [B] on the device) and keeps
+the `Loader` protocol (collab_fast.data.loader): len() per epoch, set_epoch, iter_from, state_dict /
+load_state_dict.
 """
 
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from collab_fast.cache import cache_root
+from collab_fast.cli import check_fields, opt
 from collab_fast.data.folder import (
     DaliLoader,
     DataError,
@@ -38,9 +42,9 @@ from collab_fast.data.split import split_train
 from collab_fast.data.torch_folder import TorchFolderLoader
 from collab_fast.data.toy import write_toy
 
-__all__ = ["AUGMENTS", "DATASETS", "DataError", "DaliLoader", "DeviceLoader", "LabelNoise", "Loader", "SyntheticLoader",
-           "TorchFolderLoader", "check_dali_wheel",
-           "build_loaders", "check_image", "decode_image", "default_augment", "default_toy_dir", "scan_split", "write_toy"]
+__all__ = ["AUGMENTS", "DATASETS", "DataConfig", "DataError", "DaliLoader", "DeviceLoader", "LabelNoise", "Loader",
+           "SyntheticLoader", "TorchFolderLoader", "build_loaders", "check_dali_wheel", "check_image", "decode_image",
+           "default_augment", "default_image_size", "default_toy_dir", "scan_split", "write_toy"]
 
 DATASETS = ("imagenet", "cifar10", "cifar100", "digits", "toy", "synthetic")
 TOY_DEFAULT = {"classes": 10, "per_class": 100, "size": 96}
@@ -55,10 +59,67 @@ def default_augment(dataset: str) -> str:
     return "crop" if dataset == "digits" else "crop+flip"
 
 
+def default_image_size(dataset: str) -> int:
+    """Training image side when --image-size is not given: 224 for image folders (and the synthetic set,
+    their stand-in), the native 32 of CIFAR and of the upscaled digits."""
+    return 224 if dataset in ("imagenet", "toy", "synthetic") else 32
+
+
 def default_toy_dir() -> Path:
     """Where the toy folder is generated when --data is not given (deterministic, so reusable)."""
     t = TOY_DEFAULT
     return cache_root() / f"toy_c{t['classes']}_p{t['per_class']}_s{t['size']}"
+
+
+@dataclass
+class DataConfig:
+    """The data set and how it is loaded: the trainer's `data` section (python -m collab_fast.train --help)."""
+
+    dataset: str | None = opt(None, "the data set (a --recipe may set it)", choices=DATASETS)
+    root: str | None = opt(None, "data directory: imagenet/toy DIR/train/<class>/*.JPEG and DIR/val/<class>/*.JPEG; "
+                                 "cifar10/100 the extracted python batches; toy: generated when unset",
+                           metavar="DIR", name="data")
+    num_classes: int | None = opt(None, "set from the data set", cli=False)
+    label_noise: float = opt(0.0, "fraction of training labels redrawn uniformly every epoch (paper Fig. 3)",
+                             lo=0, hi=1, hi_open=True)
+    train_samples: int | None = opt(None, "train on a fixed, class-balanced subset of this many training samples (the "
+                                          "same subset for every seed); unset: the whole training set", lo=1)
+    holdout: int = opt(0, "hold this many training samples out (fixed, class-balanced, never trained on) and evaluate "
+                          "on them instead of the test split: choose settings here, report on the test split", lo=0)
+    augment: str = opt("auto", "training augmentation: random crop + horizontal flip, crop only, or none; auto: "
+                               "crop for digits (a mirrored digit is another digit), crop+flip otherwise. The "
+                               "crop shifts by up to 1/8 of the side on device-resident sets",
+                       choices=("auto", *AUGMENTS))
+    image_size: int | None = opt(None, "training image size; unset: 224 for image folders, 32 for CIFAR/digits", lo=8,
+                                 hi=8192)
+    skip_bad_images: bool = opt(False, "skip undecodable images (counted, named) instead of failing")
+    loader: str = opt("auto", "image folders: dali (GPU decode and augmentation), torch (PyTorch workers with "
+                              "Pillow: no DALI needed, slower), auto: dali where it is installed",
+                      choices=("auto", "dali", "torch"))
+    threads: int | None = opt(None, "DALI CPU threads or PyTorch loader workers; unset: min(8, CPU cores)", lo=1,
+                              hi=1024)
+    synthetic_steps: int = opt(100, "steps per epoch of the synthetic data set", lo=1)
+
+    def __post_init__(self):
+        check_fields(self)
+        if self.dataset in ("imagenet", "cifar10", "cifar100") and not self.root:
+            layout = ("DIR/train/<class>/*.JPEG and DIR/val/<class>/*.JPEG" if self.dataset == "imagenet"
+                      else "the extracted python batches (data_batch_1..5, test_batch or train, test)")
+            raise ValueError(f"{self.dataset} needs --data DIR holding {layout}")
+        if self.root and not Path(self.root).is_dir():
+            raise ValueError(f"--data {self.root}: no such directory")
+        if self.dataset == "synthetic" and (self.train_samples is not None or self.holdout):
+            raise ValueError("--train-samples and --holdout need a real data set, not synthetic")
+
+    def resolved(self) -> DataConfig:
+        """A copy with every "unset" filled: the augmentation, the image size, the toy folder."""
+        if self.dataset is None:
+            raise ValueError("the data set is required (e.g. digits, imagenet), unless a --recipe sets it")
+        out = copy.copy(self)  # not replace(): the default toy folder may not exist yet (generated on first use)
+        out.augment = default_augment(self.dataset) if self.augment == "auto" else self.augment
+        out.image_size = self.image_size or default_image_size(self.dataset)
+        out.root = str(default_toy_dir()) if self.dataset == "toy" and not self.root else self.root
+        return out
 
 
 def _ensure_toy(data_dir: str | None) -> Path:
@@ -73,40 +134,30 @@ def _ensure_toy(data_dir: str | None) -> Path:
     return out
 
 
-def build_loaders(dataset: str, *, data_dir: str | None = None, batch_size: int = 256, image_size: int | None = None,
-                  device: torch.device | str = "cpu", rank: int = 0, world: int = 1, seed: int = 0,
-                  label_noise: float = 0.0, dtype: torch.dtype = torch.float32, channels_last: bool = True,
-                  eval_batch_size: int | None = None, skip_bad_images: bool = False, check_files: bool = True,
-                  num_threads: int | None = None, synthetic_classes: int = 1000, synthetic_steps: int = 100,
-                  augment: str = "auto", train_samples: int | None = None, holdout: int = 0, loader: str = "auto"):
-    """(train_loader, val_loader, num_classes) for `dataset`; see the module docstring. augment: "crop+flip",
-    "crop" or "none" for the training set; "auto" is default_augment(dataset). train_samples / holdout: train
-    on a fixed class-balanced subset, and evaluate on samples held out of the training set instead of the
-    test split (see data/split.py). loader (image folders): "dali", "torch" (TorchFolderLoader: no DALI
-    needed, slower), or "auto": DALI when it is installed."""
-    if augment == "auto":
-        augment = default_augment(dataset)
-    if augment not in AUGMENTS:
-        raise ValueError(f"unknown augmentation {augment!r}; valid: auto, {', '.join(AUGMENTS)}")
-    if dataset not in DATASETS:
-        raise ValueError(f"unknown data set {dataset!r}; valid: {', '.join(DATASETS)}")
+def build_loaders(data: DataConfig, *, batch_size: int = 256, device: torch.device | str = "cpu", rank: int = 0,
+                  world: int = 1, seed: int = 0, dtype: torch.dtype = torch.float32, channels_last: bool = True,
+                  eval_batch_size: int | None = None, check_files: bool = True, synthetic_classes: int = 1000):
+    """(train_loader, val_loader, num_classes) for the data set `data` names; see the module docstring and
+    DataConfig's fields (train_samples / holdout: data/split.py; loader "torch": TorchFolderLoader, no DALI
+    needed, slower). The rest is the run's: the batch per process, the device, this process's place among
+    `world`, the seed, and the images' dtype and memory format."""
+    if not isinstance(data, DataConfig):
+        raise TypeError(f"build_loaders takes a DataConfig, got {type(data).__name__} (e.g. DataConfig('digits'))")
+    data = data.resolved()
+    dataset, data_dir, augment, image_size = data.dataset, data.root, data.augment, data.image_size
+    train_samples, holdout, label_noise, num_threads = data.train_samples, data.holdout, data.label_noise, data.threads
     device = torch.device(device)
     eval_batch_size = eval_batch_size or batch_size
     if dataset == "synthetic":
-        if train_samples is not None or holdout:
-            raise ValueError("--train-samples and --holdout need a real data set, not synthetic")
-        size = image_size or 224
-        kw = dict(image_size=size, num_classes=synthetic_classes, device=device, dtype=dtype,
+        kw = dict(image_size=image_size, num_classes=synthetic_classes, device=device, dtype=dtype,
                   channels_last=channels_last)
-        return (SyntheticLoader(batch_size, steps_per_epoch=synthetic_steps, seed=seed, **kw),
+        return (SyntheticLoader(batch_size, steps_per_epoch=data.synthetic_steps, seed=seed, **kw),
                 SyntheticLoader(eval_batch_size, steps_per_epoch=2, seed=seed + 1, **kw), synthetic_classes)
     if dataset in ("digits", "cifar10", "cifar100"):
         if dataset == "digits":
-            (xtr, ytr), (xte, yte) = load_digits(image_size or 32)
+            (xtr, ytr), (xte, yte) = load_digits(image_size)
             mean, std, classes = DIGITS_MEAN, DIGITS_STD, 10
         else:
-            if not data_dir:
-                raise ValueError(f"{dataset} needs --data DIR holding the python-pickle batches")
             classes = 10 if dataset == "cifar10" else 100
             (xtr, ytr), (xte, yte) = load_cifar(data_dir, classes)
             mean, std = CIFAR_MEAN, CIFAR_STD
@@ -125,15 +176,12 @@ def build_loaders(dataset: str, *, data_dir: str | None = None, batch_size: int 
         val = DeviceLoader(xte, yte, eval_batch_size, **common)
         return train, val, classes
     root = _ensure_toy(data_dir) if dataset == "toy" else data_dir
-    if not root:
-        raise ValueError("imagenet needs --data DIR (DIR/train/<class>/*.JPEG and DIR/val/<class>/*.JPEG)")
-    if loader not in ("auto", "dali", "torch"):
-        raise ValueError(f"loader must be auto, dali or torch, got {loader!r}")
+    loader = data.loader
     if loader == "auto":
         loader = "dali" if dali_installed() else "torch"
     # --skip-bad-images decodes every image once (cached): the header check cannot see every bad file
-    check = dict(check_files=check_files, skip_bad=skip_bad_images, decode=skip_bad_images, threads=num_threads,
-                 utf8_names=loader == "dali")
+    check = dict(check_files=check_files, skip_bad=data.skip_bad_images, decode=data.skip_bad_images,
+                 threads=num_threads, utf8_names=loader == "dali")
     files, labels, classes = scan_split(root, "train", **check)
     if train_samples is not None or holdout:
         tr, ho = split_train(torch.tensor(labels), train_samples, holdout)
@@ -145,8 +193,7 @@ def build_loaders(dataset: str, *, data_dir: str | None = None, batch_size: int 
     device_id = device.index if device.type == "cuda" else None
     if device.type == "cuda" and device_id is None:
         device_id = torch.cuda.current_device()
-    size = image_size or 224
-    common = dict(num_classes=len(classes), image_size=size, rank=rank, world=world, seed=seed, dtype=dtype,
+    common = dict(num_classes=len(classes), image_size=image_size, rank=rank, world=world, seed=seed, dtype=dtype,
                   channels_last=channels_last)
     if loader == "torch":
         common.update(device=device, num_workers=num_threads)

@@ -46,6 +46,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from collab_fast.cli import opt
+
 try:  # Triton is a dependency, but keep impl="torch" usable where it cannot be imported.
     import triton
     import triton.language as tl
@@ -85,17 +87,23 @@ class CollabLossParams:
     """The loss's settings, validated once (at construction) and carried as one value from the API
     through the autograd Function and the custom ops to the launcher. See fused_collab_loss."""
 
-    temperature: float = 2.0
-    beta: float | None = None  # None: 0.5 (or unused, with weights)
-    soft_weight: float | None = None  # None: T^2 (or unused, with weights)
-    detach_consensus: bool = True
+    # The fields with `opt` metadata are the trainer's `loss` section too (collab_fast.config): their
+    # defaults here are the only ones; flags, config.json and fused_collab_loss's signature take them.
+    temperature: float = opt(2.0, "T of the soft (consensus) objective", lo=0, hi=1e4, lo_open=True)
+    beta: float | None = opt(None, "weight of the hard (label) objective; the soft one gets 1 - beta; unset: 0.5 "
+                                   "(or unused, with --loss-weights)", lo=0, hi=1)
+    soft_weight: float | None = opt(None, "extra factor on the soft objective; unset: T^2 (the paper)", lo=0)
+    detach_consensus: bool = opt(True, "the consensus is a constant target (no gradient through it)")
     ignore_index: int = -100
-    label_smoothing: float = 0.0
+    label_smoothing: float = opt(0.0, "label smoothing of the hard objective (torch's definition)", lo=0, hi=1)
     reduction: str = "mean"
     impl: str = "auto"
     block_c: int | None = None
-    soft_loss: str = "ce"
-    weights: tuple[float, float] | None = None  # (hard, soft) coefficients, instead of beta and soft_weight
+    soft_loss: str = opt("ce", "soft objective: ce = CE(consensus, head) as in the paper, kl = KL(consensus || "
+                               "head) as several public implementations write it", choices=_SOFT_LOSSES)
+    weights: tuple[float, float] | None = opt(None, "free factors of the hard and the soft objective, replacing "
+                                                    "--beta and --soft-weight (e.g. 1,4 for CE + 4 KL)", lo=0,
+                                              metavar="HARD,SOFT", name="loss_weights")
 
     def __post_init__(self):
         put = lambda k, v: object.__setattr__(self, k, v)
@@ -160,6 +168,9 @@ def _check_number(name: str, value, lo: float, hi: float, lo_open: bool = False)
     return v
 
 
+_DEFAULT = CollabLossParams()  # the defaults, for the signatures of fused_collab_loss and CollabLoss
+
+
 # ----------------------------------------------------------------------------------------------------
 # Reference: plain PyTorch composition (autograd gives the gradient). Computes in float32, or float64
 # when the logits are float64 (the tests' ground truth).
@@ -169,15 +180,15 @@ def _check_number(name: str, value, lo: float, hi: float, lo_open: bool = False)
 def collab_loss_reference(
     logits: torch.Tensor,
     target: torch.Tensor,
-    temperature: float = 2.0,
+    temperature: float = _DEFAULT.temperature,
     beta: float | None = None,
     soft_weight: float | None = None,
-    detach_consensus: bool = True,
-    ignore_index: int = -100,
-    label_smoothing: float = 0.0,
-    reduction: str = "mean",
+    detach_consensus: bool = _DEFAULT.detach_consensus,
+    ignore_index: int = _DEFAULT.ignore_index,
+    label_smoothing: float = _DEFAULT.label_smoothing,
+    reduction: str = _DEFAULT.reduction,
     return_stats: bool = False,
-    soft_loss: str = "ce",
+    soft_loss: str = _DEFAULT.soft_loss,
     weights: tuple[float, float] | None = None,
 ):
     """The collaborative loss as a composition of PyTorch ops. logits [H, N, C], target [N]."""
@@ -930,16 +941,16 @@ def fused_collab_loss(
     logits,
     target: torch.Tensor,
     *,
-    temperature: float = 2.0,
+    temperature: float = _DEFAULT.temperature,
     beta: float | None = None,
     soft_weight: float | None = None,
-    soft_loss: str = "ce",
+    soft_loss: str = _DEFAULT.soft_loss,
     weights: tuple[float, float] | None = None,
-    detach_consensus: bool = True,
-    ignore_index: int = -100,
-    label_smoothing: float = 0.0,
-    reduction: str = "mean",
-    impl: str = "auto",
+    detach_consensus: bool = _DEFAULT.detach_consensus,
+    ignore_index: int = _DEFAULT.ignore_index,
+    label_smoothing: float = _DEFAULT.label_smoothing,
+    reduction: str = _DEFAULT.reduction,
+    impl: str = _DEFAULT.impl,
     return_stats: bool = False,
     inplace: bool = False,
     block_c: int | None = None,
@@ -995,10 +1006,11 @@ class CollabLoss(nn.Module):
     """nn.Module form of :func:`fused_collab_loss`: the settings (every keyword of fused_collab_loss but
     return_stats and inplace, which are per call) are validated once, here."""
 
-    def __init__(self, temperature: float = 2.0, beta: float | None = None, soft_weight: float | None = None,
-                 soft_loss: str = "ce", weights: tuple[float, float] | None = None, detach_consensus: bool = True,
-                 ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean",
-                 impl: str = "auto", block_c: int | None = None):
+    def __init__(self, temperature: float = _DEFAULT.temperature, beta: float | None = None,
+                 soft_weight: float | None = None, soft_loss: str = _DEFAULT.soft_loss,
+                 weights: tuple[float, float] | None = None, detach_consensus: bool = _DEFAULT.detach_consensus,
+                 ignore_index: int = _DEFAULT.ignore_index, label_smoothing: float = _DEFAULT.label_smoothing,
+                 reduction: str = _DEFAULT.reduction, impl: str = _DEFAULT.impl, block_c: int | None = None):
         super().__init__()
         self.params = CollabLossParams(temperature, beta, soft_weight, detach_consensus, ignore_index,
                                        label_smoothing, reduction, impl, block_c, soft_loss, weights)

@@ -10,17 +10,22 @@ named children in order (a user's model, a torchvision or timm model where those
 
 from __future__ import annotations
 
+import ast
 import functools
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from collab_fast.cli import check_fields, opt
 from collab_fast.models import cifar, resnet
 from collab_fast.models.collab import BEFORE_ALL, RESCALE_MODES, CollabNet, parse_pattern
 
-__all__ = ["ARCHS", "BEFORE_ALL", "EXTERNAL_PREFIXES", "CollabNet", "build", "default_splits", "is_builtin_resnet",
-           "make_collaborative", "parse_pattern", "reinit_classifier"]
+__all__ = ["ARCHS", "BEFORE_ALL", "EXTERNAL_PREFIXES", "CollabNet", "ModelConfig", "build", "build_model", "default_splits",
+           "is_builtin_resnet", "make_collaborative", "native_image_size", "parse_model_kwargs", "parse_pattern",
+           "reinit_classifier"]
 
 # name -> (constructor(num_classes), default split points by number of split levels, default classes)
 # ImageNet ResNets: the paper splits after conv3_x (layer2) and conv4_x (layer3) (sec. 4.2).
@@ -46,6 +51,12 @@ EXTERNAL_PREFIXES = ("timm:", "torchvision:")
 def is_builtin_resnet(arch: str) -> bool:
     """The built-in ResNets (ImageNet and CIFAR), which take zero_init_residual."""
     return arch in ARCHS and arch.startswith("resnet")
+
+
+def native_image_size(arch: str) -> int:
+    """The input side a built-in architecture was designed for: 224 for the ImageNet ResNets (1000 classes
+    by default), 32 for the CIFAR networks."""
+    return 224 if _arch(arch)[2] == 1000 else 32
 
 
 def _arch(arch: str):
@@ -154,3 +165,83 @@ def build(arch: str, pattern: str = "single", num_classes: int | None = None, re
         size = (getattr(make_target(), "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))
         example = torch.randn(2, *size, generator=torch.Generator().manual_seed(0))
     return make_collaborative(make_target, pattern, splits, rescale, example)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The trainer's `model` section
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """The network, its head pattern and its initial weights: the trainer's `model` section."""
+
+    arch: str = opt("resnet50", f"network: {', '.join(ARCHS)}, or timm:NAME / torchvision:NAME (any model of those "
+                                "libraries, where they import; split points found from its stages)")
+    model_kwargs: str | None = opt(None, "keyword arguments of a timm: or torchvision: model's constructor, e.g. "
+                                         "drop_path_rate=0.1,drop_rate=0.2", metavar="K=V,...")
+    pattern: str = opt("hier4", "head pattern: single, inst2, inst4, inst:N, ilr2, hier4, tree:AxB...")
+    rescale: str = opt("backprop", "gradient rescaling at split points (the paper's Table 3 ablation)",
+                       choices=RESCALE_MODES)
+    zero_init_residual: bool = opt(True, "ResNets: each block's last BN scale starts at 0 (Goyal et al. 2017)")
+    channels_last: bool | None = opt(None, "channels-last memory format; unset: on with CUDA")
+    compile: bool = opt(False, "torch.compile the model")
+    weights: str | None = opt(None, "initial weights: an exported head (.pth: into every copy of a collaborative "
+                                    "pattern, the classifier re-initialised per head), a training checkpoint, or "
+                                    "timm / torchvision (that library's pretrained weights, for its archs)",
+                              metavar="PATH|timm|torchvision")
+
+    def __post_init__(self):
+        check_fields(self)
+        if self.arch not in ARCHS and not self.arch.startswith(EXTERNAL_PREFIXES):
+            raise ValueError(f"--arch must be one of {', '.join(ARCHS)}, or timm:NAME / torchvision:NAME, got "
+                             f"{self.arch!r}")
+        if self.model_kwargs is not None:
+            if self.arch in ARCHS:
+                raise ValueError("--model-kwargs is for timm: and torchvision: archs; the built-in ones take their "
+                                 "settings as flags")
+            parse_model_kwargs(self.model_kwargs)
+        try:
+            parse_pattern(self.pattern)
+        except ValueError as exc:
+            raise ValueError(f"--pattern: {exc}") from None
+        if self.pretrained:
+            if not self.arch.startswith(self.weights + ":"):
+                raise ValueError(f"--weights {self.weights} (pretrained weights) needs --arch {self.weights}:NAME, "
+                                 f"got {self.arch}")
+        elif self.weights and not Path(self.weights).is_file():
+            raise ValueError(f"--weights {self.weights}: no such file")
+
+    @property
+    def pretrained(self) -> bool:
+        """--weights names a library's pretrained weights, not a file."""
+        return self.weights in ("timm", "torchvision")
+
+
+def parse_model_kwargs(text: str | None) -> dict:
+    """--model-kwargs "a=0.1,b=True,c=name" -> {"a": 0.1, "b": True, "c": "name"} (Python literals, else strings)."""
+    out = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise ValueError(f"--model-kwargs: expected K=V pairs separated by commas, got {item!r}")
+        try:
+            out[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            out[key.strip()] = value.strip()
+    return out
+
+
+def build_model(model: ModelConfig, num_classes: int | None = None, device: torch.device | str = "cpu",
+                weights: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """The network `model` describes, on `device` (channels-last when asked); num_classes None: the
+    architecture's default. `weights`: a plain network's
+    state dict (an exported head) for every copy, the classifier re-initialised per head; --weights of a
+    file is read by the caller (the trainer), a library's pretrained weights here."""
+    arch_kw = {"zero_init_residual": model.zero_init_residual} if is_builtin_resnet(model.arch) else {}
+    arch_kw.update(parse_model_kwargs(model.model_kwargs))
+    net = build(model.arch, model.pattern, num_classes=num_classes, rescale=model.rescale,
+                pretrained=model.pretrained, weights=weights, **arch_kw).to(device)
+    return net.to(memory_format=torch.channels_last) if model.channels_last else net

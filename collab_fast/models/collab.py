@@ -170,7 +170,7 @@ class CollabNet(nn.Module):
             self.levels.append(nn.ModuleList(copies))
 
     @property
-    def loss_scale(self) -> float:
+    def loss_factor(self) -> float:
         """Factor on the summed head losses: 1/H for rescale="loss" (the Table 3 ablation), else 1."""
         return 1.0 / self.num_heads if self.rescale == "loss" else 1.0
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from collab_fast.models import ARCHS, build
+from collab_fast.models import ARCHS, build, native_image_size
 from collab_fast.models.collab import CollabNet
 
 __all__ = ["PatternCost", "child_flops", "pattern_cost"]
@@ -55,7 +55,7 @@ def pattern_cost(arch: str, pattern: str, image_size: int | None = None, num_cla
                  ) -> PatternCost:
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(ARCHS)}")
-    image_size = image_size or (224 if ARCHS[arch][2] == 1000 else 32)
+    image_size = image_size or native_image_size(arch)
     per_child = child_flops(arch, image_size, num_classes)
     single_flops = sum(per_child.values())
     with torch.device("meta"):
