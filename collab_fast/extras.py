@@ -13,10 +13,19 @@ class MissingExtra(ImportError):
     """An optional dependency is not installed (the message names the pip extra)."""
 
 
-def require(module: str, extra: str, purpose: str):
-    """Imports `module`, or raises MissingExtra: '<purpose> needs <module>: pip install "collab_fast[extra]"'."""
+# The name a user installs, where it differs from the module's.
+_PACKAGE = {"PIL": "Pillow", "sklearn": "scikit-learn", "nvidia.dali": "NVIDIA DALI"}
+
+
+def require(module: str, extra: str, purpose: str, *, hint: str = ""):
+    """Imports `module`, or raises MissingExtra in one line: '<purpose> needs <package>, which is not
+    installed: pip install 'collab_fast[<extra>]'' and then `hint` (an alternative that needs nothing)."""
     try:
         return importlib.import_module(module)
-    except ImportError:
-        top = module.split(".")[0]
-        raise MissingExtra(f"{purpose} needs {top}, which is not installed: pip install 'collab_fast[{extra}]'") from None
+    except ImportError as e:
+        package = next((v for k, v in _PACKAGE.items() if module == k or module.startswith(k + ".")),
+                       module.split(".")[0])
+        missing = isinstance(e, ModuleNotFoundError) and e.name is not None and module.startswith(e.name)
+        why = "which is not installed" if missing else f"which does not import here ({e})"
+        raise MissingExtra(f"{purpose} needs {package}, {why}: pip install 'collab_fast[{extra}]'"
+                           + (f"; {hint}" if hint else "")) from None

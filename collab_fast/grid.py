@@ -249,24 +249,54 @@ def _rows_split(rows: list[dict]) -> str:
     return splits.pop() if splits else "test"
 
 
-def _markdown(summary: list[dict], baseline: str, command: str, split: str = "test") -> str:
-    axes = [k for k in summary[0] if k not in ("pattern", "noise", "seeds", "err_head0", "err_head0_sd",
-                                               "err_ensemble", "err_ensemble_sd", "diff_vs_baseline", "diff_ci95")]
+_SUMMARY_KEYS = ("pattern", "noise", "seeds", "err_head0", "err_head0_sd", "err_ensemble", "err_ensemble_sd",
+                 "diff_vs_baseline", "diff_ci95")
+
+
+def _table(summary: list[dict], baseline: str, split: str) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the summary table, shared by grid.md and grid.html."""
+    axes = [k for k in summary[0] if k not in _SUMMARY_KEYS]
     head = ["pattern", "label noise", *axes, "seeds", f"{split} error head 0 (%)", "ensemble (%)",
             f"head 0 vs {baseline} (points, 95% CI)"]
-    lines = [f"- command: `{command}`", (f"- {split} error = 100 - top-1 on the "
-             + ("samples held out of the training set (--holdout), not the test split" if split == "holdout"
-                else "test split") + "; mean +- standard deviation over seeds; the difference is paired by seed"), "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for r in sorted(summary, key=lambda r: (r["noise"], str(r["pattern"]), *[str(r[a]) for a in axes])):
         diff = "-"
         if r["diff_vs_baseline"] is not None:
             ci = f" +- {r['diff_ci95']:.2f}" if r["diff_ci95"] is not None else ""
             diff = f"{r['diff_vs_baseline']:+.2f}{ci}"
-        lines.append("| " + " | ".join([str(r["pattern"]), f"{r['noise']:g}", *[str(r[a]) for a in axes],
-                                        str(r["seeds"]), f"{r['err_head0']:.2f} +- {r['err_head0_sd']:.2f}",
-                                        f"{r['err_ensemble']:.2f} +- {r['err_ensemble_sd']:.2f}", diff]) + " |")
+        rows.append([str(r["pattern"]), f"{r['noise']:g}", *[str(r[a]) for a in axes], str(r["seeds"]),
+                     f"{r['err_head0']:.2f} +- {r['err_head0_sd']:.2f}",
+                     f"{r['err_ensemble']:.2f} +- {r['err_ensemble_sd']:.2f}", diff])
+    return head, rows
+
+
+def _split_line(split: str) -> str:
+    where = ("samples held out of the training set (--holdout), not the test split" if split == "holdout"
+             else "test split")
+    return f"{split} error = 100 - top-1 on the {where}; mean +- standard deviation over seeds; the difference is " \
+           "paired by seed"
+
+
+def _markdown(summary: list[dict], baseline: str, command: str, split: str = "test") -> str:
+    head, rows = _table(summary, baseline, split)
+    lines = [f"- command: `{command}`", f"- {_split_line(split)}", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def _html(summary: list[dict], baseline: str, command: str, split: str = "test") -> str:
+    head, rows = _table(summary, baseline, split)
+    e = html.escape
+    cells = lambda tag, row: "<tr>" + "".join(f"<{tag}>{e(c)}</{tag}>" for c in row) + "</tr>"  # noqa: E731
+    return ("<!doctype html><html><head><meta charset='utf-8'><title>collab_fast grid</title><style>"
+            "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+            "td,th{border:1px solid #bbb;padding:.25em .6em;text-align:right}th{background:#eee}"
+            "td:first-child{text-align:left}</style></head><body><h1>collab_fast grid</h1>"
+            f"<p>command: <code>{e(command)}</code></p><p>{e(_split_line(split))}</p>"
+            "<img src='fig3.png' alt='test error of head 0 against label noise'>"
+            f"<table><thead>{cells('th', head)}</thead><tbody>"
+            + "".join(cells("td", row) for row in rows) + "</tbody></table></body></html>\n")
 
 
 def _plot(summary: list[dict], path: Path, split: str = "test") -> None:
@@ -278,16 +308,27 @@ def _plot(summary: list[dict], path: Path, split: str = "test") -> None:
     for r in summary:
         key = tuple((k, v) for k, v in r.items() if k not in ("noise", "seeds") and not k.startswith(("err", "diff")))
         lines.setdefault(key, []).append(r)
-    for key, rs in sorted(lines.items(), key=lambda kv: str(kv[0])):
-        rs = sorted(rs, key=lambda r: r["noise"])
-        label = ", ".join(str(v) for _, v in key)
-        ax.errorbar([100 * r["noise"] for r in rs], [r["err_head0"] for r in rs], yerr=[r["err_head0_sd"] for r in rs],
-                    marker="o", ms=4, capsize=3, label=label)
-    ax.set_xlabel("label noise (%)")
+    groups = sorted(lines.items(), key=lambda kv: str(kv[0]))
+    levels = sorted({r["noise"] for r in summary})
+    if len(levels) == 1:
+        # One noise level: a line through one point is a dot; bars with the seeds' spread read as a comparison.
+        labels = [", ".join(str(v) for _, v in key) for key, _ in groups]
+        ax.bar(range(len(groups)), [rs[0]["err_head0"] for _, rs in groups],
+               yerr=[rs[0]["err_head0_sd"] for _, rs in groups], capsize=4, color="C0", alpha=0.8)
+        ax.set_xticks(range(len(groups)), labels, rotation=20 if len(groups) > 4 else 0, ha="right" if
+                      len(groups) > 4 else "center", fontsize=8)
+        ax.set_title(f"{split} error at label noise {100 * levels[0]:g}% (mean +- sd over seeds)")
+    else:
+        for key, rs in groups:
+            rs = sorted(rs, key=lambda r: r["noise"])
+            ax.errorbar([100 * r["noise"] for r in rs], [r["err_head0"] for r in rs],
+                        yerr=[r["err_head0_sd"] for r in rs], marker="o", ms=4, capsize=3,
+                        label=", ".join(str(v) for _, v in key))
+        ax.set_xlabel("label noise (%)")
+        ax.set_title(f"{split} error vs label noise (mean +- sd over seeds)")
+        ax.legend(fontsize=8)
     ax.set_ylabel(f"{split} error of head 0 (%)")
-    ax.set_title(f"{split} error vs label noise (mean +- sd over seeds)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -296,13 +337,10 @@ def _plot(summary: list[dict], path: Path, split: str = "test") -> None:
 def write_outputs(root: Path, rows: list[dict], baseline: str, command: str, split: str = "test") -> list[dict]:
     summary = summarize(rows, baseline)
     record = {"command": command, "eval_split": split, "cells": rows, "summary": summary}
-    (root / "grid.json").write_text(json.dumps(record, indent=1))
-    md = _markdown(summary, baseline, command, split)
-    (root / "grid.md").write_text("# collab_fast grid\n\n" + md)
+    write_text_atomic(root / "grid.json", json.dumps(record, indent=1))
+    write_text_atomic(root / "grid.md", "# collab_fast grid\n\n" + _markdown(summary, baseline, command, split))
     _plot(summary, root / "fig3.png", split)
-    (root / "grid.html").write_text(
-        "<!doctype html><html><head><meta charset='utf-8'><title>collab_fast grid</title></head><body>"
-        f"<h1>collab_fast grid</h1><img src='fig3.png' alt='fig3'><pre>{html.escape(md)}</pre></body></html>\n")
+    write_text_atomic(root / "grid.html", _html(summary, baseline, command, split))
     return summary
 
 

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from collab_fast.checkpoint import FORMAT, CheckpointError, load_file, os_error_line, save_atomic, write_text_atomic
 from collab_fast.config import TrainConfig, parse_config, resolve
-from collab_fast.data import Loader, TorchFolderLoader, build_loaders
+from collab_fast.data import BatchMix, Loader, TorchFolderLoader, build_loaders
 from collab_fast.distributed import Dist, cleanup, init_distributed
 from collab_fast.extras import MissingExtra
 from collab_fast.health import finite_model, finite_number
@@ -147,6 +147,7 @@ class Run:
     steps_per_epoch: int
     total_steps: int
     train_loader: Loader
+    mix: BatchMix | None = None  # --mixup / --cutmix: the batch and its labels mixed on the device
     signal: str | None = None  # set by SIGINT / SIGTERM
 
     def save(self, name: str) -> None:
@@ -173,6 +174,8 @@ def train_one_epoch(r: Run, loader) -> None:
             x, y = next(batches)
         except StopIteration:
             break
+        if r.mix is not None:
+            x, y = r.mix(x, y, state.step)  # y: [N, C] probabilities
         lr = cfg.optim.lr * lr_factor(cfg.optim, state.step, r.steps_per_epoch)
         for g in r.optimizer.param_groups:
             g["lr"] = lr
@@ -349,7 +352,9 @@ def _setup(cfg: TrainConfig):
     total = min(cfg.optim.epochs * steps, cfg.optim.max_steps or 1 << 62)
     progress = Progress(cfg.run.progress, total, state.step, cfg.run.progress_every, enabled=proc.main)
     r = Run(cfg, proc, device, net, model, optimizer, scaler, Step(cfg, model, net, optimizer, scaler, proc), state,
-            Logger(out, proc.main, progress, record=not cfg.run.eval_only), progress, out, steps, total, train_loader)
+            Logger(out, proc.main, progress, record=not cfg.run.eval_only), progress, out, steps, total, train_loader,
+            mix=BatchMix(num_classes, mixup=cfg.data.mixup, cutmix=cfg.data.cutmix, seed=cfg.run.seed, rank=proc.rank)
+            if cfg.data.mixup or cfg.data.cutmix else None)
     if proc.main:
         _header(r, num_classes, resume_path)
     return r, rundir, train_loader, val_loader, num_classes

@@ -520,7 +520,7 @@ def test_under_torch_compile_dynamic_batch():
     ((torch.zeros(0, 4, 5), torch.zeros(4, dtype=torch.long)), {}, ValueError, "no heads"),
     ((torch.zeros(2, 4, 5, dtype=torch.long), torch.zeros(4, dtype=torch.long)), {}, TypeError, "floating-point"),
     ((torch.zeros(2, 4, 5), torch.zeros(3, dtype=torch.long)), {}, ValueError, r"target must have shape \[N\]"),
-    ((torch.zeros(2, 4, 5), torch.zeros(4)), {}, TypeError, "target must be an integer tensor"),
+    ((torch.zeros(2, 4, 5), torch.zeros(4)), {}, TypeError, r"class indices must be an integer tensor \[N\]"),
     ((torch.zeros(2, 4, 5), [0, 1, 2, 3]), {}, TypeError, "target must be an integer tensor"),
     ((torch.zeros(2, 4, 5), torch.tensor([0, 1, 5, 2])), {}, ValueError, r"target\[2\] = 5 is outside \[0, 5\)"),
     ((torch.zeros(2, 4, 5), torch.tensor([0, 1, -1, 2])), {}, ValueError, r"target\[2\] = -1"),
@@ -705,7 +705,7 @@ for H, N, C, dt in [(4, 256, 1000, "float32"), (4, 256, 1000, "bfloat16"), (2, 4
     z = torch.empty(H, N, C, dtype=getattr(torch, dt), device="meta")  # shapes and strides, no memory
     y = torch.empty(N, dtype=torch.int64, device="meta")
     p = cl.CollabLossParams()
-    rs = cl._row_stats_buffer(z, p)
+    rs = cl._row_stats_buffer(z, y, p)
     compiled.clear()
     cl._launch(z, y, p, return_stats=True, save_row_stats=rs)  # what forward launches
     r = torch.empty((), device="meta").expand(H, N)
@@ -822,3 +822,119 @@ def test_inplace_refuses_logits_that_share_memory():
     rows = torch.randn(2, 1, 10).expand(2, 3, 10)
     with pytest.raises(ValueError, match="share memory"):
         fused_collab_loss(rows, y, impl="triton", inplace=True)
+
+
+# -------------------------------------------------------------------------- probability targets [N, C]
+
+
+def make_probs(N, C, seed=0, device=DEV, kind="mix"):
+    """Targets as mixup/cutmix make them: lam * onehot(y1) + (1 - lam) * onehot(y2) ("mix"), or a dense
+    random distribution ("dense"), or unnormalised non-negative rows ("free")."""
+    g = torch.Generator().manual_seed(seed)
+    if kind == "mix":
+        y1, y2 = torch.randint(0, C, (N,), generator=g), torch.randint(0, C, (N,), generator=g)
+        lam = torch.rand(N, 1, generator=g, dtype=torch.float64)
+        t = lam * F.one_hot(y1, C).double() + (1 - lam) * F.one_hot(y2, C).double()
+    elif kind == "dense":
+        t = torch.softmax(torch.randn(N, C, generator=g, dtype=torch.float64) * 2, -1)
+    else:
+        t = torch.rand(N, C, generator=g, dtype=torch.float64) * (torch.rand(N, C, generator=g) < 0.3)
+    return t.to(device)
+
+
+def paper_loss_probs(z, t, T, beta, w, detach, eps=0.0):
+    """Eq. 2-4 with F.cross_entropy's probability targets for the hard term, float64, head by head."""
+    H, total = z.shape[0], 0.0
+    for h in range(H):
+        hard = F.cross_entropy(z[h], t, reduction="sum", label_smoothing=eps)
+        if H == 1:
+            total = total + hard
+            continue
+        others = torch.stack([z[j] for j in range(H) if j != h]).mean(0)
+        if detach:
+            others = others.detach()
+        soft = -(F.softmax(others / T, -1) * F.log_softmax(z[h] / T, -1)).sum()
+        total = total + beta * hard + (1 - beta) * w * soft
+    return total / z.shape[1]
+
+
+@pytest.mark.parametrize("H", [1, 2, 4])
+@pytest.mark.parametrize("detach", [True, False])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_probability_targets_reference_matches_formula(H, detach, eps):
+    z, _ = make(H, 6, 9, dtype=torch.float64, device="cpu")
+    t = make_probs(6, 9, device="cpu", kind="dense")
+    z1, z2 = z.clone().requires_grad_(), z.clone().requires_grad_()
+    got = collab_loss_reference(z1, t, temperature=3.0, beta=0.3, detach_consensus=detach, label_smoothing=eps)
+    want = paper_loss_probs(z2, t, 3.0, 0.3, 9.0, detach, eps)
+    torch.testing.assert_close(got, want)
+    got.backward(), want.backward()
+    torch.testing.assert_close(z1.grad, z2.grad)
+
+
+def test_one_hot_probabilities_equal_labels_and_mixup_equals_two_calls():
+    # onehot(y) as probabilities is the label loss; lam * onehot(y1) + (1 - lam) * onehot(y2) is
+    # lam * loss(y1) + (1 - lam) * loss(y2) for the hard term, what mixup implementations compute with two calls.
+    z, y = make(3, 8, 11, dtype=torch.float64, device="cpu")
+    torch.testing.assert_close(collab_loss_reference(z, F.one_hot(y, 11).double(), label_smoothing=0.1),
+                               collab_loss_reference(z, y, label_smoothing=0.1))
+    y2, lam = torch.randint(0, 11, (8,), generator=torch.Generator().manual_seed(1)), 0.3
+    t = lam * F.one_hot(y, 11).double() + (1 - lam) * F.one_hot(y2, 11).double()
+    hard_only = dict(weights=(1.0, 0.0))
+    torch.testing.assert_close(collab_loss_reference(z, t, **hard_only),
+                               lam * collab_loss_reference(z, y, **hard_only)
+                               + (1 - lam) * collab_loss_reference(z, y2, **hard_only))
+
+
+@pytest.mark.parametrize("H, C, block_c", [(1, 10, None), (2, 7, None), (3, 37, 16), (4, 1000, None), (5, 130, 32)])
+@pytest.mark.parametrize("detach", [True, False])
+@pytest.mark.parametrize("kind", ["mix", "dense", "free"])
+@pytest.mark.parametrize("eps, reduction, soft_loss", [(0.0, "mean", "ce"), (0.1, "sum", "kl"), (0.05, "none", "ce")])
+def test_kernel_probability_targets_match_reference(H, C, block_c, detach, kind, eps, reduction, soft_loss):
+    # Every switch with [N, C] targets, against the float64 reference: loss, gradient (upstream weights other
+    # than 1), non-contiguous logits and targets, one-block and looped rows.
+    z, _ = make(H, 6, C, seed=C)
+    z = z.transpose(0, 1).contiguous().transpose(0, 1)
+    t = make_probs(6, C, seed=C, kind=kind).float().t().contiguous().t()  # column-major: class stride N
+    ref, ker, gr, gk = run_both(z, t, block_c=block_c, detach_consensus=detach, label_smoothing=eps,
+                                reduction=reduction, soft_loss=soft_loss, beta=0.4)
+    assert ker.shape == ref.shape
+    assert_close(ker, ref, atol=2e-5)
+    assert_close(gk, gr, atol=2e-6)
+    _, stats = fused_collab_loss(z, t, impl="triton", block_c=block_c, label_smoothing=eps, return_stats=True)
+    _, want = collab_loss_reference(z.double(), t, label_smoothing=eps, return_stats=True)
+    assert_close(stats.hard, want.hard, atol=2e-5)
+    assert_close(stats.soft, want.soft, atol=2e-5)
+    assert torch.equal(stats.correct.cpu(), want.correct.cpu()) and float(stats.num_valid) == 6
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_probability_target_dtypes(dtype):
+    z, _ = make(2, 5, 40)
+    t = make_probs(5, 40).to(dtype)
+    ref, ker, gr, gk = run_both(z, t, block_c=16)
+    assert_close(ker, ref, atol=1e-4 if dtype == torch.float16 else 2e-5)
+    assert_close(gk, gr, atol=1e-5)
+
+
+def test_probability_targets_stats_and_row_statistics_of_long_rows():
+    # rows longer than one block keep the target's sum with pass 1's statistics for backward
+    z, _ = make(3, 4, 100)
+    t = make_probs(4, 100, kind="free") * 3  # rows sum to about 3x a distribution
+    ref, ker, gr, gk = run_both(z, t.float(), block_c=16)
+    assert_close(ker, ref, atol=5e-5)
+    assert_close(gk, gr, atol=2e-6)
+    rs = cl._row_stats_buffer(z, t, cl.CollabLossParams(block_c=16))
+    assert rs.shape == (9, 3, 4)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda z: torch.full((5, 9), 0.1), r"shape \[N, C\] = \[5, 10\]"),
+    (lambda z: torch.full((5, 10), 0.1, requires_grad=True), "no gradient to a probability target"),
+    (lambda z: torch.full((5, 10), -0.1), r"target\[0, 0\] = -0.1.*finite and >= 0"),
+    (lambda z: torch.full((5, 10), float("nan")), "finite and >= 0"),
+])
+def test_bad_probability_targets(bad, match):
+    z = torch.randn(2, 5, 10)
+    with pytest.raises(ValueError, match=match):
+        fused_collab_loss(z, bad(z))

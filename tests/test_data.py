@@ -284,13 +284,13 @@ def test_missing_extra_names_it(monkeypatch):
 
     def no_sklearn(name, *a, **k):
         if name.startswith("sklearn"):
-            raise ImportError("No module named 'sklearn'")
+            raise ModuleNotFoundError("No module named 'sklearn'", name="sklearn")
         return real(name, *a, **k)
 
     monkeypatch.setattr(builtins, "__import__", no_sklearn)
     monkeypatch.delitem(__import__("sys").modules, "sklearn.datasets", raising=False)
     monkeypatch.delitem(__import__("sys").modules, "sklearn", raising=False)
-    with pytest.raises(MissingExtra, match=r"digits data set .* needs sklearn, which is not installed: pip install "
+    with pytest.raises(MissingExtra, match=r"digits data set needs scikit-learn, which is not installed: pip install "
                                            r"'collab_fast\[train\]'"):
         load_digits(16)
 

@@ -154,3 +154,24 @@ def test_sigint_cancels_pending_cells_and_stops_the_running_one(tmp_path):
     assert len(started) == len(finished) + 1 < 3  # the running cell stopped, no further cell was started
     running = [p.parent for p in started if not (p.parent / "result.json").exists()]
     assert (running[0] / "run" / "last.pt").is_file()  # the running trainer checkpointed
+
+
+def test_html_table_and_one_noise_level_drawn_as_bars(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib", reason="the figure needs matplotlib (the train extra)")
+    import matplotlib.axes
+
+    cells = plan(["single", "hier4"], [0.4], [0, 1], {})
+    rows = [{**c, "cell": c.name, "top1": 90.0 + i, "top1_ensemble": 91.0, "top1_heads": [90.0], "val_loss_head0": 0.1,
+             "step": 1} for i, c in enumerate(cells)]
+    calls = []
+    real_bar = matplotlib.axes.Axes.bar
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", lambda self, *a, **k: calls.append("bar") or real_bar(self, *a, **k))
+    write_outputs(tmp_path, rows, "single", "python -m collab_fast.grid <out>", "test")
+    assert calls == ["bar"]  # one noise level: bars, not lines through single points
+    page = (tmp_path / "grid.html").read_text()
+    assert "<table>" in page and "<pre>" not in page and page.count("<tr>") == 3  # header + 2 patterns
+    assert "<td>hier4</td>" in page and "&lt;out&gt;" in page
+    calls.clear()
+    rows2 = [{**r, "noise": 0.0, "cell": r["cell"] + "0"} for r in rows] + rows
+    write_outputs(tmp_path, rows2, "single", "cmd", "test")
+    assert calls == []  # two noise levels: a line per pattern

@@ -387,17 +387,6 @@ def test_weights_start_every_copy_and_the_heads_differ(tmp_path):
     assert (logits[0] - logits[1]).abs().max() > 1e-3
 
 
-def test_lr_schedules():
-    cfg = train.TrainConfig.from_flags("digits", epochs=90, lr=0.1, lr_milestones=[30, 60, 80])
-    assert train.lr_factor(cfg.optim, 0, 100) == 1.0
-    assert train.lr_factor(cfg.optim, 3000, 100) == pytest.approx(0.1)
-    assert train.lr_factor(cfg.optim, 8000, 100) == pytest.approx(1e-3)
-    cfg = train.TrainConfig.from_flags("digits", epochs=10, schedule="cosine", warmup_epochs=1)
-    assert train.lr_factor(cfg.optim, 0, 100) == pytest.approx(0.01)
-    assert train.lr_factor(cfg.optim, 100, 100) == pytest.approx(1.0)
-    assert train.lr_factor(cfg.optim, 999, 100) < 1e-4
-
-
 def test_eta_under_accumulation_and_epoch_numbers(tmp_path, capsys):
     # The ETA is the remaining optimizer steps times the measured time per optimizer step (it used to
     # divide by accum_steps twice), and every line names the epoch it belongs to, 1-based.
@@ -445,13 +434,6 @@ def test_gpu_training_run(tmp_path):
     assert cfg["amp"] == "bf16" and cfg["channels_last"] is True
     tr = records(out, "train")
     assert len(tr) == 4 and all(math.isfinite(r["loss"]) for r in tr) and tr[0]["peak_mem_mb"] > 0
-
-
-def test_fractional_warmup_never_exceeds_the_peak():
-    for warm, steps in [(0.05, 10), (0.01, 11), (1e-9, 10), (0.5, 3), (2.5, 7)]:
-        cfg = train.TrainConfig.from_flags("digits", epochs=10, warmup_epochs=warm)
-        factors = [train.lr_factor(cfg.optim, s, steps) for s in range(10 * steps)]
-        assert max(factors) <= 1.0 + 1e-12, (warm, steps, max(factors))
 
 
 def test_skipped_first_step_leaves_the_model_finite(tmp_path, monkeypatch):

@@ -37,14 +37,15 @@ from collab_fast.data.memory import (
     load_cifar,
     load_digits,
 )
+from collab_fast.data.mix import BatchMix
 from collab_fast.data.noise import LabelNoise
 from collab_fast.data.split import split_train
 from collab_fast.data.torch_folder import TorchFolderLoader
 from collab_fast.data.toy import write_toy
 
-__all__ = ["AUGMENTS", "DATASETS", "DataConfig", "DataError", "DaliLoader", "DeviceLoader", "LabelNoise", "Loader",
-           "SyntheticLoader", "TorchFolderLoader", "build_loaders", "check_dali_wheel", "check_image", "decode_image",
-           "default_augment", "default_image_size", "default_toy_dir", "scan_split", "write_toy"]
+__all__ = ["AUGMENTS", "DATASETS", "BatchMix", "DataConfig", "DataError", "DaliLoader", "DeviceLoader", "LabelNoise",
+           "Loader", "SyntheticLoader", "TorchFolderLoader", "build_loaders", "check_dali_wheel", "check_image",
+           "decode_image", "default_augment", "default_image_size", "default_toy_dir", "scan_split", "write_toy"]
 
 DATASETS = ("imagenet", "cifar10", "cifar100", "digits", "toy", "synthetic")
 TOY_DEFAULT = {"classes": 10, "per_class": 100, "size": 96}
@@ -92,6 +93,11 @@ class DataConfig:
                        choices=("auto", *AUGMENTS))
     image_size: int | None = opt(None, "training image size; unset: 224 for image folders, 32 for CIFAR/digits", lo=8,
                                  hi=8192)
+    mixup: float = opt(0.0, "mixup alpha (Zhang et al. 2018): each training image and its label mixed with another's, "
+                            "weights lam ~ Beta(alpha, alpha), on the device; 0: off", lo=0, hi=100)
+    cutmix: float = opt(0.0, "cutmix alpha (Yun et al. 2019): a box of another training image pasted in, the labels "
+                             "mixed by area; with --mixup too, each batch takes one of them at random; 0: off",
+                        lo=0, hi=100)
     skip_bad_images: bool = opt(False, "skip undecodable images (counted, named) instead of failing")
     loader: str = opt("auto", "image folders: dali (GPU decode and augmentation), torch (PyTorch workers with "
                               "Pillow: no DALI needed, slower), auto: dali where it is installed",

@@ -76,8 +76,8 @@ def check_dali_wheel(device: torch.device) -> None:
 
 
 def _dali():
-    require("nvidia.dali", "dali", "reading image folders with NVIDIA DALI (--loader dali; "
-            "'collab_fast[dali-cuda12]' for a CUDA 12 driver; --loader torch needs no DALI)")
+    require("nvidia.dali", "dali", "--loader dali", hint="or 'collab_fast[dali-cuda12]' for a CUDA 12 driver; "
+            "--loader torch reads image folders without DALI")
     import nvidia.dali.fn as fn
     import nvidia.dali.types as types
     from nvidia.dali import pipeline_def

@@ -31,7 +31,7 @@ DIGITS_STD = (0.3234,) * 3
 def load_digits(size: int = 32):
     """scikit-learn's bundled handwritten digits (1797 real 8x8 images, 10 classes), upsampled to
     size x size, 3 channels, uint8 NHWC. Fixed split: a seeded permutation, 1437 train / 360 test."""
-    d = require("sklearn.datasets", "train", "the digits data set (bundled with scikit-learn)").load_digits()
+    d = require("sklearn.datasets", "train", "the digits data set").load_digits()
     x = torch.from_numpy(d.images).float().div(16.0).unsqueeze(1)  # [N, 1, 8, 8] in [0, 1]
     x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False).clamp(0, 1)
     x = (x * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).permute(0, 2, 3, 1).contiguous()

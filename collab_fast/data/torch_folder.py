@@ -1,8 +1,13 @@
 """Image folders without DALI: a multi-process PyTorch DataLoader with Pillow decode (a machine or platform
 with no DALI wheel, a CUDA driver that matches none). The same augmentation as the DALI pipeline (random
 resized crop: area 0.08-1, aspect 3/4-4/3, 10 attempts, then a flip; evaluation: shorter side resized to
-size / crop_ratio, centre crop), the same sharding and the same loader contract (len, set_epoch, iter_from,
-checkpoint, restore). Slower than DALI: decode and augmentation run on the CPU workers.
+size / crop_ratio, centre crop), the same sharding and the same loader contract (collab_fast.data.loader.Loader).
+Slower than DALI: decode and augmentation run on the CPU workers.
+
+Workers start once per loader (persistent) from a fork server, not forked from the trainer: a process that
+has started threads (torch's, Triton's, a CUDA context) can crash in a forked child, and Python 3.14 makes the
+fork server its default for that reason. The epoch travels with each sample index, so persistent workers
+need no per-epoch state.
 
 Exact resume for free: the epoch's order is a permutation seeded by (seed, epoch), and every sample's crop and
 flip are drawn from a generator seeded by (seed, epoch, sample), so starting at batch k of an epoch yields
@@ -12,6 +17,7 @@ exactly the batches an uninterrupted run saw from k on, with nothing read and dr
 from __future__ import annotations
 
 import math
+import multiprocessing
 import os
 
 import torch
@@ -48,23 +54,24 @@ def _crop_box(width: int, height: int, g: torch.Generator) -> tuple[int, int, in
 
 
 class _FolderDataset(torch.utils.data.Dataset):
-    """Sample i of the epoch's order -> (uint8 [3, S, S] image, sample index)."""
+    """(epoch, sample index) -> (uint8 [3, S, S] image, sample index)."""
 
     def __init__(self, files, *, train, image_size, crop_ratio, augment, seed):
         self.files, self.train, self.size, self.crop_ratio = files, train, image_size, crop_ratio
-        self.augment, self.seed, self.epoch = augment, seed, 0
+        self.augment, self.seed = augment, seed
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, key: tuple[int, int]):
+        epoch, index = key
         image = require("PIL.Image", "train", "reading image folders without DALI (Pillow)")
         path = self.files[index]
         try:
             with image.open(path) as im:
                 im = im.convert("RGB")
                 if self.train and self.augment != "none":
-                    g = torch.Generator().manual_seed(hash((self.seed, self.epoch, index)) & (2**63 - 1))
+                    g = torch.Generator().manual_seed(hash((self.seed, epoch, index)) & (2**63 - 1))
                     im = im.resize((self.size, self.size), image.BILINEAR, box=_crop_box(*im.size, g))
                     if self.augment == "crop+flip" and torch.rand((), generator=g) < 0.5:
                         im = im.transpose(image.FLIP_LEFT_RIGHT)
@@ -86,7 +93,7 @@ class _FolderDataset(torch.utils.data.Dataset):
 
 
 class _Order(torch.utils.data.Sampler):
-    """This rank's sample indices of the current epoch from position `start` on."""
+    """(epoch, sample index) of this rank's samples of the current epoch from position `start` on."""
 
     def __init__(self, n, *, train, rank, world, seed):
         self.n, self.train, self.rank, self.world, self.seed = n, train, rank, world, seed
@@ -99,10 +106,13 @@ class _Order(torch.utils.data.Sampler):
         return order[lo:hi]
 
     def __iter__(self):
-        return iter(self.shard()[self.start:])
+        return iter([(self.epoch, i) for i in self.shard()[self.start:]])
 
     def __len__(self) -> int:
         return len(self.shard()) - self.start
+
+
+_START = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else None  # None: the platform's
 
 
 class TorchFolderLoader:
@@ -132,15 +142,16 @@ class TorchFolderLoader:
         self.num_workers = workers
         self._loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=batch_size, sampler=self.order, num_workers=workers, drop_last=self.drop_last,
-            pin_memory=self.device.type == "cuda", persistent_workers=False,
-            prefetch_factor=2 if workers > 0 else None)
+            pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
+            prefetch_factor=2 if workers > 0 else None,
+            multiprocessing_context=_START if workers > 0 else None)
 
     def __len__(self) -> int:
         n = len(self.order.shard())
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
-        self.order.epoch = self.dataset.epoch = epoch
+        self.order.epoch = epoch
         if self.noise is not None:
             self.table = self.noise.labels_for_epoch(epoch).to(self.device)
 

@@ -5,6 +5,8 @@ Math (Song & Chai 2018, eq. 2-4). One sample, label y, heads z_1..z_H in R^C, te
 weight beta, soft weight w (default T^2), label smoothing eps; C' = number of finite classes:
 
     hard_h = lse(z_h) - (1 - eps) z_h[y] - eps * sum_{i finite} z_h,i / C'      (torch's smoothing)
+    or, for a target distribution t (mixup, cutmix; rows summing to S = sum_i t_i, usually 1):
+    hard_h = (1 - eps) (S lse(z_h) - <t, z_h>) + eps (lse(z_h) - sum_{i finite} z_h,i / C')
     c_h    = (sum_{j != h} z_j) / (H - 1)                 leave-one-out consensus of the other heads
     a_h    = z_h / T,  u_h = c_h / T,  p_h = softmax(a_h),  q_h = softmax(u_h)
     soft_h = -sum_i q_h,i log p_h,i = lse(a_h) - <q_h, a_h>                  (soft_loss="ce")
@@ -19,6 +21,7 @@ Gradient, with r_h the upstream weight of L_h (1/n_valid for "mean", 1 for "sum"
 for "none"):
 
     dz_j  = r_j [k_hard (softmax(z_j) - (1 - eps) e_y - eps 1_finite / C') + k_soft (p_j - q_j) / T]
+  (a distribution t: softmax(z_j) ((1 - eps) S + eps) - (1 - eps) t in place of softmax(z_j) - (1 - eps) e_y),
   (the same for "ce" and "kl": ent(q_j) does not depend on z_j), and when the consensus is not detached,
   soft_h (h != j) also reaches z_j through u_h:
     g_h   = d soft_h / d z_j = -q_h * (b_h - <q_h, b_h>) / (T (H - 1))        (same for every j != h)
@@ -201,12 +204,17 @@ def _reference(logits: torch.Tensor, target: torch.Tensor, params: CollabLossPar
     num_heads, n, _ = logits.shape
     p = params
     z = logits if logits.dtype == torch.float64 else logits.float()
-    valid = target != p.ignore_index  # [N]
-    y = torch.where(valid, target, torch.zeros_like(target)).long()
     finite = z > float("-inf")  # [H, N, C]; -inf marks an absent class
-
     logp = torch.log_softmax(z, dim=-1)
-    nll = -logp.gather(-1, y.view(1, n, 1).expand(num_heads, n, 1)).squeeze(-1)  # [H, N]
+    if target.is_floating_point():  # probabilities [N, C]: every sample counts
+        t = target.to(z.dtype)
+        valid = torch.ones(n, dtype=torch.bool, device=z.device)
+        y = t.argmax(-1)  # the target's top class, for the correct count
+        nll = -(t * logp.masked_fill(t == 0, 0.0)).sum(-1)  # [H, N]; 0 log 0 = 0 at absent classes
+    else:
+        valid = target != p.ignore_index  # [N]
+        y = torch.where(valid, target, torch.zeros_like(target)).long()
+        nll = -logp.gather(-1, y.view(1, n, 1).expand(num_heads, n, 1)).squeeze(-1)  # [H, N]
     if p.label_smoothing > 0:
         smooth = -logp.masked_fill(~finite, 0.0).sum(-1) / finite.sum(-1)
         hard = (1.0 - p.label_smoothing) * nll + p.label_smoothing * smooth
@@ -311,10 +319,15 @@ if triton is not None:
         return m_new, s1, s_t, m_c, s_c, t_c, v_c, e_1, e_t, e_u
 
     @triton.jit
-    def _grad_block(z, p_1, p_t, q, u, cols, y_safe, r, qa, qu, n_fin, inv_t, hard_coef, soft_coef, eps,
-                    H: tl.constexpr, DETACH: tl.constexpr, SMOOTH: tl.constexpr, KL: tl.constexpr):
-        # dL/dz for one block, every head, weighted by the upstream weights r [H_PAD].
-        d_hard = p_1 - tl.where(cols[None, :] == y_safe, 1.0 - eps, 0.0)
+    def _grad_block(z, p_1, p_t, q, u, cols, y_safe, t, t_sum, r, qa, qu, n_fin, inv_t, hard_coef, soft_coef, eps,
+                    H: tl.constexpr, DETACH: tl.constexpr, SMOOTH: tl.constexpr, KL: tl.constexpr,
+                    PROBS: tl.constexpr):
+        # dL/dz for one block, every head, weighted by the upstream weights r [H_PAD]. PROBS: t [BLOCK_C]
+        # is the block of the target distribution (summing to t_sum over the row), else the label y_safe.
+        if PROBS:
+            d_hard = p_1 * ((1.0 - eps) * t_sum + eps) - (1.0 - eps) * t[None, :]
+        else:
+            d_hard = p_1 - tl.where(cols[None, :] == y_safe, 1.0 - eps, 0.0)
         if SMOOTH:
             d_hard -= tl.where(z > float("-inf"), eps, 0.0) / n_fin[:, None]
         if H > 1:
@@ -333,7 +346,7 @@ if triton is not None:
     @triton.jit
     def _collab_loss_kernel(
         z_ptr, stride_zh_v, stride_zn_v, stride_zc,  # logits [H, N, C], any strides (head/row strides / VEC)
-        y_ptr, stride_y,  # target [N], integer
+        y_ptr, stride_y, stride_yc,  # target [N] integer labels, or (PROBS) [N, C] probabilities
         g_ptr, stride_gh_v, stride_gn_v, stride_gc,  # gradient out [H, N, C] (may alias the logits)
         loss_ptr,  # REDUCE: fp32 scalar accumulator; else fp32 [H, N] per-head per-sample loss
         stats_ptr,  # fp32 [4, H] accumulators: mean hard, mean soft, correct count; [3, 0] = n_valid
@@ -349,6 +362,7 @@ if triton is not None:
         VEC: tl.constexpr,  # elements per 16 bytes when every row starts 16-byte aligned, else 1
         ROW_STATS: tl.constexpr,  # 0: none; 1: store pass 1's statistics; 2: load them instead of pass 1
         NUM_STAGES: tl.constexpr,  # > 1: the column loops prefetch the next blocks (cp.async into shared memory)
+        PROBS: tl.constexpr,  # the target is a distribution over classes per sample (mixup, cutmix, smoothing)
     ):
         # The row strides and C arrive divided by VEC: multiplied back here, Triton knows that they are
         # multiples of VEC, so every row starts on a 16-byte boundary and masks are constant per VEC
@@ -359,18 +373,27 @@ if triton is not None:
         stride_gn = stride_gn_v.to(tl.int64) * VEC
         C = C_v * VEC
         n = tl.program_id(0).to(tl.int64)
-        y = tl.load(y_ptr + n * stride_y).to(tl.int64)
-        valid = y != ignore_index
-        in_range = (y >= 0) & (y < C)
-        ok = valid & in_range
-        bad = valid & (~in_range)  # out-of-range label: loss becomes NaN (device-side check, no sync)
-        y_safe = tl.where(in_range, y, 0)
+        t_row = y_ptr + n * stride_y  # PROBS: the row's target distribution
+        if PROBS:
+            ok = n >= 0  # every sample counts
+            bad = n < 0
+            y_safe = n * 0
+        else:
+            y = tl.load(y_ptr + n * stride_y).to(tl.int64)
+            valid = y != ignore_index
+            in_range = (y >= 0) & (y < C)
+            ok = valid & in_range
+            bad = valid & (~in_range)  # out-of-range label: loss becomes NaN (device-side check, no sync)
+            y_safe = tl.where(in_range, y, 0)
 
         heads = tl.arange(0, H_PAD)
         head_mask = heads < H
         z_row = z_ptr + n * stride_zn + heads[:, None].to(tl.int64) * stride_zh  # [H_PAD, 1]
-        z_y = tl.load(z_ptr + n * stride_zn + heads.to(tl.int64) * stride_zh + y_safe * stride_zc,
-                      mask=head_mask, other=0.0).to(tl.float32)
+        if PROBS:
+            z_y = tl.zeros([H_PAD], tl.float32)  # unused
+        else:
+            z_y = tl.load(z_ptr + n * stride_zn + heads.to(tl.int64) * stride_zh + y_safe * stride_zc,
+                          mask=head_mask, other=0.0).to(tl.float32)
         cols0 = tl.arange(0, BLOCK_C)
 
         # ---- pass 1: row statistics per head ([H_PAD] vectors), online over column blocks ----
@@ -385,6 +408,14 @@ if triton is not None:
         sum_fin = tl.zeros([H_PAD], tl.float32)  # sum of finite z (label smoothing)
         n_fin = tl.zeros([H_PAD], tl.float32)  # number of finite classes
         arg = tl.zeros([H_PAD], tl.int64)  # first argmax (stats)
+        zt = tl.zeros([H_PAD], tl.float32)  # PROBS: <t, z_h> over the classes where t > 0
+        if PROBS:
+            t_sum = tl.zeros([H_PAD], tl.float32)  # sum of t (over the row; per head, all equal)
+        else:
+            t_sum = tl.zeros([H_PAD], tl.float32) + 1.0  # a label's distribution sums to 1
+        t_max = float("-inf")  # PROBS: the target's top class (stats): its value and first index
+        t_arg = n * 0
+        t = tl.zeros([BLOCK_C], tl.float32)  # PROBS: the target block of a one-block row, kept for pass 2
         rs_row = rs_ptr + heads.to(tl.int64) * N + n  # [H_PAD]: statistic k of (head, row) at k * H * N
         if ROW_STATS == 2:
             # padded heads get finite values: their gradient is weighted by r = 0 and must not be NaN
@@ -396,6 +427,8 @@ if triton is not None:
             t_c = tl.load(rs_row + 5 * H * N, mask=head_mask, other=0.0)
             v_c = tl.load(rs_row + 6 * H * N, mask=head_mask, other=0.0)
             n_fin = tl.load(rs_row + 7 * H * N, mask=head_mask, other=1.0)
+            if PROBS:
+                t_sum = tl.load(rs_row + 8 * H * N, mask=head_mask, other=1.0)
         elif NUM_BLOCKS == 1:
             # The whole row is one tile: read it once, keep its exponentials for pass 2.
             col_mask = cols0 < C
@@ -408,6 +441,12 @@ if triton is not None:
                 finite = z > float("-inf")
                 sum_fin = tl.sum(tl.where(finite, z, 0.0), axis=1)
                 n_fin = tl.sum(finite.to(tl.float32), axis=1)
+            if PROBS:
+                t = tl.load(t_row + cols0.to(tl.int64) * stride_yc, mask=col_mask, other=0.0).to(tl.float32)
+                zt = tl.sum(tl.where(t[None, :] != 0.0, t[None, :] * z, 0.0), axis=1)
+                t_sum = tl.zeros([H_PAD], tl.float32) + tl.sum(t, axis=0)
+                if STATS:
+                    t_arg = tl.argmax(t, axis=0).to(tl.int64)
         else:
             for b in tl.range(0, NUM_BLOCKS, num_stages=NUM_STAGES):
                 cols = b * BLOCK_C + cols0
@@ -421,10 +460,22 @@ if triton is not None:
                     finite = z > float("-inf")
                     sum_fin += tl.sum(tl.where(finite, z, 0.0), axis=1)
                     n_fin += tl.sum(finite.to(tl.float32), axis=1)
+                if PROBS:
+                    tb = tl.load(t_row + cols.to(tl.int64) * stride_yc, mask=cols < C, other=0.0).to(tl.float32)
+                    zt += tl.sum(tl.where(tb[None, :] != 0.0, tb[None, :] * z, 0.0), axis=1)
+                    t_sum += tl.sum(tb, axis=0)
+                    if STATS:
+                        blk_t = tl.max(tb, axis=0)
+                        t_arg = tl.where(blk_t > t_max, tl.argmax(tb, axis=0).to(tl.int64) + b * BLOCK_C, t_arg)
+                        t_max = tl.maximum(t_max, blk_t)
 
         m1_safe = tl.where(m1 == float("-inf"), 0.0, m1)
         lse_1 = m1_safe + tl.log(s1)
-        if SMOOTH:
+        if PROBS:
+            hard = t_sum * lse_1 - zt  # -sum_i t_i log p_i
+            if SMOOTH:
+                hard = (1.0 - eps) * hard + eps * (lse_1 - sum_fin / n_fin)
+        elif SMOOTH:
             hard = lse_1 - (1.0 - eps) * z_y - eps * sum_fin / n_fin
         else:
             hard = lse_1 - z_y
@@ -461,7 +512,8 @@ if triton is not None:
                 smask = tl.where(ok, heads, H_PAD) < H
                 tl.atomic_add(stats_ptr + heads, hard * inv_valid, mask=smask)
                 tl.atomic_add(stats_ptr + H + heads, soft * inv_valid, mask=smask)
-                tl.atomic_add(stats_ptr + 2 * H + heads, (arg == y_safe).to(tl.float32), mask=smask)
+                top = t_arg if PROBS else y_safe
+                tl.atomic_add(stats_ptr + 2 * H + heads, (arg == top).to(tl.float32), mask=smask)
 
         if ROW_STATS == 1:
             tl.store(rs_row, m1, mask=head_mask)
@@ -472,6 +524,8 @@ if triton is not None:
             tl.store(rs_row + 5 * H * N, t_c, mask=head_mask)
             tl.store(rs_row + 6 * H * N, v_c, mask=head_mask)
             tl.store(rs_row + 7 * H * N, n_fin, mask=head_mask)
+            if PROBS:
+                tl.store(rs_row + 8 * H * N, t_sum, mask=head_mask)
 
         # ---- pass 2: gradient ----
         if COMPUTE_GRAD:
@@ -493,8 +547,8 @@ if triton is not None:
                     if KL and not DETACH:
                         u = _consensus_logits(z, head_mask, inv_t, H)
                 grad = _grad_block(z, e_1 * inv_s1[:, None], e_t * inv_st[:, None], e_u * inv_sc[:, None], u,
-                                   cols0, y_safe, r, qa, qu, n_fin, inv_t, hard_coef, soft_coef, eps, H, DETACH,
-                                   SMOOTH, KL)
+                                   cols0, y_safe, t, t_sum[:, None], r, qa, qu, n_fin, inv_t, hard_coef, soft_coef,
+                                   eps, H, DETACH, SMOOTH, KL, PROBS)
                 grad = tl.where(ok, grad, 0.0)
                 tl.store(g_row + cols0[None, :].to(tl.int64) * stride_gc, grad.to(g_ptr.dtype.element_ty),
                          mask=head_mask[:, None] & col_mask[None, :])
@@ -513,9 +567,12 @@ if triton is not None:
                     if H > 1:
                         u = _consensus_logits(z, head_mask, inv_t, H)
                         q = tl.exp(u - mc_safe[:, None]) * inv_sc[:, None]
+                    tb = t
+                    if PROBS:
+                        tb = tl.load(t_row + cols.to(tl.int64) * stride_yc, mask=col_mask, other=0.0).to(tl.float32)
                     grad = _grad_block(z, e_1 * inv_s1[:, None], e_t * inv_st[:, None], q, u,
-                                       cols, y_safe, r, qa, qu, n_fin, inv_t, hard_coef, soft_coef, eps, H, DETACH,
-                                       SMOOTH, KL)
+                                       cols, y_safe, tb, t_sum[:, None], r, qa, qu, n_fin, inv_t, hard_coef,
+                                       soft_coef, eps, H, DETACH, SMOOTH, KL, PROBS)
                     grad = tl.where(ok, grad, 0.0)
                     tl.store(g_row + cols[None, :].to(tl.int64) * stride_gc, grad.to(g_ptr.dtype.element_ty),
                              mask=head_mask[:, None] & col_mask[None, :])
@@ -617,7 +674,7 @@ def loop_stages(num_heads: int, block_c: int, num_blocks: int, element_size: int
 
 def _launch(
     logits: torch.Tensor,  # [H, N, C]
-    target: torch.Tensor,  # [N]
+    target: torch.Tensor,  # [N] labels, or [N, C] probabilities (floating point)
     params: CollabLossParams,
     *,
     compute_loss: bool = True,
@@ -625,8 +682,8 @@ def _launch(
     return_stats: bool = False,
     row_weights: torch.Tensor | None = None,  # [H, N] upstream weights (backward)
     grad_out: torch.Tensor | None = None,  # where to write the gradient (default: fresh [H, N, C])
-    save_row_stats: torch.Tensor | None = None,  # fp32 [8, H, N]: forward stores pass 1's statistics here
-    row_stats: torch.Tensor | None = None,  # fp32 [8, H, N] from forward: backward skips pass 1
+    save_row_stats: torch.Tensor | None = None,  # fp32 [K, H, N]: forward stores pass 1's statistics here
+    row_stats: torch.Tensor | None = None,  # fp32 [K, H, N] from forward: backward skips pass 1
 ):
     """Runs the kernel once. Returns (loss, stats [4, H] or None, grad or None)."""
     num_heads, n, c = logits.shape
@@ -643,7 +700,8 @@ def _launch(
         loss = torch.empty((), dtype=f32, device=device)
     stats = torch.zeros((4, num_heads), dtype=f32, device=device) if return_stats else loss
     need_count = (mean and (compute_loss or compute_grad)) or return_stats
-    nvalid = (target != params.ignore_index).sum() if need_count else loss
+    probs = target.is_floating_point()
+    nvalid = _num_valid(target, params) if need_count else loss
     if compute_grad:
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if grad_out is None else grad_out
     else:
@@ -653,8 +711,9 @@ def _launch(
     vec = _vector_width(logits, grad if compute_grad else logits)
     mode = 1 if save_row_stats is not None else 2 if row_stats is not None else 0
     rs = save_row_stats if mode == 1 else row_stats if mode == 2 else loss
-    if mode and (rs.shape != (8, num_heads, n) or rs.dtype != f32 or not rs.is_contiguous()):
-        raise ValueError(f"row statistics must be contiguous float32 [8, {num_heads}, {n}], got {rs.dtype} "
+    k = _row_stats_count(target)
+    if mode and (rs.shape != (k, num_heads, n) or rs.dtype != f32 or not rs.is_contiguous()):
+        raise ValueError(f"row statistics must be contiguous float32 [{k}, {num_heads}, {n}], got {rs.dtype} "
                          f"{tuple(rs.shape)}")
     if n > 0:
         stages = loop_stages(num_heads, block, num_blocks, logits.element_size(), shared_memory_limit(device),
@@ -665,7 +724,7 @@ def _launch(
         with guard:
             _collab_loss_kernel[(n,)](
                 logits, logits.stride(0) // vec, logits.stride(1) // vec, logits.stride(2),
-                target, target.stride(0),
+                target, target.stride(0), target.stride(1) if probs else 0,
                 grad, grad.stride(0) // vec, grad.stride(1) // vec, grad.stride(2),
                 loss, stats, nvalid,
                 r, r_strides[0], r_strides[1],
@@ -676,20 +735,33 @@ def _launch(
                 REDUCE=reduce, MEAN=mean, COMPUTE_LOSS=compute_loss, COMPUTE_GRAD=compute_grad,
                 ROW_WEIGHTS=row_weights is not None, DETACH=params.detach_consensus, STATS=return_stats,
                 SMOOTH=params.label_smoothing > 0, T_IS_TWO=params.temperature == 2.0, KL=params.soft_loss == "kl",
-                VEC=vec, ROW_STATS=mode, NUM_STAGES=stages, num_warps=num_warps,
+                VEC=vec, ROW_STATS=mode, NUM_STAGES=stages, PROBS=probs, num_warps=num_warps,
             )
     elif compute_grad and grad_out is None:
         grad.zero_()
     return loss, (stats if return_stats else None), (grad if compute_grad else None)
 
 
-def _row_stats_buffer(logits: torch.Tensor, params: CollabLossParams) -> torch.Tensor | None:
-    """fp32 [8, H, N] for forward to keep pass 1's statistics of rows longer than one block (backward then
+def _num_valid(target: torch.Tensor, params: CollabLossParams) -> torch.Tensor:
+    """[] the number of samples that count, on the device (no sync): labels other than ignore_index, or
+    every row of a probability target."""
+    if target.is_floating_point():
+        return torch.full((), target.shape[0], dtype=torch.int64, device=target.device)
+    return (target != params.ignore_index).sum()
+
+
+def _row_stats_count(target: torch.Tensor) -> int:
+    # m1, s1, s_t, m_c, s_c, t_c, v_c, n_fin; and the target's sum for a probability target
+    return 9 if target.is_floating_point() else 8
+
+
+def _row_stats_buffer(logits: torch.Tensor, target: torch.Tensor, params: CollabLossParams) -> torch.Tensor | None:
+    """fp32 [K, H, N] for forward to keep pass 1's statistics of rows longer than one block (backward then
     reads the row once instead of twice); None where a row is one block (read once anyway)."""
     num_heads, n, c = logits.shape
     if pick_block_c(num_heads, c, params.block_c)[1] == 1:
         return None
-    return torch.empty((8, num_heads, n), dtype=torch.float32, device=logits.device)
+    return torch.empty((_row_stats_count(target), num_heads, n), dtype=torch.float32, device=logits.device)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -719,7 +791,7 @@ def _collab_loss_forward_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     params = _params_from(temperature, hard_coef, soft_coef, detach_consensus, ignore_index, label_smoothing,
                           reduction, block_c, soft_loss)
-    rs = _row_stats_buffer(logits, params) if keep_row_stats else None
+    rs = _row_stats_buffer(logits, target, params) if keep_row_stats else None
     loss, stats, _ = _launch(logits, target, params, return_stats=return_stats, save_row_stats=rs)
     empty = logits.new_empty((0,), dtype=torch.float32)
     return loss, (stats if stats is not None else empty), (rs if rs is not None else empty.clone())
@@ -734,7 +806,8 @@ def _(logits, target, temperature, hard_coef, soft_coef, detach_consensus, ignor
     # The block choice needs concrete H and C (the kernel is specialised on them anyway): int() guards on
     # them; symbolic power-of-two arithmetic took minutes under dynamic shapes. N stays dynamic.
     long_rows = pick_block_c(int(h), int(c), block_c or None)[1] > 1
-    rs = logits.new_empty((8, h, n) if keep_row_stats and long_rows else (0,), dtype=torch.float32)
+    k = 9 if target.is_floating_point() else 8
+    rs = logits.new_empty((k, h, n) if keep_row_stats and long_rows else (0,), dtype=torch.float32)
     return loss, stats, rs
 
 
@@ -773,7 +846,7 @@ def _upstream_weights(grad_loss: torch.Tensor, target: torch.Tensor, params: Col
         return grad_loss
     r = grad_loss.float()
     if params.reduction == "mean":
-        r = r / (target != params.ignore_index).sum().clamp_min(1)
+        r = r / _num_valid(target, params).clamp_min(1)
     return r.expand(shape)  # strides (0, 0): every row reads the same scalar
 
 
@@ -809,7 +882,7 @@ class _FusedCollabLoss(torch.autograd.Function):
             loss, stats, rs = torch.ops.collab_fast.collab_loss_forward(
                 logits, target, *_params_args(params), needs_grad, return_stats)
         else:
-            rs = _row_stats_buffer(logits, params) if needs_grad else None
+            rs = _row_stats_buffer(logits, target, params) if needs_grad else None
             loss, stats, _ = _launch(logits, target, params, return_stats=return_stats, save_row_stats=rs)
             rs = rs if rs is not None else logits.new_empty(0, dtype=torch.float32)
         ctx.params, ctx.compiling, ctx.inplace = params, compiling, inplace
@@ -890,9 +963,13 @@ def _check_inputs(logits, target: torch.Tensor, params: CollabLossParams) -> tup
     if c == 0:
         raise ValueError("logits: no classes (C == 0); expected [H, N, C] with C >= 1")
     if not isinstance(target, torch.Tensor):
-        raise TypeError(f"target must be an integer tensor [N], got {type(target).__name__}")
-    if target.dtype == torch.bool or target.is_floating_point() or target.is_complex():
-        raise TypeError(f"target must be an integer tensor [N] of class indices, got dtype {target.dtype}")
+        raise TypeError(f"target must be an integer tensor [N] (labels) or a floating-point tensor [N, C] "
+                        f"(probabilities), got {type(target).__name__}")
+    if target.is_floating_point():
+        return logits, _check_probabilities(target, logits)
+    if target.dtype == torch.bool or target.is_complex():
+        raise TypeError(f"target must be an integer tensor [N] of class indices or a floating-point tensor [N, C] "
+                        f"of probabilities, got dtype {target.dtype}")
     if target.dim() != 1 or target.shape[0] != n:
         raise ValueError(f"target must have shape [N] = [{n}] to match logits {tuple(logits.shape)}, "
                          f"got {tuple(target.shape)}")
@@ -908,6 +985,29 @@ def _check_inputs(logits, target: torch.Tensor, params: CollabLossParams) -> tup
             raise ValueError(f"target[{i}] = {int(target[i])} is outside [0, {c}) and is not ignore_index "
                              f"({params.ignore_index})")
     return logits, target
+
+
+def _check_probabilities(target: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """A probability target [N, C] (mixup, cutmix, a teacher's distribution): shape, device, no gradient
+    asked of it; on CPU (cheap, no device sync) finite and non-negative."""
+    num_heads, n, c = logits.shape
+    if target.dim() == 1 and target.shape[0] == n:
+        raise TypeError(f"target: a floating-point target is probabilities [N, C] = [{n}, {c}]; class indices must "
+                        f"be an integer tensor [N] (target.long()), got {target.dtype} of shape {tuple(target.shape)}")
+    if target.shape != (n, c):
+        raise ValueError(f"target: probabilities must have shape [N, C] = [{n}, {c}] to match logits "
+                         f"{tuple(logits.shape)}, got {tuple(target.shape)}")
+    if target.device != logits.device:
+        raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
+    if target.requires_grad:
+        raise ValueError("target: the loss gives no gradient to a probability target; pass target.detach() (a "
+                         "learnt target needs impl='torch' and its own graph)")
+    if _labels_checked_on_host(target) and n > 0:
+        bad = ~torch.isfinite(target) | (target < 0)
+        if bool(bad.any()):
+            i, j = (int(v) for v in bad.nonzero()[0])
+            raise ValueError(f"target[{i}, {j}] = {float(target[i, j])}: probabilities must be finite and >= 0")
+    return target
 
 
 def collab_loss(logits, target: torch.Tensor, params: CollabLossParams, *, return_stats: bool = False,
@@ -960,7 +1060,11 @@ def fused_collab_loss(
     Args:
         logits: [H, N, C] float tensor (float32, bfloat16 or float16; any strides), or a sequence of H
             tensors [N, C] (stacked, which copies: prefer one [H, N, C] tensor).
-        target: [N] integer class indices; ``ignore_index`` marks samples that contribute nothing.
+        target: [N] integer class indices (``ignore_index`` marks samples that contribute nothing), or
+            [N, C] floating-point probabilities (mixup/cutmix targets, a soft label): the hard objective is
+            then -sum_c t_c log p_c (each row need not sum to 1: its gradient is p * sum(t) - t), every
+            sample counts, ignore_index is unused, and the correct count compares the top classes. No
+            gradient flows into the target.
         temperature: T > 0 of the soft objective.
         beta: weight of the hard objective in [0, 1] (None: 0.5); the soft one gets 1 - beta.
         soft_weight: extra factor on the soft objective; None means T**2 (the paper). The public

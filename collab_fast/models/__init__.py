@@ -15,6 +15,7 @@ import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal, overload
 
 import torch
 from torch import nn
@@ -88,6 +89,16 @@ def reinit_classifier(model: nn.Module) -> nn.Module:
     return model
 
 
+# The return type follows the pattern (for type checkers): "single" is the target network itself, every other
+# pattern a CollabNet (num_heads, export_head, [H, N, C] logits).
+@overload
+def make_collaborative(  # type: ignore[overload-overlap]
+                       make_target: Callable[[], nn.Module], pattern: Literal["single"],
+                       splits: Sequence[str] | str | None = ..., rescale: str = ...,
+                       example_input: torch.Tensor | None = ...) -> nn.Module: ...
+@overload
+def make_collaborative(make_target: Callable[[], nn.Module], pattern: str, splits: Sequence[str] | str | None = ...,
+                       rescale: str = ..., example_input: torch.Tensor | None = ...) -> CollabNet: ...
 def make_collaborative(make_target: Callable[[], nn.Module], pattern: str, splits: Sequence[str] | str | None = None,
                        rescale: str = "backprop", example_input: torch.Tensor | None = None) -> nn.Module:
     """Collaborative version of any network that runs its children in order.
@@ -118,6 +129,15 @@ def make_collaborative(make_target: Callable[[], nn.Module], pattern: str, split
     return model
 
 
+@overload
+def build(  # type: ignore[overload-overlap]
+          arch: str, pattern: Literal["single"] = ..., num_classes: int | None = ..., rescale: str = ...,
+          splits: Sequence[str] | str | None = ..., pretrained: bool = ...,
+          weights: dict[str, torch.Tensor] | None = ..., **arch_kwargs) -> nn.Module: ...
+@overload
+def build(arch: str, pattern: str, num_classes: int | None = ..., rescale: str = ...,
+          splits: Sequence[str] | str | None = ..., pretrained: bool = ...,
+          weights: dict[str, torch.Tensor] | None = ..., **arch_kwargs) -> CollabNet: ...
 def build(arch: str, pattern: str = "single", num_classes: int | None = None, rescale: str = "backprop",
           splits: Sequence[str] | str | None = None, pretrained: bool = False,
           weights: dict[str, torch.Tensor] | None = None, **arch_kwargs) -> nn.Module:
@@ -240,7 +260,7 @@ def build_model(model: ModelConfig, num_classes: int | None = None, device: torc
     architecture's default. `weights`: a plain network's
     state dict (an exported head) for every copy, the classifier re-initialised per head; --weights of a
     file is read by the caller (the trainer), a library's pretrained weights here."""
-    arch_kw = {"zero_init_residual": model.zero_init_residual} if is_builtin_resnet(model.arch) else {}
+    arch_kw: dict[str, Any] = {"zero_init_residual": model.zero_init_residual} if is_builtin_resnet(model.arch) else {}
     arch_kw.update(parse_model_kwargs(model.model_kwargs))
     net = build(model.arch, model.pattern, num_classes=num_classes, rescale=model.rescale,
                 pretrained=model.pretrained, weights=weights, **arch_kw).to(device)
