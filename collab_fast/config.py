@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from collab_fast.cli import Parser, base_type, check_values, flag, flat_name, range_text, settings
 from collab_fast.data import DataConfig
+from collab_fast.extras import MissingExtra, require
 from collab_fast.kernels.collab_loss import CollabLossParams
 from collab_fast.models import ModelConfig
 from collab_fast.optim import OptimConfig
@@ -159,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
         "Train a collaborative network (Song & Chai 2018): several heads of one network learning from the "
         "label and from each other; one head is exported for inference."))
     p.add_argument("--list-recipes", action="store_true", help="print each recipe as a runnable command line, then exit")
+    p.add_argument("--config", metavar="FILE", help="settings from a JSON or YAML file: flat by flag name (as a run's "
+                   "config.json) or by section ({optim: {lr: 0.1}}); over a --recipe, under the flags given here")
     groups = {name: p.add_argument_group(f"{name} ({text})") for name, (_, text) in SECTIONS.items()}
     for name, (section, f, tp) in FLAT.items():
         meta = f.metadata
@@ -192,12 +196,58 @@ def parse_config(argv=None) -> TrainConfig:
         parser.exit(0)
     if args.get("dataset") is None:
         args.pop("dataset", None)
-    settings_ = dict(RECIPES[args["recipe"]]) if args.get("recipe") else {}
-    settings_.update(args)
+    path = args.pop("config", None)
     try:
+        from_file = load_config_file(path) if path else {}
+        recipe = args.get("recipe", from_file.get("recipe"))
+        if recipe is not None and recipe not in RECIPES:
+            raise ValueError(f"--recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
+        settings_ = dict(RECIPES[recipe]) if recipe else {}  # the recipe, then the file, then the flags
+        settings_.update(from_file)
+        settings_.update(args)
         return TrainConfig.from_flags(**settings_)
     except ValueError as exc:
         parser.error(str(exc))
+
+
+def load_config_file(path: str) -> dict:
+    """--config FILE: a mapping of settings, flat by name or nested by section (keys of a section: its flat
+    names or its field names). Returns the flat settings; ValueError naming the file for anything else."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--config {path}: cannot read it ({getattr(exc, 'strerror', None) or exc})") from None
+    is_yaml = p.suffix.lower() in (".yaml", ".yml")
+    try:
+        yaml = require("yaml", "train", f"--config {path}") if is_yaml else None
+    except MissingExtra as exc:
+        raise ValueError(str(exc)) from None
+    try:
+        data = yaml.safe_load(text) if yaml is not None else json.loads(text)
+    except Exception as exc:  # json.JSONDecodeError, yaml.YAMLError: the parser's first line names the place
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"--config {path}: not valid {'YAML' if is_yaml else 'JSON'} ({first})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"--config {path}: expected a mapping of settings, got a {type(data).__name__}")
+    by_field = {(section, f.name): name for name, (section, f, _) in FLAT.items()}
+    out: dict = {}
+    for key, value in data.items():
+        if key in SECTIONS and isinstance(value, dict):
+            for k, v in value.items():
+                name = k if k in FLAT and FLAT[k][0] == key else by_field.get((key, k))
+                if name is None:
+                    raise ValueError(f"--config {path}: {key}.{k} is not a setting of the {key} section (see --help)")
+                out[name] = v
+        elif key in FLAT:
+            out[key] = value
+        else:
+            raise ValueError(f"--config {path}: unknown setting {key!r} (see python -m collab_fast.train --help)")
+    if isinstance(out.get("loss_weights"), list) and not out["loss_weights"]:
+        out["loss_weights"] = None
+    return out
 
 
 def recipe_command(name: str) -> str:

@@ -1,6 +1,7 @@
 """Export one head of a collaborative checkpoint as a plain single-head network's state dict.
 
     python -m collab_fast.export CHECKPOINT --head 0 -o model.pth
+    python -m collab_fast.export CHECKPOINT --ema -o model_ema.pth      # from the --model-ema average
 
 The result loads with strict=True into build(arch, "single") and, for the ImageNet ResNets, into
 torchvision.models.resnet* (identical parameter and buffer names).
@@ -33,11 +34,13 @@ def model_from_config(config: dict) -> nn.Module:
     return build_model(model, config.get("num_classes"))
 
 
-def export_checkpoint(checkpoint: str, head: int, output: str) -> nn.Module:
+def export_checkpoint(checkpoint: str, head: int, output: str, ema: bool = False) -> nn.Module:
     ckpt = load_checkpoint(checkpoint)
+    if ema and not ckpt.get("ema"):
+        raise ValueError(f"--ema: {checkpoint} holds no weight average (the run was trained without --model-ema)")
     model = model_from_config(ckpt["config"])
     try:
-        model.load_state_dict(ckpt["model"], strict=True)
+        model.load_state_dict(ckpt["ema"] if ema else ckpt["model"], strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"{checkpoint}: its weights do not fit the model its config describes "
                               f"({ckpt['config'].get('arch')}, {ckpt['config'].get('pattern')}): {exc}") from None
@@ -57,14 +60,16 @@ def main(argv=None) -> int:
     p.add_argument("checkpoint", help="a training checkpoint (e.g. OUTPUT/last.pt or best.pt)")
     p.add_argument("--head", type=int, default=0, help="which head to keep (default 0, the one the paper reports)")
     p.add_argument("-o", "--output", required=True, help="where to write the state dict (.pth)")
+    p.add_argument("--ema", action="store_true", help="export from the checkpoint's --model-ema weight average")
     args = p.parse_args(argv)
     try:
-        net = export_checkpoint(args.checkpoint, args.head, args.output)
+        net = export_checkpoint(args.checkpoint, args.head, args.output, args.ema)
     except (CheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     n = sum(t.numel() for t in net.state_dict().values())
-    print(f"wrote {args.output}: head {args.head} as {type(net).__name__} ({n / 1e6:.2f}M values)")
+    print(f"wrote {args.output}: head {args.head}{' of the weight average' if args.ema else ''} as "
+          f"{type(net).__name__} ({n / 1e6:.2f}M values)")
     return 0
 
 

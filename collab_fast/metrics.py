@@ -4,6 +4,8 @@ terminal, a plain line every few seconds otherwise)."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 import os
@@ -14,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from collab_fast.checkpoint import write_text_atomic
 from collab_fast.distributed import Dist
 
 __all__ = ["Logger", "Meter", "Progress", "hms", "memory_stats"]
@@ -146,14 +149,23 @@ def _open_repaired(path: Path):
         raise ValueError(f"cannot write {path} ({exc.strerror or exc}); check the folder's permissions and space") from None
 
 
+# summary.csv: one row per evaluation (timm's summary.csv has one per epoch): where the run stood then.
+_SUMMARY = [("epoch", "epoch"), ("step", "step"), ("lr", None), ("train_loss", None), ("train_hard_head0", None),
+            ("eval_loss_head0", "val_loss_head0"), ("eval_top1", "top1"), ("eval_top5", "top5"),
+            ("eval_top1_ensemble", "top1_ensemble"), ("ema_eval_top1", "ema_top1"), ("ema_eval_top5", "ema_top5")]
+
+
 class Logger:
-    """metrics.jsonl (one JSON record per line), TensorBoard events (if installed), console lines."""
+    """metrics.jsonl (one JSON record per line), summary.csv (a row per evaluation), TensorBoard events (if
+    installed), console lines."""
 
     def __init__(self, out: Path, enabled: bool, progress: Progress, record: bool = True):
         """enabled: this process logs (the main one); record: into metrics.jsonl and TensorBoard too (not for
         --eval-only, which leaves the record of how the run was trained as it was)."""
         self.enabled, self.progress = enabled, progress
         self.path = out / "metrics.jsonl"
+        self.summary = out / "summary.csv"
+        self.last_train: dict = {}
         self.file = _open_repaired(self.path) if enabled and record else None
         self.tb = None
         if self.file is not None:
@@ -186,7 +198,35 @@ class Logger:
                 self.tb = None
         if kind == "train":
             self.progress.postfix(rec)
+            self.last_train = rec
+        if kind == "eval" and self.file is not None:
+            self._summary_row(rec)
         self.progress.write(self.line(rec, kind))
+
+    def _summary_row(self, rec: dict) -> None:
+        t = self.last_train
+        row = {col: rec.get(key) if key else None for col, key in _SUMMARY}
+        row.update(lr=t.get("lr"), train_loss=t.get("loss"), train_hard_head0=(t.get("hard") or [None])[0])
+        cols = [c for c, _ in _SUMMARY if c in ("epoch", "step") or row[c] is not None]
+        rows = []
+        if self.summary.exists():
+            try:
+                with open(self.summary, newline="") as f:
+                    rows = list(csv.DictReader(f))
+            except (OSError, csv.Error, UnicodeDecodeError):
+                rows = []  # damaged: started again (metrics.jsonl keeps the full record)
+            cols += [c for c in (rows[0].keys() if rows else []) if c not in cols and c in dict(_SUMMARY)]
+            cols = [c for c, _ in _SUMMARY if c in cols]
+            rows = [r for r in rows if r.get("step") != str(row["step"])]  # an evaluation repeated at resume
+        text = io.StringIO()
+        w = csv.DictWriter(text, fieldnames=cols, extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows + [{k: ("" if v is None else f"{v:.6g}" if isinstance(v, float) else v)
+                             for k, v in row.items()}])
+        try:
+            write_text_atomic(self.summary, text.getvalue())
+        except OSError as exc:  # a convenience beside metrics.jsonl: never stops a run
+            print(f"collab_fast: warning: summary.csv not written ({exc.strerror or exc})", file=sys.stderr)
 
     def _write(self, line: str) -> None:
         """One whole record or nothing: a failed write is cut back off, so no torn line is left behind."""

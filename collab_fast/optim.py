@@ -1,5 +1,10 @@
-"""Optimisation: the trainer's `optim` section (batch, schedule, SGD, precision), the optimizer built from
-it, and the two per-step schedules (the learning rate, the soft objective's weight)."""
+"""Optimisation: the trainer's `optim` section (batch, schedule, optimizer, precision), the optimizer built
+from it, and the two per-step schedules (the learning rate, the soft objective's weight).
+
+Optimizers: SGD and AdamW are torch's fused implementations; LAMB (You et al. 2019, "Large Batch
+Optimization for Deep Learning") and LARS (You et al. 2017, "Large Batch Training of Convolutional
+Networks") are not in torch and are written here with foreach ops. All four skip a step on the device when
+`optimizer.found_inf` (a 0-dim tensor) is 1, with no host sync: how --skip-nonfinite works."""
 
 from __future__ import annotations
 
@@ -11,7 +16,9 @@ import torch
 
 from collab_fast.cli import check_fields, opt
 
-__all__ = ["OptimConfig", "lr_factor", "make_optimizer", "soft_factor"]
+__all__ = ["LAMB", "LARS", "OptimConfig", "lr_factor", "make_optimizer", "soft_factor"]
+
+OPTIMIZERS = ("sgd", "adamw", "lamb", "lars")
 
 
 @dataclass
@@ -23,10 +30,25 @@ class OptimConfig:
     accum_steps: int = opt(1, "micro-batches per optimizer step (each takes every k-th sample, like DDP ranks)", lo=1)
     epochs: int = opt(90, "training epochs", lo=1)
     max_steps: int | None = opt(None, "stop after this many optimizer steps (tests, benchmarks)", lo=1)
-    lr: float | None = opt(None, "peak learning rate; unset: 0.1 x global batch / 256", lo=0, lo_open=True)
-    momentum: float = opt(0.9, "SGD momentum", lo=0, hi=1, hi_open=True)
-    wd: float = opt(1e-4, "weight decay (not on batch-norm parameters and biases)", lo=0)
-    nesterov: bool = opt(False, "Nesterov momentum")
+    lr: float | None = opt(None, "peak learning rate; unset: 0.1 x global batch / 256 (SGD, LARS), 0.001 x global "
+                                 "batch / 256 (AdamW, LAMB)", lo=0, lo_open=True)
+    optimizer: str = opt("sgd", "optimizer: SGD with momentum, AdamW, LAMB or LARS (layer-wise trust ratios for large "
+                          "batches); batch-norm parameters and biases get no weight decay (nor, under LARS, a "
+                          "trust ratio)",
+                         choices=OPTIMIZERS, name="opt")
+    momentum: float = opt(0.9, "SGD and LARS momentum; beta1 of AdamW and LAMB", lo=0, hi=1, hi_open=True)
+    beta2: float = opt(0.999, "AdamW and LAMB: decay of the squared-gradient average", lo=0, hi=1, hi_open=True)
+    opt_eps: float = opt(1e-8, "AdamW and LAMB: epsilon of the denominator", lo=0, lo_open=True)
+    lars_eta: float = opt(1e-3, "LARS: trust coefficient (the layer's step is eta ||w|| / ||g + wd w|| of the LR)",
+                          lo=0, lo_open=True)
+    wd: float = opt(1e-4, "weight decay (not on batch-norm parameters and biases); decoupled for AdamW and LAMB",
+                    lo=0)
+    nesterov: bool = opt(False, "Nesterov momentum (SGD)")
+    model_ema: float | None = opt(None, "keep an exponential moving average of the weights with this decay per "
+                                        "optimizer step (e.g. 0.9999), evaluated and saved beside the model; unset: "
+                                        "off", lo=0, hi=1, lo_open=True, hi_open=True, metavar="DECAY")
+    clip_grad: float | None = opt(None, "clip the gradients' global L2 norm to this (after unscaling under fp16), on "
+                                        "the device; unset: no clipping", lo=0, lo_open=True)
     schedule: str = opt("step", "learning-rate schedule: x0.1 at the milestones, or cosine to 0",
                         choices=("step", "cosine"))
     lr_milestones: list[float] = opt([], "epochs of the x0.1 steps, e.g. 30,60,80; empty: 1/3, 2/3, 8/9 of the run",
@@ -50,7 +72,8 @@ class OptimConfig:
         """A copy with every "unset" filled from the device and the number of processes."""
         out = copy.copy(self)
         out.amp = self.amp or ("bf16" if cuda else "off")
-        out.lr = 0.1 * self.batch_size * world / 256 if self.lr is None else self.lr
+        base = 0.1 if self.optimizer in ("sgd", "lars") else 1e-3
+        out.lr = base * self.batch_size * world / 256 if self.lr is None else self.lr
         if self.schedule == "step" and not self.lr_milestones:
             out.lr_milestones = [round(self.epochs * f, 3) for f in (1 / 3, 2 / 3, 8 / 9)]
         return out
@@ -65,6 +88,14 @@ def make_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Op
     # The fused SGD reads `found_inf` on the device: it is how a non-finite step is skipped without a sync.
     if optim.lr is None:
         raise ValueError("make_optimizer: lr is unset; give lr, or pass optim.resolved(cuda=..., world=...)")
+    if optim.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.momentum, optim.beta2), eps=optim.opt_eps,
+                                 fused=True)
+    if optim.optimizer == "lamb":
+        return LAMB(groups, lr=optim.lr, betas=(optim.momentum, optim.beta2), eps=optim.opt_eps)
+    if optim.optimizer == "lars":
+        groups[1]["trust"] = False  # norms and biases: plain momentum SGD (the usual LARS exclusion)
+        return LARS(groups, lr=optim.lr, momentum=optim.momentum, eta=optim.lars_eta)
     opt_ = torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov, fused=True)
     if optim.momentum > 0:
         # Zero momentum buffers up front: the fused SGD otherwise allocates them uninitialised on its first
@@ -94,3 +125,115 @@ def soft_factor(optim: OptimConfig, step: int, steps_per_epoch: int) -> float:
         return 1.0
     t = min(step / (optim.soft_ramp * max(steps_per_epoch, 1)), 1.0)
     return math.exp(-5.0 * (1.0 - t) ** 2) if t < 1.0 else 1.0
+
+
+def _keep(optimizer: torch.optim.Optimizer, like: torch.Tensor) -> torch.Tensor | None:
+    """1 - found_inf as a 0-dim tensor on `like`'s device (None when no skip was asked for)."""
+    found = getattr(optimizer, "found_inf", None)
+    return None if found is None else 1.0 - found.to(like.device, like.dtype)
+
+
+def lerp_(dst: list[torch.Tensor], src: list[torch.Tensor], weight: torch.Tensor) -> None:
+    """dst += weight * (src - dst) for a 0-dim weight tensor on the device (foreach, no sync)."""
+    diff = torch._foreach_sub(src, dst)
+    torch._foreach_mul_(diff, weight)
+    torch._foreach_add_(dst, diff)
+
+
+def _trust(w_norm: torch.Tensor, u_norm: torch.Tensor, coef: float = 1.0) -> torch.Tensor:
+    # coef ||w|| / ||u||, and 1 where either norm is 0 (a zero-initialised layer, a zero update)
+    ok = (w_norm > 0) & (u_norm > 0)
+    return torch.where(ok, coef * w_norm / torch.where(ok, u_norm, 1.0), 1.0)
+
+
+class LAMB(torch.optim.Optimizer):
+    """LAMB: Adam's moments with bias correction, decoupled weight decay in the update, and each tensor's
+    step scaled by the trust ratio ||w|| / ||update||:
+
+        m = b1 m + (1 - b1) g,  v = b2 v + (1 - b2) g^2,  u = m / (1 - b1^t) / (sqrt(v / (1 - b2^t)) + eps) + wd w
+        w = w - lr * (||w|| / ||u||) * u
+    """
+
+    def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
+                 weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None if closure is None else closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            b1, b2 = group["betas"]
+            for p in params:
+                if not self.state[p]:
+                    self.state[p].update(step=torch.zeros((), device=p.device), exp_avg=torch.zeros_like(p),
+                                         exp_avg_sq=torch.zeros_like(p))
+            st = [self.state[p] for p in params]
+            grads = [p.grad for p in params]
+            m, v, steps = [s["exp_avg"] for s in st], [s["exp_avg_sq"] for s in st], [s["step"] for s in st]
+            keep = _keep(self, params[0])
+            m_new = torch._foreach_mul(m, b1)
+            torch._foreach_add_(m_new, grads, alpha=1 - b1)
+            v_new = torch._foreach_mul(v, b2)
+            torch._foreach_addcmul_(v_new, grads, grads, value=1 - b2)
+            t = [s + 1 if keep is None else s + keep for s in steps]
+            # bias corrections on the device: the step count is a tensor (no sync)
+            c1 = [1 - torch.pow(b1, ti.to(p.dtype)) for ti, p in zip(t, params)]
+            c2 = [torch.sqrt(1 - torch.pow(b2, ti.to(p.dtype))) for ti, p in zip(t, params)]
+            denom = torch._foreach_sqrt(v_new)
+            torch._foreach_div_(denom, c2)
+            torch._foreach_add_(denom, group["eps"])
+            u = torch._foreach_div(m_new, denom)
+            torch._foreach_div_(u, c1)
+            if group["weight_decay"]:
+                torch._foreach_add_(u, params, alpha=group["weight_decay"])
+            ratio = [_trust(wn, un) for wn, un in zip(torch._foreach_norm(params), torch._foreach_norm(u))]
+            scale = [-group["lr"] * r if keep is None else -group["lr"] * r * keep for r in ratio]
+            torch._foreach_mul_(u, scale)
+            torch._foreach_add_(params, u)
+            if keep is None:
+                torch._foreach_copy_(m, m_new), torch._foreach_copy_(v, v_new), torch._foreach_copy_(steps, t)
+            else:  # a skipped step leaves the moments and the count as they were
+                lerp_(m, m_new, keep), lerp_(v, v_new, keep)
+                torch._foreach_copy_(steps, t)
+        return loss
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS: momentum SGD whose step for each tensor of a `trust` group is scaled by
+    eta ||w|| / ||g + wd w|| (1 where a norm is 0); groups with trust=False take plain momentum SGD:
+
+        d = g + wd w,  r = eta ||w|| / ||d|| (trust groups) or 1,  buf = momentum buf + lr r d,  w = w - buf
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, eta: float = 1e-3, weight_decay: float = 0.0):
+        super().__init__(params, dict(lr=lr, momentum=momentum, eta=eta, weight_decay=weight_decay, trust=True))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None if closure is None else closure()
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
+                if not self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            bufs = [self.state[p]["momentum_buffer"] for p in params]
+            keep = _keep(self, params[0])
+            d = torch._foreach_add([p.grad for p in params], params, alpha=group["weight_decay"])  # g + wd w
+            if group["trust"]:
+                ratio = [_trust(wn, dn, group["eta"])
+                         for wn, dn in zip(torch._foreach_norm(params), torch._foreach_norm(d))]
+                torch._foreach_mul_(d, ratio)
+            new = torch._foreach_mul(bufs, group["momentum"])
+            torch._foreach_add_(new, d, alpha=group["lr"])
+            if keep is not None:  # skipped: the buffer as it was, and no step
+                lerp_(bufs, new, keep)
+                torch._foreach_sub_(params, torch._foreach_mul(bufs, keep))
+            else:
+                torch._foreach_copy_(bufs, new)
+                torch._foreach_sub_(params, bufs)
+        return loss

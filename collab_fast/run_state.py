@@ -140,8 +140,8 @@ def _set_rng_state(s: dict) -> None:
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
-def snapshot(path: Path, net, optimizer, scaler, config: dict, state: State) -> None:
-    """Writes a training checkpoint (atomic, checksummed)."""
+def snapshot(path: Path, net, optimizer, scaler, config: dict, state: State, ema=None) -> None:
+    """Writes a training checkpoint (atomic, checksummed); `ema`: the --model-ema average, under "ema"."""
     save_checkpoint({
         "format": FORMAT,
         "model": net.state_dict(),
@@ -150,12 +150,15 @@ def snapshot(path: Path, net, optimizer, scaler, config: dict, state: State) -> 
         "config": config,
         "state": dataclasses.asdict(state),
         "rng": _rng_state(),
+        **({"ema": ema.state_dict()} if ema is not None else {}),
     }, path)
 
 
-def restore(path: Path, net, optimizer, scaler, arch: str, pattern: str, config_out: dict | None = None) -> State:
-    """Loads a checkpoint into the model, optimizer, scaler and RNGs; returns the training position (and puts
-    the checkpoint's resolved config into config_out, when given)."""
+def restore(path: Path, net, optimizer, scaler, arch: str, pattern: str, config_out: dict | None = None,
+            ema=None) -> State:
+    """Loads a checkpoint into the model, optimizer, scaler, RNGs and the --model-ema average (started from
+    the loaded weights when the checkpoint has none); returns the training position (and puts the
+    checkpoint's resolved config into config_out, when given)."""
     ckpt = load_checkpoint(path)
     cfg = ckpt["config"]
     if config_out is not None and isinstance(cfg, dict):
@@ -173,6 +176,8 @@ def restore(path: Path, net, optimizer, scaler, arch: str, pattern: str, config_
             raise ValueError(f"unknown training-state keys {unknown} (written by a newer collab_fast?)")
         state = State(**ckpt["state"])
         _set_rng_state(ckpt["rng"])
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"] if ckpt.get("ema") else net.state_dict())
     except (RuntimeError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path} does not fit this run: {first}") from None

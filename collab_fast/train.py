@@ -28,6 +28,7 @@ from collab_fast.checkpoint import FORMAT, CheckpointError, load_file, os_error_
 from collab_fast.config import TrainConfig, parse_config, resolve
 from collab_fast.data import BatchMix, Loader, TorchFolderLoader, build_loaders
 from collab_fast.distributed import Dist, cleanup, init_distributed
+from collab_fast.ema import ModelEMA
 from collab_fast.extras import MissingExtra
 from collab_fast.health import finite_model, finite_number
 from collab_fast.kernels.collab_loss import collab_loss
@@ -82,6 +83,7 @@ class Step:
         self.amp = AMP_DTYPES.get(cfg.optim.amp)
         self.accum = cfg.optim.accum_steps
         self.scale = net.loss_factor / cfg.optim.accum_steps
+        self.clip = cfg.optim.clip_grad
         # --skip-nonfinite: a skipped step must leave the model exactly as it was, and its forward has
         # already updated the batch-norm statistics: those buffers are put back on the device.
         self.buffers = [b for b in net.buffers()] if cfg.optim.skip_nonfinite else None
@@ -111,10 +113,15 @@ class Step:
         self.bad = self.proc.all_reduce((~torch.isfinite(step_loss)).float(), op=dist.ReduceOp.MAX)
         if saved is not None:
             bad = self.bad.bool()
-            self.optimizer.found_inf = self.bad  # fused SGD skips the update on the device
+            self.optimizer.found_inf = self.bad  # every optimizer of make_optimizer skips the update on the device
             with torch.no_grad():
                 for b, s in zip(self.buffers, saved):
                     b.copy_(torch.where(bad, s, b))
+        if self.clip is not None:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)  # clip the true gradients; step() then does not unscale again
+            # the norm stays on the device: no sync (and no error_if_nonfinite, which would read it)
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.clip, foreach=True)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -148,6 +155,7 @@ class Run:
     total_steps: int
     train_loader: Loader
     mix: BatchMix | None = None  # --mixup / --cutmix: the batch and its labels mixed on the device
+    ema: ModelEMA | None = None  # --model-ema: the weights' moving average
     signal: str | None = None  # set by SIGINT / SIGTERM
 
     def save(self, name: str) -> None:
@@ -155,7 +163,7 @@ class Run:
         position = self.train_loader.state_dict()
         self.state.loader_state = self.proc.gather(position) if position else []
         if self.proc.main:
-            snapshot(self.out / name, self.net, self.optimizer, self.scaler, self.cfg.to_dict(), self.state)
+            snapshot(self.out / name, self.net, self.optimizer, self.scaler, self.cfg.to_dict(), self.state, self.ema)
 
 
 def train_one_epoch(r: Run, loader) -> None:
@@ -182,6 +190,8 @@ def train_one_epoch(r: Run, loader) -> None:
         if cfg.optim.soft_ramp:
             r.train_step.set_soft_factor(soft_factor(cfg.optim, state.step, r.steps_per_epoch))
         r.train_step(x, y, meter)
+        if r.ema is not None:
+            r.ema.update(r.train_step.bad)  # a skipped step leaves the average as it was
         bad = r.train_step.bad.bool()  # agreed across ranks
         first_bad = torch.where(bad & (first_bad < 0), state.step, first_bad)
         skipped += bad
@@ -272,6 +282,9 @@ def _eval_and_save(r: Run, val_loader, epoch_done: bool, final: bool) -> None:
         result = evaluate(r.model, r.net, val_loader, r.cfg, r.proc)
         # 1-based: the epoch just finished, or the one an early stop (--max-steps) ended in
         epoch = r.state.epoch + (r.state.batch_in_epoch > 0)
+        if r.ema is not None:  # the average, evaluated the same way: keys ema_top1, ema_val_loss, ...
+            averaged = evaluate(r.ema.module, r.ema.module, val_loader, r.cfg, r.proc)
+            result.update({f"ema_{k}": v for k, v in averaged.items()})
         r.log({"epoch": epoch, "epochs": r.cfg.optim.epochs, "step": r.state.step, **result}, kind="eval")
         if not (finite_number(result["val_loss"]) and finite_model(r.net)):
             raise Stop(f"the model diverged at step {r.state.step} (non-finite evaluation loss or weights); the "
@@ -324,9 +337,10 @@ def _setup(cfg: TrainConfig):
         load_weights(net, cfg.model.weights)
     optimizer = make_optimizer(net, cfg.optim)
     scaler = torch.amp.GradScaler(device.type) if cfg.optim.amp == "fp16" else None
+    ema = ModelEMA(net, cfg.optim.model_ema) if cfg.optim.model_ema else None
     saved_cfg: dict = {}
-    state = (restore(resume_path, net, optimizer, scaler, cfg.model.arch, cfg.model.pattern, saved_cfg) if resume_path
-             else State())
+    state = (restore(resume_path, net, optimizer, scaler, cfg.model.arch, cfg.model.pattern, saved_cfg, ema)
+             if resume_path else State())
     old = saved_cfg.get("lr_milestones")
     if default_milestones and old and saved_cfg.get("schedule") == "step" and old != cfg.optim.lr_milestones:
         # the defaults follow --epochs: a run continued to more epochs keeps the steps it was trained with
@@ -354,7 +368,7 @@ def _setup(cfg: TrainConfig):
     r = Run(cfg, proc, device, net, model, optimizer, scaler, Step(cfg, model, net, optimizer, scaler, proc), state,
             Logger(out, proc.main, progress, record=not cfg.run.eval_only), progress, out, steps, total, train_loader,
             mix=BatchMix(num_classes, mixup=cfg.data.mixup, cutmix=cfg.data.cutmix, seed=cfg.run.seed, rank=proc.rank)
-            if cfg.data.mixup or cfg.data.cutmix else None)
+            if cfg.data.mixup or cfg.data.cutmix else None, ema=ema)
     if proc.main:
         _header(r, num_classes, resume_path)
     return r, rundir, train_loader, val_loader, num_classes

@@ -2,7 +2,9 @@
 
 import dataclasses
 import inspect
+import json
 import os
+import re
 import shlex
 
 import pytest
@@ -18,7 +20,7 @@ def test_parser_is_generated_from_the_sections():
     # Every CLI setting of every section has exactly one flag, and parsing nothing but the data set gives the
     # sections' defaults; config.json's flat view gives the config back.
     parser = build_parser()
-    dests = {a.dest for a in parser._actions} - {"help", "list_recipes"}
+    dests = {a.dest for a in parser._actions} - {"help", "list_recipes", "config"}
     fields = {name for name, (_, f, _) in config.FLAT.items() if f.metadata["cli"]}
     assert dests == fields and "num_classes" in config.FLAT and "num_classes" not in dests
     assert parse_config(["digits"]) == TrainConfig.from_flags("digits") == TrainConfig(DataConfig("digits"))
@@ -46,7 +48,7 @@ def test_every_default_is_written_once():
 def test_help_shows_text_and_default_for_every_flag():
     parser = build_parser()
     for action in parser._actions:
-        if action.dest in ("help", "list_recipes"):
+        if action.dest in ("help", "list_recipes", "config"):
             continue
         assert action.help and len(action.help) > 10, action.dest
         f = config.FLAT[action.dest][1]
@@ -139,3 +141,42 @@ def test_external_archs_and_model_kwargs():
             TrainConfig.from_flags("digits", **kw)
     resolved = config.resolve(TrainConfig.from_flags("digits", arch="timm:resnet50"), cuda=False, world=1)
     assert resolved.run.output.endswith("digits_timmresnet50_hier4")
+
+
+def test_config_file_flat_or_by_section_under_the_flags(tmp_path):
+
+
+    (tmp_path / "a.yaml").write_text("dataset: digits\noptim:\n  lr: 0.3\n  opt: lamb\nloss:\n  temperature: 4\n"
+                                     "mixup: 0.2\n")
+    cfg = parse_config(["--config", str(tmp_path / "a.yaml"), "--temperature", "5"])
+    assert (cfg.data.dataset, cfg.optim.lr, cfg.optim.optimizer, cfg.loss.temperature, cfg.data.mixup) == \
+        ("digits", 0.3, "lamb", 5.0, 0.2)  # the flag wins over the file
+    # a run's own config.json reproduces its settings
+    first = TrainConfig.from_flags("digits", lr=0.2, loss_weights=[1, 3], pattern="ilr2", epochs=7)
+    (tmp_path / "config.json").write_text(json.dumps(first.to_dict()))
+    assert parse_config(["--config", str(tmp_path / "config.json")]).to_dict() == first.to_dict()
+    # the file's recipe applies under the file
+    (tmp_path / "r.json").write_text(json.dumps({"recipe": "cifar-resnet32", "epochs": 3}))
+    cfg = parse_config(["--config", str(tmp_path / "r.json"), "--data", str(tmp_path)])
+    assert cfg.run.recipe == "cifar-resnet32" and cfg.optim.epochs == 3 and cfg.data.dataset == "cifar10"
+
+
+@pytest.mark.parametrize("text, name, match", [
+    ("{", "bad.json", r"--config .*bad.json: not valid JSON"),
+    ("a: [1", "bad.yaml", r"--config .*bad.yaml: not valid YAML"),
+    ("[1, 2]", "list.json", "expected a mapping of settings, got a list"),
+    ('{"lrr": 0.1}', "typo.json", "unknown setting 'lrr'"),
+    ('{"optim": {"temperature": 2}}', "sec.json", "optim.temperature is not a setting of the optim section"),
+    ('{"dataset": "digits", "lr": -1}', "range.json", "--lr must be in"),
+    (None, "missing.json", r"--config .*missing.json: cannot read it"),
+])
+def test_bad_config_files_are_one_line(tmp_path, capsys, text, name, match):
+
+
+    if text is not None:
+        (tmp_path / name).write_text(text)
+    with pytest.raises(SystemExit) as e:
+        parse_config(["digits", "--config", str(tmp_path / name)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and re.search(match, err[0]), err

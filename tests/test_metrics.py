@@ -121,3 +121,25 @@ def test_train_line_labels_the_summed_loss_and_shows_head0_ce_first():
     assert line.startswith("epoch 1/2 step 3: CE head0 2.3100, collaborative loss 23.1000 (sum over 4 heads) lr 0.1")
     one = Logger.line({**rec, "loss": 2.31, "hard": [2.31], "train_acc": [0.1]}, "train")
     assert "CE head0 2.3100, loss 2.3100 lr" in one
+
+
+def test_summary_csv_has_a_row_per_evaluation(tmp_path):
+    import csv
+
+    from collab_fast import train
+
+    out = tmp_path / "run"
+    args = ["digits", "--device", "cpu", "--arch", "resnet32", "-b", "64", "--epochs", "2", "--train-samples", "256",
+            "--output", str(out), "--log-every", "2", "--model-ema", "0.9"]
+    assert train.main(args) == 0
+    rows = list(csv.DictReader(open(out / "summary.csv")))
+    assert [r["epoch"] for r in rows] == ["1", "2"] and [r["step"] for r in rows] == ["4", "8"]
+    assert list(rows[0]) == ["epoch", "step", "lr", "train_loss", "train_hard_head0", "eval_loss_head0", "eval_top1",
+                             "eval_top5", "eval_top1_ensemble", "ema_eval_top1", "ema_eval_top5"]
+    evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in evals if r["kind"] == "eval"]
+    assert [float(r["eval_top1"]) for r in rows] == pytest.approx([e["top1"] for e in evals], abs=1e-4)
+    # resumed to more epochs: the rows continue, none repeated
+    assert train.main(args[:-6] + ["--epochs", "3", "--output", str(out), "--log-every", "2", "--model-ema", "0.9",
+                                   "--resume", "auto"]) == 0
+    assert [r["epoch"] for r in csv.DictReader(open(out / "summary.csv"))] == ["1", "2", "3"]

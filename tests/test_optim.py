@@ -60,3 +60,99 @@ def test_unset_lr_and_bad_values_refused():
         OptimConfig(momentum=1.0)
     with pytest.raises(ValueError, match="multiple of --accum-steps"):
         OptimConfig(batch_size=10, accum_steps=3)
+
+
+def _params(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(4, 3), (5,), (2, 2, 3)]
+    ps = [torch.randn(s, generator=g, dtype=torch.float64).requires_grad_() for s in shapes]
+    ps.append(torch.zeros(3, 2, dtype=torch.float64, requires_grad=True))  # zero weights: trust ratio 1
+    return ps
+
+
+def _grads(step, ps):
+    g = torch.Generator().manual_seed(100 + step)
+    return [torch.randn(p.shape, generator=g, dtype=torch.float64) for p in ps]
+
+
+def _lamb_reference(ps, steps, lr, b1, b2, eps, wd):
+    ps = [p.detach().clone() for p in ps]
+    m, v = [torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps]
+    for t in range(1, steps + 1):
+        for i, (p, g) in enumerate(zip(ps, _grads(t - 1, ps))):
+            m[i] = b1 * m[i] + (1 - b1) * g
+            v[i] = b2 * v[i] + (1 - b2) * g * g
+            u = (m[i] / (1 - b1**t)) / ((v[i] / (1 - b2**t)).sqrt() + eps) + wd * p
+            wn, un = p.norm(), u.norm()
+            r = wn / un if wn > 0 and un > 0 else 1.0
+            ps[i] = p - lr * r * u
+    return ps
+
+
+def _lars_reference(ps, steps, lr, momentum, eta, wd):
+    ps = [p.detach().clone() for p in ps]
+    buf = [torch.zeros_like(p) for p in ps]
+    for t in range(steps):
+        for i, (p, g) in enumerate(zip(ps, _grads(t, ps))):
+            d = g + wd * p
+            wn, dn = p.norm(), d.norm()
+            r = eta * wn / dn if wn > 0 and dn > 0 else 1.0
+            buf[i] = momentum * buf[i] + lr * r * d
+            ps[i] = p - buf[i]
+    return ps
+
+
+@pytest.mark.parametrize("name", ["lamb", "lars"])
+def test_lamb_and_lars_match_the_formula(name):
+    from collab_fast.optim import LAMB, LARS
+
+    ps = _params()
+    if name == "lamb":
+        opt = LAMB([{"params": ps, "weight_decay": 0.01}], lr=0.1, betas=(0.9, 0.99), eps=1e-6)
+        want = _lamb_reference(ps, 5, 0.1, 0.9, 0.99, 1e-6, 0.01)
+    else:
+        opt = LARS([{"params": ps, "weight_decay": 0.01}], lr=0.5, momentum=0.9, eta=0.02)
+        want = _lars_reference(ps, 5, 0.5, 0.9, 0.02, 0.01)
+    for t in range(5):
+        for p, g in zip(ps, _grads(t, ps)):
+            p.grad = g
+        opt.step()
+    for p, w in zip(ps, want):
+        torch.testing.assert_close(p.detach(), w, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw", "lamb", "lars"])
+def test_every_optimizer_skips_a_step_on_found_inf_without_a_sync(name):
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 2))
+    opt = make_optimizer(model, OptimConfig(optimizer=name, lr=0.05, wd=1e-3))
+    x = torch.randn(8, 4)
+
+    def step(found):
+        model(x).square().mean().backward()
+        opt.found_inf = torch.tensor(float(found))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step(0)
+    before = ({k: v.clone() for k, v in model.state_dict().items()},
+              [{k: v.clone() if torch.is_tensor(v) else v for k, v in s.items()} for s in opt.state.values()])
+    step(1)  # skipped: weights and optimizer state exactly as they were
+    for k, v in model.state_dict().items():
+        if "running" not in k and "num_batches" not in k:
+            assert torch.equal(v, before[0][k]), (name, k)
+    for s, old in zip(opt.state.values(), before[1]):
+        for k, v in s.items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(old[k])), (name, k)
+    step(0)  # and a finite step moves them
+    assert any(not torch.equal(v, before[0][k]) for k, v in model.state_dict().items() if "weight" in k)
+
+
+def test_optimizer_choice_and_its_default_learning_rate():
+    model = build("resnet32", "single", num_classes=10)
+    assert isinstance(make_optimizer(model, OptimConfig(optimizer="adamw", lr=1e-3)), torch.optim.AdamW)
+    assert OptimConfig(optimizer="adamw").resolved(cuda=False, world=1).lr == pytest.approx(1e-3)
+    assert OptimConfig(optimizer="lars").resolved(cuda=False, world=2).lr == pytest.approx(0.2)
+    lars = make_optimizer(model, OptimConfig(optimizer="lars", lr=1.0))
+    assert [g["trust"] for g in lars.param_groups] == [True, False]  # no trust ratio for norms and biases
+    with pytest.raises(ValueError, match="--opt must be one of sgd, adamw, lamb, lars"):
+        OptimConfig(optimizer="adam")

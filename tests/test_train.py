@@ -576,3 +576,30 @@ def test_dali_resume_after_a_signal_skips_no_batch(tmp_path, monkeypatch):
     assert load_checkpoint(part / "last.pt")["state"]["step"] == 3
     assert train.main([*common, "--output", str(part), "--resume", "auto"]) == 0
     assert [r["loss"] for r in records(full, "train")] == [r["loss"] for r in records(part, "train")]
+
+
+@pytest.mark.parametrize("name, cls", [("adamw", "AdamW"), ("lamb", "LAMB"), ("lars", "LARS")])
+def test_opt_flag_trains_with_that_optimizer(tmp_path, monkeypatch, name, cls):
+    made = []
+    real = train.make_optimizer
+    monkeypatch.setattr(train, "make_optimizer", lambda *a: made.append(real(*a)) or made[-1])
+    out = run_train(tmp_path, "--pattern", "ilr2", "--opt", name, "--max-steps", "4", "--skip-nonfinite")
+    assert [type(o).__name__ for o in made] == [cls]
+    losses = [r["loss"] for r in records(out, "train")]
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
+    assert json.loads((out / "config.json").read_text())["opt"] == name
+
+
+def test_clip_grad_clips_the_global_norm_on_the_device(tmp_path, monkeypatch):
+    norms = []
+    real = torch.nn.utils.clip_grad_norm_
+
+    def spy(params, max_norm, **kw):
+        total = real(params, max_norm, **kw)
+        norms.append((max_norm, kw.get("foreach"), total))
+        return total
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    run_train(tmp_path, "--max-steps", "2", "--clip-grad", "0.01")
+    assert [(m, f) for m, f, _ in norms] == [(0.01, True), (0.01, True)]
+    assert all(t > 0.01 for *_, t in norms)  # the norm was above the bound: it clipped

@@ -1,0 +1,73 @@
+"""collab_fast.ema: the weights' moving average, its update, its skip, and the trainer's --model-ema."""
+
+import json
+
+import pytest
+import torch
+
+from collab_fast import train
+from collab_fast.checkpoint import load_checkpoint
+from collab_fast.ema import ModelEMA
+from collab_fast.export import main as export_main
+from collab_fast.models import build
+
+
+def test_average_follows_the_formula_and_copies_integer_buffers():
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    ema = ModelEMA(net, 0.9)
+    want = {k: v.clone() for k, v in net.state_dict().items()}
+    for step in range(3):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+        net(torch.randn(5, 3))  # BN statistics and the step count move
+        ema.update()
+        for k, v in net.state_dict().items():
+            want[k] = 0.9 * want[k] + 0.1 * v if v.is_floating_point() else v.clone()
+    for k, v in ema.state_dict().items():
+        torch.testing.assert_close(v, want[k])
+    assert int(ema.state_dict()["1.num_batches_tracked"]) == 3
+    assert not any(p.requires_grad for p in ema.module.parameters()) and not ema.module.training
+
+
+def test_a_skipped_step_leaves_the_average_and_bad_decays_are_refused():
+    net = torch.nn.Linear(3, 2)
+    ema = ModelEMA(net, 0.5)
+    before = {k: v.clone() for k, v in ema.state_dict().items()}
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    ema.update(torch.tensor(1.0))
+    assert all(torch.equal(v, before[k]) for k, v in ema.state_dict().items())
+    ema.update(torch.tensor(0.0))
+    torch.testing.assert_close(ema.module.weight, before["weight"] + 0.5)
+    for bad in (0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match="--model-ema"):
+            ModelEMA(net, bad)
+
+
+BASE = ["digits", "--device", "cpu", "--arch", "resnet32", "-b", "32", "--log-every", "1", "--pattern", "ilr2"]
+
+
+def test_trainer_evaluates_saves_resumes_and_exports_the_average(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train.main([*BASE, "--output", str(out), "--max-steps", "3", "--model-ema", "0.5"]) == 0
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in evals if r["kind"] == "eval"]
+    assert evals and {"ema_top1", "ema_val_loss", "ema_top1_heads"} <= set(evals[-1])
+    ckpt = load_checkpoint(out / "last.pt")
+    assert set(ckpt["ema"]) == set(ckpt["model"])
+    assert any(not torch.equal(ckpt["ema"][k], ckpt["model"][k]) for k in ckpt["model"] if "weight" in k)
+    # resume continues the average from the checkpoint's, not from the weights
+    assert train.main([*BASE, "--output", str(out), "--max-steps", "5", "--model-ema", "0.5", "--resume", "auto"]) == 0
+    again = load_checkpoint(out / "last.pt")
+    assert again["state"]["step"] == 5
+    # every head exports from either
+    assert export_main([str(out / "last.pt"), "--ema", "--head", "1", "-o", str(tmp_path / "h1.pth")]) == 0
+    head = build("resnet32", "single", num_classes=10)
+    head.load_state_dict(torch.load(tmp_path / "h1.pth", weights_only=True), strict=True)
+    capsys.readouterr()
+    plain = tmp_path / "plain"
+    assert train.main([*BASE, "--output", str(plain), "--max-steps", "1"]) == 0
+    assert "ema" not in load_checkpoint(plain / "last.pt")
+    assert export_main([str(plain / "last.pt"), "--ema", "-o", str(tmp_path / "x.pth")]) == 2
+    assert "holds no weight average" in capsys.readouterr().err
