@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from collab_fast.checkpoint import FORMAT, CheckpointError, load_file, os_error_line, save_atomic, write_text_atomic
 from collab_fast.config import TrainConfig, parse_config, resolve
-from collab_fast.data import BatchMix, Loader, TorchFolderLoader, build_loaders
+from collab_fast.data import BatchMix, Loader, RandomErase, TorchFolderLoader, build_loaders
 from collab_fast.distributed import Dist, cleanup, init_distributed
 from collab_fast.ema import ModelEMA
 from collab_fast.extras import MissingExtra
@@ -156,6 +156,7 @@ class Run:
     train_loader: Loader
     mix: BatchMix | None = None  # --mixup / --cutmix: the batch and its labels mixed on the device
     ema: ModelEMA | None = None  # --model-ema: the weights' moving average
+    erase: RandomErase | None = None  # --random-erase, on the device, before the mixing
     signal: str | None = None  # set by SIGINT / SIGTERM
 
     def save(self, name: str) -> None:
@@ -182,6 +183,8 @@ def train_one_epoch(r: Run, loader) -> None:
             x, y = next(batches)
         except StopIteration:
             break
+        if r.erase is not None:
+            x = r.erase(x, state.step)
         if r.mix is not None:
             x, y = r.mix(x, y, state.step)  # y: [N, C] probabilities
         lr = cfg.optim.lr * lr_factor(cfg.optim, state.step, r.steps_per_epoch)
@@ -307,6 +310,19 @@ def _summary(r: Run, num_classes: int) -> str:
             f"(chance {100 / num_classes:.1f}%); head 0 exported to {r.out / 'head0.pth'}")
 
 
+def sync_batchnorm(net: torch.nn.Module, proc: Dist, device: torch.device) -> torch.nn.Module:
+    """--sync-bn: batch-norm statistics over the global batch (torch's SyncBatchNorm, GPUs only). The state
+    dict keeps its names, so checkpoints and exported heads are those of plain batch norm."""
+    if proc.world == 1:
+        if proc.main:
+            print("collab_fast: --sync-bn has nothing to synchronise in a single process; plain batch norm",
+                  file=sys.stderr)
+        return net
+    if device.type != "cuda":
+        raise ValueError("--sync-bn needs CUDA devices (torch's SyncBatchNorm does not run on CPU); drop it")
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+
+
 def _setup(cfg: TrainConfig):
     """Device, process group, data, model, optimizer, resumed state: everything the loop needs."""
     proc, device = init_distributed(cfg.run.device)
@@ -335,6 +351,7 @@ def _setup(cfg: TrainConfig):
     net = build_model(cfg.model, num_classes, device, copies)
     if cfg.model.weights and copies is None and not cfg.model.pretrained:
         load_weights(net, cfg.model.weights)
+    net = sync_batchnorm(net, proc, device) if cfg.model.sync_bn else net
     optimizer = make_optimizer(net, cfg.optim)
     scaler = torch.amp.GradScaler(device.type) if cfg.optim.amp == "fp16" else None
     ema = ModelEMA(net, cfg.optim.model_ema) if cfg.optim.model_ema else None
@@ -368,7 +385,8 @@ def _setup(cfg: TrainConfig):
     r = Run(cfg, proc, device, net, model, optimizer, scaler, Step(cfg, model, net, optimizer, scaler, proc), state,
             Logger(out, proc.main, progress, record=not cfg.run.eval_only), progress, out, steps, total, train_loader,
             mix=BatchMix(num_classes, mixup=cfg.data.mixup, cutmix=cfg.data.cutmix, seed=cfg.run.seed, rank=proc.rank)
-            if cfg.data.mixup or cfg.data.cutmix else None, ema=ema)
+            if cfg.data.mixup or cfg.data.cutmix else None, ema=ema,
+            erase=RandomErase(cfg.data.random_erase, seed=cfg.run.seed, rank=proc.rank) if cfg.data.random_erase else None)
     if proc.main:
         _header(r, num_classes, resume_path)
     return r, rundir, train_loader, val_loader, num_classes

@@ -16,7 +16,7 @@ def test_average_follows_the_formula_and_copies_integer_buffers():
     net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
     ema = ModelEMA(net, 0.9)
     want = {k: v.clone() for k, v in net.state_dict().items()}
-    for step in range(3):
+    for _ in range(3):
         with torch.no_grad():
             for p in net.parameters():
                 p.add_(torch.randn_like(p))

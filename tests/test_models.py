@@ -413,3 +413,62 @@ def test_inst1_is_single_with_the_collaborative_interface():
         head = model.export_head(0).eval()
         assert type(head) is type(build("resnet32", "single", num_classes=10))
         torch.testing.assert_close(head(x), out[0])
+
+
+def test_drop_path_drops_residual_branches_in_training_only():
+    from collab_fast.models.heads import drop_path
+
+    x = torch.ones(4000, 3)
+    y = drop_path(x, 0.25, training=True)
+    kept = (y[:, 0] != 0).float().mean().item()
+    assert 0.71 < kept < 0.79 and torch.allclose(y[y != 0], torch.tensor(1 / 0.75))
+    assert drop_path(x, 0.25, training=False) is x and drop_path(x, 0.0, training=True) is x
+    net = build("resnet32", "ilr2", num_classes=10, drop_path=0.2)
+    rates = [m.drop_path for m in net.modules() if type(m).__name__ == "_CifarBlock"]
+    assert len(rates) > 15 and max(rates) == pytest.approx(0.2) and min(rates) == 0.0
+    plain = build("resnet32", "ilr2", num_classes=10)
+    assert net.state_dict().keys() == plain.state_dict().keys()  # no new parameters: heads export as before
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 32, 32)
+    net.train()
+    a, b = net(x), net(x)
+    assert not torch.equal(a, b)  # random in training
+    net.eval()
+    assert torch.equal(net(x), net(x))
+    r50 = build("resnet50", "single", drop_path=0.1)
+    assert max(m.drop_path for m in r50.modules() if type(m).__name__ == "Bottleneck") == pytest.approx(0.1)
+
+
+def test_drop_path_flag_reaches_each_library_and_is_refused_without_residual_blocks():
+    from collab_fast.models import ModelConfig
+
+    with pytest.raises(ValueError, match="--drop-path: densenet40_12 has no residual blocks"):
+        ModelConfig(arch="densenet40_12", drop_path=0.1)
+    with pytest.raises(ValueError, match="--drop-path must be in"):
+        ModelConfig(drop_path=1.0)
+    import collab_fast.models as models
+
+    seen = {}
+    real = models.build
+    try:
+        models.build = lambda *a, **kw: seen.update(kw) or real("resnet32", "single", num_classes=10)
+        models.build_model(ModelConfig(arch="timm:resnet50", pattern="single", drop_path=0.1))
+        assert seen["drop_path_rate"] == 0.1
+        models.build_model(ModelConfig(arch="torchvision:convnext_tiny", pattern="single", drop_path=0.2))
+        assert seen["stochastic_depth_prob"] == 0.2
+    finally:
+        models.build = real
+
+
+def test_sync_bn_converts_on_gpus_and_refuses_on_cpu():
+    from collab_fast.distributed import Dist
+    from collab_fast.train import sync_batchnorm
+
+    net = build("resnet32", "ilr2", num_classes=10)
+    keys = set(net.state_dict())
+    assert sync_batchnorm(net, Dist(), torch.device("cpu")) is net  # one process: nothing to synchronise
+    with pytest.raises(ValueError, match="--sync-bn needs CUDA"):
+        sync_batchnorm(net, Dist(rank=0, world=2), torch.device("cpu"))
+    out = sync_batchnorm(net, Dist(rank=0, world=2), torch.device("cuda"))  # the conversion itself runs anywhere
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in out.modules())
+    assert not any(type(m) is torch.nn.BatchNorm2d for m in out.modules()) and set(out.state_dict()) == keys

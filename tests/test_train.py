@@ -603,3 +603,14 @@ def test_clip_grad_clips_the_global_norm_on_the_device(tmp_path, monkeypatch):
     run_train(tmp_path, "--max-steps", "2", "--clip-grad", "0.01")
     assert [(m, f) for m, f, _ in norms] == [(0.01, True), (0.01, True)]
     assert all(t > 0.01 for *_, t in norms)  # the norm was above the bound: it clipped
+
+
+def test_drop_path_and_sync_bn_flags(tmp_path, monkeypatch, capsys):
+    built = []
+    real = train.build_model
+    monkeypatch.setattr(train, "build_model", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    out = run_train(tmp_path, "--max-steps", "1", "--drop-path", "0.1", "--sync-bn")
+    assert max(getattr(m, "drop_path", 0.0) for m in built[0].modules()) == pytest.approx(0.1)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["drop_path"] == 0.1 and cfg["sync_bn"] is True
+    assert "--sync-bn has nothing to synchronise in a single process" in capsys.readouterr().err

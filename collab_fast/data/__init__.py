@@ -17,6 +17,7 @@ import torch
 
 from collab_fast.cache import cache_root
 from collab_fast.cli import check_fields, opt
+from collab_fast.data.erase import RandomErase
 from collab_fast.data.folder import (
     DaliLoader,
     DataError,
@@ -44,8 +45,9 @@ from collab_fast.data.torch_folder import TorchFolderLoader
 from collab_fast.data.toy import write_toy
 
 __all__ = ["AUGMENTS", "DATASETS", "BatchMix", "DataConfig", "DataError", "DaliLoader", "DeviceLoader", "LabelNoise",
-           "Loader", "SyntheticLoader", "TorchFolderLoader", "build_loaders", "check_dali_wheel", "check_image",
-           "decode_image", "default_augment", "default_image_size", "default_toy_dir", "scan_split", "write_toy"]
+           "Loader", "RandomErase", "SyntheticLoader", "TorchFolderLoader", "build_loaders", "check_dali_wheel",
+           "check_image", "decode_image", "default_augment", "default_image_size", "default_toy_dir", "scan_split",
+           "write_toy"]
 
 DATASETS = ("imagenet", "cifar10", "cifar100", "digits", "toy", "synthetic")
 TOY_DEFAULT = {"classes": 10, "per_class": 100, "size": 96}
@@ -93,6 +95,8 @@ class DataConfig:
                        choices=("auto", *AUGMENTS))
     image_size: int | None = opt(None, "training image size; unset: 224 for image folders, 32 for CIFAR/digits", lo=8,
                                  hi=8192)
+    random_erase: float = opt(0.0, "probability of random erasing (Zhong et al. 2020) per training image: a rectangle of "
+                                   "2-33% of it set to the mean colour, on the device; 0: off", lo=0, hi=1)
     mixup: float = opt(0.0, "mixup alpha (Zhang et al. 2018): each training image and its label mixed with another's, "
                             "weights lam ~ Beta(alpha, alpha), on the device; 0: off", lo=0, hi=100)
     cutmix: float = opt(0.0, "cutmix alpha (Yun et al. 2019): a box of another training image pasted in, the labels "

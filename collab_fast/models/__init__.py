@@ -204,6 +204,11 @@ class ModelConfig:
     rescale: str = opt("backprop", "gradient rescaling at split points (the paper's Table 3 ablation)",
                        choices=RESCALE_MODES)
     zero_init_residual: bool = opt(True, "ResNets: each block's last BN scale starts at 0 (Goyal et al. 2017)")
+    drop_path: float = opt(0.0, "stochastic depth (Huang et al. 2016): the largest drop rate of a residual branch, "
+                                "rising linearly over the blocks; built-in ResNets, timm (drop_path_rate) and "
+                                "torchvision models with stochastic_depth_prob", lo=0, hi=1, hi_open=True)
+    sync_bn: bool = opt(False, "synchronised batch norm across the processes of a multi-GPU run (statistics of the "
+                               "global batch)")
     channels_last: bool | None = opt(None, "channels-last memory format; unset: on with CUDA")
     compile: bool = opt(False, "torch.compile the model")
     weights: str | None = opt(None, "initial weights: an exported head (.pth: into every copy of a collaborative "
@@ -221,6 +226,9 @@ class ModelConfig:
                 raise ValueError("--model-kwargs is for timm: and torchvision: archs; the built-in ones take their "
                                  "settings as flags")
             parse_model_kwargs(self.model_kwargs)
+        if self.drop_path and self.arch in ARCHS and not is_builtin_resnet(self.arch):
+            raise ValueError(f"--drop-path: {self.arch} has no residual blocks to drop; it applies to the ResNets and "
+                             "to timm: / torchvision: models that take it")
         try:
             parse_pattern(self.pattern)
         except ValueError as exc:
@@ -261,6 +269,10 @@ def build_model(model: ModelConfig, num_classes: int | None = None, device: torc
     state dict (an exported head) for every copy, the classifier re-initialised per head; --weights of a
     file is read by the caller (the trainer), a library's pretrained weights here."""
     arch_kw: dict[str, Any] = {"zero_init_residual": model.zero_init_residual} if is_builtin_resnet(model.arch) else {}
+    if model.drop_path:  # each library's name for it
+        key = ("drop_path" if model.arch in ARCHS else "drop_path_rate" if model.arch.startswith("timm:")
+               else "stochastic_depth_prob")
+        arch_kw[key] = model.drop_path
     arch_kw.update(parse_model_kwargs(model.model_kwargs))
     net = build(model.arch, model.pattern, num_classes=num_classes, rescale=model.rescale,
                 pretrained=model.pretrained, weights=weights, **arch_kw).to(device)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from collab_fast.models.heads import SingleHead
+from collab_fast.models.heads import SingleHead, drop_path, set_drop_path
 
 __all__ = ["CifarResNet", "DenseNet", "densenet40_12", "resnet32", "resnet110"]
 
@@ -27,6 +27,8 @@ class _ShortcutA(nn.Module):
 
 
 class _CifarBlock(nn.Module):
+    drop_path = 0.0  # stochastic depth of the residual branch
+
     def __init__(self, cin: int, cout: int, stride: int):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
@@ -39,13 +41,13 @@ class _CifarBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu(out + self.shortcut(x))
+        return self.relu(drop_path(out, self.drop_path, self.training) + self.shortcut(x))
 
 
 class CifarResNet(SingleHead, nn.Module):
     """Depth 6n + 2: a 3x3 stem, three stages of n basic blocks (16, 32, 64 channels), pooling, fc."""
 
-    def __init__(self, depth: int, num_classes: int = 10, zero_init_residual: bool = False):
+    def __init__(self, depth: int, num_classes: int = 10, zero_init_residual: bool = False, drop_path: float = 0.0):
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n + 2 (20, 32, 44, 56, 110, ...), got {depth}")
@@ -60,6 +62,7 @@ class CifarResNet(SingleHead, nn.Module):
             cin = cout
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(64, num_classes)
+        set_drop_path([m for m in self.modules() if isinstance(m, _CifarBlock)], drop_path)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from collab_fast.models.heads import SingleHead
+from collab_fast.models.heads import SingleHead, drop_path, set_drop_path
 
 __all__ = ["ResNet", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
 
@@ -21,6 +21,7 @@ def _conv(cin: int, cout: int, k: int, stride: int = 1) -> nn.Conv2d:
 
 class BasicBlock(nn.Module):
     expansion = 1
+    drop_path = 0.0  # stochastic depth of the residual branch (ResNet's drop_path sets it per block)
 
     def __init__(self, cin: int, width: int, stride: int = 1, downsample: nn.Module | None = None):
         super().__init__()
@@ -35,11 +36,12 @@ class BasicBlock(nn.Module):
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
+        return self.relu(drop_path(out, self.drop_path, self.training) + identity)
 
 
 class Bottleneck(nn.Module):
     expansion = 4
+    drop_path = 0.0
 
     def __init__(self, cin: int, width: int, stride: int = 1, downsample: nn.Module | None = None):
         super().__init__()
@@ -57,12 +59,12 @@ class Bottleneck(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
+        return self.relu(drop_path(out, self.drop_path, self.training) + identity)
 
 
 class ResNet(SingleHead, nn.Module):
     def __init__(self, block: type[BasicBlock] | type[Bottleneck], depths: list[int], num_classes: int = 1000,
-                 zero_init_residual: bool = False):
+                 zero_init_residual: bool = False, drop_path: float = 0.0):
         super().__init__()
         self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
@@ -80,6 +82,7 @@ class ResNet(SingleHead, nn.Module):
             cin = cout
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(cin, num_classes)
+        set_drop_path([m for m in self.modules() if isinstance(m, (BasicBlock, Bottleneck))], drop_path)
 
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
