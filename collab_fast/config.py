@@ -173,10 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
         text = meta["help"] + ("" if meta["lo"] is None and meta["hi"] is None or meta["choices"]
                                else f"; range {range_text(meta, base)}") + _default_text(f)
         if name == "dataset":
-            g.add_argument("dataset", nargs="?", choices=meta["choices"], default=None, help=text)
+            g.add_argument("dataset", nargs="?", choices=meta["choices"], default=None, help=text.replace("%", "%%"))
             continue
         names = ([meta["short"]] if meta["short"] else []) + [flag(name)]
-        kw = dict(dest=name, help=text, default=argparse.SUPPRESS)
+        kw = dict(dest=name, help=text.replace("%", "%%"), default=argparse.SUPPRESS)  # argparse formats help with %
         if base is bool:
             g.add_argument(*names, action=argparse.BooleanOptionalAction, **kw)
         elif is_list:

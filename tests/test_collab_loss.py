@@ -486,6 +486,19 @@ def test_under_torch_compile():
     _compiled_equals_eager(torch.compile(step, fullgraph=True), step, z, y)
 
 
+@pytest.mark.slow
+def test_probability_targets_under_torch_compile():
+    # the custom op's fake implementation with [N, C] targets: rows longer than one block keep 9 statistics
+    z, _ = make(3, 4, 40)
+    t = torch.softmax(torch.randn(4, 40, device=DEV), -1)
+    lin = torch.nn.Linear(40, 40, dtype=torch.float32, device=DEV)
+
+    def step(x, t):
+        return fused_collab_loss(lin(x), t, impl="triton", block_c=16, label_smoothing=0.1)
+
+    _compiled_equals_eager(torch.compile(step, fullgraph=True), step, z, t)
+
+
 def _compiled_equals_eager(compiled, step, z, y):
     x1, x2 = z.clone().requires_grad_(), z.clone().requires_grad_()
     out_c = compiled(x1, y)

@@ -614,3 +614,24 @@ def test_drop_path_and_sync_bn_flags(tmp_path, monkeypatch, capsys):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["drop_path"] == 0.1 and cfg["sync_bn"] is True
     assert "--sync-bn has nothing to synchronise in a single process" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_modern_recipe_trains_on_the_toy_set_with_ema_and_plain_checkpoints(tmp_path):
+    # torchvision's 2021 ResNet-50 recipe's regularisers (label smoothing, mixup, cutmix, random erasing, EMA,
+    # warm-up + cosine) at a toy scale: the loss falls and the run folder holds both weights.
+    toy = write_toy(tmp_path / "toy", classes=4, per_class=40, size=40, val_per_class=10)
+    out = tmp_path / "run"
+    argv = ["toy", "--recipe", "imagenet-resnet50-tv2", "--data", str(toy), "--device", "cpu", "--arch", "resnet18",
+            "--pattern", "ilr2", "--image-size", "32", "-b", "16", "--epochs", "8", "--warmup-epochs", "1",
+            "--lr", "0.05", "--model-ema", "0.9", "--log-every", "1", "--output", str(out), "--loader", "torch",
+            "--threads", "1"]
+    assert train.main(argv) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["mixup"], cfg["cutmix"], cfg["random_erase"], cfg["label_smoothing"], cfg["schedule"]) == \
+        (0.2, 1.0, 0.1, 0.1, "cosine")
+    losses = [r["loss"] for r in records(out, "train")]
+    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10, losses
+    ckpt = load_checkpoint(out / "last.pt")
+    assert set(ckpt["ema"]) == set(ckpt["model"])
+    assert "ema_top1" in records(out, "eval")[-1]
