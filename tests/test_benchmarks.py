@@ -1,5 +1,6 @@
 """The benchmark scripts run end to end (tiny sizes on CPU: a smoke test, not a measurement)."""
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -105,3 +106,15 @@ def test_gpu_check_dry_run_and_no_cuda(tmp_path):
     res = subprocess.run(["bash", str(root / "scripts" / "gpu_check.sh")], env=env, capture_output=True, text=True,
                          timeout=120)
     assert res.returncode == 2 and "no CUDA device" in res.stdout
+
+
+def test_bench_fused_linear_quick_measures_memory(tmp_path):
+    import bench_fused_linear
+
+    assert bench_fused_linear.main(["--quick", "--out", str(tmp_path)]) == 0
+    rows = json.loads(next(tmp_path.glob("bench_fused_linear_cpu_*.json")).read_text())["rows"]
+    by = {r["provider"]: r for r in rows}
+    assert set(by) == {"fused linear (chunked)", "logits + fused_collab_loss", "naive PyTorch"}
+    assert all(r["peak_extra_mb"] > 0 and r["ms"] > 0 for r in rows)
+    # the materialised reference keeps about 11 logit-sized tensors; the chunked one a fraction of that
+    assert by["fused linear (chunked)"]["x_logits"] < by["logits + fused_collab_loss"]["x_logits"] / 2
