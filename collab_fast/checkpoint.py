@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["FORMAT", "CheckpointError", "checksum", "load_checkpoint", "load_file", "save_atomic", "save_checkpoint"]
+__all__ = ["FORMAT", "CheckpointError", "checksum", "load_checkpoint", "load_file", "save_atomic", "save_checkpoint",
+           "verify_checkpoint"]
 
 FORMAT = "collab_fast.checkpoint/1"
 
@@ -151,7 +152,14 @@ def load_file(path: str | os.PathLike, map_location: str | torch.device = "cpu")
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
     """Loads a collab_fast training checkpoint, checks its structure and verifies its checksum."""
-    ckpt = load_file(path, "cpu")
+    ckpt = verify_checkpoint(load_file(path, "cpu"), path)
+    if map_location != "cpu":
+        ckpt = {k: (v.to(map_location) if isinstance(v, torch.Tensor) else v) for k, v in ckpt.items()}
+    return ckpt
+
+
+def verify_checkpoint(ckpt: Any, path: str | os.PathLike) -> dict:
+    """The structure and checksum checks of load_checkpoint, on an object already read from `path`."""
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         what = f"a {type(ckpt).__name__}" if not isinstance(ckpt, dict) else f"a dict with keys {sorted(map(str, ckpt))[:8]}"
         raise CheckpointError(f"{path} is not a collab_fast training checkpoint (expected format {FORMAT!r}, "
@@ -164,6 +172,4 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         if checksum(ckpt, tensors_only=not str(stored).startswith(_CHECKSUM_PREFIX)) != stored:
             raise CheckpointError(f"{path} is corrupt: its tensors do not match the checksum written with them "
                                   "(use another checkpoint, e.g. best.pt, or start over)")
-    if map_location != "cpu":
-        ckpt = {k: (v.to(map_location) if isinstance(v, torch.Tensor) else v) for k, v in ckpt.items()}
     return ckpt

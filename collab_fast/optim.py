@@ -140,6 +140,14 @@ def lerp_(dst: list[torch.Tensor], src: list[torch.Tensor], weight: torch.Tensor
     torch._foreach_add_(dst, diff)
 
 
+def _with_grads(optimizer: torch.optim.Optimizer):
+    """(group, its parameters that have a gradient) for every group with any."""
+    for group in optimizer.param_groups:
+        params = [p for p in group["params"] if p.grad is not None]
+        if params:
+            yield group, params
+
+
 def _trust(w_norm: torch.Tensor, u_norm: torch.Tensor, coef: float = 1.0) -> torch.Tensor:
     # coef ||w|| / ||u||, and 1 where either norm is 0 (a zero-initialised layer, a zero update)
     ok = (w_norm > 0) & (u_norm > 0)
@@ -161,10 +169,7 @@ class LAMB(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         loss = None if closure is None else closure()
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
+        for group, params in _with_grads(self):
             b1, b2 = group["betas"]
             for p in params:
                 if not self.state[p]:
@@ -214,10 +219,7 @@ class LARS(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         loss = None if closure is None else closure()
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
+        for group, params in _with_grads(self):
             for p in params:
                 if not self.state[p]:
                     self.state[p]["momentum_buffer"] = torch.zeros_like(p)

@@ -16,7 +16,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from collab_fast.checkpoint import FORMAT, CheckpointError, load_checkpoint, load_file, os_error_line, save_checkpoint
+from collab_fast.checkpoint import (
+    FORMAT,
+    CheckpointError,
+    load_checkpoint,
+    load_file,
+    os_error_line,
+    save_checkpoint,
+    verify_checkpoint,
+)
 from collab_fast.cli import check_fields, opt
 from collab_fast.recipes import RECIPES
 
@@ -184,11 +192,12 @@ def restore(path: Path, net, optimizer, scaler, arch: str, pattern: str, config_
     return state
 
 
-def load_weights(net, path: str) -> None:
-    """--weights: an exported head (plain state dict) or a training checkpoint of the same model."""
-    obj = load_file(path)
+def load_weights(net, path: str, obj=None) -> None:
+    """--weights: an exported head (plain state dict) or a training checkpoint of the same model. `obj`: the
+    file's content when the caller has read it already (it is read once)."""
+    obj = load_file(path) if obj is None else obj
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
-        obj = load_checkpoint(path)["model"]
+        obj = verify_checkpoint(obj, path)["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"--weights {path}: expected a state dict of tensors, found a {type(obj).__name__}")
     try:

@@ -49,19 +49,19 @@ def seed_everything(seed: int, rank: int) -> None:
     torch.manual_seed(seed)  # the same initial weights on every rank
 
 
-def _pretrained_weights(cfg: TrainConfig) -> dict | None:
-    """--weights PATH of a plain network (an exported head) for a collaborative pattern: loaded into every
-    copy by build (the classifier re-initialised per head). A training checkpoint, or pattern single, is
-    loaded later by load_weights as it is."""
-    if not cfg.model.weights or cfg.model.pretrained or cfg.model.pattern == "single":
-        return None
+def _initial_weights(cfg: TrainConfig) -> tuple[dict | None, object]:
+    """--weights PATH, read once: (the state dict for every copy, what load_weights loads as it is). A plain
+    network's (an exported head) for a collaborative pattern goes into every copy through build (the
+    classifier re-initialised per head); a training checkpoint, or pattern single, is loaded whole after."""
+    if not cfg.model.weights or cfg.model.pretrained:
+        return None, None
     obj = load_file(cfg.model.weights)
-    if isinstance(obj, dict) and obj.get("format") == FORMAT:
-        return None  # a training checkpoint of this very model: load_weights
+    if cfg.model.pattern == "single" or isinstance(obj, dict) and obj.get("format") == FORMAT:
+        return None, obj  # the model as it is (a training checkpoint of this very model: load_weights)
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"--weights {cfg.model.weights}: expected a state dict of tensors, found a "
                               f"{type(obj).__name__}")
-    return obj
+    return obj, None
 
 
 def as_heads(logits: torch.Tensor) -> torch.Tensor:
@@ -347,10 +347,10 @@ def _setup(cfg: TrainConfig):
         raise ValueError(f"--batch-size {cfg.optim.batch_size} is larger than the training set's share of each process: "
                          "no full batch per epoch; lower --batch-size")
     cfg.data.num_classes = num_classes
-    copies = _pretrained_weights(cfg)
+    copies, whole = _initial_weights(cfg)
     net = build_model(cfg.model, num_classes, device, copies)
-    if cfg.model.weights and copies is None and not cfg.model.pretrained:
-        load_weights(net, cfg.model.weights)
+    if whole is not None:
+        load_weights(net, cfg.model.weights, whole)
     net = sync_batchnorm(net, proc, device) if cfg.model.sync_bn else net
     optimizer = make_optimizer(net, cfg.optim)
     scaler = torch.amp.GradScaler(device.type) if cfg.optim.amp == "fp16" else None

@@ -18,10 +18,11 @@ DEV = torch.device("cuda" if HAS_CUDA else "cpu")
 
 def paper_loss(z, y, T, beta, w, detach, eps=0.0, ignore_index=-100, kl=False, weights=None):
     """Eq. 2-4 written head by head with torch.nn.functional, float64: an independent formula.
-    kl: the soft term as F.kl_div (KL(q || p)); weights: (hard, soft) factors instead of beta, (1-beta) w."""
+    kl: the soft term as F.kl_div (KL(q || p)); weights: (hard, soft) factors instead of beta, (1-beta) w.
+    y: labels [N], or probabilities [N, C] (F.cross_entropy's probability targets; every row counts)."""
     k_hard, k_soft = weights if weights is not None else (beta, (1 - beta) * w)
     H = z.shape[0]
-    valid = y != ignore_index
+    valid = torch.ones(y.shape[0], dtype=torch.bool) if y.is_floating_point() else y != ignore_index
     total = 0.0
     for h in range(H):
         hard = F.cross_entropy(z[h][valid], y[valid], reduction="sum", label_smoothing=eps)
@@ -855,22 +856,6 @@ def make_probs(N, C, seed=0, device=DEV, kind="mix"):
     return t.to(device)
 
 
-def paper_loss_probs(z, t, T, beta, w, detach, eps=0.0):
-    """Eq. 2-4 with F.cross_entropy's probability targets for the hard term, float64, head by head."""
-    H, total = z.shape[0], 0.0
-    for h in range(H):
-        hard = F.cross_entropy(z[h], t, reduction="sum", label_smoothing=eps)
-        if H == 1:
-            total = total + hard
-            continue
-        others = torch.stack([z[j] for j in range(H) if j != h]).mean(0)
-        if detach:
-            others = others.detach()
-        soft = -(F.softmax(others / T, -1) * F.log_softmax(z[h] / T, -1)).sum()
-        total = total + beta * hard + (1 - beta) * w * soft
-    return total / z.shape[1]
-
-
 @pytest.mark.parametrize("H", [1, 2, 4])
 @pytest.mark.parametrize("detach", [True, False])
 @pytest.mark.parametrize("eps", [0.0, 0.1])
@@ -879,7 +864,7 @@ def test_probability_targets_reference_matches_formula(H, detach, eps):
     t = make_probs(6, 9, device="cpu", kind="dense")
     z1, z2 = z.clone().requires_grad_(), z.clone().requires_grad_()
     got = collab_loss_reference(z1, t, temperature=3.0, beta=0.3, detach_consensus=detach, label_smoothing=eps)
-    want = paper_loss_probs(z2, t, 3.0, 0.3, 9.0, detach, eps)
+    want = paper_loss(z2, t, 3.0, 0.3, 9.0, detach, eps)
     torch.testing.assert_close(got, want)
     got.backward(), want.backward()
     torch.testing.assert_close(z1.grad, z2.grad)

@@ -103,3 +103,19 @@ def test_bad_input_is_one_line(args, match):
         fused_linear_collab_loss(*args(h.float(), w.float(), y))
     with pytest.raises(ValueError, match="chunk_size"):
         fused_linear_collab_loss(h.float(), w.float(), y, chunk_size=0)
+
+
+def test_under_autocast_bf16_matches_fp32_within_bf16_precision():
+    hidden, weight, bias, y = _inputs(N=16, C=64, D=32)
+    x, w = hidden.float().requires_grad_(), weight.float().requires_grad_()
+    want = fused_linear_collab_loss(x, w, y, chunk_size=5)
+    want.backward()
+    gx, gw = x.grad.clone(), w.grad.clone()
+    x.grad = w.grad = None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fused_linear_collab_loss(x, w, y, chunk_size=5)
+    got.backward()
+    assert got.dtype == torch.float32 and w.grad.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(x.grad, gx, rtol=0.1, atol=3e-2)
+    torch.testing.assert_close(w.grad, gw, rtol=0.1, atol=3e-2)

@@ -375,7 +375,7 @@ def test_weights_start_every_copy_and_the_heads_differ(tmp_path):
     out = run_train(tmp_path, "--pattern", "single", "--max-steps", "1")
     head = load_file(out / "head0.pth")
     cfg = train.TrainConfig.from_flags("digits", arch="resnet32", pattern="ilr2", weights=str(out / "head0.pth"))
-    net = build_model(cfg.model, 10, torch.device("cpu"), train._pretrained_weights(cfg))
+    net = build_model(cfg.model, 10, torch.device("cpu"), train._initial_weights(cfg)[0])
     a, b = net.levels[0][0], net.levels[0][1]
     torch.testing.assert_close(a["layer3"].state_dict(), {k[len("layer3."):]: v for k, v in head.items()
                                                            if k.startswith("layer3.")})
@@ -635,3 +635,12 @@ def test_modern_recipe_trains_on_the_toy_set_with_ema_and_plain_checkpoints(tmp_
     ckpt = load_checkpoint(out / "last.pt")
     assert set(ckpt["ema"]) == set(ckpt["model"])
     assert "ema_top1" in records(out, "eval")[-1]
+
+
+def test_weights_file_is_read_once(tmp_path, monkeypatch):
+    out = run_train(tmp_path, "--pattern", "ilr2", "--max-steps", "1", name="first")
+    reads = []
+    real = torch.load
+    monkeypatch.setattr(torch, "load", lambda f, *a, **k: reads.append(str(f)) or real(f, *a, **k))
+    run_train(tmp_path, "--pattern", "ilr2", "--max-steps", "1", "--weights", str(out / "last.pt"), name="second")
+    assert reads.count(str(out / "last.pt")) == 1

@@ -182,8 +182,17 @@ def build(arch: str, pattern: str = "single", num_classes: int | None = None, re
         splits = "auto" if external else default_splits(arch, len(factors))
     example = None
     if external and factors:
-        size = (getattr(make_target(), "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))
+        # One probe instance answers the input size and the split points, then serves as the collaborative
+        # network's first copy: a large model is not built extra times.
+        probe = make_target()
+        size = (getattr(probe, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))
         example = torch.randn(2, *size, generator=torch.Generator().manual_seed(0))
+        if splits == "auto" and not instances:
+            from collab_fast.models.external import pick_splits, stage_modules
+
+            splits = pick_splits(stage_modules(probe), len(factors))
+        unused, fresh = [probe], make_target
+        make_target = lambda: unused.pop() if unused else fresh()  # noqa: E731
     return make_collaborative(make_target, pattern, splits, rescale, example)
 
 

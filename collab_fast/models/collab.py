@@ -158,6 +158,7 @@ class CollabNet(nn.Module):
         self.rescale = rescale
         self.num_heads = math.prod(self.factors)
         self._make_target = make_target
+        self._target_name = type(proto).__name__
         if any(f > 1 for f in self.factors):
             ensure_ops()  # build/load the rescaling ops now, not inside a torch.compile trace
         self.trunk = nn.ModuleDict({_key(n): proto.get_submodule(n) for n in self.segment_names[0]})
@@ -223,7 +224,7 @@ class CollabNet(nn.Module):
         same weights, on `example`, in eval mode and in training mode (the same random seed for both, so
         dropout and drop-path match): a model whose forward does more than run its children in order (token
         pooling, a reshape, dropout in code) would otherwise train as a different network."""
-        name = type(self._make_target()).__name__
+        name = self._target_name
         was = self.training
         buffers = {n: b.clone() for n, b in self.named_buffers()}  # training mode moves BN statistics
         try:
