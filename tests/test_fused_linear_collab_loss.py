@@ -79,9 +79,9 @@ def test_module_and_memory_budget_chunking():
     m = FusedLinearCollabLoss(2, 8, 50, bias=True, memory_budget=2 * 50 * 4 * 11 * 3, temperature=3.0)  # 3 rows
     x = torch.randn(2, 10, 8, requires_grad=True)
     y = torch.randint(0, 50, (10,))
-    from collab_fast.kernels import fused_linear_collab_loss as flcl
+    from collab_fast.kernels.fused_linear_collab_loss import _pick_chunk
 
-    assert flcl._pick_chunk(2, 10, 50, 4 * 11, None, m.memory_budget) == 3
+    assert _pick_chunk(2, 10, 50, 4 * 11, None, m.memory_budget) == 3
     loss = m(x, y)
     want = linear_collab_loss_reference(x.double(), m.weight.double(), y, m.bias.double(), temperature=3.0)
     torch.testing.assert_close(loss.double(), want, atol=1e-5, rtol=1e-5)
