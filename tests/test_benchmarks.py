@@ -82,8 +82,8 @@ def test_percent_of_floor_is_never_above_100():
 
 @pytest.mark.slow
 def test_gpu_check_dry_run_and_no_cuda(tmp_path):
-    # The GPU validation's rehearsal on CPU: every stage runs at tiny sizes, the budget is kept, at most 6
-    # files come back; the real run on a machine without CUDA stops at once with one line.
+    # The GPU validation's rehearsal on CPU: every stage runs at tiny sizes, the budget is kept, at most 8
+    # files come back (the device tool's limit); the real run on a machine without CUDA stops at once with one line.
     import subprocess
     import sys
 
@@ -96,11 +96,13 @@ def test_gpu_check_dry_run_and_no_cuda(tmp_path):
     log = (tmp_path / "out" / "check.log").read_text()
     assert res.returncode == 0, log[-3000:] + res.stderr[-2000:]
     assert "0 stage(s) not ok" in log
-    for name in ("env", "loss-tests", "build", "ops-tests", "train", "bench-loss", "bench-train", "bench-rescale"):
+    for name in ("env", "loss-tests", "linear-tests", "build", "ops-tests", "train", "bench-loss", "bench-train",
+                 "bench-linear", "bench-rescale"):
         assert f"{name}: ok" in log, name
     files = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert len(files) <= 6 and {"check.log", "tests.log", "run.log"} <= set(files), files
-    assert sum(f.endswith(".json") for f in files) == 3
+    assert len(files) <= 8 and {"check.log", "tests.log", "tests2.log", "run.log"} <= set(files), files
+    assert sum(f.endswith(".json") for f in files) == 4
+    assert "train loss" in log and "(falls)" in log
     env["CUDA_VISIBLE_DEVICES"] = ""
     env["OUT"] = str(tmp_path / "out2")
     res = subprocess.run(["bash", str(root / "scripts" / "gpu_check.sh")], env=env, capture_output=True, text=True,

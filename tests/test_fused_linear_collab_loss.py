@@ -3,12 +3,16 @@ materialised logits, every setting, chunk sizes 1, odd and larger than N, both i
 
 import pytest
 import torch
+from conftest import HAS_CUDA, requires_cuda
 
 from collab_fast.kernels.fused_linear_collab_loss import (
     FusedLinearCollabLoss,
     fused_linear_collab_loss,
     linear_collab_loss_reference,
 )
+
+# On a GPU host the implementations run on CUDA tensors (the kernel needs them there; the interpreter is off).
+DEV = torch.device("cuda" if HAS_CUDA else "cpu")
 
 
 def _inputs(H=3, N=7, D=5, C=11, shared=False, bias=True, seed=0):
@@ -25,13 +29,13 @@ def _inputs(H=3, N=7, D=5, C=11, shared=False, bias=True, seed=0):
 def _both(hidden, weight, bias, y, impl, chunk, dtype=torch.float32, **kw):
     leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight) + ((bias,) if bias is not None else ())]
     ref = linear_collab_loss_reference(leaves[0], leaves[1], y, leaves[2] if bias is not None else None, **kw)
-    mine = [t.detach().to(dtype).requires_grad_() for t in leaves]
-    got = fused_linear_collab_loss(mine[0], mine[1], y, mine[2] if bias is not None else None, impl=impl,
+    mine = [t.detach().to(DEV, dtype).requires_grad_() for t in leaves]
+    got = fused_linear_collab_loss(mine[0], mine[1], y.to(DEV), mine[2] if bias is not None else None, impl=impl,
                                    chunk_size=chunk, **kw)
     up = torch.rand(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5)) + 0.5
     ref.backward(up)
-    got.backward(up.float())
-    return ref, got, [t.grad for t in leaves], [t.grad for t in mine]
+    got.backward(up.to(DEV, torch.float32))
+    return ref, got.cpu(), [t.grad for t in leaves], [t.grad.cpu() for t in mine]
 
 
 SETTINGS = [dict(), dict(temperature=3.0, beta=0.3), dict(soft_loss="kl", weights=(1.0, 2.0)),
@@ -119,3 +123,30 @@ def test_under_autocast_bf16_matches_fp32_within_bf16_precision():
     torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2)
     torch.testing.assert_close(x.grad, gx, rtol=0.1, atol=3e-2)
     torch.testing.assert_close(w.grad, gw, rtol=0.1, atol=3e-2)
+
+
+@requires_cuda
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_gpu_vocabulary_size_bf16_against_float64(reduction):
+    # An LM-like shape on the GPU (bf16 operands, several chunks, a vocabulary that is no power of two) against
+    # the float64 reference on the same bf16-rounded values: relative norm errors at bf16's scale.
+    H, N, D, C = 2, 384, 128, 32003
+    g = torch.Generator().manual_seed(11)
+    x = (torch.randn(H, N, D, generator=g) / D**0.5).bfloat16()
+    w = (torch.randn(H, C, D, generator=g) / D**0.5).bfloat16()
+    y = torch.randint(0, C, (N,), generator=g)
+    y[::7] = -100
+    xr, wr = x.double().requires_grad_(), w.double().requires_grad_()
+    ref = linear_collab_loss_reference(xr, wr, y, reduction=reduction)
+    xg, wg = x.cuda().requires_grad_(), w.cuda().requires_grad_()
+    got = fused_linear_collab_loss(xg, wg, y.cuda(), reduction=reduction, chunk_size=100)
+    up = torch.rand(ref.shape, dtype=torch.float64, generator=g) + 0.5
+    ref.backward(up)
+    got.backward(up.cuda().float())
+
+    def rel(a, b):
+        return ((a.double().cpu() - b).norm() / b.norm()).item()
+
+    assert torch.isfinite(got).all()
+    assert rel(got, ref.detach()) < 1e-2
+    assert rel(xg.grad, xr.grad) < 2e-2 and rel(wg.grad, wr.grad) < 2e-2

@@ -4,9 +4,12 @@ import json
 
 import pytest
 import torch
+from conftest import HAS_CUDA
 
 from collab_fast import collab_loss_reference, fused_collab_loss, train
 from collab_fast.data import BatchMix
+
+DEV = torch.device("cuda" if HAS_CUDA else "cpu")
 
 
 def _batch(n=6, c=3, size=8, seed=0):
@@ -73,12 +76,12 @@ def test_loss_on_mixed_targets_equals_the_two_call_reference(impl, eps):
             got = fused_collab_loss(z1, t.double(), impl="torch", label_smoothing=eps)
             atol = 1e-6  # the targets are float32
         else:
-            z1 = z.float().requires_grad_()
-            got = fused_collab_loss(z1, t, impl="triton", label_smoothing=eps)
+            z1 = z.float().to(DEV).requires_grad_()  # the kernel: CUDA tensors on a GPU host, else the interpreter
+            got = fused_collab_loss(z1, t.to(DEV), impl="triton", label_smoothing=eps)
             atol = 1e-5
         got.backward(), want.backward()
-        torch.testing.assert_close(got.double(), want, atol=atol, rtol=1e-6)
-        torch.testing.assert_close(z1.grad.double(), z2.grad, atol=atol, rtol=1e-6)
+        torch.testing.assert_close(got.double().cpu(), want, atol=atol, rtol=1e-6)
+        torch.testing.assert_close(z1.grad.double().cpu(), z2.grad, atol=atol, rtol=1e-6)
 
 
 BASE = ["digits", "--device", "cpu", "--arch", "resnet32", "-b", "32", "--log-every", "1", "--max-steps", "3"]
