@@ -26,6 +26,7 @@ import torch
 warnings.filterwarnings("ignore", category=RuntimeWarning, module="triton.runtime.interpreter")
 if not torch.cuda.is_available():  # the kernel runs in Triton's interpreter on CPU
     os.environ.setdefault("TRITON_INTERPRET", "1")
+import triton  # noqa: E402  (after TRITON_INTERPRET is set)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
@@ -153,6 +154,120 @@ def run_shape(name, H, N, C, dtype, providers, device, bandwidth):
     return rows
 
 
+# --sweep: the kernel's launch configuration at the LM shapes, kernel-only (CUDA graph replay), to choose
+# pick_block_c's defaults from measurements. tile = H_PAD * BLOCK_C elements of the register tile.
+SWEEP_TILES = (4096, 8192, 16384)
+SWEEP_WARPS = (4, 8, 16)
+SWEEP_STAGES = (1, 2)
+SWEEP_COLUMNS = ["shape", "H", "N", "C", "dtype", "tile", "block_c", "warps", "stages", "mode", "ms", "GB/s",
+                 "pct_floor", "default"]
+
+
+@contextlib.contextmanager
+def launch_config(tile: int, warps: int, stages: int):
+    """The launcher's block, warps and prefetch depth forced to one configuration."""
+    pick, depth = cl.pick_block_c, cl._LOOP_STAGES
+
+    def forced(num_heads, num_classes, block_c=None):
+        h_pad = triton.next_power_of_2(num_heads)
+        block = min(triton.next_power_of_2(num_classes), max(tile // h_pad, 16))
+        return block, triton.cdiv(num_classes, block), warps
+
+    cl.pick_block_c, cl._LOOP_STAGES = forced, stages
+    try:
+        yield
+    finally:
+        cl.pick_block_c, cl._LOOP_STAGES = pick, depth
+
+
+def sweep(shapes, device, bandwidth, out=None, argv=None):
+    """fwd+bwd kernel-only time (forward keeping row statistics, then backward: a training step's launches)
+    of every configuration; the rows are saved after each one (a run cut off keeps what it timed)."""
+    rows = []
+    for name, H, N, C, dtype in shapes:
+        z = torch.randn(H, N, C, device=device, dtype=dtype, requires_grad=True)
+        y = torch.randint(0, C, (N,), device=device)
+        nbytes = 2 * H * N * C * z.element_size()
+        d_block, _, d_warps = cl.pick_block_c(H, C)
+        d_tile = triton.next_power_of_2(H) * d_block
+
+        def fwd_bwd():
+            z.grad = None
+            fused_collab_loss(z, y, impl="triton", temperature=2.0, beta=0.5).backward()
+
+        for tile in SWEEP_TILES:
+            for warps in SWEEP_WARPS:
+                for stages in SWEEP_STAGES:
+                    row = {"shape": name, "H": H, "N": N, "C": C, "dtype": str(dtype).replace("torch.", ""),
+                           "tile": tile, "block_c": min(triton.next_power_of_2(C), tile // triton.next_power_of_2(H)),
+                           "warps": warps, "stages": stages, "mode": "fwd+bwd kernel-only",
+                           "default": tile == d_tile and warps == d_warps and stages == cl._LOOP_STAGES}
+                    try:
+                        with launch_config(tile, warps, stages):
+                            ms = bench(cuda_graph(fwd_bwd), device)
+                        row.update({"ms": ms, "GB/s": nbytes / (ms * 1e-3) / 1e9,
+                                    "pct_floor": pct_of_floor(nbytes, bandwidth, ms)})
+                    except Exception as exc:  # a configuration that does not compile or fit: recorded
+                        row["mode"] += f": {type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+                    rows.append(row)
+                    print(format_row(row, SWEEP_COLUMNS), flush=True)
+                    if out is not None:
+                        save("bench_loss_sweep", rows, device, argv, SWEEP_COLUMNS, out)
+        del z
+    return rows
+
+
+def host_profile(device, calls: int = 200) -> None:
+    """Where the whole call's time goes at the ImageNet shape: host microseconds per call (no sync), and
+    cProfile's top functions over fwd+bwd calls (autograd's multithreading off, so backward runs here)."""
+    import cProfile
+    import io
+    import pstats
+    import time
+
+    H, N, C = (4, 256, 1000) if device.type == "cuda" else (2, 8, 50)  # CPU: the interpreter, a smoke test
+    z0 = torch.randn(H, N, C, device=device)
+    y = torch.randint(0, C, (N,), device=device)
+    z = z0.clone().requires_grad_()
+
+    def per_call(fn):
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        host = (time.perf_counter() - t0) / calls * 1e6
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return host
+
+    def fwd_nograd():
+        with torch.no_grad():
+            fused_collab_loss(z0, y, impl="triton")
+
+    def fwd_graph():
+        return fused_collab_loss(z, y, impl="triton")
+
+    def fwd_bwd():
+        z.grad = None
+        fused_collab_loss(z, y, impl="triton").backward()
+
+    with torch.autograd.set_multithreading_enabled(False):
+        for name, fn in (("forward, no grad", fwd_nograd), ("forward, recording", fwd_graph), ("fwd+bwd", fwd_bwd),
+                         ("_launch forward", lambda: cl._launch(z0, y, cl._DEFAULT)),
+                         ("_num_valid", lambda: cl._num_valid(y, cl._DEFAULT))):
+            print(f"host_profile: {name:22s} {per_call(fn):8.1f} us per call (host, no sync)", flush=True)
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(calls):
+            fwd_bwd()
+        prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("tottime").print_stats(25)
+    print("\n".join(line for line in out.getvalue().splitlines() if line.strip())[:6000], flush=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--providers", default=None,
@@ -162,6 +277,10 @@ def main(argv=None) -> int:
                    help="comma list of shape names on which the 'compiled' provider runs (default: all); "
                         "Inductor compiles each shape and dtype anew, tens of seconds each on a GPU")
     p.add_argument("--quick", action="store_true", help="one tiny shape (a smoke test)")
+    p.add_argument("--sweep", action="store_true",
+                   help="time the kernel (kernel-only) over block, warps and prefetch depth instead of the providers")
+    p.add_argument("--host-profile", action="store_true",
+                   help="print where a whole call's host time goes at the ImageNet shape, then exit")
     add_output_args(p)
     args = p.parse_args(argv)
 
@@ -181,8 +300,17 @@ def main(argv=None) -> int:
         if pr not in PROVIDERS:
             p.error(f"--providers: unknown provider {pr!r}; choose from {', '.join(PROVIDERS)}")
 
+    if args.host_profile:
+        host_profile(device, calls=200 if device.type == "cuda" else 2)
+        return 0
     bandwidth = copy_bandwidth(device)
     print(f"device: {device}  copy bandwidth: {bandwidth / 1e9:.1f} GB/s")
+    if args.sweep:
+        if device.type != "cuda":
+            p.error("--sweep times CUDA graph replays: it needs a GPU")
+        sweep([s for s in shapes if s[0].startswith("lm") or args.shapes], device, bandwidth,
+              output_dir(args, device), argv)
+        return 0
     if device.type == "cpu":
         print("CPU run: the kernel runs in Triton's interpreter; these times are a smoke test, not a benchmark")
     rows, out = [], output_dir(args, device)

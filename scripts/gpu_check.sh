@@ -15,10 +15,14 @@
 #              synthetic, 60 steps; the loss must fall                                                -> run.log
 #   B. timing, one stage at a time, alone on the GPU (bench rows are written after every row/shape):
 #      bench-train    plain/single/ilr2/hier4 at batch 256                                    -> bench_train.json
+#      host-profile   where a whole loss call's host time goes (ImageNet shape)               -> run.log
 #      bench-loss     kernel-only and whole-call rows, eager, compiled (ImageNet shapes), floor -> bench_loss.json
 #      bench-linear   fused linear + collaborative loss at LM vocabularies: memory and time -> bench_fused_linear.json
 #      bench-rescale  the split-point gradient sum                                           -> bench_rescale.json
-# At most 8 files land in $OUT (check.log, tests.log, tests2.log, run.log and the four JSON results), each
+#      sweep          the loss kernel's block / warps / prefetch at the LM shapes            -> bench_loss_sweep.json
+#   If the ops tests crash, ops-diag (scripts/diag_cpp_exception.py) runs after them.
+#   GPU_CHECK_SKIP="name ..." leaves stages out (a rerun of what failed or changed).
+# At most 8 files land in $OUT (check.log, tests.log, tests2.log, run.log and the JSON results), each
 # written as its stage runs, so a command cut off by its limit still returns everything finished before.
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -52,10 +56,15 @@ if [ $DRY = 1 ]; then
     export CUDA_VISIBLE_DEVICES="" TRITON_INTERPRET=1
 fi
 
+# GPU_CHECK_SKIP="bench-train bench-loss": stages not to run this time (a rerun of what failed or changed).
+SKIP=" ${GPU_CHECK_SKIP:-} "
+skipped() { case "$SKIP" in *" $1 "*) say "$1: skipped (GPU_CHECK_SKIP)"; return 0;; esac; return 1; }
+
 # stage NAME TIMEOUT LOGFILE CMD...: runs CMD under min(TIMEOUT, budget left), teed into LOGFILE.
 FAILED=()
 stage() {
     local name=$1 limit=$2 logfile=$3; shift 3
+    skipped "$name" && return
     local rest; rest=$(left)
     if [ "$rest" -lt 15 ]; then say "$name: skipped (budget spent)"; FAILED+=("$name:skipped"); return; fi
     [ "$limit" -gt "$rest" ] && limit=$rest
@@ -82,16 +91,17 @@ except Exception as exc:
     print("triton: not importable:", exc)
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
+    from collab_fast.data.folder import _driver_cuda
     print("gpu", torch.cuda.get_device_name(0), f"sm_{p.major}{p.minor}", f"{p.total_memory / 2**30:.0f} GiB",
-          "smem/block", getattr(p, "shared_memory_per_block_optin", "?"), "driver cuda",
-          torch._C._cuda_getDriverVersion())
+          "smem/block", getattr(p, "shared_memory_per_block_optin", "?"), "driver supports CUDA", _driver_cuda())
     try:
-        print(subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,clocks.max.sm", "--format=csv,noheader"],
+        print(subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,"
+                              "utilization.gpu", "--format=csv,noheader"],
                              capture_output=True, text=True, timeout=20).stdout.strip())
     except Exception:
         pass
 print("cpus", os.cpu_count())
-for mod in ("pytest", "numpy", "ninja", "timm", "nvidia.dali"):
+for mod in ("pytest", "xdist", "numpy", "ninja", "timm", "nvidia.dali"):
     try:
         __import__(mod)
         print(mod, "ok")
@@ -102,6 +112,7 @@ PYEOF
 # stage NAME TIMEOUT LOGFILE CMD... as above, for a background lane: the verdict goes to $WORK/status.
 lane_stage() {
     local name=$1 limit=$2 logfile=$3; shift 3
+    skipped "$name" && return
     local rest; rest=$(left)
     if [ "$rest" -lt 15 ]; then say "$name: skipped (budget spent)"; echo "$name:skipped" >> "$WORK/status"; return; fi
     [ "$limit" -gt "$rest" ] && limit=$rest
@@ -119,8 +130,8 @@ lane_stage() {
 : > "$WORK/status"
 
 PYTEST=("$PY" -m pytest -p no:cacheprovider -rfE --color=no)
-XDIST=()
-if [ $DRY = 0 ] && "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n 6); fi
+XDIST=(); XDIST4=(); XDIST2=()
+if [ $DRY = 0 ] && "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n 8); XDIST4=(-n 4); XDIST2=(-n 2); fi
 
 build() {  # the extension, with nvcc where there is one; ops-tests and train wait for it
     lane_stage build 180 "$OUT/run.log" "$PY" -c "from collab_fast.rescale import build_info; print('build_info', build_info())"
@@ -145,11 +156,15 @@ if [ $DRY = 1 ]; then
 else
     ( lane_stage loss-tests 200 "$OUT/tests.log" "${PYTEST[@]}" "${XDIST[@]}" -v tests/test_collab_loss.py ) &
     L1=$!
-    ( lane_stage linear-tests 120 "$OUT/tests2.log" "${PYTEST[@]}" -v tests/test_fused_linear_collab_loss.py \
-          tests/test_mix.py -k "not trainer"
+    ( lane_stage linear-tests 120 "$OUT/tests2.log" "${PYTEST[@]}" "${XDIST4[@]}" -v \
+          tests/test_fused_linear_collab_loss.py tests/test_mix.py -k "not trainer"
       wait_built
-      lane_stage ops-tests 90 "$OUT/tests2.log" "${PYTEST[@]}" -v tests/test_rescale.py -m "not slow" \
-          -k "not damaged and not no_nvcc_build and not no_compiler" ) &
+      # under xdist a worker that crashes is replaced and the rest still run
+      lane_stage ops-tests 90 "$OUT/tests2.log" "${PYTEST[@]}" "${XDIST2[@]}" -v tests/test_rescale.py -m "not slow" \
+          -k "not damaged and not no_nvcc_build and not no_compiler"
+      if grep -q -e "crashed" -e "Segmentation fault" -e "Fatal Python error" "$OUT/tests2.log"; then
+          lane_stage ops-diag 150 "$OUT/tests2.log" "$PY" scripts/diag_cpp_exception.py
+      fi ) &
     L2=$!
     ( build
       lane_stage train 120 "$OUT/run.log" "$PY" -m collab_fast.train synthetic --device cuda --arch resnet50 \
@@ -175,15 +190,18 @@ fi
 # --- phase B: timing, alone on the GPU
 if [ $DRY = 1 ]; then
     stage bench-train 300 "$OUT/run.log" "$PY" benchmarks/bench_train.py --quick --out "$WORK/results"
+    stage host-profile 300 "$OUT/run.log" "$PY" benchmarks/bench_loss.py --host-profile
     stage bench-loss 300 "$OUT/run.log" "$PY" benchmarks/bench_loss.py --quick --compiled-shapes none --out "$WORK/results"
     stage bench-linear 300 "$OUT/run.log" "$PY" benchmarks/bench_fused_linear.py --quick --out "$WORK/results"
     stage bench-rescale 300 "$OUT/run.log" "$PY" benchmarks/bench_rescale.py --quick --out "$WORK/results"
 else
     stage bench-train 130 "$OUT/run.log" "$PY" benchmarks/bench_train.py --patterns plain,single,ilr2,hier4 \
         --batch-size 256 --steps 20 --warmup 5 --out "$WORK/results"
+    stage host-profile 40 "$OUT/run.log" "$PY" benchmarks/bench_loss.py --host-profile
     stage bench-loss 110 "$OUT/run.log" "$PY" benchmarks/bench_loss.py --compiled-shapes imagenet --out "$WORK/results"
     stage bench-linear 45 "$OUT/run.log" "$PY" benchmarks/bench_fused_linear.py --out "$WORK/results"
     stage bench-rescale 30 "$OUT/run.log" "$PY" benchmarks/bench_rescale.py --out "$WORK/results"
+    stage sweep 150 "$OUT/run.log" "$PY" benchmarks/bench_loss.py --sweep --out "$WORK/results"
 fi
 say "done in $(( $(date +%s) - START ))s; ${#FAILED[@]} stage(s) not ok: ${FAILED[*]:-none}; files: $(ls "$OUT" | tr '\n' ' ')"
 [ ${#FAILED[@]} = 0 ]

@@ -97,7 +97,7 @@ def test_gpu_check_dry_run_and_no_cuda(tmp_path):
     assert res.returncode == 0, log[-3000:] + res.stderr[-2000:]
     assert "0 stage(s) not ok" in log
     for name in ("env", "loss-tests", "linear-tests", "build", "ops-tests", "train", "bench-loss", "bench-train",
-                 "bench-linear", "bench-rescale"):
+                 "host-profile", "bench-linear", "bench-rescale"):
         assert f"{name}: ok" in log, name
     files = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert len(files) <= 8 and {"check.log", "tests.log", "tests2.log", "run.log"} <= set(files), files

@@ -336,7 +336,8 @@ def test_out_of_range_label_in_kernel_gives_nan():
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_inplace_writes_gradient_into_logits(reduction):
     z, y = make(3, 5, 20)
-    up = torch.rand(3, 5) + 0.5 if reduction == "none" else torch.tensor(1.7)  # upstream weights other than 1
+    # upstream weights other than 1, on the logits' device
+    up = torch.rand(3, 5, device=DEV) + 0.5 if reduction == "none" else torch.tensor(1.7, device=DEV)
     x = z.clone().requires_grad_()
     fused_collab_loss(x, y, impl="triton", reduction=reduction).backward(up)
     leaf = z.clone().requires_grad_()
@@ -472,7 +473,7 @@ def test_custom_op_opcheck(reduction, block_c):
                           (z.clone().requires_grad_(), y, *params, True, True))
     torch.library.opcheck(torch.ops.collab_fast.collab_loss_forward, (z[:, :, ::2], y.clamp(max=18), *params, False, False))
     _, _, rs = torch.ops.collab_fast.collab_loss_forward(z, y, *params, True, False)
-    r = torch.rand(2, 3)
+    r = torch.rand(2, 3, device=DEV)
     torch.library.opcheck(torch.ops.collab_fast.collab_loss_backward_rows, (z, y, r, rs, *params))
 
 
@@ -550,8 +551,8 @@ def test_under_torch_compile_dynamic_batch():
     ((torch.zeros(2, 4, 5), torch.zeros(4, dtype=torch.long)), {"ignore_index": 1.5}, TypeError, "ignore_index"),
     ((torch.zeros(2, 4, 5), torch.zeros(4, dtype=torch.long)), {"detach_consensus": "yes"}, TypeError,
      "detach_consensus"),
-    ((torch.zeros(2, 4, 5, dtype=torch.float64), torch.zeros(4, dtype=torch.long)), {"impl": "triton"},
-     TypeError, "float64"),
+    ((torch.zeros(2, 4, 5, dtype=torch.float64, device=DEV), torch.zeros(4, dtype=torch.long, device=DEV)),
+     {"impl": "triton"}, TypeError, "float64"),
     ((torch.zeros(2, 4, 5), torch.zeros(4, dtype=torch.long)), {"impl": "torch", "inplace": True},
      ValueError, "inplace=True needs the Triton kernel"),
     ((torch.zeros(2, 4, 5), torch.zeros(4, dtype=torch.long)), {"impl": "triton", "block_c": 12},
@@ -756,6 +757,36 @@ def _compile_rows(script: str) -> list[dict]:
     return json.loads(res.stdout.split("RESULT", 1)[1])
 
 
+# Integer arguments equal to 1 are compile-time constants for Triton's binder (never in the interpreter): a
+# stride or size of 1 must compile as well as any other. Layouts where the kernel's per-VEC strides are 1:
+# one class block of VEC columns (C = VEC), one row (N = 1), and logits computed transposed (N innermost).
+_BINDER_ONES = _BINDER.split("cuobjdump = ")[0] + r"""
+layouts = {
+    "C=VEC fp32": torch.empty(2, 3, 4, device="meta"),
+    "N=1 C=VEC": torch.empty(3, 1, 4, device="meta"),
+    "N=1 H=1 bf16": torch.empty(1, 1, 8, dtype=torch.bfloat16, device="meta"),
+    "N innermost": torch.empty(2, 40, 5, device="meta").transpose(1, 2),
+    "C=1": torch.empty(2, 3, 1, device="meta"),
+}
+out = []
+for name, z in layouts.items():
+    H, N, C = z.shape
+    y = torch.empty(N, dtype=torch.int64, device="meta")
+    for p in (cl.CollabLossParams(), cl.CollabLossParams(label_smoothing=0.1, reduction="none")):
+        rs = cl._row_stats_buffer(z, y, p)
+        cl._launch(z, y, p, return_stats=True, save_row_stats=rs)
+        r = torch.empty((), device="meta").expand(H, N)
+        cl._launch(z, y, p, compute_loss=False, compute_grad=True, row_weights=r, row_stats=rs)
+        out.append(name)
+print("RESULT", json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_launcher_compiles_strides_and_sizes_of_one():
+    assert len(_compile_rows(_BINDER_ONES)) == 10
+
+
 @pytest.mark.slow
 def test_launcher_compiles_for_sm90_through_tritons_binder():
     # The launcher's own calls (its strides, vector width, constexprs, row statistics) for the issue's four
@@ -821,19 +852,20 @@ def test_loop_stages_fit_the_device_shared_memory():
 def test_small_integer_targets_do_not_wrap(impl):
     # uint8 label 156 wraps to -100 (the default ignore_index) in a uint8 comparison; labels 200/255 with C=300
     # compare wrongly with C in int8: the loss must equal int64 targets'.
-    z = torch.randn(2, 4, 300)
-    for y in (torch.tensor([156, 3, 200, 255], dtype=torch.uint8), torch.tensor([5, 100, 127, 0], dtype=torch.int8),
-              torch.tensor([299, 1, 2, 3], dtype=torch.int16)):
+    z = torch.randn(2, 4, 300, device=DEV)
+    for y in (torch.tensor([156, 3, 200, 255], dtype=torch.uint8, device=DEV),
+              torch.tensor([5, 100, 127, 0], dtype=torch.int8, device=DEV),
+              torch.tensor([299, 1, 2, 3], dtype=torch.int16, device=DEV)):
         want = fused_collab_loss(z, y.long(), impl=impl)
         assert_close(fused_collab_loss(z, y, impl=impl), want, atol=1e-6)
 
 
 def test_inplace_refuses_logits_that_share_memory():
-    base = torch.randn(1, 3, 10)
-    y = torch.randint(0, 10, (3,))
+    base = torch.randn(1, 3, 10, device=DEV)
+    y = torch.randint(0, 10, (3,), device=DEV)
     with pytest.raises(ValueError, match="share memory"):
         fused_collab_loss(base.expand(2, 3, 10).requires_grad_(), y, impl="triton", inplace=True)
-    rows = torch.randn(2, 1, 10).expand(2, 3, 10)
+    rows = torch.randn(2, 1, 10, device=DEV).expand(2, 3, 10)
     with pytest.raises(ValueError, match="share memory"):
         fused_collab_loss(rows, y, impl="triton", inplace=True)
 

@@ -50,12 +50,19 @@ def _dali_wheels() -> list[str]:
 
 
 def _driver_cuda() -> tuple[int, int] | None:
-    """The CUDA version the installed driver supports (e.g. (12, 4)), or None where unknown."""
+    """The CUDA version the installed driver supports (e.g. (12, 4)), or None where there is no driver. Asked
+    of the driver library itself (cuDriverGetVersion): torch has no public call for it, and the private one
+    that some builds have is missing from others (torch 2.11's CUDA 13 wheel, seen on an H200)."""
+    import ctypes
+
     try:
-        v = int(torch._C._cuda_getDriverVersion())
-    except (AttributeError, RuntimeError):
+        lib = ctypes.CDLL("libcuda.so.1")
+        v = ctypes.c_int(0)
+        if lib.cuDriverGetVersion(ctypes.byref(v)) != 0:
+            return None
+    except (OSError, AttributeError):
         return None
-    return (v // 1000, v % 1000 // 10) if v > 0 else None
+    return (v.value // 1000, v.value % 1000 // 10) if v.value > 0 else None
 
 
 def check_dali_wheel(device: torch.device) -> None:

@@ -367,10 +367,11 @@ if triton is not None:
         # The row strides and C arrive divided by VEC: multiplied back here, Triton knows that they are
         # multiples of VEC, so every row starts on a 16-byte boundary and masks are constant per VEC
         # columns: vector loads and stores (C = 1000 included) where the launcher found them legal.
-        stride_zh = stride_zh_v.to(tl.int64) * VEC
-        stride_zn = stride_zn_v.to(tl.int64) * VEC
-        stride_gh = stride_gh_v.to(tl.int64) * VEC
-        stride_gn = stride_gn_v.to(tl.int64) * VEC
+        # tl.cast, not .to(): Triton's binder passes an integer argument equal to 1 as a Python constant.
+        stride_zh = tl.cast(stride_zh_v, tl.int64) * VEC
+        stride_zn = tl.cast(stride_zn_v, tl.int64) * VEC
+        stride_gh = tl.cast(stride_gh_v, tl.int64) * VEC
+        stride_gn = tl.cast(stride_gn_v, tl.int64) * VEC
         C = C_v * VEC
         n = tl.program_id(0).to(tl.int64)
         t_row = y_ptr + n * stride_y  # PROBS: the row's target distribution

@@ -60,10 +60,41 @@ def linear_collab_loss_reference(hidden, weight, target, bias=None, **loss_kwarg
 
 
 def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    # [H or 1, n, D] @ [H, D, C] -> [H, n, C]
-    x = hidden if hidden.dim() == 3 else hidden.unsqueeze(0)
+    # [H, n, D] @ [H, D, C] -> [H, n, C], rows contiguous. A shared hidden is expanded (a stride-0 batch, no
+    # copy): broadcasting [1, n, D] instead lets matmul return the logits transposed (n innermost), which
+    # the loss kernel would read with strided, uncoalesced loads.
+    x = hidden if hidden.dim() == 3 else hidden.unsqueeze(0).expand(weight.shape[0], -1, -1)
     z = torch.matmul(x, weight.transpose(1, 2))
     return z if bias is None else z + bias.unsqueeze(1)
+
+
+def _accumulate_bmm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc [H, P, Q] float32 += a [H, P, K] @ b [H, K, Q], a and b in any float dtype. On CUDA, 16-bit
+    operands go through cuBLAS with a float32 output that is acc itself (beta = 1): one pass over acc and no
+    rounded [H, P, Q] temporaries. Elsewhere the product is formed and added."""
+    if a.dtype == acc.dtype:
+        acc.baddbmm_(a, b)
+    elif acc.is_cuda and _HAS_OUT_DTYPE:
+        torch.baddbmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc += torch.bmm(a, b).to(acc.dtype)
+
+
+def _scaled(g: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """g * s in dtype, rounded once, with no full-size temporary in g's dtype (the weight's gradient of an LM
+    head is gigabytes)."""
+    return torch.mul(g, s, out=torch.empty_like(g, dtype=dtype))
+
+
+def _has_out_dtype() -> bool:
+    # baddbmm with out_dtype (recent torch; CUDA kernels only)
+    try:
+        return "out_dtype" in str(torch.ops.aten.baddbmm.dtype_out._schema)
+    except (AttributeError, RuntimeError):
+        return False
+
+
+_HAS_OUT_DTYPE = _has_out_dtype()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -114,8 +145,8 @@ def _sweep(hidden, weight, bias, target, params, r_of, chunk, use_kernel, want_g
             else:
                 gx[:, lo:hi] = dx
         if gw is not None:
-            xs = x.unsqueeze(0) if shared else x
-            gw += torch.matmul(g.transpose(1, 2), xs.to(g.dtype)).float()  # [H, C, D]
+            xs = x.unsqueeze(0).expand(g.shape[0], -1, -1) if shared else x
+            _accumulate_bmm(gw, g.transpose(1, 2), xs.to(g.dtype))  # [H, C, D] float32
         if gb is not None:
             gb += g.sum(1).float()
     per_row = torch.cat(losses, dim=1) if losses else hidden.new_zeros((weight.shape[0], 0), dtype=torch.float32)
@@ -166,9 +197,10 @@ class _FusedLinearCollabLoss(torch.autograd.Function):
         else:
             gx, gw, gb = ctx.saved_tensors
             s = grad_out.float()
-            gx = None if gx is None else gx * s.to(gx.dtype)
-            gw = None if gw is None else gw * s
-            gb = None if gb is None else gb * s
+            gx = None if gx is None else _scaled(gx, s, gx.dtype)
+            gw = None if gw is None else _scaled(gw, s, ctx.weight_dtype)
+            gb = None if gb is None else _scaled(gb, s, ctx.weight_dtype)
+            return gx, gw, gb, None, None, None, None
         gw = None if gw is None else gw.to(ctx.weight_dtype)
         gb = None if gb is None else gb.to(ctx.weight_dtype)
         return gx, gw, gb, None, None, None, None
