@@ -59,7 +59,7 @@ CPU_SHAPES = [
     ("imagenet-tiny", 4, 16, 1000, torch.float32),
     ("cifar10-tiny", 4, 32, 10, torch.float32),
 ]
-PROVIDERS = ("eager", "compiled", "ours", "ours-no-prefetch")
+PROVIDERS = ("eager", "compiled", "ours", "ours-prefetch")
 COLUMNS = ["shape", "H", "N", "C", "dtype", "provider", "mode", "ms", "GB/s", "pct_floor", "speedup_vs_eager",
            "peak_extra_MB"]
 
@@ -70,17 +70,17 @@ def make_loss_fn(provider: str):
         return lambda z, y: collab_loss_reference(z, y, **kw)
     if provider == "compiled":
         return torch.compile(lambda z, y: collab_loss_reference(z, y, **kw))
-    if provider in ("ours", "ours-no-prefetch"):  # the second: see loop_stages
+    if provider in ("ours", "ours-prefetch"):  # the second: see loop_stages
         return lambda z, y: fused_collab_loss(z, y, impl="triton", **kw)
     raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
 
 
 @contextlib.contextmanager
 def loop_stages(provider: str):
-    """"ours-no-prefetch" runs (forward and backward alike) with the long-row loops not pipelined: an A/B
-    of the kernel's prefetch on the same shapes."""
+    """"ours-prefetch" runs (forward and backward alike) with the long-row loops software-pipelined two deep
+    (cp.async of the next block; off by default, see collab_loss._LOOP_STAGES): an A/B on the same shapes."""
     stages = cl._LOOP_STAGES
-    cl._LOOP_STAGES = 1 if provider == "ours-no-prefetch" else stages
+    cl._LOOP_STAGES = 2 if provider == "ours-prefetch" else stages
     try:
         yield
     finally:
@@ -271,7 +271,7 @@ def host_profile(device, calls: int = 200) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--providers", default=None,
-                   help="comma list of eager,compiled,ours,ours-no-prefetch (default: all; on CPU not the last)")
+                   help="comma list of eager,compiled,ours,ours-prefetch (default: all; on CPU not the last)")
     p.add_argument("--shapes", default=None, help="comma list of shape names (default: all for the device)")
     p.add_argument("--compiled-shapes", default=None,
                    help="comma list of shape names on which the 'compiled' provider runs (default: all); "
@@ -294,7 +294,7 @@ def main(argv=None) -> int:
         if not shapes:
             p.error(f"--shapes: none of {sorted(wanted)} is known here")
     # the prefetch A/B means nothing in the CPU interpreter: by default it runs on CUDA only
-    default = PROVIDERS if device.type == "cuda" else tuple(x for x in PROVIDERS if x != "ours-no-prefetch")
+    default = PROVIDERS if device.type == "cuda" else tuple(x for x in PROVIDERS if x != "ours-prefetch")
     providers = default if args.providers is None else tuple(args.providers.split(","))
     for pr in providers:
         if pr not in PROVIDERS:

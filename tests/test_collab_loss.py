@@ -796,7 +796,11 @@ def test_launcher_compiles_for_sm90_through_tritons_binder():
     for r in rows:
         assert r["ptx_local"] == 0 and r["vector_loads"] > 0, r  # aligned rows: 16-byte loads, no local memory
         if "reg" in r:  # spills would be local memory in the SASS
-            assert r["stack"] == 0 and r["local"] == 0 and r["reg"] <= 255, r
+            assert r["local"] == 0 and r["reg"] <= 255, r
+            # H8 at LM vocabularies: the 4-warp [8, 1024] tile (64 values a thread) spills a little in forward
+            # (152 bytes under Triton 3.7) and is still the fastest configuration measured on an H200: 5.5 ms
+            # fwd+bwd against 10.1 ms with 8 warps and 22.7 ms with 16 (bench_loss_sweep_nvidia-h200_2026-12-04).
+            assert r["stack"] <= (256 if r["shape"].startswith("H8") else 0), r
         if r["phase"] == "forward":
             assert r["vector_stores"] == 0, r  # forward writes no gradient
         else:
@@ -806,7 +810,7 @@ def test_launcher_compiles_for_sm90_through_tritons_binder():
         # read pass 1's statistics instead of a second pass over the row)
         assert bwd["vector_loads"] == fwd["vector_loads"], (fwd, bwd)
     assert [r["row_stats"] for r in rows[::2]] == [False, False, True, True]
-    assert [r["prefetch"] for r in rows] == [False] * 4 + [True] * 4  # long rows' loops prefetch
+    assert not any(r["prefetch"] for r in rows)  # prefetch is off by default (measured slower on an H200)
 
 
 @pytest.mark.slow
@@ -832,10 +836,11 @@ def test_loop_stages_fit_the_device_shared_memory():
     # on sm_86/89/120 (99 KB) even one tile does not: a one-line error naming block_c and what fits.
     kb = 1024
     assert cl.loop_stages(1, 65536, 2, 2, 227 * kb) == 1  # H1 bf16 65536: one 128 KB tile fits sm_90
-    assert cl.loop_stages(2, 2048, 63, 4, 227 * kb) == 2  # the default tile: prefetch on
-    assert cl.loop_stages(2, 2048, 1, 4, 227 * kb) == 1  # one block per row: nothing to prefetch
-    assert cl.loop_stages(2, 16384, 8, 4, 227 * kb) == 1  # prefetch buffer would not fit: off
-    assert cl.loop_stages(2, 16384, 8, 4, None) == 2  # the interpreter / CPU: no limit
+    assert cl.loop_stages(2, 2048, 63, 4, 227 * kb) == cl._LOOP_STAGES == 1  # prefetch off by default
+    assert cl.loop_stages(2, 2048, 63, 4, 227 * kb, depth=2) == 2  # asked for, and it fits
+    assert cl.loop_stages(2, 2048, 1, 4, 227 * kb, depth=2) == 1  # one block per row: nothing to prefetch
+    assert cl.loop_stages(2, 16384, 8, 4, 227 * kb, depth=2) == 1  # prefetch buffer would not fit: off
+    assert cl.loop_stages(2, 16384, 8, 4, None, depth=2) == 2  # the interpreter / CPU: no limit
     with pytest.raises(ValueError, match=r"block_c=16384 needs about 132 KB .* 99 KB per block: use block_c <= 8192"):
         cl.loop_stages(2, 16384, 8, 4, 99 * kb, user_block=True)
     with pytest.raises(ValueError, match=r"use block_c <= 32768"):

@@ -237,6 +237,40 @@ def test_ctrl_c_during_the_first_build_is_one_line(tmp_path):
     assert not list((tmp_path / "cache").glob(".build-*"))
 
 
+_STATIC_LIBSTDCXX = """
+import sys, torch
+from torch.utils.cpp_extension import load
+load("collab_fast_static_probe", [sys.argv[1]], extra_cflags=["-O3"], extra_ldflags=["-static-libstdc++"],
+     build_directory=sys.argv[2])
+ops = torch.ops.collab_fast
+for call in (lambda: ops.scaled_sum([torch.randn(3)], float("nan")),
+             lambda: ops.scaled_sum([torch.randn(3), torch.randn(2, 2)], 1.0),
+             lambda: ops.scaled_sum([torch.randn(3), torch.randn(3).double()], 1.0),
+             lambda: ops.scaled_sum([torch.arange(3)], 1.0)):
+    try:
+        call()
+    except RuntimeError as exc:
+        print("MSG", str(exc).splitlines()[0])
+"""
+
+
+@pytest.mark.slow
+def test_error_messages_survive_a_statically_linked_libstdcxx(tmp_path):
+    # Some toolchains link parts of libstdc++ into the extension; its iostream facets then do not match the
+    # process's locale and `stream << number` in TORCH_CHECK prints nothing (here, -static-libstdc++) or
+    # crashes (SIGSEGV on an H200 image, torch 2.11). The messages must still name their numbers.
+    src = Path(extension.__file__).parent / "csrc" / "rescale.cpp"
+    res = subprocess.run([sys.executable, "-c", _STATIC_LIBSTDCXX, str(src), str(tmp_path)], capture_output=True,
+                         text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    msgs = [line.removeprefix("MSG ") for line in res.stdout.splitlines() if line.startswith("MSG ")]
+    assert len(msgs) == 4, res.stdout
+    assert msgs[0].endswith("scale must be a finite number, got nan"), msgs[0]
+    assert "grads[1] has shape [2, 2] but grads[0] has [3]" in msgs[1], msgs[1]
+    assert "grads[1] is Double but grads[0] is Float" in msgs[2], msgs[2]
+    assert "grads[0] must be float32, float64, float16 or bfloat16, got Long" in msgs[3], msgs[3]
+
+
 def test_build_key_separates_environments(monkeypatch):
     from torch.utils import cpp_extension
 

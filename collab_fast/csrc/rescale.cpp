@@ -28,16 +28,31 @@
 namespace collab_fast {
 
 // ------------------------------------------------------------------------------------------ checks
+//
+// Numbers enter the messages as strings made by std::to_string (C formatting), never through `stream <<
+// number`: a toolchain that links parts of libstdc++ into the extension statically gives it iostream facets
+// that do not match the process's locale, and then formatting a number in TORCH_CHECK prints nothing (seen
+// here with -static-libstdc++) or crashes with SIGSEGV (seen on an H200 image with torch 2.11). Strings,
+// dtypes and devices are inserted as text, which touches no facet.
+
+static std::string num(double v) { return std::to_string(v); }
+static std::string num(int64_t v) { return std::to_string(v); }
+
+static std::string shape(at::IntArrayRef sizes) {
+  std::string s = "[";
+  for (const auto i : c10::irange(sizes.size())) s += (i ? ", " : "") + std::to_string(sizes[i]);
+  return s + "]";
+}
 
 static void check_scale(double scale, const char* op) {
-  TORCH_CHECK(std::isfinite(scale), op, ": scale must be a finite number, got ", scale);
+  TORCH_CHECK(std::isfinite(scale), op, ": scale must be a finite number, got ", num(scale));
 }
 
 static void check_float(const at::Tensor& t, const char* op, const char* what) {
   TORCH_CHECK(t.defined(), op, ": ", what, " is undefined");
   const auto dt = t.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16, op, ": ", what,
-              " must be float32, float64, float16 or bfloat16, got ", dt);
+              " must be float32, float64, float16 or bfloat16, got ", c10::toString(dt));
 }
 
 // Checks the inputs of scaled_sum and returns them laid out like the output: inputs whose strides
@@ -47,13 +62,14 @@ static std::vector<at::Tensor> prepare_inputs(const at::TensorList grads, at::Te
   const auto& g0 = grads[0];
   for (const auto i : c10::irange(grads.size())) {
     const auto& g = grads[i];
-    check_float(g, op, ("grads[" + std::to_string(i) + "]").c_str());
-    TORCH_CHECK(g.sizes() == g0.sizes(), op, ": grads[", i, "] has shape ", g.sizes(), " but grads[0] has ",
-                g0.sizes());
-    TORCH_CHECK(g.scalar_type() == g0.scalar_type(), op, ": grads[", i, "] is ", g.scalar_type(),
-                " but grads[0] is ", g0.scalar_type());
-    TORCH_CHECK(g.device() == g0.device(), op, ": grads[", i, "] is on ", g.device(), " but grads[0] is on ",
-                g0.device());
+    const std::string gi = "grads[" + num(static_cast<int64_t>(i)) + "]";
+    check_float(g, op, gi.c_str());
+    TORCH_CHECK(g.sizes() == g0.sizes(), op, ": ", gi, " has shape ", shape(g.sizes()), " but grads[0] has ",
+                shape(g0.sizes()));
+    TORCH_CHECK(g.scalar_type() == g0.scalar_type(), op, ": ", gi, " is ", c10::toString(g.scalar_type()),
+                " but grads[0] is ", c10::toString(g0.scalar_type()));
+    TORCH_CHECK(g.device() == g0.device(), op, ": ", gi, " is on ", g.device().str(), " but grads[0] is on ",
+                g0.device().str());
   }
   // Output: g0's layout when it is dense (keeps channels_last), else contiguous.
   out = g0.is_non_overlapping_and_dense() ? at::empty_like(g0) : at::empty(g0.sizes(), g0.options());
@@ -106,7 +122,7 @@ at::Tensor scaled_sum_cpu(at::TensorList grads, double scale) {
   check_scale(scale, "collab_fast::scaled_sum");
   at::Tensor out;
   const auto inputs = prepare_inputs(grads, out, "collab_fast::scaled_sum");
-  TORCH_CHECK(out.device().is_cpu(), "collab_fast::scaled_sum (CPU kernel) got tensors on ", out.device());
+  TORCH_CHECK(out.device().is_cpu(), "collab_fast::scaled_sum (CPU kernel) got tensors on ", out.device().str());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "scaled_sum_cpu", [&] {
     std::vector<const scalar_t*> ptrs;
     for (const auto& g : inputs) ptrs.push_back(g.const_data_ptr<scalar_t>());

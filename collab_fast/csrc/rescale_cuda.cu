@@ -139,7 +139,7 @@ std::vector<at::Tensor> prepare_inputs_for_cuda(at::TensorList grads, double sca
 at::Tensor scaled_sum_cuda(at::TensorList grads, double scale) {
   at::Tensor out;
   const auto inputs = prepare_inputs_for_cuda(grads, scale, out);
-  TORCH_CHECK(out.is_cuda(), "collab_fast::scaled_sum (CUDA kernel) got tensors on ", out.device());
+  TORCH_CHECK(out.is_cuda(), "collab_fast::scaled_sum (CUDA kernel) got tensors on ", out.device().str());
   const c10::cuda::CUDAGuard guard(out.device());
   if (out.numel() == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "scaled_sum_cuda", [&] {

@@ -584,11 +584,17 @@ if triton is not None:
 # ----------------------------------------------------------------------------------------------------
 
 _MAX_TILE = 8192  # elements of the [H_PAD, BLOCK_C] register tile
+# Rows longer than one block (LM vocabularies) loop over blocks of at most _LONG_ROW_BLOCK columns with 4
+# warps. Measured on an H200 (benchmarks/results/bench_loss_sweep_nvidia-h200_2026-12-04.md: fwd+bwd kernel-only
+# over tiles 4096-16384, 4/8/16 warps, prefetch on/off): 4 warps were fastest at both LM shapes, and the
+# earlier rule (warps = tile / 512, i.e. 16) was 1.7x (H2 C128256: 5.74 -> 3.31 ms) and 4.1x (H8 C32000:
+# 22.7 -> 5.49 ms) slower; blocks of 2048 (H2) and 1024 (H8) columns were the fastest there.
+_LONG_ROW_BLOCK = 2048
 # Software pipelining of the column loops (rows of at least this many blocks): Triton turns the loop's
-# loads into cp.async copies of the next block into shared memory, so a block's arithmetic overlaps the
-# next block's DRAM read. 2 (double buffering) compiles without stack or local memory under Triton
-# 3.6-3.9 for the LM shapes, where 3 took an 8-byte stack frame under 3.6; 1 turns it off.
-_LOOP_STAGES = 2
+# loads into cp.async copies of the next block into shared memory. Off (1) by default: on the H200 sweep it
+# was slower in 16 of 18 configurations (by 1-12%; 2x in one). 2 compiles without stack or local memory
+# under Triton 3.6-3.9; bench_loss.py's "ours-prefetch" provider keeps the A/B.
+_LOOP_STAGES = 1
 _REDUCE_CODE = {"none": 0, "sum": 1, "mean": 2}
 
 
@@ -630,8 +636,10 @@ def pick_block_c(num_heads: int, num_classes: int, block_c: int | None = None) -
     h_pad = triton.next_power_of_2(num_heads)
     if block_c is None:
         block_c = min(triton.next_power_of_2(num_classes), max(_MAX_TILE // h_pad, 16))
+        if block_c < num_classes:  # a looped row: see _LONG_ROW_BLOCK
+            block_c = min(block_c, _LONG_ROW_BLOCK)
     num_blocks = triton.cdiv(num_classes, block_c)
-    num_warps = min(16, max(4, (h_pad * block_c) // 512))
+    num_warps = 4 if num_blocks > 1 else min(16, max(4, (h_pad * block_c) // 512))
     return block_c, num_blocks, num_warps
 
 
@@ -657,8 +665,9 @@ def _smem_of(index: int) -> int:
 
 
 def loop_stages(num_heads: int, block_c: int, num_blocks: int, element_size: int, smem_limit: int | None,
-                user_block: bool = False) -> int:
-    """Pipeline depth of the column loops for this tile on a device with `smem_limit` bytes per program."""
+                user_block: bool = False, depth: int | None = None) -> int:
+    """Pipeline depth of the column loops for this tile on a device with `smem_limit` bytes per program:
+    `depth` (default _LOOP_STAGES) where it fits and the row has that many blocks, else 1."""
     tile = triton.next_power_of_2(num_heads) * block_c * element_size
     if smem_limit is not None and tile + _SMEM_MARGIN > smem_limit:
         largest = max(16, triton.next_power_of_2((smem_limit - _SMEM_MARGIN) // (
@@ -667,7 +676,8 @@ def loop_stages(num_heads: int, block_c: int, num_blocks: int, element_size: int
         raise ValueError(f"{what}={block_c} needs about {(tile + _SMEM_MARGIN) // 1024} KB of shared memory for "
                          f"{num_heads} heads of {element_size}-byte logits, over this GPU's {smem_limit // 1024} KB "
                          f"per block: use block_c <= {largest} (or leave block_c unset)")
-    stages = _LOOP_STAGES if num_blocks >= _LOOP_STAGES else 1
+    depth = _LOOP_STAGES if depth is None else depth
+    stages = depth if num_blocks >= depth else 1
     if stages > 1 and smem_limit is not None and stages * tile + _SMEM_MARGIN > smem_limit:
         stages = 1  # the prefetch buffer does not fit next to the scratch: no prefetch
     return stages
