@@ -794,13 +794,15 @@ def test_launcher_compiles_for_sm90_through_tritons_binder():
     rows = _compile_rows(_BINDER)
     assert len(rows) == 8
     for r in rows:
-        assert r["ptx_local"] == 0 and r["vector_loads"] > 0, r  # aligned rows: 16-byte loads, no local memory
+        # H8 at LM vocabularies: the 4-warp [8, 1024] tile (64 values a thread) spills a little (forward: a
+        # 152-byte stack under Triton 3.7; backward: an 8-byte stack under 3.9) and is still the fastest
+        # configuration measured on an H200 (Triton 3.6): 5.5 ms fwd+bwd against 10.1 ms with 8 warps and
+        # 22.7 ms with 16 (benchmarks/results/bench_loss_sweep_nvidia-h200_2026-12-04.md). Every other row: none.
+        spill = 256 if r["shape"].startswith("H8") else 0
+        assert r["vector_loads"] > 0, r  # aligned rows: 16-byte loads
+        assert r["ptx_local"] == 0 or spill, r  # no local memory
         if "reg" in r:  # spills would be local memory in the SASS
-            assert r["local"] == 0 and r["reg"] <= 255, r
-            # H8 at LM vocabularies: the 4-warp [8, 1024] tile (64 values a thread) spills a little in forward
-            # (152 bytes under Triton 3.7) and is still the fastest configuration measured on an H200: 5.5 ms
-            # fwd+bwd against 10.1 ms with 8 warps and 22.7 ms with 16 (bench_loss_sweep_nvidia-h200_2026-12-04).
-            assert r["stack"] <= (256 if r["shape"].startswith("H8") else 0), r
+            assert r["stack"] <= spill and r["local"] <= spill and r["reg"] <= 255, r
         if r["phase"] == "forward":
             assert r["vector_stores"] == 0, r  # forward writes no gradient
         else:
