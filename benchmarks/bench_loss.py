@@ -191,7 +191,7 @@ def sweep(shapes, device, bandwidth, out=None, argv=None):
         d_block, _, d_warps = cl.pick_block_c(H, C)
         d_tile = triton.next_power_of_2(H) * d_block
 
-        def fwd_bwd():
+        def fwd_bwd(z=z, y=y):
             z.grad = None
             fused_collab_loss(z, y, impl="triton", temperature=2.0, beta=0.5).backward()
 
@@ -213,7 +213,6 @@ def sweep(shapes, device, bandwidth, out=None, argv=None):
                     print(format_row(row, SWEEP_COLUMNS), flush=True)
                     if out is not None:
                         save("bench_loss_sweep", rows, device, argv, SWEEP_COLUMNS, out)
-        del z
     return rows
 
 
