@@ -20,14 +20,14 @@ RECIPES: dict[str, dict] = {
     # weights, 80.86% top-1 single-network; torchvision's references/classification README, and the blog post
     # "How to Train State-Of-The-Art Models Using TorchVision's Latest Primitives"): 600 epochs, SGD lr 0.5 for a
     # global batch of 1024 (8 processes x 128), 5 linear warm-up epochs then cosine, weight decay 2e-5 (none
-    # on norms and biases), label smoothing 0.1, mixup 0.2, cutmix 1.0, random erasing 0.1, an EMA of the
-    # weights. torchvision's EMA updates every 32 steps with alpha = 2e-5 x 1024 x 32 / 600 = 1.09e-3, about
-    # 3.4e-5 a step: decay 0.99997 per step here. Not here yet, so left out: TrivialAugment-wide, the
+    # on norms and biases), label smoothing 0.1, mixup 0.2, cutmix 1.0, TrivialAugment-wide, random erasing 0.1,
+    # an EMA of the weights. torchvision's EMA updates every 32 steps with alpha = 2e-5 x 1024 x 32 / 600 =
+    # 1.09e-3, about 3.4e-5 a step: decay 0.99997 per step here. Not here yet, so left out: the
     # repeated-augmentation sampler, and training at 176 px / evaluating at 232 -> 224 (FixRes); expect less
     # than 80.86% from this recipe until they are.
     "imagenet-resnet50-tv2": dict(dataset="imagenet", batch_size=128, epochs=600, lr=0.5, schedule="cosine",
                                   warmup_epochs=5.0, wd=2e-5, label_smoothing=0.1, mixup=0.2, cutmix=1.0,
-                                  random_erase=0.1, model_ema=0.99997),
+                                  auto_augment="trivialaugment", random_erase=0.1, model_ema=0.99997),
     # Table 1, ResNet-32 on CIFAR-10. He et al. 2016 sec. 4.2: batch 128, lr 0.1, momentum 0.9, weight
     # decay 1e-4, 64k iterations with lr / 10 at 32k and 48k (at 50k training images: epochs 82 and 123 of
     # 164). T = 2, beta = 0.5 (the paper's fixed values).

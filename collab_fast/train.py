@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from collab_fast.checkpoint import FORMAT, CheckpointError, load_file, os_error_line, save_atomic, write_text_atomic
 from collab_fast.config import TrainConfig, parse_config, resolve
-from collab_fast.data import BatchMix, Loader, RandomErase, TorchFolderLoader, build_loaders
+from collab_fast.data import AutoAugment, BatchMix, Loader, RandomErase, TorchFolderLoader, build_loaders, normalization
 from collab_fast.distributed import Dist, cleanup, init_distributed
 from collab_fast.ema import ModelEMA
 from collab_fast.extras import MissingExtra
@@ -156,6 +156,7 @@ class Run:
     train_loader: Loader
     mix: BatchMix | None = None  # --mixup / --cutmix: the batch and its labels mixed on the device
     ema: ModelEMA | None = None  # --model-ema: the weights' moving average
+    augment: AutoAugment | None = None  # --auto-augment, on the device, first
     erase: RandomErase | None = None  # --random-erase, on the device, before the mixing
     signal: str | None = None  # set by SIGINT / SIGTERM
 
@@ -183,6 +184,8 @@ def train_one_epoch(r: Run, loader) -> None:
             x, y = next(batches)
         except StopIteration:
             break
+        if r.augment is not None:
+            x = r.augment(x, state.step)
         if r.erase is not None:
             x = r.erase(x, state.step)
         if r.mix is not None:
@@ -386,7 +389,9 @@ def _setup(cfg: TrainConfig):
             Logger(out, proc.main, progress, record=not cfg.run.eval_only), progress, out, steps, total, train_loader,
             mix=BatchMix(num_classes, mixup=cfg.data.mixup, cutmix=cfg.data.cutmix, seed=cfg.run.seed, rank=proc.rank)
             if cfg.data.mixup or cfg.data.cutmix else None, ema=ema,
-            erase=RandomErase(cfg.data.random_erase, seed=cfg.run.seed, rank=proc.rank) if cfg.data.random_erase else None)
+            erase=RandomErase(cfg.data.random_erase, seed=cfg.run.seed, rank=proc.rank) if cfg.data.random_erase else None,
+            augment=AutoAugment(cfg.data.auto_augment, *normalization(cfg.data.dataset), seed=cfg.run.seed,
+                                rank=proc.rank) if cfg.data.auto_augment != "none" else None)
     if proc.main:
         _header(r, num_classes, resume_path)
     return r, rundir, train_loader, val_loader, num_classes

@@ -17,8 +17,11 @@ import torch
 
 from collab_fast.cache import cache_root
 from collab_fast.cli import check_fields, opt
+from collab_fast.data.autoaugment import POLICIES, AutoAugment
 from collab_fast.data.erase import RandomErase
 from collab_fast.data.folder import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
     DaliLoader,
     DataError,
     check_dali_wheel,
@@ -44,16 +47,25 @@ from collab_fast.data.split import split_train
 from collab_fast.data.torch_folder import TorchFolderLoader
 from collab_fast.data.toy import write_toy
 
-__all__ = ["AUGMENTS", "DATASETS", "BatchMix", "DataConfig", "DataError", "DaliLoader", "DeviceLoader", "LabelNoise",
-           "Loader", "RandomErase", "SyntheticLoader", "TorchFolderLoader", "build_loaders", "check_dali_wheel",
-           "check_image", "decode_image", "default_augment", "default_image_size", "default_toy_dir", "scan_split",
-           "write_toy"]
+__all__ = ["AUGMENTS", "DATASETS", "AutoAugment", "BatchMix", "DataConfig", "DataError", "DaliLoader", "DeviceLoader",
+           "LabelNoise", "Loader", "RandomErase", "SyntheticLoader", "TorchFolderLoader", "build_loaders",
+           "check_dali_wheel", "check_image", "decode_image", "default_augment", "default_image_size",
+           "default_toy_dir", "normalization", "scan_split", "write_toy"]
 
 DATASETS = ("imagenet", "cifar10", "cifar100", "digits", "toy", "synthetic")
 TOY_DEFAULT = {"classes": 10, "per_class": 100, "size": 96}
 
 
 AUGMENTS = ("crop+flip", "crop", "none")
+
+
+def normalization(dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) per channel that the data set's loaders normalise with (images in [0, 1])."""
+    if dataset == "digits":
+        return DIGITS_MEAN, DIGITS_STD
+    if dataset in ("cifar10", "cifar100"):
+        return CIFAR_MEAN, CIFAR_STD
+    return IMAGENET_MEAN, IMAGENET_STD
 
 
 def default_augment(dataset: str) -> str:
@@ -95,6 +107,9 @@ class DataConfig:
                        choices=("auto", *AUGMENTS))
     image_size: int | None = opt(None, "training image size; unset: 224 for image folders, 32 for CIFAR/digits", lo=8,
                                  hi=8192)
+    auto_augment: str = opt("none", "an AutoAugment-family policy per training image, on the device after the loader: "
+                                    "trivialaugment (TrivialAugment-wide), randaugment (2 ops at magnitude 9/31) or "
+                                    "autoaugment (the ImageNet policy); none: off", choices=("none", *POLICIES))
     random_erase: float = opt(0.0, "probability of random erasing (Zhong et al. 2020) per training image: a rectangle of "
                                    "2-33% of it set to the mean colour, on the device; 0: off", lo=0, hi=1)
     mixup: float = opt(0.0, "mixup alpha (Zhang et al. 2018): each training image and its label mixed with another's, "
@@ -164,13 +179,13 @@ def build_loaders(data: DataConfig, *, batch_size: int = 256, device: torch.devi
         return (SyntheticLoader(batch_size, steps_per_epoch=data.synthetic_steps, seed=seed, **kw),
                 SyntheticLoader(eval_batch_size, steps_per_epoch=2, seed=seed + 1, **kw), synthetic_classes)
     if dataset in ("digits", "cifar10", "cifar100"):
+        mean, std = normalization(dataset)
         if dataset == "digits":
             (xtr, ytr), (xte, yte) = load_digits(image_size)
-            mean, std, classes = DIGITS_MEAN, DIGITS_STD, 10
+            classes = 10
         else:
             classes = 10 if dataset == "cifar10" else 100
             (xtr, ytr), (xte, yte) = load_cifar(data_dir, classes)
-            mean, std = CIFAR_MEAN, CIFAR_STD
         if train_samples is not None or holdout:
             tr, ho = split_train(ytr, train_samples, holdout)
             if holdout:
@@ -203,8 +218,9 @@ def build_loaders(data: DataConfig, *, batch_size: int = 256, device: torch.devi
     device_id = device.index if device.type == "cuda" else None
     if device.type == "cuda" and device_id is None:
         device_id = torch.cuda.current_device()
+    mean, std = normalization(dataset)
     common = dict(num_classes=len(classes), image_size=image_size, rank=rank, world=world, seed=seed, dtype=dtype,
-                  channels_last=channels_last)
+                  channels_last=channels_last, mean=mean, std=std)
     if loader == "torch":
         common.update(device=device, num_workers=num_threads)
         make = TorchFolderLoader
