@@ -33,7 +33,7 @@ from collab_fast.extras import MissingExtra
 from collab_fast.health import finite_model, finite_number
 from collab_fast.kernels.collab_loss import collab_loss
 from collab_fast.metrics import Logger, Meter, Progress, memory_stats
-from collab_fast.models import ARCHS, build_model
+from collab_fast.models import ARCHS, as_heads, build_model
 from collab_fast.models.cost import pattern_cost
 from collab_fast.optim import lr_factor, make_optimizer, soft_factor
 from collab_fast.run_state import RunDir, State, load_weights, restore, snapshot
@@ -62,10 +62,6 @@ def _initial_weights(cfg: TrainConfig) -> tuple[dict | None, object]:
         raise CheckpointError(f"--weights {cfg.model.weights}: expected a state dict of tensors, found a "
                               f"{type(obj).__name__}")
     return obj, None
-
-
-def as_heads(logits: torch.Tensor) -> torch.Tensor:
-    return logits if logits.dim() == 3 else logits.unsqueeze(0)  # single network: [N, C] -> [1, N, C]
 
 
 class Step:

@@ -73,10 +73,77 @@ def test_dropout_in_forward_code_is_refused():
         build("timm:resnet50", "ilr2", num_classes=10, drop_rate=0.2)
 
 
-def test_a_vit_is_refused_in_one_line():
-    # Its forward pools tokens in code and it owns cls_token / pos_embed: a split would drop them.
-    with pytest.raises(ValueError, match="VisionTransformer has parameters or buffers of its own.*cls_token"):
-        build("timm:vit_small_patch16_224", "ilr2", num_classes=10)
+VIT = dict(img_size=32, patch_size=8, depth=4, drop_rate=0.1, proj_drop_rate=0.1, drop_path_rate=0.1)
+
+
+@pytest.mark.parametrize("pattern", ["ilr2", "hier4"])
+@pytest.mark.parametrize("kwargs", [dict(VIT), dict(VIT, global_pool="avg", class_token=False, reg_tokens=2)])
+def test_a_vit_through_its_adapter(pattern, kwargs, tmp_path):
+    # timm's VisionTransformer joins the class token and the position embedding (its own parameters) in code and
+    # pools the tokens before the classifier: TokenViT runs those as children, with timm's own code. build()
+    # checks head 0 against the model's forward in eval and training mode (dropout, drop-path, same seed).
+    torch.manual_seed(0)
+    model = build("timm:vit_small_patch16_224", pattern, num_classes=10, **kwargs)
+    heads = model.num_heads
+    assert model.splits == (["blocks.1"] if pattern == "ilr2" else ["blocks.1", "blocks.2"])
+    x, y = torch.randn(3, 3, 32, 32), torch.tensor([1, 7, 2])
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    for _ in range(2):
+        loss = fused_collab_loss(model(x), y, impl="torch")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    trunk = dict(model.trunk.named_parameters())
+    assert any(n.endswith("pos_embed") for n in trunk) and all(p.grad is not None for p in trunk.values())
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+        for k in range(heads):
+            head = model.export_head(k).eval()
+            fresh = timm.create_model("vit_small_patch16_224", num_classes=10, **kwargs)
+            assert type(head) is type(fresh)
+            fresh.load_state_dict(head.state_dict(), strict=True)
+            torch.testing.assert_close(fresh.eval()(x), out[k], rtol=1e-4, atol=1e-5)
+    path = tmp_path / "head0.pth"
+    torch.save(model.export_head(0).state_dict(), path)
+    loaded = timm.create_model("vit_small_patch16_224", num_classes=10, checkpoint_path=str(path), **kwargs).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), out[0], rtol=1e-4, atol=1e-5)
+
+
+def test_a_vit_from_pretrained_weights_starts_every_copy_from_them():
+    torch.manual_seed(2)
+    weights = timm.create_model("vit_small_patch16_224", num_classes=10, **VIT).state_dict()
+    model = build("timm:vit_small_patch16_224", "ilr2", num_classes=10, weights=weights, **VIT)
+    a, b = model.levels[0]
+    assert torch.equal(a["blocks__3"].attn.qkv.weight, weights["blocks.3.attn.qkv.weight"])
+    assert torch.equal(a["blocks__3"].attn.qkv.weight, b["blocks__3"].attn.qkv.weight)
+    assert not torch.equal(a["head"].head.weight, b["head"].head.weight)  # each head its own classifier
+
+
+def test_torchvisions_vit_is_refused_in_one_line():
+    # its class token is a parameter of the model itself and its forward joins it in code; no adapter for it
+    with pytest.raises(ValueError, match="VisionTransformer has parameters or buffers of its own.*class_token"):
+        build("torchvision:vit_b_16", "ilr2", num_classes=10, splits=["encoder"], image_size=32)
+
+
+@pytest.mark.parametrize("arch", ["timm:resnet18", "torchvision:resnet18"])
+def test_single_answers_the_interface_of_every_pattern(arch):
+    from collab_fast.models import as_heads
+
+    net = build(arch, "single", num_classes=10)
+    assert type(net).__module__.split(".")[0] in ("timm", "torchvision")  # the plain network, its own class
+    assert net.num_heads == 1 and net.loss_factor == 1.0
+    x = torch.randn(2, 3, 32, 32)
+    net.eval()
+    with torch.no_grad():
+        logits = as_heads(net(x))
+        assert logits.shape == (1, 2, 10)
+        head = net.export_head(0)
+        assert type(head) is type(net) and head is not net
+        torch.testing.assert_close(head.eval()(x), logits[0])
+    with pytest.raises(ValueError, match="head must be 0"):
+        net.export_head(1)
 
 
 def test_pretrained_weights_start_every_copy_and_the_heads_diverge(tmp_path):

@@ -23,10 +23,11 @@ from torch import nn
 from collab_fast.cli import check_fields, opt
 from collab_fast.models import cifar, resnet
 from collab_fast.models.collab import BEFORE_ALL, RESCALE_MODES, CollabNet, parse_pattern
+from collab_fast.models.heads import as_heads, single_head
 
-__all__ = ["ARCHS", "BEFORE_ALL", "EXTERNAL_PREFIXES", "CollabNet", "ModelConfig", "build", "build_model", "default_splits",
-           "is_builtin_resnet", "make_collaborative", "native_image_size", "parse_model_kwargs", "parse_pattern",
-           "reinit_classifier"]
+__all__ = ["ARCHS", "BEFORE_ALL", "EXTERNAL_PREFIXES", "CollabNet", "ModelConfig", "as_heads", "build", "build_model",
+           "default_splits", "is_builtin_resnet", "make_collaborative", "native_image_size", "parse_model_kwargs",
+           "parse_pattern", "reinit_classifier"]
 
 # name -> (constructor(num_classes), default split points by number of split levels, default classes)
 # ImageNet ResNets: the paper splits after conv3_x (layer2) and conv4_x (layer3) (sec. 4.2).
@@ -89,8 +90,9 @@ def reinit_classifier(model: nn.Module) -> nn.Module:
     return model
 
 
-# The return type follows the pattern (for type checkers): "single" is the target network itself, every other
-# pattern a CollabNet (num_heads, export_head, [H, N, C] logits).
+# The return type follows the pattern (for type checkers): "single" is the target network itself (answering
+# num_heads, loss_factor and export_head: models.heads.single_head), every other pattern a CollabNet
+# ([H, N, C] logits; as_heads gives a single network's the same shape).
 @overload
 def make_collaborative(  # type: ignore[overload-overlap]
                        make_target: Callable[[], nn.Module], pattern: Literal["single"],
@@ -112,7 +114,7 @@ def make_collaborative(make_target: Callable[[], nn.Module], pattern: str, split
     """
     factors, instances = parse_pattern(pattern)
     if not factors:
-        return make_target()
+        return single_head(make_target())
     if instances:
         model = CollabNet(make_target, factors, [BEFORE_ALL], rescale=rescale)
     else:
@@ -178,6 +180,11 @@ def build(arch: str, pattern: str = "single", num_classes: int | None = None, re
     if (pretrained or weights is not None) and factors:
         plain = make_target
         make_target = lambda: reinit_classifier(plain())  # noqa: E731
+    if external and factors:  # a token model runs its children in order through its adapter
+        from collab_fast.models.external import adapt
+
+        unadapted = make_target
+        make_target = lambda: adapt(unadapted())  # noqa: E731
     if factors and not instances and splits is None:
         splits = "auto" if external else default_splits(arch, len(factors))
     example = None
@@ -185,7 +192,8 @@ def build(arch: str, pattern: str = "single", num_classes: int | None = None, re
         # One probe instance answers the input size and the split points, then serves as the collaborative
         # network's first copy: a large model is not built extra times.
         probe = make_target()
-        size = (getattr(probe, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))
+        size = getattr(probe, "input_size", None) or (getattr(probe, "pretrained_cfg", None) or {}).get(
+            "input_size", (3, 224, 224))
         example = torch.randn(2, *size, generator=torch.Generator().manual_seed(0))
         if splits == "auto" and not instances:
             from collab_fast.models.external import pick_splits, stage_modules

@@ -208,7 +208,9 @@ class CollabNet(nn.Module):
         p = next(iter(self.parameters()), None)
         if p is not None:
             net = net.to(device=p.device)
-        return net.train(self.training)
+        net = net.train(self.training)
+        # an adapter (collab_fast.models.external.TokenViT) gives back the model it adapts: the original class
+        return net.unwrap() if callable(getattr(type(net), "unwrap", None)) else net
 
     def run_head(self, x: Tensor, k: int) -> Tensor:
         """Head k alone, [N, C]: its path through the tree, no other copy run (no rescaling)."""

@@ -5,6 +5,17 @@ Split points ("auto"): the network's stages (timm: its `feature_info`, the modul
 map's stride grows; torchvision: the ResNet layers, or the blocks of `features` where the stride grows),
 then the stage at 1/2 of them for one split level and at 1/2 and 3/4 for two, as the paper splits a
 ResNet-50 after conv3_x and conv4_x (sec. 4.2); three levels: 1/4, 1/2, 3/4.
+
+Token models. A collaborative copy runs a network's children in order; timm's VisionTransformer does more in
+its forward (the class token and position embedding joined to the patch tokens, parameters of the model
+itself; the tokens pooled before the classifier). `TokenViT` is its declared adapter: children embed (patch
+embedding, class/register tokens, position embedding, dropouts, norm_pre), blocks, norm and head (pooling,
+fc_norm, head dropout, classifier), whose code is timm's own methods (`_pos_embed`, `forward_head`) run on
+the adapter's parts, so every option timm's model has keeps its meaning. Chosen over a traced split
+(torch.fx): the adapter's parts are the model's own modules and parameters (no copies, no graph to keep in
+step with timm), and it unwraps into the original model for export. Split points: after blocks (the
+transformer's "stages" are its blocks, stride 16 throughout: auto picks the blocks at 1/2 and 3/4 of the
+depth). Not carried: timm's gradient checkpointing (set_grad_checkpointing) inside the adapter.
 """
 
 from __future__ import annotations
@@ -17,7 +28,7 @@ from torch import nn
 
 from collab_fast.extras import MissingExtra
 
-__all__ = ["external_constructor", "pick_splits", "stage_modules"]
+__all__ = ["TokenViT", "adapt", "external_constructor", "pick_splits", "stage_modules"]
 
 PREFIXES = ("timm:", "torchvision:")
 
@@ -103,3 +114,94 @@ def pick_splits(stages: list[str], levels: int) -> list[str]:
     if len(set(picks)) != len(picks) or picks[-1] == stages[-1] and len(stages) > 1 and levels > 1:
         raise ValueError(f"{levels} split levels do not fit {len(stages)} stages ({stages}); pass splits explicitly")
     return picks
+
+
+# ----------------------------------------------------------------------------------------------------
+# Token models: timm's VisionTransformer as a network that runs its children in order
+# ----------------------------------------------------------------------------------------------------
+
+
+class _Borrowed(nn.Module):
+    """Some of a model's modules and tensors (the same objects, not copies) with its plain settings; its methods
+    are the model class's, run on this part: a method reads the attributes it needs from the part."""
+
+    def __init__(self, source: nn.Module, modules: tuple[str, ...], tensors: tuple[str, ...]):
+        super().__init__()
+        object.__setattr__(self, "_cls", type(source))
+        for name in modules:
+            setattr(self, name, getattr(source, name, None))
+        for name in tensors:
+            t = getattr(source, name, None)
+            if isinstance(t, nn.Parameter):
+                self.register_parameter(name, t)
+            elif isinstance(t, torch.Tensor):
+                self.register_buffer(name, t)
+            else:
+                setattr(self, name, None)
+        for name, value in vars(source).items():  # settings: flags, sizes, the pooling mode
+            if not name.startswith("_") and name != "training" and isinstance(value, (bool, int, float, str, tuple,
+                                                                                       type(None))):
+                object.__setattr__(self, name, value)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            attr = getattr(self.__dict__.get("_cls"), name, None)
+            if callable(attr):
+                return attr.__get__(self)
+            raise
+
+
+class _TokenEmbed(_Borrowed):
+    def __init__(self, vit: nn.Module):
+        super().__init__(vit, ("patch_embed", "pos_drop", "patch_drop", "norm_pre"),
+                         ("cls_token", "reg_token", "pos_embed"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._pos_embed(self.patch_embed(x))  # timm's: tokens joined, position embedding added, pos_drop
+        return self.norm_pre(self.patch_drop(x))
+
+
+class _TokenHead(_Borrowed):
+    def __init__(self, vit: nn.Module):
+        super().__init__(vit, ("attn_pool", "fc_norm", "head_drop", "head"), ())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._cls.forward_head(self, x)  # timm's: pooling, fc_norm, dropout, classifier
+
+
+class TokenViT(nn.Module):
+    """timm's VisionTransformer (or a subclass) as children run in order: embed, blocks, norm, head. Holds the
+    model's own modules and parameters; unwrap() gives back the model itself (the export)."""
+
+    def __init__(self, vit: nn.Module):
+        super().__init__()
+        if not isinstance(getattr(vit, "blocks", None), nn.Sequential):
+            raise ValueError(f"{type(vit).__name__}: expected its blocks in an nn.Sequential")
+        self.embed = _TokenEmbed(vit)
+        self.blocks = vit.blocks
+        self.norm = vit.norm
+        self.head = _TokenHead(vit)
+        object.__setattr__(self, "_vit", vit)
+        self.feature_info = getattr(vit, "feature_info", None) or [
+            {"module": f"blocks.{i}", "reduction": 16} for i in range(len(vit.blocks))]
+        size = getattr(getattr(vit, "patch_embed", None), "img_size", None)
+        self.input_size = (3, *size) if size else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.blocks(self.embed(x))))
+
+    def unwrap(self) -> nn.Module:
+        """The VisionTransformer itself, in this adapter's train/eval mode (it shares every tensor)."""
+        return self._vit.train(self.training)
+
+
+def adapt(net: nn.Module) -> nn.Module:
+    """The network as one that runs its children in order: TokenViT for timm's VisionTransformer family;
+    any other network as it is."""
+    try:
+        from timm.models.vision_transformer import VisionTransformer
+    except Exception:  # no timm: nothing of it to adapt
+        return net
+    return TokenViT(net) if isinstance(net, VisionTransformer) else net
