@@ -161,11 +161,12 @@ def test_pretrained_weights_start_every_copy_and_the_heads_diverge(tmp_path):
     assert (out[0] - out[1]).abs().max() > 1e-3
 
 
-def test_the_trainer_runs_a_timm_model(tmp_path):
+@pytest.mark.parametrize("pattern", ["ilr2", "single"])
+def test_the_trainer_runs_a_timm_model(tmp_path, pattern):
     from collab_fast import train
 
     out = tmp_path / "run"
-    rc = train.main(["synthetic", "--arch", "timm:resnet18", "--pattern", "ilr2", "-b", "4", "--image-size", "32",
+    rc = train.main(["synthetic", "--arch", "timm:resnet18", "--pattern", pattern, "-b", "4", "--image-size", "32",
                      "--max-steps", "2", "--synthetic-steps", "2", "--epochs", "1", "--device", "cpu",
                      "--model-kwargs", "drop_path_rate=0.05", "--progress", "off", "--output", str(out)])
     assert rc == 0
