@@ -618,8 +618,8 @@ def test_drop_path_and_sync_bn_flags(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_modern_recipe_trains_on_the_toy_set_with_ema_and_plain_checkpoints(tmp_path):
-    # torchvision's 2021 ResNet-50 recipe's regularisers (label smoothing, mixup, cutmix, random erasing, EMA,
-    # warm-up + cosine) at a toy scale: the loss falls and the run folder holds both weights.
+    # torchvision's 2021 ResNet-50 recipe's regularisers (label smoothing, mixup, cutmix, TrivialAugment, random
+    # erasing, EMA, warm-up + cosine) at a toy scale: the loss falls and the run folder holds both weights.
     toy = write_toy(tmp_path / "toy", classes=4, per_class=40, size=40, val_per_class=10)
     out = tmp_path / "run"
     argv = ["toy", "--recipe", "imagenet-resnet50-tv2", "--data", str(toy), "--device", "cpu", "--arch", "resnet18",
@@ -628,8 +628,8 @@ def test_modern_recipe_trains_on_the_toy_set_with_ema_and_plain_checkpoints(tmp_
             "--threads", "1"]
     assert train.main(argv) == 0
     cfg = json.loads((out / "config.json").read_text())
-    assert (cfg["mixup"], cfg["cutmix"], cfg["random_erase"], cfg["label_smoothing"], cfg["schedule"]) == \
-        (0.2, 1.0, 0.1, 0.1, "cosine")
+    assert (cfg["mixup"], cfg["cutmix"], cfg["random_erase"], cfg["label_smoothing"], cfg["schedule"],
+            cfg["auto_augment"]) == (0.2, 1.0, 0.1, 0.1, "cosine", "trivialaugment")
     losses = [r["loss"] for r in records(out, "train")]
     assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10, losses
     ckpt = load_checkpoint(out / "last.pt")
