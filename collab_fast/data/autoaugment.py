@@ -216,24 +216,27 @@ class AutoAugment:
             raise ValueError(f"--auto-augment must be one of none, {', '.join(POLICIES)}; got {policy!r}")
         self.policy, self.seed, self.rank = policy, seed, rank
         self.mean, self.std = tuple(float(v) for v in mean), tuple(float(v) for v in std)
-        self._tables: dict = {}
+        self._cache: dict = {}  # tensors made once per device: a copy from the host every step would sync
+
+    def _on(self, device, name: str, make):
+        key = (name, str(device))
+        if key not in self._cache:
+            self._cache[key] = make().to(device)
+        return self._cache[key]
 
     def _table(self, h: int, w: int, device) -> torch.Tensor:
-        key = (h, w, str(device))
-        if key not in self._tables:
-            bins = 10 if self.policy == "autoaugment" else _BINS
-            self._tables[key] = magnitude_table(self.policy, bins, h, w).to(device)
-        return self._tables[key]
+        bins = 10 if self.policy == "autoaugment" else _BINS
+        return self._on(device, f"table {h}x{w}", lambda: magnitude_table(self.policy, bins, h, w))
 
     def draw(self, n: int, h: int, w: int, step: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """[(op [N], signed magnitude [N])] per layer, for step `step`."""
         g = torch.Generator(device=device).manual_seed((self.seed * 1_000_003 + self.rank) * 1_000_003 + step + 7)
         table = self._table(h, w, device)
-        signed = torch.tensor([name in _SIGNED for name in OPS], device=device)
+        signed = self._on(device, "signed", lambda: torch.tensor([name in _SIGNED for name in OPS]))
         layers = []
         if self.policy == "autoaugment":
-            spec = torch.tensor([[(_ID[o], p, b) for o, p, b in sub] for sub in _IMAGENET_POLICY], dtype=torch.float64,
-                                device=device)  # [25, 2, 3]
+            spec = self._on(device, "policy", lambda: torch.tensor(  # [25, 2, 3]: op, probability, bin
+                [[(_ID[o], p, b) for o, p, b in sub] for sub in _IMAGENET_POLICY], dtype=torch.float64))
             sub = torch.randint(0, len(_IMAGENET_POLICY), (n,), device=device, generator=g)
             for j in range(2):
                 op, p, b = spec[sub, j, 0].long(), spec[sub, j, 1], spec[sub, j, 2].long()
@@ -259,8 +262,8 @@ class AutoAugment:
         if c != len(self.mean):
             raise ValueError(f"auto-augment: the batch has {c} channels, the normalisation {len(self.mean)}")
         cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-        mean = torch.tensor(self.mean, device=x.device).view(1, c, 1, 1)
-        std = torch.tensor(self.std, device=x.device).view(1, c, 1, 1)
+        mean = self._on(x.device, "mean", lambda: torch.tensor(self.mean).view(1, c, 1, 1))
+        std = self._on(x.device, "std", lambda: torch.tensor(self.std).view(1, c, 1, 1))
         y = (x.float() * std + mean).clamp_(0.0, 1.0)
         for op, mag in self.draw(n, h, w, step, x.device):
             y = apply_ops(y, op, mag.float())
