@@ -36,9 +36,7 @@ class SingleHead:
     loss_factor = 1.0
 
     def export_head(self, k: int = 0) -> nn.Module:
-        if isinstance(k, bool) or k != 0:
-            raise ValueError(f"head must be 0 for a single network, got {k!r}")
-        return copy.deepcopy(self)
+        return _copy_of(self, k)
 
 
 def as_heads(logits: torch.Tensor) -> torch.Tensor:
