@@ -19,7 +19,8 @@ from torch import nn
 
 from collab_fast.checkpoint import CheckpointError, load_checkpoint, save_atomic
 from collab_fast.cli import Parser
-from collab_fast.models import ModelConfig, build_model
+from collab_fast.data import data_channels
+from collab_fast.models import ModelConfig, build_model, input_channels
 
 __all__ = ["export_checkpoint", "model_from_config", "main"]
 
@@ -31,7 +32,8 @@ def model_from_config(config: dict) -> nn.Module:
         raise CheckpointError("the checkpoint's config has no 'arch'")
     keep = {f.name for f in dataclasses.fields(ModelConfig)} - {"weights", "channels_last", "compile"}
     model = ModelConfig(**{k: v for k, v in config.items() if k in keep and v is not None})
-    return build_model(model, config.get("num_classes"))
+    in_chans = input_channels(model.arch, data_channels(config["dataset"])) if config.get("dataset") else 3
+    return build_model(model, config.get("num_classes"), in_chans=in_chans)
 
 
 def export_checkpoint(checkpoint: str, head: int, output: str, ema: bool = False) -> nn.Module:

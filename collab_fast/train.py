@@ -26,14 +26,23 @@ import torch.distributed as dist
 
 from collab_fast.checkpoint import FORMAT, CheckpointError, load_file, os_error_line, save_atomic, write_text_atomic
 from collab_fast.config import TrainConfig, parse_config, resolve
-from collab_fast.data import AutoAugment, BatchMix, Loader, RandomErase, TorchFolderLoader, build_loaders, normalization
+from collab_fast.data import (
+    AutoAugment,
+    BatchMix,
+    Loader,
+    RandomErase,
+    TorchFolderLoader,
+    build_loaders,
+    data_channels,
+    normalization,
+)
 from collab_fast.distributed import Dist, cleanup, init_distributed
 from collab_fast.ema import ModelEMA
 from collab_fast.extras import MissingExtra
 from collab_fast.health import finite_model, finite_number
 from collab_fast.kernels.collab_loss import collab_loss
 from collab_fast.metrics import Logger, Meter, Progress, memory_stats
-from collab_fast.models import ARCHS, as_heads, build_model
+from collab_fast.models import ARCHS, as_heads, build_model, input_channels
 from collab_fast.models.cost import pattern_cost
 from collab_fast.optim import lr_factor, make_optimizer, soft_factor
 from collab_fast.run_state import RunDir, State, load_weights, restore, snapshot
@@ -339,15 +348,17 @@ def _setup(cfg: TrainConfig):
             raise ValueError(f"--eval-only --resume {cfg.run.resume}: {resume_path} does not exist, and evaluating an "
                              "untrained network means nothing; give --weights PATH or an existing checkpoint")
         resume_path = resume_path if resume_path.exists() else None  # auto with nothing to resume: a fresh run
+    in_chans = input_channels(cfg.model.arch, data_channels(cfg.data.dataset))
     train_loader, val_loader, num_classes = build_loaders(
         cfg.data, batch_size=cfg.optim.batch_size, device=device, rank=proc.rank, world=proc.world, seed=cfg.run.seed,
-        dtype=torch.float16 if cfg.optim.amp == "fp16" else torch.float32, channels_last=cfg.model.channels_last)
+        dtype=torch.float16 if cfg.optim.amp == "fp16" else torch.float32, channels_last=cfg.model.channels_last,
+        channels=in_chans)
     if len(train_loader) == 0:
         raise ValueError(f"--batch-size {cfg.optim.batch_size} is larger than the training set's share of each process: "
                          "no full batch per epoch; lower --batch-size")
     cfg.data.num_classes = num_classes
     copies, whole = _initial_weights(cfg)
-    net = build_model(cfg.model, num_classes, device, copies)
+    net = build_model(cfg.model, num_classes, device, copies, in_chans=in_chans)
     if whole is not None:
         load_weights(net, cfg.model.weights, whole)
     net = sync_batchnorm(net, proc, device) if cfg.model.sync_bn else net
@@ -386,7 +397,7 @@ def _setup(cfg: TrainConfig):
             mix=BatchMix(num_classes, mixup=cfg.data.mixup, cutmix=cfg.data.cutmix, seed=cfg.run.seed, rank=proc.rank)
             if cfg.data.mixup or cfg.data.cutmix else None, ema=ema,
             erase=RandomErase(cfg.data.random_erase, seed=cfg.run.seed, rank=proc.rank) if cfg.data.random_erase else None,
-            augment=AutoAugment(cfg.data.auto_augment, *normalization(cfg.data.dataset), seed=cfg.run.seed,
+            augment=AutoAugment(cfg.data.auto_augment, *normalization(cfg.data.dataset, in_chans), seed=cfg.run.seed,
                                 rank=proc.rank) if cfg.data.auto_augment != "none" else None)
     if proc.main:
         _header(r, num_classes, resume_path)
@@ -404,7 +415,8 @@ def _header(r: Run, num_classes: int, resume_path: Path | None) -> None:
         return
     write_text_atomic(out / "config.json", json.dumps(cfg.to_dict(), indent=1) + "\n")
     if model.arch in ARCHS:
-        print(f"collab_fast: {pattern_cost(model.arch, model.pattern, data.image_size, num_classes).line()}")
+        cost = pattern_cost(model.arch, model.pattern, data.image_size, num_classes, data_channels(data.dataset))
+        print(f"collab_fast: {cost.line()}")
     else:
         print(f"collab_fast: {model.arch} {model.pattern}: {getattr(net, 'num_heads', 1)} head(s), "
               f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params, split after "

@@ -2,7 +2,8 @@
 
 `DataConfig` is the trainer's `data` section (its flags and defaults); `build_loaders(data, ...)` returns
 (train_loader, val_loader, num_classes) for the data set it names. Every loader yields (images float
-[B, 3, H, W] on the device (channels_last memory when asked), labels int64 [B] on the device) and keeps
+[B, C, H, W] on the device (channels_last memory when asked; C = 3, or 1 for the grey MNIST-format sets
+unless 3 are asked for), labels int64 [B] on the device) and keeps
 the `Loader` protocol (collab_fast.data.loader): len() per epoch, set_epoch, iter_from, state_dict /
 load_state_dict.
 """
@@ -14,11 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from collab_fast.cache import cache_root
 from collab_fast.cli import check_fields, opt
 from collab_fast.data.autoaugment import POLICIES, AutoAugment
 from collab_fast.data.erase import RandomErase
+from collab_fast.data.idx import IDX_SETS, load_idx_set
 from collab_fast.data.folder import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -36,6 +39,10 @@ from collab_fast.data.memory import (
     CIFAR_STD,
     DIGITS_MEAN,
     DIGITS_STD,
+    FASHION_MNIST_MEAN,
+    FASHION_MNIST_STD,
+    MNIST_MEAN,
+    MNIST_STD,
     DeviceLoader,
     SyntheticLoader,
     load_cifar,
@@ -49,34 +56,53 @@ from collab_fast.data.toy import write_toy
 
 __all__ = ["AUGMENTS", "DATASETS", "AutoAugment", "BatchMix", "DataConfig", "DataError", "DaliLoader", "DeviceLoader",
            "LabelNoise", "Loader", "RandomErase", "SyntheticLoader", "TorchFolderLoader", "build_loaders",
-           "check_dali_wheel", "check_image", "decode_image", "default_augment", "default_image_size",
-           "default_toy_dir", "normalization", "scan_split", "write_toy"]
+           "check_dali_wheel", "check_image", "data_channels", "decode_image", "default_augment",
+           "default_image_size", "default_toy_dir", "normalization", "scan_split", "write_toy"]
 
-DATASETS = ("imagenet", "cifar10", "cifar100", "digits", "toy", "synthetic")
+DATASETS = ("imagenet", "cifar10", "cifar100", "fashion-mnist", "mnist", "digits", "toy", "synthetic")
+GREY = tuple(IDX_SETS)  # one channel
 TOY_DEFAULT = {"classes": 10, "per_class": 100, "size": 96}
 
 
 AUGMENTS = ("crop+flip", "crop", "none")
 
 
-def normalization(dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) per channel that the data set's loaders normalise with (images in [0, 1])."""
+def data_channels(dataset: str) -> int:
+    """Channels of the data set's images: 1 for the grey MNIST-format sets, else 3."""
+    return 1 if dataset in GREY else 3
+
+
+def normalization(dataset: str, channels: int | None = None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) per channel that the data set's loaders normalise with (images in [0, 1]); channels:
+    that many entries (a grey set given as 3 equal channels), else the data set's own."""
     if dataset == "digits":
-        return DIGITS_MEAN, DIGITS_STD
-    if dataset in ("cifar10", "cifar100"):
-        return CIFAR_MEAN, CIFAR_STD
-    return IMAGENET_MEAN, IMAGENET_STD
+        mean, std = DIGITS_MEAN, DIGITS_STD
+    elif dataset in ("cifar10", "cifar100"):
+        mean, std = CIFAR_MEAN, CIFAR_STD
+    elif dataset == "fashion-mnist":
+        mean, std = FASHION_MNIST_MEAN, FASHION_MNIST_STD
+    elif dataset == "mnist":
+        mean, std = MNIST_MEAN, MNIST_STD
+    else:
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    if channels is not None and channels != len(mean):
+        mean, std = (mean[0],) * channels, (std[0],) * channels
+    return mean, std
 
 
 def default_augment(dataset: str) -> str:
     """Training augmentation that suits the data: no flips for digits (a mirrored digit is not the same
-    digit), random crop + horizontal flip for natural images."""
-    return "crop" if dataset == "digits" else "crop+flip"
+    digit), random crop + horizontal flip for natural images and for Fashion-MNIST (a mirrored garment or
+    shoe is the same class; Zhong et al.'s random-erasing baselines on it flip too)."""
+    return "crop" if dataset in ("digits", "mnist") else "crop+flip"
 
 
 def default_image_size(dataset: str) -> int:
     """Training image side when --image-size is not given: 224 for image folders (and the synthetic set,
-    their stand-in), the native 32 of CIFAR and of the upscaled digits."""
+    their stand-in), the native 28 of the MNIST-format sets, the native 32 of CIFAR and of the upscaled
+    digits."""
+    if dataset in GREY:
+        return 28
     return 224 if dataset in ("imagenet", "toy", "synthetic") else 32
 
 
@@ -92,7 +118,8 @@ class DataConfig:
 
     dataset: str | None = opt(None, "the data set (a --recipe may set it)", choices=DATASETS)
     root: str | None = opt(None, "data directory: imagenet/toy DIR/train/<class>/*.JPEG and DIR/val/<class>/*.JPEG; "
-                                 "cifar10/100 the extracted python batches; toy: generated when unset",
+                                 "cifar10/100 the extracted python batches; fashion-mnist/mnist the four IDX files "
+                                 "(gzipped or not; unset: the system package's folder); toy: generated when unset",
                            metavar="DIR", name="data")
     num_classes: int | None = opt(None, "set from the data set", cli=False)
     label_noise: float = opt(0.0, "fraction of training labels redrawn uniformly every epoch (paper Fig. 3)",
@@ -105,7 +132,8 @@ class DataConfig:
                                "crop for digits (a mirrored digit is another digit), crop+flip otherwise. The "
                                "crop shifts by up to 1/8 of the side on device-resident sets",
                        choices=("auto", *AUGMENTS))
-    image_size: int | None = opt(None, "training image size; unset: 224 for image folders, 32 for CIFAR/digits", lo=8,
+    image_size: int | None = opt(None, "training image size; unset: 224 for image folders, 32 for CIFAR/digits, 28 "
+                                       "for (fashion-)mnist (another size: resized once at load, bilinear)", lo=8,
                                  hi=8192)
     auto_augment: str = opt("none", "an AutoAugment-family policy per training image, on the device after the loader: "
                                     "trivialaugment (TrivialAugment-wide), randaugment (2 ops at magnitude 9/31) or "
@@ -147,6 +175,15 @@ class DataConfig:
         return out
 
 
+def _fit_images(x: torch.Tensor, size: int, channels: int) -> torch.Tensor:
+    """uint8 [N, H, W, C] images at size x size (bilinear, once at load) with `channels` channels (a grey
+    image repeated: only for a network with a fixed 3-channel stem)."""
+    if x.shape[1] != size or x.shape[2] != size:
+        y = F.interpolate(x.permute(0, 3, 1, 2).float(), size=(size, size), mode="bilinear", align_corners=False)
+        x = y.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    return x.expand(-1, -1, -1, channels).contiguous() if x.shape[-1] != channels else x
+
+
 def _ensure_toy(data_dir: str | None) -> Path:
     """The toy folder: a user's --data, or the default one, generated on first use (the resolved config
     names the default folder before it exists)."""
@@ -161,11 +198,13 @@ def _ensure_toy(data_dir: str | None) -> Path:
 
 def build_loaders(data: DataConfig, *, batch_size: int = 256, device: torch.device | str = "cpu", rank: int = 0,
                   world: int = 1, seed: int = 0, dtype: torch.dtype = torch.float32, channels_last: bool = True,
-                  eval_batch_size: int | None = None, check_files: bool = True, synthetic_classes: int = 1000):
+                  eval_batch_size: int | None = None, check_files: bool = True, synthetic_classes: int = 1000,
+                  channels: int | None = None):
     """(train_loader, val_loader, num_classes) for the data set `data` names; see the module docstring and
     DataConfig's fields (train_samples / holdout: data/split.py; loader "torch": TorchFolderLoader, no DALI
     needed, slower). The rest is the run's: the batch per process, the device, this process's place among
-    `world`, the seed, and the images' dtype and memory format."""
+    `world`, the seed, and the images' dtype and memory format. channels: 3 gives a grey set's images as 3
+    equal channels (for a network with a fixed 3-channel stem); None: the data set's own."""
     if not isinstance(data, DataConfig):
         raise TypeError(f"build_loaders takes a DataConfig, got {type(data).__name__} (e.g. DataConfig('digits'))")
     data = data.resolved()
@@ -173,16 +212,24 @@ def build_loaders(data: DataConfig, *, batch_size: int = 256, device: torch.devi
     train_samples, holdout, label_noise, num_threads = data.train_samples, data.holdout, data.label_noise, data.threads
     device = torch.device(device)
     eval_batch_size = eval_batch_size or batch_size
+    own = data_channels(dataset)
+    if channels not in (None, own) and not (own == 1 and channels == 3):
+        raise ValueError(f"{dataset} has {own}-channel images; they cannot be given as {channels} channels")
+    channels = channels or own
     if dataset == "synthetic":
         kw = dict(image_size=image_size, num_classes=synthetic_classes, device=device, dtype=dtype,
                   channels_last=channels_last)
         return (SyntheticLoader(batch_size, steps_per_epoch=data.synthetic_steps, seed=seed, **kw),
                 SyntheticLoader(eval_batch_size, steps_per_epoch=2, seed=seed + 1, **kw), synthetic_classes)
-    if dataset in ("digits", "cifar10", "cifar100"):
-        mean, std = normalization(dataset)
+    if dataset in ("digits", "cifar10", "cifar100", *GREY):
+        mean, std = normalization(dataset, channels)
         if dataset == "digits":
             (xtr, ytr), (xte, yte) = load_digits(image_size)
             classes = 10
+        elif dataset in GREY:
+            (xtr, ytr), (xte, yte) = load_idx_set(dataset, data_dir)
+            xtr, xte = (_fit_images(x, image_size, channels) for x in (xtr, xte))
+            classes = IDX_SETS[dataset][0]
         else:
             classes = 10 if dataset == "cifar10" else 100
             (xtr, ytr), (xte, yte) = load_cifar(data_dir, classes)

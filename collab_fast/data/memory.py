@@ -1,9 +1,10 @@
-"""Device-resident data sets (digits, CIFAR-10/100, synthetic) and their batched on-device augmentation.
+"""Device-resident data sets (digits, CIFAR-10/100, (Fashion-)MNIST, synthetic) and their batched
+on-device augmentation.
 
-Images are kept on the device as uint8 [N, H + 2p, W + 2p, 3] (zero padding p = 4 for the random crop),
-and every batch is cropped, flipped and normalised by one gather and one fused arithmetic expression,
-with no per-sample Python loop. Batches come out as float [B, 3, H, W] in channels_last memory (a
-permuted view of NHWC), labels as int64 [B], both on the device.
+Images are kept on the device as uint8 [N, H + 2p, W + 2p, C] (C = 3, or 1 for grey sets; zero padding
+p = 4 for the random crop), and every batch is cropped, flipped and normalised by one gather and one fused
+arithmetic expression, with no per-sample Python loop. Batches come out as float [B, C, H, W] in
+channels_last memory (a permuted view of NHWC), labels as int64 [B], both on the device.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import torch.nn.functional as F
 from collab_fast.data.noise import LabelNoise
 from collab_fast.extras import require
 
-__all__ = ["CIFAR_MEAN", "CIFAR_STD", "DeviceLoader", "SyntheticLoader", "load_cifar", "load_digits"]
+__all__ = ["CIFAR_MEAN", "CIFAR_STD", "DIGITS_MEAN", "DIGITS_STD", "FASHION_MNIST_MEAN", "FASHION_MNIST_STD",
+           "MNIST_MEAN", "MNIST_STD", "DeviceLoader", "SyntheticLoader", "load_cifar", "load_digits"]
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -26,6 +28,8 @@ CIFAR_STD = (0.2470, 0.2435, 0.2616)
 _MIX = tuple(c - (1 << 64) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
 DIGITS_MEAN = (0.3049,) * 3  # of the 32x32 upsampled training images, scaled to [0, 1]
 DIGITS_STD = (0.3234,) * 3
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)  # of the 60,000 training images, in [0, 1]
+MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 
 
 def load_digits(size: int = 32):
@@ -101,7 +105,7 @@ class DeviceLoader:
     """Batches of an in-memory image set, augmented on the device.
 
     Args:
-        images: uint8 [N, H, W, 3]; labels: int64 [N].
+        images: uint8 [N, H, W, C] (C = 1 or 3; mean and std have C entries); labels: int64 [N].
         augment: random crop with `pad`-pixel zero padding, and a horizontal flip if `flip` (training).
         shuffle / drop_last: per-epoch permutation (seeded, identical on every rank) / drop a short batch.
         rank, world: this process takes every world-th sample of the permutation.
@@ -113,8 +117,12 @@ class DeviceLoader:
                  drop_last: bool = False, pad: int = 4, flip: bool = True, rank: int = 0, world: int = 1, seed: int = 0,
                  label_noise: float = 0.0, num_classes: int | None = None, dtype: torch.dtype = torch.float32,
                  channels_last: bool = True):
-        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
-            raise ValueError(f"images must be uint8 [N, H, W, 3], got {images.dtype} {tuple(images.shape)}")
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] not in (1, 3):
+            raise ValueError(f"images must be uint8 [N, H, W, C] with C 1 or 3, got {images.dtype} "
+                             f"{tuple(images.shape)}")
+        if len(mean) != images.shape[-1] or len(std) != images.shape[-1]:
+            raise ValueError(f"mean and std need one entry per channel ({images.shape[-1]}), got {len(mean)} and "
+                             f"{len(std)}")
         if labels.shape != images.shape[:1]:
             raise ValueError(f"labels must be [N] = [{images.shape[0]}], got {tuple(labels.shape)}")
         if batch_size < 1:
@@ -125,7 +133,7 @@ class DeviceLoader:
         # Padding once here; the per-batch crop is a gather from the padded images.
         x = images.permute(0, 3, 1, 2)
         x = F.pad(x, (self.pad,) * 4) if self.pad else x
-        self.images = x.permute(0, 2, 3, 1).contiguous().to(self.device)  # uint8 [N, H+2p, W+2p, 3]
+        self.images = x.permute(0, 2, 3, 1).contiguous().to(self.device)  # uint8 [N, H+2p, W+2p, C]
         self.height, self.width = images.shape[1], images.shape[2]
         self.num_classes = int(num_classes if num_classes is not None else int(labels.max()) + 1)
         self.noise = LabelNoise(labels, label_noise, self.num_classes, seed) if label_noise > 0 else None
@@ -134,7 +142,7 @@ class DeviceLoader:
         self.rank, self.world, self.seed = rank, world, seed
         self.dtype, self.channels_last = dtype, channels_last
         scale = torch.tensor(std, device=self.device) * 255.0
-        self._mul = (1.0 / scale).to(dtype)  # [3]: x / (255 std) - mean / std
+        self._mul = (1.0 / scale).to(dtype)  # [C]: x / (255 std) - mean / std
         self._add = (-torch.tensor(mean, device=self.device) / torch.tensor(std, device=self.device)).to(dtype)
         self.epoch = 0
         n = images.shape[0]
@@ -171,7 +179,7 @@ class DeviceLoader:
         return (h % span)[:, None], ((h // span) % span)[:, None], flip[:, None]
 
     def batch(self, idx: torch.Tensor) -> torch.Tensor:
-        """Crop (+ flip) and normalise images[idx] in one gather: float [B, 3, H, W], channels_last."""
+        """Crop (+ flip) and normalise images[idx] in one gather: float [B, C, H, W], channels_last."""
         h, w = self.height, self.width
         rows = torch.arange(h, device=self.device)
         cols = torch.arange(w, device=self.device)
@@ -179,7 +187,7 @@ class DeviceLoader:
             oy, ox, flip = self.augment_params(idx)
             r = oy + rows  # [B, H]
             c = ox + torch.where(flip, w - 1 - cols, cols)  # [B, W]
-            x = self.images[idx[:, None, None], r[:, :, None], c[:, None, :]]  # [B, H, W, 3]
+            x = self.images[idx[:, None, None], r[:, :, None], c[:, None, :]]  # [B, H, W, C]
         else:
             x = self.images[idx]
         x = x.to(self.dtype) * self._mul + self._add  # NHWC, contiguous

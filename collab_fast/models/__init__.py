@@ -26,8 +26,8 @@ from collab_fast.models.collab import BEFORE_ALL, RESCALE_MODES, CollabNet, pars
 from collab_fast.models.heads import as_heads, single_head
 
 __all__ = ["ARCHS", "BEFORE_ALL", "EXTERNAL_PREFIXES", "CollabNet", "ModelConfig", "as_heads", "build", "build_model",
-           "default_splits", "is_builtin_resnet", "make_collaborative", "native_image_size", "parse_model_kwargs",
-           "parse_pattern", "reinit_classifier"]
+           "default_splits", "input_channels", "is_builtin_resnet", "make_collaborative", "native_image_size",
+           "parse_model_kwargs", "parse_pattern", "reinit_classifier"]
 
 # name -> (constructor(num_classes), default split points by number of split levels, default classes)
 # ImageNet ResNets: the paper splits after conv3_x (layer2) and conv4_x (layer3) (sec. 4.2).
@@ -194,6 +194,7 @@ def build(arch: str, pattern: str = "single", num_classes: int | None = None, re
         probe = make_target()
         size = getattr(probe, "input_size", None) or (getattr(probe, "pretrained_cfg", None) or {}).get(
             "input_size", (3, 224, 224))
+        size = (arch_kwargs.get("in_chans", size[0]), *size[1:])  # timm's pretrained_cfg keeps the pretrained 3
         example = torch.randn(2, *size, generator=torch.Generator().manual_seed(0))
         if splits == "auto" and not instances:
             from collab_fast.models.external import pick_splits, stage_modules
@@ -279,13 +280,25 @@ def parse_model_kwargs(text: str | None) -> dict:
     return out
 
 
+def input_channels(arch: str, data_channels: int) -> int:
+    """The channels `arch` is built to take for images of `data_channels` channels: the built-in networks
+    and timm's (`in_chans`) take grey images as they are; torchvision's have a fixed 3-channel stem, so
+    grey images are given to them as 3 equal channels."""
+    return data_channels if arch in ARCHS or arch.startswith("timm:") else 3
+
+
 def build_model(model: ModelConfig, num_classes: int | None = None, device: torch.device | str = "cpu",
-                weights: dict[str, torch.Tensor] | None = None) -> nn.Module:
+                weights: dict[str, torch.Tensor] | None = None, in_chans: int = 3) -> nn.Module:
     """The network `model` describes, on `device` (channels-last when asked); num_classes None: the
     architecture's default. `weights`: a plain network's
     state dict (an exported head) for every copy, the classifier re-initialised per head; --weights of a
-    file is read by the caller (the trainer), a library's pretrained weights here."""
+    file is read by the caller (the trainer), a library's pretrained weights here. in_chans: the input
+    images' channels (1 for grey sets; see input_channels)."""
+    if input_channels(model.arch, in_chans) != in_chans:
+        raise ValueError(f"{model.arch} takes 3-channel images, not {in_chans} (give grey images as 3 equal channels)")
     arch_kw: dict[str, Any] = {"zero_init_residual": model.zero_init_residual} if is_builtin_resnet(model.arch) else {}
+    if in_chans != 3:
+        arch_kw["in_chans"] = in_chans
     if model.drop_path:  # each library's name for it
         key = ("drop_path" if model.arch in ARCHS else "drop_path_rate" if model.arch.startswith("timm:")
                else "stochastic_depth_prob")

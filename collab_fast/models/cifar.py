@@ -47,12 +47,13 @@ class _CifarBlock(nn.Module):
 class CifarResNet(SingleHead, nn.Module):
     """Depth 6n + 2: a 3x3 stem, three stages of n basic blocks (16, 32, 64 channels), pooling, fc."""
 
-    def __init__(self, depth: int, num_classes: int = 10, zero_init_residual: bool = False, drop_path: float = 0.0):
+    def __init__(self, depth: int, num_classes: int = 10, zero_init_residual: bool = False, drop_path: float = 0.0,
+                 in_chans: int = 3):
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n + 2 (20, 32, 44, 56, 110, ...), got {depth}")
         n = (depth - 2) // 6
-        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
+        self.conv1 = nn.Conv2d(in_chans, 16, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         self.relu = nn.ReLU(inplace=True)
         cin = 16
@@ -95,13 +96,14 @@ class _Transition(nn.Sequential):
 class DenseNet(SingleHead, nn.Module):
     """DenseNet for 32x32 inputs: 3 dense blocks of (depth - 4) / 3 layers, no bottleneck, no compression."""
 
-    def __init__(self, depth: int = 40, growth: int = 12, num_classes: int = 10, init_channels: int = 16):
+    def __init__(self, depth: int = 40, growth: int = 12, num_classes: int = 10, init_channels: int = 16,
+                 in_chans: int = 3):
         super().__init__()
         if (depth - 4) % 3:
             raise ValueError(f"DenseNet depth must be 3n + 4 (40, 100, ...), got {depth}")
         n = (depth - 4) // 3
         c = init_channels  # Huang et al.: 16 for the basic (non-BC) DenseNet
-        self.conv1 = nn.Conv2d(3, c, 3, padding=1, bias=False)
+        self.conv1 = nn.Conv2d(in_chans, c, 3, padding=1, bias=False)
         for b in range(3):
             layers = []
             for _ in range(n):
@@ -135,5 +137,5 @@ def resnet110(num_classes: int = 10, **kw) -> CifarResNet:
     return CifarResNet(110, num_classes, **kw)
 
 
-def densenet40_12(num_classes: int = 10) -> DenseNet:
-    return DenseNet(40, 12, num_classes)
+def densenet40_12(num_classes: int = 10, in_chans: int = 3) -> DenseNet:
+    return DenseNet(40, 12, num_classes, in_chans=in_chans)

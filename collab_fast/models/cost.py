@@ -36,11 +36,12 @@ class PatternCost:
                 f"({self.flops_ratio:.2f}x single)")
 
 
-def child_flops(arch: str, image_size: int, num_classes: int | None = None) -> dict[str, float]:
+def child_flops(arch: str, image_size: int, num_classes: int | None = None, in_chans: int = 3) -> dict[str, float]:
     """Forward FLOPs per image of each named child of the single network (in forward order)."""
+    kw = {"in_chans": in_chans} if in_chans != 3 else {}
     with torch.device("meta"):
-        net = build(arch, "single", num_classes=num_classes).eval()  # batch 1: batch norm in eval mode
-        x = torch.empty(1, 3, image_size, image_size)
+        net = build(arch, "single", num_classes=num_classes, **kw).eval()  # batch 1: batch norm in eval mode
+        x = torch.empty(1, in_chans, image_size, image_size)
     out = {}
     for name, module in net.named_children():
         if isinstance(module, torch.nn.Linear) and x.dim() > 2:
@@ -51,16 +52,17 @@ def child_flops(arch: str, image_size: int, num_classes: int | None = None) -> d
     return out
 
 
-def pattern_cost(arch: str, pattern: str, image_size: int | None = None, num_classes: int | None = None
-                 ) -> PatternCost:
+def pattern_cost(arch: str, pattern: str, image_size: int | None = None, num_classes: int | None = None,
+                 in_chans: int = 3) -> PatternCost:
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(ARCHS)}")
     image_size = image_size or native_image_size(arch)
-    per_child = child_flops(arch, image_size, num_classes)
+    per_child = child_flops(arch, image_size, num_classes, in_chans)
     single_flops = sum(per_child.values())
+    kw = {"in_chans": in_chans} if in_chans != 3 else {}
     with torch.device("meta"):
-        single = build(arch, "single", num_classes=num_classes)
-        model = build(arch, pattern, num_classes=num_classes)
+        single = build(arch, "single", num_classes=num_classes, **kw)
+        model = build(arch, pattern, num_classes=num_classes, **kw)
     n_single = sum(p.numel() for p in single.parameters())
     n_model = sum(p.numel() for p in model.parameters())
     if isinstance(model, CollabNet):

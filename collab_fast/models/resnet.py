@@ -64,9 +64,9 @@ class Bottleneck(nn.Module):
 
 class ResNet(SingleHead, nn.Module):
     def __init__(self, block: type[BasicBlock] | type[Bottleneck], depths: list[int], num_classes: int = 1000,
-                 zero_init_residual: bool = False, drop_path: float = 0.0):
+                 zero_init_residual: bool = False, drop_path: float = 0.0, in_chans: int = 3):
         super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3, bias=False)
+        self.conv1 = nn.Conv2d(in_chans, 64, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
