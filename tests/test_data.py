@@ -456,8 +456,8 @@ def test_cifar_missing_is_a_clear_error(tmp_path):
         load_cifar(tmp_path, 10)
     with pytest.raises(ValueError, match="needs --data"):
         DataConfig("cifar100")
-    with pytest.raises(ValueError, match="--dataset must be one of imagenet, .*, got 'mnist'"):
-        DataConfig("mnist")
+    with pytest.raises(ValueError, match="--dataset must be one of imagenet, .*, got 'svhn'"):
+        DataConfig("svhn")
     with pytest.raises(TypeError, match="build_loaders takes a DataConfig"):
         build_loaders("digits")
 
