@@ -33,7 +33,8 @@ class ModelEMA:
         names = [k for k, v in ours.items() if v.is_floating_point()]
         self._avg = [ours[k].data for k in names]
         self._src = [theirs[k].data for k in names]
-        self._copy = [(ours[k].data, theirs[k].data) for k, v in ours.items() if not v.is_floating_point()]
+        ints = [k for k, v in ours.items() if not v.is_floating_point()]
+        self._copy_dst, self._copy_src = [ours[k].data for k in ints], [theirs[k].data for k in ints]
 
     @torch.no_grad()
     def update(self, skipped: torch.Tensor | None = None) -> None:
@@ -45,8 +46,8 @@ class ModelEMA:
             torch._foreach_lerp_(self._avg, self._src, w)
         else:
             lerp_(self._avg, self._src, (1.0 - skipped.float()) * w)
-        for dst, src in self._copy:
-            dst.copy_(src)
+        if self._copy_dst:  # one multi-tensor copy, not one kernel per BatchNorm counter
+            torch._foreach_copy_(self._copy_dst, self._copy_src)
 
     def state_dict(self) -> dict:
         return self.module.state_dict()

@@ -71,3 +71,25 @@ def test_trainer_evaluates_saves_resumes_and_exports_the_average(tmp_path, capsy
     assert "ema" not in load_checkpoint(plain / "last.pt")
     assert export_main([str(plain / "last.pt"), "--ema", "-o", str(tmp_path / "x.pth")]) == 2
     assert "holds no weight average" in capsys.readouterr().err
+
+
+def test_an_update_is_a_few_multi_tensor_ops_whatever_the_number_of_layers():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    net = build("resnet32", "hier4", num_classes=10)  # 71 BatchNorm counters (shared trunk + 2 + 4 copies)
+    ema = ModelEMA(net, 0.9)
+    assert len(ema._copy_dst) > 50
+    for skipped in (None, torch.tensor(0.0)):
+        with Count() as c:
+            ema.update(skipped)
+        assert "aten.copy_" not in c.ops and len(c.ops) <= 6, c.ops
+        assert c.ops.count("aten._foreach_copy_") == 1

@@ -172,3 +172,23 @@ def test_the_trainer_runs_a_timm_model(tmp_path, pattern):
     assert rc == 0
     head = timm.create_model("resnet18", num_classes=1000, checkpoint_path=str(out / "head0.pth"))
     assert isinstance(head, torch.nn.Module)
+
+
+@pytest.mark.parametrize("arch, chans", [("timm:resnet18", 1), ("torchvision:resnet18", 3)])
+def test_grey_images_reach_timm_as_one_channel_and_torchvision_as_three(tmp_path, arch, chans):
+    from collab_fast import train
+    from collab_fast.export import main as export_main
+    from test_idx import write_set
+
+    root = write_set(tmp_path / "fm", n_train=16, n_test=8)
+    out = tmp_path / "run"
+    rc = train.main(["fashion-mnist", "--data", str(root), "--arch", arch, "--pattern", "ilr2", "-b", "4",
+                     "--max-steps", "2", "--device", "cpu", "--progress", "off", "--output", str(out)])
+    assert rc == 0
+    head = torch.load(out / "head0.pth", weights_only=True)
+    assert head["conv1.weight"].shape[1] == chans
+    assert export_main([str(out / "last.pt"), "--head", "1", "-o", str(tmp_path / "h1.pth")]) == 0
+    lib, name = arch.split(":")
+    net = (timm.create_model(name, num_classes=10, in_chans=1) if lib == "timm"
+           else tv_models.get_model(name, num_classes=10))
+    net.load_state_dict(torch.load(tmp_path / "h1.pth", weights_only=True), strict=True)
