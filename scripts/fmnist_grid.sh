@@ -6,6 +6,8 @@
 #   bash scripts/fmnist_grid.sh cpu OUT      # the reduced CPU protocol (2 cores: about 80 minutes per noise level)
 #   bash scripts/fmnist_grid.sh gpu OUT      # the full protocol, many cells side by side on one GPU
 #
+# On a lent GPU machine (no Debian package there): copy /usr/share/datasets/fashion-mnist into a folder that
+# .git/info/exclude ignores, carry it, and set FMNIST_DIR to it.
 # The data: --data $FMNIST_DIR (default: the folder of `apt-get install dataset-fashion-mnist`). A grid that
 # is stopped continues where it stopped when run again (finished cells are kept). Extra arguments after OUT
 # go to collab_fast.grid before its "--" (e.g. --noise 0 to run one level).

@@ -176,9 +176,10 @@ def test_the_trainer_runs_a_timm_model(tmp_path, pattern):
 
 @pytest.mark.parametrize("arch, chans", [("timm:resnet18", 1), ("torchvision:resnet18", 3)])
 def test_grey_images_reach_timm_as_one_channel_and_torchvision_as_three(tmp_path, arch, chans):
+    from test_idx import write_set
+
     from collab_fast import train
     from collab_fast.export import main as export_main
-    from test_idx import write_set
 
     root = write_set(tmp_path / "fm", n_train=16, n_test=8)
     out = tmp_path / "run"

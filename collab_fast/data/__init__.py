@@ -21,7 +21,6 @@ from collab_fast.cache import cache_root
 from collab_fast.cli import check_fields, opt
 from collab_fast.data.autoaugment import POLICIES, AutoAugment
 from collab_fast.data.erase import RandomErase
-from collab_fast.data.idx import IDX_SETS, load_idx_set
 from collab_fast.data.folder import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -33,6 +32,7 @@ from collab_fast.data.folder import (
     decode_image,
     scan_split,
 )
+from collab_fast.data.idx import IDX_SETS, load_idx_set
 from collab_fast.data.loader import Loader
 from collab_fast.data.memory import (
     CIFAR_MEAN,

@@ -112,7 +112,7 @@ def load_idx_set(dataset: str, root: str | Path | None):
     """((train images uint8 [N, H, W, 1], labels int64 [N]), (test images, labels)) of an MNIST-format set."""
     classes = IDX_SETS[dataset][0]
     out = []
-    for split, (img_path, lab_path) in find_idx_files(dataset, root).items():
+    for img_path, lab_path in find_idx_files(dataset, root).values():  # train, then test
         x, y = read_idx(img_path, 3), read_idx(lab_path, 1)
         if len(x) != len(y):
             raise ValueError(f"{img_path} holds {len(x)} images but {lab_path} {len(y)} labels; the files do not "
