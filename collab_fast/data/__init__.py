@@ -129,7 +129,7 @@ class DataConfig:
     holdout: int = opt(0, "hold this many training samples out (fixed, class-balanced, never trained on) and evaluate "
                           "on them instead of the test split: choose settings here, report on the test split", lo=0)
     augment: str = opt("auto", "training augmentation: random crop + horizontal flip, crop only, or none; auto: "
-                               "crop for digits (a mirrored digit is another digit), crop+flip otherwise. The "
+                               "crop for digits and mnist (a mirrored digit is another digit), crop+flip otherwise. The "
                                "crop shifts by up to 1/8 of the side on device-resident sets",
                        choices=("auto", *AUGMENTS))
     image_size: int | None = opt(None, "training image size; unset: 224 for image folders, 32 for CIFAR/digits, 28 "
