@@ -337,7 +337,7 @@ def test_out_of_memory_message(tmp_path, monkeypatch):
     (["digits", "-b", "30", "--accum-steps", "4"], "must be a multiple of --accum-steps"),
     (["digits", "--amp", "fp16", "--skip-nonfinite"], "--skip-nonfinite cannot be combined"),
     (["digits", "-b", "0"], r"--batch-size must be in \[1, 1048576\]"),
-    (["mnist"], "invalid choice: 'mnist'"),
+    (["svhn"], "invalid choice: 'svhn'"),
     (["digits", "--loss-weights", "1"], "--loss-weights takes two numbers HARD,SOFT"),
     (["digits", "--loss-weights", "1,4", "--beta", "0.3"], "--loss-weights replaces --beta and --soft-weight"),
     (["digits", "--loss-weights", "1,-4"], r"--loss-weights must be in \[0, inf\)"),
