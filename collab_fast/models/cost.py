@@ -38,9 +38,8 @@ class PatternCost:
 
 def child_flops(arch: str, image_size: int, num_classes: int | None = None, in_chans: int = 3) -> dict[str, float]:
     """Forward FLOPs per image of each named child of the single network (in forward order)."""
-    kw = {"in_chans": in_chans} if in_chans != 3 else {}
-    with torch.device("meta"):
-        net = build(arch, "single", num_classes=num_classes, **kw).eval()  # batch 1: batch norm in eval mode
+    with torch.device("meta"):  # every built-in architecture takes in_chans
+        net = build(arch, "single", num_classes=num_classes, in_chans=in_chans).eval()  # batch 1: batch norm in eval mode
         x = torch.empty(1, in_chans, image_size, image_size)
     out = {}
     for name, module in net.named_children():
@@ -59,10 +58,9 @@ def pattern_cost(arch: str, pattern: str, image_size: int | None = None, num_cla
     image_size = image_size or native_image_size(arch)
     per_child = child_flops(arch, image_size, num_classes, in_chans)
     single_flops = sum(per_child.values())
-    kw = {"in_chans": in_chans} if in_chans != 3 else {}
     with torch.device("meta"):
-        single = build(arch, "single", num_classes=num_classes, **kw)
-        model = build(arch, pattern, num_classes=num_classes, **kw)
+        single = build(arch, "single", num_classes=num_classes, in_chans=in_chans)
+        model = build(arch, pattern, num_classes=num_classes, in_chans=in_chans)
     n_single = sum(p.numel() for p in single.parameters())
     n_model = sum(p.numel() for p in model.parameters())
     if isinstance(model, CollabNet):
