@@ -668,7 +668,8 @@ out = []
 for dt, H, B, NB, RED, ROW, DET, ST, SM, T2, KL, VEC, RS in variants:
     consts = dict(H=H, H_PAD=triton.next_power_of_2(H), BLOCK_C=B, NUM_BLOCKS=NB, REDUCE=RED, MEAN=RED,
                   COMPUTE_LOSS=not ROW, COMPUTE_GRAD=RS != 1, ROW_WEIGHTS=ROW, DETACH=DET, STATS=ST, SMOOTH=SM,
-                  T_IS_TWO=T2, KL=KL, VEC=VEC, ROW_STATS=RS, NUM_STAGES=1, stride_zc=1, stride_gc=1)
+                  T_IS_TWO=T2, KL=KL, VEC=VEC, ROW_STATS=RS, NUM_STAGES=1, FAST_EXP=True, stride_zc=1,
+                  stride_gc=1)
     s = dict(signature(dt), **{c: "constexpr" for c in consts})
     attrs = {k: v for k, v in div16.items() if names[k[0]] not in consts}
     k = triton.compile(ASTSource(fn=kernel, signature=s, constexprs=consts, attrs=attrs),
@@ -962,7 +963,39 @@ def test_probability_targets_stats_and_row_statistics_of_long_rows():
     assert_close(ker, ref, atol=5e-5)
     assert_close(gk, gr, atol=2e-6)
     rs = cl._row_stats_buffer(z, t, cl.CollabLossParams(block_c=16))
-    assert rs.shape == (9, 3, 4)
+    assert rs.shape == (10, 3, 4)
+
+
+@pytest.mark.parametrize("H", [2, 3, 8])
+@pytest.mark.parametrize("kw", [dict(), dict(label_smoothing=0.1, temperature=3.0, reduction="none"),
+                                dict(soft_loss="kl", detach_consensus=False), dict(probs=True, return_stats=True)])
+def test_long_rows_take_the_finite_path_and_run_again_safe_where_a_class_is_absent(H, kw):
+    # Full blocks of a long row are first taken as finite (no absent-class arithmetic). Row 1 has absent
+    # classes in its second block: its consensus sums come out NaN, pass 1 runs the row again with the
+    # absent-class arithmetic and flags it, and backward runs the flagged row's blocks the same way.
+    # C = 64 = 4 blocks of 16: no partial block, so every block of rows 0, 2, 3, 4 is on the finite path.
+    kw = dict(kw)
+    probs, stats = kw.pop("probs", False), kw.pop("return_stats", False)
+    z, y = make(H, 5, 64, seed=H)
+    masked = [17, 18, 30]
+    z[:, 1, masked] = float("-inf")
+    if probs:
+        y = make_probs(5, 64, seed=H, kind="dense")
+        y[1, masked] = 0.0
+        y = y.float()
+    ref, ker, gr, gk = run_both(z, y, block_c=16, **kw)
+    assert torch.isfinite(ker).all() and torch.isfinite(gk).all()
+    assert_close(ker, ref, atol=2e-5)
+    assert_close(gk, gr, atol=2e-6)
+    assert (gk[:, 1, masked] == 0).all()
+    params = cl.CollabLossParams(block_c=16, **kw)
+    rs = cl._row_stats_buffer(z, y, params)
+    _, st, _ = cl._launch(z, y, params, return_stats=stats, save_row_stats=rs)
+    assert rs[8].tolist() == [[0.0, 1.0, 0.0, 0.0, 0.0]] * H  # only row 1 needed the absent-class path
+    if stats:
+        _, want = collab_loss_reference(z.double(), y, return_stats=True, **kw)
+        assert_close(st[0], want.hard, atol=2e-5)
+        assert_close(st[2], want.correct, atol=0)
 
 
 @pytest.mark.parametrize("bad, match", [

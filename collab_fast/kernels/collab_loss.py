@@ -280,58 +280,87 @@ if triton is not None:
         return tl.where(col_mask[None, :], z, float("-inf"))
 
     @triton.jit
-    def _consensus_logits(z, head_mask, inv_t, H: tl.constexpr):
-        # u_h = c_h / T with c_h the mean of the other heads; -inf where another head masks the class.
-        finite = (z > float("-inf")) & head_mask[:, None]
-        absent = (z == float("-inf")) & head_mask[:, None]
-        zf = tl.where(finite, z, 0.0)
-        total = tl.sum(zf, axis=0)  # [BLOCK_C]
-        n_absent = tl.sum(absent.to(tl.int32), axis=0)
-        u = (total[None, :] - zf) * (inv_t / (H - 1))
-        return tl.where((n_absent[None, :] - absent.to(tl.int32)) > 0, float("-inf"), u)
+    def _exp2(x, FAST: tl.constexpr):
+        # 2^x. FAST (NVIDIA): one MUFU.EX2 with flush to zero; tl.exp/tl.exp2 wrap each in a denormal fix-up
+        # (a compare and two predicated multiplies). A result below 2^-126 becomes 0, which no softmax sum
+        # (at least 1) or gradient can tell apart. Elsewhere (interpreter, other backends): tl.exp2.
+        if FAST:
+            return tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                             is_pure=True, pack=1)
+        else:
+            return tl.exp2(x)
 
     @triton.jit
-    def _pass1_block(z, head_mask, inv_t, m1, s1, s_t, m_c, s_c, t_c, v_c, H: tl.constexpr, T_IS_TWO: tl.constexpr,
-                     KL: tl.constexpr):
-        # Online update of the row statistics with one [H_PAD, BLOCK_C] block. Also returns the
-        # block's exponentials (relative to the updated maxima) for reuse when the row is one block.
+    def _consensus_log2(z, total, head_mask, ck, H: tl.constexpr, SAFE: tl.constexpr):
+        # u_h log2(e) = (sum of the other heads' z) log2(e) / (T (H - 1)); ck = log2(e) / (T (H - 1)).
+        # Not SAFE: the caller found no -inf in the block, and total [BLOCK_C] is the plain sum over heads
+        # (padded heads load as 0): one FFMA per element. SAFE: sums of the finite logits only, and -inf
+        # where another head masks the class.
+        if SAFE:
+            finite = (z > float("-inf")) & head_mask[:, None]
+            absent = (z == float("-inf")) & head_mask[:, None]
+            zf = tl.where(finite, z, 0.0)
+            n_absent = tl.sum(absent.to(tl.int32), axis=0)
+            u2 = tl.sum(zf, axis=0)[None, :] * ck - zf * ck
+            u2 = tl.where((n_absent[None, :] - absent.to(tl.int32)) > 0, float("-inf"), u2)
+        else:
+            u2 = total[None, :] * ck - z * ck
+        return u2
+
+    @triton.jit
+    def _pass1_block(z, total, head_mask, k, inv_t, m1, s1, s_t, m_c, s_c, t_c, v_c, H: tl.constexpr,
+                     T_IS_TWO: tl.constexpr, KL: tl.constexpr, FAST: tl.constexpr, SAFE: tl.constexpr):
+        # Online update of the row statistics with one [H_PAD, BLOCK_C] block (k = log2(e) / T; m_c, the
+        # consensus maximum, in log2 units). Also returns the block's exponentials (relative to the updated
+        # maxima) for reuse when the row is one block.
         m_new = tl.maximum(m1, tl.max(z, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all absent so far: avoid inf - inf
-        e_t = tl.exp((z - m_safe[:, None]) * inv_t)
+        mk = m_safe * k
+        e_t = _exp2(z * k - mk[:, None], FAST)  # exp((z - m) / T): the scale folded into one FFMA
         if T_IS_TWO:
             e_1 = e_t * e_t  # exp(z - m) from exp((z - m) / 2): one exponential fewer per element
         else:
-            e_1 = tl.exp(z - m_safe[:, None])
-        s1 = s1 * tl.exp(m1 - m_safe) + tl.sum(e_1, axis=1)
-        s_t = s_t * tl.exp((m1 - m_safe) * inv_t) + tl.sum(e_t, axis=1)
+            e_1 = _exp2(z * 1.4426950408889634 - (m_safe * 1.4426950408889634)[:, None], FAST)
+        s1 = s1 * _exp2((m1 - m_safe) * 1.4426950408889634, FAST) + tl.sum(e_1, axis=1)
+        s_t = s_t * _exp2(m1 * k - mk, FAST) + tl.sum(e_t, axis=1)
         e_u = e_t  # unused when H == 1
         if H > 1:
-            u = _consensus_logits(z, head_mask, inv_t, H)
-            mc_new = tl.maximum(m_c, tl.max(u, axis=1))
+            u2 = _consensus_log2(z, total, head_mask, k / (H - 1), H, SAFE)
+            mc_new = tl.maximum(m_c, tl.max(u2, axis=1))
             mc_safe = tl.where(mc_new == float("-inf"), 0.0, mc_new)
-            e_u = tl.exp(u - mc_safe[:, None])
-            rescale = tl.exp(m_c - mc_safe)
+            e_u = _exp2(u2 - mc_safe[:, None], FAST)
+            rescale = _exp2(m_c - mc_safe, FAST)
+            if SAFE:  # 0 * (-inf) at absent classes: their terms are 0
+                ez = tl.where(e_u > 0, e_u * z, 0.0)
+            else:
+                ez = e_u * z
             s_c = s_c * rescale + tl.sum(e_u, axis=1)
-            t_c = t_c * rescale + tl.sum(tl.where(e_u > 0, e_u * (z * inv_t), 0.0), axis=1)
+            t_c = t_c * rescale + tl.sum(ez, axis=1) * inv_t
             if KL:
-                v_c = v_c * rescale + tl.sum(tl.where(e_u > 0, e_u * u, 0.0), axis=1)
+                if SAFE:
+                    eu = tl.where(e_u > 0, e_u * u2, 0.0)
+                else:
+                    eu = e_u * u2
+                v_c = v_c * rescale + tl.sum(eu, axis=1) * 0.6931471805599453
             m_c = mc_new
         return m_new, s1, s_t, m_c, s_c, t_c, v_c, e_1, e_t, e_u
 
     @triton.jit
-    def _grad_block(z, p_1, p_t, q, u, cols, y_safe, t, t_sum, r, qa, qu, n_fin, inv_t, hard_coef, soft_coef, eps,
-                    H: tl.constexpr, DETACH: tl.constexpr, SMOOTH: tl.constexpr, KL: tl.constexpr,
+    def _grad_block(z, p_1, p_t, q, u, cols, y_safe, t, t_sum, r, rh1, rh, rs, qa, qu, n_fin, inv_t, soft_coef,
+                    eps, H: tl.constexpr, DETACH: tl.constexpr, SMOOTH: tl.constexpr, KL: tl.constexpr,
                     PROBS: tl.constexpr):
-        # dL/dz for one block, every head, weighted by the upstream weights r [H_PAD]. PROBS: t [BLOCK_C]
-        # is the block of the target distribution (summing to t_sum over the row), else the label y_safe.
+        # dL/dz for one block, every head, with the upstream weights r [H_PAD] folded into the row factors:
+        # rh1 on p_1 (softmax(z) up to a row factor), rh = r * hard factor, rs = r * soft factor / T. PROBS:
+        # t [BLOCK_C] is the block of the target distribution (summing to t_sum over the row), else the
+        # label y_safe.
         if PROBS:
-            d_hard = p_1 * ((1.0 - eps) * t_sum + eps) - (1.0 - eps) * t[None, :]
+            grad = (p_1 * rh1[:, None]) * ((1.0 - eps) * t_sum + eps) - (rh * (1.0 - eps))[:, None] * t[None, :]
         else:
-            d_hard = p_1 - tl.where(cols[None, :] == y_safe, 1.0 - eps, 0.0)
+            grad = p_1 * rh1[:, None] - tl.where(cols[None, :] == y_safe, (rh * (1.0 - eps))[:, None], 0.0)
         if SMOOTH:
-            d_hard -= tl.where(z > float("-inf"), eps, 0.0) / n_fin[:, None]
+            grad -= tl.where(z > float("-inf"), (rh * eps / n_fin)[:, None], 0.0)
         if H > 1:
-            grad = r[:, None] * (hard_coef * d_hard + (soft_coef * inv_t) * (p_t - q))
+            grad += rs[:, None] * (p_t - q)
             if not DETACH:
                 if KL:  # b = a - u: the consensus entropy's gradient
                     g_q = tl.where(q > 0, q * ((z * inv_t - u) - (qa - qu)[:, None]), 0.0) * (-inv_t / (H - 1))
@@ -339,9 +368,99 @@ if triton is not None:
                     g_q = tl.where(q > 0, q * (z * inv_t - qa[:, None]), 0.0) * (-inv_t / (H - 1))
                 g_q = r[:, None] * g_q  # padded heads have r = 0
                 grad += soft_coef * (tl.sum(g_q, axis=0)[None, :] - g_q)
-        else:
-            grad = r[:, None] * d_hard
         return grad
+
+    @triton.jit
+    def _pass1_blocks(z_row, stride_zc, t_row, stride_yc, head_mask, cols0, start, stop, C, k, inv_t,
+                      m1, s1, s_t, m_c, s_c, t_c, v_c, sum_fin, n_fin, arg, zt, t_sum, t_max, t_arg,
+                      BLOCK_C: tl.constexpr, H: tl.constexpr, T_IS_TWO: tl.constexpr, KL: tl.constexpr,
+                      STATS: tl.constexpr, SMOOTH: tl.constexpr, PROBS: tl.constexpr, NUM_STAGES: tl.constexpr,
+                      FAST: tl.constexpr, SAFE: tl.constexpr):
+        # Pass 1 over the column blocks [start, stop) of a long row. SAFE: a block may hold -inf (absent
+        # classes, the columns past C). Not SAFE: every block is full (no column mask) and its logits are
+        # taken as finite (no absent-class arithmetic); if one was not, the consensus sums come out NaN and
+        # the caller runs the row again SAFE.
+        for b in tl.range(start, stop, num_stages=NUM_STAGES):
+            cols = b * BLOCK_C + cols0
+            if SAFE:
+                z = _load_block(z_row, stride_zc, cols, cols < C, head_mask)
+            else:
+                z = tl.load(z_row + cols[None, :].to(tl.int64) * stride_zc, mask=head_mask[:, None],
+                            other=0.0).to(tl.float32)
+            if STATS:
+                blk_arg = tl.argmax(z, axis=1).to(tl.int64) + b * BLOCK_C
+                arg = tl.where(tl.max(z, axis=1) > m1, blk_arg, arg)  # strict: first index wins
+            if SAFE:
+                m1, s1, s_t, m_c, s_c, t_c, v_c, _e1, _et, _eu = _pass1_block(
+                    z, z, head_mask, k, inv_t, m1, s1, s_t, m_c, s_c, t_c, v_c, H, T_IS_TWO, KL, FAST, True)
+                if SMOOTH:
+                    finite = z > float("-inf")
+                    sum_fin += tl.sum(tl.where(finite, z, 0.0), axis=1)
+                    n_fin += tl.sum(finite.to(tl.float32), axis=1)
+            else:
+                m1, s1, s_t, m_c, s_c, t_c, v_c, _e1, _et, _eu = _pass1_block(
+                    z, tl.sum(z, axis=0), head_mask, k, inv_t, m1, s1, s_t, m_c, s_c, t_c, v_c, H, T_IS_TWO, KL,
+                    FAST, False)
+                if SMOOTH:
+                    sum_fin += tl.sum(z, axis=1)
+                    n_fin += BLOCK_C
+            if PROBS:
+                if SAFE:
+                    tb = tl.load(t_row + cols.to(tl.int64) * stride_yc, mask=cols < C, other=0.0).to(tl.float32)
+                else:
+                    tb = tl.load(t_row + cols.to(tl.int64) * stride_yc).to(tl.float32)
+                zt += tl.sum(tl.where(tb[None, :] != 0.0, tb[None, :] * z, 0.0), axis=1)
+                t_sum += tl.sum(tb, axis=0)
+                if STATS:
+                    blk_t = tl.max(tb, axis=0)
+                    t_arg = tl.where(blk_t > t_max, tl.argmax(tb, axis=0).to(tl.int64) + b * BLOCK_C, t_arg)
+                    t_max = tl.maximum(t_max, blk_t)
+        return m1, s1, s_t, m_c, s_c, t_c, v_c, sum_fin, n_fin, arg, zt, t_sum, t_max, t_arg
+
+    @triton.jit
+    def _grad_blocks(z_row, stride_zc, g_row, stride_gc, t_row, stride_yc, head_mask, cols0, start, stop, C, k,
+                     lt, l1, lq, ok, y_safe, t_sum, r, rh1, rh, rs, qa, qu, n_fin, inv_t, soft_coef, eps,
+                     BLOCK_C: tl.constexpr, H: tl.constexpr, T_IS_TWO: tl.constexpr, DETACH: tl.constexpr,
+                     SMOOTH: tl.constexpr, KL: tl.constexpr, PROBS: tl.constexpr, NUM_STAGES: tl.constexpr,
+                     FAST: tl.constexpr, SAFE: tl.constexpr):
+        # Pass 2 over the column blocks [start, stop) of a long row: normalised exponentials straight from
+        # exp2, the row's log-sums (log2 units: lt, l1, lq) folded into the offsets. SAFE as in _pass1_blocks
+        # (the row's pass 1 says which).
+        for b in tl.range(start, stop, num_stages=NUM_STAGES):
+            cols = b * BLOCK_C + cols0
+            if SAFE:
+                z = _load_block(z_row, stride_zc, cols, cols < C, head_mask)
+            else:
+                z = tl.load(z_row + cols[None, :].to(tl.int64) * stride_zc, mask=head_mask[:, None],
+                            other=0.0).to(tl.float32)
+            p_t = _exp2(z * k - lt[:, None], FAST)
+            if T_IS_TWO:
+                p_1 = p_t * p_t  # softmax(z) up to the row factor in rh1
+            else:
+                p_1 = _exp2(z * 1.4426950408889634 - l1[:, None], FAST)
+            q = p_t  # unused when H == 1
+            u = p_t
+            if H > 1:
+                u2 = _consensus_log2(z, tl.sum(z, axis=0), head_mask, k / (H - 1), H, SAFE)
+                q = _exp2(u2 - lq[:, None], FAST)
+                if KL and not DETACH:
+                    u = u2 * 0.6931471805599453
+            tb = tl.zeros([BLOCK_C], tl.float32)
+            if PROBS:
+                if SAFE:
+                    tb = tl.load(t_row + cols.to(tl.int64) * stride_yc, mask=cols < C, other=0.0).to(tl.float32)
+                else:
+                    tb = tl.load(t_row + cols.to(tl.int64) * stride_yc).to(tl.float32)
+            grad = _grad_block(z, p_1, p_t, q, u, cols, y_safe, tb, t_sum[:, None], r, rh1, rh, rs, qa, qu, n_fin,
+                               inv_t, soft_coef, eps, H, DETACH, SMOOTH and SAFE, KL, PROBS)
+            if SMOOTH and not SAFE:  # every class is present
+                grad -= (rh * eps / n_fin)[:, None]
+            grad = tl.where(ok, grad, 0.0).to(g_row.dtype.element_ty)
+            if SAFE:
+                tl.store(g_row + cols[None, :].to(tl.int64) * stride_gc, grad,
+                         mask=head_mask[:, None] & (cols < C)[None, :])
+            else:
+                tl.store(g_row + cols[None, :].to(tl.int64) * stride_gc, grad, mask=head_mask[:, None])
 
     @triton.jit
     def _collab_loss_kernel(
@@ -352,7 +471,7 @@ if triton is not None:
         stats_ptr,  # fp32 [4, H] accumulators: mean hard, mean soft, correct count; [3, 0] = n_valid
         nvalid_ptr,  # [] number of non-ignored labels (read when MEAN or STATS)
         r_ptr, stride_rh, stride_rn,  # upstream weights [H, N] (ROW_WEIGHTS: backward)
-        rs_ptr,  # fp32 [8, H, N] row statistics: written by forward (ROW_STATS 1), read by backward (2)
+        rs_ptr,  # fp32 [K, H, N] row statistics (_row_stats_count): written by forward (ROW_STATS 1), read by backward (2)
         N, C_v, ignore_index,  # C / VEC
         inv_t, hard_coef, soft_coef, eps,  # the factors on the hard and the soft objective
         H: tl.constexpr, H_PAD: tl.constexpr, BLOCK_C: tl.constexpr, NUM_BLOCKS: tl.constexpr,
@@ -363,6 +482,7 @@ if triton is not None:
         ROW_STATS: tl.constexpr,  # 0: none; 1: store pass 1's statistics; 2: load them instead of pass 1
         NUM_STAGES: tl.constexpr,  # > 1: the column loops prefetch the next blocks (cp.async into shared memory)
         PROBS: tl.constexpr,  # the target is a distribution over classes per sample (mixup, cutmix, smoothing)
+        FAST_EXP: tl.constexpr,  # exponentials as one MUFU.EX2 each (NVIDIA; see _exp2)
     ):
         # The row strides and C arrive divided by VEC: multiplied back here, Triton knows that they are
         # multiples of VEC, so every row starts on a 16-byte boundary and masks are constant per VEC
@@ -396,6 +516,7 @@ if triton is not None:
             z_y = tl.load(z_ptr + n * stride_zn + heads.to(tl.int64) * stride_zh + y_safe * stride_zc,
                           mask=head_mask, other=0.0).to(tl.float32)
         cols0 = tl.arange(0, BLOCK_C)
+        k = inv_t * 1.4426950408889634  # log2(e) / T: exponentials as exp2 with the scale folded in
 
         # ---- pass 1: row statistics per head ([H_PAD] vectors), online over column blocks ----
         # (backward of a long row loads them from forward instead: the row is read once per phase)
@@ -414,9 +535,10 @@ if triton is not None:
             t_sum = tl.zeros([H_PAD], tl.float32)  # sum of t (over the row; per head, all equal)
         else:
             t_sum = tl.zeros([H_PAD], tl.float32) + 1.0  # a label's distribution sums to 1
-        t_max = float("-inf")  # PROBS: the target's top class (stats): its value and first index
+        t_max = (n * 0).to(tl.float32) - float("inf")  # PROBS: the target's top class (stats): value, first index
         t_arg = n * 0
         t = tl.zeros([BLOCK_C], tl.float32)  # PROBS: the target block of a one-block row, kept for pass 2
+        safe_row = tl.zeros([H_PAD], tl.float32)  # > 0: the row holds -inf (absent classes); pass 2 is SAFE
         rs_row = rs_ptr + heads.to(tl.int64) * N + n  # [H_PAD]: statistic k of (head, row) at k * H * N
         if ROW_STATS == 2:
             # padded heads get finite values: their gradient is weighted by r = 0 and must not be NaN
@@ -428,8 +550,9 @@ if triton is not None:
             t_c = tl.load(rs_row + 5 * H * N, mask=head_mask, other=0.0)
             v_c = tl.load(rs_row + 6 * H * N, mask=head_mask, other=0.0)
             n_fin = tl.load(rs_row + 7 * H * N, mask=head_mask, other=1.0)
+            safe_row = tl.load(rs_row + 8 * H * N, mask=head_mask, other=0.0)
             if PROBS:
-                t_sum = tl.load(rs_row + 8 * H * N, mask=head_mask, other=1.0)
+                t_sum = tl.load(rs_row + 9 * H * N, mask=head_mask, other=1.0)
         elif NUM_BLOCKS == 1:
             # The whole row is one tile: read it once, keep its exponentials for pass 2.
             col_mask = cols0 < C
@@ -437,7 +560,7 @@ if triton is not None:
             if STATS:
                 arg = tl.argmax(z, axis=1).to(tl.int64)
             m1, s1, s_t, m_c, s_c, t_c, v_c, e_1, e_t, e_u = _pass1_block(
-                z, head_mask, inv_t, m1, s1, s_t, m_c, s_c, t_c, v_c, H, T_IS_TWO, KL)
+                z, z, head_mask, k, inv_t, m1, s1, s_t, m_c, s_c, t_c, v_c, H, T_IS_TWO, KL, FAST_EXP, True)
             if SMOOTH:
                 finite = z > float("-inf")
                 sum_fin = tl.sum(tl.where(finite, z, 0.0), axis=1)
@@ -449,26 +572,24 @@ if triton is not None:
                 if STATS:
                     t_arg = tl.argmax(t, axis=0).to(tl.int64)
         else:
-            for b in tl.range(0, NUM_BLOCKS, num_stages=NUM_STAGES):
-                cols = b * BLOCK_C + cols0
-                z = _load_block(z_row, stride_zc, cols, cols < C, head_mask)
-                if STATS:
-                    blk_arg = tl.argmax(z, axis=1).to(tl.int64) + b * BLOCK_C
-                    arg = tl.where(tl.max(z, axis=1) > m1, blk_arg, arg)  # strict: first index wins
-                m1, s1, s_t, m_c, s_c, t_c, v_c, _e1, _et, _eu = _pass1_block(
-                    z, head_mask, inv_t, m1, s1, s_t, m_c, s_c, t_c, v_c, H, T_IS_TWO, KL)
-                if SMOOTH:
-                    finite = z > float("-inf")
-                    sum_fin += tl.sum(tl.where(finite, z, 0.0), axis=1)
-                    n_fin += tl.sum(finite.to(tl.float32), axis=1)
-                if PROBS:
-                    tb = tl.load(t_row + cols.to(tl.int64) * stride_yc, mask=cols < C, other=0.0).to(tl.float32)
-                    zt += tl.sum(tl.where(tb[None, :] != 0.0, tb[None, :] * z, 0.0), axis=1)
-                    t_sum += tl.sum(tb, axis=0)
-                    if STATS:
-                        blk_t = tl.max(tb, axis=0)
-                        t_arg = tl.where(blk_t > t_max, tl.argmax(tb, axis=0).to(tl.int64) + b * BLOCK_C, t_arg)
-                        t_max = tl.maximum(t_max, blk_t)
+            # Full blocks first, taken as finite; again SAFE where the consensus sums say they were not (a
+            # row with absent classes); then the last, partial block, SAFE.
+            n_full = C // BLOCK_C
+            a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14 = _pass1_blocks(
+                z_row, stride_zc, t_row, stride_yc, head_mask, cols0, 0, n_full, C, k, inv_t,
+                m1, s1, s_t, m_c, s_c, t_c, v_c, sum_fin, n_fin, arg, zt, t_sum, t_max, t_arg,
+                BLOCK_C, H, T_IS_TWO, KL, STATS, SMOOTH, PROBS, NUM_STAGES, FAST_EXP, H == 1)
+            if H > 1:
+                if tl.sum(tl.where((a5 == a5) & (a6 == a6) & (a7 == a7), 0, 1), axis=0) > 0:
+                    safe_row += 1.0
+                    a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14 = _pass1_blocks(
+                        z_row, stride_zc, t_row, stride_yc, head_mask, cols0, 0, n_full, C, k, inv_t,
+                        m1, s1, s_t, m_c, s_c, t_c, v_c, sum_fin, n_fin, arg, zt, t_sum, t_max, t_arg,
+                        BLOCK_C, H, T_IS_TWO, KL, STATS, SMOOTH, PROBS, NUM_STAGES, FAST_EXP, True)
+            m1, s1, s_t, m_c, s_c, t_c, v_c, sum_fin, n_fin, arg, zt, t_sum, t_max, t_arg = _pass1_blocks(
+                z_row, stride_zc, t_row, stride_yc, head_mask, cols0, n_full, NUM_BLOCKS, C, k, inv_t,
+                a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14,
+                BLOCK_C, H, T_IS_TWO, KL, STATS, SMOOTH, PROBS, NUM_STAGES, FAST_EXP, True)
 
         m1_safe = tl.where(m1 == float("-inf"), 0.0, m1)
         lse_1 = m1_safe + tl.log(s1)
@@ -488,7 +609,7 @@ if triton is not None:
             soft = m1_safe * inv_t + tl.log(s_t) - qa  # lse(a_h) - <q_h, a_h>
             if KL:
                 qu = v_c / s_c
-                soft -= mc_safe + tl.log(s_c) - qu  # minus the consensus entropy lse(u_h) - <q_h, u_h>
+                soft -= mc_safe * 0.6931471805599453 + tl.log(s_c) - qu  # minus the consensus entropy lse(u_h) - <q_h, u_h>
             per = hard_coef * hard + soft_coef * soft
         else:
             soft = tl.zeros([H_PAD], tl.float32)
@@ -525,8 +646,9 @@ if triton is not None:
             tl.store(rs_row + 5 * H * N, t_c, mask=head_mask)
             tl.store(rs_row + 6 * H * N, v_c, mask=head_mask)
             tl.store(rs_row + 7 * H * N, n_fin, mask=head_mask)
+            tl.store(rs_row + 8 * H * N, safe_row, mask=head_mask)
             if PROBS:
-                tl.store(rs_row + 8 * H * N, t_sum, mask=head_mask)
+                tl.store(rs_row + 9 * H * N, t_sum, mask=head_mask)
 
         # ---- pass 2: gradient ----
         if COMPUTE_GRAD:
@@ -538,45 +660,53 @@ if triton is not None:
             else:
                 r = tl.zeros([H_PAD], tl.float32) + 1.0
             r = tl.where(ok & head_mask, r, 0.0)
-            inv_s1 = 1.0 / s1
-            inv_st = 1.0 / s_t
-            inv_sc = 1.0 / s_c
+            if H > 1:
+                rh = r * hard_coef
+            else:
+                rh = r  # one head: plain cross-entropy
+            rs = r * (soft_coef * inv_t)
             g_row = g_ptr + n * stride_gn + heads[:, None].to(tl.int64) * stride_gh
             if NUM_BLOCKS == 1 and ROW_STATS != 2:
                 u = e_u  # used only for KL through a live consensus
                 if H > 1:
                     if KL and not DETACH:
-                        u = _consensus_logits(z, head_mask, inv_t, H)
-                grad = _grad_block(z, e_1 * inv_s1[:, None], e_t * inv_st[:, None], e_u * inv_sc[:, None], u,
-                                   cols0, y_safe, t, t_sum[:, None], r, qa, qu, n_fin, inv_t, hard_coef, soft_coef,
-                                   eps, H, DETACH, SMOOTH, KL, PROBS)
+                        u = _consensus_log2(z, z, head_mask, k / (H - 1), H, True) * 0.6931471805599453
+                grad = _grad_block(z, e_1, e_t * (1.0 / s_t)[:, None], e_u * (1.0 / s_c)[:, None], u, cols0, y_safe, t,
+                                   t_sum[:, None], r, rh / s1, rh, rs, qa, qu, n_fin, inv_t, soft_coef, eps, H, DETACH,
+                                   SMOOTH, KL, PROBS)
                 grad = tl.where(ok, grad, 0.0)
                 tl.store(g_row + cols0[None, :].to(tl.int64) * stride_gc, grad.to(g_ptr.dtype.element_ty),
                          mask=head_mask[:, None] & col_mask[None, :])
             else:
-                for b in tl.range(0, NUM_BLOCKS, num_stages=NUM_STAGES):
-                    cols = b * BLOCK_C + cols0
-                    col_mask = cols < C
-                    z = _load_block(z_row, stride_zc, cols, col_mask, head_mask)
-                    e_t = tl.exp((z - m1_safe[:, None]) * inv_t)
-                    if T_IS_TWO:
-                        e_1 = e_t * e_t
+                # With T = 2, softmax(z) = p_t^2 s_t^2 / s1: the row factor goes into rh1.
+                lt = m1_safe * k + tl.log2(s_t)
+                if T_IS_TWO:
+                    rh1 = rh * (s_t * s_t / s1)
+                else:
+                    rh1 = rh
+                l1 = m1_safe * 1.4426950408889634 + tl.log2(s1)
+                lq = mc_safe + tl.log2(s_c)
+                n_full = C // BLOCK_C
+                if H > 1:
+                    if tl.max(safe_row, axis=0) > 0:
+                        _grad_blocks(z_row, stride_zc, g_row, stride_gc, t_row, stride_yc, head_mask, cols0, 0,
+                                     n_full, C, k, lt, l1, lq, ok, y_safe, t_sum, r, rh1, rh, rs, qa, qu, n_fin,
+                                     inv_t, soft_coef, eps, BLOCK_C, H, T_IS_TWO, DETACH, SMOOTH, KL, PROBS,
+                                     NUM_STAGES, FAST_EXP, True)
                     else:
-                        e_1 = tl.exp(z - m1_safe[:, None])
-                    q = e_t  # unused when H == 1
-                    u = e_t
-                    if H > 1:
-                        u = _consensus_logits(z, head_mask, inv_t, H)
-                        q = tl.exp(u - mc_safe[:, None]) * inv_sc[:, None]
-                    tb = t
-                    if PROBS:
-                        tb = tl.load(t_row + cols.to(tl.int64) * stride_yc, mask=col_mask, other=0.0).to(tl.float32)
-                    grad = _grad_block(z, e_1 * inv_s1[:, None], e_t * inv_st[:, None], q, u,
-                                       cols, y_safe, tb, t_sum[:, None], r, qa, qu, n_fin, inv_t, hard_coef,
-                                       soft_coef, eps, H, DETACH, SMOOTH, KL, PROBS)
-                    grad = tl.where(ok, grad, 0.0)
-                    tl.store(g_row + cols[None, :].to(tl.int64) * stride_gc, grad.to(g_ptr.dtype.element_ty),
-                             mask=head_mask[:, None] & col_mask[None, :])
+                        _grad_blocks(z_row, stride_zc, g_row, stride_gc, t_row, stride_yc, head_mask, cols0, 0,
+                                     n_full, C, k, lt, l1, lq, ok, y_safe, t_sum, r, rh1, rh, rs, qa, qu, n_fin,
+                                     inv_t, soft_coef, eps, BLOCK_C, H, T_IS_TWO, DETACH, SMOOTH, KL, PROBS,
+                                     NUM_STAGES, FAST_EXP, False)
+                else:
+                    _grad_blocks(z_row, stride_zc, g_row, stride_gc, t_row, stride_yc, head_mask, cols0, 0, n_full,
+                                 C, k, lt, l1, lq, ok, y_safe, t_sum, r, rh1, rh, rs, qa, qu, n_fin, inv_t,
+                                 soft_coef, eps, BLOCK_C, H, T_IS_TWO, DETACH, SMOOTH, KL, PROBS, NUM_STAGES,
+                                 FAST_EXP, True)
+                _grad_blocks(z_row, stride_zc, g_row, stride_gc, t_row, stride_yc, head_mask, cols0, n_full,
+                             NUM_BLOCKS, C, k, lt, l1, lq, ok, y_safe, t_sum, r, rh1, rh, rs, qa, qu, n_fin, inv_t,
+                             soft_coef, eps, BLOCK_C, H, T_IS_TWO, DETACH, SMOOTH, KL, PROBS, NUM_STAGES, FAST_EXP,
+                             True)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -605,6 +735,11 @@ def interpreter_active() -> bool:
     from triton.runtime.interpreter import InterpretedFunction
 
     return isinstance(_collab_loss_kernel, InterpretedFunction)
+
+
+def _fast_exp() -> bool:
+    """Exponentials through PTX's ex2.approx.ftz (see _exp2): compiled for NVIDIA GPUs, not interpreted."""
+    return torch.version.hip is None and not interpreter_active()
 
 
 def _check_triton_usable(device: torch.device) -> None:
@@ -746,7 +881,8 @@ def _launch(
                 REDUCE=reduce, MEAN=mean, COMPUTE_LOSS=compute_loss, COMPUTE_GRAD=compute_grad,
                 ROW_WEIGHTS=row_weights is not None, DETACH=params.detach_consensus, STATS=return_stats,
                 SMOOTH=params.label_smoothing > 0, T_IS_TWO=params.temperature == 2.0, KL=params.soft_loss == "kl",
-                VEC=vec, ROW_STATS=mode, NUM_STAGES=stages, PROBS=probs, num_warps=num_warps,
+                VEC=vec, ROW_STATS=mode, NUM_STAGES=stages, PROBS=probs, FAST_EXP=_fast_exp(),
+                num_warps=num_warps,
             )
     elif compute_grad and grad_out is None:
         grad.zero_()
@@ -762,8 +898,8 @@ def _num_valid(target: torch.Tensor, params: CollabLossParams) -> torch.Tensor:
 
 
 def _row_stats_count(target: torch.Tensor) -> int:
-    # m1, s1, s_t, m_c, s_c, t_c, v_c, n_fin; and the target's sum for a probability target
-    return 9 if target.is_floating_point() else 8
+    # m1, s1, s_t, m_c, s_c, t_c, v_c, n_fin, the row's absent-class flag; the target's sum for probabilities
+    return 10 if target.is_floating_point() else 9
 
 
 def _row_stats_buffer(logits: torch.Tensor, target: torch.Tensor, params: CollabLossParams) -> torch.Tensor | None:
@@ -817,7 +953,7 @@ def _(logits, target, temperature, hard_coef, soft_coef, detach_consensus, ignor
     # The block choice needs concrete H and C (the kernel is specialised on them anyway): int() guards on
     # them; symbolic power-of-two arithmetic took minutes under dynamic shapes. N stays dynamic.
     long_rows = pick_block_c(int(h), int(c), block_c or None)[1] > 1
-    k = 9 if target.is_floating_point() else 8
+    k = _row_stats_count(target)
     rs = logits.new_empty((k, h, n) if keep_row_stats and long_rows else (0,), dtype=torch.float32)
     return loss, stats, rs
 
@@ -846,7 +982,7 @@ def _(logits, target, row_weights, row_stats, temperature, hard_coef, soft_coef,
 # again with the upstream weights r [H, N] read on the device (grad_output / n_valid for "mean", a
 # stride-0 view of the scalar), so the gradient is written once, already scaled: no stored [H, N, C]
 # gradient between forward and backward, no extra multiply pass, no host sync. Rows longer than one
-# block: forward keeps pass 1's statistics (fp32 [8, H, N], 32 bytes a row and head), so backward reads
+# block: forward keeps pass 1's statistics (fp32 [9, H, N], 36 bytes a row and head), so backward reads
 # each row once too.
 # ----------------------------------------------------------------------------------------------------
 
