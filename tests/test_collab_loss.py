@@ -998,6 +998,26 @@ def test_long_rows_take_the_finite_path_and_run_again_safe_where_a_class_is_abse
         assert_close(st[2], want.correct, atol=0)
 
 
+@pytest.mark.parametrize("H", [2, 3])
+def test_long_rows_with_a_class_absent_from_one_head_only(H):
+    # Head 0 lacks class 20 of row 1, which the other heads' consensus keeps: head 0's soft loss is
+    # infinite there (as in the reference), the rest is exact, and the row was flagged for the SAFE path
+    # (with H = 2 the finite path's sums come out -inf, not NaN).
+    z, y = make(H, 4, 64, seed=7)
+    z[0, 1, 20] = float("-inf")
+    ref, ker, gr, gk = run_both(z, y, block_c=16, reduction="none")
+    assert ker[0, 1] == ref[0, 1] == float("inf")
+    keep = torch.ones_like(ref, dtype=torch.bool)
+    keep[0, 1] = False
+    assert_close(ker[keep], ref[keep], atol=2e-5)
+    assert torch.isfinite(gk).all()
+    assert_close(gk, gr, atol=2e-6)
+    params = cl.CollabLossParams(block_c=16, reduction="none")
+    rs = cl._row_stats_buffer(z, y, params)
+    cl._launch(z, y, params, save_row_stats=rs)
+    assert rs[8].tolist() == [[0.0, 1.0, 0.0, 0.0]] * H
+
+
 @pytest.mark.parametrize("bad, match", [
     (lambda z: torch.full((5, 9), 0.1), r"shape \[N, C\] = \[5, 10\]"),
     (lambda z: torch.full((5, 10), 0.1, requires_grad=True), "no gradient to a probability target"),

@@ -291,12 +291,31 @@ if triton is not None:
             return tl.exp2(x)
 
     @triton.jit
+    def _swap_heads(x):
+        # x [2, BLOCK_C] -> the other head's row. Both heads of a column live in one thread (the tiles'
+        # layouts put warps along the columns), so the selects fold away: no instruction.
+        h = tl.arange(0, 2)[:, None]
+        x0 = tl.sum(tl.where(h == 0, x, -0.0), axis=0)  # x + (-0.0) == x exactly, -inf and NaN included
+        x1 = tl.sum(tl.where(h == 1, x, -0.0), axis=0)
+        return tl.where(h == 0, x1[None, :], x0[None, :])
+
+    @triton.jit
+    def _swap_head_stats(x):
+        # x [2] -> the other head's value
+        h = tl.arange(0, 2)
+        x0 = tl.sum(tl.where(h == 0, x, -0.0), axis=0)
+        x1 = tl.sum(tl.where(h == 1, x, -0.0), axis=0)
+        return tl.where(h == 0, x1, x0)
+
+    @triton.jit
     def _consensus_log2(z, total, head_mask, ck, H: tl.constexpr, SAFE: tl.constexpr):
         # u_h log2(e) = (sum of the other heads' z) log2(e) / (T (H - 1)); ck = log2(e) / (T (H - 1)).
         # Not SAFE: the caller found no -inf in the block, and total [BLOCK_C] is the plain sum over heads
         # (padded heads load as 0): one FFMA per element. SAFE: sums of the finite logits only, and -inf
         # where another head masks the class.
-        if SAFE:
+        if H == 2:  # the other head's z, -inf included: exact, no arithmetic
+            u2 = _swap_heads(z) * ck
+        elif SAFE:
             finite = (z > float("-inf")) & head_mask[:, None]
             absent = (z == float("-inf")) & head_mask[:, None]
             zf = tl.where(finite, z, 0.0)
@@ -324,17 +343,31 @@ if triton is not None:
         s1 = s1 * _exp2((m1 - m_safe) * 1.4426950408889634, FAST) + tl.sum(e_1, axis=1)
         s_t = s_t * _exp2(m1 * k - mk, FAST) + tl.sum(e_t, axis=1)
         e_u = e_t  # unused when H == 1
-        if H > 1:
+        if H == 2:
+            # Head h's consensus is head 1-h's z / T: its maximum, exponentials and sum are the other head's
+            # (m_c in log2 units, the offsets bit for bit those of e_t): no second exponential.
+            mc_new = _swap_head_stats(m_new) * k
+            mc_safe = _swap_head_stats(mk)
+            e_u = _swap_heads(e_t)
+            u2 = e_u  # (KL) computed below
+            if KL:
+                u2 = _swap_heads(z) * k
+            rescale = _exp2(m_c - mc_safe, FAST)
+        elif H > 1:
             u2 = _consensus_log2(z, total, head_mask, k / (H - 1), H, SAFE)
             mc_new = tl.maximum(m_c, tl.max(u2, axis=1))
             mc_safe = tl.where(mc_new == float("-inf"), 0.0, mc_new)
             e_u = _exp2(u2 - mc_safe[:, None], FAST)
             rescale = _exp2(m_c - mc_safe, FAST)
+        if H > 1:
             if SAFE:  # 0 * (-inf) at absent classes: their terms are 0
                 ez = tl.where(e_u > 0, e_u * z, 0.0)
             else:
                 ez = e_u * z
-            s_c = s_c * rescale + tl.sum(e_u, axis=1)
+            if H == 2:
+                s_c = _swap_head_stats(s_t)
+            else:
+                s_c = s_c * rescale + tl.sum(e_u, axis=1)
             t_c = t_c * rescale + tl.sum(ez, axis=1) * inv_t
             if KL:
                 if SAFE:
@@ -378,7 +411,7 @@ if triton is not None:
                       FAST: tl.constexpr, SAFE: tl.constexpr):
         # Pass 1 over the column blocks [start, stop) of a long row. SAFE: a block may hold -inf (absent
         # classes, the columns past C). Not SAFE: every block is full (no column mask) and its logits are
-        # taken as finite (no absent-class arithmetic); if one was not, the consensus sums come out NaN and
+        # taken as finite (no absent-class arithmetic); if one was not, the consensus sums come out NaN or -inf and
         # the caller runs the row again SAFE.
         for b in tl.range(start, stop, num_stages=NUM_STAGES):
             cols = b * BLOCK_C + cols0
@@ -440,7 +473,11 @@ if triton is not None:
                 p_1 = _exp2(z * 1.4426950408889634 - l1[:, None], FAST)
             q = p_t  # unused when H == 1
             u = p_t
-            if H > 1:
+            if H == 2:
+                q = _swap_heads(p_t)  # lq is the other head's lt (see _pass1_block)
+                if KL and not DETACH:
+                    u = _swap_heads(z) * inv_t
+            elif H > 1:
                 u2 = _consensus_log2(z, tl.sum(z, axis=0), head_mask, k / (H - 1), H, SAFE)
                 q = _exp2(u2 - lq[:, None], FAST)
                 if KL and not DETACH:
@@ -580,7 +617,7 @@ if triton is not None:
                 m1, s1, s_t, m_c, s_c, t_c, v_c, sum_fin, n_fin, arg, zt, t_sum, t_max, t_arg,
                 BLOCK_C, H, T_IS_TWO, KL, STATS, SMOOTH, PROBS, NUM_STAGES, FAST_EXP, H == 1)
             if H > 1:
-                if tl.sum(tl.where((a5 == a5) & (a6 == a6) & (a7 == a7), 0, 1), axis=0) > 0:
+                if tl.sum(tl.where((a5 == a5) & (a6 == a6) & (a6 > float("-inf")) & (a7 == a7), 0, 1), axis=0) > 0:
                     safe_row += 1.0
                     a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14 = _pass1_blocks(
                         z_row, stride_zc, t_row, stride_yc, head_mask, cols0, 0, n_full, C, k, inv_t,
