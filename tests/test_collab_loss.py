@@ -783,6 +783,90 @@ print("RESULT", json.dumps(out))
 """
 
 
+# What the long-row loops execute per element, read from the SASS the launcher's own calls compile to for
+# sm_90 (cuobjdump ships in Triton's wheel): for each column loop (a backward branch), its instructions, its
+# MUFU.EX2 and its local-memory accesses; the finite path is the smallest loop with exponentials.
+_SASS = _BINDER.split("cuobjdump = ")[0] + r"""
+cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+if not os.path.exists(cuobjdump):
+    print("RESULT", json.dumps("no cuobjdump"))
+    sys.exit(0)
+def sass(cubin):
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as f:
+            f.write(cubin)
+        text = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True).stdout
+        usage = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True).stdout
+    ins = [(int(m.group(1), 16), m.group(2)) for m in
+           re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)[^;]*;", text)]
+    return ins, text, dict(re.findall(r"\b(REG|STACK|LOCAL):(\d+)", usage))
+out = []
+for H, N, C, dt in [(1, 4096, 128256, "bfloat16"), (2, 4096, 128256, "bfloat16"), (2, 4096, 128256, "float32"),
+                    (3, 4096, 50257, "bfloat16"), (4, 4096, 32000, "bfloat16"), (8, 4096, 32000, "bfloat16")]:
+    z = torch.empty(H, N, C, dtype=getattr(torch, dt), device="meta")
+    y = torch.empty(N, dtype=torch.int64, device="meta")
+    p = cl.CollabLossParams()
+    rs = cl._row_stats_buffer(z, y, p)
+    compiled.clear()
+    cl._launch(z, y, p, save_row_stats=rs)  # forward
+    cl._launch(z, y, p, compute_loss=False, compute_grad=True, row_weights=torch.empty((), device="meta").expand(H, N),
+               row_stats=rs)  # backward
+    block, _, warps = cl.pick_block_c(H, C)
+    per_thread = triton.next_power_of_2(H) * block // (warps * 32)  # elements of a block, per thread
+    for phase, k in zip(("forward", "backward"), compiled):
+        ins, text, usage = sass(k.asm["cubin"])
+        loops = []
+        for addr, op in ins:
+            m = re.search(r"/\*%04x\*/\s+(?:@!?U?P\w+\s+)?BRA[^;]*0x([0-9a-f]+)" % addr, text) if op.startswith("BRA") else None
+            if m and int(m.group(1), 16) < addr:
+                body = [o for a, o in ins if int(m.group(1), 16) <= a <= addr]
+                loops.append({"per_element": len(body) / per_thread,
+                              "ex2_per_element": sum(o.startswith("MUFU.EX2") for o in body) / per_thread,
+                              "local": sum(o.startswith(("LDL", "STL")) for o in body)})
+        exp_loops = sorted((l for l in loops if l["ex2_per_element"] > 0), key=lambda l: l["per_element"])
+        out.append({"shape": f"H{H} C{C} {dt}", "phase": phase, "exp_loops": len(exp_loops),
+                    "finite": exp_loops[0], "loop_local": sum(l["local"] for l in loops),
+                    **{k.lower(): int(v) for k, v in usage.items()}})
+print("RESULT", json.dumps(out))
+"""
+
+# Instructions per element of the finite path's column loop, fwd / bwd (T = 2, labels, defaults), with ~10%
+# over the counts of Triton 3.6, 3.7 and 3.9 (benchmarks/results/sass_loss_*): a change that puts
+# instructions back into the loops fails here.
+_SASS_BOUNDS = {
+    "H1 C128256 bfloat16": (15.0, 13.0),
+    "H2 C128256 bfloat16": (15.5, 13.0),
+    "H2 C128256 float32": (14.0, 11.0),
+    "H3 C50257 bfloat16": (31.5, 16.5),
+    "H4 C32000 bfloat16": (31.0, 16.5),
+    "H8 C32000 bfloat16": (30.5, 16.0),
+}
+
+
+@pytest.mark.slow
+def test_long_row_loops_instruction_counts_for_sm90():
+    rows = _compile_rows(_SASS)
+    if rows == "no cuobjdump":
+        pytest.skip("this Triton ships no cuobjdump")
+    assert len(rows) == 12
+    per = {}
+    for r in rows:
+        fwd_bound, bwd_bound = _SASS_BOUNDS[r["shape"]]
+        heads = int(r["shape"].split()[0][1:])
+        f = r["finite"]
+        # the finite path, and the SAFE loops beside it (rows with absent classes, the last partial block)
+        assert r["exp_loops"] >= 2, r
+        assert f["per_element"] <= (fwd_bound if r["phase"] == "forward" else bwd_bound), r
+        # exponentials a logit: one per head and pass (exp(z - m) = e_t^2 at T = 2), a second for the
+        # consensus where H >= 3 (with H = 2 it is the other head's); the rest are per row and block
+        assert f["ex2_per_element"] <= (1.25 if heads <= 2 else 2.5), r
+        assert r["loop_local"] == 0 and r["local"] == 0 and r.get("stack", 0) <= 8, r  # no spills in the loops
+        assert r["reg"] <= (128 if heads <= 2 else 255), r  # H >= 3: 168-255 today (the issue's 128 is open)
+        per.setdefault(r["shape"], {})[r["phase"]] = f["per_element"]
+    assert per["H2 C128256 bfloat16"]["forward"] + per["H2 C128256 bfloat16"]["backward"] <= 30.0, per
+
+
 @pytest.mark.slow
 def test_launcher_compiles_strides_and_sizes_of_one():
     assert len(_compile_rows(_BINDER_ONES)) == 10

@@ -379,17 +379,17 @@ if triton is not None:
         return m_new, s1, s_t, m_c, s_c, t_c, v_c, e_1, e_t, e_u
 
     @triton.jit
-    def _grad_block(z, p_1, p_t, q, u, cols, y_safe, t, t_sum, r, rh1, rh, rs, qa, qu, n_fin, inv_t, soft_coef,
+    def _grad_block(z, p_1, p_t, q, u, cols0, y_rel, t, t_sum, r, rh1, rh, rs, qa, qu, n_fin, inv_t, soft_coef,
                     eps, H: tl.constexpr, DETACH: tl.constexpr, SMOOTH: tl.constexpr, KL: tl.constexpr,
                     PROBS: tl.constexpr):
         # dL/dz for one block, every head, with the upstream weights r [H_PAD] folded into the row factors:
         # rh1 on p_1 (softmax(z) up to a row factor), rh = r * hard factor, rs = r * soft factor / T. PROBS:
         # t [BLOCK_C] is the block of the target distribution (summing to t_sum over the row), else the
-        # label y_safe.
+        # label is column y_rel of the block (int32: one compare a column).
         if PROBS:
             grad = (p_1 * rh1[:, None]) * ((1.0 - eps) * t_sum + eps) - (rh * (1.0 - eps))[:, None] * t[None, :]
         else:
-            grad = p_1 * rh1[:, None] - tl.where(cols[None, :] == y_safe, (rh * (1.0 - eps))[:, None], 0.0)
+            grad = p_1 * rh1[:, None] - tl.where(cols0[None, :] == y_rel, (rh * (1.0 - eps))[:, None], 0.0)
         if SMOOTH:
             grad -= tl.where(z > float("-inf"), (rh * eps / n_fin)[:, None], 0.0)
         if H > 1:
@@ -452,7 +452,7 @@ if triton is not None:
 
     @triton.jit
     def _grad_blocks(z_row, stride_zc, g_row, stride_gc, t_row, stride_yc, head_mask, cols0, start, stop, C, k,
-                     lt, l1, lq, ok, y_safe, t_sum, r, rh1, rh, rs, qa, qu, n_fin, inv_t, soft_coef, eps,
+                     lt, l1, lq, y_safe, t_sum, r, rh1, rh, rs, qa, qu, n_fin, inv_t, soft_coef, eps,
                      BLOCK_C: tl.constexpr, H: tl.constexpr, T_IS_TWO: tl.constexpr, DETACH: tl.constexpr,
                      SMOOTH: tl.constexpr, KL: tl.constexpr, PROBS: tl.constexpr, NUM_STAGES: tl.constexpr,
                      FAST: tl.constexpr, SAFE: tl.constexpr):
@@ -488,11 +488,12 @@ if triton is not None:
                     tb = tl.load(t_row + cols.to(tl.int64) * stride_yc, mask=cols < C, other=0.0).to(tl.float32)
                 else:
                     tb = tl.load(t_row + cols.to(tl.int64) * stride_yc).to(tl.float32)
-            grad = _grad_block(z, p_1, p_t, q, u, cols, y_safe, tb, t_sum[:, None], r, rh1, rh, rs, qa, qu, n_fin,
+            y_rel = (y_safe - b * BLOCK_C).to(tl.int32)
+            grad = _grad_block(z, p_1, p_t, q, u, cols0, y_rel, tb, t_sum[:, None], r, rh1, rh, rs, qa, qu, n_fin,
                                inv_t, soft_coef, eps, H, DETACH, SMOOTH and SAFE, KL, PROBS)
             if SMOOTH and not SAFE:  # every class is present
                 grad -= (rh * eps / n_fin)[:, None]
-            grad = tl.where(ok, grad, 0.0).to(g_row.dtype.element_ty)
+            grad = grad.to(g_row.dtype.element_ty)
             if SAFE:
                 tl.store(g_row + cols[None, :].to(tl.int64) * stride_gc, grad,
                          mask=head_mask[:, None] & (cols < C)[None, :])
@@ -708,7 +709,7 @@ if triton is not None:
                 if H > 1:
                     if KL and not DETACH:
                         u = _consensus_log2(z, z, head_mask, k / (H - 1), H, True) * 0.6931471805599453
-                grad = _grad_block(z, e_1, e_t * (1.0 / s_t)[:, None], e_u * (1.0 / s_c)[:, None], u, cols0, y_safe, t,
+                grad = _grad_block(z, e_1, e_t * (1.0 / s_t)[:, None], e_u * (1.0 / s_c)[:, None], u, cols0, y_safe.to(tl.int32), t,
                                    t_sum[:, None], r, rh / s1, rh, rs, qa, qu, n_fin, inv_t, soft_coef, eps, H, DETACH,
                                    SMOOTH, KL, PROBS)
                 grad = tl.where(ok, grad, 0.0)
@@ -724,26 +725,33 @@ if triton is not None:
                 l1 = m1_safe * 1.4426950408889634 + tl.log2(s1)
                 lq = mc_safe + tl.log2(s_c)
                 n_full = C // BLOCK_C
-                if H > 1:
-                    if tl.max(safe_row, axis=0) > 0:
-                        _grad_blocks(z_row, stride_zc, g_row, stride_gc, t_row, stride_yc, head_mask, cols0, 0,
-                                     n_full, C, k, lt, l1, lq, ok, y_safe, t_sum, r, rh1, rh, rs, qa, qu, n_fin,
-                                     inv_t, soft_coef, eps, BLOCK_C, H, T_IS_TWO, DETACH, SMOOTH, KL, PROBS,
-                                     NUM_STAGES, FAST_EXP, True)
+                if ok:  # (a row-level branch: no per-element select of ignored rows)
+                    if H > 1:
+                        if tl.max(safe_row, axis=0) > 0:
+                            _grad_blocks(z_row, stride_zc, g_row, stride_gc, t_row, stride_yc, head_mask, cols0, 0,
+                                         n_full, C, k, lt, l1, lq, y_safe, t_sum, r, rh1, rh, rs, qa, qu, n_fin,
+                                         inv_t, soft_coef, eps, BLOCK_C, H, T_IS_TWO, DETACH, SMOOTH, KL, PROBS,
+                                         NUM_STAGES, FAST_EXP, True)
+                        else:
+                            _grad_blocks(z_row, stride_zc, g_row, stride_gc, t_row, stride_yc, head_mask, cols0, 0,
+                                         n_full, C, k, lt, l1, lq, y_safe, t_sum, r, rh1, rh, rs, qa, qu, n_fin,
+                                         inv_t, soft_coef, eps, BLOCK_C, H, T_IS_TWO, DETACH, SMOOTH, KL, PROBS,
+                                         NUM_STAGES, FAST_EXP, False)
                     else:
-                        _grad_blocks(z_row, stride_zc, g_row, stride_gc, t_row, stride_yc, head_mask, cols0, 0,
-                                     n_full, C, k, lt, l1, lq, ok, y_safe, t_sum, r, rh1, rh, rs, qa, qu, n_fin,
-                                     inv_t, soft_coef, eps, BLOCK_C, H, T_IS_TWO, DETACH, SMOOTH, KL, PROBS,
-                                     NUM_STAGES, FAST_EXP, False)
-                else:
-                    _grad_blocks(z_row, stride_zc, g_row, stride_gc, t_row, stride_yc, head_mask, cols0, 0, n_full,
-                                 C, k, lt, l1, lq, ok, y_safe, t_sum, r, rh1, rh, rs, qa, qu, n_fin, inv_t,
-                                 soft_coef, eps, BLOCK_C, H, T_IS_TWO, DETACH, SMOOTH, KL, PROBS, NUM_STAGES,
-                                 FAST_EXP, True)
-                _grad_blocks(z_row, stride_zc, g_row, stride_gc, t_row, stride_yc, head_mask, cols0, n_full,
-                             NUM_BLOCKS, C, k, lt, l1, lq, ok, y_safe, t_sum, r, rh1, rh, rs, qa, qu, n_fin, inv_t,
-                             soft_coef, eps, BLOCK_C, H, T_IS_TWO, DETACH, SMOOTH, KL, PROBS, NUM_STAGES, FAST_EXP,
-                             True)
+                        _grad_blocks(z_row, stride_zc, g_row, stride_gc, t_row, stride_yc, head_mask, cols0, 0, n_full,
+                                     C, k, lt, l1, lq, y_safe, t_sum, r, rh1, rh, rs, qa, qu, n_fin, inv_t,
+                                     soft_coef, eps, BLOCK_C, H, T_IS_TWO, DETACH, SMOOTH, KL, PROBS, NUM_STAGES,
+                                     FAST_EXP, True)
+                    _grad_blocks(z_row, stride_zc, g_row, stride_gc, t_row, stride_yc, head_mask, cols0, n_full,
+                                 NUM_BLOCKS, C, k, lt, l1, lq, y_safe, t_sum, r, rh1, rh, rs, qa, qu, n_fin, inv_t,
+                                 soft_coef, eps, BLOCK_C, H, T_IS_TWO, DETACH, SMOOTH, KL, PROBS, NUM_STAGES, FAST_EXP,
+                                 True)
+                else:  # an ignored sample: a zero gradient, whatever its logits hold
+                    for b in tl.range(0, NUM_BLOCKS):
+                        cols = b * BLOCK_C + cols0
+                        tl.store(g_row + cols[None, :].to(tl.int64) * stride_gc,
+                                 tl.zeros([H_PAD, BLOCK_C], g_ptr.dtype.element_ty),
+                                 mask=head_mask[:, None] & (cols < C)[None, :])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -755,8 +763,10 @@ _MAX_TILE = 8192  # elements of the [H_PAD, BLOCK_C] register tile
 # warps. Measured on an H200 (benchmarks/results/bench_loss_sweep_nvidia-h200_2026-12-04.md: fwd+bwd kernel-only
 # over tiles 4096-16384, 4/8/16 warps, prefetch on/off): 4 warps were fastest at both LM shapes, and the
 # earlier rule (warps = tile / 512, i.e. 16) was 1.7x (H2 C128256: 5.74 -> 3.31 ms) and 4.1x (H8 C32000:
-# 22.7 -> 5.49 ms) slower; blocks of 2048 (H2) and 1024 (H8) columns were the fastest there.
+# 22.7 -> 5.49 ms) slower; blocks of 2048 (H2) and 1024 (H8) columns were the fastest there. Three and four
+# heads (not swept) take 1024 columns: with 2048 (64 values a thread) the backward spills under Triton 3.6.
 _LONG_ROW_BLOCK = 2048
+_LONG_ROW_BLOCK_MANY_HEADS = 1024  # H >= 3
 # Software pipelining of the column loops (rows of at least this many blocks): Triton turns the loop's
 # loads into cp.async copies of the next block into shared memory. Off (1) by default: on the H200 sweep it
 # was slower in 16 of 18 configurations (by 1-12%; 2x in one). 2 compiles without stack or local memory
@@ -809,7 +819,7 @@ def pick_block_c(num_heads: int, num_classes: int, block_c: int | None = None) -
     if block_c is None:
         block_c = min(triton.next_power_of_2(num_classes), max(_MAX_TILE // h_pad, 16))
         if block_c < num_classes:  # a looped row: see _LONG_ROW_BLOCK
-            block_c = min(block_c, _LONG_ROW_BLOCK)
+            block_c = min(block_c, _LONG_ROW_BLOCK if h_pad <= 2 else _LONG_ROW_BLOCK_MANY_HEADS)
     num_blocks = triton.cdiv(num_classes, block_c)
     num_warps = 4 if num_blocks > 1 else min(16, max(4, (h_pad * block_c) // 512))
     return block_c, num_blocks, num_warps
