@@ -818,7 +818,9 @@ for H, N, C, dt in [(1, 4096, 128256, "bfloat16"), (2, 4096, 128256, "bfloat16")
         ins, text, usage = sass(k.asm["cubin"])
         loops = []
         for addr, op in ins:
-            m = re.search(r"/\*%04x\*/\s+(?:@!?U?P\w+\s+)?BRA[^;]*0x([0-9a-f]+)" % addr, text) if op.startswith("BRA") else None
+            if not op.startswith("BRA"):
+                continue
+            m = re.search(r"/\*%04x\*/\s+(?:@!?U?P\w+\s+)?BRA[^;]*0x([0-9a-f]+)" % addr, text)
             if m and int(m.group(1), 16) < addr:
                 body = [o for a, o in ins if int(m.group(1), 16) <= a <= addr]
                 loops.append({"per_element": len(body) / per_thread,

@@ -709,9 +709,9 @@ if triton is not None:
                 if H > 1:
                     if KL and not DETACH:
                         u = _consensus_log2(z, z, head_mask, k / (H - 1), H, True) * 0.6931471805599453
-                grad = _grad_block(z, e_1, e_t * (1.0 / s_t)[:, None], e_u * (1.0 / s_c)[:, None], u, cols0, y_safe.to(tl.int32), t,
-                                   t_sum[:, None], r, rh / s1, rh, rs, qa, qu, n_fin, inv_t, soft_coef, eps, H, DETACH,
-                                   SMOOTH, KL, PROBS)
+                grad = _grad_block(z, e_1, e_t * (1.0 / s_t)[:, None], e_u * (1.0 / s_c)[:, None], u, cols0,
+                                   y_safe.to(tl.int32), t, t_sum[:, None], r, rh / s1, rh, rs, qa, qu, n_fin, inv_t,
+                                   soft_coef, eps, H, DETACH, SMOOTH, KL, PROBS)
                 grad = tl.where(ok, grad, 0.0)
                 tl.store(g_row + cols0[None, :].to(tl.int64) * stride_gc, grad.to(g_ptr.dtype.element_ty),
                          mask=head_mask[:, None] & col_mask[None, :])
