@@ -300,6 +300,14 @@ if triton is not None:
         return tl.where(h == 0, x1[None, :], x0[None, :])
 
     @triton.jit
+    def _swap_heads3(x):
+        # x [2, G, VEC] -> the other head's (as _swap_heads)
+        h = tl.arange(0, 2)[:, None, None]
+        x0 = tl.sum(tl.where(h == 0, x, -0.0), axis=0)
+        x1 = tl.sum(tl.where(h == 1, x, -0.0), axis=0)
+        return tl.where(h == 0, x1[None, :, :], x0[None, :, :])
+
+    @triton.jit
     def _swap_head_stats(x):
         # x [2] -> the other head's value
         h = tl.arange(0, 2)
@@ -404,7 +412,107 @@ if triton is not None:
         return grad
 
     @triton.jit
-    def _pass1_blocks(z_row, stride_zc, t_row, stride_yc, head_mask, cols0, start, stop, C, k, inv_t,
+    def _pass1_blocks_per_thread(z_row, stride_zc, t_row, stride_yc, head_mask, cols0, start: tl.constexpr,
+                                 stop: tl.constexpr, k, inv_t,
+                                 m1, s1, s_t, m_c, s_c, t_c, v_c, sum_fin, n_fin, arg, zt, t_sum, t_max, t_arg,
+                                 BLOCK_C: tl.constexpr, H: tl.constexpr, H_PAD: tl.constexpr, VEC: tl.constexpr,
+                                 T_IS_TWO: tl.constexpr, KL: tl.constexpr, STATS: tl.constexpr,
+                                 SMOOTH: tl.constexpr, PROBS: tl.constexpr, NUM_STAGES: tl.constexpr,
+                                 FAST: tl.constexpr):
+        # Pass 1 over full blocks [start, stop), taken as finite (see _pass1_blocks), from the row's initial
+        # statistics, with online statistics per thread: each group of VEC adjacent columns (the 16 bytes one
+        # thread loads) keeps its own maxima and sums [H_PAD, G], so a block costs no reduction across threads
+        # (no shuffles, shared memory or barriers); the groups are merged into the row's [H_PAD] once, after
+        # the loop (the statistics' argmax too: a first column per group). Only a probability target reduces per block.
+        G: tl.constexpr = BLOCK_C // VEC
+        gm1 = tl.full([H_PAD, G], float("-inf"), tl.float32)  # max z of the group
+        gs1 = tl.zeros([H_PAD, G], tl.float32)  # sum exp(z - gm1)
+        gst = tl.zeros([H_PAD, G], tl.float32)  # sum exp((z - gm1) / T)
+        gmc = tl.full([H_PAD, G], float("-inf"), tl.float32)  # H >= 3: max u (log2 units)
+        gsc = tl.zeros([H_PAD, G], tl.float32)  # H >= 3: sum 2^(u - gmc)
+        gtc = tl.zeros([H_PAD, G], tl.float32)  # sum of the consensus exponentials times z
+        gvc = tl.zeros([H_PAD, G], tl.float32)  # KL: sum of the consensus exponentials times u
+        gsf = tl.zeros([H_PAD, G], tl.float32)  # SMOOTH: sum z
+        garg = tl.zeros([H_PAD, G], tl.int32)  # STATS: the group's first column holding its maximum
+        group_col = (tl.arange(0, G) * VEC)[None, :]  # [1, G]: the group's first column in a block
+        for b in tl.range(start, stop, num_stages=NUM_STAGES):
+            cols = b * BLOCK_C + cols0
+            z = tl.load(z_row + cols[None, :].to(tl.int64) * stride_zc, mask=head_mask[:, None],
+                        other=0.0).to(tl.float32)
+            if PROBS:
+                tb = tl.load(t_row + cols.to(tl.int64) * stride_yc).to(tl.float32)
+                zt += tl.sum(tl.where(tb[None, :] != 0.0, tb[None, :] * z, 0.0), axis=1)
+                t_sum += tl.sum(tb, axis=0)
+                if STATS:
+                    blk_t = tl.max(tb, axis=0)
+                    t_arg = tl.where(blk_t > t_max, tl.argmax(tb, axis=0).to(tl.int64) + b * BLOCK_C, t_arg)
+                    t_max = tl.maximum(t_max, blk_t)
+            z3 = tl.reshape(z, [H_PAD, G, VEC])
+            blk_max = tl.max(z3, axis=2)
+            if STATS:  # strict: an earlier block's column wins a tie
+                garg = tl.where(blk_max > gm1, b * BLOCK_C + group_col + tl.argmax(z3, axis=2), garg)
+            gm_new = tl.maximum(gm1, blk_max)
+            gmk = gm_new * k
+            a_t = _exp2(gm1 * k - gmk, FAST)  # rescale of the group's sums to its new maximum
+            e_t = _exp2(z3 * k - gmk[:, :, None], FAST)
+            if T_IS_TWO:
+                gs1 = gs1 * (a_t * a_t) + tl.sum(e_t * e_t, axis=2)
+            else:
+                gs1 = gs1 * _exp2((gm1 - gm_new) * 1.4426950408889634, FAST) + tl.sum(
+                    _exp2(z3 * 1.4426950408889634 - (gm_new * 1.4426950408889634)[:, :, None], FAST), axis=2)
+            gst = gst * a_t + tl.sum(e_t, axis=2)
+            if H == 2:  # the consensus is the other head's: its exponentials and rescale are swapped e_t, a_t
+                e_u = _swap_heads3(e_t)
+                a_u = _swap_heads(a_t)
+                gtc = gtc * a_u + tl.sum(e_u * z3, axis=2)
+                if KL:
+                    gvc = gvc * a_u + tl.sum(e_u * _swap_heads3(z3), axis=2)
+            elif H > 1:
+                ck = k / (H - 1)
+                u2 = tl.sum(z3, axis=0)[None, :, :] * ck - z3 * ck
+                gmc_new = tl.maximum(gmc, tl.max(u2, axis=2))
+                a_u = _exp2(gmc - gmc_new, FAST)
+                e_u = _exp2(u2 - gmc_new[:, :, None], FAST)
+                gsc = gsc * a_u + tl.sum(e_u, axis=2)
+                gtc = gtc * a_u + tl.sum(e_u * z3, axis=2)
+                if KL:
+                    gvc = gvc * a_u + tl.sum(e_u * u2, axis=2)
+                gmc = gmc_new
+            if SMOOTH:
+                gsf += tl.sum(z3, axis=2)
+            gm1 = gm_new
+        # merge the groups: each group's sums rescaled to the row's maxima
+        m_row = tl.max(gm1, axis=1)
+        if STATS:  # the first column holding the row's maximum
+            arg = tl.min(tl.where(gm1 == m_row[:, None], garg, 2147483647), axis=1).to(tl.int64)
+        w_t = _exp2(gm1 * k - (m_row * k)[:, None], FAST)
+        s_t = tl.sum(gst * w_t, axis=1)
+        if T_IS_TWO:
+            s1 = tl.sum(gs1 * (w_t * w_t), axis=1)
+        else:
+            s1 = tl.sum(gs1 * _exp2((gm1 - m_row[:, None]) * 1.4426950408889634, FAST), axis=1)
+        if H == 2:  # m_c, s_c: the other head's (in log2 units, as _pass1_block keeps them)
+            w_u = _swap_heads(w_t)
+            m_c = _swap_head_stats(m_row) * k
+            s_c = _swap_head_stats(s_t)
+            t_c = tl.sum(gtc * w_u, axis=1) * inv_t
+            if KL:
+                v_c = tl.sum(gvc * w_u, axis=1) * inv_t
+        elif H > 1:
+            m_c = tl.max(gmc, axis=1)
+            w_u = _exp2(gmc - m_c[:, None], FAST)
+            s_c = tl.sum(gsc * w_u, axis=1)
+            t_c = tl.sum(gtc * w_u, axis=1) * inv_t
+            if KL:
+                v_c = tl.sum(gvc * w_u, axis=1) * 0.6931471805599453
+        if SMOOTH:
+            sum_fin = tl.sum(gsf, axis=1)
+            n_fin = n_fin + (stop - start) * BLOCK_C
+        return m_row, s1, s_t, m_c, s_c, t_c, v_c, sum_fin, n_fin, arg, zt, t_sum, t_max, t_arg
+
+    @triton.jit
+    def _pass1_blocks(z_row, stride_zc, t_row, stride_yc, head_mask, cols0, start: tl.constexpr, stop: tl.constexpr,
+                      C, k, inv_t,
                       m1, s1, s_t, m_c, s_c, t_c, v_c, sum_fin, n_fin, arg, zt, t_sum, t_max, t_arg,
                       BLOCK_C: tl.constexpr, H: tl.constexpr, T_IS_TWO: tl.constexpr, KL: tl.constexpr,
                       STATS: tl.constexpr, SMOOTH: tl.constexpr, PROBS: tl.constexpr, NUM_STAGES: tl.constexpr,
@@ -451,7 +559,8 @@ if triton is not None:
         return m1, s1, s_t, m_c, s_c, t_c, v_c, sum_fin, n_fin, arg, zt, t_sum, t_max, t_arg
 
     @triton.jit
-    def _grad_blocks(z_row, stride_zc, g_row, stride_gc, t_row, stride_yc, head_mask, cols0, start, stop, C, k,
+    def _grad_blocks(z_row, stride_zc, g_row, stride_gc, t_row, stride_yc, head_mask, cols0, start: tl.constexpr,
+                     stop: tl.constexpr, C, k,
                      lt, l1, lq, y_safe, t_sum, r, rh1, rh, rs, qa, qu, n_fin, inv_t, soft_coef, eps,
                      BLOCK_C: tl.constexpr, H: tl.constexpr, T_IS_TWO: tl.constexpr, DETACH: tl.constexpr,
                      SMOOTH: tl.constexpr, KL: tl.constexpr, PROBS: tl.constexpr, NUM_STAGES: tl.constexpr,
@@ -521,6 +630,7 @@ if triton is not None:
         NUM_STAGES: tl.constexpr,  # > 1: the column loops prefetch the next blocks (cp.async into shared memory)
         PROBS: tl.constexpr,  # the target is a distribution over classes per sample (mixup, cutmix, smoothing)
         FAST_EXP: tl.constexpr,  # exponentials as one MUFU.EX2 each (NVIDIA; see _exp2)
+        TAIL: tl.constexpr,  # C is not a multiple of BLOCK_C: the last block is partial
     ):
         # The row strides and C arrive divided by VEC: multiplied back here, Triton knows that they are
         # multiples of VEC, so every row starts on a 16-byte boundary and masks are constant per VEC
@@ -555,6 +665,7 @@ if triton is not None:
                           mask=head_mask, other=0.0).to(tl.float32)
         cols0 = tl.arange(0, BLOCK_C)
         k = inv_t * 1.4426950408889634  # log2(e) / T: exponentials as exp2 with the scale folded in
+        n_full: tl.constexpr = NUM_BLOCKS - TAIL  # blocks of BLOCK_C columns, all before C
 
         # ---- pass 1: row statistics per head ([H_PAD] vectors), online over column blocks ----
         # (backward of a long row loads them from forward instead: the row is read once per phase)
@@ -612,22 +723,36 @@ if triton is not None:
         else:
             # Full blocks first, taken as finite; again SAFE where the consensus sums say they were not (a
             # row with absent classes); then the last, partial block, SAFE.
-            n_full = C // BLOCK_C
-            a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14 = _pass1_blocks(
-                z_row, stride_zc, t_row, stride_yc, head_mask, cols0, 0, n_full, C, k, inv_t,
-                m1, s1, s_t, m_c, s_c, t_c, v_c, sum_fin, n_fin, arg, zt, t_sum, t_max, t_arg,
-                BLOCK_C, H, T_IS_TWO, KL, STATS, SMOOTH, PROBS, NUM_STAGES, FAST_EXP, H == 1)
+            if VEC > 1:
+                a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14 = _pass1_blocks_per_thread(
+                    z_row, stride_zc, t_row, stride_yc, head_mask, cols0, 0, n_full, k, inv_t,
+                    m1, s1, s_t, m_c, s_c, t_c, v_c, sum_fin, n_fin, arg, zt, t_sum, t_max, t_arg,
+                    BLOCK_C, H, H_PAD, VEC, T_IS_TWO, KL, STATS, SMOOTH, PROBS, NUM_STAGES, FAST_EXP)
+            else:
+                a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14 = _pass1_blocks(
+                    z_row, stride_zc, t_row, stride_yc, head_mask, cols0, 0, n_full, C, k, inv_t,
+                    m1, s1, s_t, m_c, s_c, t_c, v_c, sum_fin, n_fin, arg, zt, t_sum, t_max, t_arg,
+                    BLOCK_C, H, T_IS_TWO, KL, STATS, SMOOTH, PROBS, NUM_STAGES, FAST_EXP, False)
+            # A -inf (or NaN) logit in a full block makes these NaN or -inf: the row runs again SAFE.
+            nonfinite = (a2 != a2) | (a3 != a3)
             if H > 1:
-                if tl.sum(tl.where((a5 == a5) & (a6 == a6) & (a6 > float("-inf")) & (a7 == a7), 0, 1), axis=0) > 0:
-                    safe_row += 1.0
-                    a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14 = _pass1_blocks(
-                        z_row, stride_zc, t_row, stride_yc, head_mask, cols0, 0, n_full, C, k, inv_t,
-                        m1, s1, s_t, m_c, s_c, t_c, v_c, sum_fin, n_fin, arg, zt, t_sum, t_max, t_arg,
-                        BLOCK_C, H, T_IS_TWO, KL, STATS, SMOOTH, PROBS, NUM_STAGES, FAST_EXP, True)
-            m1, s1, s_t, m_c, s_c, t_c, v_c, sum_fin, n_fin, arg, zt, t_sum, t_max, t_arg = _pass1_blocks(
-                z_row, stride_zc, t_row, stride_yc, head_mask, cols0, n_full, NUM_BLOCKS, C, k, inv_t,
-                a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14,
-                BLOCK_C, H, T_IS_TWO, KL, STATS, SMOOTH, PROBS, NUM_STAGES, FAST_EXP, True)
+                nonfinite = nonfinite | (a5 != a5) | (a6 != a6) | (a6 == float("-inf")) | (a7 != a7)
+            if SMOOTH:
+                nonfinite = nonfinite | (a8 != a8) | (a8 == float("-inf"))
+            if tl.sum(nonfinite.to(tl.int32), axis=0) > 0:
+                safe_row += 1.0
+                a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14 = _pass1_blocks(
+                    z_row, stride_zc, t_row, stride_yc, head_mask, cols0, 0, n_full, C, k, inv_t,
+                    m1, s1, s_t, m_c, s_c, t_c, v_c, sum_fin, n_fin, arg, zt, t_sum, t_max, t_arg,
+                    BLOCK_C, H, T_IS_TWO, KL, STATS, SMOOTH, PROBS, NUM_STAGES, FAST_EXP, True)
+            if TAIL:
+                m1, s1, s_t, m_c, s_c, t_c, v_c, sum_fin, n_fin, arg, zt, t_sum, t_max, t_arg = _pass1_blocks(
+                    z_row, stride_zc, t_row, stride_yc, head_mask, cols0, n_full, NUM_BLOCKS, C, k, inv_t,
+                    a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14,
+                    BLOCK_C, H, T_IS_TWO, KL, STATS, SMOOTH, PROBS, NUM_STAGES, FAST_EXP, True)
+            else:
+                m1, s1, s_t, m_c, s_c, t_c, v_c, sum_fin, n_fin = a1, a2, a3, a4, a5, a6, a7, a8, a9
+                arg, zt, t_sum, t_max, t_arg = a10, a11, a12, a13, a14
 
         m1_safe = tl.where(m1 == float("-inf"), 0.0, m1)
         lse_1 = m1_safe + tl.log(s1)
@@ -724,28 +849,22 @@ if triton is not None:
                     rh1 = rh
                 l1 = m1_safe * 1.4426950408889634 + tl.log2(s1)
                 lq = mc_safe + tl.log2(s_c)
-                n_full = C // BLOCK_C
                 if ok:  # (a row-level branch: no per-element select of ignored rows)
-                    if H > 1:
-                        if tl.max(safe_row, axis=0) > 0:
-                            _grad_blocks(z_row, stride_zc, g_row, stride_gc, t_row, stride_yc, head_mask, cols0, 0,
-                                         n_full, C, k, lt, l1, lq, y_safe, t_sum, r, rh1, rh, rs, qa, qu, n_fin,
-                                         inv_t, soft_coef, eps, BLOCK_C, H, T_IS_TWO, DETACH, SMOOTH, KL, PROBS,
-                                         NUM_STAGES, FAST_EXP, True)
-                        else:
-                            _grad_blocks(z_row, stride_zc, g_row, stride_gc, t_row, stride_yc, head_mask, cols0, 0,
-                                         n_full, C, k, lt, l1, lq, y_safe, t_sum, r, rh1, rh, rs, qa, qu, n_fin,
-                                         inv_t, soft_coef, eps, BLOCK_C, H, T_IS_TWO, DETACH, SMOOTH, KL, PROBS,
-                                         NUM_STAGES, FAST_EXP, False)
+                    if tl.max(safe_row, axis=0) > 0:  # pass 1 found -inf in a full block
+                        _grad_blocks(z_row, stride_zc, g_row, stride_gc, t_row, stride_yc, head_mask, cols0, 0,
+                                     n_full, C, k, lt, l1, lq, y_safe, t_sum, r, rh1, rh, rs, qa, qu, n_fin,
+                                     inv_t, soft_coef, eps, BLOCK_C, H, T_IS_TWO, DETACH, SMOOTH, KL, PROBS,
+                                     NUM_STAGES, FAST_EXP, True)
                     else:
-                        _grad_blocks(z_row, stride_zc, g_row, stride_gc, t_row, stride_yc, head_mask, cols0, 0, n_full,
-                                     C, k, lt, l1, lq, y_safe, t_sum, r, rh1, rh, rs, qa, qu, n_fin, inv_t,
+                        _grad_blocks(z_row, stride_zc, g_row, stride_gc, t_row, stride_yc, head_mask, cols0, 0,
+                                     n_full, C, k, lt, l1, lq, y_safe, t_sum, r, rh1, rh, rs, qa, qu, n_fin,
+                                     inv_t, soft_coef, eps, BLOCK_C, H, T_IS_TWO, DETACH, SMOOTH, KL, PROBS,
+                                     NUM_STAGES, FAST_EXP, False)
+                    if TAIL:
+                        _grad_blocks(z_row, stride_zc, g_row, stride_gc, t_row, stride_yc, head_mask, cols0, n_full,
+                                     NUM_BLOCKS, C, k, lt, l1, lq, y_safe, t_sum, r, rh1, rh, rs, qa, qu, n_fin, inv_t,
                                      soft_coef, eps, BLOCK_C, H, T_IS_TWO, DETACH, SMOOTH, KL, PROBS, NUM_STAGES,
                                      FAST_EXP, True)
-                    _grad_blocks(z_row, stride_zc, g_row, stride_gc, t_row, stride_yc, head_mask, cols0, n_full,
-                                 NUM_BLOCKS, C, k, lt, l1, lq, y_safe, t_sum, r, rh1, rh, rs, qa, qu, n_fin, inv_t,
-                                 soft_coef, eps, BLOCK_C, H, T_IS_TWO, DETACH, SMOOTH, KL, PROBS, NUM_STAGES, FAST_EXP,
-                                 True)
                 else:  # an ignored sample: a zero gradient, whatever its logits hold
                     for b in tl.range(0, NUM_BLOCKS):
                         cols = b * BLOCK_C + cols0
@@ -928,7 +1047,7 @@ def _launch(
                 REDUCE=reduce, MEAN=mean, COMPUTE_LOSS=compute_loss, COMPUTE_GRAD=compute_grad,
                 ROW_WEIGHTS=row_weights is not None, DETACH=params.detach_consensus, STATS=return_stats,
                 SMOOTH=params.label_smoothing > 0, T_IS_TWO=params.temperature == 2.0, KL=params.soft_loss == "kl",
-                VEC=vec, ROW_STATS=mode, NUM_STAGES=stages, PROBS=probs, FAST_EXP=_fast_exp(),
+                VEC=vec, ROW_STATS=mode, NUM_STAGES=stages, PROBS=probs, FAST_EXP=_fast_exp(), TAIL=c % block != 0,
                 num_warps=num_warps,
             )
     elif compute_grad and grad_out is None:
