@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -783,75 +784,35 @@ print("RESULT", json.dumps(out))
 """
 
 
-# What the long-row loops execute per element, read from the SASS the launcher's own calls compile to for
-# sm_90 (cuobjdump ships in Triton's wheel): for each column loop (a backward branch), its instructions, its
-# MUFU.EX2 and its local-memory accesses; the finite path is the smallest loop with exponentials.
-_SASS = _BINDER.split("cuobjdump = ")[0] + r"""
-cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-if not os.path.exists(cuobjdump):
-    print("RESULT", json.dumps("no cuobjdump"))
-    sys.exit(0)
-def sass(cubin):
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "k.cubin")
-        with open(path, "wb") as f:
-            f.write(cubin)
-        text = subprocess.run([cuobjdump, "-sass", path], capture_output=True, text=True).stdout
-        usage = subprocess.run([cuobjdump, "-res-usage", path], capture_output=True, text=True).stdout
-    ins = [(int(m.group(1), 16), m.group(2)) for m in
-           re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)[^;]*;", text)]
-    return ins, text, dict(re.findall(r"\b(REG|STACK|LOCAL):(\d+)", usage))
-out = []
-for H, N, C, dt in [(1, 4096, 128256, "bfloat16"), (2, 4096, 128256, "bfloat16"), (2, 4096, 128256, "float32"),
-                    (3, 4096, 50257, "bfloat16"), (4, 4096, 32000, "bfloat16"), (8, 4096, 32000, "bfloat16")]:
-    z = torch.empty(H, N, C, dtype=getattr(torch, dt), device="meta")
-    y = torch.empty(N, dtype=torch.int64, device="meta")
-    p = cl.CollabLossParams()
-    rs = cl._row_stats_buffer(z, y, p)
-    compiled.clear()
-    cl._launch(z, y, p, save_row_stats=rs)  # forward
-    cl._launch(z, y, p, compute_loss=False, compute_grad=True, row_weights=torch.empty((), device="meta").expand(H, N),
-               row_stats=rs)  # backward
-    block, _, warps = cl.pick_block_c(H, C)
-    per_thread = triton.next_power_of_2(H) * block // (warps * 32)  # elements of a block, per thread
-    for phase, k in zip(("forward", "backward"), compiled):
-        ins, text, usage = sass(k.asm["cubin"])
-        loops = []
-        for addr, op in ins:
-            if not op.startswith("BRA"):
-                continue
-            m = re.search(r"/\*%04x\*/\s+(?:@!?U?P\w+\s+)?BRA[^;]*0x([0-9a-f]+)" % addr, text)
-            if m and int(m.group(1), 16) < addr:
-                body = [o for a, o in ins if int(m.group(1), 16) <= a <= addr]
-                loops.append({"per_element": len(body) / per_thread,
-                              "ex2_per_element": sum(o.startswith("MUFU.EX2") for o in body) / per_thread,
-                              "local": sum(o.startswith(("LDL", "STL")) for o in body)})
-        exp_loops = sorted((l for l in loops if l["ex2_per_element"] > 0), key=lambda l: l["per_element"])
-        out.append({"shape": f"H{H} C{C} {dt}", "phase": phase, "exp_loops": len(exp_loops),
-                    "finite": exp_loops[0], "loop_local": sum(l["local"] for l in loops),
-                    **{k.lower(): int(v) for k, v in usage.items()}})
-print("RESULT", json.dumps(out))
-"""
-
 # Instructions per element of the finite path's column loop, fwd / bwd (T = 2, labels, defaults), with ~10%
-# over the counts of Triton 3.6, 3.7 and 3.9 (benchmarks/results/sass_loss_*): a change that puts
+# over the counts of Triton 3.6, 3.7 and 3.9 (benchmarks/results/sass_loss_sm90_*): a change that puts
 # instructions back into the loops fails here.
 _SASS_BOUNDS = {
-    "H1 C128256 bfloat16": (9.0, 11.0),
-    "H2 C128256 bfloat16": (11.0, 13.0),
-    "H2 C128256 float32": (10.5, 11.0),
-    "H3 C50257 bfloat16": (31.5, 16.5),  # C odd: no 16-byte groups, statistics reduced per block
-    "H4 C32000 bfloat16": (18.0, 16.5),
-    "H8 C32000 bfloat16": (18.0, 16.0),
+    "H1 C128256 bf16": (9.0, 11.0),
+    "H2 C128256 bf16": (11.0, 13.0),
+    "H2 C128256 fp32": (10.5, 11.0),
+    "H3 C50257 bf16": (31.5, 16.5),  # C odd: no 16-byte groups, statistics reduced per block
+    "H4 C32000 bf16": (18.0, 16.5),
+    "H8 C32000 bf16": (18.0, 16.0),
 }
 
 
 @pytest.mark.slow
 def test_long_row_loops_instruction_counts_for_sm90():
-    rows = _compile_rows(_SASS)
-    if rows == "no cuobjdump":
-        pytest.skip("this Triton ships no cuobjdump")
-    assert len(rows) == 12
+    # benchmarks/sass_loss.py compiles the launcher's own forward and backward calls for sm_90 (no GPU) and
+    # reads each column loop's SASS; the finite path is the smallest loop with exponentials.
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "sass_loss.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    shapes = ["H{}:{}:{}".format(*s.replace("H", "").replace("C", "").split()) for s in _SASS_BOUNDS]
+    res = subprocess.run([sys.executable, str(script), "--json", "-", "--shapes", *shapes], env=env,
+                         capture_output=True, text=True, timeout=900)
+    if res.returncode == 2 and "ships no cuobjdump" in res.stderr:
+        pytest.skip(res.stderr.strip())
+    if res.returncode != 0 and "GPUTarget" in res.stderr and "ImportError" in res.stderr:
+        pytest.skip("this Triton has no GPUTarget compile API")
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads(res.stdout)
+    assert len(rows) == 2 * len(_SASS_BOUNDS)
     per = {}
     for r in rows:
         fwd_bound, bwd_bound = _SASS_BOUNDS[r["shape"]]
@@ -861,12 +822,13 @@ def test_long_row_loops_instruction_counts_for_sm90():
         assert r["exp_loops"] >= 2, r
         assert f["per_element"] <= (fwd_bound if r["phase"] == "forward" else bwd_bound), r
         # exponentials a logit: one per head and pass (exp(z - m) = e_t^2 at T = 2), a second for the
-        # consensus where H >= 3 (with H = 2 it is the other head's); the rest are per row and block
+        # consensus where H >= 3 (with H = 2 it is the other head's); the rest are per group or block
         assert f["ex2_per_element"] <= (1.25 if heads <= 2 else 2.5), r
-        assert r["loop_local"] == 0 and r["local"] == 0 and r.get("stack", 0) <= 8, r  # no spills in the loops
-        assert r["reg"] <= (128 if heads <= 2 else 255), r  # H >= 3: 168-255 today (the issue's 128 is open)
+        assert r["loop_local"] == 0 and r.get("local", 0) == 0, r  # no spills in the loops
+        assert r.get("stack", 0) <= (8 if heads <= 4 else 16), r  # at most a spilled value outside them
+        assert r["reg"] <= (128 if heads <= 2 else 255), r  # H >= 3: 119-255 today (the issue's 128 is open)
         per.setdefault(r["shape"], {})[r["phase"]] = f["per_element"]
-    assert per["H2 C128256 bfloat16"]["forward"] + per["H2 C128256 bfloat16"]["backward"] <= 30.0, per
+    assert per["H2 C128256 bf16"]["forward"] + per["H2 C128256 bf16"]["backward"] <= 30.0, per
 
 
 @pytest.mark.slow
