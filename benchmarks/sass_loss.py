@@ -147,9 +147,10 @@ def measure(shape: str, stats: bool, rows: int, sms: int, ghz: float, copy_tbs: 
         ins, usage = sass_of(kernel.asm["cubin"])
         loops = loops_of(ins, per_thread)
         exp_loops = sorted((lp for lp in loops if lp["ex2_per_element"] > 0), key=lambda lp: lp["per_element"])
-        finite = exp_loops[0]
+        # a row of one block has no column loop: its whole kernel runs once
+        finite = exp_loops[0] if exp_loops else None
         rest = len(ins) - sum(lp["instructions"] for lp in loops)  # straight-line code, counted once
-        warp_instructions += rows * warps * (full_blocks * finite["instructions"] + rest)
+        warp_instructions += rows * warps * (full_blocks * finite["instructions"] + rest if finite else len(ins))
         out.append({"shape": f"H{heads} C{classes} {dt}", "phase": phase, "stats": stats, "block_c": block,
                     "num_blocks": num_blocks, "warps": warps, "elements_per_thread": per_thread, **usage,
                     "ctas_per_sm": ctas_per_sm(usage["reg"], warps), "exp_loops": len(exp_loops),
@@ -174,13 +175,14 @@ def markdown(rows: list[dict], argv: list[str], model: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         safe = ", ".join(f"{lp['per_element']:.1f}" for lp in r["safe"])
+        f = r["finite"] or {"per_element": float("nan"), "ex2_per_element": float("nan")}
         lines.append(f"| {r['shape']}{' stats' if r['stats'] else ''} | {r['phase']} | {r['block_c']} | {r['reg']} | "
-                     f"{r['ctas_per_sm']} | {r.get('stack', 0)} | {r['finite']['per_element']:.1f} | "
-                     f"{r['finite']['ex2_per_element']:.2f} | {safe} | {r['fwd_bwd_issue_bound_ms']:.2f} | "
-                     f"{r['floor_ms_1R1W']:.2f} |")
-    lines += ["", "Finite loop by kind (per element):", ""]
+                     f"{r['ctas_per_sm']} | {r.get('stack', 0)} | {f['per_element']:.1f} | {f['ex2_per_element']:.2f} | "
+                     f"{safe} | {r['fwd_bwd_issue_bound_ms']:.2f} | {r['floor_ms_1R1W']:.2f} |")
+    lines += ["", "Finite loop by kind (per element; nan: the row is one block, no loop):", ""]
     for r in rows:
-        lines.append(f"- {r['shape']} {r['phase']}: {r['finite']['by_kind_per_element']}")
+        if r["finite"]:
+            lines.append(f"- {r['shape']} {r['phase']}: {r['finite']['by_kind_per_element']}")
     return "\n".join(lines) + "\n"
 
 

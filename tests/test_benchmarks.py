@@ -120,3 +120,26 @@ def test_bench_fused_linear_quick_measures_memory(tmp_path):
     assert all(r["peak_extra_mb"] > 0 and r["ms"] > 0 for r in rows)
     # the materialised reference keeps about 11 logit-sized tensors; the chunked one a fraction of that
     assert by["fused linear (chunked)"]["x_logits"] < by["logits + fused_collab_loss"]["x_logits"] / 2
+
+
+@pytest.mark.slow
+def test_sass_loss_writes_its_tables_and_refuses_a_bad_shape(tmp_path):
+    # compiled for sm_90 in a fresh interpreter (this one runs Triton's interpreter): no GPU needed
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "sass_loss.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = lambda *a: subprocess.run([sys.executable, str(script), *a], env=env, capture_output=True, text=True,
+                                    timeout=600)
+    res = run("--shapes", "H2:8192:bf16", "H4:1000:fp32", "--out", str(tmp_path))
+    if res.returncode == 2 and "ships no cuobjdump" in res.stderr:
+        pytest.skip(res.stderr.strip())
+    assert res.returncode == 0, res.stderr[-2000:]
+    md = list(tmp_path.glob("sass_loss_sm90_triton*.md"))
+    assert md and "| H2 C8192 bf16 | forward | 2048 |" in md[0].read_text()
+    rows = json.loads(next(tmp_path.glob("sass_loss_sm90_triton*.json")).read_text())
+    assert [r["phase"] for r in rows] == ["forward", "backward"] * 2
+    assert all(0 < r["finite"]["per_element"] < 30 and r["exp_loops"] >= 2 for r in rows[:2])  # two blocks a row
+    assert rows[2]["finite"] is None and rows[2]["fwd_bwd_issue_bound_ms"] > 0  # one block: no column loop
+    bad = run("--shapes", "H2:C4096", "--json", "-")
+    assert bad.returncode == 2 and "--shapes: 'H2:C4096' is not H:C:DTYPE" in bad.stderr
