@@ -101,10 +101,10 @@ def run(shapes, device, dtype, reps_cpu=1):
                 ms = sorted(times)[len(times) // 2]
             chunk = None
             if name.startswith("fused"):
-                from collab_fast.kernels.fused_linear_collab_loss import _DEFAULT_BUDGET, _pick_chunk
+                from collab_fast.kernels.fused_linear_collab_loss import _pick_chunk
 
                 esize = x.element_size() * (1 if impl != "torch" else 11)
-                chunk = _pick_chunk(H, N, C, esize, None, _DEFAULT_BUDGET)
+                chunk = _pick_chunk(H, N, C, esize, None, None, grad_bytes=w.numel() * 4)
             row = {"provider": name, "shape": f"H{H} N{N} D{D} C{C}", "dtype": str(dtype).replace("torch.", ""),
                    "chunk_rows": chunk, "peak_extra_mb": round(peak / 2**20, 1), "x_logits": round(peak / logits_bytes, 2),
                    "beyond_grads_mb": round((peak - (x.numel() + w.numel()) * x.element_size()) / 2**20, 1),

@@ -94,6 +94,24 @@ def test_module_and_memory_budget_chunking():
     assert m.logits(x).shape == (2, 10, 50)
 
 
+def test_default_chunk_follows_the_weight_gradient_traffic():
+    from collab_fast.kernels.fused_linear_collab_loss import _pick_chunk
+
+    gw = lambda h, c, d: h * c * d * 4  # the float32 weight-gradient accumulator
+    # LM heads (bf16 logits): 256 MiB alone would give 523-row chunks, each sweeping the 2 GiB gradient
+    assert _pick_chunk(2, 4096, 128256, 2, None, 256 * 2**20) == 523  # a budget the user sets is kept
+    assert _pick_chunk(2, 4096, 128256, 2, None, None, grad_bytes=gw(2, 128256, 2048)) == 2048
+    assert _pick_chunk(4, 2048, 32000, 2, None, None, grad_bytes=gw(4, 32000, 1024)) == 2048  # one chunk
+    assert _pick_chunk(2, 4096, 128256, 2, None, None) == 523  # frozen weight: no gradient traffic
+    # the raise stops where a chunk's logits would outgrow the gradient (small D): 256 rows of 1 MiB
+    assert _pick_chunk(2, 4096, 128256, 4, None, None, grad_bytes=gw(2, 128256, 256)) == 261
+    assert _pick_chunk(2, 4096, 128256, 4, None, None, grad_bytes=gw(2, 128256, 600)) == 600
+    assert _pick_chunk(2, 100, 128256, 2, None, None, grad_bytes=gw(2, 128256, 2048)) == 100  # N rows at most
+    assert _pick_chunk(2, 4096, 128256, 2, 7, None, grad_bytes=gw(2, 128256, 2048)) == 7  # chunk_size wins
+    with pytest.raises(ValueError, match="memory_budget must be a positive number of bytes or None"):
+        fused_linear_collab_loss(torch.randn(3, 4), torch.randn(2, 5, 4), torch.tensor([0, 1, 2]), memory_budget=0)
+
+
 @pytest.mark.parametrize("args, match", [
     (lambda h, w, y: (h[0, 0], w, y), "hidden must be a floating-point tensor"),
     (lambda h, w, y: (h, w[0], y), r"weight must be a tensor \[H, C, D\]"),

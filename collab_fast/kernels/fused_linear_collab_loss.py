@@ -16,10 +16,13 @@ cross-entropy does; "none" needs grad_output [H, N] first, so its backward sweep
 recomputing their logits. Peak extra memory: one chunk's logits (the kernel writes the gradient over them)
 plus the weight's gradient, whatever N.
 
-Chunk size: `chunk_size` rows, or the most rows whose working set fits `memory_budget` bytes. The
-result does not depend on it (tested). The matmuls run through torch (cuBLAS on GPU), under autocast as
-torch's; the loss and its gradient through the Triton kernel on CUDA (impl "auto"/"triton") or the
-plain-PyTorch reference (impl "torch", and "auto" on CPU), which is chunked the same way.
+Chunk size: `chunk_size` rows; or the most rows whose working set fits `memory_budget` bytes; or (neither
+given) 256 MiB of working set, raised to 2048 rows where the weight needs a gradient: every chunk reads and
+writes the whole float32 weight gradient once, in a GEMM whose reduction dimension is the chunk's rows, so
+few, long chunks (see _pick_chunk). The result does not depend on it (tested). The matmuls run through torch
+(cuBLAS on GPU), under autocast as torch's; the loss and its gradient through the Triton kernel on CUDA (impl
+"auto"/"triton") or the plain-PyTorch reference (impl "torch", and "auto" on CPU), which is chunked the same
+way.
 
 Layout: reference, chunk step, autograd Function, functional API, Module.
 """
@@ -45,7 +48,8 @@ from collab_fast.kernels.collab_loss import (
 
 __all__ = ["FusedLinearCollabLoss", "fused_linear_collab_loss", "linear_collab_loss_reference"]
 
-_DEFAULT_BUDGET = 256 * 2**20  # bytes of one chunk's working set
+_DEFAULT_BUDGET = 256 * 2**20  # bytes of one chunk's working set, where nothing else decides
+_MIN_GRAD_ROWS = 2048  # rows a chunk takes at least while a weight gradient accumulates (see _pick_chunk)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -153,10 +157,23 @@ def _sweep(hidden, weight, bias, target, params, r_of, chunk, use_kernel, want_g
     return per_row, (gx, gw, gb)
 
 
-def _pick_chunk(num_heads: int, n: int, c: int, element_size: int, chunk_size: int | None, budget: int) -> int:
+def _pick_chunk(num_heads: int, n: int, c: int, element_size: int, chunk_size: int | None, budget: int | None,
+                grad_bytes: int = 0) -> int:
+    """Rows per chunk (element_size: bytes of working set per logit). chunk_size wins, then a budget the user
+    set. Unset (None): the rows whose working set fits 256 MiB, raised to 2048 when a weight gradient of
+    grad_bytes (its float32 accumulator) is kept: each chunk reads and writes all of it in one GEMM whose
+    reduction dimension is the chunk's rows, which is bound by that traffic, not by arithmetic, below about
+    1,200 rows on an H100 (H2 D2048 C128256: 8 chunks of 523 rows moved 8 x 4.2 GB). The raise stops where a
+    chunk's logits would outgrow the accumulator itself: peak memory at most about twice the gradient's."""
     if chunk_size is not None:
         return max(1, min(chunk_size, max(n, 1)))
-    return max(1, min(max(n, 1), budget // max(num_heads * c * element_size, 1)))
+    per_row = max(num_heads * c * element_size, 1)
+    if budget is not None:
+        return max(1, min(max(n, 1), budget // per_row))
+    rows = _DEFAULT_BUDGET // per_row
+    if grad_bytes:
+        rows = max(rows, min(_MIN_GRAD_ROWS, grad_bytes // per_row))
+    return max(1, min(max(n, 1), rows))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -250,7 +267,7 @@ def fused_linear_collab_loss(
     reduction: str = _DEFAULT.reduction,
     impl: str = _DEFAULT.impl,
     chunk_size: int | None = None,
-    memory_budget: int = _DEFAULT_BUDGET,
+    memory_budget: int | None = None,
 ):
     """fused_collab_loss(hidden @ weight^T + bias, target, ...) without the [H, N, C] logits.
 
@@ -261,7 +278,12 @@ def fused_linear_collab_loss(
         temperature ... reduction: as fused_collab_loss.
         impl: "auto" (the Triton kernel for CUDA tensors, the reference on CPU), "triton" or "torch".
         chunk_size: rows per chunk; None: the most rows whose working set (the kernel: the chunk's logits; the
-            reference: about 11x them) fits memory_budget bytes (256 MiB).
+            reference: about 11x them) fits memory_budget bytes.
+        memory_budget: bytes of a chunk's working set, kept to when given. None: 256 MiB, raised to chunks of
+            2048 rows (N if fewer) when the weight needs a gradient, so that the float32 weight gradient, which
+            every chunk reads and writes once, is swept a few times, not dozens; capped where a chunk's logits
+            would outgrow that gradient (H2 D2048 C128256 bf16: 2048 rows, 1 GiB of logits beside the 2 GiB
+            gradient, instead of 523 rows).
     Returns the loss (float32): a scalar, or [H, N] for reduction="none".
     """
     params = CollabLossParams(temperature, beta, soft_weight, detach_consensus, ignore_index, label_smoothing,
@@ -269,8 +291,9 @@ def fused_linear_collab_loss(
     _check(hidden, weight, bias, target)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    if isinstance(memory_budget, bool) or not isinstance(memory_budget, int) or memory_budget < 1:
-        raise ValueError(f"memory_budget must be a positive number of bytes, got {memory_budget!r}")
+    if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, int)
+                                      or memory_budget < 1):
+        raise ValueError(f"memory_budget must be a positive number of bytes or None, got {memory_budget!r}")
     use_kernel = impl == "triton" or (impl == "auto" and hidden.device.type == "cuda")
     if use_kernel:
         _check_triton_usable(hidden.device)
@@ -282,7 +305,9 @@ def fused_linear_collab_loss(
     # bytes per logit of a chunk's working set: the kernel's gradient overwrites the logits; the reference's
     # autograd graph holds about 11 logit-sized tensors (measured: 10.75x in fp32)
     esize = torch.finfo(dtype).bits // 8 * (1 if use_kernel else 11)
-    chunk = _pick_chunk(h, target.shape[0], c, esize, chunk_size, memory_budget)
+    wants_grad = torch.is_grad_enabled() and weight.requires_grad
+    chunk = _pick_chunk(h, target.shape[0], c, esize, chunk_size, memory_budget,
+                        grad_bytes=weight.numel() * 4 if wants_grad else 0)
     return _FusedLinearCollabLoss.apply(hidden, weight, bias, target, params, chunk, use_kernel)
 
 
@@ -296,7 +321,7 @@ class FusedLinearCollabLoss(nn.Module):
     fused: forward(hidden [H, N, D] or [N, D], target [N]) -> loss. `loss_kwargs`: fused_collab_loss's."""
 
     def __init__(self, num_heads: int, in_features: int, num_classes: int, bias: bool = False,
-                 chunk_size: int | None = None, memory_budget: int = _DEFAULT_BUDGET, **loss_kwargs):
+                 chunk_size: int | None = None, memory_budget: int | None = None, **loss_kwargs):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_heads, num_classes, in_features))
         self.bias = nn.Parameter(torch.zeros(num_heads, num_classes)) if bias else None
