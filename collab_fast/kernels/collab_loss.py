@@ -280,6 +280,15 @@ if triton is not None:
         return tl.where(col_mask[None, :], z, float("-inf"))
 
     @triton.jit
+    def _load_cols(z_row, stride_zc, cols, C, head_mask, SAFE: tl.constexpr):
+        # SAFE: as _load_block (the columns past C read as -inf); else a full block: no column mask at all
+        if SAFE:
+            return _load_block(z_row, stride_zc, cols, cols < C, head_mask)
+        else:
+            return tl.load(z_row + cols[None, :].to(tl.int64) * stride_zc, mask=head_mask[:, None],
+                           other=0.0).to(tl.float32)
+
+    @triton.jit
     def _exp2(x, FAST: tl.constexpr):
         # 2^x. FAST (NVIDIA): one MUFU.EX2 with flush to zero; tl.exp/tl.exp2 wrap each in a denormal fix-up
         # (a compare and two predicated multiplies). A result below 2^-126 becomes 0, which no softmax sum
@@ -437,8 +446,7 @@ if triton is not None:
         group_col = (tl.arange(0, G) * VEC)[None, :]  # [1, G]: the group's first column in a block
         for b in tl.range(start, stop, num_stages=NUM_STAGES):
             cols = b * BLOCK_C + cols0
-            z = tl.load(z_row + cols[None, :].to(tl.int64) * stride_zc, mask=head_mask[:, None],
-                        other=0.0).to(tl.float32)
+            z = _load_cols(z_row, stride_zc, cols, 0, head_mask, False)
             if PROBS:
                 tb = tl.load(t_row + cols.to(tl.int64) * stride_yc).to(tl.float32)
                 zt += tl.sum(tl.where(tb[None, :] != 0.0, tb[None, :] * z, 0.0), axis=1)
@@ -523,11 +531,7 @@ if triton is not None:
         # the caller runs the row again SAFE.
         for b in tl.range(start, stop, num_stages=NUM_STAGES):
             cols = b * BLOCK_C + cols0
-            if SAFE:
-                z = _load_block(z_row, stride_zc, cols, cols < C, head_mask)
-            else:
-                z = tl.load(z_row + cols[None, :].to(tl.int64) * stride_zc, mask=head_mask[:, None],
-                            other=0.0).to(tl.float32)
+            z = _load_cols(z_row, stride_zc, cols, C, head_mask, SAFE)
             if STATS:
                 blk_arg = tl.argmax(z, axis=1).to(tl.int64) + b * BLOCK_C
                 arg = tl.where(tl.max(z, axis=1) > m1, blk_arg, arg)  # strict: first index wins
@@ -570,11 +574,7 @@ if triton is not None:
         # (the row's pass 1 says which).
         for b in tl.range(start, stop, num_stages=NUM_STAGES):
             cols = b * BLOCK_C + cols0
-            if SAFE:
-                z = _load_block(z_row, stride_zc, cols, cols < C, head_mask)
-            else:
-                z = tl.load(z_row + cols[None, :].to(tl.int64) * stride_zc, mask=head_mask[:, None],
-                            other=0.0).to(tl.float32)
+            z = _load_cols(z_row, stride_zc, cols, C, head_mask, SAFE)
             p_t = _exp2(z * k - lt[:, None], FAST)
             if T_IS_TWO:
                 p_1 = p_t * p_t  # softmax(z) up to the row factor in rh1
