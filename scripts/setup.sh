@@ -36,7 +36,8 @@ stamp=$( {
     echo "$EXTRAS $TORCH_PIN $TRITON_PIN ${TORCH_INDEX_URL:-}"
     git -C "$ROOT" ls-files -s pyproject.toml collab_fast 2>/dev/null || find collab_fast pyproject.toml -type f -exec sha1sum {} +
     git -C "$ROOT" diff --no-ext-diff HEAD -- pyproject.toml collab_fast 2>/dev/null || true
-    git -C "$ROOT" status --porcelain --untracked-files=all -- collab_fast 2>/dev/null || true
+    # untracked files by content (a new module edited before its first commit)
+    (cd "$ROOT" && git ls-files -o --exclude-standard -z -- collab_fast 2>/dev/null | xargs -0 -r sha1sum) || true
 } | sha1sum | cut -c1-16)
 if [ -f "$stamp_file" ] && [ "$(cat "$stamp_file")" = "$stamp" ] \
         && PYTHONSAFEPATH=1 "$PY" -c "import collab_fast" 2>/dev/null; then

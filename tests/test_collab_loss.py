@@ -330,7 +330,7 @@ def test_out_of_range_label_in_kernel_gives_nan():
     # The device-side check (what CUDA tensors get without a host sync).
     z, y = make(2, 4, 6)
     y[2] = 6
-    loss, _, _ = cl._launch(z, y, cl.CollabLossParams())
+    loss, _, _, _ = cl._launch(z, y, cl.CollabLossParams())
     assert torch.isnan(loss)
 
 
@@ -370,6 +370,69 @@ def test_backward_twice_gives_the_same_gradient():
     first = x.grad.clone()
     loss.backward()
     assert_close(x.grad, 2 * first, atol=1e-7)
+
+
+class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """ATen ops that would launch a GPU kernel, allocations, and host syncs (values read back)."""
+
+    VIEWS = {"view", "_unsafe_view", "expand", "as_strided", "alias", "detach", "slice", "select", "unbind", "empty",
+             "empty_strided", "empty_like", "new_empty", "new_empty_strided", "t", "unsqueeze", "squeeze"}
+
+    def __init__(self):
+        super().__init__()
+        self.kernels, self.allocations, self.syncs, self.paused = [], 0, 0, False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if self.paused:  # inside a launch: the interpreter's own copies, not the call's ops
+            return out
+        if name not in self.VIEWS:
+            self.kernels.append(name)
+        self.syncs += name in ("_local_scalar_dense", "item", "nonzero", "is_nonzero", "equal")
+        ins = {a.untyped_storage().data_ptr() for a in args if isinstance(a, torch.Tensor)}
+        for t in out if isinstance(out, (list, tuple)) else [out]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() and t.untyped_storage().data_ptr() not in ins:
+                self.allocations += 1
+        return out
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(return_stats=True), dict(reduction="sum"), dict(reduction="none"),
+                                dict(block_c=16)])
+def test_one_call_is_three_kernels_without_a_sync(monkeypatch, kw):
+    # A fwd+bwd launches the workspace's zero fill and the two Triton kernels, nothing else: n_valid, the
+    # mean and grad_output's scaling happen in the kernels (#35: at most 4 kernels a call, no host sync).
+    monkeypatch.setattr(cl, "_labels_checked_on_host", lambda t: False)  # as on CUDA: checked in the kernel
+    launches, count = [], _CountOps()
+
+    def launch(*a):
+        launches.append(a[2])
+        count.paused = True
+        real(*a)
+        count.paused = False
+
+    real = cl._kernel_launcher
+    monkeypatch.setattr(cl, "_kernel_launcher", launch)
+    z, y = make(3, 8, 40)
+    y[2] = -100
+    x = z.clone().requires_grad_()
+    stats = kw.pop("return_stats", False)
+    g = torch.randn(3, 8) if kw.get("reduction") == "none" else torch.tensor(2.5)
+    out = fused_collab_loss(x, y, impl="triton", return_stats=stats, **kw)  # compile outside the count
+    (out[0] if stats else out).backward(g)
+    launches.clear()
+    x.grad = None
+    with count as c:
+        out = fused_collab_loss(x, y, impl="triton", return_stats=stats, **kw)
+        (out[0] if stats else out).backward(g)
+    fill = [] if kw.get("reduction") == "none" and not stats else ["zeros"]
+    assert c.kernels == fill, c.kernels
+    assert len(launches) == 2 and c.syncs == 0
+    assert c.allocations <= 4, c.allocations  # workspace, loss, gradient (+ row statistics of long rows)
+    ref = z.double().requires_grad_()
+    lr = collab_loss_reference(ref, y, **{k: v for k, v in kw.items() if k != "block_c"})
+    (lr * g.double()).sum().backward()
+    assert_close(x.grad, ref.grad, atol=1e-6)
 
 
 def test_forward_keeps_no_gradient_buffer():
@@ -644,7 +707,7 @@ def signature(dt):
     sig = {}
     for n in names:
         if n in ("z_ptr", "g_ptr"): sig[n] = "*" + dt
-        elif n in ("y_ptr", "nvalid_ptr"): sig[n] = "*i64"
+        elif n == "y_ptr": sig[n] = "*i64"
         elif n.endswith("_ptr"): sig[n] = "*fp32"
         elif n in ("inv_t", "hard_coef", "soft_coef", "eps"): sig[n] = "fp32"
         else: sig[n] = "i32"
@@ -669,8 +732,8 @@ out = []
 for dt, H, B, NB, RED, ROW, DET, ST, SM, T2, KL, VEC, RS in variants:
     consts = dict(H=H, H_PAD=triton.next_power_of_2(H), BLOCK_C=B, NUM_BLOCKS=NB, REDUCE=RED, MEAN=RED,
                   COMPUTE_LOSS=not ROW, COMPUTE_GRAD=RS != 1, ROW_WEIGHTS=ROW, DETACH=DET, STATS=ST, SMOOTH=SM,
-                  T_IS_TWO=T2, KL=KL, VEC=VEC, ROW_STATS=RS, NUM_STAGES=1, FAST_EXP=True, TAIL=True, stride_zc=1,
-                  stride_gc=1)
+                  T_IS_TWO=T2, KL=KL, VEC=VEC, ROW_STATS=RS, NUM_STAGES=1, FAST_EXP=True, TAIL=True, PROBS=False,
+                  stride_zc=1, stride_gc=1)
     s = dict(signature(dt), **{c: "constexpr" for c in consts})
     attrs = {k: v for k, v in div16.items() if names[k[0]] not in consts}
     k = triton.compile(ASTSource(fn=kernel, signature=s, constexprs=consts, attrs=attrs),
@@ -713,8 +776,8 @@ for H, N, C, dt in [(4, 256, 1000, "float32"), (4, 256, 1000, "bfloat16"), (2, 4
     rs = cl._row_stats_buffer(z, y, p)
     compiled.clear()
     cl._launch(z, y, p, return_stats=True, save_row_stats=rs)  # what forward launches
-    r = torch.empty((), device="meta").expand(H, N)
-    cl._launch(z, y, p, compute_loss=False, compute_grad=True, row_weights=r, row_stats=rs)  # backward
+    r, w = torch.empty((), device="meta"), cl._workspace(H, "meta")  # grad_output, forward's workspace
+    cl._launch(z, y, p, compute_loss=False, compute_grad=True, row_weights=r, row_stats=rs, counts=w)  # backward
     for phase, k in zip(("forward", "backward"), compiled):
         ptx = k.asm["ptx"]
         row = {"shape": f"H{H} N{N} C{C} {dt}", "phase": phase, "row_stats": rs is not None,
@@ -768,8 +831,8 @@ for name, z in layouts.items():
     for p in (cl.CollabLossParams(), cl.CollabLossParams(label_smoothing=0.1, reduction="none")):
         rs = cl._row_stats_buffer(z, y, p)
         cl._launch(z, y, p, return_stats=True, save_row_stats=rs)
-        r = torch.empty((), device="meta").expand(H, N)
-        cl._launch(z, y, p, compute_loss=False, compute_grad=True, row_weights=r, row_stats=rs)
+        r, w = torch.empty((), device="meta"), cl._workspace(H, "meta")
+        cl._launch(z, y, p, compute_loss=False, compute_grad=True, row_weights=r, row_stats=rs, counts=w)
         out.append(name)
 print("RESULT", json.dumps(out))
 """
@@ -1032,7 +1095,7 @@ def test_long_rows_take_the_finite_path_and_run_again_safe_where_a_class_is_abse
     assert (gk[:, 1, masked] == 0).all()
     params = cl.CollabLossParams(block_c=16, **kw)
     rs = cl._row_stats_buffer(z, y, params)
-    _, st, _ = cl._launch(z, y, params, return_stats=stats, save_row_stats=rs)
+    _, st, _, _ = cl._launch(z, y, params, return_stats=stats, save_row_stats=rs)
     if H > 1 or kw.get("label_smoothing"):  # (one head needs it only where a group's maximum is -inf)
         assert rs[8].tolist() == [[0.0, 1.0, 0.0, 0.0, 0.0]] * H  # only row 1 needed the absent-class path
     if stats:

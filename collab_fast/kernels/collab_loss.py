@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from collab_fast.cli import opt
+from collab_fast.kernels.launch import CachedLauncher
 
 try:  # Triton is a dependency, but keep impl="torch" usable where it cannot be imported.
     import triton
@@ -614,9 +615,8 @@ if triton is not None:
         z_ptr, stride_zh_v, stride_zn_v, stride_zc,  # logits [H, N, C], any strides (head/row strides / VEC)
         y_ptr, stride_y, stride_yc,  # target [N] integer labels, or (PROBS) [N, C] probabilities
         g_ptr, stride_gh_v, stride_gn_v, stride_gc,  # gradient out [H, N, C] (may alias the logits)
-        loss_ptr,  # REDUCE: fp32 scalar accumulator; else fp32 [H, N] per-head per-sample loss
-        stats_ptr,  # fp32 [4, H] accumulators: mean hard, mean soft, correct count; [3, 0] = n_valid
-        nvalid_ptr,  # [] number of non-ignored labels (read when MEAN or STATS)
+        loss_ptr,  # REDUCE: fp32 scalar, written by the last program; else fp32 [H, N] per-head per-sample loss
+        ws_ptr,  # fp32 [4H + 3] zeroed workspace (_workspace): stats [4, H], loss sum, n_valid and ticket (int32)
         r_ptr, stride_rh, stride_rn,  # upstream weights [H, N] (ROW_WEIGHTS: backward)
         rs_ptr,  # fp32 [K, H, N] row statistics (_row_stats_count): written by forward (ROW_STATS 1), read by backward (2)
         N, C_v, ignore_index,  # C / VEC
@@ -778,27 +778,46 @@ if triton is not None:
             soft = tl.zeros([H_PAD], tl.float32)
             per = hard
 
-        if MEAN or STATS:
-            n_valid = tl.load(nvalid_ptr).to(tl.float32)
-            inv_valid = 1.0 / tl.maximum(n_valid, 1.0)
+        # The workspace's n_valid and ticket: int32 words after the stats and the loss sum.
+        cnt_ptr = (ws_ptr + 4 * H + 1).to(tl.pointer_type(tl.int32))
         if COMPUTE_LOSS:
             if REDUCE:
                 row = tl.sum(tl.where(head_mask, per, 0.0), axis=0)
-                if MEAN:
-                    row = row * inv_valid
-                tl.atomic_add(loss_ptr, tl.where(ok, row, tl.where(bad, float("nan"), 0.0)))
+                tl.atomic_add(ws_ptr + 4 * H, tl.where(ok, row, tl.where(bad, float("nan"), 0.0)))
             else:
                 per_out = tl.where(ok, per, tl.where(bad, float("nan"), 0.0))
                 tl.store(loss_ptr + heads.to(tl.int64) * N + n, per_out, mask=head_mask)
             if STATS:
-                tl.store(stats_ptr + 3 * H, n_valid, mask=n == 0)  # stats[3, 0] = number of valid samples
                 # The mask as one comparison on the [H_PAD] block: an int1 block of the pointer's shape
                 # (a scalar & block mixes ranks, which Triton 3.9's interpreter turns into int32).
                 smask = tl.where(ok, heads, H_PAD) < H
-                tl.atomic_add(stats_ptr + heads, hard * inv_valid, mask=smask)
-                tl.atomic_add(stats_ptr + H + heads, soft * inv_valid, mask=smask)
+                tl.atomic_add(ws_ptr + heads, hard, mask=smask)
+                tl.atomic_add(ws_ptr + H + heads, soft, mask=smask)
                 top = t_arg if PROBS else y_safe
-                tl.atomic_add(stats_ptr + 2 * H + heads, (arg == top).to(tl.float32), mask=smask)
+                tl.atomic_add(ws_ptr + 2 * H + heads, (arg == top).to(tl.float32), mask=smask)
+            if REDUCE or STATS:
+                # Sums are finished by the last program to take a ticket: no count pass, no division
+                # kernel, nothing zeroed but the workspace. Triton's atomics are acq_rel: every program's
+                # sums are visible once its ticket is taken.
+                if (MEAN or STATS) and not PROBS:
+                    tl.atomic_add(cnt_ptr, valid.to(tl.int32))
+                if tl.atomic_add(cnt_ptr + 1, 1) == N - 1:
+                    if PROBS:
+                        n_valid = tl.cast(N, tl.float32)  # every sample counts
+                    else:
+                        n_valid = tl.atomic_add(cnt_ptr, 0).to(tl.float32)
+                    inv_valid = 1.0 / tl.maximum(n_valid, 1.0)
+                    if REDUCE:
+                        total = tl.atomic_add(ws_ptr + 4 * H, 0.0)
+                        if MEAN:
+                            total = total * inv_valid
+                        tl.store(loss_ptr, total)
+                    if STATS:
+                        tl.store(ws_ptr + heads, tl.atomic_add(ws_ptr + heads, 0.0, mask=head_mask) * inv_valid,
+                                 mask=head_mask)
+                        tl.store(ws_ptr + H + heads,
+                                 tl.atomic_add(ws_ptr + H + heads, 0.0, mask=head_mask) * inv_valid, mask=head_mask)
+                        tl.store(ws_ptr + 3 * H, n_valid)  # stats[3, 0] = number of valid samples
 
         if ROW_STATS == 1:
             tl.store(rs_row, m1, mask=head_mask)
@@ -818,10 +837,13 @@ if triton is not None:
             if ROW_WEIGHTS:
                 r = tl.load(r_ptr + heads.to(tl.int64) * stride_rh + n * stride_rn,
                             mask=head_mask, other=0.0).to(tl.float32)
-            elif MEAN:
-                r = tl.zeros([H_PAD], tl.float32) + inv_valid
             else:
                 r = tl.zeros([H_PAD], tl.float32) + 1.0
+            if MEAN:  # the loss's grad_output over n_valid: every row of a distribution, else forward's count
+                if PROBS:
+                    r = r / tl.maximum(tl.cast(N, tl.float32), 1.0)
+                else:
+                    r = r / tl.maximum(tl.load(cnt_ptr).to(tl.float32), 1.0)
             r = tl.where(ok & head_mask, r, 0.0)
             if H > 1:
                 rh = r * hard_coef
@@ -932,14 +954,19 @@ def _vector_width(logits: torch.Tensor, grad: torch.Tensor) -> int:
     return vec if c % vec == 0 else 1
 
 
+def _pow2(n: int) -> int:
+    """The smallest power of two >= n (triton.next_power_of_2 without its per-call host cost)."""
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
 def pick_block_c(num_heads: int, num_classes: int, block_c: int | None = None) -> tuple[int, int, int]:
     """Column block, number of blocks and warps for a row of `num_heads` x `num_classes`."""
-    h_pad = triton.next_power_of_2(num_heads)
+    h_pad = _pow2(num_heads)
     if block_c is None:
-        block_c = min(triton.next_power_of_2(num_classes), max(_MAX_TILE // h_pad, 16))
+        block_c = min(_pow2(num_classes), max(_MAX_TILE // h_pad, 16))
         if block_c < num_classes:  # a looped row: see _LONG_ROW_BLOCK
             block_c = min(block_c, _LONG_ROW_BLOCK if h_pad <= 2 else _LONG_ROW_BLOCK_MANY_HEADS)
-    num_blocks = triton.cdiv(num_classes, block_c)
+    num_blocks = -(-num_classes // block_c)
     num_warps = 4 if num_blocks > 1 else min(16, max(4, (h_pad * block_c) // 512))
     return block_c, num_blocks, num_warps
 
@@ -969,10 +996,9 @@ def loop_stages(num_heads: int, block_c: int, num_blocks: int, element_size: int
                 user_block: bool = False, depth: int | None = None) -> int:
     """Pipeline depth of the column loops for this tile on a device with `smem_limit` bytes per program:
     `depth` (default _LOOP_STAGES) where it fits and the row has that many blocks, else 1."""
-    tile = triton.next_power_of_2(num_heads) * block_c * element_size
+    tile = _pow2(num_heads) * block_c * element_size
     if smem_limit is not None and tile + _SMEM_MARGIN > smem_limit:
-        largest = max(16, triton.next_power_of_2((smem_limit - _SMEM_MARGIN) // (
-            triton.next_power_of_2(num_heads) * element_size)) // 2)
+        largest = max(16, _pow2((smem_limit - _SMEM_MARGIN) // (_pow2(num_heads) * element_size)) // 2)
         what = "block_c" if user_block else "the column block"
         raise ValueError(f"{what}={block_c} needs about {(tile + _SMEM_MARGIN) // 1024} KB of shared memory for "
                          f"{num_heads} heads of {element_size}-byte logits, over this GPU's {smem_limit // 1024} KB "
@@ -984,6 +1010,26 @@ def loop_stages(num_heads: int, block_c: int, num_blocks: int, element_size: int
     return stages
 
 
+_CONSTEXPRS = ("H", "H_PAD", "BLOCK_C", "NUM_BLOCKS", "REDUCE", "MEAN", "COMPUTE_LOSS", "COMPUTE_GRAD", "ROW_WEIGHTS",
+               "DETACH", "STATS", "SMOOTH", "T_IS_TWO", "KL", "VEC", "ROW_STATS", "NUM_STAGES", "PROBS", "FAST_EXP",
+               "TAIL")
+_kernel_launcher = CachedLauncher(_collab_loss_kernel, _CONSTEXPRS) if triton is not None else None
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(num_heads: int, num_classes: int, block_c: int | None, element_size: int, smem_limit: int | None):
+    """(H_PAD, block, number of blocks, warps, loop stages, tail) of a row: computed once per shape."""
+    block, num_blocks, num_warps = pick_block_c(num_heads, num_classes, block_c)
+    stages = loop_stages(num_heads, block, num_blocks, element_size, smem_limit, block_c is not None)
+    return _pow2(num_heads), block, num_blocks, num_warps, stages, num_classes % block != 0
+
+
+def _workspace(num_heads: int, device: torch.device) -> torch.Tensor:
+    """fp32 [4H + 3] zeros: the stats' sums [4, H], the loss's sum, and two int32 words (n_valid, the ticket
+    of the program that finishes the sums)."""
+    return torch.zeros(4 * num_heads + 3, dtype=torch.float32, device=device)
+
+
 def _launch(
     logits: torch.Tensor,  # [H, N, C]
     target: torch.Tensor,  # [N] labels, or [N, C] probabilities (floating point)
@@ -992,67 +1038,68 @@ def _launch(
     compute_loss: bool = True,
     compute_grad: bool = False,
     return_stats: bool = False,
-    row_weights: torch.Tensor | None = None,  # [H, N] upstream weights (backward)
+    row_weights: torch.Tensor | None = None,  # [H, N] or [] upstream weights (backward)
     grad_out: torch.Tensor | None = None,  # where to write the gradient (default: fresh [H, N, C])
     save_row_stats: torch.Tensor | None = None,  # fp32 [K, H, N]: forward stores pass 1's statistics here
     row_stats: torch.Tensor | None = None,  # fp32 [K, H, N] from forward: backward skips pass 1
+    counts: torch.Tensor | None = None,  # backward of "mean": forward's workspace (its n_valid divides)
 ):
-    """Runs the kernel once. Returns (loss, stats [4, H] or None, grad or None)."""
+    """Runs the kernel once. Returns (loss, stats [4, H] or None, grad or None, workspace or None). The
+    forward of a reduced loss or of stats returns its workspace, which backward takes as `counts`."""
     num_heads, n, c = logits.shape
     device = logits.device
-    block, num_blocks, num_warps = pick_block_c(num_heads, c, params.block_c)
-    reduce = params.reduction != "none" and row_weights is None
-    mean = params.reduction == "mean" and row_weights is None
+    h_pad, block, num_blocks, num_warps, stages, tail = _plan(
+        num_heads, c, params.block_c, logits.element_size(), shared_memory_limit(device))
+    reduce = compute_loss and params.reduction != "none" and row_weights is None
+    mean = params.reduction == "mean" and (reduce or counts is not None)
+    if compute_grad and (reduce or return_stats):
+        raise ValueError("internal: a launch that reduces the loss or counts stats computes no gradient")
     f32 = torch.float32
-    if compute_loss and reduce:
-        loss = torch.zeros((), dtype=f32, device=device)
+    ws = _workspace(num_heads, device) if reduce or return_stats else counts
+    if reduce:
+        loss = torch.empty((), dtype=f32, device=device) if n else torch.zeros((), dtype=f32, device=device)
     elif compute_loss:
         loss = torch.empty((num_heads, n), dtype=f32, device=device)
     else:
-        loss = torch.empty((), dtype=f32, device=device)
-    stats = torch.zeros((4, num_heads), dtype=f32, device=device) if return_stats else loss
-    need_count = (mean and (compute_loss or compute_grad)) or return_stats
+        loss = ws if ws is not None else row_weights  # a pointer the kernel never uses
+    if ws is None:
+        ws = loss
     probs = target.is_floating_point()
-    nvalid = _num_valid(target, params) if need_count else loss
     if compute_grad:
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if grad_out is None else grad_out
     else:
         grad = logits  # never written (COMPUTE_GRAD is a constexpr False)
     r = row_weights if row_weights is not None else loss
-    r_strides = (row_weights.stride(0), row_weights.stride(1)) if row_weights is not None else (0, 0)
-    vec = _vector_width(logits, grad if compute_grad else logits)
+    r_strides = (0, 0) if row_weights is None or row_weights.dim() == 0 else row_weights.stride()
+    vec = _vector_width(logits, grad)
     mode = 1 if save_row_stats is not None else 2 if row_stats is not None else 0
     rs = save_row_stats if mode == 1 else row_stats if mode == 2 else loss
-    k = _row_stats_count(target)
-    if mode and (rs.shape != (k, num_heads, n) or rs.dtype != f32 or not rs.is_contiguous()):
-        raise ValueError(f"row statistics must be contiguous float32 [{k}, {num_heads}, {n}], got {rs.dtype} "
-                         f"{tuple(rs.shape)}")
+    if mode:
+        k = _row_stats_count(target)
+        if rs.shape != (k, num_heads, n) or rs.dtype != f32 or not rs.is_contiguous():
+            raise ValueError(f"row statistics must be contiguous float32 [{k}, {num_heads}, {n}], got {rs.dtype} "
+                             f"{tuple(rs.shape)}")
     if n > 0:
-        stages = loop_stages(num_heads, block, num_blocks, logits.element_size(), shared_memory_limit(device),
-                             params.block_c is not None)
         # Triton launches on the current device: logits on another GPU (model parallel, device_map) need it set.
-        guard = (torch.cuda.device(device) if device.type == "cuda" and device.index is not None
-                 and device.index != torch.cuda.current_device() else contextlib.nullcontext())
+        index = device.index
+        guard = (torch.cuda.device(device) if device.type == "cuda" and index is not None
+                 and index != torch.cuda.current_device() else contextlib.nullcontext())
         with guard:
-            _collab_loss_kernel[(n,)](
+            _kernel_launcher(n, (
                 logits, logits.stride(0) // vec, logits.stride(1) // vec, logits.stride(2),
                 target, target.stride(0), target.stride(1) if probs else 0,
                 grad, grad.stride(0) // vec, grad.stride(1) // vec, grad.stride(2),
-                loss, stats, nvalid,
-                r, r_strides[0], r_strides[1],
-                rs,
+                loss, ws, r, r_strides[0], r_strides[1], rs,
                 n, c // vec, params.ignore_index,
                 1.0 / params.temperature, params.hard_coef, params.soft_coef, params.label_smoothing,
-                H=num_heads, H_PAD=triton.next_power_of_2(num_heads), BLOCK_C=block, NUM_BLOCKS=num_blocks,
-                REDUCE=reduce, MEAN=mean, COMPUTE_LOSS=compute_loss, COMPUTE_GRAD=compute_grad,
-                ROW_WEIGHTS=row_weights is not None, DETACH=params.detach_consensus, STATS=return_stats,
-                SMOOTH=params.label_smoothing > 0, T_IS_TWO=params.temperature == 2.0, KL=params.soft_loss == "kl",
-                VEC=vec, ROW_STATS=mode, NUM_STAGES=stages, PROBS=probs, FAST_EXP=_fast_exp(), TAIL=c % block != 0,
-                num_warps=num_warps,
-            )
+            ), (num_heads, h_pad, block, num_blocks, reduce, mean, compute_loss, compute_grad, row_weights is not None,
+                params.detach_consensus, return_stats, params.label_smoothing > 0, params.temperature == 2.0,
+                params.soft_loss == "kl", vec, mode, stages, probs, _fast_exp(), tail), num_warps,
+                index if device.type == "cuda" else None)
     elif compute_grad and grad_out is None:
         grad.zero_()
-    return loss, (stats if return_stats else None), (grad if compute_grad else None)
+    stats = ws[:4 * num_heads].view(4, num_heads) if return_stats else None
+    return loss, stats, (grad if compute_grad else None), (ws if reduce or return_stats else None)
 
 
 def _num_valid(target: torch.Tensor, params: CollabLossParams) -> torch.Tensor:
@@ -1105,7 +1152,7 @@ def _collab_loss_forward_op(
     params = _params_from(temperature, hard_coef, soft_coef, detach_consensus, ignore_index, label_smoothing,
                           reduction, block_c, soft_loss)
     rs = _row_stats_buffer(logits, target, params) if keep_row_stats else None
-    loss, stats, _ = _launch(logits, target, params, return_stats=return_stats, save_row_stats=rs)
+    loss, stats, _, _ = _launch(logits, target, params, return_stats=return_stats, save_row_stats=rs)
     empty = logits.new_empty((0,), dtype=torch.float32)
     return loss, (stats if stats is not None else empty), (rs if rs is not None else empty.clone())
 
@@ -1132,7 +1179,7 @@ def _collab_loss_backward_rows_op(
 ) -> torch.Tensor:
     params = _params_from(temperature, hard_coef, soft_coef, detach_consensus, ignore_index, label_smoothing,
                           reduction, block_c, soft_loss)
-    _, _, grad = _launch(logits, target, params, compute_loss=False, compute_grad=True, row_weights=row_weights,
+    _, _, grad, _ = _launch(logits, target, params, compute_loss=False, compute_grad=True, row_weights=row_weights,
                          row_stats=row_stats if row_stats.numel() else None)
     return grad
 
@@ -1189,6 +1236,7 @@ class _FusedCollabLoss(torch.autograd.Function):
     def forward(ctx, logits, target, params: CollabLossParams, return_stats, inplace):
         compiling = torch.compiler.is_compiling()
         needs_grad = ctx.needs_input_grad[0]
+        ws = None
         if compiling:
             if inplace:
                 raise NotImplementedError("fused_collab_loss(inplace=True) is not supported under torch.compile")
@@ -1196,30 +1244,35 @@ class _FusedCollabLoss(torch.autograd.Function):
                 logits, target, *_params_args(params), needs_grad, return_stats)
         else:
             rs = _row_stats_buffer(logits, target, params) if needs_grad else None
-            loss, stats, _ = _launch(logits, target, params, return_stats=return_stats, save_row_stats=rs)
-            rs = rs if rs is not None else logits.new_empty(0, dtype=torch.float32)
-        ctx.params, ctx.compiling, ctx.inplace = params, compiling, inplace
+            loss, stats, _, ws = _launch(logits, target, params, return_stats=return_stats, save_row_stats=rs)
+        # forward's workspace holds n_valid: backward's kernel divides grad_output by it (no ATen ops). Kept
+        # on ctx, not saved: the stats returned are a view of it, and a caller may modify them in place.
+        ctx.params, ctx.compiling, ctx.inplace, ctx.ws = params, compiling, inplace, ws
         if needs_grad:
             ctx.save_for_backward(logits, target, rs)
         if stats is None:
             stats = loss.new_empty(0)
         ctx.mark_non_differentiable(stats)
+        ctx.set_materialize_grads(False)  # no zeros made for the stats' (absent) gradient
         return loss, stats
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
+        if grad_loss is None:
+            return None, None, None, None, None
         if torch.is_grad_enabled():  # create_graph=True: a gradient of this gradient was asked for
             raise RuntimeError(
                 "fused_collab_loss: double backward (create_graph=True, e.g. a gradient penalty) is not "
                 "supported by the Triton kernel, whose gradient is not differentiable; use impl='torch' for it")
         params = ctx.params
         logits, target, rs = ctx.saved_tensors
-        r = _upstream_weights(grad_loss, target, params, logits.shape[:2])
         if ctx.compiling:
+            r = _upstream_weights(grad_loss, target, params, logits.shape[:2])
             grad = torch.ops.collab_fast.collab_loss_backward_rows(logits, target, r, rs, *_params_args(params))
         else:
-            _, _, grad = _launch(logits, target, params, compute_loss=False, compute_grad=True, row_weights=r,
-                                 grad_out=logits if ctx.inplace else None, row_stats=rs if rs.numel() else None)
+            _, _, grad, _ = _launch(logits, target, params, compute_loss=False, compute_grad=True,
+                                    row_weights=grad_loss, counts=ctx.ws, grad_out=logits if ctx.inplace else None,
+                                    row_stats=rs)
             if ctx.inplace:
                 # The logits now hold the gradient: any other node that saved them must refuse to run.
                 torch.autograd.graph.increment_version(logits)
@@ -1347,7 +1400,8 @@ def collab_loss(logits, target: torch.Tensor, params: CollabLossParams, *, retur
     loss, stats = _FusedCollabLoss.apply(logits, target, params, return_stats, inplace)
     if not return_stats:
         return loss
-    return loss, CollabStats(hard=stats[0], soft=stats[1], correct=stats[2], num_valid=stats[3, 0])
+    hard, soft, correct, counts = stats.unbind(0)  # one view op, not four
+    return loss, CollabStats(hard=hard, soft=soft, correct=correct, num_valid=counts[0])
 
 
 def fused_collab_loss(

@@ -111,7 +111,7 @@ def _chunk_loss_and_grad(z: torch.Tensor, y: torch.Tensor, params: CollabLossPar
     """(per-row loss [H, n] float32 (0 at ignored rows), r * dL/dz [H, n, C] in z's dtype)."""
     if use_kernel:
         # one launch: loss and gradient, the gradient written over the logits (they are not needed after)
-        loss, _, g = _launch(z, y, params, compute_loss=True, compute_grad=True, row_weights=r, grad_out=z)
+        loss, _, g, _ = _launch(z, y, params, compute_loss=True, compute_grad=True, row_weights=r, grad_out=z)
         return loss, g
     with torch.enable_grad():
         zc = z.detach().requires_grad_()
