@@ -149,6 +149,9 @@ from collab_fast.kernels import collab_loss as cl  # noqa: E402
 
 cl._check_triton_usable = lambda device: None  # CPU tensors stand for CUDA ones
 cl._labels_checked_on_host = lambda target: False  # as on CUDA: labels are checked in the kernel, no sync
+_kept: dict = {}  # as on CUDA: one workspace per stream (and H), left zeroed by the kernel; a dict lookup here
+cl._workspace = lambda heads, device: _kept.get(heads) if heads in _kept else _kept.setdefault(
+    heads, torch.zeros(3 * heads + 3))
 
 _NO_KERNEL = {"view", "_unsafe_view", "t", "transpose", "expand", "as_strided", "alias", "detach", "unsqueeze",
               "squeeze", "slice", "select", "permute", "empty", "empty_strided", "empty_like", "new_empty",

@@ -143,3 +143,29 @@ def test_sass_loss_writes_its_tables_and_refuses_a_bad_shape(tmp_path):
     assert rows[2]["finite"] is None and rows[2]["fwd_bwd_issue_bound_ms"] > 0  # one block: no column loop
     bad = run("--shapes", "H2:C4096", "--json", "-")
     assert bad.returncode == 2 and "--shapes: 'H2:C4096' is not H:C:DTYPE" in bad.stderr
+
+
+@pytest.mark.slow
+def test_host_loss_counts_and_times_a_call_with_the_driver_stubbed(tmp_path):
+    # Triton's real launcher against a stand-in libcuda, in a fresh interpreter: no GPU needed
+    import shutil
+    import subprocess
+
+    if shutil.which("cc") is None:
+        pytest.skip("needs a C compiler (cc) for the stand-in libcuda and Triton's launcher")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "host_loss.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path / "triton"), TMPDIR=str(tmp_path))
+    run = lambda *a: subprocess.run([sys.executable, str(script), *a], env=env, capture_output=True, text=True,
+                                    timeout=600)
+    res = run("--shape", "3,16,100", "--rounds", "2", "--calls", "3", "--out", str(tmp_path))
+    assert res.returncode == 0, res.stderr[-2000:]
+    md = next(tmp_path.glob("host_loss_cpu-stub-driver_H3N16C100fp32_triton*.md")).read_text()
+    assert "| ours-api |" in md and "CPU with the CUDA driver stubbed" in md
+    rows = {r["provider"]: r for r in json.loads(next(tmp_path.glob("host_loss_*.json")).read_text())["rows"]}
+    api = rows["ours-api"]
+    # one fwd+bwd: two Triton launches, one zero fill (the workspace) + autograd's ones for .backward(), no sync
+    assert api["triton_launches"] == 2 and api["aten_kernels"] == 2 and api["host_syncs"] == 0, api
+    assert rows["launch-fwd"]["triton_launches"] == 1 and all(r["us"] > 0 for r in rows.values())
+    bad = run("--shape", "3,16", "--json", "-")
+    assert bad.returncode == 2 and "--shape: '3,16' is not three positive integers" in bad.stderr

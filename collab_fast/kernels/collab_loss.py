@@ -616,7 +616,8 @@ if triton is not None:
         y_ptr, stride_y, stride_yc,  # target [N] integer labels, or (PROBS) [N, C] probabilities
         g_ptr, stride_gh_v, stride_gn_v, stride_gc,  # gradient out [H, N, C] (may alias the logits)
         loss_ptr,  # REDUCE: fp32 scalar, written by the last program; else fp32 [H, N] per-head per-sample loss
-        ws_ptr,  # fp32 [4H + 3] zeroed workspace (_workspace): stats [4, H], loss sum, n_valid and ticket (int32)
+        stats_ptr,  # fp32 [4, H] out: mean hard, mean soft, correct count; [3, 0] = n_valid (backward reads it)
+        ws_ptr,  # fp32 [3H + 3] zeros (_workspace): sums of stats and loss, n_valid, ticket; left zeroed again
         r_ptr, stride_rh, stride_rn,  # upstream weights [H, N] (ROW_WEIGHTS: backward)
         rs_ptr,  # fp32 [K, H, N] row statistics (_row_stats_count): written by forward (ROW_STATS 1), read by backward (2)
         N, C_v, ignore_index,  # C / VEC
@@ -778,12 +779,14 @@ if triton is not None:
             soft = tl.zeros([H_PAD], tl.float32)
             per = hard
 
-        # The workspace's n_valid and ticket: int32 words after the stats and the loss sum.
-        cnt_ptr = (ws_ptr + 4 * H + 1).to(tl.pointer_type(tl.int32))
+        # The workspace as int32 words: n_valid and the ticket after the sums of the stats and the loss; the
+        # sums are read and zeroed as int32 exchanges (bit patterns; the interpreter exchanges no floats).
+        ws_int = ws_ptr.to(tl.pointer_type(tl.int32))
+        cnt_ptr = ws_int + 3 * H + 1
         if COMPUTE_LOSS:
             if REDUCE:
                 row = tl.sum(tl.where(head_mask, per, 0.0), axis=0)
-                tl.atomic_add(ws_ptr + 4 * H, tl.where(ok, row, tl.where(bad, float("nan"), 0.0)))
+                tl.atomic_add(ws_ptr + 3 * H, tl.where(ok, row, tl.where(bad, float("nan"), 0.0)))
             else:
                 per_out = tl.where(ok, per, tl.where(bad, float("nan"), 0.0))
                 tl.store(loss_ptr + heads.to(tl.int64) * N + n, per_out, mask=head_mask)
@@ -796,28 +799,33 @@ if triton is not None:
                 top = t_arg if PROBS else y_safe
                 tl.atomic_add(ws_ptr + 2 * H + heads, (arg == top).to(tl.float32), mask=smask)
             if REDUCE or STATS:
-                # Sums are finished by the last program to take a ticket: no count pass, no division
-                # kernel, nothing zeroed but the workspace. Triton's atomics are acq_rel: every program's
-                # sums are visible once its ticket is taken.
+                # The sums are finished by the last program to take a ticket: no count pass, no division
+                # kernel. Triton's atomics are acq_rel, so every program's sums are visible to the one that
+                # takes the last ticket; it reads them by exchanging them with 0, which leaves the workspace
+                # zeroed for the next call (a workspace kept per device and stream: no zero fill per call).
                 if (MEAN or STATS) and not PROBS:
                     tl.atomic_add(cnt_ptr, valid.to(tl.int32))
                 if tl.atomic_add(cnt_ptr + 1, 1) == N - 1:
+                    tl.atomic_xchg(cnt_ptr + 1, 0)
+                    count = tl.atomic_xchg(cnt_ptr, 0).to(tl.float32)
                     if PROBS:
-                        n_valid = tl.cast(N, tl.float32)  # every sample counts
-                    else:
-                        n_valid = tl.atomic_add(cnt_ptr, 0).to(tl.float32)
-                    inv_valid = 1.0 / tl.maximum(n_valid, 1.0)
+                        count = tl.cast(N, tl.float32)  # every sample counts
+                    inv_valid = 1.0 / tl.maximum(count, 1.0)
                     if REDUCE:
-                        total = tl.atomic_add(ws_ptr + 4 * H, 0.0)
+                        total = tl.atomic_xchg(ws_int + 3 * H, 0).to(tl.float32, bitcast=True)
                         if MEAN:
                             total = total * inv_valid
                         tl.store(loss_ptr, total)
                     if STATS:
-                        tl.store(ws_ptr + heads, tl.atomic_add(ws_ptr + heads, 0.0, mask=head_mask) * inv_valid,
-                                 mask=head_mask)
-                        tl.store(ws_ptr + H + heads,
-                                 tl.atomic_add(ws_ptr + H + heads, 0.0, mask=head_mask) * inv_valid, mask=head_mask)
-                        tl.store(ws_ptr + 3 * H, n_valid)  # stats[3, 0] = number of valid samples
+                        s_hard = tl.atomic_xchg(ws_int + heads, 0, mask=head_mask).to(tl.float32, bitcast=True)
+                        s_soft = tl.atomic_xchg(ws_int + H + heads, 0, mask=head_mask).to(tl.float32, bitcast=True)
+                        s_top = tl.atomic_xchg(ws_int + 2 * H + heads, 0, mask=head_mask).to(tl.float32, bitcast=True)
+                        tl.store(stats_ptr + heads, s_hard * inv_valid, mask=head_mask)
+                        tl.store(stats_ptr + H + heads, s_soft * inv_valid, mask=head_mask)
+                        tl.store(stats_ptr + 2 * H + heads, s_top, mask=head_mask)
+                        tl.store(stats_ptr + 3 * H + heads, tl.where(heads == 0, count, 0.0), mask=head_mask)
+                    elif MEAN:
+                        tl.store(stats_ptr + 3 * H, count)  # n_valid, for backward
 
         if ROW_STATS == 1:
             tl.store(rs_row, m1, mask=head_mask)
@@ -839,11 +847,11 @@ if triton is not None:
                             mask=head_mask, other=0.0).to(tl.float32)
             else:
                 r = tl.zeros([H_PAD], tl.float32) + 1.0
-            if MEAN:  # the loss's grad_output over n_valid: every row of a distribution, else forward's count
+            if MEAN:  # the loss's grad_output over n_valid: every row of a distribution, else forward's stats[3, 0]
                 if PROBS:
                     r = r / tl.maximum(tl.cast(N, tl.float32), 1.0)
                 else:
-                    r = r / tl.maximum(tl.load(cnt_ptr).to(tl.float32), 1.0)
+                    r = r / tl.maximum(tl.load(stats_ptr + 3 * H), 1.0)
             r = tl.where(ok & head_mask, r, 0.0)
             if H > 1:
                 rh = r * hard_coef
@@ -1024,10 +1032,22 @@ def _plan(num_heads: int, num_classes: int, block_c: int | None, element_size: i
     return _pow2(num_heads), block, num_blocks, num_warps, stages, num_classes % block != 0
 
 
+_WORKSPACES: dict = {}  # (device index, stream, H) -> the kernel's zeroed workspace on that stream
+
+
 def _workspace(num_heads: int, device: torch.device) -> torch.Tensor:
-    """fp32 [4H + 3] zeros: the stats' sums [4, H], the loss's sum, and two int32 words (n_valid, the ticket
-    of the program that finishes the sums)."""
-    return torch.zeros(4 * num_heads + 3, dtype=torch.float32, device=device)
+    """fp32 [3H + 3] zeros for the kernel's sums (stats, loss), n_valid and ticket (int32 words). The kernel
+    leaves it zeroed, so on CUDA one per device, stream and H is kept (calls on one stream run in order): no
+    zero fill per call. Elsewhere (the interpreter), and while a CUDA graph is captured (the graph keeps its
+    own, so that a replay on another stream shares nothing), a fresh one."""
+    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return torch.zeros(3 * num_heads + 3, dtype=torch.float32, device=device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (index, torch._C._cuda_getCurrentRawStream(index), num_heads)
+    ws = _WORKSPACES.get(key)
+    if ws is None:
+        ws = _WORKSPACES[key] = torch.zeros(3 * num_heads + 3, dtype=torch.float32, device=device)
+    return ws
 
 
 def _launch(
@@ -1042,10 +1062,10 @@ def _launch(
     grad_out: torch.Tensor | None = None,  # where to write the gradient (default: fresh [H, N, C])
     save_row_stats: torch.Tensor | None = None,  # fp32 [K, H, N]: forward stores pass 1's statistics here
     row_stats: torch.Tensor | None = None,  # fp32 [K, H, N] from forward: backward skips pass 1
-    counts: torch.Tensor | None = None,  # backward of "mean": forward's workspace (its n_valid divides)
+    counts: torch.Tensor | None = None,  # backward of "mean": forward's [4, H] stats buffer ([3, 0] = n_valid)
 ):
-    """Runs the kernel once. Returns (loss, stats [4, H] or None, grad or None, workspace or None). The
-    forward of a reduced loss or of stats returns its workspace, which backward takes as `counts`."""
+    """Runs the kernel once. Returns (loss, stats [4, H] or None, grad or None, counts or None): a forward
+    of "mean" (or with stats) returns the [4, H] buffer holding n_valid, which backward takes as `counts`."""
     num_heads, n, c = logits.shape
     device = logits.device
     h_pad, block, num_blocks, num_warps, stages, tail = _plan(
@@ -1055,13 +1075,20 @@ def _launch(
     if compute_grad and (reduce or return_stats):
         raise ValueError("internal: a launch that reduces the loss or counts stats computes no gradient")
     f32 = torch.float32
-    ws = _workspace(num_heads, device) if reduce or return_stats else counts
+    finish = reduce or return_stats  # the last program finishes sums kept in the workspace
+    ws = _workspace(num_heads, device) if finish and n else None
+    if finish:
+        stats = (torch.empty if n else torch.zeros)((4, num_heads), dtype=f32, device=device)
+    else:
+        stats = counts
     if reduce:
-        loss = torch.empty((), dtype=f32, device=device) if n else torch.zeros((), dtype=f32, device=device)
+        loss = (torch.empty if n else torch.zeros)((), dtype=f32, device=device)
     elif compute_loss:
         loss = torch.empty((num_heads, n), dtype=f32, device=device)
     else:
-        loss = ws if ws is not None else row_weights  # a pointer the kernel never uses
+        loss = stats if stats is not None else row_weights  # a pointer the kernel never uses
+    if stats is None:
+        stats = loss
     if ws is None:
         ws = loss
     probs = target.is_floating_point()
@@ -1089,7 +1116,7 @@ def _launch(
                 logits, logits.stride(0) // vec, logits.stride(1) // vec, logits.stride(2),
                 target, target.stride(0), target.stride(1) if probs else 0,
                 grad, grad.stride(0) // vec, grad.stride(1) // vec, grad.stride(2),
-                loss, ws, r, r_strides[0], r_strides[1], rs,
+                loss, stats, ws, r, r_strides[0], r_strides[1], rs,
                 n, c // vec, params.ignore_index,
                 1.0 / params.temperature, params.hard_coef, params.soft_coef, params.label_smoothing,
             ), (num_heads, h_pad, block, num_blocks, reduce, mean, compute_loss, compute_grad, row_weights is not None,
@@ -1098,8 +1125,7 @@ def _launch(
                 index if device.type == "cuda" else None)
     elif compute_grad and grad_out is None:
         grad.zero_()
-    stats = ws[:4 * num_heads].view(4, num_heads) if return_stats else None
-    return loss, stats, (grad if compute_grad else None), (ws if reduce or return_stats else None)
+    return loss, (stats if return_stats else None), (grad if compute_grad else None), (stats if finish else None)
 
 
 def _num_valid(target: torch.Tensor, params: CollabLossParams) -> torch.Tensor:
@@ -1236,7 +1262,7 @@ class _FusedCollabLoss(torch.autograd.Function):
     def forward(ctx, logits, target, params: CollabLossParams, return_stats, inplace):
         compiling = torch.compiler.is_compiling()
         needs_grad = ctx.needs_input_grad[0]
-        ws = None
+        counts = None
         if compiling:
             if inplace:
                 raise NotImplementedError("fused_collab_loss(inplace=True) is not supported under torch.compile")
@@ -1244,10 +1270,10 @@ class _FusedCollabLoss(torch.autograd.Function):
                 logits, target, *_params_args(params), needs_grad, return_stats)
         else:
             rs = _row_stats_buffer(logits, target, params) if needs_grad else None
-            loss, stats, _, ws = _launch(logits, target, params, return_stats=return_stats, save_row_stats=rs)
-        # forward's workspace holds n_valid: backward's kernel divides grad_output by it (no ATen ops). Kept
-        # on ctx, not saved: the stats returned are a view of it, and a caller may modify them in place.
-        ctx.params, ctx.compiling, ctx.inplace, ctx.ws = params, compiling, inplace, ws
+            loss, stats, _, counts = _launch(logits, target, params, return_stats=return_stats, save_row_stats=rs)
+        # forward's [4, H] stats buffer holds n_valid: backward's kernel divides grad_output by it (no ATen
+        # op). Kept on ctx, not saved: they are the stats returned, which a caller may modify in place.
+        ctx.params, ctx.compiling, ctx.inplace, ctx.counts = params, compiling, inplace, counts
         if needs_grad:
             ctx.save_for_backward(logits, target, rs)
         if stats is None:
@@ -1271,7 +1297,7 @@ class _FusedCollabLoss(torch.autograd.Function):
             grad = torch.ops.collab_fast.collab_loss_backward_rows(logits, target, r, rs, *_params_args(params))
         else:
             _, _, grad, _ = _launch(logits, target, params, compute_loss=False, compute_grad=True,
-                                    row_weights=grad_loss, counts=ctx.ws, grad_out=logits if ctx.inplace else None,
+                                    row_weights=grad_loss, counts=ctx.counts, grad_out=logits if ctx.inplace else None,
                                     row_stats=rs)
             if ctx.inplace:
                 # The logits now hold the gradient: any other node that saved them must refuse to run.

@@ -55,13 +55,14 @@ class CachedLauncher:
     def __call__(self, grid0: int, args: tuple, constexprs: tuple, num_warps: int, device: int | None = None):
         fn = self.fn
         knobs = triton.knobs
-        if (not hasattr(fn, "device_caches") or "run" in vars(fn) or fn.pre_run_hooks or _hooked(knobs.runtime.launch_enter_hook)
-                or _hooked(knobs.runtime.launch_exit_hook) or knobs.runtime.add_stages_inspection_hook is not None):
+        rt = knobs.runtime
+        if (not hasattr(fn, "device_caches") or "run" in vars(fn) or fn.pre_run_hooks or _hooked(rt.launch_enter_hook)
+                or _hooked(rt.launch_exit_hook) or rt.add_stages_inspection_hook is not None):
             self._plain(grid0, args, constexprs, num_warps)  # the interpreter, or someone watching launches
             return
         active = driver.active
         device = active.get_current_device() if device is None else device
-        key = (device, constexprs, num_warps, knobs.runtime.debug, knobs.compilation.instrumentation_mode,
+        key = (device, constexprs, num_warps, rt.debug, knobs.compilation.instrumentation_mode,
                _key(args))
         kernel = self.kernels.get(key)
         if kernel is None:
