@@ -933,6 +933,7 @@ def interpreter_active() -> bool:
     return isinstance(_collab_loss_kernel, InterpretedFunction)
 
 
+@functools.cache  # fixed at import: the interpreter is chosen by TRITON_INTERPRET before it
 def _fast_exp() -> bool:
     """Exponentials through PTX's ex2.approx.ftz (see _exp2): compiled for NVIDIA GPUs, not interpreted."""
     return torch.version.hip is None and not interpreter_active()
@@ -952,14 +953,15 @@ def _check_triton_usable(device: torch.device) -> None:
 def _vector_width(logits: torch.Tensor, grad: torch.Tensor) -> int:
     """Elements per 16-byte vector when the logits and the gradient both have unit class stride, 16-byte
     aligned storage, and head and row strides and C that are multiples of it; else 1 (scalar accesses)."""
-    vec = 16 // logits.element_size()
-    c = logits.shape[2]
-    for t in (logits, grad):
-        if t.stride(2) != 1 or t.data_ptr() % 16 or t.element_size() != logits.element_size():
+    size = logits.element_size()
+    vec = 16 // size
+    if logits.shape[2] % vec:
+        return 1
+    for t in (logits,) if grad is logits else (logits, grad):
+        s = t.stride()
+        if s[2] != 1 or s[0] % vec or s[1] % vec or t.data_ptr() % 16 or t.element_size() != size:
             return 1
-        if t.stride(0) % vec or t.stride(1) % vec:
-            return 1
-    return vec if c % vec == 0 else 1
+    return vec
 
 
 def _pow2(n: int) -> int:

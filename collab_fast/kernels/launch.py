@@ -1,13 +1,14 @@
 """Launching a compiled Triton kernel for the cost of its C launcher.
 
 `kernel[grid](*args)` binds and specialises every argument, hashes a cache key and builds launch metadata on
-each call (about 18 µs of host time for the loss kernel's 24 runtime arguments, of which the C launcher is 2).
-`CachedLauncher` does that work once per specialisation: its key holds what Triton's binder specialises on
-(integers equal to 1, divisible by 16 and their width; tensors' dtype and 16-byte alignment; the constexprs and
-launch options), the first launch of a key goes through Triton (which compiles and returns the kernel), and
-later ones call the compiled kernel's launcher directly. Triton's own path is kept where it must run: the
-interpreter, launch hooks (profilers such as Proton), pre-run hooks, stage-inspection hooks, and a `run`
-replaced on the kernel object (a caller compiling without launching, as benchmarks/sass_loss.py does).
+each call (about 18 µs of host time for the loss kernel's 25 runtime arguments, of which the C launcher is 2).
+`CachedLauncher` builds a cheaper key on each call, from what Triton's binder specialises on (integers equal
+to 1, divisible by 16 and their width; tensors' dtype and 16-byte alignment; the constexprs and launch
+options), and does Triton's work once per key: the first launch of a key goes through Triton (which compiles
+and returns the kernel), later ones call the compiled kernel's launcher directly. Triton's own path is kept
+where it must run: the interpreter, launch hooks (profilers such as Proton), pre-run hooks, stage-inspection
+hooks, and a `run` replaced on the kernel object (a caller compiling without launching, as
+benchmarks/sass_loss.py does).
 """
 
 from __future__ import annotations
@@ -28,9 +29,9 @@ def _key(args: tuple) -> tuple:
     """What Triton's binder specialises on, per runtime argument (a key at least as fine as its own): a
     tensor's dtype and 16-byte alignment; an integer's being 1, its divisibility by 16 and its width (i32,
     i64, u64); nothing of a float; any other value itself. One comprehension: this runs on every launch."""
-    return tuple([(a.dtype, not a.data_ptr() & 15) if isinstance(a, _Tensor)
-                  else (a == 1, not a & 15, (a >= _LO32) + (a >= _HI32) + (a >= _HI64)) if type(a) is int
-                  else None if type(a) is float else (type(a), a) for a in args])
+    return tuple([(a == 1, not a & 15, (a >= _LO32) + (a >= _HI32) + (a >= _HI64)) if type(a) is int
+                  else None if type(a) is float
+                  else (a.dtype, not a.data_ptr() & 15) if isinstance(a, _Tensor) else (type(a), a) for a in args])
 
 
 def _hooked(hook) -> bool:
@@ -66,7 +67,9 @@ class CachedLauncher:
                _key(args))
         kernel = self.kernels.get(key)
         if kernel is None:
-            self.kernels[key] = self._plain(grid0, args, constexprs, num_warps)
+            kernel = self._plain(grid0, args, constexprs, num_warps)
+            if kernel is not None:
+                self.kernels[key] = kernel
             return
         self.hits += 1
         kernel.run(grid0, 1, 1, active.get_current_stream(device), kernel.function, kernel.packed_metadata, None,
