@@ -705,6 +705,37 @@ def test_gpu_compiled_inductor():
     assert_close(x1.grad, x2.grad, atol=1e-7)
 
 
+@requires_cuda
+@pytest.mark.gpu
+def test_gpu_workspace_kept_per_stream_left_zeroed_and_own_in_a_captured_graph():
+    z, y = make(3, 64, 1000, device="cuda")
+    y[5] = -100
+    ref = collab_loss_reference(z.double(), y, return_stats=True)
+    for _ in range(3):  # the same workspace each call: the last program zeroes it
+        loss, st = fused_collab_loss(z, y, return_stats=True)
+        assert_close(loss, ref[0], atol=1e-5)
+        assert_close(st.hard, ref[1].hard, atol=1e-5)
+    dev = torch.cuda.current_device()
+    key = (dev, torch.cuda.current_stream().cuda_stream, 3)
+    assert key in cl._WORKSPACES and not cl._WORKSPACES[key].any()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # another stream: another workspace; then warm-up for the capture
+        for _ in range(2):
+            fused_collab_loss(z, y)
+    torch.cuda.current_stream().wait_stream(side)
+    kept = dict(cl._WORKSPACES)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = fused_collab_loss(z, y)
+    assert cl._WORKSPACES == kept  # the graph keeps its own
+    for _ in range(3):
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_close(captured, ref[0], atol=1e-5)
+    assert not any(w.any() for w in cl._WORKSPACES.values())
+
+
 _AOT = r"""
 import inspect, json, re, triton
 from triton.backends.compiler import GPUTarget

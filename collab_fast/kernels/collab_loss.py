@@ -1042,9 +1042,14 @@ def _workspace(num_heads: int, device: torch.device) -> torch.Tensor:
     leaves it zeroed, so on CUDA one per device, stream and H is kept (calls on one stream run in order): no
     zero fill per call. Elsewhere (the interpreter), and while a CUDA graph is captured (the graph keeps its
     own, so that a replay on another stream shares nothing), a fresh one."""
-    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
-        return torch.zeros(3 * num_heads + 3, dtype=torch.float32, device=device)
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    fresh = lambda: torch.zeros(3 * num_heads + 3, dtype=torch.float32, device=device)
+    if device.type != "cuda":
+        return fresh()
+    current = torch.cuda.current_device()
+    index = current if device.index is None else device.index
+    with torch.cuda.device(index) if index != current else contextlib.nullcontext():
+        if torch.cuda.is_current_stream_capturing():  # (the stream of the logits' device)
+            return fresh()
     key = (index, torch._C._cuda_getCurrentRawStream(index), num_heads)
     ws = _WORKSPACES.get(key)
     if ws is None:
