@@ -146,6 +146,19 @@ def write_results(name: str, rows: list[dict], device: torch.device, command: st
     return json_path
 
 
+def write_tables(text: str, payload, json_path: str | None, out: str, stem: str) -> None:
+    """A no-GPU script's markdown and JSON: to `json_path` if given, else both under `out` as `stem`.md/.json."""
+    print(text)
+    if json_path:
+        Path(json_path).write_text(json.dumps(payload, indent=1))
+        return
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{stem}.md").write_text(text)
+    (folder / f"{stem}.json").write_text(json.dumps(payload, indent=1))
+    print(f"written: {folder / stem}.md, .json")
+
+
 def format_row(row: dict, columns: list[str] | None = None) -> str:
     """One console line: key=value for the given columns (all by default), None values left out."""
     keys = columns or list(row)

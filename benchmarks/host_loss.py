@@ -43,7 +43,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, versions  # noqa: E402
+from common import RESULTS_DIR, versions, write_tables  # noqa: E402
 from sass_loss import _Sm90  # noqa: E402
 
 # Entry points of libcuda that Triton's launchers (3.6's generated one, 3.7+'s driver module) link against.
@@ -337,18 +337,9 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"shape": f"H{heads} N{rows} C{classes} {args.dtype}", "date": str(datetime.date.today()),
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
             "versions": versions(), "command": " ".join(["python benchmarks/host_loss.py", *(argv or sys.argv[1:])])}
-    text = markdown(rows_out, meta)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows_out, indent=1))
-    else:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        stem = (f"host_loss_cpu-stub-driver_H{heads}N{rows}C{classes}{args.dtype}_triton{triton.__version__}_"
-                f"{datetime.date.today()}")
-        (out / f"{stem}.md").write_text(text)
-        (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows_out}, indent=1))
-        print(f"written: {out / stem}.md, .json")
+    write_tables(markdown(rows_out, meta), {"meta": meta, "rows": rows_out}, args.json, args.out,
+                 f"host_loss_cpu-stub-driver_H{heads}N{rows}C{classes}{args.dtype}_triton{triton.__version__}_"
+                 f"{datetime.date.today()}")
     return 0
 
 

@@ -37,7 +37,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.runtime import driver  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, versions  # noqa: E402
+from common import RESULTS_DIR, versions, write_tables  # noqa: E402
 
 from collab_fast.kernels import collab_loss as cl  # noqa: E402
 
@@ -211,16 +211,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     text = markdown(rows, sys.argv[1:] if argv is None else argv,
                     {"sms": args.sms, "ghz": args.ghz, "copy_tbs": args.copy_tbs})
-    print(text)
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
-    else:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        stem = f"sass_loss_sm90_triton{triton.__version__}{'_stats' if args.stats else ''}_{datetime.date.today()}"
-        (out / f"{stem}.md").write_text(text)
-        (out / f"{stem}.json").write_text(json.dumps(rows, indent=1))
-        print(f"written: {out / stem}.md, .json")
+    write_tables(text, rows, args.json, args.out,
+                 f"sass_loss_sm90_triton{triton.__version__}{'_stats' if args.stats else ''}_{datetime.date.today()}")
     return 0
 
 
