@@ -90,7 +90,7 @@ def compile_launches(heads: int, rows: int, classes: int, dtype: torch.dtype, st
         p = cl.CollabLossParams()
         rs = cl._row_stats_buffer(z, y, p)
         cl._launch(z, y, p, return_stats=stats, save_row_stats=rs)
-        r, w = torch.empty((), device="meta"), torch.empty(4, heads, device="meta")  # as backward: grad_output, n_valid
+        r, w = torch.empty((), device="meta"), torch.empty(5, heads, device="meta")  # as backward: grad_output, n_valid
         cl._launch(z, y, p, compute_loss=False, compute_grad=True, row_weights=r, row_stats=rs, counts=w)
     finally:
         cl._collab_loss_kernel.run = run

@@ -443,6 +443,21 @@ def test_one_call_is_two_kernels_without_a_sync(monkeypatch, kw):
     assert_close((out[0] if stats else out).detach(), lr.detach(), atol=1e-5)  # the second call's sums restarted
 
 
+def test_stats_modified_in_place_change_no_gradient():
+    # backward's n_valid lives in a row of forward's buffer that the returned stats do not show
+    z, y = make(3, 8, 40)
+    y[1] = -100
+    x = z.clone().requires_grad_()
+    loss, st = fused_collab_loss(x, y, impl="triton", return_stats=True)
+    assert st.num_valid.item() == 7
+    st.num_valid.zero_()
+    st.hard.mul_(0)
+    loss.backward(torch.tensor(1.5))
+    ref = z.double().requires_grad_()
+    (1.5 * collab_loss_reference(ref, y)).backward()
+    assert_close(x.grad, ref.grad, atol=1e-6)
+
+
 def test_forward_keeps_no_gradient_buffer():
     # the forward launch computes no gradient: nothing of [H, N, C] is held until backward
     z, y = make(2, 64, 300)
@@ -815,7 +830,7 @@ for H, N, C, dt in [(4, 256, 1000, "float32"), (4, 256, 1000, "bfloat16"), (2, 4
     rs = cl._row_stats_buffer(z, y, p)
     compiled.clear()
     cl._launch(z, y, p, return_stats=True, save_row_stats=rs)  # what forward launches
-    r, w = torch.empty((), device="meta"), torch.empty(4, H, device="meta")  # grad_output, forward's n_valid
+    r, w = torch.empty((), device="meta"), torch.empty(5, H, device="meta")  # grad_output, forward's n_valid
     cl._launch(z, y, p, compute_loss=False, compute_grad=True, row_weights=r, row_stats=rs, counts=w)  # backward
     for phase, k in zip(("forward", "backward"), compiled):
         ptx = k.asm["ptx"]
@@ -870,7 +885,7 @@ for name, z in layouts.items():
     for p in (cl.CollabLossParams(), cl.CollabLossParams(label_smoothing=0.1, reduction="none")):
         rs = cl._row_stats_buffer(z, y, p)
         cl._launch(z, y, p, return_stats=True, save_row_stats=rs)
-        r, w = torch.empty((), device="meta"), torch.empty(4, H, device="meta")
+        r, w = torch.empty((), device="meta"), torch.empty(5, H, device="meta")
         cl._launch(z, y, p, compute_loss=False, compute_grad=True, row_weights=r, row_stats=rs, counts=w)
         out.append(name)
 print("RESULT", json.dumps(out))

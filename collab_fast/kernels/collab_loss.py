@@ -616,7 +616,7 @@ if triton is not None:
         y_ptr, stride_y, stride_yc,  # target [N] integer labels, or (PROBS) [N, C] probabilities
         g_ptr, stride_gh_v, stride_gn_v, stride_gc,  # gradient out [H, N, C] (may alias the logits)
         loss_ptr,  # REDUCE: fp32 scalar, written by the last program; else fp32 [H, N] per-head per-sample loss
-        stats_ptr,  # fp32 [4, H] out: mean hard, mean soft, correct count; [3, 0] = n_valid (backward reads it)
+        stats_ptr,  # fp32 [5, H] out: mean hard, mean soft, correct count, [3, 0] = n_valid; [4, 0] n_valid for backward
         ws_ptr,  # fp32 [3H + 3] zeros (_workspace): sums of stats and loss, n_valid, ticket; left zeroed again
         r_ptr, stride_rh, stride_rn,  # upstream weights [H, N] (ROW_WEIGHTS: backward)
         rs_ptr,  # fp32 [K, H, N] row statistics (_row_stats_count): written by forward (ROW_STATS 1), read by backward (2)
@@ -824,8 +824,8 @@ if triton is not None:
                         tl.store(stats_ptr + H + heads, s_soft * inv_valid, mask=head_mask)
                         tl.store(stats_ptr + 2 * H + heads, s_top, mask=head_mask)
                         tl.store(stats_ptr + 3 * H + heads, tl.where(heads == 0, count, 0.0), mask=head_mask)
-                    elif MEAN:
-                        tl.store(stats_ptr + 3 * H, count)  # n_valid, for backward
+                    # n_valid for backward: a row the caller does not get (the stats are theirs to modify)
+                    tl.store(stats_ptr + 4 * H, count)
 
         if ROW_STATS == 1:
             tl.store(rs_row, m1, mask=head_mask)
@@ -847,11 +847,11 @@ if triton is not None:
                             mask=head_mask, other=0.0).to(tl.float32)
             else:
                 r = tl.zeros([H_PAD], tl.float32) + 1.0
-            if MEAN:  # the loss's grad_output over n_valid: every row of a distribution, else forward's stats[3, 0]
+            if MEAN:  # the loss's grad_output over n_valid: every row of a distribution, else forward's [4, 0]
                 if PROBS:
                     r = r / tl.maximum(tl.cast(N, tl.float32), 1.0)
                 else:
-                    r = r / tl.maximum(tl.load(stats_ptr + 3 * H), 1.0)
+                    r = r / tl.maximum(tl.load(stats_ptr + 4 * H), 1.0)
             r = tl.where(ok & head_mask, r, 0.0)
             if H > 1:
                 rh = r * hard_coef
@@ -1069,10 +1069,10 @@ def _launch(
     grad_out: torch.Tensor | None = None,  # where to write the gradient (default: fresh [H, N, C])
     save_row_stats: torch.Tensor | None = None,  # fp32 [K, H, N]: forward stores pass 1's statistics here
     row_stats: torch.Tensor | None = None,  # fp32 [K, H, N] from forward: backward skips pass 1
-    counts: torch.Tensor | None = None,  # backward of "mean": forward's [4, H] stats buffer ([3, 0] = n_valid)
+    counts: torch.Tensor | None = None,  # backward of "mean": forward's [5, H] stats buffer ([4, 0] = n_valid)
 ):
     """Runs the kernel once. Returns (loss, stats [4, H] or None, grad or None, counts or None): a forward
-    of "mean" (or with stats) returns the [4, H] buffer holding n_valid, which backward takes as `counts`."""
+    of "mean" (or with stats) returns the [5, H] buffer holding n_valid, which backward takes as `counts`."""
     num_heads, n, c = logits.shape
     device = logits.device
     h_pad, block, num_blocks, num_warps, stages, tail = _plan(
@@ -1085,7 +1085,7 @@ def _launch(
     finish = reduce or return_stats  # the last program finishes sums kept in the workspace
     ws = _workspace(num_heads, device) if finish and n else None
     if finish:
-        stats = (torch.empty if n else torch.zeros)((4, num_heads), dtype=f32, device=device)
+        stats = (torch.empty if n else torch.zeros)((5, num_heads), dtype=f32, device=device)
     else:
         stats = counts
     if reduce:
@@ -1132,7 +1132,7 @@ def _launch(
                 index if device.type == "cuda" else None)
     elif compute_grad and grad_out is None:
         grad.zero_()
-    return loss, (stats if return_stats else None), (grad if compute_grad else None), (stats if finish else None)
+    return loss, (stats[:4] if return_stats else None), (grad if compute_grad else None), (stats if finish else None)
 
 
 def _num_valid(target: torch.Tensor, params: CollabLossParams) -> torch.Tensor:
@@ -1278,8 +1278,9 @@ class _FusedCollabLoss(torch.autograd.Function):
         else:
             rs = _row_stats_buffer(logits, target, params) if needs_grad else None
             loss, stats, _, counts = _launch(logits, target, params, return_stats=return_stats, save_row_stats=rs)
-        # forward's [4, H] stats buffer holds n_valid: backward's kernel divides grad_output by it (no ATen
-        # op). Kept on ctx, not saved: they are the stats returned, which a caller may modify in place.
+        # forward's [5, H] stats buffer holds n_valid in a row of its own ([4, 0]): backward's kernel divides
+        # grad_output by it (no ATen op). Kept on ctx, not saved: the stats returned are a view of its first four
+        # rows, which a caller may modify in place without touching the count.
         ctx.params, ctx.compiling, ctx.inplace, ctx.counts = params, compiling, inplace, counts
         if needs_grad:
             ctx.save_for_backward(logits, target, rs)
