@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -199,6 +200,11 @@ def parse_config(argv=None) -> TrainConfig:
     path = args.pop("config", None)
     try:
         from_file = load_config_file(path) if path else {}
+        ignored = [k for k in _COMMAND_LINE_ONLY if k in from_file and from_file.pop(k) not in (None, False)]
+        if ignored:  # a run's config.json names that run's folder: a new run must not write into it unasked
+            print(f"collab_fast: --config {path}: ignoring {', '.join(ignored)} (where a run writes, and whether it "
+                  f"starts over or continues, come from the command line only: {', '.join(map(flag, ignored))})",
+                  file=sys.stderr)
         recipe = args.get("recipe", from_file.get("recipe"))
         if recipe is not None and recipe not in RECIPES:
             raise ValueError(f"--recipe must be one of {', '.join(RECIPES)}, got {recipe!r}")
@@ -210,12 +216,51 @@ def parse_config(argv=None) -> TrainConfig:
         parser.error(str(exc))
 
 
+# Settings a config file does not give (parse_config ignores them, and says so): a run's config.json holds
+# its own folder, and --overwrite there would delete that run.
+_COMMAND_LINE_ONLY = ("output", "overwrite", "resume")
+# What a config file may hold: a run's config.json is ~2 KB and ~60 values. The bounds stop a file that is
+# not one (/dev/zero, a YAML alias bomb that expands a few hundred bytes to millions of values) early, and
+# keep every error message about a value short.
+_MAX_CONFIG_BYTES = 1 << 20
+_MAX_CONFIG_VALUES = 10_000
+_MAX_CONFIG_STRING = 4096
+
+
+def _read_bounded(path: str) -> str:
+    with open(path, "rb") as f:
+        data = f.read(_MAX_CONFIG_BYTES + 1)
+    if len(data) > _MAX_CONFIG_BYTES:
+        raise ValueError(f"--config {path}: larger than {_MAX_CONFIG_BYTES >> 20} MiB; a config file holds a few "
+                         "settings (a run's config.json is about 2 KB)")
+    return data.decode("utf-8")
+
+
+def _check_expansion(data, path: str) -> None:
+    """Counts the values as they expand (a YAML alias counts each time it is used), up to the bound."""
+    stack, count = [data], 0
+    while stack:
+        v = stack.pop()
+        count += 1
+        if count > _MAX_CONFIG_VALUES:
+            raise ValueError(f"--config {path}: expands to more than {_MAX_CONFIG_VALUES} values (YAML aliases "
+                             "repeated?); a config file holds a few settings")
+        if isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
+        elif isinstance(v, (str, bytes)) and len(v) > _MAX_CONFIG_STRING:
+            raise ValueError(f"--config {path}: a value of {len(v)} characters; no setting takes more than "
+                             f"{_MAX_CONFIG_STRING}")
+
+
 def load_config_file(path: str) -> dict:
     """--config FILE: a mapping of settings, flat by name or nested by section (keys of a section: its flat
     names or its field names). Returns the flat settings; ValueError naming the file for anything else."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        text = _read_bounded(path)
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"--config {path}: cannot read it ({getattr(exc, 'strerror', None) or exc})") from None
     is_yaml = p.suffix.lower() in (".yaml", ".yml")
@@ -230,6 +275,7 @@ def load_config_file(path: str) -> dict:
         raise ValueError(f"--config {path}: not valid {'YAML' if is_yaml else 'JSON'} ({first})") from None
     if data is None:
         return {}
+    _check_expansion(data, path)
     if not isinstance(data, dict):
         raise ValueError(f"--config {path}: expected a mapping of settings, got a {type(data).__name__}")
     by_field = {(section, f.name): name for name, (section, f, _) in FLAT.items()}

@@ -133,6 +133,15 @@ def _keep(optimizer: torch.optim.Optimizer, like: torch.Tensor) -> torch.Tensor 
     return None if found is None else 1.0 - found.to(like.device, like.dtype)
 
 
+def _kept_grads(params: list[torch.Tensor], keep: torch.Tensor | None) -> list[torch.Tensor]:
+    """The gradients, zeroed where the step is skipped: a skipped step's gradients are often NaN or inf, and
+    x + 0 * NaN is NaN, so they must not reach the arithmetic that the skip then undoes (one where each)."""
+    if keep is None:
+        return [p.grad for p in params]
+    ok = keep > 0
+    return [torch.where(ok, p.grad, 0.0) for p in params]
+
+
 def lerp_(dst: list[torch.Tensor], src: list[torch.Tensor], weight: torch.Tensor) -> None:
     """dst += weight * (src - dst) for a 0-dim weight tensor on the device (foreach, no sync)."""
     diff = torch._foreach_sub(src, dst)
@@ -176,9 +185,9 @@ class LAMB(torch.optim.Optimizer):
                     self.state[p].update(step=torch.zeros((), device=p.device), exp_avg=torch.zeros_like(p),
                                          exp_avg_sq=torch.zeros_like(p))
             st = [self.state[p] for p in params]
-            grads = [p.grad for p in params]
             m, v, steps = [s["exp_avg"] for s in st], [s["exp_avg_sq"] for s in st], [s["step"] for s in st]
             keep = _keep(self, params[0])
+            grads = _kept_grads(params, keep)
             m_new = torch._foreach_mul(m, b1)
             torch._foreach_add_(m_new, grads, alpha=1 - b1)
             v_new = torch._foreach_mul(v, b2)
@@ -225,7 +234,7 @@ class LARS(torch.optim.Optimizer):
                     self.state[p]["momentum_buffer"] = torch.zeros_like(p)
             bufs = [self.state[p]["momentum_buffer"] for p in params]
             keep = _keep(self, params[0])
-            d = torch._foreach_add([p.grad for p in params], params, alpha=group["weight_decay"])  # g + wd w
+            d = torch._foreach_add(_kept_grads(params, keep), params, alpha=group["weight_decay"])  # g + wd w
             if group["trust"]:
                 ratio = [_trust(wn, dn, group["eta"])
                          for wn, dn in zip(torch._foreach_norm(params), torch._foreach_norm(d))]

@@ -163,16 +163,21 @@ def snapshot(path: Path, net, optimizer, scaler, config: dict, state: State, ema
 
 
 def restore(path: Path, net, optimizer, scaler, arch: str, pattern: str, config_out: dict | None = None,
-            ema=None) -> State:
+            ema=None, opt: str | None = None) -> State:
     """Loads a checkpoint into the model, optimizer, scaler, RNGs and the --model-ema average (started from
     the loaded weights when the checkpoint has none); returns the training position (and puts the
-    checkpoint's resolved config into config_out, when given)."""
+    checkpoint's resolved config into config_out, when given). `opt`: this run's --opt, which must be the
+    checkpoint's (another optimizer's state does not fit)."""
     ckpt = load_checkpoint(path)
     cfg = ckpt["config"]
     if config_out is not None and isinstance(cfg, dict):
         config_out.update(cfg)
     if cfg.get("arch") != arch or cfg.get("pattern") != pattern:
         raise CheckpointError(f"{path} is a {cfg.get('arch')} {cfg.get('pattern')} run, not {arch} {pattern}")
+    if opt is not None and cfg.get("opt", "sgd") != opt:
+        raise CheckpointError(f"{path} was trained with --opt {cfg.get('opt', 'sgd')}, this run asks for --opt {opt}: "
+                              f"resume with --opt {cfg.get('opt', 'sgd')}, or start a new run from its weights "
+                              f"(--weights {path}, without --resume)")
     try:
         net.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])

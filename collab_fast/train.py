@@ -13,7 +13,9 @@ run's persistent state in run_state.py, process groups in distributed.py, report
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import math
 import random
 import signal
 import sys
@@ -366,8 +368,8 @@ def _setup(cfg: TrainConfig):
     scaler = torch.amp.GradScaler(device.type) if cfg.optim.amp == "fp16" else None
     ema = ModelEMA(net, cfg.optim.model_ema) if cfg.optim.model_ema else None
     saved_cfg: dict = {}
-    state = (restore(resume_path, net, optimizer, scaler, cfg.model.arch, cfg.model.pattern, saved_cfg, ema)
-             if resume_path else State())
+    state = (restore(resume_path, net, optimizer, scaler, cfg.model.arch, cfg.model.pattern, saved_cfg, ema,
+                     opt=cfg.optim.optimizer) if resume_path else State())
     old = saved_cfg.get("lr_milestones")
     if default_milestones and old and saved_cfg.get("schedule") == "step" and old != cfg.optim.lr_milestones:
         # the defaults follow --epochs: a run continued to more epochs keeps the steps it was trained with
@@ -391,6 +393,9 @@ def _setup(cfg: TrainConfig):
         model = torch.compile(model)
     steps = len(train_loader)
     total = min(cfg.optim.epochs * steps, cfg.optim.max_steps or 1 << 62)
+    change = _schedule_change(cfg.optim, saved_cfg, state.step, steps) if resume_path else None
+    if change and proc.main:
+        print(f"collab_fast: warning: {change}", file=sys.stderr)
     progress = Progress(cfg.run.progress, total, state.step, cfg.run.progress_every, enabled=proc.main)
     r = Run(cfg, proc, device, net, model, optimizer, scaler, Step(cfg, model, net, optimizer, scaler, proc), state,
             Logger(out, proc.main, progress, record=not cfg.run.eval_only), progress, out, steps, total, train_loader,
@@ -402,6 +407,31 @@ def _setup(cfg: TrainConfig):
     if proc.main:
         _header(r, num_classes, resume_path)
     return r, rundir, train_loader, val_loader, num_classes
+
+
+_SCHEDULE_KEYS = {"schedule": "schedule", "epochs": "epochs", "lr_milestones": "lr_milestones",
+                  "warmup_epochs": "warmup_epochs", "lr": "lr"}  # flat name -> OptimConfig field
+
+
+def _schedule_change(optim, saved: dict, step: int, steps_per_epoch: int) -> str | None:
+    """What a resumed run does to the learning rate at its first step when its schedule settings differ from
+    the checkpoint's (a cosine schedule follows --epochs, so continuing to more epochs raises the LR): a
+    sentence naming both values, or None when they agree."""
+    try:
+        old = dataclasses.replace(optim, **{f: saved[k] for k, f in _SCHEDULE_KEYS.items() if k in saved})
+        was = old.lr * lr_factor(old, step, steps_per_epoch)
+    except (TypeError, ValueError):  # a checkpoint of a version that recorded other settings: nothing to compare
+        return None
+    now = optim.lr * lr_factor(optim, step, steps_per_epoch)
+    if math.isclose(was, now, rel_tol=1e-9, abs_tol=0.0):
+        return None
+    why = [f"--{k.replace('_', '-')} {saved[k]} -> {getattr(optim, f)}" for k, f in _SCHEDULE_KEYS.items()
+           if k in saved and saved[k] != getattr(optim, f)]
+    if optim.schedule == "cosine" and "epochs" in saved and saved["epochs"] != optim.epochs:
+        why.append("a cosine schedule follows --epochs")
+    return (f"the learning-rate schedule differs from the checkpoint's ({'; '.join(why) or 'its settings'}): "
+            f"at step {step + 1} the learning rate becomes {now:.6g} where the checkpoint's schedule gives {was:.6g}; "
+            "resume with the checkpoint's settings to continue its schedule")
 
 
 def _header(r: Run, num_classes: int, resume_path: Path | None) -> None:

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shlex
+import time
 
 import pytest
 
@@ -151,10 +152,51 @@ def test_config_file_flat_or_by_section_under_the_flags(tmp_path):
     cfg = parse_config(["--config", str(tmp_path / "a.yaml"), "--temperature", "5"])
     assert (cfg.data.dataset, cfg.optim.lr, cfg.optim.optimizer, cfg.loss.temperature, cfg.data.mixup) == \
         ("digits", 0.3, "lamb", 5.0, 0.2)  # the flag wins over the file
-    # a run's own config.json reproduces its settings
+    # a run's own config.json reproduces its settings, but for where it writes and whether it starts over
     first = TrainConfig.from_flags("digits", lr=0.2, loss_weights=[1, 3], pattern="ilr2", epochs=7)
     (tmp_path / "config.json").write_text(json.dumps(first.to_dict()))
     assert parse_config(["--config", str(tmp_path / "config.json")]).to_dict() == first.to_dict()
+
+
+@pytest.mark.parametrize("given", [dict(output="OLD", overwrite=True), dict(output="OLD", resume="auto"),
+                                   dict(overwrite=True)])
+def test_config_file_never_says_where_to_write_or_to_overwrite(tmp_path, capsys, given):
+    # A run's config.json names that run's folder (and maybe overwrite: true): an experiment started from it
+    # must not write into, or delete, that run. Those settings come from the command line only, and the
+    # file's are ignored aloud.
+    given = {k: str(tmp_path / v) if k == "output" else v for k, v in given.items()}
+    (tmp_path / "old.json").write_text(json.dumps({**TrainConfig.from_flags("digits").to_dict(), **given}))
+    cfg = parse_config(["--config", str(tmp_path / "old.json")])
+    assert (cfg.run.output, cfg.run.overwrite, cfg.run.resume) == (None, False, None)
+    err = capsys.readouterr().err
+    assert f"--config {tmp_path / 'old.json'}: ignoring {', '.join(given)} (" in err, err
+    assert "come from the command line only" in err
+    cfg = parse_config(["--config", str(tmp_path / "old.json"), "--output", str(tmp_path / "new")])
+    assert cfg.run.output == str(tmp_path / "new") and not cfg.run.overwrite  # the flag, not the file
+
+
+_ALIAS_BOMB = ("a: &a [x, x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n"
+               "c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]\nd: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]\n"
+               "e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]\nf: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]\n"
+               "lr: [*f, *f, *f, *f, *f, *f, *f, *f, *f]\n")
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda d: d / "bomb.yaml", "expands to more than 10000 values"),
+    (lambda d: "/dev/zero", "larger than 1 MiB"),
+    (lambda d: d / "big.json", "larger than 1 MiB"),
+    (lambda d: d / "long.json", "a value of 5000 characters"),
+])
+def test_config_files_are_bounded(tmp_path, capsys, make, match):
+    (tmp_path / "bomb.yaml").write_text(_ALIAS_BOMB)  # 9^7 = 4.8 million values from a few hundred bytes
+    (tmp_path / "big.json").write_text('{"lr": 0.1' + " " * (1 << 20) + "}")
+    (tmp_path / "long.json").write_text(json.dumps({"arch": "a" * 5000}))
+    t0 = time.perf_counter()
+    with pytest.raises(SystemExit) as e:
+        parse_config(["digits", "--config", str(make(tmp_path))])
+    assert e.value.code == 2 and time.perf_counter() - t0 < 10
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and re.search(match, err[0]) and len(err[0]) < 400, err
     # the file's recipe applies under the file
     (tmp_path / "r.json").write_text(json.dumps({"recipe": "cifar-resnet32", "epochs": 3}))
     cfg = parse_config(["--config", str(tmp_path / "r.json"), "--data", str(tmp_path)])

@@ -121,14 +121,17 @@ def test_lamb_and_lars_match_the_formula(name):
         torch.testing.assert_close(p.detach(), w, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("grad", ["finite", "nan", "inf"])
 @pytest.mark.parametrize("name", ["sgd", "adamw", "lamb", "lars"])
-def test_every_optimizer_skips_a_step_on_found_inf_without_a_sync(name):
+def test_every_optimizer_skips_a_step_on_found_inf_without_a_sync(name, grad):
+    # A skipped step's gradients are what made it skipped: NaN or inf must leave no trace (x + 0 * NaN is NaN).
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 2))
     opt = make_optimizer(model, OptimConfig(optimizer=name, lr=0.05, wd=1e-3))
     x = torch.randn(8, 4)
+    scale = {"finite": 1.0, "nan": float("nan"), "inf": float("inf")}[grad]
 
     def step(found):
-        model(x).square().mean().backward()
+        (model(x).square().mean() * (scale if found else 1.0)).backward()
         opt.found_inf = torch.tensor(float(found))
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -490,6 +490,44 @@ def test_resume_to_more_epochs_keeps_the_resolved_milestones(tmp_path, capsys):
     assert lrs[-1] == pytest.approx(lrs[0] * 1e-3, rel=1e-6)  # epoch 4 stays after the third step
 
 
+def test_resume_to_more_epochs_of_a_cosine_schedule_says_the_lr_changes(tmp_path, capsys):
+    # A cosine schedule follows --epochs: continuing to more epochs raises the LR (0 at the old end): said.
+    cosine = [*BASE, "--pattern", "single", "-b", "256", "--schedule", "cosine"]
+    out = run_train(tmp_path, *cosine[len(BASE):], "--epochs", "2", "--max-steps", "3")
+    capsys.readouterr()
+    # the same schedule, continued: no word
+    assert train.main([*cosine, "--epochs", "2", "--output", str(out), "--resume", "auto"]) == 0
+    assert "schedule differs" not in capsys.readouterr().err
+    assert train.main([*cosine, "--epochs", "4", "--output", str(out), "--resume", "auto"]) == 0
+    err = capsys.readouterr().err
+    assert "(--epochs 2 -> 4; a cosine schedule follows --epochs)" in err, err
+    assert "where the checkpoint's schedule gives 0;" in err and json.loads((out / "config.json").read_text())["epochs"] == 4
+
+
+def test_a_new_run_from_an_old_runs_config_leaves_the_old_run_alone(tmp_path, monkeypatch, capsys):
+    old = run_train(tmp_path, "--pattern", "single", "--max-steps", "1", "--overwrite")
+    cfg = json.loads((old / "config.json").read_text())
+    assert cfg["output"] == str(old) and cfg["overwrite"] is True
+    before = {f: (old / f).read_bytes() for f in ("last.pt", "metrics.jsonl", "head0.pth")}
+    monkeypatch.chdir(tmp_path)  # the default run folder, runs/..., lands here
+    assert train.main(["--config", str(old / "config.json"), "--max-steps", "2", "--progress", "off"]) == 0
+    assert {f: (old / f).read_bytes() for f in before} == before
+    assert (tmp_path / "runs" / "digits_resnet32_single" / "last.pt").is_file()
+    assert "ignoring output, overwrite" in capsys.readouterr().err
+
+
+def test_resume_with_another_optimizer_is_one_line(tmp_path, capsys):
+    out = run_train(tmp_path, "--pattern", "single", "--max-steps", "1")
+    for opt in ("adamw", "lamb", "lars"):
+        capsys.readouterr()
+        assert train.main([*BASE, "--pattern", "single", "--opt", opt, "--output", str(out), "--resume", "auto",
+                           "--max-steps", "2"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err, err
+        assert f"was trained with --opt sgd, this run asks for --opt {opt}" in err
+        assert "--weights" in err
+
+
 def _torchrun(args, out, env=None):
     env = dict(env or os.environ, OMP_NUM_THREADS="1")
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
