@@ -5,6 +5,7 @@ terminal, a plain line every few seconds otherwise)."""
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import math
@@ -134,7 +135,9 @@ def _open_repaired(path: Path):
     """metrics.jsonl for appending, with a line cut by an earlier crash or write error removed first (the next
     record would otherwise be glued onto it)."""
     try:
-        f = open(path, "a+b")
+        # O_NOFOLLOW: never append to (or cut) the target of a link planted in the run folder
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
+        f = open(fd, "a+b")
         size = f.seek(0, os.SEEK_END)
         if size:
             start = max(0, size - (1 << 16))  # records are short: the torn one lies in the last 64 KB
@@ -144,8 +147,11 @@ def _open_repaired(path: Path):
                 cut = tail.rfind(b"\n")
                 f.truncate(start + cut + 1 if cut >= 0 else start)
         f.close()
-        return open(path, "a")
+        return open(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW), "a")
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ValueError(f"{path} is a symbolic link; the trainer appends to its own metrics.jsonl, never "
+                             "through a link: remove it") from None
         raise ValueError(f"cannot write {path} ({exc.strerror or exc}); check the folder's permissions and space") from None
 
 

@@ -6,6 +6,7 @@ finite is collab_fast.health's.)"""
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fcntl
 import os
 import random
@@ -31,6 +32,9 @@ from collab_fast.recipes import RECIPES
 __all__ = ["RunConfig", "RunDir", "State", "load_weights", "restore", "snapshot"]
 
 _RUN_FILES = ("metrics.jsonl", "config.json", "last.pt", "best.pt", "head0.pth", "tb")
+# Every name the trainer writes in a run folder: none may be a symbolic link (a planted link would redirect
+# a write, append or truncation to its target).
+_WRITTEN = (".lock", *_RUN_FILES, "summary.csv", "eval.json")
 
 
 @dataclass
@@ -88,8 +92,15 @@ class RunDir:
             raise CheckpointError(f"--output {self.path} is a file; give a directory")
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            self.fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
+            raise CheckpointError(f"--output {self.path}: cannot create the run directory ({exc.strerror})") from None
+        _refuse_links(self.path)
+        try:
+            # O_NOFOLLOW: a link planted after the check is not followed either (ELOOP)
+            self.fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise CheckpointError(_link_message(self.path / ".lock")) from None
             raise CheckpointError(f"--output {self.path}: cannot create the run directory ({exc.strerror})") from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -126,6 +137,21 @@ class RunDir:
         if self.fd is not None:
             os.close(self.fd)
             self.fd = None
+
+
+def _link_message(p: Path) -> str:
+    try:
+        target = f" (to {os.readlink(p)})"
+    except OSError:
+        target = ""
+    return (f"--output {p.parent}: {p.name} there is a symbolic link{target}; the trainer writes its run files "
+            "itself, never through links: remove it, or choose another --output")
+
+
+def _refuse_links(folder: Path) -> None:
+    for name in _WRITTEN:
+        if (folder / name).is_symlink():
+            raise CheckpointError(_link_message(folder / name))
 
 
 def _rng_state() -> dict:

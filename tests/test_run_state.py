@@ -107,6 +107,49 @@ def test_os_errors_reaching_the_trainer_are_one_line(monkeypatch, capsys):
     assert capsys.readouterr().err.strip() == "error: /mnt/data/train/n01/x.JPEG: Input/output error"
 
 
+@pytest.mark.parametrize("name", [".lock", "metrics.jsonl", "summary.csv", "config.json", "last.pt", "best.pt",
+                                  "head0.pth", "eval.json", "tb"])
+def test_links_planted_in_a_run_folder_are_refused_and_their_targets_untouched(tmp_path, name):
+    out, victim = tmp_path / "run", tmp_path / "victim"
+    out.mkdir()
+    victim.write_bytes(b"precious\nlast line")
+    (out / name).symlink_to(victim)
+    for resume, overwrite in ((True, False), (False, True), (False, False)):
+        with pytest.raises(CheckpointError, match=f"{name} there is a symbolic link \\(to {victim}\\)") as info:
+            RunDir(out, resume=resume, overwrite=overwrite, main=True)
+        assert "\n" not in str(info.value)
+    assert victim.read_bytes() == b"precious\nlast line"
+    (out / name).unlink()
+    RunDir(out, resume=True, overwrite=False, main=True).close()  # the folder itself is fine
+
+
+def test_metrics_are_never_appended_through_a_link(tmp_path):
+    # a link planted after the folder was claimed: opening it is refused (O_NOFOLLOW), its target untouched
+    from collab_fast.metrics import Logger, Progress
+
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious\nlast line")
+    (tmp_path / "metrics.jsonl").symlink_to(victim)
+    with pytest.raises(ValueError, match="metrics.jsonl is a symbolic link"):
+        Logger(tmp_path, True, Progress("off", 1, 0, 1.0, enabled=False))
+    assert victim.read_bytes() == b"precious\nlast line"
+
+
+def test_eval_only_with_a_planted_lock_link_is_one_line(tmp_path, capsys):
+    from collab_fast import train
+
+    out, victim = tmp_path / "run", tmp_path / "victim"
+    out.mkdir()
+    victim.write_bytes(b"precious")
+    (out / ".lock").symlink_to(victim)
+    (tmp_path / "w.pth").write_bytes(b"")
+    assert train.main(["digits", "--device", "cpu", "--arch", "resnet32", "--output", str(out), "--eval-only",
+                       "--resume", "auto", "--weights", str(tmp_path / "w.pth")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --output") and ".lock there is a symbolic link" in err and "\n" not in err
+    assert victim.read_bytes() == b"precious"
+
+
 def test_stale_temp_files_of_killed_saves_are_removed(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
