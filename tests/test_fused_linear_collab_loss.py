@@ -118,13 +118,36 @@ def test_default_chunk_follows_the_weight_gradient_traffic():
     (lambda h, w, y: (h[:, :, :3], w, y), "does not match weight"),
     (lambda h, w, y: (h, w, y.float()), "target must be an integer tensor"),
     (lambda h, w, y: (h, w, y[:3]), "target must be an integer tensor"),
+    (lambda h, w, y: (h, w, torch.where(torch.arange(7) == 4, 11, y)), r"target\[4\] = 11 is outside \[0, 11\)"),
+    (lambda h, w, y: (h, w, torch.where(torch.arange(7) == 0, -5, y)), r"target\[0\] = -5 is outside"),
+    (lambda h, w, y: (h, w[:, :0], y), r"no classes \(C == 0\)"),
+    (lambda h, w, y: (h[:0], w[:0], y), r"no heads \(H == 0\)"),
+    (lambda h, w, y: (h, w.bfloat16(), y), "hidden is torch.float32 but weight is torch.bfloat16: give both one dtype"),
 ])
-def test_bad_input_is_one_line(args, match):
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_bad_input_is_one_line(args, match, impl):
     h, w, _, y = _inputs(bias=False)
-    with pytest.raises(ValueError, match=match):
-        fused_linear_collab_loss(*args(h.float(), w.float(), y))
+    with pytest.raises(ValueError, match=match) as info:
+        fused_linear_collab_loss(*args(h.float(), w.float(), y), impl=impl)
+    assert "\n" not in str(info.value)
     with pytest.raises(ValueError, match="chunk_size"):
         fused_linear_collab_loss(h.float(), w.float(), y, chunk_size=0)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_double_backward_is_refused_not_silently_wrong(impl, reduction):
+    # A gradient penalty differentiates the gradients; these are computed chunk by chunk outside autograd, so
+    # create_graph=True is refused (it used to return a penalty gradient of the wrong value).
+    h, w, b, y = (t if t is None or not t.is_floating_point() else t.float().to(DEV).requires_grad_()
+                  for t in _inputs())
+    loss = fused_linear_collab_loss(h, w, y.to(DEV), b, impl=impl, reduction=reduction).sum()
+    with pytest.raises(RuntimeError, match="double backward .* use linear_collab_loss_reference"):
+        torch.autograd.grad(loss, [h, w], create_graph=True)
+    # the reference computes it
+    ref = linear_collab_loss_reference(h, w, y.to(DEV), b, reduction=reduction).sum()
+    gh, _ = torch.autograd.grad(ref, [h, w], create_graph=True)
+    assert gh.square().sum().requires_grad
 
 
 def test_under_autocast_bf16_matches_fp32_within_bf16_precision():

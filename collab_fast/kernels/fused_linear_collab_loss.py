@@ -40,6 +40,7 @@ from collab_fast.kernels.collab_loss import (
     _KERNEL_DTYPES,
     CollabLossParams,
     _check_triton_usable,
+    _labels_checked_on_host,
     _launch,
     _num_valid,
     _reference,
@@ -205,6 +206,11 @@ class _FusedLinearCollabLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        if torch.is_grad_enabled():  # create_graph=True: the gradients below are computed without a graph
+            raise RuntimeError(
+                "fused_linear_collab_loss: double backward (create_graph=True, e.g. a gradient penalty) is not "
+                "supported: its gradients are computed chunk by chunk, outside autograd; use "
+                "linear_collab_loss_reference (the logits materialised) for it")
         if ctx.params.reduction == "none":
             hidden, weight, bias, target = ctx.saved_tensors
             go = grad_out.float()
@@ -248,6 +254,27 @@ def _check(hidden, weight, bias, target) -> None:
     for name, t in (("weight", weight), ("bias", bias), ("target", target)):
         if t is not None and t.device != hidden.device:
             raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
+    if c == 0:
+        raise ValueError(f"weight {tuple(weight.shape)}: no classes (C == 0); expected [H, C, D] with C >= 1")
+    if h == 0:
+        raise ValueError(f"weight {tuple(weight.shape)}: no heads (H == 0); expected [H, C, D] with H >= 1")
+    if not weight.is_floating_point():
+        raise ValueError(f"weight must be a floating-point tensor, got {weight.dtype}")
+    if hidden.dtype != weight.dtype and not torch.is_autocast_enabled(hidden.device.type):
+        raise ValueError(f"hidden is {hidden.dtype} but weight is {weight.dtype}: give both one dtype (hidden.to("
+                         "weight.dtype)), or run under torch.autocast")
+
+
+def _check_labels(target: torch.Tensor, num_classes: int, params: CollabLossParams) -> None:
+    """Out-of-range labels: one line where the labels can be read without a device sync (CPU, or
+    COLLAB_FAST_CHECK_LABELS=1), as fused_collab_loss checks them; elsewhere the kernel makes the loss NaN."""
+    if not _labels_checked_on_host(target) or target.numel() == 0:
+        return
+    bad = (target != params.ignore_index) & ((target < 0) | (target >= num_classes))
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"target[{i}] = {int(target[i])} is outside [0, {num_classes}) and is not ignore_index "
+                         f"({params.ignore_index})")
 
 
 def fused_linear_collab_loss(
@@ -300,6 +327,7 @@ def fused_linear_collab_loss(
     if target.dtype in (torch.uint8, torch.int8, torch.int16):
         target = target.long()
     h, c, _ = weight.shape
+    _check_labels(target, c, params)
     dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
         else torch.promote_types(hidden.dtype, weight.dtype)
     # bytes per logit of a chunk's working set: the kernel's gradient overwrites the logits; the reference's
