@@ -79,9 +79,69 @@ class Cell(dict):
 
 def _floats(text: str, what: str) -> list[float]:
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        out = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise ValueError(f"{what}: expected comma-separated numbers, got {text!r}") from None
+    if not out:
+        raise ValueError(f"{what}: no values (got {text!r}); give at least one")
+    if not all(math.isfinite(x) for x in out):
+        raise ValueError(f"{what}: expected finite numbers, got {text!r}")
+    return out
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        out = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{what}: expected comma-separated integers, got {text!r}") from None
+    if not out:
+        raise ValueError(f"{what}: no values (got {text!r}); give at least one")
+    return out
+
+
+# Axes that are the grid's own dimensions under another name: refused (one dimension, one flag).
+_OWN_AXES = {"pattern": "--patterns", "label_noise": "--noise", "noise": "--noise", "seed": "--seeds",
+             "output": None, "resume": None}
+
+
+def _axes(specs: list[str]) -> dict[str, list[str]]:
+    axes: dict[str, list[str]] = {}
+    for a in specs:
+        if "=" not in a:
+            raise ValueError(f"--axis {a!r}: expected FLAG=V1,V2")
+        k, v = a.split("=", 1)
+        key = k.strip().lstrip("-").replace("-", "_")
+        if key in _OWN_AXES:
+            own = _OWN_AXES[key]
+            raise ValueError(f"--axis {k}: " + (f"that is the grid's own dimension; give its values with {own}" if own
+                                                 else "set by the grid for each cell; it cannot be an axis"))
+        if key in axes:
+            raise ValueError(f"--axis {k} given twice; give its values once, comma-separated")
+        values = [x for x in v.split(",") if x.strip()]
+        if not values:
+            raise ValueError(f"--axis {a!r}: no values; give at least one (FLAG=V1,V2)")
+        axes[key] = values
+    return axes
+
+
+def _input_files(base: list[str]) -> dict[str, str]:
+    """The files the trainer's flags name (--config, --weights, ...) and a hash of each one's content: part
+    of a cell's identity, so that editing a config file reruns the cells instead of reusing their results.
+    (Folders, such as --data, are not hashed.)"""
+    out = {}
+    for token in base:
+        path = Path(token.split("=", 1)[1] if token.startswith("--") and "=" in token else token)
+        try:
+            if not path.is_file():
+                continue
+            h = hashlib.blake2b(digest_size=16)
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+        except OSError as exc:
+            raise ValueError(f"{token}: cannot read it ({os_error_line(exc)})") from None
+        out[str(path.absolute())] = h.hexdigest()
+    return out
 
 
 def plan(patterns: list[str], noise: list[float], seeds: list[int], axes: dict[str, list[str]]) -> list[Cell]:
@@ -104,16 +164,20 @@ def _last_eval(out: Path) -> dict | None:
     return evals[-1] if evals else None
 
 
-def run_cell(cell: Cell, root: Path, base: list[str], env: dict, lock: threading.Lock) -> dict:
-    """Runs (or resumes, or skips) one cell; returns its result row."""
+def run_cell(cell: Cell, root: Path, base: list[str], env: dict, lock: threading.Lock,
+             inputs: dict[str, str] | None = None) -> dict:
+    """Runs (or resumes, or skips) one cell; returns its result row. `inputs`: the files the flags name, with
+    their content's hash (_input_files): a cell is this command on these contents."""
     if _cancel.is_set():
         raise Cancelled()
+    inputs = inputs or {}
     out = root / "cells" / cell.name
     done = out / "result.json"
     cmd = [sys.executable, "-m", "collab_fast.train", *base, *cell.flags(), "--output", str(out / "run"),
            "--resume", "auto", "--progress", "off"]
     command = shlex.join(cmd[1:])
-    row = _finished(done, cell, command)
+    identity = "\n".join([command, *(f"input {p} {h}" for p, h in sorted(inputs.items()))])
+    row = _finished(done, cell, command, inputs)
     if row is not None:
         with lock:
             print(f"grid: {cell.name}: finished earlier, skipped", flush=True)
@@ -121,7 +185,7 @@ def run_cell(cell: Cell, root: Path, base: list[str], env: dict, lock: threading
     out.mkdir(parents=True, exist_ok=True)
     # A run folder left by another command (other flags, more epochs) is moved aside, never continued.
     started = out / "command.txt"
-    if (out / "run").exists() and (not started.is_file() or started.read_text().strip() != command):
+    if (out / "run").exists() and (not started.is_file() or started.read_text().strip() != identity):
         old = started.read_bytes() if started.is_file() else b""
         aside = out / f"run.old-{hashlib.blake2b(old, digest_size=4).hexdigest()}"
         shutil.rmtree(aside, ignore_errors=True)
@@ -129,7 +193,7 @@ def run_cell(cell: Cell, root: Path, base: list[str], env: dict, lock: threading
         with lock:
             print(f"grid: {cell.name}: the earlier run used another command; moved to {aside.name}", flush=True)
     done.unlink(missing_ok=True)
-    started.write_text(command + "\n")
+    started.write_text(identity + "\n")
     with lock:
         print(f"grid: {cell.name}: {command}", flush=True)
     with open(out / "train.log", "a") as log, lock:
@@ -154,7 +218,7 @@ def run_cell(cell: Cell, root: Path, base: list[str], env: dict, lock: threading
         resolved = {}
     row = {**cell, "cell": cell.name, "top1": ev["top1"], "top1_ensemble": ev["top1_ensemble"],
            "top1_heads": ev["top1_heads"], "val_loss_head0": ev["val_loss_head0"], "step": ev["step"],
-           "eval_split": eval_split(resolved), "command": command}
+           "eval_split": eval_split(resolved), "command": command, "inputs": inputs}
     write_text_atomic(done, json.dumps(row) + "\n")
     with lock:
         print(f"grid: {cell.name}: head 0 top-1 {ev['top1']:.2f}%", flush=True)
@@ -177,13 +241,16 @@ def _on_signal(signum, frame) -> None:
             proc.send_signal(signal.SIGTERM)
 
 
-def _finished(done: Path, cell: Cell, command: str) -> dict | None:
-    """The cell's recorded result, if it is this cell's under this very command; else None (rerun)."""
+def _finished(done: Path, cell: Cell, command: str, inputs: dict[str, str]) -> dict | None:
+    """The cell's recorded result, if it is this cell's under this very command and these very input files;
+    else None (rerun)."""
     try:
         row = json.loads(done.read_text())
     except (OSError, ValueError):
         return None  # absent or damaged: run it
     if not isinstance(row, dict) or row.get("cell") != cell.name or row.get("command") != command:
+        return None
+    if (row.get("inputs") or {}) != inputs:
         return None
     return row
 
@@ -232,7 +299,8 @@ def summarize(rows: list[dict], baseline: str) -> list[dict]:
 
 
 def _cell_keys(row: dict) -> list[str]:
-    skip = {"cell", "top1", "top1_ensemble", "top1_heads", "val_loss_head0", "step", "eval_split", "command"}
+    skip = {"cell", "top1", "top1_ensemble", "top1_heads", "val_loss_head0", "step", "eval_split", "command",
+            "inputs"}
     return [k for k in row if k not in skip]
 
 
@@ -358,17 +426,18 @@ def _check_flags(argv: list[str], cell: Cell) -> None:
         raise ValueError(f"cell {cell.name}: {line.split('error: ', 1)[-1]}") from None
 
 
-def _jobs_and_envs(jobs: int | None) -> list[dict]:
-    """One environment per parallel slot: a GPU each, or an equal share of the CPU cores."""
+def _jobs_and_envs(jobs: int | None, cells: int) -> list[dict]:
+    """One environment per parallel slot: a GPU each, or an equal share of the CPU cores; never more slots
+    than cells."""
     import torch
 
     base = dict(os.environ)
     if torch.cuda.is_available():
         gpus = torch.cuda.device_count()
-        n = jobs or gpus
+        n = min(jobs or gpus, max(cells, 1))
         return [dict(base, CUDA_VISIBLE_DEVICES=str(i % gpus)) for i in range(n)]
     cores = os.cpu_count() or 1
-    n = jobs or 1
+    n = min(jobs or 1, max(cells, 1))
     threads = str(max(1, cores // n))
     return [dict(base, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads) for _ in range(n)]
 
@@ -392,20 +461,18 @@ def main(argv=None) -> int:
     if not base:
         p.error("give the trainer's flags after --, e.g. -- digits --arch resnet32 --epochs 60")
     try:
-        patterns = [x for x in args.patterns.split(",") if x]
+        patterns = [x for x in args.patterns.split(",") if x.strip()]
+        if not patterns:
+            raise ValueError(f"--patterns: no values (got {args.patterns!r}); give at least one")
         noise = _floats(args.noise, "--noise")
-        seeds = [int(x) for x in _floats(args.seeds, "--seeds")]
-        axes = {}
-        for a in args.axis:
-            if "=" not in a:
-                raise ValueError(f"--axis {a!r}: expected FLAG=V1,V2")
-            k, v = a.split("=", 1)
-            axes[k.lstrip("-").replace("-", "_")] = [x for x in v.split(",") if x]
+        seeds = _ints(args.seeds, "--seeds")
+        axes = _axes(args.axis)
         for flag in ("--pattern", "--label-noise", "--seed", "--output", "--resume"):
-            if flag in base:
+            if any(a == flag or a.startswith(flag + "=") for a in base):
                 raise ValueError(f"{flag} is set by the grid for each cell; remove it from the trainer's flags")
         if args.jobs is not None and args.jobs < 1:
             raise ValueError("--jobs must be >= 1")
+        inputs = _input_files(base)
         for cell in {c.setting: c for c in plan(patterns, noise, seeds[:1], axes)}.values():
             _check_flags([*base, *cell.flags()], cell)  # every cell's flags are valid before anything runs
     except ValueError as exc:
@@ -419,14 +486,14 @@ def main(argv=None) -> int:
         return 2
     command = "python -m collab_fast.grid " + " ".join(shlex.quote(a) for a in argv)
     cells = plan(patterns, noise, seeds, axes)
-    envs = _jobs_and_envs(args.jobs)
+    envs = _jobs_and_envs(args.jobs, len(cells))
     lock, slots = threading.Lock(), list(range(len(envs)))
 
     def work(cell):
         with lock:
             slot = slots.pop()
         try:
-            return run_cell(cell, root, base, envs[slot], lock)
+            return run_cell(cell, root, base, envs[slot], lock, inputs)
         finally:
             with lock:
                 slots.append(slot)

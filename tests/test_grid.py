@@ -95,6 +95,56 @@ def test_bad_grid_arguments(tmp_path, capsys):
     assert Cell(pattern="tree:2x2", noise=0.5, seed=1).name == "tree2x2_noise0.5_seed1"
 
 
+@pytest.mark.parametrize("flags, match", [
+    (["--patterns", ","], "--patterns: no values"),
+    (["--noise", ""], "--noise: no values"),
+    (["--seeds", ","], "--seeds: no values"),
+    (["--seeds", "inf"], "--seeds: expected comma-separated integers, got 'inf'"),
+    (["--seeds", "1.5"], "--seeds: expected comma-separated integers"),
+    (["--noise", "nan"], "--noise: expected finite numbers"),
+    (["--axis", "beta="], "--axis 'beta=': no values"),
+    (["--axis", "beta=0.3", "--axis", "beta=0.5"], "--axis beta given twice"),
+    (["--axis", "label-noise=0.2,0.4"], "--axis label-noise: that is the grid's own dimension; give its values with "
+                                        "--noise"),
+    (["--axis", "noise=0.2"], "with --noise"),
+    (["--axis", "seed=1,2"], "with --seeds"),
+    (["--axis=--pattern=ilr2"], "with --patterns"),
+    (["--axis", "output=a,b"], "set by the grid for each cell"),
+])
+def test_bad_grid_values_and_axes_are_one_line(tmp_path, capsys, flags, match):
+    assert main([str(tmp_path / "g"), *flags, *BASE]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and match in err and "\n" not in err, err
+    assert not (tmp_path / "g").exists()
+
+
+def test_jobs_never_exceed_the_cells(monkeypatch):
+    # --jobs 2**31 built 2**31 environments (18.8 GB, OOM-killed): the slots are capped by the cells
+    from collab_fast.grid import _jobs_and_envs
+
+    assert len(_jobs_and_envs(2**31, 6)) == 6
+    assert len(_jobs_and_envs(10**8, 1)) == 1
+    assert len(_jobs_and_envs(None, 6)) == 1
+
+
+@pytest.mark.slow
+def test_editing_a_file_the_command_names_reruns_its_cells(tmp_path, capsys):
+    # A cell is its command on the contents of the files the command names: an edited --config reruns it.
+    out, conf = tmp_path / "grid", tmp_path / "t.json"
+    conf.write_text(json.dumps({"max_steps": 1}))
+    args = [str(out), "--patterns", "single", "--seeds", "0", *BASE[:-4], "--log-every", "1", "--config", str(conf)]
+    assert main(args) == 0
+    res = next(out.glob("cells/*/result.json"))
+    assert json.loads(res.read_text())["step"] == 1
+    capsys.readouterr()
+    assert main(args) == 0 and "finished earlier, skipped" in capsys.readouterr().out  # unchanged: reused
+    conf.write_text(json.dumps({"max_steps": 2}))
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "finished earlier" not in text and "used another command" in text, text
+    assert json.loads(res.read_text())["step"] == 2
+
+
 def test_cell_names_stay_inside_cells_and_distinct():
     from collab_fast.grid import Cell
 
