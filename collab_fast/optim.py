@@ -38,7 +38,8 @@ class OptimConfig:
                          choices=OPTIMIZERS, name="opt")
     momentum: float = opt(0.9, "SGD and LARS momentum; beta1 of AdamW and LAMB", lo=0, hi=1, hi_open=True)
     beta2: float = opt(0.999, "AdamW and LAMB: decay of the squared-gradient average", lo=0, hi=1, hi_open=True)
-    opt_eps: float = opt(1e-8, "AdamW and LAMB: epsilon of the denominator", lo=0, lo_open=True)
+    opt_eps: float = opt(1e-8, "AdamW and LAMB: epsilon of the denominator (float32 arithmetic: 1e-30 at least)",
+                         lo=1e-30)
     lars_eta: float = opt(1e-3, "LARS: trust coefficient (the layer's step is eta ||w|| / ||g + wd w|| of the LR)",
                           lo=0, lo_open=True)
     wd: float = opt(1e-4, "weight decay (not on batch-norm parameters and biases); decoupled for AdamW and LAMB",

@@ -22,7 +22,6 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -48,6 +47,7 @@ from collab_fast.models import ARCHS, as_heads, build_model, input_channels
 from collab_fast.models.cost import pattern_cost
 from collab_fast.optim import lr_factor, make_optimizer, soft_factor
 from collab_fast.run_state import RunDir, State, load_weights, restore, snapshot
+from collab_fast.seeding import seed_numpy, torch_seed
 
 __all__ = ["Step", "TrainConfig", "evaluate", "main", "parse_config", "run"]
 
@@ -56,8 +56,8 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 def seed_everything(seed: int, rank: int) -> None:
     random.seed(seed + rank)
-    np.random.seed(seed + rank)
-    torch.manual_seed(seed)  # the same initial weights on every rank
+    seed_numpy(seed + rank)
+    torch.manual_seed(torch_seed(seed))  # the same initial weights on every rank
 
 
 def _initial_weights(cfg: TrainConfig) -> tuple[dict | None, object]:

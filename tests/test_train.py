@@ -516,6 +516,20 @@ def test_a_new_run_from_an_old_runs_config_leaves_the_old_run_alone(tmp_path, mo
     assert "ignoring output, overwrite" in capsys.readouterr().err
 
 
+def test_the_largest_declared_seed_trains_with_every_seeded_stream(tmp_path):
+    # --seed takes 0 to 2^63 - 1: numpy's global seed (32 bits), the erasing/augmentation/noise generators
+    # (seeds derived past 64 bits) used to refuse it
+    out = run_train(tmp_path, "--pattern", "ilr2", "--max-steps", "2", "--seed", str(2**63 - 1), "--random-erase",
+                    "0.5", "--auto-augment", "trivialaugment", "--label-noise", "0.2", "--mixup", "0.2")
+    assert [r["step"] for r in records(out, "train")] == [1, 2]
+
+
+def test_opt_eps_below_float32_is_refused_in_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.main([*BASE, "--opt", "adamw", "--opt-eps", "1e-300"])
+    assert e.value.code == 2 and "--opt-eps must be in [1e-30, inf), got 1e-300" in capsys.readouterr().err
+
+
 def test_resume_with_another_optimizer_is_one_line(tmp_path, capsys):
     out = run_train(tmp_path, "--pattern", "single", "--max-steps", "1")
     for opt in ("adamw", "lamb", "lars"):

@@ -35,6 +35,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from collab_fast.seeding import torch_generator
+
 __all__ = ["OPS", "POLICIES", "AutoAugment", "apply_ops"]
 
 OPS = ("identity", "shear_x", "shear_y", "translate_x", "translate_y", "rotate", "brightness", "color", "contrast",
@@ -230,7 +232,7 @@ class AutoAugment:
 
     def draw(self, n: int, h: int, w: int, step: int, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """[(op [N], signed magnitude [N])] per layer, for step `step`."""
-        g = torch.Generator(device=device).manual_seed((self.seed * 1_000_003 + self.rank) * 1_000_003 + step + 7)
+        g = torch_generator((self.seed * 1_000_003 + self.rank) * 1_000_003 + step + 7, device)
         table = self._table(h, w, device)
         signed = self._on(device, "signed", lambda: torch.tensor([name in _SIGNED for name in OPS]))
         layers = []

@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from collab_fast.seeding import torch_generator
+
 __all__ = ["RandomErase"]
 
 _ATTEMPTS = 10
@@ -26,7 +28,7 @@ class RandomErase:
 
     def masks(self, n: int, height: int, width: int, step: int, device) -> torch.Tensor:
         """[N, 1, H, W] bool: the pixels erased at step `step`."""
-        g = torch.Generator(device=device).manual_seed((self.seed * 1_000_003 + self.rank) * 1_000_003 + step)
+        g = torch_generator((self.seed * 1_000_003 + self.rank) * 1_000_003 + step, device)
         u = torch.rand(n, _ATTEMPTS, 4, device=device, generator=g)
         area = height * width * (self.area[0] + (self.area[1] - self.area[0]) * u[..., 0])
         log_lo, log_hi = math.log(self.ratio[0]), math.log(self.ratio[1])

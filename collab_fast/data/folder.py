@@ -24,6 +24,7 @@ import torch
 from collab_fast.cache import cache_root
 from collab_fast.data.noise import LabelNoise
 from collab_fast.extras import require
+from collab_fast.seeding import torch_generator
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DataError", "DaliLoader", "check_image", "decode_image", "scan_split"]
 
@@ -253,14 +254,14 @@ def _pipeline(files, batch_size, *, train, device_id, image_size, crop_ratio, ra
 
     # Checkpointing (training only) records the reader's position and every random generator, so a run
     # resumed mid-epoch or at a later epoch sees the order and augmentations the uninterrupted run saw.
-    @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=device_id, seed=seed + 17 * rank,
+    @pipeline_def(batch_size=batch_size, num_threads=threads, device_id=device_id, seed=(seed + 17 * rank) % (1 << 63),
                   prefetch_queue_depth=2, enable_checkpointing=train)
     def pipeline():
         # Plain reads, not mmap: a file truncated or rewritten under a running job must give a decode error,
         # not SIGBUS (a mapped page past the new end kills the process with no checkpoint written).
         jpegs, index = fn.readers.file(files=files, labels=list(range(len(files))), shuffle_after_epoch=train,
-                                       shard_id=rank, num_shards=world, pad_last_batch=True, name="Reader", seed=seed,
-                                       dont_use_mmap=True)
+                                       shard_id=rank, num_shards=world, pad_last_batch=True, name="Reader",
+                                       seed=seed % (1 << 63), dont_use_mmap=True)
         if train and augment != "none":
             images = fn.decoders.image_random_crop(jpegs, device=decode_device, output_type=types.RGB,
                                                    random_area=[0.08, 1.0], random_aspect_ratio=[0.75, 4 / 3],
@@ -309,7 +310,7 @@ class DaliLoader:
         if train:
             # A full seeded shuffle first (image folders are sorted by class), then DALI reshuffles the
             # whole list after every epoch, identically on every rank: shards stay disjoint and complete.
-            perm = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed)).tolist()
+            perm = torch.randperm(len(files), generator=torch_generator(seed)).tolist()
             files, labels = [files[i] for i in perm], [labels[i] for i in perm]
         self.train = train
         self.root = os.path.commonpath(files) if len(files) > 1 else os.path.dirname(files[0])

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from collab_fast.data.noise import LabelNoise
 from collab_fast.extras import require
+from collab_fast.seeding import torch_generator
 
 __all__ = ["CIFAR_MEAN", "CIFAR_STD", "DIGITS_MEAN", "DIGITS_STD", "FASHION_MNIST_MEAN", "FASHION_MNIST_STD",
            "MNIST_MEAN", "MNIST_STD", "DeviceLoader", "SyntheticLoader", "load_cifar", "load_digits"]
@@ -161,7 +162,7 @@ class DeviceLoader:
     def _indices(self) -> torch.Tensor:
         n = self.images.shape[0]
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed * 7_777_777 + self.epoch)
+            g = torch_generator(self.seed * 7_777_777 + self.epoch)
             order = torch.randperm(n, generator=g)
         else:
             order = torch.arange(n)
@@ -217,7 +218,7 @@ class SyntheticLoader:
     def __init__(self, batch_size: int, image_size: int = 224, num_classes: int = 1000, steps_per_epoch: int = 100,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, channels_last: bool = True,
                  seed: int = 0):
-        g = torch.Generator(device=device).manual_seed(seed)
+        g = torch_generator(seed, device)
         x = torch.randn(batch_size, image_size, image_size, 3, device=device, generator=g, dtype=torch.float32)
         x = x.to(dtype).permute(0, 3, 1, 2)
         self.images = x if channels_last else x.contiguous()

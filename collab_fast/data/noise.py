@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from collab_fast.seeding import torch_generator
+
 __all__ = ["LabelNoise"]
 
 
@@ -21,7 +23,7 @@ class LabelNoise:
         self.num_classes = int(num_classes)
         self.seed = int(seed)
         n = self.true.numel()
-        g = torch.Generator().manual_seed(self.seed)
+        g = torch_generator(self.seed)
         chosen = torch.randperm(n, generator=g)[: round(self.fraction * n)]
         self.noisy = torch.zeros(n, dtype=torch.bool)
         self.noisy[chosen] = True  # fixed for the whole run
@@ -30,6 +32,6 @@ class LabelNoise:
         """All training labels for `epoch` (CPU int64): true labels, redrawn ones at the noisy samples."""
         if self.fraction == 0.0:
             return self.true.clone()
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + 7919 * (epoch + 1))
+        g = torch_generator(self.seed * 1_000_003 + 7919 * (epoch + 1))
         redrawn = torch.randint(self.num_classes, self.true.shape, generator=g)
         return torch.where(self.noisy, redrawn, self.true)

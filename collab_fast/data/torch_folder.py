@@ -25,6 +25,7 @@ import torch
 from collab_fast.data.folder import IMAGENET_MEAN, IMAGENET_STD, DataError
 from collab_fast.data.noise import LabelNoise
 from collab_fast.extras import require
+from collab_fast.seeding import torch_generator
 
 __all__ = ["TorchFolderLoader"]
 
@@ -100,7 +101,7 @@ class _Order(torch.utils.data.Sampler):
         self.epoch, self.start = 0, 0
 
     def shard(self) -> list[int]:
-        order = (torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1000003 + self.epoch))
+        order = (torch.randperm(self.n, generator=torch_generator(self.seed * 1000003 + self.epoch))
                  if self.train else torch.arange(self.n)).tolist()
         lo, hi = self.n * self.rank // self.world, self.n * (self.rank + 1) // self.world
         return order[lo:hi]
