@@ -43,7 +43,7 @@ from collab_fast.extras import MissingExtra
 from collab_fast.health import finite_model, finite_number
 from collab_fast.kernels.collab_loss import collab_loss
 from collab_fast.metrics import Logger, Meter, Progress, memory_stats
-from collab_fast.models import ARCHS, as_heads, build_model, input_channels
+from collab_fast.models import ARCHS, as_heads, build_model, check_input_size, input_channels
 from collab_fast.models.cost import pattern_cost
 from collab_fast.optim import lr_factor, make_optimizer, soft_factor
 from collab_fast.run_state import RunDir, State, load_weights, restore, snapshot
@@ -361,6 +361,7 @@ def _setup(cfg: TrainConfig):
     cfg.data.num_classes = num_classes
     copies, whole = _initial_weights(cfg)
     net = build_model(cfg.model, num_classes, device, copies, in_chans=in_chans)
+    check_input_size(net, cfg.model.arch, cfg.data.image_size, in_chans)
     if whole is not None:
         load_weights(net, cfg.model.weights, whole)
     net = sync_batchnorm(net, proc, device) if cfg.model.sync_bn else net

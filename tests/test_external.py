@@ -193,3 +193,46 @@ def test_grey_images_reach_timm_as_one_channel_and_torchvision_as_three(tmp_path
     net = (timm.create_model(name, num_classes=10, in_chans=1) if lib == "timm"
            else tv_models.get_model(name, num_classes=10))
     net.load_state_dict(torch.load(tmp_path / "h1.pth", weights_only=True), strict=True)
+
+
+_SYNTH = ["synthetic", "-b", "2", "--synthetic-steps", "1", "--epochs", "1", "--max-steps", "1", "--device", "cpu",
+          "--progress", "off"]
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--arch", "timm:resnet18", "--model-kwargs", "num_classes=5"], "--model-kwargs num_classes: set by the trainer"),
+    (["--arch", "timm:resnet18", "--model-kwargs", "pretrained=True"], "--model-kwargs pretrained: pretrained weights"),
+    (["--arch", "timm:resnet18", "--model-kwargs", "rescale=none"], "--model-kwargs rescale: backprop rescaling is"),
+    (["--arch", "timm:resnet18", "--model-kwargs", "drop_path_rate=0.1", "--drop-path", "0.2"],
+     "--model-kwargs drop_path_rate and --drop-path set the same thing"),
+    (["--arch", "timm:resnet18", "--model-kwargs", "drop_ratee=0.1", "--pattern", "ilr2"],
+     r"--arch timm:resnet18 does not build with drop_ratee=0.1 \(TypeError: .*drop_ratee"),
+    (["--arch", "torchvision:vgg11", "--drop-path", "0.1", "--image-size", "32"],
+     r"does not build with stochastic_depth_prob=0.1 \(from --drop-path\) .*check --model-kwargs and --drop-path"),
+    (["--arch", "timm:vit_tiny_patch16_224", "--image-size", "32", "--pattern", "ilr2"],
+     r"does not take 32x32 images \(AssertionError: .*\); give --image-size 224 \(its size\), or --model-kwargs "
+     r"img_size=32"),
+    (["--arch", "torchvision:inception_v3", "--image-size", "32", "--pattern", "single"],
+     r"does not take 32x32 images \(RuntimeError"),
+    (["--arch", "timm:deit_tiny_distilled_patch16_224", "--pattern", "ilr2"],
+     "a distilled ViT .* cannot be split into collaborative heads"),
+])
+def test_model_arguments_and_sizes_a_model_refuses_are_one_line(tmp_path, capsys, flags, match):
+    import re
+
+    from collab_fast import train
+
+    try:
+        rc = train.main([*_SYNTH, *flags, "--output", str(tmp_path / "run")])
+    except SystemExit as exc:  # a flag refused while parsing (argparse's exit)
+        rc = exc.code
+    assert rc == 2
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if "error" in ln]
+    assert len(err) == 1 and re.search(match, err[0]), err
+
+
+def test_a_vit_at_another_image_size_through_model_kwargs(tmp_path):
+    from collab_fast import train
+
+    assert train.main([*_SYNTH, "--arch", "timm:vit_tiny_patch16_224", "--image-size", "32", "--pattern", "ilr2",
+                       "--model-kwargs", "img_size=32", "--output", str(tmp_path / "run")]) == 0

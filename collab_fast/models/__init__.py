@@ -26,8 +26,8 @@ from collab_fast.models.collab import BEFORE_ALL, RESCALE_MODES, CollabNet, pars
 from collab_fast.models.heads import as_heads, single_head
 
 __all__ = ["ARCHS", "BEFORE_ALL", "EXTERNAL_PREFIXES", "CollabNet", "ModelConfig", "as_heads", "build", "build_model",
-           "default_splits", "input_channels", "is_builtin_resnet", "make_collaborative", "native_image_size",
-           "parse_model_kwargs", "parse_pattern", "reinit_classifier"]
+           "check_input_size", "default_splits", "input_channels", "is_builtin_resnet", "make_collaborative",
+           "native_image_size", "parse_model_kwargs", "parse_pattern", "reinit_classifier"]
 
 # name -> (constructor(num_classes), default split points by number of split levels, default classes)
 # ImageNet ResNets: the paper splits after conv3_x (layer2) and conv4_x (layer3) (sec. 4.2).
@@ -243,7 +243,14 @@ class ModelConfig:
             if self.arch in ARCHS:
                 raise ValueError("--model-kwargs is for timm: and torchvision: archs; the built-in ones take their "
                                  "settings as flags")
-            parse_model_kwargs(self.model_kwargs)
+            given = parse_model_kwargs(self.model_kwargs)
+            taken = sorted(set(given) & set(_BUILDER_KWARGS))
+            if taken:
+                raise ValueError(f"--model-kwargs {taken[0]}: {_BUILDER_KWARGS[taken[0]]}; remove it from "
+                                 "--model-kwargs")
+            depth = sorted(set(given) & {"drop_path_rate", "stochastic_depth_prob"})
+            if depth and self.drop_path:
+                raise ValueError(f"--model-kwargs {depth[0]} and --drop-path set the same thing: give one")
         if self.drop_path and self.arch in ARCHS and not is_builtin_resnet(self.arch):
             raise ValueError(f"--drop-path: {self.arch} has no residual blocks to drop; it applies to the ResNets and "
                              "to timm: / torchvision: models that take it")
@@ -262,6 +269,17 @@ class ModelConfig:
     def pretrained(self) -> bool:
         """--weights names a library's pretrained weights, not a file."""
         return self.weights in ("timm", "torchvision")
+
+
+# Keywords that build_model gives every constructor itself: --model-kwargs may not set them.
+_BUILDER_KWARGS = {
+    "num_classes": "set by the trainer from the data set's classes",
+    "pretrained": "pretrained weights are --weights timm / --weights torchvision",
+    "weights": "pretrained weights are --weights timm / --weights torchvision; a file is --weights PATH",
+    "rescale": "backprop rescaling is --rescale",
+    "splits": "split points follow --pattern",
+    "in_chans": "the input channels follow the data set (grey or colour)",
+}
 
 
 def parse_model_kwargs(text: str | None) -> dict:
@@ -285,6 +303,36 @@ def input_channels(arch: str, data_channels: int) -> int:
     and timm's (`in_chans`) take grey images as they are; torchvision's have a fixed 3-channel stem, so
     grey images are given to them as 3 equal channels."""
     return data_channels if arch in ARCHS or arch.startswith("timm:") else 3
+
+
+def check_input_size(net: nn.Module, arch: str, image_size: int, in_chans: int) -> None:
+    """A timm: / torchvision: network built for fixed input sizes (a ViT's patch grid, Inception's minimum)
+    is run once on two images of the training size, so a size it does not take is one line before training,
+    not a traceback at the first step. The built-in networks take any size."""
+    if arch in ARCHS:
+        return
+    p = next(net.parameters(), None)
+    if p is None:
+        return
+    x = torch.zeros(2, in_chans, image_size, image_size, device=p.device, dtype=p.dtype)
+    was = net.training
+    try:
+        with torch.no_grad():
+            net.eval()(x)
+    except torch.OutOfMemoryError:
+        raise
+    except (AssertionError, RuntimeError, ValueError) as exc:
+        # the size it was built for: timm's input_size / pretrained_cfg, or a patch embedding's img_size
+        built = next((size for m in net.modules() for size in (getattr(m, "input_size", None),
+                      (getattr(m, "pretrained_cfg", None) or {}).get("input_size"), getattr(m, "img_size", None))
+                      if isinstance(size, (tuple, list)) and size), None)
+        text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        hint = f"--image-size {built[-1]} (its size)" if built else "the --image-size it was built for"
+        timm_hint = f", or --model-kwargs img_size={image_size} (timm ViTs)" if arch.startswith("timm:") else ""
+        raise ValueError(f"--arch {arch} does not take {image_size}x{image_size} images ({type(exc).__name__}: "
+                         f"{text}); give {hint}{timm_hint}") from None
+    finally:
+        net.train(was)
 
 
 def build_model(model: ModelConfig, num_classes: int | None = None, device: torch.device | str = "cpu",

@@ -40,7 +40,7 @@ def external_constructor(arch: str, pretrained: bool = False) -> Callable[..., n
         timm = _import("timm", arch)
         if name not in timm.list_models() and not timm.is_model(name):
             raise ValueError(f"--arch {arch}: timm has no model {name!r} (see timm.list_models())")
-        return functools.partial(timm.create_model, name, pretrained=pretrained)
+        return _refusals_in_one_line(arch, functools.partial(timm.create_model, name, pretrained=pretrained))
     tv = _import("torchvision.models", arch)
     if name not in tv.list_models():
         raise ValueError(f"--arch {arch}: torchvision has no model {name!r} (see torchvision.models.list_models())")
@@ -52,7 +52,30 @@ def external_constructor(arch: str, pretrained: bool = False) -> Callable[..., n
                              "re-initialised per head anyway: build with num_classes=1000, or without pretrained")
         return tv.get_model(name, weights=weights, num_classes=num_classes, **kwargs)
 
-    return make
+    return _refusals_in_one_line(arch, make)
+
+
+# The trainer's flags that reach a library's constructor under its own names.
+_FLAG_OF = {"drop_path_rate": "--drop-path", "stochastic_depth_prob": "--drop-path", "in_chans": "grey images"}
+
+
+def _refusals_in_one_line(arch: str, make: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+    """`make`, with a constructor that refuses its keyword arguments (unknown, misspelt, out of range)
+    reported in one line naming them and the flag they came from."""
+
+    @functools.wraps(make)
+    def build(num_classes: int = 1000, **kwargs):
+        try:
+            return make(num_classes=num_classes, **kwargs)
+        except (TypeError, ValueError, AssertionError, KeyError) as exc:
+            given = ", ".join(f"{k}={v!r}" + (f" (from {_FLAG_OF[k]})" if k in _FLAG_OF else "")
+                              for k, v in kwargs.items())
+            text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            flags = "--model-kwargs" + (" and --drop-path" if any(k in _FLAG_OF for k in kwargs) else "")
+            raise ValueError(f"--arch {arch} does not build with {given or 'its defaults'} ({type(exc).__name__}: "
+                             f"{text}); check {flags}") from None
+
+    return build
 
 
 def _import(module: str, arch: str):
@@ -204,4 +227,11 @@ def adapt(net: nn.Module) -> nn.Module:
         from timm.models.vision_transformer import VisionTransformer
     except Exception:  # no timm: nothing of it to adapt
         return net
-    return TokenViT(net) if isinstance(net, VisionTransformer) else net
+    if not isinstance(net, VisionTransformer):
+        return net
+    if getattr(net, "dist_token", None) is not None or hasattr(net, "head_dist"):
+        # DeiT's distilled models: a second token and a second classifier whose outputs are averaged
+        raise ValueError(f"{type(net).__name__}: a distilled ViT (a distillation token and a second classifier) "
+                         "cannot be split into collaborative heads; use --pattern single, or its non-distilled "
+                         "version (e.g. timm:deit_tiny_patch16_224)")
+    return TokenViT(net)
