@@ -17,9 +17,10 @@ from pathlib import Path
 
 from torch import nn
 
-from collab_fast.checkpoint import CheckpointError, load_checkpoint, save_atomic
+from collab_fast.checkpoint import CheckpointError, load_checkpoint, os_error_line, save_atomic
 from collab_fast.cli import Parser
 from collab_fast.data import data_channels
+from collab_fast.extras import MissingExtra
 from collab_fast.models import ModelConfig, build_model, input_channels
 
 __all__ = ["export_checkpoint", "model_from_config", "main"]
@@ -66,8 +67,11 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         net = export_checkpoint(args.checkpoint, args.head, args.output, args.ema)
-    except (CheckpointError, ValueError) as exc:
+    except (CheckpointError, ValueError, MissingExtra) as exc:  # MissingExtra: a timm: / torchvision: model
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the output's folder: read-only, full, missing
+        print(f"error: {os_error_line(exc)}", file=sys.stderr)
         return 2
     n = sum(t.numel() for t in net.state_dict().values())
     print(f"wrote {args.output}: head {args.head}{' of the weight average' if args.ema else ''} as "

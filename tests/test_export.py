@@ -103,3 +103,33 @@ def test_save_atomic_never_leaves_a_truncated_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(3))
     assert os.listdir(tmp_path) == ["last.pt"]  # no temp file left behind
+
+
+def test_export_of_a_library_model_without_the_library_is_one_line(tmp_path, capsys, monkeypatch):
+    # a checkpoint of a timm: model exported where timm does not import: one line naming what to install
+    from collab_fast.extras import MissingExtra
+    from collab_fast.models import external
+    from collab_fast.run_state import State, snapshot
+
+    def missing(module, arch):
+        raise MissingExtra(f"--arch {arch} needs timm, which does not import here: pip install timm")
+
+    monkeypatch.setattr(external, "_import", missing)
+    net = torch.nn.Linear(2, 2)
+    snapshot(tmp_path / "last.pt", net, torch.optim.SGD(net.parameters(), lr=0.1), None,
+             {"arch": "timm:resnet18", "pattern": "ilr2", "num_classes": 10}, State(step=1))
+    assert export_main([str(tmp_path / "last.pt"), "-o", str(tmp_path / "h.pth")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --arch timm:resnet18 needs timm, which does not import here: pip install timm"
+
+
+def test_export_into_a_folder_that_cannot_be_written_is_one_line(tmp_path, capsys):
+    net = build("resnet32", "ilr2", num_classes=10)
+    from collab_fast.run_state import State, snapshot
+
+    snapshot(tmp_path / "last.pt", net, torch.optim.SGD(net.parameters(), lr=0.1), None,
+             {"arch": "resnet32", "pattern": "ilr2", "num_classes": 10}, State(step=1))
+    (tmp_path / "file").write_text("")
+    assert export_main([str(tmp_path / "last.pt"), "-o", str(tmp_path / "file" / "h.pth")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "file" in err, err
