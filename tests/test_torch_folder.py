@@ -92,9 +92,21 @@ def test_auto_picks_torch_without_dali_and_trains(toy, tmp_path, monkeypatch, ca
     assert "images through the PyTorch loader" in capsys.readouterr().out
 
 
-def test_torch_loader_resume_through_the_trainer_is_exact(toy, tmp_path):
+@pytest.mark.parametrize("workers", [0, 1])
+def test_iterating_leaves_the_global_rng_alone(toy, workers):
+    # the model's own draws (drop-path, dropout) come from torch's global RNG: the loader must not take from it
+    loader = _loader(toy, num_workers=workers)
+    torch.manual_seed(123)
+    want = torch.get_rng_state()
+    for start in (0, 1):
+        next(iter(loader.iter_from(start)))
+    assert torch.equal(torch.get_rng_state(), want)
+
+
+@pytest.mark.parametrize("extra", [[], ["--drop-path", "0.2"]])
+def test_torch_loader_resume_through_the_trainer_is_exact(toy, tmp_path, extra):
     common = ["toy", "--device", "cpu", "--loader", "torch", "--data", str(toy), "--arch", "resnet18", "--pattern",
-              "ilr2", "--image-size", "24", "-b", "4", "--log-every", "1", "--threads", "1", "--epochs", "3"]
+              "ilr2", "--image-size", "24", "-b", "4", "--log-every", "1", "--threads", "1", "--epochs", "3", *extra]
     full, part = tmp_path / "full", tmp_path / "part"
     assert train.main([*common, "--max-steps", "7", "--output", str(full)]) == 0
     assert train.main([*common, "--max-steps", "5", "--output", str(part)]) == 0
@@ -104,6 +116,10 @@ def test_torch_loader_resume_through_the_trainer_is_exact(toy, tmp_path):
     rec = lambda o: [r["loss"] for r in map(json.loads, (o / "metrics.jsonl").read_text().splitlines())
                      if r["kind"] == "train"]
     assert rec(full) == rec(part)
+    from collab_fast.checkpoint import load_checkpoint
+
+    a, b = (load_checkpoint(o / "last.pt")["model"] for o in (full, part))
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_dali_wheel_for_a_newer_cuda_than_the_driver_is_one_line(monkeypatch):

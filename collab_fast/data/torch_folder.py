@@ -141,8 +141,12 @@ class TorchFolderLoader:
         self.order = _Order(len(files), train=train, rank=rank, world=world, seed=seed)
         workers = max(1, min(8, os.cpu_count() or 1)) if num_workers is None else num_workers
         self.num_workers = workers
+        # Its own generator: a DataLoader draws its workers' base seed from torch's global RNG at every new
+        # iterator (an epoch, a resume), which would shift what the model draws (drop-path, dropout) and make
+        # a resumed run differ. The samples' randomness is the dataset's own (seeded per sample), not this.
         self._loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=batch_size, sampler=self.order, num_workers=workers, drop_last=self.drop_last,
+            generator=torch_generator(seed),
             pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
             prefetch_factor=2 if workers > 0 else None,
             multiprocessing_context=_START if workers > 0 else None)
