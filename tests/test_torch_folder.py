@@ -133,3 +133,49 @@ def test_dali_wheel_for_a_newer_cuda_than_the_driver_is_one_line(monkeypatch):
     check_dali_wheel(torch.device("cuda", 0))  # a CUDA 13 driver runs it
     monkeypatch.setattr(folder_mod, "_dali_wheels", lambda: ["nvidia-dali-cuda120"])
     check_dali_wheel(torch.device("cuda", 0))  # and the CUDA 12 wheel too
+
+
+@pytest.mark.slow
+def test_sigkill_of_the_trainer_takes_its_workers_and_fork_server_with_it(toy, tmp_path):
+    # The workers are the fork server's children and hold its liveness pipe: without a watch on the trainer
+    # they (and the fork server) ran on for half an hour after a SIGKILL.
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "collab_fast.train", "toy", "--device", "cpu", "--loader", "torch",
+                             "--data", str(toy), "--arch", "resnet18", "--image-size", "24", "-b", "4", "--epochs",
+                             "100", "--threads", "2", "--progress", "off", "--output", str(tmp_path / "run")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def children(pid):
+        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+        return [int(p) for p in out]
+
+    try:
+        deadline, workers = time.time() + 180, []
+        while time.time() < deadline and not workers:
+            workers = [w for c in children(proc.pid) for w in children(c)]  # trainer -> fork server -> workers
+            time.sleep(0.5)
+        assert workers, "no loader workers appeared"
+        spawned = children(proc.pid) + workers
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+    def alive(pid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.time() + 30
+    while time.time() < deadline and any(alive(p) for p in spawned):
+        time.sleep(0.2)
+    left = [p for p in spawned if alive(p)]
+    for p in left:
+        os.kill(p, signal.SIGKILL)
+    assert not left, f"still running after the trainer's SIGKILL: {left}"

@@ -16,9 +16,13 @@ exactly the batches an uninterrupted run saw from k on, with nothing read and dr
 
 from __future__ import annotations
 
+import functools
 import math
 import multiprocessing
 import os
+import select
+import threading
+import time
 
 import torch
 
@@ -116,6 +120,39 @@ class _Order(torch.utils.data.Sampler):
 _START = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else None  # None: the platform's
 
 
+def _exit_with(trainer: int, _worker_id: int) -> None:
+    """In each worker: exit as soon as the trainer process does (SIGKILL included). A worker is the fork
+    server's child, not the trainer's, and holds the fork server's liveness pipe: torch's own check (is my
+    parent alive?) never fires, so without this the workers and the fork server outlive a killed trainer."""
+    def watch():
+        try:
+            fd = os.pidfd_open(trainer)  # readable once the process has ended (Linux 5.3+)
+        except (AttributeError, OSError):
+            fd = None
+        if fd is not None:
+            select.select([fd], [], [])
+        else:
+            while _alive(trainer):
+                time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="collab-fast-trainer-watch", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
+
+
 class TorchFolderLoader:
     """(images, labels) batches of an image folder split through torch.utils.data (see the module doc).
     Arguments as DaliLoader's, with `device` instead of device_id and num_workers for DALI's threads."""
@@ -146,7 +183,7 @@ class TorchFolderLoader:
         # a resumed run differ. The samples' randomness is the dataset's own (seeded per sample), not this.
         self._loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=batch_size, sampler=self.order, num_workers=workers, drop_last=self.drop_last,
-            generator=torch_generator(seed),
+            generator=torch_generator(seed), worker_init_fn=functools.partial(_exit_with, os.getpid()) if workers else None,
             pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
             prefetch_factor=2 if workers > 0 else None,
             multiprocessing_context=_START if workers > 0 else None)
