@@ -179,3 +179,50 @@ def test_sigkill_of_the_trainer_takes_its_workers_and_fork_server_with_it(toy, t
     for p in left:
         os.kill(p, signal.SIGKILL)
     assert not left, f"still running after the trainer's SIGKILL: {left}"
+
+
+class _DiesInTheWorker(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        import os
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_worker_that_dies_is_one_line():
+    from collab_fast.data.folder import DataError
+    from collab_fast.data.torch_folder import _one_line_errors
+
+    loader = torch.utils.data.DataLoader(_DiesInTheWorker(), batch_size=2, num_workers=1,
+                                         multiprocessing_context="fork")
+    with pytest.raises(DataError, match=r"^a PyTorch loader worker died \(DataLoader worker \(pid.*\); the usual cause "
+                                        r"is host memory: lower --threads or --batch-size$"):
+        list(_one_line_errors(loader))
+
+
+def test_a_bad_image_read_by_a_worker_is_one_line_through_the_trainer(tmp_path, capsys):
+    # torch re-raises a worker's error with the worker's traceback in its message: the trainer prints one line
+    data = write_toy(tmp_path / "toy", classes=2, per_class=4, size=32, val_per_class=1)
+    victim = sorted((data / "train").rglob("*.JPEG"))[0]
+    victim.write_bytes(b"\xff\xd8\xff garbage \xff\xd9")
+    assert train.main(["toy", "--device", "cpu", "--loader", "torch", "--data", str(data), "--arch", "resnet18",
+                       "--image-size", "16", "-b", "2", "--threads", "1", "--progress", "off", "--output",
+                       str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: could not decode {victim}"), err
+
+
+def test_a_decompression_bomb_is_a_bad_image_not_an_escape(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from collab_fast.data.folder import DataError
+
+    data = write_toy(tmp_path / "toy", classes=2, per_class=2, size=40, val_per_class=1)
+    files, labels, _ = scan_split(data, "train")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # a 40 x 40 image is then over twice the limit
+    ld = TorchFolderLoader(files, labels, 2, train=True, num_classes=2, image_size=16, num_workers=0)
+    with pytest.raises(DataError, match=r"could not decode .* \(DecompressionBombError: "):
+        list(ld)

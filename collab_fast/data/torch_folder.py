@@ -90,7 +90,7 @@ class _FolderDataset(torch.utils.data.Dataset):
                     left, top = (w - self.size) // 2, (h - self.size) // 2
                     im = im.crop((left, top, left + self.size, top + self.size))
                 data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
-        except (OSError, ValueError, SyntaxError) as exc:
+        except Exception as exc:  # Pillow raises many types for broken files (DecompressionBombError included)
             raise DataError(f"could not decode {path} ({type(exc).__name__}: {exc}); find bad files with `python -m "
                             f"collab_fast.data check {os.path.dirname(os.path.dirname(path))} --decode`, or pass "
                             "--skip-bad-images") from None
@@ -211,7 +211,7 @@ class TorchFolderLoader:
         """This epoch's batches from batch `start` on (the skipped ones are never read)."""
         self.order.start = start * self.batch_size
         try:
-            for images, index in self._loader:
+            for images, index in _one_line_errors(self._loader):
                 x = images.to(self.device, non_blocking=True)
                 if self.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
@@ -219,3 +219,25 @@ class TorchFolderLoader:
                 yield x, self.table[index.to(self.device, non_blocking=True)]
         finally:
             self.order.start = 0
+
+
+def _one_line_errors(loader):
+    """The loader's batches; a worker's DataError as its own one line (torch re-raises it with the worker's
+    traceback in the message), a worker that died as one line saying the usual cause."""
+    try:
+        yield from loader
+    except DataError as exc:
+        raise DataError(_original_message(str(exc))) from None
+    except RuntimeError as exc:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        if text.startswith("DataLoader worker"):
+            raise DataError(f"a PyTorch loader worker died ({text}); the usual cause is host memory: lower --threads "
+                            "or --batch-size") from None
+        raise
+
+
+def _original_message(text: str) -> str:
+    # "Caught DataError in DataLoader worker process 0.\nOriginal Traceback ...\n...DataError: <message>"
+    marker = "DataError: "
+    last = [ln for ln in text.strip().splitlines() if marker in ln]
+    return last[-1].split(marker, 1)[1] if last and "Original Traceback" in text else text.strip().splitlines()[-1]
