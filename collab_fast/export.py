@@ -20,6 +20,7 @@ from torch import nn
 from collab_fast.checkpoint import CheckpointError, load_checkpoint, os_error_line, save_atomic
 from collab_fast.cli import Parser
 from collab_fast.data import data_channels
+from collab_fast.extension import ExtensionError
 from collab_fast.extras import MissingExtra
 from collab_fast.models import ModelConfig, build_model, input_channels
 
@@ -67,8 +68,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         net = export_checkpoint(args.checkpoint, args.head, args.output, args.ema)
-    except (CheckpointError, ValueError, MissingExtra) as exc:  # MissingExtra: a timm: / torchvision: model
-        print(f"error: {exc}", file=sys.stderr)
+    except (CheckpointError, ValueError, MissingExtra, ExtensionError) as exc:  # MissingExtra: a timm: / torchvision: model
+        print(f"error: {str(exc).removeprefix('collab_fast: ')}", file=sys.stderr)
         return 2
     except OSError as exc:  # the output's folder: read-only, full, missing
         print(f"error: {os_error_line(exc)}", file=sys.stderr)

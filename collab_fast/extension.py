@@ -38,14 +38,19 @@ import torch
 
 from collab_fast.cache import cache_root
 
-__all__ = ["NoCompilerError", "build_key", "load_extension", "published_build"]
+__all__ = ["ExtensionError", "NoCompilerError", "build_key", "load_extension", "published_build"]
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 _lock = threading.Lock()
 _module = None
 
 
-class NoCompilerError(RuntimeError):
+class ExtensionError(RuntimeError):
+    """The extension cannot be built or loaded here (its cache, its lock, ninja, the compiler's failure): a
+    problem of the environment, reported in one line by the trainer."""
+
+
+class NoCompilerError(ExtensionError):
     """No C++ compiler on this machine: the extension cannot be built."""
 
 
@@ -127,7 +132,7 @@ def _build_timeout() -> float:
     try:
         return float(raw)
     except ValueError:
-        raise RuntimeError(f"COLLAB_FAST_BUILD_TIMEOUT must be a number of seconds, got {raw!r}") from None
+        raise ExtensionError(f"COLLAB_FAST_BUILD_TIMEOUT must be a number of seconds, got {raw!r}") from None
 
 
 def _acquire(lock_path: Path, what: str):
@@ -135,7 +140,7 @@ def _acquire(lock_path: Path, what: str):
     try:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
-        raise RuntimeError(f"collab_fast: cannot write the extension cache {lock_path.parent} ({exc.strerror}); "
+        raise ExtensionError(f"collab_fast: cannot write the extension cache {lock_path.parent} ({exc.strerror}); "
                            "set COLLAB_FAST_CACHE to a writable directory") from None
     deadline = time.monotonic() + _build_timeout()
     announced = False
@@ -154,7 +159,7 @@ def _acquire(lock_path: Path, what: str):
                 announced = True
             if time.monotonic() > deadline:
                 os.close(fd)
-                raise RuntimeError(
+                raise ExtensionError(
                     f"collab_fast: gave up after {_build_timeout():.0f} s waiting for the build lock {lock_path} "
                     "(held by a live process); wait for it, or raise COLLAB_FAST_BUILD_TIMEOUT") from None
             time.sleep(0.25)
@@ -229,11 +234,11 @@ def _build_and_publish(name, root, published, sources, cflags, with_cuda, verbos
     from torch.utils import cpp_extension
 
     if not cpp_extension.is_ninja_available():
-        raise RuntimeError("collab_fast's C++ extension is built with ninja, which was not found: `pip install ninja`.")
+        raise ExtensionError("collab_fast's C++ extension is built with ninja, which was not found: `pip install ninja`.")
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise RuntimeError(f"collab_fast: cannot create the extension cache {root} ({exc.strerror}); "
+        raise ExtensionError(f"collab_fast: cannot create the extension cache {root} ({exc.strerror}); "
                            "set COLLAB_FAST_CACHE to a writable directory") from None
     fd = _acquire(root / f"{name}.lock", f"the C++ extension {name}")
     try:
@@ -267,7 +272,7 @@ def _build_and_publish(name, root, published, sources, cflags, with_cuda, verbos
                 print("collab_fast: the C++ extension build was interrupted; nothing was left behind (it builds "
                       "again on the next run)", file=sys.stderr, flush=True)
                 raise KeyboardInterrupt from None
-            raise RuntimeError(
+            raise ExtensionError(
                 f"collab_fast: building the C++ extension in {build_dir} failed ({type(exc).__name__}: "
                 f"{str(exc)[-2000:]}). Set COLLAB_FAST_VERBOSE_BUILD=1 to see the compiler output.") from None
         # Publish atomically, checksum first: a reader verifies the .so against it before loading, so a
@@ -281,7 +286,7 @@ def _build_and_publish(name, root, published, sources, cflags, with_cuda, verbos
         shutil.rmtree(build_dir, ignore_errors=True)
         return module
     except OSError as exc:
-        raise RuntimeError(f"collab_fast: cannot write the extension cache {root} ({exc.strerror}); "
+        raise ExtensionError(f"collab_fast: cannot write the extension cache {root} ({exc.strerror}); "
                            "set COLLAB_FAST_CACHE to a writable directory") from None
     finally:
         os.close(fd)  # releases the flock

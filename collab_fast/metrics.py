@@ -181,8 +181,7 @@ class Logger:
                 print("note: no TensorBoard events (pip install 'collab_fast[train]' for tensorboard)", file=sys.stderr)
             else:
                 self.tb = SummaryWriter(str(out / "tb"))
-            self.file.write(json.dumps({"kind": "start", "time": time.time()}) + "\n")  # wall time from here
-            self.file.flush()
+            self._write(json.dumps({"kind": "start", "time": time.time()}) + "\n")  # wall time from here
 
     def __call__(self, rec: dict, kind: str) -> None:
         if not self.enabled:
@@ -269,7 +268,10 @@ class Logger:
 
     def close(self) -> None:
         if self.file:
-            self.file.close()
+            try:
+                self.file.close()
+            except OSError as exc:  # every record was flushed when written: nothing is lost here
+                print(f"collab_fast: warning: closing {self.path} ({exc.strerror or exc})", file=sys.stderr)
             self.file = None
         if self.tb is not None:
             self.tb.close()

@@ -39,6 +39,7 @@ from collab_fast.data import (
 )
 from collab_fast.distributed import Dist, cleanup, init_distributed
 from collab_fast.ema import ModelEMA
+from collab_fast.extension import ExtensionError
 from collab_fast.extras import MissingExtra
 from collab_fast.health import finite_model, finite_number
 from collab_fast.kernels.collab_loss import collab_loss
@@ -541,8 +542,8 @@ def main(argv=None) -> int:
     cfg = parse_config(argv)
     try:
         run(cfg)
-    except (CheckpointError, FileNotFoundError, ValueError, MissingExtra) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (CheckpointError, FileNotFoundError, ValueError, MissingExtra, ExtensionError) as exc:
+        print(f"error: {str(exc).removeprefix('collab_fast: ')}", file=sys.stderr)
         return 2
     except OSError as exc:  # the environment (a full disk, a read-only folder, a vanished mount): one line
         print(f"error: {os_error_line(exc)}", file=sys.stderr)

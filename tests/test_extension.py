@@ -312,3 +312,23 @@ def test_cuda_kernel_compiles_for_sm90_with_no_stack_frame(tmp_path):
     frames = [ln for ln in res.stderr.splitlines() if "stack frame" in ln]
     assert frames and all(ln.strip().startswith("0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads")
                           for ln in frames), frames[:3]
+
+
+@pytest.mark.parametrize("damage", ["cache is a file", "lock is a directory"])
+def test_an_unusable_extension_cache_is_one_line_from_the_trainer(tmp_path, monkeypatch, damage):
+    # COLLAB_FAST_CACHE unusable: the trainer says so in one line (rc 2), no traceback
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("COLLAB_FAST_CACHE", str(cache))
+    if damage == "cache is a file":
+        cache.write_text("")
+    else:
+        name = extension.published_build().parent.name
+        (cache / f"{name}.lock").mkdir(parents=True)
+    env = dict(os.environ, COLLAB_FAST_CACHE=str(cache))
+    res = subprocess.run([sys.executable, "-m", "collab_fast.train", "digits", "--device", "cpu", "--arch", "resnet32",
+                          "--pattern", "ilr2", "--max-steps", "1", "--progress", "off", "--output",
+                          str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 2, res.stderr[-2000:]
+    err = [ln for ln in res.stderr.strip().splitlines() if not ln.startswith("collab_fast: ")]
+    assert len(err) == 1 and err[0].startswith("error: cannot ") and "extension cache" in err[0], res.stderr
+    assert "Traceback" not in res.stderr
