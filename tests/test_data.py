@@ -528,6 +528,38 @@ def test_cifar_batch_that_would_run_code_is_refused(tmp_path):
         load_cifar(tmp_path / "t", 10)
 
 
+def _bomb(depth: int = 40) -> bytes:
+    # a few hundred bytes of pickle: a list of two references to the previous list, `depth` times over
+    # (2^40 leaves once expanded)
+    out = [0]
+    for _ in range(depth):
+        out = [out, out]
+    return pickle.dumps({b"data": np.zeros((1, 3072), np.uint8), b"labels": out})
+
+
+@pytest.mark.parametrize("content, match", [
+    ({b"data": {"a": 1}, b"labels": [0]}, "its data is dict, not an array of uint8 pixels"),
+    ({b"data": [[300] * 3072], b"labels": [0]}, "its data is list, not an array of uint8 pixels"),
+    ({b"data": np.zeros((1, 3072), np.float32), b"labels": [0]}, "its data is float32"),
+    ({b"data": np.zeros((1, 3000), np.uint8), b"labels": [0]}, "3000 values, not rows of 3 x 32 x 32"),
+    ({b"data": np.zeros((1, 3072), np.uint8), b"labels": None}, "its labels are NoneType, not a list"),
+    ({b"data": np.zeros((1, 3072), np.uint8), b"labels": [0.5]}, "a list holding non-integers"),
+    ({b"data": np.zeros((1, 3072), np.uint8), b"labels": [300]}, r"a label 300 outside \[0, 10\)"),
+    ({b"data": np.zeros((1, 3072), np.uint8), b"labels": [-1]}, r"a label -1 outside"),
+    ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [1]}, "2 images but 1 labels"),
+    ({b"data": np.zeros((1, 3072), np.uint8), b"labels": np.array([[1]])}, "shape \\(1, 1\\), not integers"),
+    (_bomb, "a list holding non-integers"),
+])
+def test_cifar_batches_with_wrong_content_are_one_line(tmp_path, content, match):
+    _write_cifar(tmp_path, 10)
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    batch.write_bytes(content() if callable(content) else pickle.dumps(content))
+    assert batch.stat().st_size < 20000
+    with pytest.raises(ValueError, match=f"data_batch_2 is not a CIFAR python batch \\(.*{match}") as info:
+        load_cifar(tmp_path, 10)
+    assert "\n" not in str(info.value)
+
+
 def test_every_loader_keeps_the_loader_protocol(toy):
     from collab_fast.data import Loader, TorchFolderLoader
 

@@ -72,6 +72,37 @@ def _unpickle(path: Path) -> dict:
     return d
 
 
+def _cifar_arrays(d: dict, path: Path, key: bytes, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """A batch's images [n, 3, 32, 32] and labels [n], as the official batches hold them (data: a uint8 array
+    of n rows of 3072 values; labels: n integers): anything else is one line naming the file. Nothing is
+    converted before it is checked, so a small file of shared references cannot expand into gigabytes."""
+    def bad(what: str) -> ValueError:
+        return ValueError(f"{path} is not a CIFAR python batch ({what}); re-extract the data set")
+
+    data, labels = d.get(b"data"), d.get(key)
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8:
+        raise bad(f"its data is {type(data).__name__ if not isinstance(data, np.ndarray) else data.dtype}, not an "
+                  "array of uint8 pixels")
+    if data.size == 0 or data.size % 3072:
+        raise bad(f"its data holds {data.size} values, not rows of 3 x 32 x 32")
+    n = data.size // 3072
+    if isinstance(labels, np.ndarray):
+        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+            raise bad(f"its {key.decode()} are a {labels.dtype} array of shape {labels.shape}, not integers")
+        y = labels.astype(np.int64)
+    elif isinstance(labels, list) and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+                                          for v in labels):
+        y = np.asarray(labels, dtype=np.int64) if labels else np.zeros(0, np.int64)
+    else:
+        kind = type(labels).__name__ if not isinstance(labels, list) else "a list holding non-integers"
+        raise bad(f"its {key.decode()} are {kind}, not a list of class indices")
+    if len(y) != n:
+        raise bad(f"{n} images but {len(y)} {key.decode()}")
+    if len(y) and (y.min() < 0 or y.max() >= num_classes):
+        raise bad(f"a label {int(y.min() if y.min() < 0 else y.max())} outside [0, {num_classes})")
+    return data.reshape(n, 3, 32, 32), y
+
+
 def load_cifar(root: str | Path, num_classes: int):
     """CIFAR-10/100 from the standard python-pickle batches (cifar-10-batches-py/, cifar-100-python/)."""
     if num_classes not in (10, 100):
@@ -93,9 +124,9 @@ def load_cifar(root: str | Path, num_classes: int):
     def read(files):
         xs, ys = [], []
         for f in files:
-            d = _unpickle(f)
-            xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            ys.append(np.asarray(d[key], dtype=np.int64))
+            x, y = _cifar_arrays(_unpickle(f), f, key, num_classes)
+            xs.append(x)
+            ys.append(y)
         x = torch.from_numpy(np.concatenate(xs)).permute(0, 2, 3, 1).contiguous()  # NHWC
         return x, torch.from_numpy(np.concatenate(ys))
 
