@@ -80,7 +80,9 @@ class OptimConfig:
         return out
 
 
-def make_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, optim: OptimConfig, fused: bool = True) -> torch.optim.Optimizer:
+    """The optimizer `optim` names. fused=False: SGD and AdamW as torch's foreach implementations (a framework
+    that unscales and clips the gradients itself refuses fused optimizers, which unscale internally)."""
     # No weight decay on batch-norm parameters and biases (standard for ResNets at large batch).
     decay, no_decay = [], []
     for p in model.parameters():
@@ -91,13 +93,13 @@ def make_optimizer(model: torch.nn.Module, optim: OptimConfig) -> torch.optim.Op
         raise ValueError("make_optimizer: lr is unset; give lr, or pass optim.resolved(cuda=..., world=...)")
     if optim.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.momentum, optim.beta2), eps=optim.opt_eps,
-                                 fused=True)
+                                 fused=fused or None)
     if optim.optimizer == "lamb":
         return LAMB(groups, lr=optim.lr, betas=(optim.momentum, optim.beta2), eps=optim.opt_eps)
     if optim.optimizer == "lars":
         groups[1]["trust"] = False  # norms and biases: plain momentum SGD (the usual LARS exclusion)
         return LARS(groups, lr=optim.lr, momentum=optim.momentum, eta=optim.lars_eta)
-    opt_ = torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov, fused=True)
+    opt_ = torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, nesterov=optim.nesterov, fused=fused or None)
     if optim.momentum > 0:
         # Zero momentum buffers up front: the fused SGD otherwise allocates them uninitialised on its first
         # step, and a first step skipped through found_inf (--skip-nonfinite, the fp16 scaler) would leave them

@@ -60,3 +60,15 @@ def test_loss_is_the_collaborative_loss_and_bad_models_are_one_line():
         CollabForSequenceClassification(transformers.BertModel(_bert().config))
     with pytest.raises(ValueError, match="num_heads must be a positive int"):
         CollabForSequenceClassification(_bert(), num_heads=0)
+
+
+@pytest.mark.parametrize("problem, labels, match", [
+    ("multi_label_classification", 3, "configured for multi_label_classification"),
+    ("regression", 1, "configured for regression"),
+    (None, 1, r"configured for regression \(num_labels = 1\)"),
+])
+def test_multi_label_and_regression_models_are_refused_not_trained_with_softmax(problem, labels, match):
+    bert = _bert(num_labels=labels)
+    bert.config.problem_type = problem
+    with pytest.raises(ValueError, match=match + ".*single-label classifiers"):
+        CollabForSequenceClassification(bert, num_heads=2)

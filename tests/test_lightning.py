@@ -47,3 +47,38 @@ def test_probability_targets_and_a_custom_optimizer(tmp_path):
     trainer.fit(module, _loader(probs=True))
     assert isinstance(trainer.optimizers[0], torch.optim.AdamW) and module.num_heads == 4
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
+def test_gradient_clipping_under_mixed_precision_with_the_default_optimizer(tmp_path, precision):
+    # Lightning clips itself and refuses optimizers that unscale internally (torch's fused SGD): with
+    # gradient_clip_val the module builds foreach SGD
+    module = CollabModule(build("resnet32", "ilr2", num_classes=10), lr=0.05)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", precision=precision, gradient_clip_val=1.0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=str(tmp_path))
+    trainer.fit(module, _loader())
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
+def test_probability_targets_in_validation(tmp_path):
+    module = CollabModule(build("resnet32", "ilr2", num_classes=10))
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+    trainer.fit(module, _loader(probs=True))
+    trainer.validate(module, _loader(32, seed=1, probs=True), verbose=False)
+    m = trainer.callback_metrics
+    assert 0 <= m["val/top1_head0"].item() <= 100 and torch.isfinite(m["val/ce_head0"])
+
+
+def test_wrong_argument_types_are_one_line():
+    from collab_fast.kernels.collab_loss import CollabLossParams
+
+    net = build("resnet32", "ilr2", num_classes=10)
+    with pytest.raises(TypeError, match="loss must be a CollabLossParams .* got str"):
+        CollabModule(net, loss="kl")
+    with pytest.raises(TypeError, match="net must be a torch.nn.Module"):
+        CollabModule("resnet32")
+    with pytest.raises(TypeError, match="optimizer must be a callable"):
+        CollabModule(net, optimizer="sgd")
+    assert CollabModule(net, loss={"temperature": 3.0}).loss_params == CollabLossParams(temperature=3.0)

@@ -64,6 +64,12 @@ class CollabForSequenceClassification(nn.Module):
         if name is None:
             raise ValueError(f"{type(model).__name__} has no classifier module (classifier or score): pass a "
                              "*ForSequenceClassification model")
+        problem = getattr(model.config, "problem_type", None)
+        if problem in ("multi_label_classification", "regression") or getattr(model.config, "num_labels", 2) == 1:
+            # the collaborative loss is a softmax cross-entropy over classes, and the consensus a distribution
+            what = problem or "regression (num_labels = 1)"
+            raise ValueError(f"{type(model).__name__} is configured for {what}; collaborative learning here trains "
+                             "single-label classifiers (softmax over classes; problem_type single_label_classification)")
         self.model, self.classifier_name, self.loss_params = model, name, loss or CollabLossParams()
         self.num_heads = num_heads
         self.heads = nn.ModuleList(self._fresh_copy() for _ in range(num_heads - 1))

@@ -40,6 +40,15 @@ class CollabModule(L.LightningModule):
                  momentum: float = 0.9, weight_decay: float = 1e-4,
                  optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer] | None = None):
         super().__init__()
+        if not isinstance(net, torch.nn.Module):
+            raise TypeError(f"net must be a torch.nn.Module (e.g. collab_fast.models.build(...)), got {type(net).__name__}")
+        if isinstance(loss, dict):  # fused_collab_loss's keywords
+            loss = CollabLossParams(**loss)
+        if loss is not None and not isinstance(loss, CollabLossParams):
+            raise TypeError(f"loss must be a CollabLossParams (e.g. CollabLossParams(temperature=3.0)) or a dict of "
+                            f"fused_collab_loss's keywords, got {type(loss).__name__}")
+        if optimizer is not None and not callable(optimizer):
+            raise TypeError(f"optimizer must be a callable net -> torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.net, self.loss_params, self.make_optimizer = net, loss or CollabLossParams(), optimizer
         self.optim = OptimConfig(lr=lr, momentum=momentum, wd=weight_decay)
         self.num_heads = getattr(net, "num_heads", 1)
@@ -62,7 +71,8 @@ class CollabModule(L.LightningModule):
         x, y = batch
         logits = self(x).float()
         both = torch.cat([logits, logits.mean(0, keepdim=True)])  # heads..., ensemble
-        hit = (both.argmax(-1) == y).float().mean(1)
+        top = y.argmax(-1) if y.is_floating_point() else y  # [N, C] probabilities: their top class counts
+        hit = (both.argmax(-1) == top).float().mean(1)
         n = y.shape[0]
         self.log("val/ce_head0", torch.nn.functional.cross_entropy(logits[0], y), batch_size=n)
         for h in range(self.num_heads):
@@ -72,7 +82,10 @@ class CollabModule(L.LightningModule):
     def configure_optimizers(self):
         if self.make_optimizer is not None:
             return self.make_optimizer(self.net)
-        return make_optimizer(self.net, self.optim)
+        # Lightning unscales and clips the gradients itself (gradient_clip_val) and refuses optimizers that
+        # unscale internally, as torch's fused SGD does: foreach SGD then.
+        clip = getattr(self._trainer, "gradient_clip_val", None) if self._trainer is not None else None
+        return make_optimizer(self.net, self.optim, fused=not clip)
 
     def export_head(self, k: int = 0) -> torch.nn.Module:
         return self.net.export_head(k)
