@@ -201,6 +201,9 @@ def run_cell(cell: Cell, root: Path, base: list[str], env: dict, lock: threading
             raise Cancelled()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
         _running.add(proc)
+        if _cancel.is_set():  # a signal between the check above and the add: its handler did not see this cell
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
     try:
         code = proc.wait()
     finally:

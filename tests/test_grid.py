@@ -2,6 +2,7 @@
 interrupted grid."""
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -225,3 +226,43 @@ def test_html_table_and_one_noise_level_drawn_as_bars(tmp_path, monkeypatch):
     rows2 = [{**r, "noise": 0.0, "cell": r["cell"] + "0"} for r in rows] + rows
     write_outputs(tmp_path, rows2, "single", "cmd", "test")
     assert calls == []  # two noise levels: a line per pattern
+
+
+@pytest.mark.slow
+def test_a_signal_while_a_cell_starts_is_not_lost(tmp_path, monkeypatch):
+    # The grid's handler stops the cells it knows of; a cell whose trainer was being started when the signal
+    # landed must be stopped too, not run to its end.
+    import signal
+    import subprocess as sp
+    import threading
+
+    from collab_fast import grid
+
+    real = sp.Popen
+
+    def popen_then_signal(*args, **kw):
+        proc = real(*args, **kw)
+        grid._on_signal(signal.SIGINT, None)  # lands after the spawn, before the grid registers the process
+        return proc
+
+    monkeypatch.setattr(grid.subprocess, "Popen", popen_then_signal)
+    grid._cancel.clear()
+    base = ["digits", "--device", "cpu", "--arch", "resnet32", "-b", "64", "--image-size", "16", "--epochs", "1000"]
+    cell = Cell(pattern="single", noise=0.0, seed=0)
+    result = {}
+
+    def go():
+        try:
+            grid.run_cell(cell, tmp_path, base, dict(os.environ), threading.Lock())
+        except grid.Cancelled:
+            result["cancelled"] = True
+
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    t.join(120)
+    if t.is_alive():
+        for p in list(grid._running):
+            p.kill()
+        pytest.fail("the cell ran on after the signal")
+    grid._cancel.clear()
+    assert result == {"cancelled": True}
