@@ -334,6 +334,27 @@ def sync_batchnorm(net: torch.nn.Module, proc: Dist, device: torch.device) -> to
     return torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
 
 
+def _agree_on_resume(proc: Dist, path: Path | None, step: int | None = None) -> None:
+    """Every rank must resume from the same checkpoint (and, once loaded, the same step): a node that cannot
+    see it (no shared file system) would start afresh while the others continue, and the first collective
+    would hang. Refused on every rank in one line instead."""
+    if proc.world == 1:
+        return
+    if step is None:  # before loading: does every rank have a checkpoint to resume from?
+        seen = proc.gather(str(path) if path is not None else None)
+        lacking = [r for r, p in enumerate(seen) if p is None]
+        if lacking and len(lacking) < proc.world:
+            where = next(p for p in seen if p is not None)
+            raise CheckpointError(f"--resume: rank(s) {', '.join(map(str, lacking))} of {proc.world} cannot see "
+                                  f"{where} (no shared file system?); put the checkpoint where every node reads it, "
+                                  "or give --resume PATH to a copy on every node")
+        return
+    steps = proc.gather(step)
+    if any(s != steps[0] for s in steps):
+        each = ", ".join(f"rank {r}: step {s}" for r, s in enumerate(steps))
+        raise CheckpointError(f"--resume: the ranks loaded different checkpoints ({each}); give every node the same one")
+
+
 def _setup(cfg: TrainConfig):
     """Device, process group, data, model, optimizer, resumed state: everything the loop needs."""
     proc, device = init_distributed(cfg.run.device)
@@ -351,6 +372,7 @@ def _setup(cfg: TrainConfig):
             raise ValueError(f"--eval-only --resume {cfg.run.resume}: {resume_path} does not exist, and evaluating an "
                              "untrained network means nothing; give --weights PATH or an existing checkpoint")
         resume_path = resume_path if resume_path.exists() else None  # auto with nothing to resume: a fresh run
+        _agree_on_resume(proc, resume_path)
     in_chans = input_channels(cfg.model.arch, data_channels(cfg.data.dataset))
     train_loader, val_loader, num_classes = build_loaders(
         cfg.data, batch_size=cfg.optim.batch_size, device=device, rank=proc.rank, world=proc.world, seed=cfg.run.seed,
@@ -372,6 +394,7 @@ def _setup(cfg: TrainConfig):
     saved_cfg: dict = {}
     state = (restore(resume_path, net, optimizer, scaler, cfg.model.arch, cfg.model.pattern, saved_cfg, ema,
                      opt=cfg.optim.optimizer) if resume_path else State())
+    _agree_on_resume(proc, resume_path, state.step)
     old = saved_cfg.get("lr_milestones")
     if default_milestones and old and saved_cfg.get("schedule") == "step" and old != cfg.optim.lr_milestones:
         # the defaults follow --epochs: a run continued to more epochs keeps the steps it was trained with

@@ -696,3 +696,50 @@ def test_weights_file_is_read_once(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "load", lambda f, *a, **k: reads.append(str(f)) or real(f, *a, **k))
     run_train(tmp_path, "--pattern", "ilr2", "--max-steps", "1", "--weights", str(out / "last.pt"), name="second")
     assert reads.count(str(out / "last.pt")) == 1
+
+
+def _agree_worker(rank, port, paths, steps, q):
+    import torch.distributed as tdist
+
+    from collab_fast.checkpoint import CheckpointError
+    from collab_fast.distributed import Dist
+
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        proc = Dist(rank, 2, rank)
+        from pathlib import Path
+
+        train._agree_on_resume(proc, Path(paths[rank]) if paths[rank] else None)
+        train._agree_on_resume(proc, Path(paths[rank]) if paths[rank] else None, steps[rank])
+        q.put((rank, "ok"))
+    except CheckpointError as exc:
+        q.put((rank, str(exc)))
+    finally:
+        tdist.destroy_process_group()
+
+
+@pytest.mark.parametrize("paths, steps, want", [
+    (["/ckpt/last.pt", None], [7, 0], "rank(s) 1 of 2 cannot see /ckpt/last.pt (no shared file system?)"),
+    (["/a/last.pt", "/b/last.pt"], [7, 9], "the ranks loaded different checkpoints (rank 0: step 7, rank 1: step 9)"),
+    (["/a/last.pt", "/b/last.pt"], [7, 7], "ok"),  # local copies of one checkpoint
+    ([None, None], [0, 0], "ok"),  # a fresh run
+])
+def test_ranks_agree_on_what_they_resume_or_all_refuse(paths, steps, want):
+    # A node that cannot see last.pt started afresh while the others resumed, and the job hung at the first
+    # collective: every rank now refuses in one line.
+    import socket
+
+    import torch.multiprocessing as tmp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = tmp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_agree_worker, args=(r, port, paths, steps, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = dict(q.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(60)
+    assert all(want in got[r] for r in (0, 1)), got
