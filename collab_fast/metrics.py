@@ -12,6 +12,7 @@ import math
 import os
 import resource
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -155,6 +156,23 @@ def _open_repaired(path: Path):
         raise ValueError(f"cannot write {path} ({exc.strerror or exc}); check the folder's permissions and space") from None
 
 
+def _quiet_tensorboard_thread() -> None:
+    """TensorBoard writes its events from a thread, which re-raises a write error (a full disk) and so prints
+    a traceback; the same error reaches the Logger at its next add_scalar, which says it in one line. Only
+    that thread's OSError is silenced (installed once; other threads' errors print as before)."""
+    previous = threading.excepthook
+    if getattr(previous, "_collab_fast", False):
+        return
+
+    def hook(args):
+        if type(args.thread).__name__ == "_AsyncWriterThread" and issubclass(args.exc_type, OSError):
+            return
+        previous(args)
+
+    hook._collab_fast = True
+    threading.excepthook = hook
+
+
 # summary.csv: one row per evaluation (timm's summary.csv has one per epoch): where the run stood then.
 _SUMMARY = [("epoch", "epoch"), ("step", "step"), ("lr", None), ("train_loss", None), ("train_hard_head0", None),
             ("eval_loss_head0", "val_loss_head0"), ("eval_top1", "top1"), ("eval_top5", "top5"),
@@ -180,7 +198,12 @@ class Logger:
             except ImportError:
                 print("note: no TensorBoard events (pip install 'collab_fast[train]' for tensorboard)", file=sys.stderr)
             else:
-                self.tb = SummaryWriter(str(out / "tb"))
+                _quiet_tensorboard_thread()
+                try:
+                    self.tb = SummaryWriter(str(out / "tb"))
+                except OSError as exc:  # a convenience beside metrics.jsonl: never stops a run
+                    print(f"collab_fast: warning: no TensorBoard events ({out / 'tb'}: {exc.strerror or exc}); "
+                          "metrics.jsonl goes on", file=sys.stderr)
             self._write(json.dumps({"kind": "start", "time": time.time()}) + "\n")  # wall time from here
 
     def __call__(self, rec: dict, kind: str) -> None:
@@ -274,5 +297,9 @@ class Logger:
                 print(f"collab_fast: warning: closing {self.path} ({exc.strerror or exc})", file=sys.stderr)
             self.file = None
         if self.tb is not None:
-            self.tb.close()
+            try:
+                self.tb.close()
+            except OSError as exc:
+                print(f"collab_fast: warning: TensorBoard events stopped ({exc.strerror or exc}); metrics.jsonl "
+                      "is whole", file=sys.stderr)
             self.tb = None

@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import random
 import signal
 import sys
@@ -554,7 +555,10 @@ def _train(r: Run, train_loader, val_loader) -> None:
             else:
                 print(f"\ncollab_fast: {stop}; the model is not finite, so the last good checkpoint is kept",
                       file=sys.stderr)
-            raise SystemExit(128 + getattr(signal, r.signal)) from None
+            # Alone: the shell's convention, 128 + the signal. Under torchrun every rank stopped together and
+            # last.pt is written: 0, so torchrun ends quietly (a failure would print its traceback and, with
+            # --max-restarts, start the workers again over the run folder).
+            raise SystemExit(0 if "TORCHELASTIC_RUN_ID" in os.environ else 128 + getattr(signal, r.signal)) from None
         raise
     finally:
         for sig, h in handlers.items():

@@ -143,3 +143,42 @@ def test_summary_csv_has_a_row_per_evaluation(tmp_path):
     assert train.main(args[:-6] + ["--epochs", "3", "--output", str(out), "--log-every", "2", "--model-ema", "0.9",
                                    "--resume", "auto"]) == 0
     assert [r["epoch"] for r in csv.DictReader(open(out / "summary.csv"))] == ["1", "2", "3"]
+
+
+def test_a_full_disk_under_tensorboard_is_one_warning_not_a_thread_traceback(tmp_path, capsys, monkeypatch):
+    import errno
+    import time
+
+    record_writer = pytest.importorskip("tensorboard.summary.writer.record_writer")
+
+    real, calls = record_writer.RecordWriter.write, []
+
+    def full_after_the_first(self, data):  # the first event is written as the writer opens; then the disk fills
+        calls.append(1)
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, data)
+
+    monkeypatch.setattr(record_writer.RecordWriter, "write", full_after_the_first)
+    log = Logger(tmp_path, True, Progress("off", 1, 0, 1.0, enabled=False))
+    assert log.tb is not None
+    time.sleep(0.5)  # the writer thread meets the full disk on the first event
+    rec = {"step": 1, "epoch": 1, "epochs": 1, "loss": 1.0, "hard": [1.0], "train_acc": [0.5], "lr": 0.1,
+           "img_per_s": 1.0, "eta_s": 0.0, "sec_per_step": 1.0}
+    for _ in range(3):
+        log(rec, kind="train")
+        time.sleep(0.2)
+    log.close()
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    assert err.count("TensorBoard events stopped (No space left on device)") == 1, err
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 4  # metrics.jsonl goes on
+
+
+def test_a_tensorboard_folder_that_cannot_be_written_is_a_warning(tmp_path, capsys):
+    pytest.importorskip("torch.utils.tensorboard")
+    (tmp_path / "tb").write_text("")  # a file where the events folder goes
+    log = Logger(tmp_path, True, Progress("off", 1, 0, 1.0, enabled=False))
+    assert log.tb is None and log.file is not None
+    log.close()
+    assert "warning: no TensorBoard events" in capsys.readouterr().err

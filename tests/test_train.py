@@ -572,6 +572,8 @@ def test_ddp_signal_to_one_rank_stops_both_with_a_checkpoint(tmp_path):
     assert (out / "last.pt").is_file()
     assert rest.count("wrote") == 1, rest[-2000:]
     assert load_checkpoint(out / "last.pt")["state"]["step"] >= 3
+    # a clean stop: every worker exits 0 and torchrun ends quietly (no ChildFailedError, no traceback)
+    assert proc.returncode == 0 and "Traceback" not in rest and "FAILED" not in rest, rest[-3000:]
 
 
 @pytest.mark.slow
