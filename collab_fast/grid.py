@@ -77,25 +77,17 @@ class Cell(dict):
         return out
 
 
-def _floats(text: str, what: str) -> list[float]:
+def _numbers(text: str, what: str, kind: type = float) -> list:
+    """A comma list of finite numbers (kind float) or integers (kind int), at least one."""
     try:
-        out = [float(x) for x in text.split(",") if x.strip()]
+        out = [kind(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"{what}: expected comma-separated numbers, got {text!r}") from None
+        raise ValueError(f"{what}: expected comma-separated {'integers' if kind is int else 'numbers'}, got "
+                         f"{text!r}") from None
     if not out:
         raise ValueError(f"{what}: no values (got {text!r}); give at least one")
     if not all(math.isfinite(x) for x in out):
         raise ValueError(f"{what}: expected finite numbers, got {text!r}")
-    return out
-
-
-def _ints(text: str, what: str) -> list[int]:
-    try:
-        out = [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"{what}: expected comma-separated integers, got {text!r}") from None
-    if not out:
-        raise ValueError(f"{what}: no values (got {text!r}); give at least one")
     return out
 
 
@@ -467,8 +459,8 @@ def main(argv=None) -> int:
         patterns = [x for x in args.patterns.split(",") if x.strip()]
         if not patterns:
             raise ValueError(f"--patterns: no values (got {args.patterns!r}); give at least one")
-        noise = _floats(args.noise, "--noise")
-        seeds = _ints(args.seeds, "--seeds")
+        noise = _numbers(args.noise, "--noise")
+        seeds = _numbers(args.seeds, "--seeds", int)
         axes = _axes(args.axis)
         for flag in ("--pattern", "--label-noise", "--seed", "--output", "--resume"):
             if any(a == flag or a.startswith(flag + "=") for a in base):
