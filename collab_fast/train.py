@@ -362,6 +362,15 @@ def _setup(cfg: TrainConfig):
     default_milestones = cfg.optim.schedule == "step" and not cfg.optim.lr_milestones
     cfg = resolve(cfg, cuda=device.type == "cuda", world=proc.world)
     rundir = RunDir(cfg.run.output, resume=bool(cfg.run.resume), overwrite=cfg.run.overwrite, main=proc.main)
+    try:
+        return _setup_in(cfg, proc, device, rundir, default_milestones)
+    except BaseException:  # a refused resume, bad data, ...: the run folder is not left claimed
+        rundir.close()
+        raise
+
+
+def _setup_in(cfg: TrainConfig, proc: Dist, device: torch.device, rundir: RunDir, default_milestones: bool):
+    """_setup's part inside the claimed run folder."""
     out = rundir.path
     seed_everything(cfg.run.seed, proc.rank)
     if device.type == "cuda":
