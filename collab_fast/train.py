@@ -444,8 +444,7 @@ def _setup_in(cfg: TrainConfig, proc: Dist, device: torch.device, rundir: RunDir
     return r, rundir, train_loader, val_loader, num_classes
 
 
-_SCHEDULE_KEYS = {"schedule": "schedule", "epochs": "epochs", "lr_milestones": "lr_milestones",
-                  "warmup_epochs": "warmup_epochs", "lr": "lr"}  # flat name -> OptimConfig field
+_SCHEDULE_KEYS = ("schedule", "epochs", "lr_milestones", "warmup_epochs", "lr")  # flat names = OptimConfig fields
 
 
 def _schedule_change(optim, saved: dict, step: int, steps_per_epoch: int) -> str | None:
@@ -453,15 +452,15 @@ def _schedule_change(optim, saved: dict, step: int, steps_per_epoch: int) -> str
     the checkpoint's (a cosine schedule follows --epochs, so continuing to more epochs raises the LR): a
     sentence naming both values, or None when they agree."""
     try:
-        old = dataclasses.replace(optim, **{f: saved[k] for k, f in _SCHEDULE_KEYS.items() if k in saved})
+        old = dataclasses.replace(optim, **{k: saved[k] for k in _SCHEDULE_KEYS if k in saved})
         was = old.lr * lr_factor(old, step, steps_per_epoch)
     except (TypeError, ValueError):  # a checkpoint of a version that recorded other settings: nothing to compare
         return None
     now = optim.lr * lr_factor(optim, step, steps_per_epoch)
     if math.isclose(was, now, rel_tol=1e-9, abs_tol=0.0):
         return None
-    why = [f"--{k.replace('_', '-')} {saved[k]} -> {getattr(optim, f)}" for k, f in _SCHEDULE_KEYS.items()
-           if k in saved and saved[k] != getattr(optim, f)]
+    why = [f"--{k.replace('_', '-')} {saved[k]} -> {getattr(optim, k)}" for k in _SCHEDULE_KEYS
+           if k in saved and saved[k] != getattr(optim, k)]
     if optim.schedule == "cosine" and "epochs" in saved and saved["epochs"] != optim.epochs:
         why.append("a cosine schedule follows --epochs")
     return (f"the learning-rate schedule differs from the checkpoint's ({'; '.join(why) or 'its settings'}): "
