@@ -6,6 +6,9 @@ optimizer step on the device with no host sync, evaluated beside the model and s
 Integer buffers (BatchNorm's step count) are copied. A step skipped by --skip-nonfinite leaves the average
 as it was. The averaged network has the trained network's class, so every head of it exports the same way
 (python -m collab_fast.export CKPT --ema).
+
+The same average as timm's ModelEmaV3 at a constant decay (tested): both copy the network when built, so the
+average starts from the initial weights; torch's AveragedModel copies at its first update instead.
 """
 
 from __future__ import annotations

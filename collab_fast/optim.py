@@ -40,7 +40,7 @@ class OptimConfig:
     beta2: float = opt(0.999, "AdamW and LAMB: decay of the squared-gradient average", lo=0, hi=1, hi_open=True)
     opt_eps: float = opt(1e-8, "AdamW and LAMB: epsilon of the denominator (float32 arithmetic: 1e-30 at least)",
                          lo=1e-30)
-    lars_eta: float = opt(1e-3, "LARS: trust coefficient (the layer's step is eta ||w|| / ||g + wd w|| of the LR)",
+    lars_eta: float = opt(1e-3, "LARS: trust coefficient (the layer's step is eta ||w|| / (||g|| + wd ||w||) of the LR)",
                           lo=0, lo_open=True)
     wd: float = opt(1e-4, "weight decay (not on batch-norm parameters and biases); decoupled for AdamW and LAMB",
                     lo=0)
@@ -219,11 +219,15 @@ class LAMB(torch.optim.Optimizer):
 
 
 class LARS(torch.optim.Optimizer):
-    """LARS: momentum SGD whose step for each tensor of a `trust` group is scaled by
-    eta ||w|| / ||g + wd w|| (1 where a norm is 0); groups with trust=False take plain momentum SGD:
+    """LARS: momentum SGD whose step for each tensor of a `trust` group is scaled by the layer's trust ratio
+    eta ||w|| / (||g|| + wd ||w||) (You et al. 2017, eq. 6; 1 where a norm is 0); groups with trust=False take
+    plain momentum SGD:
 
-        d = g + wd w,  r = eta ||w|| / ||d|| (trust groups) or 1,  buf = momentum buf + lr r d,  w = w - buf
-    """
+        d = g + wd w,  r = eta ||w|| / (||g|| + wd ||w||) (trust groups) or 1,  buf = momentum buf + lr r d,
+        w = w - buf
+
+    The same step as timm's `Lars` (and apex's LARC) while the LR is constant; the LR sits inside the buffer
+    (Goyal et al. 2017), so a changing LR moves the next step only, not the momentum already gathered."""
 
     def __init__(self, params, lr: float, momentum: float = 0.9, eta: float = 1e-3, weight_decay: float = 0.0):
         super().__init__(params, dict(lr=lr, momentum=momentum, eta=eta, weight_decay=weight_decay, trust=True))
@@ -237,11 +241,13 @@ class LARS(torch.optim.Optimizer):
                     self.state[p]["momentum_buffer"] = torch.zeros_like(p)
             bufs = [self.state[p]["momentum_buffer"] for p in params]
             keep = _keep(self, params[0])
-            d = torch._foreach_add(_kept_grads(params, keep), params, alpha=group["weight_decay"])  # g + wd w
+            grads = _kept_grads(params, keep)
+            d = torch._foreach_add(grads, params, alpha=group["weight_decay"])  # g + wd w
             if group["trust"]:
-                ratio = [_trust(wn, dn, group["eta"])
-                         for wn, dn in zip(torch._foreach_norm(params), torch._foreach_norm(d))]
-                torch._foreach_mul_(d, ratio)
+                # the published ratio: eta ||w|| / (||g|| + wd ||w||), not eta ||w|| / ||g + wd w||
+                w_norms = torch._foreach_norm(params)
+                denom = torch._foreach_add(torch._foreach_norm(grads), torch._foreach_mul(w_norms, group["weight_decay"]))
+                torch._foreach_mul_(d, [_trust(wn, dn, group["eta"]) for wn, dn in zip(w_norms, denom)])
             new = torch._foreach_mul(bufs, group["momentum"])
             torch._foreach_add_(new, d, alpha=group["lr"])
             if keep is not None:  # skipped: the buffer as it was, and no step

@@ -93,3 +93,24 @@ def test_an_update_is_a_few_multi_tensor_ops_whatever_the_number_of_layers():
             ema.update(skipped)
         assert "aten.copy_" not in c.ops and len(c.ops) <= 6, c.ops
         assert c.ops.count("aten._foreach_copy_") == 1
+
+
+def test_the_average_equals_timm_model_ema_v3():
+    # timm's ModelEmaV3 at a constant decay (no warm-up): also a copy of the network at construction, so both
+    # averages start from the initial weights (torch's AveragedModel copies at its first update instead).
+    ema_mod = pytest.importorskip("timm.utils.model_ema", reason="needs timm (CI: the timm/torchvision stage)")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                              torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 5)).double()
+    ours, theirs = ModelEMA(net, 0.9), ema_mod.ModelEmaV3(net, decay=0.9)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    for _ in range(4):
+        loss = net(torch.randn(6, 3, 8, 8, dtype=torch.float64)).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        ours.update()
+        theirs.update(net)
+    want = theirs.module.state_dict()
+    for k, v in ours.state_dict().items():
+        torch.testing.assert_close(v, want[k], rtol=1e-12, atol=1e-12, msg=k)

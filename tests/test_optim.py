@@ -95,7 +95,7 @@ def _lars_reference(ps, steps, lr, momentum, eta, wd):
     for t in range(steps):
         for i, (p, g) in enumerate(zip(ps, _grads(t, ps))):
             d = g + wd * p
-            wn, dn = p.norm(), d.norm()
+            wn, dn = p.norm(), g.norm() + wd * p.norm()  # You et al. 2017, eq. 6
             r = eta * wn / dn if wn > 0 and dn > 0 else 1.0
             buf[i] = momentum * buf[i] + lr * r * d
             ps[i] = p - buf[i]
@@ -111,14 +111,37 @@ def test_lamb_and_lars_match_the_formula(name):
         opt = LAMB([{"params": ps, "weight_decay": 0.01}], lr=0.1, betas=(0.9, 0.99), eps=1e-6)
         want = _lamb_reference(ps, 5, 0.1, 0.9, 0.99, 1e-6, 0.01)
     else:
-        opt = LARS([{"params": ps, "weight_decay": 0.01}], lr=0.5, momentum=0.9, eta=0.02)
-        want = _lars_reference(ps, 5, 0.5, 0.9, 0.02, 0.01)
+        opt = LARS([{"params": ps, "weight_decay": 0.05}], lr=0.5, momentum=0.9, eta=0.02)
+        want = _lars_reference(ps, 5, 0.5, 0.9, 0.02, 0.05)
     for t in range(5):
         for p, g in zip(ps, _grads(t, ps)):
             p.grad = g
         opt.step()
     for p, w in zip(ps, want):
         torch.testing.assert_close(p.detach(), w, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["lamb", "lars"])
+def test_lamb_and_lars_equal_timm(name):
+    # timm's Lamb with always_adapt (the trust ratio on every tensor, as here) and no global clipping; timm's
+    # Lars at a constant LR (here the LR sits in the momentum buffer, there outside: equal while it is constant).
+    timm_optim = pytest.importorskip("timm.optim", reason="needs timm (CI: the timm/torchvision stage)")
+    from collab_fast.optim import LAMB, LARS
+
+    ours, theirs = _params(), _params()
+    if name == "lamb":
+        opt = LAMB([{"params": ours, "weight_decay": 0.05}], lr=0.1, betas=(0.9, 0.99), eps=1e-6)
+        ref = timm_optim.Lamb(theirs, lr=0.1, betas=(0.9, 0.99), eps=1e-6, weight_decay=0.05, max_grad_norm=None,
+                              always_adapt=True)
+    else:
+        opt = LARS([{"params": ours, "weight_decay": 0.05}], lr=0.5, momentum=0.9, eta=0.02)
+        ref = timm_optim.Lars(theirs, lr=0.5, momentum=0.9, weight_decay=0.05, trust_coeff=0.02)
+    for t in range(5):
+        for a, b, g in zip(ours, theirs, _grads(t, ours)):
+            a.grad, b.grad = g.clone(), g.clone()
+        opt.step(), ref.step()
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-9)
 
 
 @pytest.mark.parametrize("grad", ["finite", "nan", "inf"])
