@@ -6,8 +6,12 @@ What gets built depends on the machine (one warning says what is missing and wha
     C++ compiler, no nvcc              CPU kernel; CUDA tensors go through ATen calls (registered for the
                                        CUDA key, compiled without nvcc): same results, ~1.7x the gradient
                                        traffic of the fused kernel at a two-way split's backward
-    no C++ compiler                    nothing: `load_extension` raises NoCompilerError and
-                                       collab_fast.rescale registers its plain-PyTorch ops instead
+    no C++ compiler, no ninja, or a    nothing: `load_extension` raises BuildError (NoCompilerError where
+    compiler that fails                no compiler exists) and collab_fast.rescale registers its
+                                       plain-PyTorch ops instead
+
+A build that failed leaves <cache>/<name>.failed (the compiler's output): later processes of the same
+environment fall back at once instead of failing the same ~30 s build again; deleting it retries.
 
 A build is published as <cache>/<name>/<name>.so with a <name>.sha256 beside it, <name> hashing everything
 that changes the binary (sources, flags, compiler, torch version and include paths, Python ABI), so several
@@ -38,7 +42,7 @@ import torch
 
 from collab_fast.cache import cache_root
 
-__all__ = ["ExtensionError", "NoCompilerError", "build_key", "load_extension", "published_build"]
+__all__ = ["BuildError", "ExtensionError", "NoCompilerError", "build_key", "load_extension"]
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 _lock = threading.Lock()
@@ -50,7 +54,12 @@ class ExtensionError(RuntimeError):
     problem of the environment, reported in one line by the trainer."""
 
 
-class NoCompilerError(ExtensionError):
+class BuildError(ExtensionError):
+    """The extension cannot be built with this machine's tools (no compiler, no ninja, a compiler that fails):
+    collab_fast.rescale falls back to its plain-PyTorch ops, with one warning."""
+
+
+class NoCompilerError(BuildError):
     """No C++ compiler on this machine: the extension cannot be built."""
 
 
@@ -202,16 +211,21 @@ def _plan():
     return name, sources, cflags, with_cuda, cxx
 
 
-def published_build() -> Path:
-    """Where this machine's build is (or will be) published."""
-    name = _plan()[0]
-    return cache_root() / name / f"{name}.so"
+def _failed_before(record: Path) -> str:
+    return (f"building the C++ extension failed before in this environment (the compiler's output is in {record}; "
+            "delete it to try again)")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def load_extension(verbose: bool | None = None):
     """Compiles (first time) and loads the C++ extension; returns its pybind11 module. Thread-safe.
 
-    Raises NoCompilerError where no C++ compiler exists (collab_fast.rescale then uses its PyTorch ops)."""
+    Raises BuildError where it cannot be built here (collab_fast.rescale then uses its PyTorch ops)."""
     global _module
     if _module is not None:
         return _module
@@ -223,6 +237,8 @@ def load_extension(verbose: bool | None = None):
         published = root / name / f"{name}.so"
         if _verified(published):  # the common case: no lock, no ninja, no compiler
             mod = _import_built(name, published)
+        elif (root / f"{name}.failed").is_file():
+            raise BuildError(_failed_before(root / f"{name}.failed"))
         else:
             mod = _build_and_publish(name, root, published, sources, cflags, with_cuda, verbose)
         mod.cuda_kernel = with_cuda
@@ -234,7 +250,7 @@ def _build_and_publish(name, root, published, sources, cflags, with_cuda, verbos
     from torch.utils import cpp_extension
 
     if not cpp_extension.is_ninja_available():
-        raise ExtensionError("collab_fast's C++ extension is built with ninja, which was not found: `pip install ninja`.")
+        raise BuildError("collab_fast's C++ extension is built with ninja, which was not found (`pip install ninja`)")
     try:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -244,6 +260,8 @@ def _build_and_publish(name, root, published, sources, cflags, with_cuda, verbos
     try:
         if _verified(published):  # built by the process we waited for
             return _import_built(name, published)
+        if (root / f"{name}.failed").is_file():  # ... or failed to
+            raise BuildError(_failed_before(root / f"{name}.failed"))
         if published.exists():
             print(f"collab_fast: the published build {published} is damaged (checksum mismatch); rebuilding",
                   file=sys.stderr, flush=True)
@@ -272,9 +290,14 @@ def _build_and_publish(name, root, published, sources, cflags, with_cuda, verbos
                 print("collab_fast: the C++ extension build was interrupted; nothing was left behind (it builds "
                       "again on the next run)", file=sys.stderr, flush=True)
                 raise KeyboardInterrupt from None
-            raise ExtensionError(
-                f"collab_fast: building the C++ extension in {build_dir} failed ({type(exc).__name__}: "
-                f"{str(exc)[-2000:]}). Set COLLAB_FAST_VERBOSE_BUILD=1 to see the compiler output.") from None
+            record = root / f"{name}.failed"
+            out = getattr(exc, "output", None) or b""  # a CalledProcessError's (ninja's is in the message)
+            out = out.decode(errors="replace") if isinstance(out, bytes) else str(out)
+            _write_atomic(record, f"{type(exc).__name__}: {exc}\n{out}")
+            shutil.rmtree(build_dir, ignore_errors=True)
+            said = next((ln.strip() for ln in str(exc).splitlines() if "error:" in ln.lower()), type(exc).__name__)
+            raise BuildError(f"building the C++ extension failed ({said[:200]}; the whole output is in {record}: "
+                             "delete it to try again)") from None
         # Publish atomically, checksum first: a reader verifies the .so against it before loading, so a
         # partial or damaged file is never mapped.
         built = build_dir / f"{name}.so"

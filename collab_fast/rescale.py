@@ -150,7 +150,7 @@ def ensure_ops() -> str:
             try:
                 extension.load_extension()
                 backend = "cpp"
-            except extension.NoCompilerError as exc:
+            except extension.BuildError as exc:  # no compiler, no ninja, or a compiler that fails
                 warnings.warn(f"collab_fast: {exc}: backprop rescaling uses its plain-PyTorch ops (the same "
                               "results; its backward is about as fast as autograd's own gradient sum, measured "
                               "on CPU in a training step)", RuntimeWarning, stacklevel=3)

@@ -78,6 +78,31 @@ def test_no_compiler_registers_the_torch_ops_and_trains(tmp_path):
     assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").glob("collab_fast_ext_*"))
 
 
+def test_a_compiler_that_fails_falls_back_once_and_is_remembered(tmp_path):
+    # A compiler that exists but fails (a broken toolchain, headers missing): the plain-PyTorch ops with one
+    # warning naming the failure, and the failure remembered, so the next process does not compile again.
+    calls = tmp_path / "calls"
+    cxx = tmp_path / "broken-c++"
+    cxx.write_text(f"#!/bin/sh\ncase \"$1\" in --version|-dump*) exec c++ \"$@\";; esac\necho x >> {calls}\n"
+                   "echo 'fatal error: torch/extension.h: No such file' >&2\nexit 1\n")
+    cxx.chmod(0o755)
+    lines, err = _run_split_training(tmp_path, CXX=str(cxx))
+    assert lines["BACKEND"] == "torch torch"
+    assert all(math.isfinite(v) for v in eval(lines["LOSSES"]))
+    warned = [ln for ln in err.splitlines() if "building the C++ extension failed" in ln]
+    assert len(warned) == 1 and "plain-PyTorch ops" in warned[0] and "No such file" in warned[0], err[-3000:]
+    records = list((tmp_path / "cache").glob("collab_fast_ext_*.failed"))
+    assert len(records) == 1 and "No such file" in records[0].read_text()
+    assert not list((tmp_path / "cache").glob(".build-*"))  # the failed build's directory is gone
+    compiled = calls.read_text().count("x")
+    lines, err = _run_split_training(tmp_path, CXX=str(cxx))
+    assert lines["BACKEND"] == "torch torch" and "failed before" in err and "delete it to try again" in err
+    assert calls.read_text().count("x") == compiled  # not compiled again
+    records[0].unlink()  # deleting the record retries the build
+    _run_split_training(tmp_path, CXX=str(cxx))
+    assert calls.read_text().count("x") > compiled
+
+
 def test_no_nvcc_build_registers_aten_calls_for_cuda(tmp_path):
     # A compiler but no nvcc (a pip-installed CUDA torch): the C++ build registers its ATen implementation
     # for the CUDA key, so CUDA tensors are accepted, and a split pattern trains.
@@ -161,7 +186,7 @@ def _hold_lock(lock_path):
 
 def _ext_name():
     rescale.load_extension()
-    return next(p for p in extension.cache_root().glob("collab_fast_ext_*") if p.is_dir()).name
+    return extension._plan()[0]  # this environment's build (a cache may hold other environments')
 
 
 def test_loading_a_published_build_takes_no_lock(tmp_path):
@@ -322,7 +347,7 @@ def test_an_unusable_extension_cache_is_one_line_from_the_trainer(tmp_path, monk
     if damage == "cache is a file":
         cache.write_text("")
     else:
-        name = extension.published_build().parent.name
+        name = extension._plan()[0]
         (cache / f"{name}.lock").mkdir(parents=True)
     env = dict(os.environ, COLLAB_FAST_CACHE=str(cache))
     res = subprocess.run([sys.executable, "-m", "collab_fast.train", "digits", "--device", "cpu", "--arch", "resnet32",
