@@ -202,7 +202,12 @@ def build(arch: str, pattern: str = "single", num_classes: int | None = None, re
             splits = pick_splits(stage_modules(probe), len(factors))
         unused, fresh = [probe], make_target
         make_target = lambda: unused.pop() if unused else fresh()  # noqa: E731
-    return make_collaborative(make_target, pattern, splits, rescale, example)
+    model = make_collaborative(make_target, pattern, splits, rescale, example)
+    # How to build this network again (Lightning's load_from_checkpoint, Hugging Face's from_pretrained): the
+    # weights come from the checkpoint, so neither pretrained nor weights is repeated.
+    model.build_spec = dict(arch=arch, pattern=pattern, num_classes=num_classes, rescale=rescale,
+                            splits=list(model.splits) if isinstance(model, CollabNet) else None, **arch_kwargs)
+    return model
 
 
 # ----------------------------------------------------------------------------------------------------
