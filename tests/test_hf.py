@@ -72,3 +72,83 @@ def test_multi_label_and_regression_models_are_refused_not_trained_with_softmax(
     bert.config.problem_type = problem
     with pytest.raises(ValueError, match=match + ".*single-label classifiers"):
         CollabForSequenceClassification(bert, num_heads=2)
+
+
+def _still_bert(seed=0):
+    # no dropout: two runs that see the same samples take the same steps
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=37, num_labels=3, hidden_dropout_prob=0.0,
+                                  attention_probs_dropout_prob=0.0)
+    return transformers.BertForSequenceClassification(cfg)
+
+
+def _train(tmp_path, model, steps=3, **args):
+    ids, labels = _data()
+    rows = [{"input_ids": ids[i], "labels": labels[i]} for i in range(len(ids))]
+    defaults = dict(output_dir=str(tmp_path / "out"), max_steps=steps, per_device_train_batch_size=16,
+                    learning_rate=0.5, optim="sgd", lr_scheduler_type="constant", report_to=[], use_cpu=True,
+                    save_strategy="no", disable_tqdm=True, seed=0)
+    trainer = transformers.Trainer(model=model, args=transformers.TrainingArguments(**{**defaults, **args}),
+                                   train_dataset=rows)
+    trainer.train()
+    return trainer
+
+
+@pytest.mark.parametrize("feature", ["gradient_accumulation", "gradient_checkpointing"])
+def test_accumulation_and_checkpointing_take_the_same_steps(tmp_path, feature):
+    # SGD (not Adam, which would hide a loss scaled by 2): 2 micro-batches of 8 equal one batch of 16
+    # (the wrapper's loss was twice too large under accumulation); checkpointing changes no step.
+    plain = CollabForSequenceClassification(_still_bert(), num_heads=3)
+    _train(tmp_path / "a", plain)
+    other = CollabForSequenceClassification(_still_bert(), num_heads=3)
+    if feature == "gradient_accumulation":
+        _train(tmp_path / "b", other, per_device_train_batch_size=8, gradient_accumulation_steps=2)
+    else:
+        _train(tmp_path / "b", other, gradient_checkpointing=True)
+        assert other.is_gradient_checkpointing
+    moved = False
+    start = CollabForSequenceClassification(_still_bert(), num_heads=3).state_dict()
+    for (name, a), b in zip(plain.state_dict().items(), other.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+        moved |= not torch.equal(a, start[name])
+    assert moved
+
+
+def test_trainer_label_smoothing_is_refused_and_the_loss_smooths_every_head(tmp_path):
+    from collab_fast.kernels.collab_loss import CollabLossParams
+
+    model = CollabForSequenceClassification(_still_bert(), num_heads=2)
+    with pytest.raises(ValueError, match=r"label_smoothing_factor=0.1\) smooths head 0's logits only .* "
+                                         r"loss=CollabLossParams\(label_smoothing=...\)"):
+        _train(tmp_path / "a", model, label_smoothing_factor=0.1)
+    smooth = CollabForSequenceClassification(_still_bert(), num_heads=2, loss={"label_smoothing": 0.1})
+    assert smooth.loss_params == CollabLossParams(label_smoothing=0.1)
+    head1 = smooth.heads[0].weight.detach().clone()
+    _train(tmp_path / "b", smooth, steps=1)
+    assert not torch.equal(head1, smooth.heads[0].weight)  # every head trains
+    model.eval()
+    with torch.no_grad():  # evaluation forwards without labels stay allowed
+        model(input_ids=_data(4)[0])
+
+
+def test_save_pretrained_and_from_pretrained_round_trip(tmp_path):
+    model = CollabForSequenceClassification(_still_bert(), num_heads=3, loss={"temperature": 3.0}).eval()
+    model.save_pretrained(tmp_path / "m")
+    back = CollabForSequenceClassification.from_pretrained(tmp_path / "m").eval()
+    assert type(back.model) is transformers.BertForSequenceClassification
+    assert back.num_heads == 3 and back.loss_params == model.loss_params
+    ids = _data(8)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids).heads_logits, model(input_ids=ids).heads_logits)
+    # head 0's directory is the plain model's too
+    plain = transformers.BertForSequenceClassification.from_pretrained(tmp_path / "m").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(input_ids=ids).logits, model(input_ids=ids).logits)
+    with pytest.raises(ValueError, match="is not a directory written by CollabForSequenceClassification"):
+        CollabForSequenceClassification.from_pretrained(tmp_path / "nothing")
+    raw = bytearray((tmp_path / "m" / "collab_heads.safetensors").read_bytes())
+    raw[-1] ^= 1
+    (tmp_path / "m" / "collab_heads.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="does not match the checksum"):
+        CollabForSequenceClassification.from_pretrained(tmp_path / "m")
