@@ -114,10 +114,16 @@ def test_default_chunk_follows_the_weight_gradient_traffic():
 
 @pytest.mark.parametrize("args, match", [
     (lambda h, w, y: (h[0, 0], w, y), "hidden must be a floating-point tensor"),
-    (lambda h, w, y: (h, w[0], y), r"weight must be a tensor \[H, C, D\]"),
+    (lambda h, w, y: (h, w[0, 0], y), r"weight must be a tensor \[H, C, D\] .* or \[C, D\]"),
     (lambda h, w, y: (h[:, :, :3], w, y), "does not match weight"),
-    (lambda h, w, y: (h, w, y.float()), "target must be an integer tensor"),
-    (lambda h, w, y: (h, w, y[:3]), "target must be an integer tensor"),
+    (lambda h, w, y: (h, w, y.float()), r"target: probabilities must be \[N, 11\] or \[B, T, 11\]"),
+    (lambda h, w, y: (h, w, y[:3]), r"hidden \(3, 7, 5\) does not match .* expected \[3, 3, 5\] or \[3, 5\]"),
+    (lambda h, w, y: (h, w, y.view(1, 7)), r"hidden \(3, 7, 5\) does not match .* target \(1, 7\): expected "
+                                           r"\[3, 1, 7, 5\] or \[1, 7, 5\]"),
+    (lambda h, w, y: (h[0, 0], w, y.view(1, 7)), r"hidden must be a floating-point tensor \[B, T, D\] \(shared\) or "
+                                                 r"\[H, B, T, D\] for target \(1, 7\)"),
+    (lambda h, w, y: (h, w, y.bool()), "target must be class indices"),
+    (lambda h, w, y: (h, w[0], y, torch.zeros(3, 11)), r"bias must be a tensor \[11\] for weight \(11, 5\)"),
     (lambda h, w, y: (h, w, torch.where(torch.arange(7) == 4, 11, y)), r"target\[4\] = 11 is outside \[0, 11\)"),
     (lambda h, w, y: (h, w, torch.where(torch.arange(7) == 0, -5, y)), r"target\[0\] = -5 is outside"),
     (lambda h, w, y: (h, w[:, :0], y), r"no classes \(C == 0\)"),
@@ -132,6 +138,31 @@ def test_bad_input_is_one_line(args, match, impl):
     assert "\n" not in str(info.value)
     with pytest.raises(ValueError, match="chunk_size"):
         fused_linear_collab_loss(h.float(), w.float(), y, chunk_size=0)
+
+
+@pytest.mark.parametrize("kw, error, match", [
+    (dict(softcap=0.0), ValueError, r"softcap must be a finite number in \(0.0, inf\)"),
+    (dict(softcap=float("inf")), ValueError, "softcap must be a finite number"),
+    (dict(lse_square_scale=-1e-4), ValueError, r"lse_square_scale must be a finite number in \[0.0, inf\)"),
+    (dict(lse_square_scale="1e-4"), TypeError, "lse_square_scale must be a real number"),
+    (dict(return_stats=1), ValueError, "return_stats must be True or False"),
+    (dict(shift_labels="yes"), ValueError, "shift_labels must be True or False"),
+])
+def test_bad_options_are_one_line(kw, error, match):
+    h, w, _, y = _inputs(bias=False)
+    with pytest.raises(error, match=match):
+        fused_linear_collab_loss(h.float(), w.float(), y, **kw)
+    with pytest.raises(error, match=match):
+        FusedLinearCollabLoss(3, 5, 11, **kw)
+
+
+def test_probability_targets_cannot_shift_and_the_kernel_takes_no_float64():
+    h, w, _, y = _inputs(bias=False)
+    probs = torch.softmax(torch.randn(7, 11, dtype=torch.float64), -1)
+    with pytest.raises(ValueError, match="shift_labels=True takes class indices"):
+        fused_linear_collab_loss(h, w, probs, shift_labels=True)
+    with pytest.raises(TypeError, match="impl='triton' takes float32, bfloat16 or float16 inputs, got torch.float64"):
+        fused_linear_collab_loss(h, w, y, impl="triton")
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
@@ -191,3 +222,160 @@ def test_gpu_vocabulary_size_bf16_against_float64(reduction):
     assert torch.isfinite(got).all()
     assert rel(got, ref.detach()) < 1e-2
     assert rel(xg.grad, xr.grad) < 2e-2 and rel(wg.grad, wr.grad) < 2e-2
+
+
+# ---------------------------------------------------------------------------------------- the LM-facing API
+
+
+def _compare(make_args, impl, chunk, dtype=torch.float32, ref_fn=None, tol=(2e-5, 1e-4), **kw):
+    """The fused loss (impl, chunk, dtype) and ref_fn (default: the materialised reference, float64) on the same
+    leaves: loss and every leaf's gradient under an upstream gradient other than 1."""
+    leaves64 = [t.detach().clone().requires_grad_() if t.is_floating_point() and t.dim() > 0 and t.dtype ==
+                torch.float64 and i != 2 else t for i, t in enumerate(make_args())]
+    ref_fn = ref_fn or (lambda *a, **k: linear_collab_loss_reference(*a, **k))
+    ref = ref_fn(*leaves64, **kw)
+    mine = [t.detach().to(DEV, dtype).requires_grad_() if t.requires_grad else
+            (t.to(DEV) if t is not None else None) for t in leaves64]
+    got = fused_linear_collab_loss(*mine, impl=impl, chunk_size=chunk, **kw)
+    up = torch.rand(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5)) + 0.5
+    ref.backward(up)
+    got.backward(up.to(DEV, got.dtype))
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got.double().cpu(), ref.detach(), atol=tol[0], rtol=tol[1])
+    for a, b in zip(mine, leaves64):
+        if b is not None and b.requires_grad:
+            torch.testing.assert_close(a.grad.double().cpu(), b.grad, atol=tol[0], rtol=tol[1])
+    return got
+
+
+def _lm(B=2, T=5, D=6, C=13, H=3, shared_hidden=False, shared_weight=False, bias=True, probs=False, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(*(() if shared_hidden else (H,)), B, T, D, generator=g, dtype=torch.float64)
+    weight = torch.randn(*(() if shared_weight else (H,)), C, D, generator=g, dtype=torch.float64) / 2
+    b = torch.randn(*(() if shared_weight else (H,)), C, generator=g, dtype=torch.float64) if bias else None
+    if probs:
+        y = torch.softmax(torch.randn(B, T, C, generator=g, dtype=torch.float64), -1)
+    else:
+        y = torch.randint(0, C, (B, T), generator=g)
+        y[0, 1] = -100
+    return hidden, weight, y, b
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("chunk", [1, 4, 100])
+@pytest.mark.parametrize("layout", ["per-head", "shared-hidden", "shared-weight", "probs"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_batched_sequences_and_a_shared_weight_match_the_flat_per_head_call(impl, chunk, layout, reduction):
+    # [B, T, D] / [H, B, T, D] hidden, [B, T] targets, a [C, D] weight shared by the heads: the same loss and
+    # gradients as the flat per-head call on [H, N, D], [N] and the weight repeated per head ([H, C, D]).
+    H, B, T, D, C = 3, 2, 5, 6, 13
+    hidden, weight, y, b = _lm(shared_hidden=layout == "shared-hidden", shared_weight=layout == "shared-weight",
+                               probs=layout == "probs")
+
+    def flat(x, w, t, bias, **kw):
+        x = x.reshape(H, B * T, D) if x.dim() == 4 else x.reshape(B * T, D)
+        w3 = w.expand(H, C, D) if w.dim() == 2 else w
+        b3 = None if bias is None else bias.expand(H, C) if bias.dim() == 1 else bias
+        t = t.reshape(B * T, C) if t.is_floating_point() else t.reshape(B * T)
+        out = linear_collab_loss_reference(x, w3, t, b3, **kw)
+        return out.reshape(H, B, T) if out.dim() == 2 else out
+
+    got = _compare(lambda: (hidden, weight, y, b), impl, chunk, ref_fn=flat, reduction=reduction, temperature=3.0)
+    assert got.shape == ((H, B, T) if reduction == "none" else ())
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("kw", [dict(softcap=2.5), dict(lse_square_scale=0.01), dict(softcap=3.0, lse_square_scale=0.1),
+                                dict(softcap=2.0, lse_square_scale=0.05, reduction="none", label_smoothing=0.1),
+                                dict(lse_square_scale=0.02, reduction="sum", soft_loss="kl")])
+@pytest.mark.parametrize("chunk", [3, 100])
+def test_softcap_and_z_loss_match_the_reference(impl, kw, chunk):
+    _compare(lambda: _lm(), impl, chunk, **kw)
+    _compare(lambda: _lm(probs=True), impl, chunk, **kw)  # probability targets too
+
+
+def test_softcap_and_z_loss_reference_is_the_published_formula():
+    # One head, no soft term: cross-entropy of cap tanh(z / cap) plus s * lse^2 over the counted rows, by hand.
+    hidden, weight, y, b = _lm(H=1, bias=True)
+    z = hidden[0] @ weight[0].T + b[0]  # [B, T, C]
+    zc = 4.0 * torch.tanh(z / 4.0)
+    valid = y != -100
+    lse = torch.logsumexp(zc, -1)
+    want = (torch.nn.functional.cross_entropy(zc.reshape(-1, 13), y.reshape(-1), reduction="sum")
+            + 1e-2 * lse[valid].square().sum()) / valid.sum()
+    got = linear_collab_loss_reference(hidden, weight, y, b, softcap=4.0, lse_square_scale=1e-2)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_shift_labels_is_hugging_faces_causal_shift(impl):
+    # position t predicts label t + 1; the last position of each sequence counts for nothing
+    hidden, weight, y, b = _lm()
+    shifted = torch.cat([y[:, 1:], torch.full((2, 1), -100)], 1)
+    got = fused_linear_collab_loss(hidden.float(), weight.float(), y, b.float(), shift_labels=True, impl=impl)
+    want = fused_linear_collab_loss(hidden.float(), weight.float(), shifted, b.float(), impl=impl)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    _compare(lambda: (hidden, weight, y, b), impl, 3, shift_labels=True)
+    # one head against transformers' own ForCausalLMLoss formula: logits[..., :-1, :] against labels[..., 1:]
+    z = hidden[0] @ weight[0].T + b[0]
+    want = torch.nn.functional.cross_entropy(z[:, :-1].reshape(-1, 13), y[:, 1:].reshape(-1), ignore_index=-100)
+    got = fused_linear_collab_loss(hidden[:1], weight[:1], y, b[:1], shift_labels=True, impl="torch")
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("probs", [False, True])
+def test_return_stats_equal_fused_collab_loss_on_the_materialised_logits(impl, probs):
+    from collab_fast import fused_collab_loss
+    from collab_fast.kernels.fused_linear_collab_loss import _logits
+
+    hidden, weight, y, b = (t.float() if t.is_floating_point() else t for t in _lm(probs=probs, B=3, T=7))
+    loss, stats = fused_linear_collab_loss(hidden, weight, y, b, impl=impl, chunk_size=4, return_stats=True)
+    z = _logits(hidden.reshape(3, 21, 6), weight, b)
+    want_loss, want = fused_collab_loss(z, y.reshape(21, 13) if probs else y.reshape(21), impl="torch",
+                                        return_stats=True)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+    for name in ("hard", "soft", "correct", "num_valid"):
+        torch.testing.assert_close(getattr(stats, name), getattr(want, name), rtol=1e-5, atol=1e-5, msg=name)
+    assert stats.num_valid.item() == (21 if probs else 20)
+
+
+def test_float64_stays_float64_end_to_end():
+    hidden, weight, y, b = _lm()
+    got = _compare(lambda: (hidden, weight, y, b), "auto", 4, dtype=torch.float64, tol=(1e-12, 1e-12),
+                   lse_square_scale=0.01, softcap=5.0)
+    assert got.dtype == torch.float64 or DEV.type == "cuda"
+
+
+def test_non_contiguous_inputs():
+    hidden, weight, y, b = _lm()
+    _compare(lambda: (hidden.transpose(1, 2).contiguous().transpose(1, 2), weight.transpose(1, 2).contiguous()
+                      .transpose(1, 2), y.t().contiguous().t(), b), "torch", 3, softcap=2.0)
+
+
+_DTENSOR = """
+import os, sys, torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+from collab_fast import fused_linear_collab_loss
+dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
+mesh = init_device_mesh("cpu", (1,))
+w = distribute_tensor(torch.randn(2, 11, 5), mesh, [Shard(1)])
+try:
+    fused_linear_collab_loss(torch.randn(2, 7, 5), w, torch.randint(0, 11, (7,)))
+except ValueError as exc:
+    print("REFUSED", exc)
+dist.destroy_process_group()
+"""
+
+
+def test_a_dtensor_is_refused_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-c", _DTENSOR, str(tmp_path / "store")], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    line = next(ln for ln in res.stdout.splitlines() if ln.startswith("REFUSED"))
+    assert "weight is a DTensor (S(1)): fused_linear_collab_loss takes local tensors; pass " \
+           "weight.full_tensor()" in line

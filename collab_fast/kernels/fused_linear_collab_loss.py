@@ -2,35 +2,44 @@
 the rows, so that the [H, N, C] logits never exist (language-model vocabularies).
 
 Math. Head h's logits are z_h = x_h W_h^T + b_h (x_h [N, D] its last hidden states, or one x shared by every
-head; W_h [C, D]; b_h [C]); the loss is fused_collab_loss(z, target) with every setting of it. The
-consensus of a row needs only that row's logits of every head, so rows split into chunks that each hold
-all H heads. With g = dL/dz of a chunk (the fused kernel's gradient pass, weighted by the upstream
-weights r):
+head; W_h [C, D] its own output layer, or one W [C, D] shared by every head; b_h [C]), optionally soft-capped,
+z <- cap tanh(z / cap) (Gemma 2's final-logit softcapping); the loss is fused_collab_loss(z, target) with
+every setting of it, plus the z-loss s * lse_h(z)^2 of each head and counted row (PaLM's auxiliary loss, as
+Liger-Kernel's `lse_square_scale`). The consensus of a row needs only that row's logits of every head, so
+rows split into chunks that each hold all H heads. With g = dL/dz of a chunk (the fused kernel's gradient
+pass, weighted by the upstream weights r; the z-loss adds 2 s lse r softmax(z), the cap multiplies by
+1 - tanh^2):
 
     dx_h  = g_h W_h          (shared x: summed over h)
-    dW_h += g_h^T x_h,   db_h += sum_n g_h
+    dW_h += g_h^T x_h,   db_h += sum_n g_h          (shared W, b: summed over h)
+
+Shapes. target [N] class indices or [N, C] probabilities, or a batch of sequences [B, T] / [B, T, C]; hidden
+then [N, D] / [B, T, D] (shared) or [H, N, D] / [H, B, T, D] (per head): the target's shape decides which,
+so [H, N, D] and [B, T, D] never mix up. shift_labels: position t predicts label t + 1, as Hugging Face's
+causal-LM loss (the labels shift, the last position of each sequence is ignored; no copy of the hidden states).
+reduction="none" gives [H, N] or [H, B, T].
 
 Forward for reductions "mean" and "sum" computes the loss and every gradient in one sweep (the gradient
 for grad_output = 1, scaled in backward by grad_output: a scalar), as Liger-Kernel's fused linear
 cross-entropy does; "none" needs grad_output [H, N] first, so its backward sweeps the chunks again,
-recomputing their logits. Peak extra memory: one chunk's logits (the kernel writes the gradient over them)
-plus the weight's gradient, whatever N.
+recomputing their logits. Peak extra memory: one chunk's logits (the kernel writes the gradient over them;
+softcap and z-loss keep a float32 copy and one more chunk-sized buffer) plus the weight's gradient, whatever N.
 
 Chunk size: `chunk_size` rows; or the most rows whose working set fits `memory_budget` bytes; or (neither
 given) 256 MiB of working set, raised to 2048 rows where the weight needs a gradient: every chunk reads and
 writes the whole float32 weight gradient once, in a GEMM whose reduction dimension is the chunk's rows, so
 few, long chunks (see _pick_chunk). The result does not depend on it (tested). The matmuls run through torch
 (cuBLAS on GPU), under autocast as torch's; the loss and its gradient through the Triton kernel on CUDA (impl
-"auto"/"triton") or the plain-PyTorch reference (impl "torch", and "auto" on CPU), which is chunked the same
-way.
+"auto" for float32/bfloat16/float16, or "triton") or the plain-PyTorch reference (impl "torch", "auto" on CPU
+and for float64, which then stays float64 end to end), which is chunked the same way.
 
-Layout: reference, chunk step, autograd Function, functional API, Module.
+Layout: shapes, reference, chunk step, autograd Function, functional API, Module.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -39,6 +48,8 @@ from collab_fast.kernels.collab_loss import (
     _DEFAULT,
     _KERNEL_DTYPES,
     CollabLossParams,
+    CollabStats,
+    _check_number,
     _check_triton_usable,
     _labels_checked_on_host,
     _launch,
@@ -53,36 +64,168 @@ _DEFAULT_BUDGET = 256 * 2**20  # bytes of one chunk's working set, where nothing
 _MIN_GRAD_ROWS = 2048  # rows a chunk takes at least while a weight gradient accumulates (see _pick_chunk)
 
 
+@dataclass(frozen=True)
+class _LinearExtras:
+    """What the output layer adds around the collaborative loss: softcapping and the z-loss."""
+
+    softcap: float | None = None
+    z_loss: float = 0.0
+
+
+# ----------------------------------------------------------------------------------------------------
+# Shapes: one check of every input, then the flat layout the chunks run on.
+# ----------------------------------------------------------------------------------------------------
+
+
+def _shape(t) -> str:
+    return str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _refuse_dtensors(**tensors) -> None:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed
+        return
+    for name, t in tensors.items():
+        if isinstance(t, DTensor):
+            raise ValueError(
+                f"{name} is a DTensor ({', '.join(map(str, t.placements))}): fused_linear_collab_loss takes local "
+                f"tensors; pass {name}.full_tensor() (a weight sharded over the vocabulary would need a softmax "
+                "across ranks, which this loss does not compute), or shard the rows (data parallel) instead")
+
+
+def _layout(hidden, weight, bias, target, shift_labels: bool, ignore_index: int):
+    """Checks the inputs and returns (hidden [H, N, D] or [N, D], weight [H, C, D] or [C, D], bias [H, C] / [C]
+    or None, target [N] or [N, C], lead: the target's row shape (N,) or (B, T))."""
+    _refuse_dtensors(hidden=hidden, weight=weight, bias=bias, target=target)
+    if not isinstance(weight, torch.Tensor) or weight.dim() not in (2, 3):
+        raise ValueError(f"weight must be a tensor [H, C, D] (each head's output layer) or [C, D] (one shared by "
+                         f"every head), got {_shape(weight)}")
+    c, d = weight.shape[-2:]
+    if not isinstance(target, torch.Tensor) or target.dim() == 0 or target.dtype == torch.bool:
+        raise ValueError(f"target must be class indices [N] or [B, T] (an integer tensor) or probabilities [N, C] "
+                         f"or [B, T, C], got {_shape(target)}")
+    probs = target.is_floating_point()
+    lead = tuple(target.shape[:-1]) if probs else tuple(target.shape)
+    if probs and (target.shape[-1] != c or not lead or len(lead) > 2):
+        raise ValueError(f"target: probabilities must be [N, {c}] or [B, T, {c}] (C from weight "
+                         f"{tuple(weight.shape)}); class indices an integer tensor [N] or [B, T], got "
+                         f"{target.dtype} {tuple(target.shape)}")
+    if not probs and len(lead) > 2:
+        raise ValueError(f"target must be class indices [N] or [B, T] (an integer tensor), got {tuple(target.shape)}")
+    if not isinstance(hidden, torch.Tensor) or not hidden.is_floating_point() \
+            or hidden.dim() not in (len(lead) + 1, len(lead) + 2):
+        want = "[N, D] (shared) or [H, N, D]" if len(lead) == 1 else "[B, T, D] (shared) or [H, B, T, D]"
+        got = f"{hidden.dtype} {tuple(hidden.shape)}" if isinstance(hidden, torch.Tensor) else _shape(hidden)
+        raise ValueError(f"hidden must be a floating-point tensor {want} for target {tuple(target.shape)}, got {got}")
+    per_head = hidden.dim() == len(lead) + 2
+    h = hidden.shape[0] if per_head else weight.shape[0] if weight.dim() == 3 else 1
+    if hidden.shape[-1] != d or tuple(hidden.shape[int(per_head):-1]) != lead \
+            or (per_head and weight.dim() == 3 and weight.shape[0] != h):
+        want = (f"[{h}, " if weight.dim() == 3 else "[H, ") + ", ".join(map(str, lead)) + f", {d}]"
+        raise ValueError(f"hidden {tuple(hidden.shape)} does not match weight {tuple(weight.shape)} and target "
+                         f"{tuple(target.shape)}: expected {want} or [{', '.join(map(str, lead))}, {d}]")
+    want_bias = (h, c) if weight.dim() == 3 else (c,)
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != want_bias):
+        raise ValueError(f"bias must be a tensor {list(want_bias)} for weight {tuple(weight.shape)}, got "
+                         f"{_shape(bias)}")
+    for name, t in (("weight", weight), ("bias", bias), ("target", target)):
+        if t is not None and t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
+    if c == 0:
+        raise ValueError(f"weight {tuple(weight.shape)}: no classes (C == 0); expected C >= 1")
+    if h == 0:
+        raise ValueError(f"weight {tuple(weight.shape)}, hidden {tuple(hidden.shape)}: no heads (H == 0)")
+    if not weight.is_floating_point():
+        raise ValueError(f"weight must be a floating-point tensor, got {weight.dtype}")
+    if hidden.dtype != weight.dtype and not torch.is_autocast_enabled(hidden.device.type):
+        raise ValueError(f"hidden is {hidden.dtype} but weight is {weight.dtype}: give both one dtype (hidden.to("
+                         "weight.dtype)), or run under torch.autocast")
+    if shift_labels:
+        if probs:
+            raise ValueError("shift_labels=True takes class indices (the last position of a sequence is then "
+                             "ignored); shift probability targets yourself")
+        if target.dtype in (torch.uint8, torch.int8, torch.int16):
+            target = target.long()
+        # position t predicts label t + 1: the labels move left, the last position of each sequence is ignored
+        target = torch.cat([target[..., 1:], target.new_full((*lead[:-1], 1), ignore_index)], dim=-1)
+    n = math.prod(lead)
+    hidden = hidden.reshape(h, n, d) if per_head else hidden.reshape(n, d)
+    target = target.reshape(n, c) if probs else target.reshape(n)
+    return hidden, weight, bias, target, lead
+
+
+def _valid_rows(target: torch.Tensor, params: CollabLossParams) -> torch.Tensor:
+    """[n] bool: the rows that count (every row of a probability target)."""
+    if target.is_floating_point():
+        return torch.ones(target.shape[0], dtype=torch.bool, device=target.device)
+    return target != params.ignore_index
+
+
+def _softcap(z: torch.Tensor, cap: float | None) -> torch.Tensor:
+    return z if cap is None else cap * torch.tanh(z / cap)
+
+
+def _z_loss(z: torch.Tensor, target: torch.Tensor, params: CollabLossParams, scale: float, dtype) -> torch.Tensor:
+    """[H, n]: scale * logsumexp(z)^2 at the rows that count, 0 elsewhere."""
+    lse = torch.logsumexp(z.to(dtype), dim=-1)
+    return torch.where(_valid_rows(target, params), scale * lse.square(), torch.zeros((), dtype=dtype,
+                                                                                     device=lse.device))
+
+
 # ----------------------------------------------------------------------------------------------------
 # Reference: the logits materialised, then the collaborative loss (autograd gives every gradient).
 # ----------------------------------------------------------------------------------------------------
 
 
-def linear_collab_loss_reference(hidden, weight, target, bias=None, **loss_kwargs):
-    """collab_loss_reference(hidden @ weight^T + bias, target, **loss_kwargs); hidden [H, N, D] or [N, D]."""
-    z = _logits(hidden, weight, bias)
-    return collab_loss_reference(z, target, **loss_kwargs)
+def linear_collab_loss_reference(hidden, weight, target, bias=None, *, softcap: float | None = None,
+                                 lse_square_scale: float = 0.0, shift_labels: bool = False,
+                                 return_stats: bool = False, reduction: str = "mean", **loss_kwargs):
+    """fused_linear_collab_loss with the [H, N, C] logits materialised: collab_loss_reference(softcap(hidden @
+    weight^T + bias), target, ...) plus the z-loss; every shape fused_linear_collab_loss takes."""
+    params = CollabLossParams(**loss_kwargs, reduction=reduction)
+    x, w, b, y, lead = _layout(hidden, weight, bias, target, shift_labels, params.ignore_index)
+    z = _softcap(_logits(x, w, b), softcap)
+    out = collab_loss_reference(z, y, reduction="none", return_stats=return_stats, **loss_kwargs)
+    per, stats = out if return_stats else (out, None)
+    if lse_square_scale:
+        per = per + _z_loss(z, y, params, lse_square_scale, per.dtype)
+    if reduction == "none":
+        loss = per.reshape(per.shape[0], *lead)
+    elif reduction == "sum":
+        loss = per.sum()
+    else:
+        loss = per.sum() / _valid_rows(y, params).sum().clamp(min=1).to(per.dtype)
+    return (loss, stats) if return_stats else loss
+
+
+def _num_heads(hidden: torch.Tensor, weight: torch.Tensor) -> int:
+    return weight.shape[0] if weight.dim() == 3 else hidden.shape[0] if hidden.dim() == 3 else 1
 
 
 def _logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    # [H, n, D] @ [H, D, C] -> [H, n, C], rows contiguous. A shared hidden is expanded (a stride-0 batch, no
-    # copy): broadcasting [1, n, D] instead lets matmul return the logits transposed (n innermost), which
-    # the loss kernel would read with strided, uncoalesced loads.
-    x = hidden if hidden.dim() == 3 else hidden.unsqueeze(0).expand(weight.shape[0], -1, -1)
-    z = torch.matmul(x, weight.transpose(1, 2))
-    return z if bias is None else z + bias.unsqueeze(1)
-
-
-def _accumulate_bmm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc [H, P, Q] float32 += a [H, P, K] @ b [H, K, Q], a and b in any float dtype. On CUDA, 16-bit
-    operands go through cuBLAS with a float32 output that is acc itself (beta = 1): one pass over acc and no
-    rounded [H, P, Q] temporaries. Elsewhere the product is formed and added."""
-    if a.dtype == acc.dtype:
-        acc.baddbmm_(a, b)
-    elif acc.is_cuda and _HAS_OUT_DTYPE:
-        torch.baddbmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+    """[H, n, C], rows contiguous. hidden [H, n, D] or [n, D] (shared); weight [H, C, D] or [C, D] (shared)."""
+    if weight.dim() == 2:  # one output layer: [H, n, D] @ [D, C] folds into one GEMM
+        z = torch.matmul(hidden if hidden.dim() == 3 else hidden.unsqueeze(0), weight.t())
     else:
-        acc += torch.bmm(a, b).to(acc.dtype)
+        # A shared hidden is expanded (a stride-0 batch, no copy): broadcasting [1, n, D] instead lets matmul
+        # return the logits transposed (n innermost), which the loss kernel would read with strided loads.
+        x = hidden if hidden.dim() == 3 else hidden.unsqueeze(0).expand(weight.shape[0], -1, -1)
+        z = torch.matmul(x, weight.transpose(1, 2))
+    return z if bias is None else z + (bias.unsqueeze(1) if bias.dim() == 2 else bias)
+
+
+def _accumulate(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc [(H,) P, Q] (float32 or float64) += a [(H,) P, K] @ b [(H,) K, Q], a and b in any float dtype. On
+    CUDA, 16-bit operands go through cuBLAS with an output of acc's dtype that is acc itself (beta = 1): one
+    pass over acc and no rounded temporaries. Elsewhere the product is formed and added."""
+    batched = acc.dim() == 3
+    if a.dtype == acc.dtype:
+        (acc.baddbmm_ if batched else acc.addmm_)(a, b)
+    elif acc.is_cuda and _HAS_OUT_DTYPE:
+        (torch.baddbmm if batched else torch.addmm)(acc, a, b, out_dtype=acc.dtype, out=acc)
+    else:
+        acc += torch.matmul(a, b).to(acc.dtype)
 
 
 def _scaled(g: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -92,9 +235,9 @@ def _scaled(g: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tenso
 
 
 def _has_out_dtype() -> bool:
-    # baddbmm with out_dtype (recent torch; CUDA kernels only)
+    # baddbmm / addmm with out_dtype (recent torch; CUDA kernels only)
     try:
-        return "out_dtype" in str(torch.ops.aten.baddbmm.dtype_out._schema)
+        return all("out_dtype" in str(op.dtype_out._schema) for op in (torch.ops.aten.baddbmm, torch.ops.aten.addmm))
     except (AttributeError, RuntimeError):
         return False
 
@@ -107,30 +250,72 @@ _HAS_OUT_DTYPE = _has_out_dtype()
 # ----------------------------------------------------------------------------------------------------
 
 
-def _chunk_loss_and_grad(z: torch.Tensor, y: torch.Tensor, params: CollabLossParams, r: torch.Tensor,
-                         use_kernel: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(per-row loss [H, n] float32 (0 at ignored rows), r * dL/dz [H, n, C] in z's dtype)."""
-    if use_kernel:
+def _stat_sums(hard, soft, correct, num_valid) -> torch.Tensor:
+    """[4, H] float32 sums over a chunk (hard and soft come as means over its counted rows)."""
+    n = num_valid.float().reshape(()).expand(hard.shape[0])
+    d = n.clamp(min=1)
+    return torch.stack([hard.float() * d, soft.float() * d, correct.float(), n])
+
+
+def _chunk_loss_and_grad(z: torch.Tensor, y: torch.Tensor, params: CollabLossParams, extras: _LinearExtras,
+                         r: torch.Tensor, use_kernel: bool, want_stats: bool):
+    """(per-row loss [H, n] (0 at ignored rows), r * dL/dz [H, n, C], stat sums [4, H] or None)."""
+    if not use_kernel:
+        with torch.enable_grad():
+            zc = z.detach().requires_grad_()
+            zz = _softcap(zc, extras.softcap)
+            out = _reference(zz, y, replace(params, reduction="none"), return_stats=want_stats)  # [H, n]
+            per, st = out if want_stats else (out, None)
+            if extras.z_loss:
+                per = per + _z_loss(zz, y, params, extras.z_loss, per.dtype)
+            (g,) = torch.autograd.grad((per * r.to(per.dtype)).sum(), zc)
+        return per.detach(), g, None if st is None else _stat_sums(*st)
+    if extras.softcap is None and not extras.z_loss:
+        sums = _kernel_stat_sums(z, y, params) if want_stats else None
         # one launch: loss and gradient, the gradient written over the logits (they are not needed after)
         loss, _, g, _ = _launch(z, y, params, compute_loss=True, compute_grad=True, row_weights=r, grad_out=z)
-        return loss, g
-    with torch.enable_grad():
-        zc = z.detach().requires_grad_()
-        per = _reference(zc, y, replace(params, reduction="none"))  # [H, n]
-        (g,) = torch.autograd.grad((per * r.to(per.dtype)).sum(), zc)
-    return per.detach().float(), g
+        return loss, g, sums
+    # Softcap and z-loss around the kernel, in float32: zc = cap tanh(z / cap), the kernel's loss and
+    # gradient on zc, the z-loss's gradient 2 s lse r softmax(zc) added, then the cap's derivative 1 - tanh^2.
+    zf = z.float()  # z itself when float32: a fresh product, ours to overwrite
+    t = None
+    if extras.softcap is not None:
+        t = zf.div_(extras.softcap).tanh_()
+        zc = t * extras.softcap
+    else:
+        zc = zf
+    sums = _kernel_stat_sums(zc, y, params) if want_stats else None
+    lse = torch.logsumexp(zc, dim=-1) if extras.z_loss else None
+    loss, _, g, _ = _launch(zc, y, params, compute_loss=True, compute_grad=True, row_weights=r,
+                            grad_out=None if extras.z_loss else zc)
+    if extras.z_loss:
+        valid = _valid_rows(y, params)
+        zero = torch.zeros((), device=zc.device)
+        loss = loss + torch.where(valid, extras.z_loss * lse.square(), zero)
+        coef = torch.where(valid, 2.0 * extras.z_loss * lse * r.float(), zero)  # [H, n]
+        g.addcmul_(zc.sub_(lse.unsqueeze(-1)).exp_(), coef.unsqueeze(-1))  # zc becomes softmax(zc)
+    if t is not None:
+        g.mul_(t.square_().neg_().add_(1.0))
+    return loss, g, sums
 
 
-def _sweep(hidden, weight, bias, target, params, r_of, chunk, use_kernel, want_grads):
-    """Runs every chunk. r_of(lo, hi) -> upstream weights [H, hi - lo]. Returns (sum of the per-row losses
-    [H, N] or their total, grads (hidden, weight, bias) or None)."""
+def _kernel_stat_sums(z: torch.Tensor, y: torch.Tensor, params: CollabLossParams) -> torch.Tensor:
+    # a launch of its own (the gradient launch overwrites the logits): one more read of the chunk's logits
+    _, st, _, _ = _launch(z, y, replace(params, reduction="sum"), return_stats=True)
+    return _stat_sums(st[0], st[1], st[2], st[3, 0])
+
+
+def _sweep(hidden, weight, bias, target, params, extras, r_of, chunk, use_kernel, want_grads, want_stats=False):
+    """Runs every chunk. r_of(lo, hi) -> upstream weights [H, hi - lo]. Returns (the per-row losses [H, N],
+    grads (hidden, weight, bias) or Nones, stat sums [4, H] or None)."""
     n = target.shape[0]
     shared = hidden.dim() == 2
-    losses = []
+    heads = _num_heads(hidden, weight)
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    losses, sums = [], None
     gx = torch.empty_like(hidden) if want_grads and hidden.requires_grad else None
-    gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grads and weight.requires_grad \
-        else None
-    gb = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if want_grads and bias is not None \
+    gw = torch.zeros(weight.shape, dtype=acc, device=weight.device) if want_grads and weight.requires_grad else None
+    gb = torch.zeros(bias.shape, dtype=acc, device=bias.device) if want_grads and bias is not None \
         and bias.requires_grad else None
     for lo in range(0, n, chunk):
         hi = min(lo + chunk, n)
@@ -138,8 +323,10 @@ def _sweep(hidden, weight, bias, target, params, r_of, chunk, use_kernel, want_g
         z = _logits(x, weight, bias)
         if use_kernel and z.dtype not in _KERNEL_DTYPES:
             z = z.float()
-        loss, g = _chunk_loss_and_grad(z, target[lo:hi], params, r_of(lo, hi), use_kernel)
+        loss, g, st = _chunk_loss_and_grad(z, target[lo:hi], params, extras, r_of(lo, hi), use_kernel, want_stats)
         losses.append(loss)
+        if st is not None:
+            sums = st if sums is None else sums + st
         if not want_grads:
             continue
         g = g.to(weight.dtype)
@@ -150,12 +337,18 @@ def _sweep(hidden, weight, bias, target, params, r_of, chunk, use_kernel, want_g
             else:
                 gx[:, lo:hi] = dx
         if gw is not None:
-            xs = x.unsqueeze(0).expand(g.shape[0], -1, -1) if shared else x
-            _accumulate_bmm(gw, g.transpose(1, 2), xs.to(g.dtype))  # [H, C, D] float32
+            xs = x.unsqueeze(0).expand(heads, -1, -1) if shared else x
+            if weight.dim() == 3:
+                _accumulate(gw, g.transpose(1, 2), xs.to(g.dtype))  # [H, C, D]
+            else:  # one layer for every head: the heads' rows are one reduction dimension
+                _accumulate(gw, g.reshape(-1, g.shape[-1]).t(), xs.reshape(-1, xs.shape[-1]).to(g.dtype))
         if gb is not None:
-            gb += g.sum(1).float()
-    per_row = torch.cat(losses, dim=1) if losses else hidden.new_zeros((weight.shape[0], 0), dtype=torch.float32)
-    return per_row, (gx, gw, gb)
+            gb += (g.sum(1) if bias.dim() == 2 else g.sum((0, 1))).to(acc)
+    per_row = torch.cat(losses, dim=1) if losses else hidden.new_zeros(
+        (heads, 0), dtype=torch.float64 if hidden.dtype == torch.float64 and not use_kernel else torch.float32)
+    if want_stats and sums is None:
+        sums = torch.zeros((4, heads), device=hidden.device)
+    return per_row, (gx, gw, gb), sums
 
 
 def _pick_chunk(num_heads: int, n: int, c: int, element_size: int, chunk_size: int | None, budget: int | None,
@@ -184,28 +377,41 @@ def _pick_chunk(num_heads: int, n: int, c: int, element_size: int, chunk_size: i
 
 class _FusedLinearCollabLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, params: CollabLossParams, chunk: int, use_kernel: bool):
-        num_heads, n = weight.shape[0], target.shape[0]
+    def forward(ctx, hidden, weight, bias, target, params: CollabLossParams, extras: _LinearExtras, chunk: int,
+                use_kernel: bool, return_stats: bool):
+        heads, n = _num_heads(hidden, weight), target.shape[0]
         needs = ctx.needs_input_grad[:3]
         count = _num_valid(target, params)
-        ctx.params, ctx.chunk, ctx.use_kernel, ctx.weight_dtype = params, chunk, use_kernel, weight.dtype
+        ctx.params, ctx.extras, ctx.chunk, ctx.use_kernel = params, extras, chunk, use_kernel
+        ctx.weight_dtype = weight.dtype
         if params.reduction == "none":
             with torch.no_grad():
-                ones = torch.ones((), device=hidden.device).expand(num_heads, n)
-                per_row, _ = _sweep(hidden, weight, bias, target, params, lambda lo, hi: ones[:, lo:hi], chunk,
-                                    use_kernel, want_grads=False)
+                ones = torch.ones((), device=hidden.device).expand(heads, n)
+                per_row, _, sums = _sweep(hidden, weight, bias, target, params, extras,
+                                          lambda lo, hi: ones[:, lo:hi], chunk, use_kernel, want_grads=False,
+                                          want_stats=return_stats)
             ctx.save_for_backward(hidden, weight, bias, target)
-            return per_row
-        scale = 1.0 / count.clamp(min=1).float() if params.reduction == "mean" else torch.ones((), device=hidden.device)
-        r = scale.expand(num_heads, max(n, 1))
-        with torch.no_grad():
-            per_row, grads = _sweep(hidden, weight, bias, target, params, lambda lo, hi: r[:, : hi - lo], chunk,
-                                    use_kernel, want_grads=any(needs))
-        ctx.save_for_backward(*[g for g in grads])
-        return per_row.sum() * scale
+            loss = per_row
+        else:
+            dtype = torch.float64 if hidden.dtype == torch.float64 and not use_kernel else torch.float32
+            one = torch.ones((), dtype=dtype, device=hidden.device)
+            scale = one / count.clamp(min=1).to(dtype) if params.reduction == "mean" else one
+            r = scale.expand(heads, max(n, 1))
+            with torch.no_grad():
+                per_row, grads, sums = _sweep(hidden, weight, bias, target, params, extras,
+                                              lambda lo, hi: r[:, : hi - lo], chunk, use_kernel,
+                                              want_grads=any(needs), want_stats=return_stats)
+            ctx.save_for_backward(*grads)
+            loss = per_row.sum() * scale
+        stats = sums if sums is not None else loss.new_empty(0)
+        ctx.mark_non_differentiable(stats)
+        ctx.set_materialize_grads(False)
+        return loss, stats
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, _grad_stats):
+        if grad_out is None:
+            return (None,) * 9
         if torch.is_grad_enabled():  # create_graph=True: the gradients below are computed without a graph
             raise RuntimeError(
                 "fused_linear_collab_loss: double backward (create_graph=True, e.g. a gradient penalty) is not "
@@ -213,20 +419,19 @@ class _FusedLinearCollabLoss(torch.autograd.Function):
                 "linear_collab_loss_reference (the logits materialised) for it")
         if ctx.params.reduction == "none":
             hidden, weight, bias, target = ctx.saved_tensors
-            go = grad_out.float()
+            go = grad_out if grad_out.dtype == torch.float64 else grad_out.float()
             with torch.no_grad():
-                _, (gx, gw, gb) = _sweep(hidden, weight, bias, target, ctx.params, lambda lo, hi: go[:, lo:hi],
-                                         ctx.chunk, ctx.use_kernel, want_grads=True)
+                _, (gx, gw, gb), _ = _sweep(hidden, weight, bias, target, ctx.params, ctx.extras,
+                                            lambda lo, hi: go[:, lo:hi], ctx.chunk, ctx.use_kernel, want_grads=True)
+            gw = None if gw is None else gw.to(ctx.weight_dtype)
+            gb = None if gb is None else gb.to(ctx.weight_dtype)
         else:
             gx, gw, gb = ctx.saved_tensors
-            s = grad_out.float()
+            s = grad_out if grad_out.dtype == torch.float64 else grad_out.float()
             gx = None if gx is None else _scaled(gx, s, gx.dtype)
             gw = None if gw is None else _scaled(gw, s, ctx.weight_dtype)
             gb = None if gb is None else _scaled(gb, s, ctx.weight_dtype)
-            return gx, gw, gb, None, None, None, None
-        gw = None if gw is None else gw.to(ctx.weight_dtype)
-        gb = None if gb is None else gb.to(ctx.weight_dtype)
-        return gx, gw, gb, None, None, None, None
+        return gx, gw, gb, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -234,47 +439,29 @@ class _FusedLinearCollabLoss(torch.autograd.Function):
 # ----------------------------------------------------------------------------------------------------
 
 
-def _check(hidden, weight, bias, target) -> None:
-    if not isinstance(hidden, torch.Tensor) or hidden.dim() not in (2, 3) or not hidden.is_floating_point():
-        raise ValueError("hidden must be a floating-point tensor [H, N, D] (each head's hidden states) or [N, D] "
-                         f"(shared), got {getattr(hidden, 'shape', type(hidden).__name__)}")
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 3:
-        raise ValueError(f"weight must be a tensor [H, C, D] (each head's output layer), got "
-                         f"{getattr(weight, 'shape', type(weight).__name__)}")
-    h, c, d = weight.shape
-    if hidden.shape[-1] != d or (hidden.dim() == 3 and hidden.shape[0] != h):
-        raise ValueError(f"hidden {tuple(hidden.shape)} does not match weight {tuple(weight.shape)}: expected "
-                         f"[{h}, N, {d}] or [N, {d}]")
-    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (h, c)):
-        raise ValueError(f"bias must be a tensor [H, C] = [{h}, {c}], got {getattr(bias, 'shape', bias)}")
-    n = hidden.shape[-2]
-    if not isinstance(target, torch.Tensor) or target.is_floating_point() or target.dim() != 1 or target.shape[0] != n:
-        raise ValueError(f"target must be an integer tensor [N] = [{n}] of class indices, got "
-                         f"{getattr(target, 'shape', type(target).__name__)}")
-    for name, t in (("weight", weight), ("bias", bias), ("target", target)):
-        if t is not None and t.device != hidden.device:
-            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
-    if c == 0:
-        raise ValueError(f"weight {tuple(weight.shape)}: no classes (C == 0); expected [H, C, D] with C >= 1")
-    if h == 0:
-        raise ValueError(f"weight {tuple(weight.shape)}: no heads (H == 0); expected [H, C, D] with H >= 1")
-    if not weight.is_floating_point():
-        raise ValueError(f"weight must be a floating-point tensor, got {weight.dtype}")
-    if hidden.dtype != weight.dtype and not torch.is_autocast_enabled(hidden.device.type):
-        raise ValueError(f"hidden is {hidden.dtype} but weight is {weight.dtype}: give both one dtype (hidden.to("
-                         "weight.dtype)), or run under torch.autocast")
-
-
 def _check_labels(target: torch.Tensor, num_classes: int, params: CollabLossParams) -> None:
     """Out-of-range labels: one line where the labels can be read without a device sync (CPU, or
     COLLAB_FAST_CHECK_LABELS=1), as fused_collab_loss checks them; elsewhere the kernel makes the loss NaN."""
-    if not _labels_checked_on_host(target) or target.numel() == 0:
+    if target.is_floating_point() or not _labels_checked_on_host(target) or target.numel() == 0:
         return
     bad = (target != params.ignore_index) & ((target < 0) | (target >= num_classes))
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
         raise ValueError(f"target[{i}] = {int(target[i])} is outside [0, {num_classes}) and is not ignore_index "
                          f"({params.ignore_index})")
+
+
+def _check_options(chunk_size, memory_budget, softcap, lse_square_scale, shift_labels, return_stats) -> _LinearExtras:
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, int)
+                                      or memory_budget < 1):
+        raise ValueError(f"memory_budget must be a positive number of bytes or None, got {memory_budget!r}")
+    for name, value in (("shift_labels", shift_labels), ("return_stats", return_stats)):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
+    cap = None if softcap is None else _check_number("softcap", softcap, 0.0, math.inf, lo_open=True)
+    return _LinearExtras(softcap=cap, z_loss=_check_number("lse_square_scale", lse_square_scale, 0.0, math.inf))
 
 
 def fused_linear_collab_loss(
@@ -295,15 +482,23 @@ def fused_linear_collab_loss(
     impl: str = _DEFAULT.impl,
     chunk_size: int | None = None,
     memory_budget: int | None = None,
+    softcap: float | None = None,
+    lse_square_scale: float = 0.0,
+    shift_labels: bool = False,
+    return_stats: bool = False,
 ):
     """fused_collab_loss(hidden @ weight^T + bias, target, ...) without the [H, N, C] logits.
 
     Args:
-        hidden: [H, N, D] each head's last hidden states, or [N, D] shared by every head.
-        weight: [H, C, D] each head's output layer (an lm-head per head); bias: [H, C] or None.
-        target: [N] class indices (ignore_index marks rows that count for nothing).
+        hidden: [H, N, D] / [H, B, T, D] each head's last hidden states, or [N, D] / [B, T, D] shared by every
+            head (the target's shape tells which).
+        weight: [H, C, D] each head's output layer (an lm-head per head), or [C, D] one shared by every head
+            (then H comes from hidden); bias: [H, C] / [C] or None.
+        target: [N] / [B, T] class indices (ignore_index marks rows that count for nothing), or [N, C] /
+            [B, T, C] probabilities (every row counts).
         temperature ... reduction: as fused_collab_loss.
-        impl: "auto" (the Triton kernel for CUDA tensors, the reference on CPU), "triton" or "torch".
+        impl: "auto" (the Triton kernel for float32/bfloat16/float16 CUDA tensors, else the reference, which
+            keeps float64 end to end), "triton" or "torch".
         chunk_size: rows per chunk; None: the most rows whose working set (the kernel: the chunk's logits; the
             reference: about 11x them) fits memory_budget bytes.
         memory_budget: bytes of a chunk's working set, kept to when given. None: 256 MiB, raised to chunks of
@@ -311,32 +506,50 @@ def fused_linear_collab_loss(
             every chunk reads and writes once, is swept a few times, not dozens; capped where a chunk's logits
             would outgrow that gradient (H2 D2048 C128256 bf16: 2048 rows, 1 GiB of logits beside the 2 GiB
             gradient, instead of 523 rows).
-    Returns the loss (float32): a scalar, or [H, N] for reduction="none".
+        softcap: logits become softcap * tanh(logits / softcap) before the loss (None: off).
+        lse_square_scale: the z-loss's factor: s * logsumexp(logits)^2 added per head and counted row (0: off).
+        shift_labels: position t predicts label t + 1 (a causal LM's labels as Hugging Face shifts them).
+        return_stats: also return CollabStats (per-head hard and soft loss, correct count, rows counted), at one
+            more read of each chunk's logits on the kernel path.
+    Returns the loss (float32; float64 for float64 inputs): a scalar, or [H, N] / [H, B, T] for
+    reduction="none"; with return_stats, (loss, CollabStats).
     """
-    params = CollabLossParams(temperature, beta, soft_weight, detach_consensus, ignore_index, label_smoothing,
-                              reduction, impl, None, soft_loss, weights)
-    _check(hidden, weight, bias, target)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, int)
-                                      or memory_budget < 1):
-        raise ValueError(f"memory_budget must be a positive number of bytes or None, got {memory_budget!r}")
-    use_kernel = impl == "triton" or (impl == "auto" and hidden.device.type == "cuda")
-    if use_kernel:
-        _check_triton_usable(hidden.device)
-    if target.dtype in (torch.uint8, torch.int8, torch.int16):
-        target = target.long()
-    h, c, _ = weight.shape
-    _check_labels(target, c, params)
+    params = CollabLossParams(temperature=temperature, beta=beta, soft_weight=soft_weight,
+                              detach_consensus=detach_consensus, ignore_index=ignore_index,
+                              label_smoothing=label_smoothing, reduction=reduction, impl=impl, soft_loss=soft_loss,
+                              weights=weights)
+    extras = _check_options(chunk_size, memory_budget, softcap, lse_square_scale, shift_labels, return_stats)
+    hidden, weight, bias, target, lead = _layout(hidden, weight, bias, target, shift_labels, ignore_index)
     dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
         else torch.promote_types(hidden.dtype, weight.dtype)
-    # bytes per logit of a chunk's working set: the kernel's gradient overwrites the logits; the reference's
-    # autograd graph holds about 11 logit-sized tensors (measured: 10.75x in fp32)
-    esize = torch.finfo(dtype).bits // 8 * (1 if use_kernel else 11)
+    use_kernel = impl == "triton" or (impl == "auto" and hidden.device.type == "cuda" and dtype in _KERNEL_DTYPES)
+    if use_kernel:
+        _check_triton_usable(hidden.device)
+        if dtype not in _KERNEL_DTYPES:
+            raise TypeError(f"impl='triton' takes float32, bfloat16 or float16 inputs, got {dtype}; use impl='torch' "
+                            "(or 'auto') for float64")
+    if target.dtype in (torch.uint8, torch.int8, torch.int16):
+        target = target.long()
+    heads, c = _num_heads(hidden, weight), weight.shape[-2]
+    _check_labels(target, c, params)
+    # bytes per logit of a chunk's working set: the kernel's gradient overwrites the logits (softcap and
+    # z-loss: a float32 copy and one more buffer each); the reference's autograd graph holds about 11
+    # logit-sized tensors (measured: 10.75x in fp32)
+    size = torch.finfo(dtype).bits // 8
+    esize = size * 11 if not use_kernel else \
+        size + (4 * (1 + (extras.softcap is not None) + bool(extras.z_loss)) if extras.softcap or extras.z_loss else 0)
     wants_grad = torch.is_grad_enabled() and weight.requires_grad
-    chunk = _pick_chunk(h, target.shape[0], c, esize, chunk_size, memory_budget,
+    chunk = _pick_chunk(heads, target.shape[0], c, esize, chunk_size, memory_budget,
                         grad_bytes=weight.numel() * 4 if wants_grad else 0)
-    return _FusedLinearCollabLoss.apply(hidden, weight, bias, target, params, chunk, use_kernel)
+    loss, stats = _FusedLinearCollabLoss.apply(hidden, weight, bias, target, params, extras, chunk, use_kernel,
+                                               return_stats)
+    if reduction == "none":
+        loss = loss.view(heads, *lead)
+    if not return_stats:
+        return loss
+    hard, soft, correct, n = stats.unbind(0)
+    d = n[0].clamp(min=1)
+    return loss, CollabStats(hard=hard / d, soft=soft / d, correct=correct, num_valid=n[0])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -346,7 +559,8 @@ def fused_linear_collab_loss(
 
 class FusedLinearCollabLoss(nn.Module):
     """H output layers (weight [H, C, D], optional bias [H, C]) and the collaborative loss on their logits,
-    fused: forward(hidden [H, N, D] or [N, D], target [N]) -> loss. `loss_kwargs`: fused_collab_loss's."""
+    fused: forward(hidden, target) -> loss, every shape fused_linear_collab_loss takes. `loss_kwargs`:
+    fused_linear_collab_loss's settings (temperature, softcap, lse_square_scale, shift_labels, ...)."""
 
     def __init__(self, num_heads: int, in_features: int, num_classes: int, bias: bool = False,
                  chunk_size: int | None = None, memory_budget: int | None = None, **loss_kwargs):
@@ -356,12 +570,18 @@ class FusedLinearCollabLoss(nn.Module):
         bound = 1.0 / math.sqrt(in_features)
         nn.init.uniform_(self.weight, -bound, bound)  # nn.Linear's default, per head
         self.chunk_size, self.memory_budget, self.loss_kwargs = chunk_size, memory_budget, loss_kwargs
-        CollabLossParams(**loss_kwargs)  # the settings are checked now, not at the first forward
+        # the settings are checked now, not at the first forward
+        linear = {k: loss_kwargs.pop(k) for k in ("softcap", "lse_square_scale", "shift_labels", "return_stats")
+                  if k in loss_kwargs}
+        CollabLossParams(**loss_kwargs)
+        _check_options(chunk_size, memory_budget, linear.get("softcap"), linear.get("lse_square_scale", 0.0),
+                       linear.get("shift_labels", False), linear.get("return_stats", False))
+        loss_kwargs.update(linear)
 
-    def forward(self, hidden: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, target: torch.Tensor):
         return fused_linear_collab_loss(hidden, self.weight, target, self.bias, chunk_size=self.chunk_size,
                                         memory_budget=self.memory_budget, **self.loss_kwargs)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The [H, N, C] logits (inference, small N)."""
-        return _logits(hidden, self.weight, self.bias)
+        """The [H, N, C] logits (inference, small N; softcapped when softcap is set)."""
+        return _softcap(_logits(hidden, self.weight, self.bias), self.loss_kwargs.get("softcap"))
