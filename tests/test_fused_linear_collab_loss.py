@@ -5,6 +5,7 @@ import pytest
 import torch
 from conftest import HAS_CUDA, requires_cuda
 
+from collab_fast.kernels.collab_loss import CollabLossParams
 from collab_fast.kernels.fused_linear_collab_loss import (
     FusedLinearCollabLoss,
     fused_linear_collab_loss,
@@ -379,3 +380,46 @@ def test_a_dtensor_is_refused_in_one_line(tmp_path):
     line = next(ln for ln in res.stdout.splitlines() if ln.startswith("REFUSED"))
     assert "weight is a DTensor (S(1)): fused_linear_collab_loss takes local tensors; pass " \
            "weight.full_tensor()" in line
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(reduction="none", softcap=3.0), dict(reduction="sum", lse_square_scale=0.01),
+                                dict(return_stats=True, temperature=3.0)])
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiles_fullgraph_and_equals_eager(kw, backend):
+    # the whole loss is one opaque op in the graph (no break: fullgraph=True compiles), forward and backward
+    hidden, weight, y, b = (t.float() if t.is_floating_point() else t for t in _lm())
+    w2 = weight[0].clone()  # a shared [C, D] weight too
+
+    def step(x, w, w_shared, bias):
+        out = fused_linear_collab_loss(x, w, y, bias, chunk_size=4, **kw)
+        out2 = fused_linear_collab_loss(x, w_shared, y, chunk_size=3, **kw)
+        loss, loss2 = (out[0], out2[0]) if kw.get("return_stats") else (out, out2)
+        total = (loss * torch.linspace(0.5, 1.5, loss.numel()).view(loss.shape)).sum() + loss2.sum()
+        return (total, out[1]) if kw.get("return_stats") else (total, None)
+
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, w2, b)]
+    want, want_stats = step(*leaves)
+    want.backward()
+    grads = [t.grad for t in leaves]
+    torch._dynamo.reset()
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, w2, b)]
+    got, got_stats = torch.compile(step, fullgraph=True, backend=backend)(*leaves)
+    got.backward()
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for a, g in zip(leaves, grads):
+        torch.testing.assert_close(a.grad, g, rtol=1e-5, atol=1e-6)
+    if want_stats is not None:
+        for a, g in zip(got_stats, want_stats):
+            torch.testing.assert_close(a, g)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_the_custom_ops_pass_opcheck(reduction):
+    from collab_fast.kernels.fused_linear_collab_loss import _LinearExtras, _op_params
+
+    hidden, weight, y, b = (t.float() if t.is_floating_point() else t for t in _lm())
+    x, w, bias = hidden.reshape(3, 10, 6).requires_grad_(), weight.requires_grad_(), b.requires_grad_()
+    params = CollabLossParams(reduction=reduction)
+    args = (x, w, bias, y.reshape(10), *_op_params(params, _LinearExtras(softcap=2.0, z_loss=0.01)), 4, False, True,
+            True, True, True)
+    torch.library.opcheck(torch.ops.collab_fast.fused_linear_collab_loss_forward, args)

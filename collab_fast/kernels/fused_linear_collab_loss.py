@@ -54,6 +54,8 @@ from collab_fast.kernels.collab_loss import (
     _labels_checked_on_host,
     _launch,
     _num_valid,
+    _params_args,
+    _params_from,
     _reference,
     collab_loss_reference,
 )
@@ -257,11 +259,22 @@ def _stat_sums(hard, soft, correct, num_valid) -> torch.Tensor:
     return torch.stack([hard.float() * d, soft.float() * d, correct.float(), n])
 
 
+def _autograd_on():
+    """Autograd back on for the reference path's chunk gradient inside the custom op (torch.compile), whose
+    implementation runs with autograd's dispatch keys excluded, where enable_grad alone records nothing."""
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for name in ("AutogradFunctionality", "AutogradOther", "ADInplaceOrView"):
+        key = getattr(torch._C.DispatchKey, name, None)
+        if key is not None:
+            exclude = exclude.remove(key)
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude)
+
+
 def _chunk_loss_and_grad(z: torch.Tensor, y: torch.Tensor, params: CollabLossParams, extras: _LinearExtras,
                          r: torch.Tensor, use_kernel: bool, want_stats: bool):
     """(per-row loss [H, n] (0 at ignored rows), r * dL/dz [H, n, C], stat sums [4, H] or None)."""
     if not use_kernel:
-        with torch.enable_grad():
+        with _autograd_on(), torch.enable_grad():
             zc = z.detach().requires_grad_()
             zz = _softcap(zc, extras.softcap)
             out = _reference(zz, y, replace(params, reduction="none"), return_stats=want_stats)  # [H, n]
@@ -375,34 +388,54 @@ def _pick_chunk(num_heads: int, n: int, c: int, element_size: int, chunk_size: i
 # ----------------------------------------------------------------------------------------------------
 
 
+def _forward(hidden, weight, bias, target, params, extras, chunk, use_kernel, return_stats, want_grads):
+    """(loss, stat sums [4, H] or None, gradients for grad_output 1 ("mean"/"sum"; Nones for "none"))."""
+    heads, n = _num_heads(hidden, weight), target.shape[0]
+    if params.reduction == "none":
+        ones = torch.ones((), device=hidden.device).expand(heads, n)
+        with torch.no_grad():
+            per_row, _, sums = _sweep(hidden, weight, bias, target, params, extras, lambda lo, hi: ones[:, lo:hi],
+                                      chunk, use_kernel, want_grads=False, want_stats=return_stats)
+        return per_row, sums, (None, None, None)
+    dtype = _loss_dtype(hidden, use_kernel)
+    one = torch.ones((), dtype=dtype, device=hidden.device)
+    scale = one / _num_valid(target, params).clamp(min=1).to(dtype) if params.reduction == "mean" else one
+    r = scale.expand(heads, max(n, 1))
+    with torch.no_grad():
+        per_row, grads, sums = _sweep(hidden, weight, bias, target, params, extras, lambda lo, hi: r[:, : hi - lo],
+                                      chunk, use_kernel, want_grads=want_grads, want_stats=return_stats)
+    return per_row.sum() * scale, sums, grads
+
+
+def _backward_none(hidden, weight, bias, target, grad_out, params, extras, chunk, use_kernel):
+    """reduction "none": a second sweep with the upstream gradient [H, N] as the rows' weights."""
+    go = grad_out if grad_out.dtype == torch.float64 else grad_out.float()
+    with torch.no_grad():
+        _, (gx, gw, gb), _ = _sweep(hidden, weight, bias, target, params, extras, lambda lo, hi: go[:, lo:hi], chunk,
+                                    use_kernel, want_grads=True)
+    return gx, None if gw is None else gw.to(weight.dtype), None if gb is None else gb.to(weight.dtype)
+
+
+def _refuse_double_backward() -> None:
+    if torch.is_grad_enabled():  # create_graph=True: the gradients below are computed without a graph
+        raise RuntimeError(
+            "fused_linear_collab_loss: double backward (create_graph=True, e.g. a gradient penalty) is not "
+            "supported: its gradients are computed chunk by chunk, outside autograd; use "
+            "linear_collab_loss_reference (the logits materialised) for it")
+
+
 class _FusedLinearCollabLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, params: CollabLossParams, extras: _LinearExtras, chunk: int,
                 use_kernel: bool, return_stats: bool):
-        heads, n = _num_heads(hidden, weight), target.shape[0]
-        needs = ctx.needs_input_grad[:3]
-        count = _num_valid(target, params)
         ctx.params, ctx.extras, ctx.chunk, ctx.use_kernel = params, extras, chunk, use_kernel
         ctx.weight_dtype = weight.dtype
+        loss, sums, grads = _forward(hidden, weight, bias, target, params, extras, chunk, use_kernel, return_stats,
+                                     any(ctx.needs_input_grad[:3]))
         if params.reduction == "none":
-            with torch.no_grad():
-                ones = torch.ones((), device=hidden.device).expand(heads, n)
-                per_row, _, sums = _sweep(hidden, weight, bias, target, params, extras,
-                                          lambda lo, hi: ones[:, lo:hi], chunk, use_kernel, want_grads=False,
-                                          want_stats=return_stats)
             ctx.save_for_backward(hidden, weight, bias, target)
-            loss = per_row
         else:
-            dtype = torch.float64 if hidden.dtype == torch.float64 and not use_kernel else torch.float32
-            one = torch.ones((), dtype=dtype, device=hidden.device)
-            scale = one / count.clamp(min=1).to(dtype) if params.reduction == "mean" else one
-            r = scale.expand(heads, max(n, 1))
-            with torch.no_grad():
-                per_row, grads, sums = _sweep(hidden, weight, bias, target, params, extras,
-                                              lambda lo, hi: r[:, : hi - lo], chunk, use_kernel,
-                                              want_grads=any(needs), want_stats=return_stats)
             ctx.save_for_backward(*grads)
-            loss = per_row.sum() * scale
         stats = sums if sums is not None else loss.new_empty(0)
         ctx.mark_non_differentiable(stats)
         ctx.set_materialize_grads(False)
@@ -412,19 +445,11 @@ class _FusedLinearCollabLoss(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_stats):
         if grad_out is None:
             return (None,) * 9
-        if torch.is_grad_enabled():  # create_graph=True: the gradients below are computed without a graph
-            raise RuntimeError(
-                "fused_linear_collab_loss: double backward (create_graph=True, e.g. a gradient penalty) is not "
-                "supported: its gradients are computed chunk by chunk, outside autograd; use "
-                "linear_collab_loss_reference (the logits materialised) for it")
+        _refuse_double_backward()
         if ctx.params.reduction == "none":
             hidden, weight, bias, target = ctx.saved_tensors
-            go = grad_out if grad_out.dtype == torch.float64 else grad_out.float()
-            with torch.no_grad():
-                _, (gx, gw, gb), _ = _sweep(hidden, weight, bias, target, ctx.params, ctx.extras,
-                                            lambda lo, hi: go[:, lo:hi], ctx.chunk, ctx.use_kernel, want_grads=True)
-            gw = None if gw is None else gw.to(ctx.weight_dtype)
-            gb = None if gb is None else gb.to(ctx.weight_dtype)
+            gx, gw, gb = _backward_none(hidden, weight, bias, target, grad_out, ctx.params, ctx.extras, ctx.chunk,
+                                        ctx.use_kernel)
         else:
             gx, gw, gb = ctx.saved_tensors
             s = grad_out if grad_out.dtype == torch.float64 else grad_out.float()
@@ -435,14 +460,139 @@ class _FusedLinearCollabLoss(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------------------------------
+# torch.library custom ops: what torch.compile sees (opaque, with fake implementations), so that a compiled
+# model's graph holds the whole loss with no break (fullgraph=True). Eager calls take the Function above.
+# Absent gradients travel as empty tensors (an op returns no None); softcap None as 0.
+# ----------------------------------------------------------------------------------------------------
+
+
+def _op_params(params: CollabLossParams, extras: _LinearExtras) -> tuple:
+    return (*_params_args(params), extras.softcap or 0.0, extras.z_loss)
+
+
+def _from_op(temperature, hard_coef, soft_coef, detach_consensus, ignore_index, label_smoothing, reduction, block_c,
+             soft_loss, softcap, z_loss):
+    params = _params_from(temperature, hard_coef, soft_coef, detach_consensus, ignore_index, label_smoothing,
+                          reduction, block_c, soft_loss)
+    return params, _LinearExtras(softcap=softcap or None, z_loss=z_loss)
+
+
+def _loss_dtype(hidden: torch.Tensor, use_kernel: bool) -> torch.dtype:
+    return torch.float64 if hidden.dtype == torch.float64 and not use_kernel else torch.float32
+
+
+@torch.library.custom_op("collab_fast::fused_linear_collab_loss_forward", mutates_args=())
+def _forward_op(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+    temperature: float, hard_coef: float, soft_coef: float, detach_consensus: bool, ignore_index: int,
+    label_smoothing: float, reduction: str, block_c: int, soft_loss: str, softcap: float, z_loss: float,
+    chunk: int, use_kernel: bool, grad_hidden: bool, grad_weight: bool, grad_bias: bool, return_stats: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, stat sums [4, H] or [0], then for "mean"/"sum" the gradients for grad_output 1 (hidden's in its
+    dtype, weight's and bias's in the accumulator's) or [0] where not asked)."""
+    params, extras = _from_op(temperature, hard_coef, soft_coef, detach_consensus, ignore_index, label_smoothing,
+                              reduction, block_c, soft_loss, softcap, z_loss)
+    # leaves that ask for exactly the gradients the op was asked for
+    h, w = hidden.detach().requires_grad_(grad_hidden), weight.detach().requires_grad_(grad_weight)
+    b = None if bias is None else bias.detach().requires_grad_(grad_bias)
+    loss, stats, grads = _forward(h, w, b, target, params, extras, chunk, use_kernel, return_stats,
+                                  grad_hidden or grad_weight or grad_bias)
+    # an op's outputs may not alias each other: a fresh empty tensor for each absent one
+    return (loss, hidden.new_empty(0) if stats is None else stats, *[hidden.new_empty(0) if g is None else g
+                                                                     for g in grads])
+
+
+@_forward_op.register_fake
+def _(hidden, weight, bias, target, temperature, hard_coef, soft_coef, detach_consensus, ignore_index,
+      label_smoothing, reduction, block_c, soft_loss, softcap, z_loss, chunk, use_kernel, grad_hidden, grad_weight,
+      grad_bias, return_stats):
+    heads, n = _num_heads(hidden, weight), target.shape[0]
+    dtype = _loss_dtype(hidden, use_kernel)
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    loss = hidden.new_empty((heads, n) if reduction == "none" else (), dtype=dtype)
+    stats = hidden.new_empty((4, heads) if return_stats else (0,), dtype=torch.float32)
+    grads = reduction != "none"
+    gx = torch.empty_like(hidden) if grads and grad_hidden else hidden.new_empty(0)
+    gw = weight.new_empty(weight.shape, dtype=acc) if grads and grad_weight else hidden.new_empty(0)
+    gb = bias.new_empty(bias.shape, dtype=acc) if grads and grad_bias and bias is not None else hidden.new_empty(0)
+    if not return_stats:
+        stats = hidden.new_empty(0)
+    return loss, stats, gx, gw, gb
+
+
+@torch.library.custom_op("collab_fast::fused_linear_collab_loss_backward", mutates_args=())
+def _backward_op(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
+    grad_out: torch.Tensor, temperature: float, hard_coef: float, soft_coef: float, detach_consensus: bool,
+    ignore_index: int, label_smoothing: float, reduction: str, block_c: int, soft_loss: str, softcap: float,
+    z_loss: float, chunk: int, use_kernel: bool, grad_hidden: bool, grad_weight: bool, grad_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """reduction "none": the gradients for grad_out [H, N] (a second sweep), in the inputs' dtypes; [0] where not
+    asked."""
+    params, extras = _from_op(temperature, hard_coef, soft_coef, detach_consensus, ignore_index, label_smoothing,
+                              reduction, block_c, soft_loss, softcap, z_loss)
+    h, w = hidden.detach().requires_grad_(grad_hidden), weight.detach().requires_grad_(grad_weight)
+    b = None if bias is None else bias.detach().requires_grad_(grad_bias)
+    grads = _backward_none(h, w, b, target, grad_out, params, extras, chunk, use_kernel)
+    return tuple(hidden.new_empty(0) if g is None else g for g in grads)
+
+
+@_backward_op.register_fake
+def _(hidden, weight, bias, target, grad_out, temperature, hard_coef, soft_coef, detach_consensus, ignore_index,
+      label_smoothing, reduction, block_c, soft_loss, softcap, z_loss, chunk, use_kernel, grad_hidden, grad_weight,
+      grad_bias):
+    return (torch.empty_like(hidden) if grad_hidden else hidden.new_empty(0),
+            torch.empty_like(weight) if grad_weight else hidden.new_empty(0),
+            torch.empty_like(bias) if grad_bias and bias is not None else hidden.new_empty(0))
+
+
+def _op_setup_context(ctx, inputs, output):
+    hidden, weight, bias, target, *rest = inputs
+    ctx.op_args = rest[:16]  # temperature ... grad_bias
+    ctx.reduction, ctx.weight_dtype = rest[6], weight.dtype
+    ctx.mark_non_differentiable(*output[1:])
+    if ctx.reduction == "none":
+        ctx.save_for_backward(hidden, weight, bias, target)
+    else:
+        ctx.save_for_backward(*output[2:])
+
+
+def _op_backward(ctx, grad_loss, *_):
+    if ctx.reduction == "none":
+        hidden, weight, bias, target = ctx.saved_tensors
+        gx, gw, gb = torch.ops.collab_fast.fused_linear_collab_loss_backward(
+            hidden, weight, bias, target, grad_loss, *ctx.op_args)
+    else:
+        gx, gw, gb = ctx.saved_tensors
+        s = grad_loss if grad_loss.dtype == torch.float64 else grad_loss.float()
+        gx, gw, gb = ((g * s).to(dt) if g.numel() else g
+                      for g, dt in ((gx, gx.dtype), (gw, ctx.weight_dtype), (gb, ctx.weight_dtype)))
+    grad_hidden, grad_weight, grad_bias = ctx.op_args[-3:]
+    return (gx if grad_hidden else None, gw if grad_weight else None, gb if grad_bias else None) + (None,) * 18
+
+
+torch.library.register_autograd("collab_fast::fused_linear_collab_loss_forward", _op_backward,
+                                setup_context=_op_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Functional API
 # ----------------------------------------------------------------------------------------------------
 
 
-def _check_labels(target: torch.Tensor, num_classes: int, params: CollabLossParams) -> None:
-    """Out-of-range labels: one line where the labels can be read without a device sync (CPU, or
-    COLLAB_FAST_CHECK_LABELS=1), as fused_collab_loss checks them; elsewhere the kernel makes the loss NaN."""
-    if target.is_floating_point() or not _labels_checked_on_host(target) or target.numel() == 0:
+def _check_targets(target: torch.Tensor, num_classes: int, params: CollabLossParams) -> None:
+    """Out-of-range labels, negative or non-finite probabilities: one line where the values can be read without
+    a device sync (CPU, or COLLAB_FAST_CHECK_LABELS=1), as fused_collab_loss checks them; elsewhere the kernel
+    makes the loss NaN."""
+    if target.is_floating_point() and target.requires_grad:
+        raise ValueError("target: the loss gives no gradient to a probability target; pass target.detach()")
+    if not _labels_checked_on_host(target) or target.numel() == 0:
+        return
+    if target.is_floating_point():
+        bad = ~torch.isfinite(target) | (target < 0)
+        if bool(bad.any()):
+            i, j = (int(v) for v in bad.nonzero()[0])
+            raise ValueError(f"target[{i}, {j}] = {float(target[i, j])}: probabilities must be finite and >= 0")
         return
     bad = (target != params.ignore_index) & ((target < 0) | (target >= num_classes))
     if bool(bad.any()):
@@ -531,7 +681,7 @@ def fused_linear_collab_loss(
     if target.dtype in (torch.uint8, torch.int8, torch.int16):
         target = target.long()
     heads, c = _num_heads(hidden, weight), weight.shape[-2]
-    _check_labels(target, c, params)
+    _check_targets(target, c, params)
     # bytes per logit of a chunk's working set: the kernel's gradient overwrites the logits (softcap and
     # z-loss: a float32 copy and one more buffer each); the reference's autograd graph holds about 11
     # logit-sized tensors (measured: 10.75x in fp32)
@@ -541,8 +691,15 @@ def fused_linear_collab_loss(
     wants_grad = torch.is_grad_enabled() and weight.requires_grad
     chunk = _pick_chunk(heads, target.shape[0], c, esize, chunk_size, memory_budget,
                         grad_bytes=weight.numel() * 4 if wants_grad else 0)
-    loss, stats = _FusedLinearCollabLoss.apply(hidden, weight, bias, target, params, extras, chunk, use_kernel,
-                                               return_stats)
+    if torch.compiler.is_compiling():
+        grad = torch.is_grad_enabled()
+        loss, stats, *_ = torch.ops.collab_fast.fused_linear_collab_loss_forward(
+            hidden, weight, bias, target, *_op_params(params, extras), chunk, use_kernel,
+            grad and hidden.requires_grad, grad and weight.requires_grad,
+            grad and bias is not None and bias.requires_grad, return_stats)
+    else:
+        loss, stats = _FusedLinearCollabLoss.apply(hidden, weight, bias, target, params, extras, chunk, use_kernel,
+                                                   return_stats)
     if reduction == "none":
         loss = loss.view(heads, *lead)
     if not return_stats:
