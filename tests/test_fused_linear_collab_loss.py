@@ -421,5 +421,31 @@ def test_the_custom_ops_pass_opcheck(reduction):
     x, w, bias = hidden.reshape(3, 10, 6).requires_grad_(), weight.requires_grad_(), b.requires_grad_()
     params = CollabLossParams(reduction=reduction)
     args = (x, w, bias, y.reshape(10), *_op_params(params, _LinearExtras(softcap=2.0, z_loss=0.01)), 4, False, True,
-            True, True, True)
+            True, True, torch.float32, True)
     torch.library.opcheck(torch.ops.collab_fast.fused_linear_collab_loss_forward, args)
+
+
+def test_compiled_under_autocast_runs_the_matmuls_in_the_autocast_dtype():
+    # autocast does not reach into a custom op: the op casts float32 operands to autocast's dtype itself, so a
+    # compiled bf16 step computes what the eager one does (not a float32 matmul, 1e-2 away)
+    hidden, weight, y, b = (t.float() if t.is_floating_point() else t for t in _lm(D=64, C=50))
+
+    def step(x, w):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return fused_linear_collab_loss(x, w, y, chunk_size=4)
+
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight)]
+    want = step(*leaves)
+    want.backward()
+    grads = [t.grad for t in leaves]
+    fp32 = fused_linear_collab_loss(hidden, weight, y, chunk_size=4)
+    torch._dynamo.reset()
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight)]
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(*leaves)
+    got.backward()
+    assert (want - fp32).abs() > 1e-4  # bf16 matmuls differ from float32's here ...
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)  # ... and the compiled loss has them
+    for a, g in zip(leaves, grads):
+        assert a.grad.dtype == torch.float32
+        # bf16-level: eager accumulates the weight's gradient from float32 operands, the op from bf16 ones
+        torch.testing.assert_close(a.grad, g, rtol=2e-2, atol=3e-3)

@@ -486,17 +486,18 @@ def _forward_op(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, target: torch.Tensor,
     temperature: float, hard_coef: float, soft_coef: float, detach_consensus: bool, ignore_index: int,
     label_smoothing: float, reduction: str, block_c: int, soft_loss: str, softcap: float, z_loss: float,
-    chunk: int, use_kernel: bool, grad_hidden: bool, grad_weight: bool, grad_bias: bool, return_stats: bool,
+    chunk: int, use_kernel: bool, grad_hidden: bool, grad_weight: bool, grad_bias: bool, compute_dtype: torch.dtype,
+    return_stats: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, stat sums [4, H] or [0], then for "mean"/"sum" the gradients for grad_output 1 (hidden's in its
     dtype, weight's and bias's in the accumulator's) or [0] where not asked)."""
     params, extras = _from_op(temperature, hard_coef, soft_coef, detach_consensus, ignore_index, label_smoothing,
                               reduction, block_c, soft_loss, softcap, z_loss)
-    # leaves that ask for exactly the gradients the op was asked for
-    h, w = hidden.detach().requires_grad_(grad_hidden), weight.detach().requires_grad_(grad_weight)
-    b = None if bias is None else bias.detach().requires_grad_(grad_bias)
+    h, w, b = _op_leaves(hidden, weight, bias, compute_dtype, grad_hidden, grad_weight, grad_bias)
     loss, stats, grads = _forward(h, w, b, target, params, extras, chunk, use_kernel, return_stats,
                                   grad_hidden or grad_weight or grad_bias)
+    if grads[0] is not None:
+        grads = (grads[0].to(hidden.dtype), *grads[1:])  # weight's and bias's are the accumulator's already
     # an op's outputs may not alias each other: a fresh empty tensor for each absent one
     return (loss, hidden.new_empty(0) if stats is None else stats, *[hidden.new_empty(0) if g is None else g
                                                                      for g in grads])
@@ -505,7 +506,7 @@ def _forward_op(
 @_forward_op.register_fake
 def _(hidden, weight, bias, target, temperature, hard_coef, soft_coef, detach_consensus, ignore_index,
       label_smoothing, reduction, block_c, soft_loss, softcap, z_loss, chunk, use_kernel, grad_hidden, grad_weight,
-      grad_bias, return_stats):
+      grad_bias, compute_dtype, return_stats):
     heads, n = _num_heads(hidden, weight), target.shape[0]
     dtype = _loss_dtype(hidden, use_kernel)
     acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
@@ -526,29 +527,43 @@ def _backward_op(
     grad_out: torch.Tensor, temperature: float, hard_coef: float, soft_coef: float, detach_consensus: bool,
     ignore_index: int, label_smoothing: float, reduction: str, block_c: int, soft_loss: str, softcap: float,
     z_loss: float, chunk: int, use_kernel: bool, grad_hidden: bool, grad_weight: bool, grad_bias: bool,
+    compute_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """reduction "none": the gradients for grad_out [H, N] (a second sweep), in the inputs' dtypes; [0] where not
     asked."""
     params, extras = _from_op(temperature, hard_coef, soft_coef, detach_consensus, ignore_index, label_smoothing,
                               reduction, block_c, soft_loss, softcap, z_loss)
-    h, w = hidden.detach().requires_grad_(grad_hidden), weight.detach().requires_grad_(grad_weight)
-    b = None if bias is None else bias.detach().requires_grad_(grad_bias)
+    h, w, b = _op_leaves(hidden, weight, bias, compute_dtype, grad_hidden, grad_weight, grad_bias)
     grads = _backward_none(h, w, b, target, grad_out, params, extras, chunk, use_kernel)
-    return tuple(hidden.new_empty(0) if g is None else g for g in grads)
+    return tuple(hidden.new_empty(0) if g is None else g.to(t.dtype) for g, t in zip(grads, (hidden, weight, bias)))
 
 
 @_backward_op.register_fake
 def _(hidden, weight, bias, target, grad_out, temperature, hard_coef, soft_coef, detach_consensus, ignore_index,
       label_smoothing, reduction, block_c, soft_loss, softcap, z_loss, chunk, use_kernel, grad_hidden, grad_weight,
-      grad_bias):
+      grad_bias, compute_dtype):
     return (torch.empty_like(hidden) if grad_hidden else hidden.new_empty(0),
             torch.empty_like(weight) if grad_weight else hidden.new_empty(0),
             torch.empty_like(bias) if grad_bias and bias is not None else hidden.new_empty(0))
 
 
+def _op_leaves(hidden, weight, bias, compute_dtype, grad_hidden, grad_weight, grad_bias):
+    """Leaves that ask for exactly the gradients the op was asked for, in the dtype autocast would have run the
+    matmuls in: autocast does not reach into a custom op, so a float32 model under bf16 autocast is cast here
+    (once per call, as autocast's own cast) rather than run in float32."""
+    def leaf(t, grad):
+        if t is None:
+            return None
+        if t.dtype == torch.float32 and compute_dtype in (torch.bfloat16, torch.float16):
+            t = t.to(compute_dtype)
+        return t.detach().requires_grad_(grad)
+
+    return leaf(hidden, grad_hidden), leaf(weight, grad_weight), leaf(bias, grad_bias)
+
+
 def _op_setup_context(ctx, inputs, output):
     hidden, weight, bias, target, *rest = inputs
-    ctx.op_args = rest[:16]  # temperature ... grad_bias
+    ctx.op_args = rest[:17]  # temperature ... compute_dtype
     ctx.reduction, ctx.weight_dtype = rest[6], weight.dtype
     ctx.mark_non_differentiable(*output[1:])
     if ctx.reduction == "none":
@@ -567,8 +582,8 @@ def _op_backward(ctx, grad_loss, *_):
         s = grad_loss if grad_loss.dtype == torch.float64 else grad_loss.float()
         gx, gw, gb = ((g * s).to(dt) if g.numel() else g
                       for g, dt in ((gx, gx.dtype), (gw, ctx.weight_dtype), (gb, ctx.weight_dtype)))
-    grad_hidden, grad_weight, grad_bias = ctx.op_args[-3:]
-    return (gx if grad_hidden else None, gw if grad_weight else None, gb if grad_bias else None) + (None,) * 18
+    grad_hidden, grad_weight, grad_bias = ctx.op_args[-4:-1]
+    return (gx if grad_hidden else None, gw if grad_weight else None, gb if grad_bias else None) + (None,) * 19
 
 
 torch.library.register_autograd("collab_fast::fused_linear_collab_loss_forward", _op_backward,
@@ -696,7 +711,7 @@ def fused_linear_collab_loss(
         loss, stats, *_ = torch.ops.collab_fast.fused_linear_collab_loss_forward(
             hidden, weight, bias, target, *_op_params(params, extras), chunk, use_kernel,
             grad and hidden.requires_grad, grad and weight.requires_grad,
-            grad and bias is not None and bias.requires_grad, return_stats)
+            grad and bias is not None and bias.requires_grad, dtype, return_stats)
     else:
         loss, stats = _FusedLinearCollabLoss.apply(hidden, weight, bias, target, params, extras, chunk, use_kernel,
                                                    return_stats)
