@@ -1,5 +1,7 @@
 """collab_fast.integrations.lightning: a tiny collaborative network trained by Lightning on CPU, exported."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -123,7 +125,8 @@ def test_evaluation_metrics_are_the_whole_sets_under_ddp(tmp_path):
     script = tmp_path / "ddp.py"
     script.write_text(_DDP)
     res = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=600,
-                         cwd=tmp_path, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+                         cwd=tmp_path, env=dict(os.environ, PYTHONWARNINGS="ignore", PYTHONPATH=os.pathsep.join(
+                             [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])))
     assert res.returncode == 0, res.stderr[-3000:]
     rows = sorted(ln.split()[1:] for ln in res.stdout.splitlines() if ln.startswith("RANK"))
     assert [r[0] for r in rows] == ["0", "1"], res.stdout + res.stderr[-2000:]

@@ -472,3 +472,57 @@ def test_sync_bn_converts_on_gpus_and_refuses_on_cpu():
     out = sync_batchnorm(net, Dist(rank=0, world=2), torch.device("cuda"))  # the conversion itself runs anywhere
     assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in out.modules())
     assert not any(type(m) is torch.nn.BatchNorm2d for m in out.modules()) and set(out.state_dict()) == keys
+
+
+_FSDP2 = """
+import sys, torch, torch.distributed as dist, torch.multiprocessing as mp
+
+def run(rank, store):
+    dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=2)
+    from torch.distributed.fsdp import fully_shard
+    from collab_fast import fused_collab_loss
+    from collab_fast.models import build
+    torch.manual_seed(0)
+    ref = build("resnet32", "hier4", num_classes=10)
+    torch.manual_seed(0)
+    model = build("resnet32", "hier4", num_classes=10)
+    for segment in [model.trunk, *[copy for level in model.levels for copy in level]]:
+        fully_shard(segment)  # each head segment its own FSDP unit
+    fully_shard(model)
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 10, (8,), generator=g)
+    opt, ref_opt = torch.optim.SGD(model.parameters(), lr=0.1), torch.optim.SGD(ref.parameters(), lr=0.1)
+    for _ in range(2):
+        loss = fused_collab_loss(model(x[4 * rank:4 * rank + 4]), y[4 * rank:4 * rank + 4])
+        opt.zero_grad(); loss.backward(); opt.step()
+        # the same two half-batches on one process, their mean loss (the gradient FSDP averages)
+        ref_loss = (fused_collab_loss(ref(x[:4]), y[:4]) + fused_collab_loss(ref(x[4:]), y[4:])) / 2
+        ref_opt.zero_grad(); ref_loss.backward(); ref_opt.step()
+    err = max((p.full_tensor() - q).abs().max().item() for p, q in zip(model.parameters(), ref.parameters()))
+    if rank == 0:
+        print("SHARDED", type(model.trunk).__name__, type(model.levels[1][3]).__name__, "MAXERR", err, flush=True)
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    mp.spawn(run, args=(sys.argv[1],), nprocs=2)
+"""
+
+
+def test_fsdp2_shards_each_head_segment(tmp_path):
+    # Segments are Modules with a forward (a ModuleDict was refused by fully_shard): two CPU processes (gloo),
+    # each segment an FSDP2 unit, two SGD steps equal to the unsharded model's on the same half-batches.
+    import subprocess
+    import sys
+
+    script = tmp_path / "fsdp2.py"
+    script.write_text(_FSDP2)
+    import os
+
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    res = subprocess.run([sys.executable, str(script), str(tmp_path / "store")], capture_output=True, text=True,
+                         timeout=600, cwd=tmp_path, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    line = next(ln for ln in res.stdout.splitlines() if ln.startswith("SHARDED"))
+    _, trunk, copy, _, err = line.split()
+    assert trunk == copy == "FSDPSegment" and float(err) < 1e-6, line

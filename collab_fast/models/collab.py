@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from collab_fast.rescale import branch, ensure_ops
 
-__all__ = ["RESCALE_MODES", "CollabNet", "forward_units", "parse_pattern", "run_children"]
+__all__ = ["RESCALE_MODES", "CollabNet", "Segment", "forward_units", "parse_pattern", "run_children"]
 
 RESCALE_MODES = ("backprop", "loss", "none")
 _NAMED = {"single": [], "ilr2": [2], "hier4": [2, 2]}
@@ -71,6 +71,15 @@ def run_children(modules: nn.ModuleDict, x: Tensor) -> Tensor:
             x = x.flatten(1)
         x = module(x)
     return x
+
+
+class Segment(nn.ModuleDict):
+    """One segment of the target network (its units by dotted path, dots as "__"): a Module whose forward
+    runs them in order, so that wrappers that hook a module's forward (FSDP2's fully_shard per segment,
+    activation checkpointing) can take a segment as their unit. Its state dict is the ModuleDict's."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return run_children(self, x)
 
 
 def _key(path: str) -> str:
@@ -161,13 +170,13 @@ class CollabNet(nn.Module):
         self._target_name = type(proto).__name__
         if any(f > 1 for f in self.factors):
             ensure_ops()  # build/load the rescaling ops now, not inside a torch.compile trace
-        self.trunk = nn.ModuleDict({_key(n): proto.get_submodule(n) for n in self.segment_names[0]})
+        self.trunk = Segment({_key(n): proto.get_submodule(n) for n in self.segment_names[0]})
         self.levels = nn.ModuleList()
         for level, seg in enumerate(self.segment_names[1:]):
             copies = []
             for _ in range(math.prod(self.factors[: level + 1])):
                 fresh = make_target()
-                copies.append(nn.ModuleDict({_key(n): fresh.get_submodule(n) for n in seg}))
+                copies.append(Segment({_key(n): fresh.get_submodule(n) for n in seg}))
             self.levels.append(nn.ModuleList(copies))
 
     @property
@@ -183,9 +192,9 @@ class CollabNet(nn.Module):
         return branch(x, k, rescale=self.rescale == "backprop")
 
     def forward(self, x: Tensor) -> Tensor:
-        feats = [run_children(self.trunk, x)]
+        feats = [self.trunk(x)]
         for factor, copies in zip(self.factors, self.levels):  # factor: children per node at this level
-            feats = [run_children(copies[i * factor + j], child)
+            feats = [copies[i * factor + j](child)
                      for i, f in enumerate(feats) for j, child in enumerate(self._fan_out(f, factor))]
         return torch.stack(feats)  # [H, N, C]
 
@@ -215,9 +224,9 @@ class CollabNet(nn.Module):
     def run_head(self, x: Tensor, k: int) -> Tensor:
         """Head k alone, [N, C]: its path through the tree, no other copy run (no rescaling)."""
         path = self.head_path(k)
-        x = run_children(self.trunk, x)
+        x = self.trunk(x)
         for copies, i in zip(self.levels, path):
-            x = run_children(copies[i], x)
+            x = copies[i](x)
         return x
 
     @torch.no_grad()
