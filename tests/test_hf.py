@@ -1,12 +1,15 @@
 """collab_fast.integrations.hf: heads on a tiny randomly initialised BERT, trained by the stock Trainer, each
 exported back into BertForSequenceClassification (configs built in code: no network)."""
 
+import math
+
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers", reason="transformers is the hf extra (CI stage 5 installs it)")
 
 from collab_fast.integrations.hf import CollabForSequenceClassification  # noqa: E402
+from collab_fast.kernels.fused_linear_collab_loss import linear_collab_loss_reference  # noqa: E402
 
 
 def _bert(num_labels=3):
@@ -152,3 +155,88 @@ def test_save_pretrained_and_from_pretrained_round_trip(tmp_path):
     (tmp_path / "m" / "collab_heads.safetensors").write_bytes(bytes(raw))
     with pytest.raises(ValueError, match="does not match the checksum"):
         CollabForSequenceClassification.from_pretrained(tmp_path / "m")
+
+
+# ------------------------------------------------------------------------------------------ causal LM
+
+
+def _gpt2(seed=0, tie=True):
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(vocab_size=50, n_positions=32, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.0,
+                                  embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=tie)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def _lm_rows(n=32, t=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 50, (n, t), generator=g)
+    rows = []
+    for i in range(n):
+        labels = ids[i].clone()
+        labels[t - 1 - i % 4:] = -100  # padding of different lengths: micro-batches count different tokens
+        rows.append({"input_ids": ids[i], "labels": labels})
+    return rows
+
+
+def test_causal_lm_one_head_is_the_models_own_loss_and_heads_export():
+    from collab_fast.integrations.hf import CollabForCausalLM
+
+    model = _gpt2()
+    rows = _lm_rows(4)
+    ids, labels = torch.stack([r["input_ids"] for r in rows]), torch.stack([r["labels"] for r in rows])
+    one = CollabForCausalLM(model, num_heads=1).eval()
+    torch.testing.assert_close(one(input_ids=ids, labels=labels).loss, model(input_ids=ids, labels=labels).loss)
+    three = CollabForCausalLM(model, num_heads=3, loss={"temperature": 3.0}).eval()
+    with torch.no_grad():
+        hidden = model.transformer(input_ids=ids).last_hidden_state
+        weight = torch.stack([model.lm_head.weight] + [h.weight for h in three.heads])
+        want = linear_collab_loss_reference(hidden.double(), weight.double(), labels, shift_labels=True,
+                                            temperature=3.0)
+        got = three(input_ids=ids, labels=labels).loss
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+        assert torch.equal(three(input_ids=ids).logits, model(input_ids=ids).logits)  # no labels: head 0's logits
+        for k in range(3):
+            plain = three.export_head(k)
+            assert type(plain) is transformers.GPT2LMHeadModel
+            torch.testing.assert_close(plain(input_ids=ids).logits, hidden @ weight[k].T)
+    assert model.lm_head.weight is model.transformer.wte.weight  # the wrapped model stays tied
+
+
+def test_causal_lm_in_the_stock_trainer_accumulates_exactly_and_round_trips(tmp_path):
+    from collab_fast.integrations.hf import CollabForCausalLM
+
+    def train(tmp, **args):
+        model = CollabForCausalLM(_gpt2(), num_heads=2, lse_square_scale=1e-3)
+        defaults = dict(output_dir=str(tmp), max_steps=3, per_device_train_batch_size=8, learning_rate=0.5, optim="sgd",
+                        lr_scheduler_type="constant", report_to=[], use_cpu=True, save_strategy="no",
+                        disable_tqdm=True, seed=0, logging_steps=1)
+        trainer = transformers.Trainer(model=model, args=transformers.TrainingArguments(**{**defaults, **args}),
+                                       train_dataset=_lm_rows())
+        trainer.train()
+        return model, [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+    one, losses = train(tmp_path / "a")
+    two, _ = train(tmp_path / "b", per_device_train_batch_size=4, gradient_accumulation_steps=2)
+    start = CollabForCausalLM(_gpt2(), num_heads=2).state_dict()
+    moved = False
+    for (name, a), b in zip(one.state_dict().items(), two.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)  # the micro-batches count other tokens
+        moved |= not torch.equal(a, start[name])
+    assert moved and all(math.isfinite(v) for v in losses)
+    one.save_pretrained(tmp_path / "m")
+    back = CollabForCausalLM.from_pretrained(tmp_path / "m").eval()
+    one.eval()
+    ids = torch.stack([r["input_ids"] for r in _lm_rows(4)])
+    labels = torch.stack([r["labels"] for r in _lm_rows(4)])
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids, labels=labels).loss, one(input_ids=ids, labels=labels).loss)
+    assert back.linear_options["lse_square_scale"] == 1e-3
+
+
+def test_causal_lm_refuses_what_it_cannot_train():
+    from collab_fast.integrations.hf import CollabForCausalLM
+
+    with pytest.raises(ValueError, match="is not a \\*ForCausalLM model"):
+        CollabForCausalLM(_gpt2().transformer)
+    with pytest.raises(ValueError, match="softcap must be a finite number"):
+        CollabForCausalLM(_gpt2(), softcap=-1.0)

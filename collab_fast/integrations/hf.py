@@ -1,4 +1,6 @@
-"""Collaborative heads on a Hugging Face `transformers` sequence-classification model.
+"""Collaborative heads on Hugging Face `transformers` models: sequence classifiers (CollabForSequenceClassification)
+and causal language models (CollabForCausalLM, below: H output layers over the shared body, the fused linear
+collaborative loss, the labels shifted as Hugging Face shifts them).
 
     from collab_fast.integrations.hf import CollabForSequenceClassification
     model = CollabForSequenceClassification(BertForSequenceClassification(config), num_heads=4)
@@ -45,11 +47,12 @@ from torch import nn
 
 from collab_fast.extras import require
 from collab_fast.kernels.collab_loss import CollabLossParams, CollabStats, collab_loss
+from collab_fast.kernels.fused_linear_collab_loss import fused_linear_collab_loss
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-__all__ = ["CollabForSequenceClassification", "CollabOutput"]
+__all__ = ["CollabForCausalLM", "CollabForSequenceClassification", "CollabLMOutput", "CollabOutput"]
 
 _CLASSIFIER_NAMES = ("classifier", "score")
 
@@ -185,52 +188,216 @@ class CollabForSequenceClassification(nn.Module):
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
         """The wrapped model as its own save_pretrained writes it (kwargs go to it), plus heads 1..H-1 and the
         wrapper's settings; from_pretrained reads the directory back."""
-        from safetensors.torch import save_file
-
-        out = Path(save_directory)
-        self.export_head(0).save_pretrained(out, **kwargs)
-        heads = {k: v.detach().contiguous().cpu() for k, v in self.heads.state_dict().items()}
-        tmp = out / f".{_HEADS}.{os.getpid()}"
-        save_file(heads, str(tmp))
-        digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
-        os.replace(tmp, out / _HEADS)
-        settings = dict(format=_FORMAT, num_heads=self.num_heads, classifier=self.classifier_name,
-                        loss={k: list(v) if isinstance(v, tuple) else v
-                              for k, v in dataclasses.asdict(self.loss_params).items()},
-                        heads_sha256=digest)
-        tmp = out / f".{_SETTINGS}.{os.getpid()}"
-        tmp.write_text(json.dumps(settings, indent=1) + "\n")
-        os.replace(tmp, out / _SETTINGS)
+        self.export_head(0).save_pretrained(save_directory, **kwargs)
+        _write_extras(Path(save_directory), self.heads.state_dict(),
+                      dict(num_heads=self.num_heads, classifier=self.classifier_name, loss=_loss_dict(self.loss_params)))
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike, **kwargs) -> CollabForSequenceClassification:
         """A wrapper written by save_pretrained; kwargs go to AutoModelForSequenceClassification.from_pretrained
         (dtype, device_map, ...)."""
         require("transformers", "hf", "collab_fast.integrations.hf")
-        from safetensors.torch import load_file
         from transformers import AutoModelForSequenceClassification
 
-        where = Path(directory)
-        try:
-            settings = json.loads((where / _SETTINGS).read_text())
-            raw = (where / _HEADS).read_bytes() if settings.get("num_heads", 1) > 1 else b""
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"{where} is not a directory written by CollabForSequenceClassification.save_pretrained "
-                             f"({type(exc).__name__}: {exc}); for a plain model, wrap "
-                             "AutoModelForSequenceClassification.from_pretrained(...) instead") from None
-        if settings.get("format") != _FORMAT:
-            raise ValueError(f"{where / _SETTINGS}: format {settings.get('format')!r}, this collab_fast reads "
-                             f"{_FORMAT}; save it again with this version")
-        if raw and hashlib.sha256(raw).hexdigest() != settings.get("heads_sha256"):
-            raise ValueError(f"{where / _HEADS} does not match the checksum in {_SETTINGS} (damaged or replaced); "
-                             "save the model again")
-        base = AutoModelForSequenceClassification.from_pretrained(where, **kwargs)
+        settings, tensors = _read_extras(Path(directory), cls.__name__, "AutoModelForSequenceClassification")
+        base = AutoModelForSequenceClassification.from_pretrained(directory, **kwargs)
         model = cls(base, num_heads=settings["num_heads"], loss=settings["loss"])
-        if raw:
+        if tensors is not None:
             like = getattr(base, model.classifier_name).weight
-            heads = {k: v.to(like.device) for k, v in load_file(str(where / _HEADS)).items()}
-            model.heads.load_state_dict(heads, strict=True)
+            model.heads.load_state_dict({k: v.to(like.device) for k, v in tensors.items()}, strict=True)
         return model
+
+
+# --------------------------------------------------------------------------------------------------------
+# Causal language models: H output layers over the shared body, the fused linear collaborative loss
+# --------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class CollabLMOutput:
+    """What CollabForCausalLM's forward returns: the loss (labels given), or head 0's logits (no labels)."""
+
+    loss: torch.Tensor | None
+    logits: torch.Tensor | None = None  # [B, T, C], head 0's, only without labels (training never forms them)
+    stats: CollabStats | None = None
+
+    def __getitem__(self, i):
+        return tuple(v for v in (self.loss, self.logits) if v is not None)[i]
+
+    def keys(self):
+        return [k for k in ("loss", "logits") if getattr(self, k) is not None]
+
+
+class CollabForCausalLM(nn.Module):
+    """H output layers over a causal language model's shared body (ILR sharing below the lm-head: the split is
+    the final hidden state), trained with fused_linear_collab_loss, so the [H, B, T, vocab] logits never exist.
+    Head 0 is the model's own output layer (tied to the input embeddings where the model ties them); heads
+    1..H-1 are new layers, initialised by the model's `_init_weights` (copy_head=True: copies of head 0, for a
+    pretrained model whose fresh heads would start from noise). The labels are shifted as Hugging Face's
+    causal-LM loss shifts them. Under the Trainer the loss is a sum over the counted tokens divided by its
+    num_items_in_batch (the tokens of the whole accumulated batch), as a stock causal LM does: gradient
+    accumulation is exact in tokens."""
+
+    loss_type = "ForCausalLM"  # the Trainer then counts num_items_in_batch over the shifted labels
+
+    def __init__(self, model: PreTrainedModel, num_heads: int = 2, loss: CollabLossParams | dict | None = None, *,
+                 copy_head: bool = False, softcap: float | None = None, lse_square_scale: float = 0.0,
+                 chunk_size: int | None = None):
+        super().__init__()
+        require("transformers", "hf", "collab_fast.integrations.hf")
+        if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
+            raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+        if isinstance(loss, dict):
+            loss = CollabLossParams(**loss)
+        if loss is not None and not isinstance(loss, CollabLossParams):
+            raise TypeError(f"loss must be a CollabLossParams or a dict of fused_collab_loss's keywords, got "
+                            f"{type(loss).__name__}")
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        body = getattr(model, "base_model", None)
+        if not isinstance(head, nn.Linear) or body is None or body is model:
+            raise ValueError(f"{type(model).__name__} is not a *ForCausalLM model with an output layer "
+                             "(get_output_embeddings() a Linear) over a base model: pass e.g. "
+                             "AutoModelForCausalLM.from_pretrained(...)")
+        self.model, self.num_heads, self.copy_head = model, num_heads, copy_head
+        self.loss_params = loss or CollabLossParams()
+        self.linear_options = dict(softcap=softcap, lse_square_scale=lse_square_scale, chunk_size=chunk_size)
+        fused_linear_collab_loss(torch.zeros(1, 1, 1), torch.zeros(1, 1), torch.zeros(1, 1, dtype=torch.long),
+                                 **self.linear_options)  # the options are checked now, not at the first step
+        extra = []
+        for _ in range(num_heads - 1):
+            layer = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None,
+                              device=head.weight.device, dtype=head.weight.dtype)
+            with torch.no_grad():
+                if copy_head:
+                    layer.load_state_dict(head.state_dict())
+                elif hasattr(model, "_init_weights"):
+                    model._init_weights(layer)
+            extra.append(layer)
+        self.heads = nn.ModuleList(extra)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def gradient_checkpointing_enable(self, *args, **kwargs) -> None:
+        self.model.gradient_checkpointing_enable(*args, **kwargs)
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.model.gradient_checkpointing_disable()
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return bool(getattr(self.model, "is_gradient_checkpointing", False))
+
+    def _weights(self):
+        head = self.model.get_output_embeddings()
+        w = torch.stack([head.weight, *(h.weight for h in self.heads)])  # [H, C, D]
+        b = None if head.bias is None else torch.stack([head.bias, *(h.bias for h in self.heads)])
+        return w, b
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, labels=None,
+                num_items_in_batch=None, return_stats: bool = False, **kwargs) -> CollabLMOutput:
+        named = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                     inputs_embeds=inputs_embeds)
+        hidden = self.model.base_model(**{k: v for k, v in named.items() if v is not None}, **kwargs)[0]  # [B, T, D]
+        if labels is None:
+            if self.training and torch.is_grad_enabled():
+                _refuse_trainer_label_smoothing()
+            return CollabLMOutput(loss=None, logits=self.model.get_output_embeddings()(hidden))
+        weight, bias = self._weights()
+        p = self.loss_params
+        keywords = dict(temperature=p.temperature, beta=p.beta, soft_weight=p.soft_weight, soft_loss=p.soft_loss,
+                        weights=p.weights, detach_consensus=p.detach_consensus, ignore_index=p.ignore_index,
+                        label_smoothing=p.label_smoothing, impl=p.impl, **self.linear_options)
+        # a sum over the counted tokens divided by the Trainer's count of the whole accumulated batch, or a mean
+        reduction = "sum" if num_items_in_batch is not None else p.reduction
+        out = fused_linear_collab_loss(hidden, weight, labels.to(hidden.device), bias, shift_labels=True,
+                                       reduction=reduction, return_stats=return_stats, **keywords)
+        loss, stats = out if return_stats else (out, None)
+        if num_items_in_batch is not None:
+            loss = loss / torch.as_tensor(num_items_in_batch, device=loss.device).clamp(min=1)
+        return CollabLMOutput(loss=loss, stats=stats)
+
+    def export_head(self, k: int = 0) -> PreTrainedModel:
+        """The model with head k as its output layer, the wrapped model's class (save_pretrained as usual); a
+        model that ties its output layer to the input embeddings is untied for k > 0."""
+        if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < self.num_heads:
+            raise ValueError(f"head must be in [0, {self.num_heads}), got {k!r}")
+        out = copy.deepcopy(self.model)
+        if k > 0:
+            head = out.get_output_embeddings()
+            tied = head.weight is out.get_input_embeddings().weight
+            if tied:
+                out.config.tie_word_embeddings = False
+                if hasattr(out.config, "get_text_config"):
+                    out.config.get_text_config().tie_word_embeddings = False
+                head.weight = nn.Parameter(head.weight.detach().clone())
+            head.load_state_dict(self.heads[k - 1].state_dict())
+        return out
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
+        """The model as its own save_pretrained writes it (kwargs go to it), plus heads 1..H-1 and the settings."""
+        self.export_head(0).save_pretrained(save_directory, **kwargs)
+        _write_extras(Path(save_directory), self.heads.state_dict(),
+                      dict(num_heads=self.num_heads, loss=_loss_dict(self.loss_params), copy_head=self.copy_head,
+                           **self.linear_options))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, **kwargs) -> CollabForCausalLM:
+        """A wrapper written by save_pretrained; kwargs go to AutoModelForCausalLM.from_pretrained."""
+        require("transformers", "hf", "collab_fast.integrations.hf")
+        from transformers import AutoModelForCausalLM
+
+        settings, tensors = _read_extras(Path(directory), cls.__name__, "AutoModelForCausalLM")
+        base = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
+        model = cls(base, num_heads=settings["num_heads"], loss=settings["loss"], copy_head=settings["copy_head"],
+                    softcap=settings["softcap"], lse_square_scale=settings["lse_square_scale"],
+                    chunk_size=settings["chunk_size"])
+        if tensors is not None:
+            like = base.get_output_embeddings().weight
+            model.heads.load_state_dict({k: v.to(like.device, like.dtype) for k, v in tensors.items()}, strict=True)
+        return model
+
+
+# --------------------------------------------------------------------------------------------------------
+# The wrappers' files beside the model's own: the extra heads (checksummed) and the settings
+# --------------------------------------------------------------------------------------------------------
+
+
+def _loss_dict(params: CollabLossParams) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(params).items()}
+
+
+def _write_extras(out: Path, heads: dict, settings: dict) -> None:
+    from safetensors.torch import save_file
+
+    digest = None
+    if heads:
+        tmp = out / f".{_HEADS}.{os.getpid()}"
+        save_file({k: v.detach().contiguous().cpu() for k, v in heads.items()}, str(tmp))
+        digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+        os.replace(tmp, out / _HEADS)
+    tmp = out / f".{_SETTINGS}.{os.getpid()}"
+    tmp.write_text(json.dumps(dict(format=_FORMAT, **settings, heads_sha256=digest), indent=1) + "\n")
+    os.replace(tmp, out / _SETTINGS)
+
+
+def _read_extras(where: Path, wrapper: str, auto: str) -> tuple[dict, dict | None]:
+    from safetensors.torch import load
+
+    try:
+        settings = json.loads((where / _SETTINGS).read_text())
+        raw = (where / _HEADS).read_bytes() if settings.get("heads_sha256") else b""
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{where} is not a directory written by {wrapper}.save_pretrained ({type(exc).__name__}: "
+                         f"{exc}); for a plain model, wrap {auto}.from_pretrained(...) instead") from None
+    if settings.get("format") != _FORMAT:
+        raise ValueError(f"{where / _SETTINGS}: format {settings.get('format')!r}, this collab_fast reads "
+                         f"{_FORMAT}; save it again with this version")
+    if raw and hashlib.sha256(raw).hexdigest() != settings.get("heads_sha256"):
+        raise ValueError(f"{where / _HEADS} does not match the checksum in {_SETTINGS} (damaged or replaced); "
+                         "save the model again")
+    return settings, (load(raw) if raw else None)
 
 
 def _refuse_trainer_label_smoothing() -> None:
@@ -249,7 +416,7 @@ def _refuse_trainer_label_smoothing() -> None:
                 raise ValueError(
                     f"TrainingArguments(label_smoothing_factor={owner.args.label_smoothing_factor}) smooths head 0's "
                     "logits only (the Trainer takes the labels from the model): set label_smoothing_factor=0 and "
-                    "pass loss=CollabLossParams(label_smoothing=...) to CollabForSequenceClassification, which "
-                    "smooths every head's hard objective")
+                    "pass loss=CollabLossParams(label_smoothing=...) to the collaborative wrapper, which smooths "
+                    "every head's hard objective")
             return
         frame = frame.f_back
