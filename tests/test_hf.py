@@ -240,3 +240,66 @@ def test_causal_lm_refuses_what_it_cannot_train():
         CollabForCausalLM(_gpt2().transformer)
     with pytest.raises(ValueError, match="softcap must be a finite number"):
         CollabForCausalLM(_gpt2(), softcap=-1.0)
+
+
+# ------------------------------------------------------------------------------ image and pooled classifiers
+
+
+def _image_model(kind):
+    torch.manual_seed(0)
+    if kind == "vit":
+        cfg = transformers.ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=16, num_hidden_layers=2,
+                                     num_attention_heads=2, intermediate_size=24, num_labels=3)
+        return transformers.ViTForImageClassification(cfg)
+    if kind == "convnext":
+        cfg = transformers.ConvNextConfig(num_channels=3, num_stages=2, hidden_sizes=[8, 16], depths=[1, 1],
+                                          num_labels=3)
+        return transformers.ConvNextForImageClassification(cfg)
+    cfg = transformers.ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1],
+                                    layer_type="basic", num_labels=3)
+    return transformers.ResNetForImageClassification(cfg)
+
+
+@pytest.mark.parametrize("kind", ["vit", "convnext", "resnet"])
+def test_image_classifiers_train_in_the_stock_trainer_and_export(tmp_path, kind):
+    from collab_fast.integrations.hf import CollabForImageClassification
+
+    model = CollabForImageClassification(_image_model(kind), num_heads=3)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(32, 3, 16, 16, generator=g)
+    rows = [{"pixel_values": x[i], "labels": int(x[i, 0].mean() > 0)} for i in range(32)]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=8,
+                                          learning_rate=1e-2, report_to=[], use_cpu=True, save_strategy="no",
+                                          disable_tqdm=True)
+    transformers.Trainer(model=model, args=args, train_dataset=rows).train()
+    model.eval()
+    with torch.no_grad():
+        out = model(pixel_values=x[:4])
+        assert out.heads_logits.shape == (3, 4, 3)
+        for k in range(3):
+            head = model.export_head(k).eval()
+            assert type(head) is type(model.model)
+            torch.testing.assert_close(head(pixel_values=x[:4]).logits, out.heads_logits[k])
+    model.save_pretrained(tmp_path / "m")
+    back = CollabForImageClassification.from_pretrained(tmp_path / "m").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(pixel_values=x[:4]).heads_logits, out.heads_logits)
+
+
+@pytest.mark.parametrize("pad", [True, False])
+def test_pooled_classifiers_pool_every_head_at_the_last_real_token(pad):
+    # GPT-2's classifier scores every token, then the model takes the last non-padding token's scores
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=16, n_layer=2, n_head=2, num_labels=3,
+                                  pad_token_id=0 if pad else None)
+    model = CollabForSequenceClassification(transformers.GPT2ForSequenceClassification(cfg), num_heads=2).eval()
+    assert model.pooled
+    ids = torch.randint(1, 50, (3 if pad else 1, 7))
+    if pad:
+        ids[0, 5:] = 0
+        ids[1, 2:] = 0
+    with torch.no_grad():
+        out = model(input_ids=ids, labels=torch.zeros(ids.shape[0], dtype=torch.long))
+        for k in range(2):
+            torch.testing.assert_close(model.export_head(k)(input_ids=ids).logits, out.heads_logits[k])
+    assert torch.isfinite(out.loss)

@@ -26,8 +26,10 @@ settings (`collab.json`); `CollabForSequenceClassification.from_pretrained(dir)`
 AutoModelForSequenceClassification.
 
 Supported: models whose classifier module (`classifier`, or `score`) returns the logits themselves (BERT,
-RoBERTa, DistilBERT, DeBERTa, ELECTRA, ...). A model that pools after its classifier (GPT-2 and Llama
-take the last token's logits from `score`'s per-token output) is refused at construction with one line.
+RoBERTa, DistilBERT, DeBERTa, ELECTRA, ...; image classifiers through CollabForImageClassification: ViT,
+ConvNeXt, ResNet, ...), and models that pool its per-token output at the last non-padding token (GPT-2,
+Llama: each head's per-token logits pooled the same way). Which one is checked at construction on a probe
+input; any other pooling is refused there in one line.
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ from collab_fast.kernels.fused_linear_collab_loss import fused_linear_collab_los
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
 
-__all__ = ["CollabForCausalLM", "CollabForSequenceClassification", "CollabLMOutput", "CollabOutput"]
+__all__ = ["CollabForCausalLM", "CollabForImageClassification", "CollabForSequenceClassification", "CollabLMOutput",
+           "CollabOutput"]
 
 _CLASSIFIER_NAMES = ("classifier", "score")
 
@@ -80,6 +83,7 @@ class CollabForSequenceClassification(nn.Module):
     # The loss is a mean over the micro-batch (not a sum to be divided by the Trainer's num_items_in_batch):
     # the Trainer then divides it by the gradient-accumulation steps, as it does for stock BERT.
     accepts_loss_kwargs = False
+    _auto = "AutoModelForSequenceClassification"  # what from_pretrained builds the model with
 
     def __init__(self, model: PreTrainedModel, num_heads: int = 2, loss: CollabLossParams | dict | None = None):
         super().__init__()
@@ -136,36 +140,73 @@ class CollabForSequenceClassification(nn.Module):
     def _capture(self, module, args, kwargs):
         self._captured = (args, kwargs)
 
+    def _probe(self) -> dict:
+        """Inputs for the construction check: token ids (a padded row where the model has a pad token), or
+        images of the config's size."""
+        cfg, device = self.model.config, next(self.model.parameters()).device
+        if getattr(self.model, "main_input_name", "input_ids") == "pixel_values":
+            side = getattr(cfg, "image_size", 64)
+            side = side if isinstance(side, int) else side[0]
+            return dict(pixel_values=torch.randn(2, getattr(cfg, "num_channels", 3), side, side, device=device))
+        vocab = min(getattr(cfg, "vocab_size", 100), 100)
+        pad = getattr(cfg, "pad_token_id", None)
+        ids = torch.randint(0, vocab, (2 if pad is not None else 1, 6), device=device)
+        if pad is not None:
+            ids = torch.where(ids == pad, (pad + 1) % vocab, ids)
+            ids[0, 4:] = pad  # right padding: a pooling model takes row 0's logits at token 3
+        return dict(input_ids=ids)
+
     def _check_classifier_gives_the_logits(self) -> None:
         was = self.model.training
         self.model.eval()
+        probe = self._probe()
         try:
-            ids = torch.randint(0, min(getattr(self.model.config, "vocab_size", 100), 100), (2, 5),
-                                device=next(self.model.parameters()).device)
             with torch.no_grad():
-                out = self.model(input_ids=ids)
+                out = self.model(**probe)
                 args, kwargs = self._captured
                 direct = getattr(self.model, self.classifier_name)(*args, **kwargs)
+        except Exception as exc:  # a model this wrapper does not fit fails here, not at the first step
+            raise ValueError(f"{type(self.model).__name__} does not run as a classifier on a probe input "
+                             f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})") from None
         finally:
             self.model.train(was)
             self._captured = None
+        self.pooled = direct.dim() == 3 and out.logits.dim() == 2 and "input_ids" in probe
+        if self.pooled:  # a classifier on every token, then the last non-padding token's logits (GPT-2, Llama)
+            direct = self._pool(direct, probe["input_ids"])
         if direct.shape != out.logits.shape or not torch.allclose(direct, out.logits):
-            raise ValueError(f"{type(self.model).__name__}.{self.classifier_name} does not return the logits (the model "
-                             f"pools after it: {tuple(direct.shape)} vs {tuple(out.logits.shape)}); only models whose "
-                             "classifier gives the logits are supported")
+            raise ValueError(f"{type(self.model).__name__}.{self.classifier_name} does not give the logits, nor "
+                             f"per-token logits pooled at the last non-padding token ({tuple(direct.shape)} vs "
+                             f"{tuple(out.logits.shape)}); its pooling is not supported")
+
+    def _pool(self, z: torch.Tensor, input_ids: torch.Tensor | None) -> torch.Tensor:
+        """[B, T, C] -> [B, C] at each row's last non-padding token, as Hugging Face's pooled classifiers take it
+        (the last token where no pad token is set or only embeddings are given)."""
+        pad = getattr(self.model.config, "pad_token_id", None)
+        if pad is None or input_ids is None:
+            return z[:, -1]
+        positions = torch.arange(input_ids.shape[-1], device=z.device)
+        last = (positions * (input_ids.to(z.device) != pad)).argmax(-1)
+        return z[torch.arange(z.shape[0], device=z.device), last]
 
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
                 labels=None, return_stats: bool = False, **kwargs) -> CollabOutput:
         # `labels` named here: the Trainer drops dataset columns that forward does not name
+        named = dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                     position_ids=position_ids, inputs_embeds=inputs_embeds)
+        return self._heads_and_loss(named, labels, return_stats, kwargs)
+
+    def _heads_and_loss(self, named: dict, labels, return_stats: bool, kwargs: dict) -> CollabOutput:
         kwargs.pop("num_items_in_batch", None)  # see accepts_loss_kwargs
         if labels is None and self.training and torch.is_grad_enabled():
             _refuse_trainer_label_smoothing()
-        named = dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
-                     position_ids=position_ids, inputs_embeds=inputs_embeds)
         out = self.model(**{k: v for k, v in named.items() if v is not None}, **kwargs)
         args, kw = self._captured
         self._captured = None
-        z = torch.stack([out.logits] + [head(*args, **kw) for head in self.heads])  # [H, N, C]
+        others = [head(*args, **kw) for head in self.heads]
+        if self.pooled:
+            others = [self._pool(z, named.get("input_ids")) for z in others]
+        z = torch.stack([out.logits] + others)  # [H, N, C]
         loss = stats = None
         if labels is not None:
             result = collab_loss(z.float(), labels, self.loss_params, return_stats=return_stats)
@@ -197,15 +238,25 @@ class CollabForSequenceClassification(nn.Module):
         """A wrapper written by save_pretrained; kwargs go to AutoModelForSequenceClassification.from_pretrained
         (dtype, device_map, ...)."""
         require("transformers", "hf", "collab_fast.integrations.hf")
-        from transformers import AutoModelForSequenceClassification
+        import transformers
 
-        settings, tensors = _read_extras(Path(directory), cls.__name__, "AutoModelForSequenceClassification")
-        base = AutoModelForSequenceClassification.from_pretrained(directory, **kwargs)
+        settings, tensors = _read_extras(Path(directory), cls.__name__, cls._auto)
+        base = getattr(transformers, cls._auto).from_pretrained(directory, **kwargs)
         model = cls(base, num_heads=settings["num_heads"], loss=settings["loss"])
         if tensors is not None:
-            like = getattr(base, model.classifier_name).weight
+            like = next(getattr(base, model.classifier_name).parameters())
             model.heads.load_state_dict({k: v.to(like.device) for k, v in tensors.items()}, strict=True)
         return model
+
+
+class CollabForImageClassification(CollabForSequenceClassification):
+    """CollabForSequenceClassification for `*ForImageClassification` models (ViT, ConvNeXt, ResNet, ...):
+    forward takes pixel_values (the Trainer keeps the dataset columns that forward names)."""
+
+    _auto = "AutoModelForImageClassification"
+
+    def forward(self, pixel_values=None, labels=None, return_stats: bool = False, **kwargs) -> CollabOutput:
+        return self._heads_and_loss(dict(pixel_values=pixel_values), labels, return_stats, kwargs)
 
 
 # --------------------------------------------------------------------------------------------------------
