@@ -2,6 +2,7 @@
 exported back into BertForSequenceClassification (configs built in code: no network)."""
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -303,3 +304,40 @@ def test_pooled_classifiers_pool_every_head_at_the_last_real_token(pad):
         for k in range(2):
             torch.testing.assert_close(model.export_head(k)(input_ids=ids).logits, out.heads_logits[k])
     assert torch.isfinite(out.loss)
+
+
+def test_push_to_hub_uploads_what_save_pretrained_writes_and_from_pretrained_reads_the_hub(tmp_path, monkeypatch):
+    # No network here: the Hub client is replaced by a local folder standing for the repository.
+    import huggingface_hub
+
+    repo = tmp_path / "hub"
+    calls = {}
+
+    def create_repo(self, repo_id, **kw):
+        calls["created"] = repo_id
+
+    def upload_folder(self, *, repo_id, folder_path, **kw):
+        import shutil
+
+        shutil.copytree(folder_path, repo)
+        calls["uploaded"] = sorted(p.name for p in Path(folder_path).iterdir())
+
+    def download(repo_id, filename, **kw):
+        assert repo_id == "me/collab-bert" and kw.get("revision") == "main"
+        return str(repo / filename)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    model = CollabForSequenceClassification(_bert(), num_heads=3).eval()
+    model.push_to_hub("me/collab-bert")
+    assert calls["created"] == "me/collab-bert" and {"collab.json", "collab_heads.safetensors", "config.json"} <= \
+        set(calls["uploaded"])
+    # the model's own files through AutoModel (pointed at the folder), the wrapper's through hf_hub_download
+    auto = transformers.AutoModelForSequenceClassification.from_pretrained
+    monkeypatch.setattr(transformers.AutoModelForSequenceClassification, "from_pretrained",
+                        lambda name, **kw: auto(repo))
+    back = CollabForSequenceClassification.from_pretrained("me/collab-bert", revision="main").eval()
+    ids = _data(4)[0]
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids).heads_logits, model(input_ids=ids).heads_logits)

@@ -60,6 +60,23 @@ __all__ = ["CollabForCausalLM", "CollabForImageClassification", "CollabForSequen
 _CLASSIFIER_NAMES = ("classifier", "score")
 
 
+class _PushToHub:
+    """push_to_hub for the wrappers: save_pretrained into a temporary directory, uploaded as one commit."""
+
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | bool | None = None,
+                    revision: str | None = None, commit_message: str | None = None, **save_kwargs):
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            self.save_pretrained(tmp, **save_kwargs)
+            return api.upload_folder(repo_id=repo_id, folder_path=tmp, revision=revision,
+                                     commit_message=commit_message or f"Upload {type(self).__name__}")
+
+
 @dataclass
 class CollabOutput:
     """What the wrapper's forward returns (the fields the Trainer reads: loss, logits)."""
@@ -79,7 +96,7 @@ class CollabOutput:
 _SETTINGS, _HEADS, _FORMAT = "collab.json", "collab_heads.safetensors", 1
 
 
-class CollabForSequenceClassification(nn.Module):
+class CollabForSequenceClassification(_PushToHub, nn.Module):
     # The loss is a mean over the micro-batch (not a sum to be divided by the Trainer's num_items_in_batch):
     # the Trainer then divides it by the gradient-accumulation steps, as it does for stock BERT.
     accepts_loss_kwargs = False
@@ -240,7 +257,7 @@ class CollabForSequenceClassification(nn.Module):
         require("transformers", "hf", "collab_fast.integrations.hf")
         import transformers
 
-        settings, tensors = _read_extras(Path(directory), cls.__name__, cls._auto)
+        settings, tensors = _read_extras(directory, cls.__name__, cls._auto, _hub_keywords(kwargs))
         base = getattr(transformers, cls._auto).from_pretrained(directory, **kwargs)
         model = cls(base, num_heads=settings["num_heads"], loss=settings["loss"])
         if tensors is not None:
@@ -279,7 +296,7 @@ class CollabLMOutput:
         return [k for k in ("loss", "logits") if getattr(self, k) is not None]
 
 
-class CollabForCausalLM(nn.Module):
+class CollabForCausalLM(_PushToHub, nn.Module):
     """H output layers over a causal language model's shared body (ILR sharing below the lm-head: the split is
     the final hidden state), trained with fused_linear_collab_loss, so the [H, B, T, vocab] logits never exist.
     Head 0 is the model's own output layer (tied to the input embeddings where the model ties them); heads
@@ -399,7 +416,7 @@ class CollabForCausalLM(nn.Module):
         require("transformers", "hf", "collab_fast.integrations.hf")
         from transformers import AutoModelForCausalLM
 
-        settings, tensors = _read_extras(Path(directory), cls.__name__, "AutoModelForCausalLM")
+        settings, tensors = _read_extras(directory, cls.__name__, "AutoModelForCausalLM", _hub_keywords(kwargs))
         base = AutoModelForCausalLM.from_pretrained(directory, **kwargs)
         model = cls(base, num_heads=settings["num_heads"], loss=settings["loss"], copy_head=settings["copy_head"],
                     softcap=settings["softcap"], lse_square_scale=settings["lse_square_scale"],
@@ -413,6 +430,12 @@ class CollabForCausalLM(nn.Module):
 # --------------------------------------------------------------------------------------------------------
 # The wrappers' files beside the model's own: the extra heads (checksummed) and the settings
 # --------------------------------------------------------------------------------------------------------
+
+
+def _hub_keywords(kwargs: dict) -> dict:
+    # from_pretrained's keywords that also locate the wrapper's own files on the Hub
+    return {k: kwargs[k] for k in ("revision", "token", "cache_dir", "force_download", "local_files_only")
+            if k in kwargs}
 
 
 def _loss_dict(params: CollabLossParams) -> dict:
@@ -433,20 +456,29 @@ def _write_extras(out: Path, heads: dict, settings: dict) -> None:
     os.replace(tmp, out / _SETTINGS)
 
 
-def _read_extras(where: Path, wrapper: str, auto: str) -> tuple[dict, dict | None]:
+def _read_extras(where: str | os.PathLike, wrapper: str, auto: str, hub: dict) -> tuple[dict, dict | None]:
+    """The settings and the extra heads (verified) from a local directory, or from a Hub repository (hub:
+    revision, token, cache_dir, ... for hf_hub_download)."""
     from safetensors.torch import load
 
+    def fetch(name: str) -> Path:
+        if Path(where).is_dir():
+            return Path(where) / name
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(str(where), name, **hub))
+
     try:
-        settings = json.loads((where / _SETTINGS).read_text())
-        raw = (where / _HEADS).read_bytes() if settings.get("heads_sha256") else b""
-    except (OSError, ValueError) as exc:
+        settings = json.loads(fetch(_SETTINGS).read_text())
+        raw = fetch(_HEADS).read_bytes() if settings.get("heads_sha256") else b""
+    except Exception as exc:  # OSError, a JSON error, the Hub's (no such repository or file)
         raise ValueError(f"{where} is not a directory written by {wrapper}.save_pretrained ({type(exc).__name__}: "
                          f"{exc}); for a plain model, wrap {auto}.from_pretrained(...) instead") from None
     if settings.get("format") != _FORMAT:
-        raise ValueError(f"{where / _SETTINGS}: format {settings.get('format')!r}, this collab_fast reads "
+        raise ValueError(f"{where}/{_SETTINGS}: format {settings.get('format')!r}, this collab_fast reads "
                          f"{_FORMAT}; save it again with this version")
     if raw and hashlib.sha256(raw).hexdigest() != settings.get("heads_sha256"):
-        raise ValueError(f"{where / _HEADS} does not match the checksum in {_SETTINGS} (damaged or replaced); "
+        raise ValueError(f"{where}/{_HEADS} does not match the checksum in {_SETTINGS} (damaged or replaced); "
                          "save the model again")
     return settings, (load(raw) if raw else None)
 
