@@ -526,3 +526,18 @@ def test_fsdp2_shards_each_head_segment(tmp_path):
     line = next(ln for ln in res.stdout.splitlines() if ln.startswith("SHARDED"))
     _, trunk, copy, _, err = line.split()
     assert trunk == copy == "FSDPSegment" and float(err) < 1e-6, line
+
+
+def test_build_records_how_to_build_the_network_again():
+    model = build("resnet32", "hier4", num_classes=7, splits=["layer1", "layer2"])
+    assert model.build_spec == dict(arch="resnet32", pattern="hier4", num_classes=7, rescale="backprop",
+                                    splits=["layer1", "layer2"])
+    again = build(**model.build_spec)
+    assert again.load_state_dict(model.state_dict()) is not None and again.splits == model.splits
+    assert build("resnet32", "single", num_classes=7).build_spec["splits"] is None
+    assert build("resnet18", "ilr2", num_classes=7, zero_init_residual=True).build_spec["zero_init_residual"] is True
+    # a constructor argument that is an object (not a plain value) records no spec: it would not load under
+    # weights_only=True
+    from collab_fast.models import _plain
+
+    assert _plain({"a": [1, 2.0, "x", None, (True,)]}) and not _plain({"norm_layer": nn.BatchNorm2d})

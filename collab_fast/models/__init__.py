@@ -205,9 +205,19 @@ def build(arch: str, pattern: str = "single", num_classes: int | None = None, re
     model = make_collaborative(make_target, pattern, splits, rescale, example)
     # How to build this network again (Lightning's load_from_checkpoint, Hugging Face's from_pretrained): the
     # weights come from the checkpoint, so neither pretrained nor weights is repeated.
-    model.build_spec = dict(arch=arch, pattern=pattern, num_classes=num_classes, rescale=rescale,
-                            splits=list(model.splits) if isinstance(model, CollabNet) else None, **arch_kwargs)
+    # Only plain values, which load under weights_only=True; a constructor given objects records none.
+    spec = dict(arch=arch, pattern=pattern, num_classes=num_classes, rescale=rescale,
+                splits=list(model.splits) if isinstance(model, CollabNet) else None, **arch_kwargs)
+    model.build_spec = spec if _plain(spec) else None
     return model
+
+
+def _plain(value) -> bool:
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return all(_plain(v) for v in value)
+    return value is None or isinstance(value, (str, int, float, bool))
 
 
 # ----------------------------------------------------------------------------------------------------
