@@ -501,6 +501,7 @@ def run(rank, store):
     err = max((p.full_tensor() - q).abs().max().item() for p, q in zip(model.parameters(), ref.parameters()))
     if rank == 0:
         print("SHARDED", type(model.trunk).__name__, type(model.levels[1][3]).__name__, "MAXERR", err, flush=True)
+    dist.barrier()  # neither rank tears its group down while the other still talks to it
     dist.destroy_process_group()
 
 if __name__ == "__main__":
