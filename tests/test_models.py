@@ -475,7 +475,7 @@ def test_sync_bn_converts_on_gpus_and_refuses_on_cpu():
 
 
 _FSDP2 = """
-import sys, torch, torch.distributed as dist, torch.multiprocessing as mp
+import os, sys, torch, torch.distributed as dist, torch.multiprocessing as mp
 
 def run(rank, store):
     dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=2)
@@ -503,6 +503,7 @@ def run(rank, store):
         print("SHARDED", type(model.trunk).__name__, type(model.levels[1][3]).__name__, "MAXERR", err, flush=True)
     dist.barrier()  # neither rank tears its group down while the other still talks to it
     dist.destroy_process_group()
+    os._exit(0)  # gloo on CPU can still abort a worker in the interpreter's teardown (seen in CI): skip it
 
 if __name__ == "__main__":
     mp.spawn(run, args=(sys.argv[1],), nprocs=2)

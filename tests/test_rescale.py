@@ -265,6 +265,7 @@ def _ddp_worker(rank, world, port, x, out_dir):
         torch.save([p.grad for p in model.module.parameters()], os.path.join(out_dir, "grads.pt"))
     dist.barrier()  # gloo on CPU can abort a worker at exit when ranks tear down at different times
     dist.destroy_process_group()
+    os._exit(0)  # ... and even after a barrier (seen in CI): the work is done and saved, skip the teardown
 
 
 @pytest.mark.slow
