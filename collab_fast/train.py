@@ -56,6 +56,9 @@ __all__ = ["Step", "TrainConfig", "evaluate", "main", "parse_config", "run"]
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+# How a collaborative copy runs the network (CollabNet.split_by), in the start-up line.
+_SPLIT_BY = {"children": " (its children run in order)", "graph": " (its traced graph cut there: torch.fx)"}
+
 def seed_everything(seed: int, rank: int) -> None:
     random.seed(seed + rank)
     seed_numpy(seed + rank)
@@ -484,7 +487,7 @@ def _header(r: Run, num_classes: int, resume_path: Path | None) -> None:
     else:
         print(f"collab_fast: {model.arch} {model.pattern}: {getattr(net, 'num_heads', 1)} head(s), "
               f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params, split after "
-              f"{getattr(net, 'splits', []) or 'nothing'}")
+              f"{getattr(net, 'splits', []) or 'nothing'}{_SPLIT_BY.get(getattr(net, 'split_by', None), '')}")
     if isinstance(r.train_loader, TorchFolderLoader):
         print(f"collab_fast: images through the PyTorch loader ({r.train_loader.num_workers} workers, Pillow "
               "decode on the CPU; slower than DALI: pip install 'collab_fast[dali]', or [dali-cuda12])")

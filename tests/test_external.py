@@ -67,10 +67,14 @@ def test_model_kwargs_reach_the_model():
     assert rates and max(rates) > 0
 
 
-def test_dropout_in_forward_code_is_refused():
-    # timm's drop_rate is F.dropout in forward_head, not a child: a collaborative copy would drop it.
-    with pytest.raises(ValueError, match="differs from the model's own forward in training mode"):
-        build("timm:resnet50", "ilr2", num_classes=10, drop_rate=0.2)
+def test_dropout_in_forward_code_runs_through_the_traced_graph():
+    # timm's drop_rate is F.dropout in forward_head, not a child: running the children would skip it, so the
+    # model is cut in its traced graph, whose training code drops and whose eval code does not (build checks
+    # head 0 against the model's own forward in both modes, with one seed)
+    model = build("timm:resnet50", "ilr2", num_classes=10, drop_rate=0.2)
+    assert model.split_by == "graph" and model.splits == ["layer2"]
+    head = model.levels[0][0]
+    assert "training = True" in head.code(True) and "training = False" in head.code(False)
 
 
 VIT = dict(img_size=32, patch_size=8, depth=4, drop_rate=0.1, proj_drop_rate=0.1, drop_path_rate=0.1)
@@ -121,10 +125,41 @@ def test_a_vit_from_pretrained_weights_starts_every_copy_from_them():
     assert not torch.equal(a["head"].head.weight, b["head"].head.weight)  # each head its own classifier
 
 
-def test_torchvisions_vit_is_refused_in_one_line():
-    # its class token is a parameter of the model itself and its forward joins it in code; no adapter for it
-    with pytest.raises(ValueError, match="VisionTransformer has parameters or buffers of its own.*class_token"):
-        build("torchvision:vit_b_16", "ilr2", num_classes=10, splits=["encoder"], image_size=32)
+def test_torchvisions_vit_splits_through_its_traced_graph():
+    # its class token is a parameter of the model itself, joined in code; the graph keeps it in the trunk
+    torch.manual_seed(0)
+    model = build("torchvision:vit_b_16", "ilr2", num_classes=10, image_size=32)
+    assert model.split_by == "graph" and model.splits == ["encoder.layers.encoder_layer_5"]
+    assert "class_token" in dict(model.trunk.named_parameters())
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+        for k in range(2):
+            fresh = tv_models.vit_b_16(num_classes=10, image_size=32).eval()
+            fresh.load_state_dict(model.export_head(k).state_dict(), strict=True)
+            torch.testing.assert_close(fresh(x), out[k], rtol=1e-4, atol=1e-5)
+
+
+def _sweep():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("model_sweep", Path(__file__).parents[1] / "scripts" / "model_sweep.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+SWEEP = _sweep()
+
+
+@pytest.mark.parametrize("pattern", ["ilr2", "hier4"])
+@pytest.mark.parametrize("arch", SWEEP.CI)
+def test_the_sweeps_subset_builds_and_exports_exactly(arch, pattern):
+    # scripts/model_sweep.py's CI subset: each way a model reaches its split points (see CI there)
+    row = SWEEP.one(arch, pattern)
+    assert row["outcome"] == SWEEP.CI_OUTCOME.get((arch, pattern), "works"), row
 
 
 @pytest.mark.parametrize("arch", ["timm:resnet18", "torchvision:resnet18"])
@@ -214,8 +249,8 @@ _SYNTH = ["synthetic", "-b", "2", "--synthetic-steps", "1", "--epochs", "1", "--
      r"img_size=32"),
     (["--arch", "torchvision:inception_v3", "--image-size", "32", "--pattern", "single"],
      r"does not take 32x32 images \(RuntimeError"),
-    (["--arch", "timm:deit_tiny_distilled_patch16_224", "--pattern", "ilr2"],
-     "a distilled ViT .* cannot be split into collaborative heads"),
+    (["--arch", "torchvision:googlenet", "--pattern", "ilr2", "--image-size", "64"],
+     r"GoogLeNet: its forward returns GoogLeNetOutputs in training mode, not one tensor of logits .*aux_logits=False"),
 ])
 def test_model_arguments_and_sizes_a_model_refuses_are_one_line(tmp_path, capsys, flags, match):
     import re

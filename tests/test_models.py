@@ -157,7 +157,7 @@ class UserNet(nn.Module):
         self.mid = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
         self.top = nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU())
         self.pool = nn.AdaptiveAvgPool2d(1)
-        self.head = nn.Linear(16, 3)
+        self.head = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))  # a layer of its own after "top"
 
     def forward(self, x):
         return self.head(self.pool(self.top(self.mid(self.stem(x)))).flatten(1))
@@ -183,7 +183,7 @@ def test_generic_splitter_on_a_user_model():
     (lambda: build("resnet50", "tree:2x0"), ValueError, "branching factor must be >= 1"),
     (lambda: build("resnet32", "tree:2x2x2"), ValueError, r"resnet32 has split points for at most 2 levels"),
     (lambda: build("resnet50", "ilr2", splits=["layer5"]), ValueError,
-     r"split point 'layer5' is not a module that ResNet's forward runs in order; valid: \["),
+     r"split point 'layer5' is not a module of ResNet; its children: \['conv1', "),
     (lambda: build("resnet50", "hier4", splits=["layer3", "layer2"]), ValueError, "forward order"),
     (lambda: build("resnet50", "ilr2", splits=["fc"]), ValueError, "before the last child"),
     (lambda: build("resnet50", "hier4", splits=["layer2"]), ValueError, "2 split level"),
@@ -260,12 +260,53 @@ class DropoutInCodeNet(StagedNet):
     (PoolInCodeNet, r"PoolInCodeNet: running its children in order fails"),
     (DropoutInCodeNet, r"DropoutInCodeNet: head 0 differs from the model's own forward"),
 ])
-def test_what_a_split_would_drop_is_refused(net, match):
+def test_what_running_the_children_would_drop_is_refused_by_that_path(net, match):
     with pytest.raises(ValueError, match=match):
-        make_collaborative(net, "ilr2", splits=["stages.1"], example_input=torch.randn(2, 3, 8, 8))
+        make_collaborative(net, "ilr2", splits=["stages.1"], example_input=torch.randn(2, 3, 8, 8), split_by="children")
 
 
-def test_split_inside_a_container_with_its_own_forward_is_refused():
+class DropoutInForwardNet(StagedNet):
+    def forward(self, x):  # dropout in code (timm's drop_rate): only visible in training mode
+        x = self.pool(self.stages(self.stem(x))).flatten(1)
+        return self.classifier(nn.functional.dropout(x, 0.5, self.training))
+
+
+@pytest.mark.parametrize("net", [OwnTokenNet, PoolInCodeNet, DropoutInCodeNet, DropoutInForwardNet])
+@pytest.mark.parametrize("pattern", ["ilr2", "hier4"])
+def test_a_forward_that_does_more_than_run_its_children_splits_through_its_traced_graph(net, pattern):
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8, 8)
+    splits = ["stages.1"] if pattern == "ilr2" else ["stages.1", "stages.2"]
+    model = make_collaborative(net, pattern, splits=splits, example_input=x)  # checked in both modes
+    assert model.split_by == "graph"
+    out = model(x)
+    out.square().sum().backward()
+    assert all(p.grad is not None for p in model.parameters())  # every tensor trains, the model's own included
+    if net is OwnTokenNet:  # its own parameter is used after the split: each head owns one
+        assert all(hasattr(copies[0], "scale") for copies in model.levels[-1:]) and not hasattr(model.trunk, "scale")
+    model.train()
+    for _ in range(2):
+        model(torch.randn(4, 3, 8, 8) * 2 + 1)  # batch-norm statistics move in every copy
+    for mode in ("eval", "train"):
+        getattr(model, mode)()
+        for k in range(model.num_heads):
+            head = model.export_head(k)
+            assert type(head) is net and head.training == (mode == "train")
+            fresh = net()
+            fresh.load_state_dict(head.state_dict(), strict=True)
+            fresh.train(mode == "train")
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                torch.manual_seed(3)
+                want = fresh(x)
+                torch.manual_seed(3)
+                got = model.run_head(x, k)
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    if net is DropoutInForwardNet:  # the training graph drops, the eval graph does not
+        head = model.levels[-1][0]
+        assert "dropout" in head.code(True) and "training = False" in head.code(False)
+
+
+def test_a_split_crossed_by_a_skip_connection_is_refused():
     class Block(nn.Module):
         def __init__(self):
             super().__init__()
@@ -283,7 +324,43 @@ def test_split_inside_a_container_with_its_own_forward_is_refused():
             return self.fc(self.block(x))
 
     with pytest.raises(ValueError, match="split point inside 'block': it is a Block, whose own forward"):
+        make_collaborative(Net, "ilr2", splits=["block.a"], split_by="children")
+    with pytest.raises(ValueError, match=r"Net: split point 'block.a' is not a cut of its traced graph: 'x', computed "
+                                         r"before it, is used after it by 'add' \(a skip connection, a second path"):
         make_collaborative(Net, "ilr2", splits=["block.a"])
+
+
+def test_a_split_that_leaves_the_heads_only_their_classifier_is_refused():
+    # torchvision's Swin split after its last block: the heads would share everything but norm and classifier
+    with pytest.raises(ValueError, match=r"ThinHeadNet: split point 'stages.3' leaves the heads no layer of their own "
+                                         r"beyond the classifier"):
+        make_collaborative(ThinHeadNet, "ilr2", splits=["stages.3"])
+    with pytest.raises(ValueError, match=r"no layer at level 1 of their own"):
+        make_collaborative(StagedNet, "hier4", splits=["stages.3", "pool"])
+
+
+class ThinHeadNet(StagedNet):
+    def __init__(self, num_classes=3):
+        super().__init__(num_classes)
+        self.classifier = nn.Linear(8, num_classes)
+
+
+def test_graph_segments_keep_the_targets_names_and_train_eval_code():
+    from collab_fast.models.graph import GraphSegment
+
+    model = make_collaborative(PoolInCodeNet, "ilr2", splits=["stages.1"], example_input=torch.randn(2, 3, 8, 8))
+    assert isinstance(model.trunk, GraphSegment)
+    assert sorted(model.trunk.state_dict()) == sorted(k for k in PoolInCodeNet().state_dict()
+                                                      if k.startswith(("stem.", "stages.0.", "stages.1.")))
+    assert "mean" in model.levels[0][1].code() and model.segment_names == [["stem", "stages.0", "stages.1"],
+                                                                           ["stages.2", "stages.3", "classifier"]]
+    import copy
+
+    twin = copy.deepcopy(model)  # EMA and AveragedModel copy the model
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(twin.eval()(x), model.eval()(x))
+    with pytest.raises(ValueError, match="split_by must be 'auto' or one of"):
+        make_collaborative(PoolInCodeNet, "ilr2", splits=["stages.1"], split_by="fx")
 
 
 def test_auto_splits_pick_the_papers_points():
@@ -386,15 +463,10 @@ def test_compile_model_and_loss_one_graph_no_breaks(pattern):
     torch._dynamo.reset()
 
 
-class DropoutInForwardNet(StagedNet):
-    def forward(self, x):  # dropout in code (timm's drop_rate): only visible in training mode
-        x = self.pool(self.stages(self.stem(x))).flatten(1)
-        return self.classifier(nn.functional.dropout(x, 0.5, self.training))
-
-
-def test_dropout_in_forward_code_is_refused_and_bn_statistics_are_left_alone():
+def test_dropout_in_forward_code_is_refused_by_the_children_and_bn_statistics_are_left_alone():
     with pytest.raises(ValueError, match="differs from the model's own forward in training mode"):
-        make_collaborative(DropoutInForwardNet, "ilr2", splits=["stages.1"], example_input=torch.randn(4, 3, 8, 8))
+        make_collaborative(DropoutInForwardNet, "ilr2", splits=["stages.1"], example_input=torch.randn(4, 3, 8, 8),
+                           split_by="children")
     torch.manual_seed(0)
     model = make_collaborative(StagedNet, "ilr2", splits=["stages.1"])
     before = {n: b.clone() for n, b in model.named_buffers()}
@@ -543,3 +615,13 @@ def test_build_records_how_to_build_the_network_again():
     from collab_fast.models import _plain
 
     assert _plain({"a": [1, 2.0, "x", None, (True,)]}) and not _plain({"norm_layer": nn.BatchNorm2d})
+
+
+def test_compile_a_traced_split_one_graph_no_breaks():
+    torch._dynamo.reset()
+    model = make_collaborative(PoolInCodeNet, "hier4", splits=["stages.1", "stages.2"],
+                               example_input=torch.randn(2, 3, 8, 8))
+    assert model.split_by == "graph"
+    ex = torch._dynamo.explain(lambda a: model(a).square().sum())(torch.randn(4, 3, 8, 8))
+    assert (ex.graph_count, ex.graph_break_count) == (1, 0), [str(b.reason) for b in ex.break_reasons]
+    torch._dynamo.reset()

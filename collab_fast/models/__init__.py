@@ -22,7 +22,7 @@ from torch import nn
 
 from collab_fast.cli import check_fields, opt
 from collab_fast.models import cifar, resnet
-from collab_fast.models.collab import BEFORE_ALL, RESCALE_MODES, CollabNet, parse_pattern
+from collab_fast.models.collab import BEFORE_ALL, RESCALE_MODES, SPLIT_BY, CollabNet, parse_pattern
 from collab_fast.models.heads import as_heads, single_head
 
 __all__ = ["ARCHS", "BEFORE_ALL", "EXTERNAL_PREFIXES", "CollabNet", "ModelConfig", "as_heads", "build", "build_model",
@@ -97,26 +97,32 @@ def reinit_classifier(model: nn.Module) -> nn.Module:
 def make_collaborative(  # type: ignore[overload-overlap]
                        make_target: Callable[[], nn.Module], pattern: Literal["single"],
                        splits: Sequence[str] | str | None = ..., rescale: str = ...,
-                       example_input: torch.Tensor | None = ...) -> nn.Module: ...
+                       example_input: torch.Tensor | None = ..., split_by: str = ...) -> nn.Module: ...
 @overload
 def make_collaborative(make_target: Callable[[], nn.Module], pattern: str, splits: Sequence[str] | str | None = ...,
-                       rescale: str = ..., example_input: torch.Tensor | None = ...) -> CollabNet: ...
+                       rescale: str = ..., example_input: torch.Tensor | None = ..., split_by: str = ...) -> CollabNet: ...
 def make_collaborative(make_target: Callable[[], nn.Module], pattern: str, splits: Sequence[str] | str | None = None,
-                       rescale: str = "backprop", example_input: torch.Tensor | None = None) -> nn.Module:
-    """Collaborative version of any network that runs its children in order.
+                       rescale: str = "backprop", example_input: torch.Tensor | None = None,
+                       split_by: str = "auto") -> nn.Module:
+    """Collaborative version of any network.
 
     make_target builds a fresh target network per call (so copies are independently initialised); splits
-    names the module after which each level splits, as a dotted path into nn.Sequential containers
-    ("layer2", "stages.1", "features.9"), or "auto" (the paper's points among the network's stages; see
-    collab_fast.models.external); not needed for single and inst patterns. example_input: checks that
-    head 0 computes what the network's own forward does (eval mode), refusing a network whose forward does
-    more than run its children.
+    names the module after which each level splits, as a dotted path ("layer2", "stages.1", "blocks.5"), or
+    "auto" (the paper's points among the network's stages; see collab_fast.models.external); not needed for
+    single and inst patterns. split_by: "children" runs the target's children in order (split points inside
+    nn.Sequential containers); "graph" cuts the target's own traced graph (torch.fx) at the split modules'
+    outputs, for a forward that does more (see collab_fast.models.graph); "auto" takes the children where
+    they build and, given example_input, reproduce the model, else the graph (model.split_by says which).
+    example_input: checks that head 0 computes what the network's own forward does (eval and training
+    mode), refusing a split that does not.
     """
     factors, instances = parse_pattern(pattern)
     if not factors:
         return single_head(make_target())
+    if split_by not in ("auto", *SPLIT_BY):
+        raise ValueError(f"split_by must be 'auto' or one of {SPLIT_BY}, got {split_by!r}")
     if instances:
-        model = CollabNet(make_target, factors, [BEFORE_ALL], rescale=rescale)
+        splits = [BEFORE_ALL]
     else:
         if splits == "auto":
             from collab_fast.models.external import pick_splits, stage_modules
@@ -125,10 +131,20 @@ def make_collaborative(make_target: Callable[[], nn.Module], pattern: str, split
         if splits is None or isinstance(splits, str) or len(splits) != len(factors):
             raise ValueError(f"pattern {pattern!r} has {len(factors)} split level(s): pass that many split points "
                              f"(dotted module paths) or splits='auto', got {splits!r}")
-        model = CollabNet(make_target, factors, list(splits), rescale=rescale)
-    if example_input is not None:
-        model.check_forward(example_input)
-    return model
+        splits = list(splits)
+    ways = ["children", "graph"] if split_by == "auto" else [split_by]
+    reasons = []
+    for way in ways:
+        try:
+            model = CollabNet(make_target, factors, splits, rescale=rescale, split_by=way)
+            if example_input is not None:
+                model.check_forward(example_input)
+            return model
+        except ValueError as exc:
+            reasons.append(str(exc))
+    if len(reasons) == 1 or reasons[0] == reasons[1]:
+        raise ValueError(reasons[-1])
+    raise ValueError(f"{reasons[1]}; and running its children in order: {reasons[0]}")
 
 
 @overload
@@ -192,8 +208,9 @@ def build(arch: str, pattern: str = "single", num_classes: int | None = None, re
         # One probe instance answers the input size and the split points, then serves as the collaborative
         # network's first copy: a large model is not built extra times.
         probe = make_target()
+        side = getattr(probe, "image_size", None)  # torchvision's ViT: built for one size
         size = getattr(probe, "input_size", None) or (getattr(probe, "pretrained_cfg", None) or {}).get(
-            "input_size", (3, 224, 224))
+            "input_size", (3, side, side) if isinstance(side, int) else (3, 224, 224))
         size = (arch_kwargs.get("in_chans", size[0]), *size[1:])  # timm's pretrained_cfg keeps the pretrained 3
         example = torch.randn(2, *size, generator=torch.Generator().manual_seed(0))
         if splits == "auto" and not instances:

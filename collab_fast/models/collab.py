@@ -28,9 +28,10 @@ from torch import Tensor, nn
 
 from collab_fast.rescale import branch, ensure_ops
 
-__all__ = ["RESCALE_MODES", "CollabNet", "Segment", "forward_units", "parse_pattern", "run_children"]
+__all__ = ["RESCALE_MODES", "SPLIT_BY", "CollabNet", "Segment", "Whole", "forward_units", "parse_pattern", "run_children"]
 
 RESCALE_MODES = ("backprop", "loss", "none")
+SPLIT_BY = ("children", "graph")
 _NAMED = {"single": [], "ilr2": [2], "hier4": [2, 2]}
 BEFORE_ALL = "<input>"  # the split point of independent instances
 
@@ -80,6 +81,46 @@ class Segment(nn.ModuleDict):
 
     def forward(self, x: Tensor) -> Tensor:
         return run_children(self, x)
+
+
+class Whole(nn.Module):
+    """A whole target network as the segment of an independent instance (split before everything)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+def _load_into(net: nn.Module, part: nn.Module, names: list[str]) -> None:
+    """Copies a children segment's weights into the matching modules of a fresh target network."""
+    if isinstance(part, Whole):
+        net.load_state_dict(part.net.state_dict())
+        return
+    for name in names:
+        net.get_submodule(name).load_state_dict(part[_key(name)].state_dict())
+
+
+def _units(paths: list[str], splits: Sequence[str]) -> list[str]:
+    """Module paths shortened to the units forward_units would name (the shallowest prefix that holds no split
+    point), each once, in order: a traced segment's modules for humans."""
+    above = {".".join(s.split(".")[:i]) for s in splits for i in range(1, len(s.split(".")))}
+    out: list[str] = []
+    for path in paths:
+        parts = path.split(".")
+        unit = next(".".join(parts[:i]) for i in range(1, len(parts) + 1) if ".".join(parts[:i]) not in above)
+        if unit not in out:
+            out.append(unit)
+    return out
+
+
+def _is_module(model: nn.Module, path: str) -> bool:
+    try:
+        return isinstance(model.get_submodule(path), nn.Module)
+    except AttributeError:
+        return False
 
 
 def _key(path: str) -> str:
@@ -132,13 +173,45 @@ class CollabNet(nn.Module):
     """
 
     def __init__(self, make_target: Callable[[], nn.Module], factors: Sequence[int], splits: Sequence[str],
-                 rescale: str = "backprop"):  # splits: dotted paths (e.g. "stages.1") into nn.Sequential children
+                 rescale: str = "backprop", split_by: str = "children"):
+        # splits: dotted paths (e.g. "stages.1"); split_by "children": into nn.Sequential children run in order,
+        # "graph": the target's traced graph cut at those modules' outputs (collab_fast.models.graph)
         super().__init__()
         if rescale not in RESCALE_MODES:
             raise ValueError(f"rescale must be one of {RESCALE_MODES}, got {rescale!r}")
+        if split_by not in SPLIT_BY:
+            raise ValueError(f"split_by must be one of {SPLIT_BY}, got {split_by!r}")
         if len(factors) != len(splits) or not factors:
             raise ValueError(f"need one split point per level: factors {list(factors)}, splits {list(splits)}")
         proto = make_target()
+        self.factors = list(factors)
+        self.splits = list(splits)
+        self.rescale = rescale
+        self.split_by = split_by
+        self.num_heads = math.prod(self.factors)
+        self._make_target = make_target
+        self._target_name = type(proto).__name__
+        if any(f > 1 for f in self.factors):
+            ensure_ops()  # build/load the rescaling ops now, not inside a torch.compile trace
+        for s in self.splits:
+            if s != BEFORE_ALL and not _is_module(proto, s):
+                raise ValueError(f"split point {s!r} is not a module of {self._target_name}; its children: "
+                                 f"{[n for n, _ in proto.named_children()]}")
+        make_segment = self._children_plan(proto) if split_by == "children" else self._graph_plan(proto)
+        self.trunk = make_segment(proto, 0)
+        self.levels = nn.ModuleList()
+        for level in range(len(self.factors)):
+            self.levels.append(nn.ModuleList([make_segment(make_target(), level + 1)
+                                              for _ in range(math.prod(self.factors[: level + 1]))]))
+        thin = self.thin_levels()
+        if thin:
+            level = thin[0]
+            raise ValueError(f"{self._target_name}: split point {self.splits[level]!r} leaves the heads "
+                             f"{'no layer' if level == len(self.splits) - 1 else 'no layer at level ' + str(level + 1)}"
+                             " of their own beyond the classifier (they would share all but it); split earlier")
+
+    def _children_plan(self, proto: nn.Module) -> Callable[[nn.Module, int], nn.Module]:
+        splits = self.splits
         names = forward_units(proto, splits)
         if not names:
             raise ValueError(f"{type(proto).__name__} has no named children to split")
@@ -162,22 +235,39 @@ class CollabNet(nn.Module):
                              f"({names[-1]!r}); got {list(splits)}")
         bounds = [0, *cuts, len(names)]
         self.segment_names = [names[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-        self.factors = list(factors)
-        self.splits = list(splits)
-        self.rescale = rescale
-        self.num_heads = math.prod(self.factors)
-        self._make_target = make_target
-        self._target_name = type(proto).__name__
-        if any(f > 1 for f in self.factors):
-            ensure_ops()  # build/load the rescaling ops now, not inside a torch.compile trace
-        self.trunk = Segment({_key(n): proto.get_submodule(n) for n in self.segment_names[0]})
-        self.levels = nn.ModuleList()
-        for level, seg in enumerate(self.segment_names[1:]):
-            copies = []
-            for _ in range(math.prod(self.factors[: level + 1])):
-                fresh = make_target()
-                copies.append(Segment({_key(n): fresh.get_submodule(n) for n in seg}))
-            self.levels.append(nn.ModuleList(copies))
+        return lambda target, s: Segment({_key(n): target.get_submodule(n) for n in self.segment_names[s]})
+
+    def _graph_plan(self, proto: nn.Module) -> Callable[[nn.Module, int], nn.Module]:
+        from collab_fast.models.graph import GraphSegment, split_traced
+
+        if self.splits == [BEFORE_ALL]:  # independent instances: every copy is the whole network
+            self.segment_names = [[], [""]]
+            return lambda target, s: Segment({}) if s == 0 else Whole(target)
+        if BEFORE_ALL in self.splits:
+            raise ValueError(f"{BEFORE_ALL} splits only a single level (independent instances)")
+        graphs, constants = split_traced(proto, self.splits)
+        self.segment_names = [_units([n.target for n in g[True].nodes if n.op == "call_module"], self.splits)
+                              for g in graphs]
+        segments = [GraphSegment(proto, g, constants) for g in graphs]
+        seen: dict[int, int] = {}
+        for s, seg in enumerate(segments):
+            for key, t in seg.named_parameters():  # a buffer read on both sides (a table of positions) is a constant
+                if seen.setdefault(id(t), s) != s:
+                    raise ValueError(f"{self._target_name}: {key} is used on both sides of split point "
+                                     f"{self.splits[seen[id(t)]]!r} (it would train as two tensors); split at another "
+                                     "module")
+        first = iter(segments)
+        return lambda target, s: next(first) if target is proto else GraphSegment(target, graphs[s], constants)
+
+    def thin_levels(self) -> list[int]:
+        """The split levels whose segment holds no weight (a tensor of 2 or more dimensions: a convolution, a
+        linear layer, an embedding) of its own, the classifier's not counted: their heads would share all but it."""
+        thin = []
+        for level, copies in enumerate(self.levels):
+            weights = [p for p in copies[0].parameters() if p.dim() >= 2]
+            if len(weights) - (level == len(self.levels) - 1) <= 0:
+                thin.append(level)
+        return thin
 
     @property
     def loss_factor(self) -> float:
@@ -187,6 +277,9 @@ class CollabNet(nn.Module):
     def _fan_out(self, x: Tensor, k: int) -> list[Tensor]:
         if k == 1:
             return [x]
+        if isinstance(x, (list, tuple)):  # a traced split point that hands on several maps (HRNet's branches)
+            parts = [self._fan_out(t, k) for t in x]
+            return [type(x)(p[j] for p in parts) for j in range(k)]
         if not x.requires_grad:  # the input of independent instances: nothing to rescale
             return [x] * k
         return branch(x, k, rescale=self.rescale == "backprop")
@@ -211,9 +304,17 @@ class CollabNet(nn.Module):
         net = self._make_target()
         parts = [self.trunk] + [copies[i] for copies, i in zip(self.levels, path)]
         with torch.no_grad():
-            for part, names in zip(parts, self.segment_names):
-                for name in names:
-                    net.get_submodule(name).load_state_dict(part[_key(name)].state_dict())
+            if self.split_by == "graph":  # the parts' state, the target's own metadata (versions some modules read)
+                state = net.state_dict()
+                for part in parts:
+                    for key, value in (part.net if isinstance(part, Whole) else part).state_dict().items():
+                        if key not in state:
+                            raise RuntimeError(f"a traced segment holds {key!r}, which {type(net).__name__} lacks")
+                        state[key] = value
+                net.load_state_dict(state)
+            else:
+                for part, names in zip(parts, self.segment_names):
+                    _load_into(net, part, names)
         p = next(iter(self.parameters()), None)
         if p is not None:
             net = net.to(device=p.device)
@@ -237,7 +338,8 @@ class CollabNet(nn.Module):
         pooling, a reshape, dropout in code) would otherwise train as a different network."""
         name = self._target_name
         was = self.training
-        buffers = {n: b.clone() for n, b in self.named_buffers()}  # training mode moves BN statistics
+        # training mode moves BN statistics (in place); a cache a module replaces (ConViT's positions) is left
+        buffers = [(m, n, b, b.clone()) for m in self.modules() for n, b in m._buffers.items() if b is not None]
         try:
             for mode in ("eval", "training"):
                 ref_net = self.export_head(0).train(mode == "training")
@@ -247,21 +349,30 @@ class CollabNet(nn.Module):
                     ref = ref_net(example)
                     torch.manual_seed(0)
                     ours = self.run_head(example, 0)
+                if not isinstance(ref, Tensor):
+                    raise ValueError(f"{name}: its forward returns {type(ref).__name__} in {mode} mode, not one "
+                                     "tensor of logits (auxiliary outputs?); build it without them (e.g. "
+                                     "aux_logits=False)")
                 if ref.shape != ours.shape or not torch.allclose(ours, ref, rtol=rtol, atol=atol):
                     diff = (ours - ref).abs().max().item() if ref.shape == ours.shape else float("nan")
                     raise ValueError(f"{name}: head 0 differs from the model's own forward in {mode} mode (max |diff| "
-                                     f"{diff:.3g}, shapes {tuple(ours.shape)} vs {tuple(ref.shape)}): its forward does "
-                                     "more than run its children in order (dropout or pooling in code?); wrap it so "
-                                     "that it does, or leave such options off")
-        except RuntimeError as exc:
-            raise ValueError(f"{name}: running its children in order fails ({str(exc).splitlines()[0]}); its forward "
-                             "does more than that (token pooling, a flatten or reshape in code): wrap it so that "
-                             "its forward runs its children") from None
+                                     f"{diff:.3g}, shapes {tuple(ours.shape)} vs {tuple(ref.shape)}){self._why()}")
+        except (RuntimeError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{name}: running its {'children in order' if self.split_by == 'children' else 'traced graph'}"
+                             f" fails ({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})"
+                             f"{self._why()}") from None
         finally:
             self.train(was)
-            for n, b in self.named_buffers():
-                b.copy_(buffers[n])
+            for m, n, b, saved in buffers:
+                if m._buffers.get(n) is b:
+                    b.copy_(saved)
+
+    def _why(self) -> str:
+        if self.split_by == "children":
+            return (": its forward does more than run its children in order (token pooling, a reshape or dropout "
+                    "in code)")
+        return ": its traced graph does not reproduce its forward (code that depends on values, not only shapes)"
 
     def extra_repr(self) -> str:
         return (f"heads={self.num_heads}, factors={self.factors}, splits={self.splits}, rescale={self.rescale!r}, "
-                f"segments={self.segment_names}")
+                f"split_by={self.split_by!r}, segments={self.segment_names}")

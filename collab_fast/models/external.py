@@ -1,21 +1,19 @@
 """Networks from timm and torchvision (optional extras) as collaborative targets: `build("timm:NAME", ...)`,
 `build("torchvision:NAME", ...)`, and the paper's split points found from the network's stage layout.
 
-Split points ("auto"): the network's stages (timm: its `feature_info`, the modules after which the feature
-map's stride grows; torchvision: the ResNet layers, or the blocks of `features` where the stride grows),
-then the stage at 1/2 of them for one split level and at 1/2 and 3/4 for two, as the paper splits a
-ResNet-50 after conv3_x and conv4_x (sec. 4.2); three levels: 1/4, 1/2, 3/4.
+Split points ("auto"): the network's stages (timm: its `feature_info`, each entry taken at the block it lies
+in; torchvision ResNets: layer1..4; any other network: found by a probe image, see `_probed_stages`), then
+the stage at 1/2 of them for one split level and at 1/2 and 3/4 for two, as the paper splits a ResNet-50
+after conv3_x and conv4_x (sec. 4.2); three levels: 1/4, 1/2, 3/4; a network of few stages: the ones before
+the last.
 
-Token models. A collaborative copy runs a network's children in order; timm's VisionTransformer does more in
-its forward (the class token and position embedding joined to the patch tokens, parameters of the model
-itself; the tokens pooled before the classifier). `TokenViT` is its declared adapter: children embed (patch
-embedding, class/register tokens, position embedding, dropouts, norm_pre), blocks, norm and head (pooling,
-fc_norm, head dropout, classifier), whose code is timm's own methods (`_pos_embed`, `forward_head`) run on
-the adapter's parts, so every option timm's model has keeps its meaning. Chosen over a traced split
-(torch.fx): the adapter's parts are the model's own modules and parameters (no copies, no graph to keep in
-step with timm), and it unwraps into the original model for export. Split points: after blocks (the
-transformer's "stages" are its blocks, stride 16 throughout: auto picks the blocks at 1/2 and 3/4 of the
-depth). Not carried: timm's gradient checkpointing (set_grad_checkpointing) inside the adapter.
+How a copy runs the network (collab_fast.models.collab: `split_by`): its children in order where that
+reproduces the model, else its own traced graph cut at the split points (collab_fast.models.graph), which
+takes token pooling, class and distillation tokens, blocks in a ModuleList and NHWC stages as they are.
+timm's VisionTransformer keeps a declared adapter, `TokenViT` (children embed, blocks, norm and head running
+timm's own `_pos_embed` and `forward_head` on the model's own modules and parameters), from before the traced
+split existed: its segments are plain modules that checkpoints of this layout name. Not carried by either:
+timm's gradient checkpointing (set_grad_checkpointing).
 """
 
 from __future__ import annotations
@@ -97,16 +95,27 @@ def stage_modules(model: nn.Module) -> list[str]:
     info = getattr(model, "feature_info", None)
     if info is not None:  # timm
         entries = info.get_dicts() if hasattr(info, "get_dicts") else list(info)
-        stages = [e["module"] for e in entries if e.get("reduction", 4) >= 4]
-        return [m for m in stages if _exists(model, m)]
+        stages = [_block_of(model, e["module"]) for e in entries if e.get("reduction", 4) >= 4]
+        stages = list(dict.fromkeys(m for m in stages if _exists(model, m)))
+        if stages:
+            return stages  # else its feature_info names modules it lacks (Twins): probe it
     names = [n for n, _ in model.named_children()]
-    if all(f"layer{i}" in names for i in range(1, 5)):  # torchvision ResNet / ResNeXt / Wide ResNet
+    if info is None and all(f"layer{i}" in names for i in range(1, 5)):  # torchvision ResNet / ResNeXt / Wide ResNet
         return [f"layer{i}" for i in range(1, 5)]
-    features = getattr(model, "features", None)
-    if isinstance(features, nn.Sequential):  # MobileNet, EfficientNet, VGG, ...: where the stride grows
-        return _stride_changes(features, "features")
-    raise ValueError(f"{type(model).__name__}: no stage layout found (no timm feature_info, no layer1..4, no "
-                     "features Sequential); pass splits explicitly (dotted paths of the children to split after)")
+    return _probed_stages(model)
+
+
+def _block_of(model: nn.Module, path: str) -> str:
+    """The block a feature module lies in: the path up to the first element of a Sequential or ModuleList
+    ("blocks.2.stack.act3" -> "blocks.2"; Xception takes its features inside a block, before it downsamples)."""
+    parts, here = path.split("."), model
+    for i, part in enumerate(parts):
+        if isinstance(here, (nn.Sequential, nn.ModuleList)):
+            return ".".join(parts[: i + 1])
+        here = getattr(here, part, None)
+        if here is None:
+            break
+    return path
 
 
 def _exists(model: nn.Module, path: str) -> bool:
@@ -117,23 +126,77 @@ def _exists(model: nn.Module, path: str) -> bool:
         return False
 
 
-def _stride_changes(features: nn.Sequential, prefix: str) -> list[str]:
-    # The last block before each downsampling, found by running a probe image through the blocks.
-    x = torch.zeros(1, 3, 224, 224)
-    sizes = []
-    with torch.no_grad():
-        for block in features:
-            x = block(x)
-            sizes.append(x.shape[-1])
-    ends = [i for i in range(len(sizes) - 1) if sizes[i + 1] < sizes[i] and sizes[i] < 224 // 2]
-    return [f"{prefix}.{i}" for i in ends] + [f"{prefix}.{len(sizes) - 1}"]
+def _positions(shape: tuple[int, ...]) -> int | None:
+    """Spatial positions of a probe's feature map (square input, batch 1): NCHW or NHWC maps (the two equal
+    sides), token sequences [1, L, C]; None for anything else (a pooled vector, logits)."""
+    if len(shape) == 4 and shape[0] == 1:
+        if shape[2] == shape[3]:
+            return shape[2] * shape[3]
+        if shape[1] == shape[2]:
+            return shape[1] * shape[2]
+        return None
+    if len(shape) == 3 and shape[0] == 1 and shape[1] > 1:
+        return shape[1]
+    return None
+
+
+def _probed_stages(model: nn.Module, side: int = 224) -> list[str]:
+    """The stages of any network, found by running one probe image with every module hooked: among the
+    modules that run each of their children once, the one whose children's feature maps shrink most often
+    (a stage ends at the last child before the map shrinks, and at its last map); a network whose maps never
+    shrink (a plain transformer) has one stage per block of its longest run of same-shaped blocks."""
+    size = getattr(model, "image_size", None)  # torchvision's ViT is built for one size
+    side = size if isinstance(size, int) else (getattr(model, "input_size", None) or (3, side, side))[-1]
+    calls: dict[str, list] = {}
+    hooks = [m.register_forward_hook(lambda mod, args, out, path=path: calls.setdefault(path, []).append(
+        tuple(out.shape) if isinstance(out, torch.Tensor) else None))
+        for path, m in model.named_modules() if path]
+    was = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, 3, side, side))
+    except Exception as exc:  # noqa: BLE001 - the reason is given in the one line
+        raise ValueError(f"{type(model).__name__}: a {side}x{side} probe to find its stages fails "
+                         f"({type(exc).__name__}); pass splits explicitly") from None
+    finally:
+        model.train(was)
+        for h in hooks:
+            h.remove()
+    best: tuple = ()
+    for path, container in [("", model), *model.named_modules()]:
+        children = [(f"{path}.{n}" if path else n) for n, _ in container.named_children()]
+        runs = [(c, _positions(calls[c][0])) for c in children if len(calls.get(c, [])) == 1 and calls[c][0]]
+        runs = [(c, n) for c, n in runs if n is not None and 1 < n <= (side // 4) ** 2]  # past the stem
+        if not runs:
+            continue
+        ends = [c for (c, n), (_, m) in zip(runs, runs[1:]) if m < n] + [runs[-1][0]]
+        key = (len(ends), -path.count(".") - bool(path), len(runs))
+        if key > (best[0] if best else ()):
+            best = (key, ends, runs)
+    if best and best[0][0] >= 3:
+        return best[1]
+    blocks: list[str] = []
+    for path, container in model.named_modules():
+        kids = [f"{path}.{n}" if path else n for n, _ in container.named_children()]
+        shapes = [calls[k][0] for k in kids if len(calls.get(k, [])) == 1]
+        if len(shapes) == len(kids) >= 4 and len(set(shapes)) == 1 and _positions(shapes[0]) and len(kids) > len(blocks):
+            blocks = kids
+    if blocks:
+        return blocks
+    raise ValueError(f"{type(model).__name__}: no stage layout found (no timm feature_info, no layer1..4, no run of "
+                     "modules whose feature maps shrink, no run of same-shaped blocks); pass splits explicitly (dotted "
+                     "paths of the modules to split after)")
 
 
 def pick_splits(stages: list[str], levels: int) -> list[str]:
     """The paper's split points among a network's stages (see the module doc)."""
+    if len(stages) < levels + 1:
+        raise ValueError(f"{levels} split levels do not fit {len(stages)} stages ({stages}); pass splits explicitly")
     fractions = {1: [1 / 2], 2: [1 / 2, 3 / 4], 3: [1 / 4, 1 / 2, 3 / 4]}.get(
         levels, [(i + 1) / (levels + 1) for i in range(levels)])
     picks = [stages[max(0, round(len(stages) * f) - 1)] for f in fractions]
+    if len(set(picks)) != len(picks) and len(stages) > levels:  # few stages: the ones before the last
+        picks = stages[len(stages) - 1 - levels: len(stages) - 1]
     if len(set(picks)) != len(picks) or picks[-1] == stages[-1] and len(stages) > 1 and levels > 1:
         raise ValueError(f"{levels} split levels do not fit {len(stages)} stages ({stages}); pass splits explicitly")
     return picks
@@ -221,17 +284,14 @@ class TokenViT(nn.Module):
 
 
 def adapt(net: nn.Module) -> nn.Module:
-    """The network as one that runs its children in order: TokenViT for timm's VisionTransformer family;
-    any other network as it is."""
+    """The network as one that runs its children in order: TokenViT for timm's VisionTransformer family (DeiT's
+    distilled models, which average two classifiers in code, are split through their traced graph); any other
+    network as it is."""
     try:
         from timm.models.vision_transformer import VisionTransformer
     except Exception:  # no timm: nothing of it to adapt
         return net
-    if not isinstance(net, VisionTransformer):
+    if not isinstance(net, VisionTransformer) or getattr(net, "dist_token", None) is not None \
+            or hasattr(net, "head_dist"):
         return net
-    if getattr(net, "dist_token", None) is not None or hasattr(net, "head_dist"):
-        # DeiT's distilled models: a second token and a second classifier whose outputs are averaged
-        raise ValueError(f"{type(net).__name__}: a distilled ViT (a distillation token and a second classifier) "
-                         "cannot be split into collaborative heads; use --pattern single, or its non-distilled "
-                         "version (e.g. timm:deit_tiny_patch16_224)")
     return TokenViT(net)
