@@ -107,6 +107,17 @@ def one(arch: str, pattern: str) -> dict:
     return row
 
 
+def _environment(argv) -> dict:
+    import platform
+
+    import timm
+    import torchvision
+
+    return {"date": time.strftime("%Y-%m-%d"), "device": "cpu", "torch": torch.__version__, "timm": timm.__version__,
+            "torchvision": torchvision.__version__, "python": platform.python_version(),
+            "command": " ".join(["python scripts/model_sweep.py", *(argv if argv is not None else sys.argv[1:])])}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--subset", choices=["all", "ci"], default="all")
@@ -132,7 +143,8 @@ def main(argv=None) -> int:
           f"({100 * len(both) / len(specs):.0f}%)")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"specs": len(specs), "counts": counts, "working_specs": len(both), "rows": rows}, f, indent=1)
+            json.dump({"environment": _environment(argv), "specs": len(specs), "counts": counts,
+                       "working_specs": len(both), "rows": rows}, f, indent=1)
     return 0 if not counts.get("raw") and not counts.get("degenerate") else 1
 
 

@@ -59,6 +59,13 @@ def test_auto_splits_are_the_papers_points():
     assert build("timm:resnet50", "hier4", num_classes=10).splits == ["layer2", "layer3"]
     assert build("timm:convnext_tiny", "hier4", num_classes=10).splits == ["stages.1", "stages.2"]
     assert build("torchvision:resnet50", "ilr2", num_classes=10).splits == ["layer2"]
+    from collab_fast.models.external import stage_modules
+
+    # found by a probe where no layout is declared: NHWC stages (Swin), named dense blocks, a feature inside a block
+    assert stage_modules(tv_models.swin_t()) == ["features.1", "features.3", "features.5", "features.7"]
+    assert stage_modules(tv_models.densenet121())[:3] == ["features.denseblock1", "features.denseblock2",
+                                                          "features.denseblock3"]
+    assert stage_modules(timm.create_model("xception41"))[:2] == ["blocks.1", "blocks.2"]  # not blocks.2.stack.act3
 
 
 def test_model_kwargs_reach_the_model():
@@ -197,7 +204,7 @@ def test_pretrained_weights_start_every_copy_and_the_heads_diverge(tmp_path):
 
 
 @pytest.mark.parametrize("pattern", ["ilr2", "single"])
-def test_the_trainer_runs_a_timm_model(tmp_path, pattern):
+def test_the_trainer_runs_a_timm_model(tmp_path, pattern, capsys):
     from collab_fast import train
 
     out = tmp_path / "run"
@@ -207,6 +214,8 @@ def test_the_trainer_runs_a_timm_model(tmp_path, pattern):
     assert rc == 0
     head = timm.create_model("resnet18", num_classes=1000, checkpoint_path=str(out / "head0.pth"))
     assert isinstance(head, torch.nn.Module)
+    said = capsys.readouterr().out
+    assert ("split after ['layer2'] (its children run in order)" in said) == (pattern == "ilr2")
 
 
 @pytest.mark.parametrize("arch, chans", [("timm:resnet18", 1), ("torchvision:resnet18", 3)])
