@@ -1,8 +1,8 @@
-"""Collaborative networks: the paper's head patterns (Fig. 1) for any network that runs a sequence of
-named children, and single-head export.
+"""Collaborative networks: the paper's head patterns (Fig. 1) for any network, and single-head export.
 
-A pattern is a tree of branching factors over split points. The target network's children are cut at
-the split points into segments: the first segment (the trunk) exists once; segment l exists once per
+A pattern is a tree of branching factors over split points. The target network is cut at the split
+points into segments (its children run in order, or its traced graph: `split_by`, and
+collab_fast.models.graph): the first segment (the trunk) exists once; segment l exists once per
 node of tree level l, each copy from a freshly built (independently initialised) target network, so
 every head is an exact copy of the target's structure. Where a node splits into k children the
 backprop-rescaling op `branch` divides the gradient by k ("backprop"), or sums it ("none", and "loss",
