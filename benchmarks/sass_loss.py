@@ -40,9 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS_DIR, versions, write_tables  # noqa: E402
 
 from collab_fast.kernels import collab_loss as cl  # noqa: E402
+from collab_fast.kernels.launch import LOCAL_BYTES_OK  # noqa: E402
 
 DEFAULT_SHAPES = ["H1:128256:bf16", "H2:128256:bf16", "H2:128256:fp32", "H3:50257:bf16", "H4:32000:bf16",
-                  "H8:32000:bf16"]
+                  "H8:32000:bf16", "H8:50257:bf16"]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 KINDS = [("MUFU", r"MUFU"), ("load/store global", r"(LDG|STG)"), ("shared", r"(LDS|STS|LDSM)"), ("shuffle", r"SHFL"),
          ("barrier", r"BAR"), ("fp32 FMA pipe", r"(FFMA|FMUL|FADD)"), ("fp compare/select", r"(FSETP|FSEL|FMNMX|FSET)"),
@@ -70,13 +71,25 @@ class _Sm90:
         return getattr(self.real, name)
 
 
-def compile_launches(heads: int, rows: int, classes: int, dtype: torch.dtype, stats: bool) -> list:
+OPTIONS = {  # --options: settings other than the defaults (T 2, detached CE consensus, labels)
+    "kl": {"soft_loss": "kl"}, "smooth": {"label_smoothing": 0.1}, "live": {"detach_consensus": False},
+    "t3": {"temperature": 3.0}, "probs": {},  # probs: a target distribution [N, C] instead of labels
+}
+
+
+def compile_launches(heads: int, rows: int, classes: int, dtype: torch.dtype, stats: bool,
+                     options: tuple[str, ...] = ()) -> list:
     """The kernels the launcher's forward and backward calls compile to, for sm_90."""
     compiled = []
     run = cl._collab_loss_kernel.run
 
     def compile_only(*args, grid, warmup, **kw):
-        compiled.append(run(*args, grid=grid, warmup=True, **kw))
+        # as launch.CachedLauncher decides: a register cap is dropped where the capped kernel spills
+        kernel = run(*args, grid=grid, warmup=True, **kw)
+        if kw.get("maxnreg") is not None and _local_bytes(kernel) > LOCAL_BYTES_OK:
+            kernel = run(*args, grid=grid, warmup=True, **dict(kw, maxnreg=None))
+            kernel.cap_dropped = kw["maxnreg"]
+        compiled.append(kernel)
 
     try:
         real = driver.active
@@ -86,8 +99,11 @@ def compile_launches(heads: int, rows: int, classes: int, dtype: torch.dtype, st
     driver.set_active(_Sm90(real))
     try:
         z = torch.empty(heads, rows, classes, dtype=dtype, device="meta")
-        y = torch.empty(rows, dtype=torch.int64, device="meta")
-        p = cl.CollabLossParams()
+        if "probs" in options:
+            y = torch.empty(rows, classes, dtype=torch.float32, device="meta")
+        else:
+            y = torch.empty(rows, dtype=torch.int64, device="meta")
+        p = cl.CollabLossParams(**{k: v for o in options for k, v in OPTIONS[o].items()})
         rs = cl._row_stats_buffer(z, y, p)
         cl._launch(z, y, p, return_stats=stats, save_row_stats=rs)
         r, w = torch.empty((), device="meta"), torch.empty(5, heads, device="meta")  # as backward: grad_output, n_valid
@@ -97,6 +113,12 @@ def compile_launches(heads: int, rows: int, classes: int, dtype: torch.dtype, st
         if real is not None:
             driver.set_active(real)
     return compiled
+
+
+def _local_bytes(kernel) -> int:
+    """Local memory a thread (stack frame + local arrays), as the driver would report it."""
+    usage = sass_of(kernel.asm["cubin"])[1]
+    return usage.get("stack", 0) + usage.get("local", 0)
 
 
 def sass_of(cubin: bytes) -> tuple[list, dict]:
@@ -112,8 +134,18 @@ def sass_of(cubin: bytes) -> tuple[list, dict]:
     return ins, {k.lower(): int(v) for k, v in re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage)}
 
 
-def loops_of(ins: list, per_thread: int) -> list[dict]:
-    """Each loop (a branch back to an earlier address): its instructions per element, by kind."""
+def _load_bytes(op: str) -> int:
+    """Bytes one thread loads with a global load opcode (LDG.E.128: 16; LDG.E.U16: 2; LDG.E: 4)."""
+    for suffix, size in ((".128", 16), (".64", 8), (".U16", 2), (".S16", 2), (".U8", 1), (".S8", 1)):
+        if suffix in op:
+            return size
+    return 4
+
+
+def loops_of(ins: list, element_size: int) -> list[dict]:
+    """Each loop (a branch back to an earlier address): its instructions per element, by kind. A loop's
+    elements are the logits a thread loads in one iteration (its global loads' bytes over the logit size):
+    the SAFE loops run narrower blocks than the finite one."""
     out = []
     for addr, op, rest in ins:
         target = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
@@ -123,10 +155,13 @@ def loops_of(ins: list, per_thread: int) -> list[dict]:
         kinds = collections.Counter()
         for o in body:
             kinds[next((name for name, pat in KINDS if re.match(pat, o)), "other")] += 1
-        out.append({"instructions": len(body), "per_element": len(body) / per_thread,
-                    "ex2_per_element": sum(o.startswith("MUFU.EX2") for o in body) / per_thread,
+        elements = sum(_load_bytes(o) for o in body if o.startswith("LDG")) // element_size
+        if elements == 0:
+            continue  # no logits read: the ignored rows' zero fill
+        out.append({"instructions": len(body), "elements": elements, "per_element": len(body) / elements,
+                    "ex2_per_element": sum(o.startswith("MUFU.EX2") for o in body) / elements,
                     "local": kinds["local memory"],
-                    "by_kind_per_element": {k: round(v / per_thread, 2) for k, v in kinds.most_common()}})
+                    "by_kind_per_element": {k: round(v / elements, 2) for k, v in kinds.most_common()}})
     return out
 
 
@@ -135,23 +170,33 @@ def ctas_per_sm(regs: int, warps: int) -> int:
     return min(65536 // (per_warp * warps), 64 // warps, 32)
 
 
-def measure(shape: str, stats: bool, rows: int, sms: int, ghz: float, copy_tbs: float) -> list[dict]:
+def measure(shape: str, stats: bool, rows: int, sms: int, ghz: float, copy_tbs: float,
+            options: tuple[str, ...] = ()) -> list[dict]:
     h, c, dt = shape.split(":")
     heads, classes, dtype = int(h.lstrip("H")), int(c), DTYPES[dt]
     block, num_blocks, warps = cl.pick_block_c(heads, classes)
     h_pad = triton.next_power_of_2(heads)
-    per_thread = h_pad * block // (warps * 32)  # elements of a block, per thread
+    per_thread = heads * block // (warps * 32)  # logits of a block a thread loads (padded heads load none)
     full_blocks = classes // block
     out, warp_instructions = [], 0
-    for phase, kernel in zip(("forward", "backward"), compile_launches(heads, rows, classes, dtype, stats)):
+    for phase, kernel in zip(("forward", "backward"), compile_launches(heads, rows, classes, dtype, stats, options)):
         ins, usage = sass_of(kernel.asm["cubin"])
-        loops = loops_of(ins, per_thread)
+        loops = loops_of(ins, dtype.itemsize)
         exp_loops = sorted((lp for lp in loops if lp["ex2_per_element"] > 0), key=lambda lp: lp["per_element"])
-        # a row of one block has no column loop: its whole kernel runs once
-        finite = exp_loops[0] if exp_loops else None
+        # the finite loop: the cheapest over a whole block (a row of one block has no column loop: its whole
+        # kernel runs once); the others run SAFE, over narrower blocks where _safe_block says so
+        whole = [lp for lp in exp_loops if lp["elements"] == per_thread]
+        finite = (whole or exp_loops or [None])[0]
+        if finite is not None:
+            exp_loops.remove(finite)
+            exp_loops.insert(0, finite)
         rest = len(ins) - sum(lp["instructions"] for lp in loops)  # straight-line code, counted once
         warp_instructions += rows * warps * (full_blocks * finite["instructions"] + rest if finite else len(ins))
-        out.append({"shape": f"H{heads} C{classes} {dt}", "phase": phase, "stats": stats, "block_c": block,
+        dropped = getattr(kernel, "cap_dropped", None)  # the capped compile spilled: this one runs uncapped
+        cap = dropped if dropped is not None else getattr(kernel.metadata, "maxnreg", None)
+        kept = cap is not None and dropped is None
+        out.append({"shape": f"H{heads} C{classes} {dt}", "phase": phase, "stats": stats, "options": list(options),
+                    "maxnreg": cap, "cap_kept": kept, "block_c": block,
                     "num_blocks": num_blocks, "warps": warps, "elements_per_thread": per_thread, **usage,
                     "ctas_per_sm": ctas_per_sm(usage["reg"], warps), "exp_loops": len(exp_loops),
                     "finite": finite, "safe": exp_loops[1:], "loop_local": sum(lp["local"] for lp in loops),
@@ -170,13 +215,19 @@ def markdown(rows: list[dict], argv: list[str], model: dict) -> str:
              f"Command: `python benchmarks/sass_loss.py {' '.join(argv)}`. Versions: {json.dumps(versions())}.",
              f"Model: {model['sms']} SMs x 4 schedulers x 1 warp-instruction a clock at {model['ghz']} GHz; floor = "
              f"logits read once + gradient written once at {model['copy_tbs']} TB/s. N = {rows[0]['rows']} rows.", "",
-             "| shape | phase | block | regs | CTAs/SM | stack | finite loop / element | MUFU.EX2 / element | "
-             "SAFE loops / element | fwd+bwd issue bound (ms) | floor (ms) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "Register cap: the launcher's maxnreg for the shape; 'kept' where the capped kernel's local memory "
+             f"stays within {LOCAL_BYTES_OK} bytes a thread (launch.CachedLauncher), else dropped: the row shows the "
+             "uncapped kernel, which is what runs.", "",
+             "| shape | phase | block | register cap | regs | CTAs/SM | stack | finite loop / element | "
+             "MUFU.EX2 / element | SAFE loops / element | fwd+bwd issue bound (ms) | floor (ms) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         safe = ", ".join(f"{lp['per_element']:.1f}" for lp in r["safe"])
         f = r["finite"] or {"per_element": float("nan"), "ex2_per_element": float("nan")}
-        lines.append(f"| {r['shape']}{' stats' if r['stats'] else ''} | {r['phase']} | {r['block_c']} | {r['reg']} | "
+        cap = "-" if r["maxnreg"] is None else f"{r['maxnreg']} ({'kept' if r['cap_kept'] else 'dropped: spills'})"
+        opts = "".join(f" {o}" for o in r.get("options", ()))
+        lines.append(f"| {r['shape']}{' stats' if r['stats'] else ''}{opts} | {r['phase']} | {r['block_c']} | {cap} | "
+                     f"{r['reg']} | "
                      f"{r['ctas_per_sm']} | {r.get('stack', 0)} | {f['per_element']:.1f} | {f['ex2_per_element']:.2f} | "
                      f"{safe} | {r['fwd_bwd_issue_bound_ms']:.2f} | {r['floor_ms_1R1W']:.2f} |")
     lines += ["", "Finite loop by kind (per element; nan: the row is one block, no loop):", ""]
@@ -192,27 +243,35 @@ def main(argv: list[str] | None = None) -> int:
                     help="heads, classes and dtype (bf16, fp16, fp32) of each shape")
     ap.add_argument("--rows", type=int, default=4096, help="rows N (for the model only)")
     ap.add_argument("--stats", action="store_true", help="forward with return_stats (per-head accuracy)")
+    ap.add_argument("--options", nargs="*", default=[], choices=sorted(OPTIONS),
+                    help="settings other than the defaults: KL soft loss, label smoothing 0.1, a live consensus, "
+                         "T = 3, a probability target")
     ap.add_argument("--sms", type=int, default=132)
     ap.add_argument("--ghz", type=float, default=1.98, help="SM clock (H100/H200 SXM boost)")
     ap.add_argument("--copy-tbs", type=float, default=4.225,
                     help="DRAM copy rate, TB/s (default: measured on the H200, bench_loss_nvidia-h200_2026-12-04)")
     ap.add_argument("--json", metavar="PATH", help="write the rows as JSON here ('-': stdout, nothing else printed)")
     ap.add_argument("--out", metavar="DIR", default=str(RESULTS_DIR), help="where the markdown + JSON go")
+    ap.add_argument("--tag", default="", help="a word in the result files' names (e.g. which change they measure)")
     args = ap.parse_args(argv)
     if not CUOBJDUMP.exists():
         print(f"sass_loss: this Triton ({triton.__version__}) ships no cuobjdump at {CUOBJDUMP}", file=sys.stderr)
         return 2
+    if not re.fullmatch(r"[\w.-]*", args.tag):
+        ap.error(f"--tag: {args.tag!r} may hold letters, digits, '.', '-' and '_' only")
     for s in args.shapes:
         if not re.fullmatch(r"H[1-9]\d*:[1-9]\d*:(bf16|fp16|fp32)", s):
             ap.error(f"--shapes: {s!r} is not H:C:DTYPE (e.g. H2:128256:bf16)")
-    rows = [r for s in args.shapes for r in measure(s, args.stats, args.rows, args.sms, args.ghz, args.copy_tbs)]
+    rows = [r for s in args.shapes
+            for r in measure(s, args.stats, args.rows, args.sms, args.ghz, args.copy_tbs, tuple(args.options))]
     if args.json == "-":
         print(json.dumps(rows))
         return 0
     text = markdown(rows, sys.argv[1:] if argv is None else argv,
                     {"sms": args.sms, "ghz": args.ghz, "copy_tbs": args.copy_tbs})
     write_tables(text, rows, args.json, args.out,
-                 f"sass_loss_sm90_triton{triton.__version__}{'_stats' if args.stats else ''}_{datetime.date.today()}")
+                 f"sass_loss_sm90_triton{triton.__version__}{'_stats' if args.stats else ''}"
+                 f"{''.join('_' + o for o in args.options)}{'_' + args.tag if args.tag else ''}_{datetime.date.today()}")
     return 0
 
 

@@ -755,6 +755,7 @@ _AOT = r"""
 import inspect, json, re, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from collab_fast.kernels import collab_loss as cl
 from collab_fast.kernels.collab_loss import _collab_loss_kernel as kernel
 names = list(inspect.signature(kernel.fn).parameters)
 def signature(dt):
@@ -786,7 +787,8 @@ out = []
 for dt, H, B, NB, RED, ROW, DET, ST, SM, T2, KL, VEC, RS in variants:
     consts = dict(H=H, H_PAD=triton.next_power_of_2(H), BLOCK_C=B, NUM_BLOCKS=NB, REDUCE=RED, MEAN=RED,
                   COMPUTE_LOSS=not ROW, COMPUTE_GRAD=RS != 1, ROW_WEIGHTS=ROW, DETACH=DET, STATS=ST, SMOOTH=SM,
-                  T_IS_TWO=T2, KL=KL, VEC=VEC, ROW_STATS=RS, NUM_STAGES=1, FAST_EXP=True, TAIL=True, PROBS=False,
+                  T_IS_TWO=T2, KL=KL, VEC=VEC, ROW_STATS=RS, NUM_STAGES=1, FAST_EXP=True, TAIL=1, PROBS=False,
+                  SAFE_BLOCK=cl._safe_block(H, B),
                   stride_zc=1, stride_gc=1)
     s = dict(signature(dt), **{c: "constexpr" for c in consts})
     attrs = {k: v for k, v in div16.items() if names[k[0]] not in consts}
@@ -892,16 +894,17 @@ print("RESULT", json.dumps(out))
 """
 
 
-# Instructions per element of the finite path's column loop, fwd / bwd (T = 2, labels, defaults), with ~10%
+# Instructions per logit of the finite path's column loop, fwd / bwd (T = 2, labels, defaults), with ~10%
 # over the counts of Triton 3.6, 3.7 and 3.9 (benchmarks/results/sass_loss_sm90_*): a change that puts
 # instructions back into the loops fails here.
 _SASS_BOUNDS = {
     "H1 C128256 bf16": (9.0, 11.0),
     "H2 C128256 bf16": (11.0, 13.0),
     "H2 C128256 fp32": (10.5, 11.0),
-    "H3 C50257 bf16": (31.5, 16.5),  # C odd: no 16-byte groups, statistics reduced per block
+    "H3 C50257 bf16": (23.0, 20.5),  # C odd: rows not 16-byte aligned, groups of columns 128 apart
     "H4 C32000 bf16": (18.0, 16.5),
-    "H8 C32000 bf16": (18.0, 16.0),
+    "H8 C32000 bf16": (19.0, 18.0),  # blocks of 512 columns: <= 128 registers
+    "H8 C50257 bf16": (19.5, 19.0),
 }
 
 
@@ -930,11 +933,15 @@ def test_long_row_loops_instruction_counts_for_sm90():
         assert r["exp_loops"] >= 2, r
         assert f["per_element"] <= (fwd_bound if r["phase"] == "forward" else bwd_bound), r
         # exponentials a logit: one per head and pass (exp(z - m) = e_t^2 at T = 2), a second for the
-        # consensus where H >= 3 (with H = 2 it is the other head's); the rest are per group or block
-        assert f["ex2_per_element"] <= (1.25 if heads <= 2 else 2.5), r
+        # consensus where H >= 3 (with H = 2 it is the other head's; padded heads compute theirs too); the
+        # rest are per group or block
+        h_pad = 1 << (heads - 1).bit_length()
+        assert f["ex2_per_element"] <= (1.25 if heads <= 2 else 2.5 * h_pad / heads), r
         assert r["loop_local"] == 0 and r.get("local", 0) == 0, r  # no spills in the loops
         assert r.get("stack", 0) <= (8 if heads <= 4 else 16), r  # at most a spilled value outside them
-        assert r["reg"] <= (128 if heads <= 2 else 255), r  # H >= 3: 119-255 today (the issue's 128 is open)
+        # <= 128 registers: 4 CTAs of 4 warps an SM; H >= 3 under the launcher's cap, which the defaults keep
+        assert r["reg"] <= 128, r
+        assert (r["maxnreg"] is not None and r["cap_kept"]) == (heads >= 3), r
         per.setdefault(r["shape"], {})[r["phase"]] = f["per_element"]
     assert per["H2 C128256 bf16"]["forward"] + per["H2 C128256 bf16"]["backward"] <= 30.0, per
 
@@ -1172,6 +1179,61 @@ def test_long_rows_take_the_finite_path_and_run_again_safe_where_a_class_is_abse
         rs = cl._row_stats_buffer(z, y, params)
         cl._launch(z, y, params, save_row_stats=rs)
         assert rs[8].tolist() == [[0.0] * 5]
+
+
+@pytest.mark.parametrize("H, block_c, C, vec, safe, tail", [
+    (8, 256, 845, 1, 128, 1),  # fp32 rows not 16-byte aligned: a thread's group is 2 columns 128 apart
+    (8, 256, 968, 4, 128, 2),  # aligned: groups of 4 adjacent columns; SAFE blocks of 128, a tail of 2
+    (3, 512, 1324, 4, 256, 2),
+    (3, 512, 1325, 1, 256, 2),  # not aligned: 4 columns a group, 128 apart
+    (2, 256, 781, 1, 256, 1),  # the two-head swap on strided groups
+    (1, 256, 781, 1, 256, 1),
+])
+@pytest.mark.parametrize("kw", [dict(return_stats=True),
+                                dict(label_smoothing=0.1, soft_loss="kl", detach_consensus=False, temperature=3.0),
+                                dict(probs=True, return_stats=True, label_smoothing=0.05)])
+def test_long_rows_in_narrow_safe_blocks_and_strided_groups(H, block_c, C, vec, safe, tail, kw):
+    # Blocks wide enough for the launcher's real layouts: the SAFE loops (a row with -inf in a full block,
+    # the partial last block) run over blocks of _safe_block columns, several to a block; rows that are
+    # not 16-byte aligned keep per-thread statistics over columns 128 apart. Row 1 holds -inf in its second
+    # block (run again SAFE, in narrow blocks); row 2's maximum is tied at two columns of one strided group
+    # (the first counts for the stats, as torch.argmax); row 3's lies in the second column of its group;
+    # row 4 is ignored.
+    kw = dict(kw)
+    probs, stats = kw.pop("probs", False), kw.pop("return_stats", False)
+    z, y = make(H, 6, C, seed=C + H)
+    assert cl._vector_width(z, z) == vec
+    assert cl._plan(H, C, block_c, 4, None)[5:7] == (tail, safe)
+    masked = [block_c + 3, block_c + 130, block_c + 131]
+    z[:, 1, masked] = float("-inf")
+    y[1] = 7
+    z[:, 2, [block_c + 5, block_c + 133]] = 40.0
+    y[2] = block_c + 5
+    z[:, 3, block_c + 142] = 40.0  # the maximum in the second column of its group (either grouping)
+    y[3] = block_c + 142
+    y[4] = -100
+    if probs:
+        y = make_probs(6, C, seed=C, kind="dense")
+        y[1, masked] = 0.0
+        y[2:4] = 0.0
+        y[2, block_c + 5] = y[3, block_c + 142] = 1.0
+        y = y.float()
+    ref, ker, gr, gk = run_both(z, y, block_c=block_c, **kw)
+    assert torch.isfinite(ker).all() and torch.isfinite(gk).all()
+    assert_close(ker, ref, atol=2e-5)
+    assert_close(gk, gr, atol=2e-6)
+    assert (gk[:, 1, masked] == 0).all()
+    params = cl.CollabLossParams(block_c=block_c, **kw)
+    rs = cl._row_stats_buffer(z, y, params)
+    _, st, _, _ = cl._launch(z, y, params, return_stats=stats, save_row_stats=rs)
+    if H > 1 or kw.get("label_smoothing"):
+        assert rs[8].tolist() == [[0.0, 1.0, 0.0, 0.0, 0.0, 0.0]] * H  # only row 1 ran SAFE
+    if stats:
+        _, want = collab_loss_reference(z.double(), y, return_stats=True, **kw)
+        assert_close(st[0], want.hard, atol=2e-5)
+        assert_close(st[1], want.soft, atol=2e-5)
+        assert_close(st[2], want.correct, atol=0)
+        assert (want.correct >= 2).all()  # rows 2 and 3 count: their (first) maximum is their label
 
 
 @pytest.mark.parametrize("H", [2, 3])

@@ -162,3 +162,75 @@ def test_interpreter_and_replaced_run_take_tritons_path(monkeypatch):
     launcher(2, (z, 3), (16,), 4)
     launcher(2, (z, 3), (16,), 4)
     assert len(fn.seen) == 2 and fn.seen[0][2] == {"B": 16, "num_warps": 4} and launcher.kernels == {}
+
+
+class _Compiled:
+    """What Triton's compile returns, as far as the launcher looks: the options it was built with, the local
+    memory the driver reports once loaded (n_spills, in 4-byte words), and a C launcher."""
+
+    def __init__(self, fn, options):
+        self.fn, self.options = fn, options
+        self.function = self.packed_metadata = None
+
+    def _init_handles(self):
+        self.n_spills = self.fn.spill_words.get(self.options.get("maxnreg"), 0)
+
+    def run(self, *a):
+        self.fn.launches.append(("cached", self.options))
+
+
+class _CappedFn:
+    device_caches = {}
+    pre_run_hooks = []
+
+    def __init__(self, spill_words):
+        self.spill_words = spill_words  # maxnreg -> local words of the kernel compiled under it
+        self.launches, self.warmups = [], []
+
+    def _options(self, kw):
+        return {k: v for k, v in kw.items() if k in ("num_warps", "maxnreg")}
+
+    def warmup(self, *a, grid, **kw):
+        self.warmups.append(self._options(kw))
+        return _Compiled(self, self._options(kw))
+
+    def __getitem__(self, grid):
+        def launch(*a, **kw):
+            self.launches.append(("triton", self._options(kw)))
+            return _Compiled(self, self._options(kw))
+        return launch
+
+
+@pytest.mark.parametrize("words, kept", [(0, True), (6, True), (7, False), (40, False)])
+def test_a_register_cap_is_kept_only_where_the_capped_kernel_does_not_spill(monkeypatch, words, kept):
+    # The first launch of a key compiles under the cap and loads the kernel: at most LOCAL_BYTES_OK (24 bytes,
+    # 6 words) of local memory a thread keeps the cap, more runs the key uncapped; later launches of the key
+    # reuse the choice through the cached C launcher, with no second compile.
+    import types
+
+    from collab_fast.kernels import launch as launch_mod
+
+    active = types.SimpleNamespace(get_current_device=lambda: 0, get_current_stream=lambda device: 0)
+    monkeypatch.setattr(launch_mod, "driver", types.SimpleNamespace(active=active))
+    fn = _CappedFn({128: words})
+    launcher = CachedLauncher(fn, ("B",))
+    z = torch.zeros(8)
+    launcher(2, (z, 3), (16,), 4, 0, 128)
+    launcher(2, (z, 3), (16,), 4, 0, 128)
+    want = {"num_warps": 4, "maxnreg": 128} if kept else {"num_warps": 4}
+    assert fn.warmups == [{"num_warps": 4, "maxnreg": 128}]
+    assert fn.launches == [("triton", want), ("cached", want)]
+    assert launch_mod.LOCAL_BYTES_OK == 24
+
+
+def test_no_register_cap_compiles_once(monkeypatch):
+    import types
+
+    from collab_fast.kernels import launch as launch_mod
+
+    active = types.SimpleNamespace(get_current_device=lambda: 0, get_current_stream=lambda device: 0)
+    monkeypatch.setattr(launch_mod, "driver", types.SimpleNamespace(active=active))
+    fn = _CappedFn({})
+    launcher = CachedLauncher(fn, ("B",))
+    launcher(2, (torch.zeros(8), 3), (16,), 4, 0)
+    assert fn.warmups == [] and fn.launches == [("triton", {"num_warps": 4})]

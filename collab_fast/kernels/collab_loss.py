@@ -430,11 +430,22 @@ if triton is not None:
                                  SMOOTH: tl.constexpr, PROBS: tl.constexpr, NUM_STAGES: tl.constexpr,
                                  FAST: tl.constexpr):
         # Pass 1 over full blocks [start, stop), taken as finite (see _pass1_blocks), from the row's initial
-        # statistics, with online statistics per thread: each group of VEC adjacent columns (the 16 bytes one
-        # thread loads) keeps its own maxima and sums [H_PAD, G], so a block costs no reduction across threads
-        # (no shuffles, shared memory or barriers); the groups are merged into the row's [H_PAD] once, after
-        # the loop (the statistics' argmax too: a first column per group). Only a probability target reduces per block.
-        G: tl.constexpr = BLOCK_C // VEC
+        # statistics, with online statistics per thread: each group of columns one thread holds keeps its own
+        # maxima and sums [H_PAD, G], so a block costs no reduction across threads (no shuffles, shared
+        # memory or barriers); the groups are merged into the row's [H_PAD] once, after the loop (the
+        # statistics' argmax too: a first column per group). Only a probability target reduces per block.
+        # A group: VEC > 1, the VEC adjacent columns of a 16-byte load; VEC = 1 (rows not 16-byte aligned,
+        # e.g. C = 50257), the columns LANES apart that one thread loads one at a time (a looped row runs 4
+        # warps: 128 lanes). The grouping only decides how the sums are split, never their value.
+        LANES: tl.constexpr = 128 if BLOCK_C >= 128 else BLOCK_C
+        if VEC > 1:
+            G: tl.constexpr = BLOCK_C // VEC
+            STEP: tl.constexpr = 1  # from one column of a group to the next
+            group_col = (tl.arange(0, G) * VEC)[None, :]  # [1, G]: the group's first column in a block
+        else:
+            G: tl.constexpr = LANES
+            STEP: tl.constexpr = LANES
+            group_col = tl.arange(0, G)[None, :]
         gm1 = tl.full([H_PAD, G], float("-inf"), tl.float32)  # max z of the group
         gs1 = tl.zeros([H_PAD, G], tl.float32)  # sum exp(z - gm1)
         gst = tl.zeros([H_PAD, G], tl.float32)  # sum exp((z - gm1) / T)
@@ -444,7 +455,6 @@ if triton is not None:
         gvc = tl.zeros([H_PAD, G], tl.float32)  # KL: sum of the consensus exponentials times u
         gsf = tl.zeros([H_PAD, G], tl.float32)  # SMOOTH: sum z
         garg = tl.zeros([H_PAD, G], tl.int32)  # STATS: the group's first column holding its maximum
-        group_col = (tl.arange(0, G) * VEC)[None, :]  # [1, G]: the group's first column in a block
         for b in tl.range(start, stop, num_stages=NUM_STAGES):
             cols = b * BLOCK_C + cols0
             z = _load_cols(z_row, stride_zc, cols, 0, head_mask, False)
@@ -456,10 +466,13 @@ if triton is not None:
                     blk_t = tl.max(tb, axis=0)
                     t_arg = tl.where(blk_t > t_max, tl.argmax(tb, axis=0).to(tl.int64) + b * BLOCK_C, t_arg)
                     t_max = tl.maximum(t_max, blk_t)
-            z3 = tl.reshape(z, [H_PAD, G, VEC])
+            if VEC > 1:
+                z3 = tl.reshape(z, [H_PAD, G, VEC])  # [H_PAD, G, columns of a group]
+            else:
+                z3 = tl.permute(tl.reshape(z, [H_PAD, BLOCK_C // LANES, LANES]), (0, 2, 1))
             blk_max = tl.max(z3, axis=2)
             if STATS:  # strict: an earlier block's column wins a tie
-                garg = tl.where(blk_max > gm1, b * BLOCK_C + group_col + tl.argmax(z3, axis=2), garg)
+                garg = tl.where(blk_max > gm1, b * BLOCK_C + group_col + STEP * tl.argmax(z3, axis=2), garg)
             gm_new = tl.maximum(gm1, blk_max)
             gmk = gm_new * k
             a_t = _exp2(gm1 * k - gmk, FAST)  # rescale of the group's sums to its new maximum
@@ -631,7 +644,8 @@ if triton is not None:
         NUM_STAGES: tl.constexpr,  # > 1: the column loops prefetch the next blocks (cp.async into shared memory)
         PROBS: tl.constexpr,  # the target is a distribution over classes per sample (mixup, cutmix, smoothing)
         FAST_EXP: tl.constexpr,  # exponentials as one MUFU.EX2 each (NVIDIA; see _exp2)
-        TAIL: tl.constexpr,  # C is not a multiple of BLOCK_C: the last block is partial
+        TAIL: tl.constexpr,  # SAFE blocks covering the last, partial block (0: C is a multiple of BLOCK_C)
+        SAFE_BLOCK: tl.constexpr,  # columns per block in the SAFE loops (a divisor of BLOCK_C; see _safe_block)
     ):
         # The row strides and C arrive divided by VEC: multiplied back here, Triton knows that they are
         # multiples of VEC, so every row starts on a 16-byte boundary and masks are constant per VEC
@@ -666,7 +680,9 @@ if triton is not None:
                           mask=head_mask, other=0.0).to(tl.float32)
         cols0 = tl.arange(0, BLOCK_C)
         k = inv_t * 1.4426950408889634  # log2(e) / T: exponentials as exp2 with the scale folded in
-        n_full: tl.constexpr = NUM_BLOCKS - TAIL  # blocks of BLOCK_C columns, all before C
+        SPLIT: tl.constexpr = BLOCK_C // SAFE_BLOCK  # SAFE blocks a block
+        n_full: tl.constexpr = NUM_BLOCKS - (TAIL + SPLIT - 1) // SPLIT  # blocks of BLOCK_C columns, all before C
+        safe_cols0 = tl.arange(0, SAFE_BLOCK)
 
         # ---- pass 1: row statistics per head ([H_PAD] vectors), online over column blocks ----
         # (backward of a long row loads them from forward instead: the row is read once per phase)
@@ -724,16 +740,10 @@ if triton is not None:
         else:
             # Full blocks first, taken as finite; again SAFE where the consensus sums say they were not (a
             # row with absent classes); then the last, partial block, SAFE.
-            if VEC > 1:
-                a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14 = _pass1_blocks_per_thread(
-                    z_row, stride_zc, t_row, stride_yc, head_mask, cols0, 0, n_full, k, inv_t,
-                    m1, s1, s_t, m_c, s_c, t_c, v_c, sum_fin, n_fin, arg, zt, t_sum, t_max, t_arg,
-                    BLOCK_C, H, H_PAD, VEC, T_IS_TWO, KL, STATS, SMOOTH, PROBS, NUM_STAGES, FAST_EXP)
-            else:
-                a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14 = _pass1_blocks(
-                    z_row, stride_zc, t_row, stride_yc, head_mask, cols0, 0, n_full, C, k, inv_t,
-                    m1, s1, s_t, m_c, s_c, t_c, v_c, sum_fin, n_fin, arg, zt, t_sum, t_max, t_arg,
-                    BLOCK_C, H, T_IS_TWO, KL, STATS, SMOOTH, PROBS, NUM_STAGES, FAST_EXP, False)
+            a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14 = _pass1_blocks_per_thread(
+                z_row, stride_zc, t_row, stride_yc, head_mask, cols0, 0, n_full, k, inv_t,
+                m1, s1, s_t, m_c, s_c, t_c, v_c, sum_fin, n_fin, arg, zt, t_sum, t_max, t_arg,
+                BLOCK_C, H, H_PAD, VEC, T_IS_TWO, KL, STATS, SMOOTH, PROBS, NUM_STAGES, FAST_EXP)
             # A -inf (or NaN) logit in a full block makes these NaN or -inf: the row runs again SAFE.
             nonfinite = (a2 != a2) | (a3 != a3)
             if H > 1:
@@ -743,14 +753,14 @@ if triton is not None:
             if tl.sum(nonfinite.to(tl.int32), axis=0) > 0:
                 safe_row += 1.0
                 a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14 = _pass1_blocks(
-                    z_row, stride_zc, t_row, stride_yc, head_mask, cols0, 0, n_full, C, k, inv_t,
+                    z_row, stride_zc, t_row, stride_yc, head_mask, safe_cols0, 0, n_full * SPLIT, C, k, inv_t,
                     m1, s1, s_t, m_c, s_c, t_c, v_c, sum_fin, n_fin, arg, zt, t_sum, t_max, t_arg,
-                    BLOCK_C, H, T_IS_TWO, KL, STATS, SMOOTH, PROBS, NUM_STAGES, FAST_EXP, True)
+                    SAFE_BLOCK, H, T_IS_TWO, KL, STATS, SMOOTH, PROBS, NUM_STAGES, FAST_EXP, True)
             if TAIL:
                 m1, s1, s_t, m_c, s_c, t_c, v_c, sum_fin, n_fin, arg, zt, t_sum, t_max, t_arg = _pass1_blocks(
-                    z_row, stride_zc, t_row, stride_yc, head_mask, cols0, n_full, NUM_BLOCKS, C, k, inv_t,
-                    a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14,
-                    BLOCK_C, H, T_IS_TWO, KL, STATS, SMOOTH, PROBS, NUM_STAGES, FAST_EXP, True)
+                    z_row, stride_zc, t_row, stride_yc, head_mask, safe_cols0, n_full * SPLIT,
+                    n_full * SPLIT + TAIL, C, k, inv_t, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14,
+                    SAFE_BLOCK, H, T_IS_TWO, KL, STATS, SMOOTH, PROBS, NUM_STAGES, FAST_EXP, True)
             else:
                 m1, s1, s_t, m_c, s_c, t_c, v_c, sum_fin, n_fin = a1, a2, a3, a4, a5, a6, a7, a8, a9
                 arg, zt, t_sum, t_max, t_arg = a10, a11, a12, a13, a14
@@ -881,9 +891,9 @@ if triton is not None:
                 lq = mc_safe + tl.log2(s_c)
                 if ok:  # (a row-level branch: no per-element select of ignored rows)
                     if tl.max(safe_row, axis=0) > 0:  # pass 1 found -inf in a full block
-                        _grad_blocks(z_row, stride_zc, g_row, stride_gc, t_row, stride_yc, head_mask, cols0, 0,
-                                     n_full, C, k, lt, l1, lq, y_safe, t_sum, r, rh1, rh, rs, qa, qu, n_fin,
-                                     inv_t, soft_coef, eps, BLOCK_C, H, T_IS_TWO, DETACH, SMOOTH, KL, PROBS,
+                        _grad_blocks(z_row, stride_zc, g_row, stride_gc, t_row, stride_yc, head_mask, safe_cols0, 0,
+                                     n_full * SPLIT, C, k, lt, l1, lq, y_safe, t_sum, r, rh1, rh, rs, qa, qu, n_fin,
+                                     inv_t, soft_coef, eps, SAFE_BLOCK, H, T_IS_TWO, DETACH, SMOOTH, KL, PROBS,
                                      NUM_STAGES, FAST_EXP, True)
                     else:
                         _grad_blocks(z_row, stride_zc, g_row, stride_gc, t_row, stride_yc, head_mask, cols0, 0,
@@ -891,10 +901,10 @@ if triton is not None:
                                      inv_t, soft_coef, eps, BLOCK_C, H, T_IS_TWO, DETACH, SMOOTH, KL, PROBS,
                                      NUM_STAGES, FAST_EXP, False)
                     if TAIL:
-                        _grad_blocks(z_row, stride_zc, g_row, stride_gc, t_row, stride_yc, head_mask, cols0, n_full,
-                                     NUM_BLOCKS, C, k, lt, l1, lq, y_safe, t_sum, r, rh1, rh, rs, qa, qu, n_fin, inv_t,
-                                     soft_coef, eps, BLOCK_C, H, T_IS_TWO, DETACH, SMOOTH, KL, PROBS, NUM_STAGES,
-                                     FAST_EXP, True)
+                        _grad_blocks(z_row, stride_zc, g_row, stride_gc, t_row, stride_yc, head_mask, safe_cols0,
+                                     n_full * SPLIT, n_full * SPLIT + TAIL, C, k, lt, l1, lq, y_safe, t_sum, r, rh1,
+                                     rh, rs, qa, qu, n_fin, inv_t, soft_coef, eps, SAFE_BLOCK, H, T_IS_TWO, DETACH,
+                                     SMOOTH, KL, PROBS, NUM_STAGES, FAST_EXP, True)
                 else:  # an ignored sample: a zero gradient, whatever its logits hold
                     for b in tl.range(0, NUM_BLOCKS):
                         cols = b * BLOCK_C + cols0
@@ -912,15 +922,24 @@ _MAX_TILE = 8192  # elements of the [H_PAD, BLOCK_C] register tile
 # warps. Measured on an H200 (benchmarks/results/bench_loss_sweep_nvidia-h200_2026-12-04.md: fwd+bwd kernel-only
 # over tiles 4096-16384, 4/8/16 warps, prefetch on/off): 4 warps were fastest at both LM shapes, and the
 # earlier rule (warps = tile / 512, i.e. 16) was 1.7x (H2 C128256: 5.74 -> 3.31 ms) and 4.1x (H8 C32000:
-# 22.7 -> 5.49 ms) slower; blocks of 2048 (H2) and 1024 (H8) columns were the fastest there. Three and four
-# heads (not swept) take 1024 columns: with 2048 (64 values a thread) the backward spills under Triton 3.6.
+# 22.7 -> 5.49 ms) slower; blocks of 2048 (H2) and 1024 (H8) columns were the fastest there (before the
+# per-thread statistics). Since: with 3-8 heads the registers bound the warps an SM keeps, so the block and a
+# register cap are chosen from the sm_90 SASS (benchmarks/sass_loss.py: no spill, <= 128 registers, the
+# fewest instructions a logit): 3-4 heads 1024 columns (2048: the backward spills), 5-8 heads 512 (at 1024
+# the finite loop alone needs 168 registers: 2-3 CTAs an SM; at 512 it needs <= 128 for ~10% more
+# instructions a logit). Unswept on a GPU.
 _LONG_ROW_BLOCK = 2048
-_LONG_ROW_BLOCK_MANY_HEADS = 1024  # H >= 3
+_LONG_ROW_BLOCKS = {4: 1024, 8: 512}  # by H_PAD; more heads: the largest tile (_MAX_TILE)
+# ptxas's register limit for looped rows of 3-8 heads: 4 CTAs of 4 warps an SM. Kept where the kernel does
+# not spill under it (launch.CachedLauncher checks each compile): the defaults never do on sm_90 under
+# Triton 3.6-3.9; some settings with stats, a live consensus or a target distribution would, and run uncapped.
+_REG_CAP = 128
 # Software pipelining of the column loops (rows of at least this many blocks): Triton turns the loop's
 # loads into cp.async copies of the next block into shared memory. Off (1) by default: on the H200 sweep it
 # was slower in 16 of 18 configurations (by 1-12%; 2x in one). 2 compiles without stack or local memory
 # under Triton 3.6-3.9; bench_loss.py's "ours-prefetch" provider keeps the A/B.
 _LOOP_STAGES = 1
+_SAFE_TILE = 1024  # elements of the SAFE loops' [H_PAD, SAFE_BLOCK] tile (see _safe_block)
 _REDUCE_CODE = {"none": 0, "sum": 1, "mean": 2}
 
 
@@ -975,10 +994,18 @@ def pick_block_c(num_heads: int, num_classes: int, block_c: int | None = None) -
     if block_c is None:
         block_c = min(_pow2(num_classes), max(_MAX_TILE // h_pad, 16))
         if block_c < num_classes:  # a looped row: see _LONG_ROW_BLOCK
-            block_c = min(block_c, _LONG_ROW_BLOCK if h_pad <= 2 else _LONG_ROW_BLOCK_MANY_HEADS)
+            block_c = min(block_c, _LONG_ROW_BLOCK if h_pad <= 2 else _LONG_ROW_BLOCKS.get(h_pad, block_c))
     num_blocks = -(-num_classes // block_c)
     num_warps = 4 if num_blocks > 1 else min(16, max(4, (h_pad * block_c) // 512))
     return block_c, num_blocks, num_warps
+
+
+def _safe_block(num_heads: int, block_c: int) -> int:
+    """Columns per block of the SAFE loops (rows with -inf logits, the last partial block). Their tile holds
+    more live values per logit than the finite loop's (absent-class masks and counts, per-block maxima), and
+    the kernel's registers are the most any of its loops needs: at the finite loop's block they set the
+    count (H8 at 1024 columns: 245 registers, 168 without them). They run over narrower blocks instead."""
+    return min(block_c, max(16, _SAFE_TILE // _pow2(num_heads)))
 
 
 # Shared memory: a prefetching loop keeps (stages - 1) tiles of [H_PAD, BLOCK_C] in shared memory, and
@@ -1022,16 +1049,21 @@ def loop_stages(num_heads: int, block_c: int, num_blocks: int, element_size: int
 
 _CONSTEXPRS = ("H", "H_PAD", "BLOCK_C", "NUM_BLOCKS", "REDUCE", "MEAN", "COMPUTE_LOSS", "COMPUTE_GRAD", "ROW_WEIGHTS",
                "DETACH", "STATS", "SMOOTH", "T_IS_TWO", "KL", "VEC", "ROW_STATS", "NUM_STAGES", "PROBS", "FAST_EXP",
-               "TAIL")
+               "TAIL", "SAFE_BLOCK")
 _kernel_launcher = CachedLauncher(_collab_loss_kernel, _CONSTEXPRS) if triton is not None else None
 
 
 @functools.lru_cache(maxsize=256)
 def _plan(num_heads: int, num_classes: int, block_c: int | None, element_size: int, smem_limit: int | None):
-    """(H_PAD, block, number of blocks, warps, loop stages, tail) of a row: computed once per shape."""
+    """(H_PAD, block, number of blocks, warps, loop stages, SAFE blocks of the tail, SAFE block, register
+    cap or None) of a row: computed once per shape."""
     block, num_blocks, num_warps = pick_block_c(num_heads, num_classes, block_c)
     stages = loop_stages(num_heads, block, num_blocks, element_size, smem_limit, block_c is not None)
-    return _pow2(num_heads), block, num_blocks, num_warps, stages, num_classes % block != 0
+    safe = _safe_block(num_heads, block)
+    tail = -(-(num_classes % block) // safe)
+    h_pad = _pow2(num_heads)
+    cap = _REG_CAP if num_blocks > 1 and h_pad in _LONG_ROW_BLOCKS and _fast_exp() else None
+    return h_pad, block, num_blocks, num_warps, stages, tail, safe, cap
 
 
 _WORKSPACES: dict = {}  # (device index, stream, H) -> the kernel's zeroed workspace on that stream
@@ -1075,7 +1107,7 @@ def _launch(
     of "mean" (or with stats) returns the [5, H] buffer holding n_valid, which backward takes as `counts`."""
     num_heads, n, c = logits.shape
     device = logits.device
-    h_pad, block, num_blocks, num_warps, stages, tail = _plan(
+    h_pad, block, num_blocks, num_warps, stages, tail, safe, cap = _plan(
         num_heads, c, params.block_c, logits.element_size(), shared_memory_limit(device))
     reduce = compute_loss and params.reduction != "none" and row_weights is None
     mean = params.reduction == "mean" and (reduce or counts is not None)
@@ -1128,8 +1160,8 @@ def _launch(
                 1.0 / params.temperature, params.hard_coef, params.soft_coef, params.label_smoothing,
             ), (num_heads, h_pad, block, num_blocks, reduce, mean, compute_loss, compute_grad, row_weights is not None,
                 params.detach_consensus, return_stats, params.label_smoothing > 0, params.temperature == 2.0,
-                params.soft_loss == "kl", vec, mode, stages, probs, _fast_exp(), tail), num_warps,
-                index if device.type == "cuda" else None)
+                params.soft_loss == "kl", vec, mode, stages, probs, _fast_exp(), tail, safe), num_warps,
+                index if device.type == "cuda" else None, cap)
     elif compute_grad and grad_out is None:
         grad.zero_()
     return loss, (stats[:4] if return_stats else None), (grad if compute_grad else None), (stats if finish else None)

@@ -9,6 +9,12 @@ and returns the kernel), later ones call the compiled kernel's launcher directly
 where it must run: the interpreter, launch hooks (profilers such as Proton), pre-run hooks, stage-inspection
 hooks, and a `run` replaced on the kernel object (a caller compiling without launching, as
 benchmarks/sass_loss.py does).
+
+A register cap (`maxnreg`, NVIDIA) is a request: ptxas meets it by spilling when the kernel needs more, and a
+spill inside a column loop costs more than the occupancy the cap buys. The first launch of a key compiles the
+kernel under the cap and keeps the cap only if the kernel's local memory (spills and stack frame) stays within
+`LOCAL_BYTES_OK` a thread; otherwise the key runs uncapped. (sass_loss.py, which replaces `run`, sees the
+capped compile: its stack column says which way the launcher would go.)
 """
 
 from __future__ import annotations
@@ -22,6 +28,10 @@ except Exception:  # pragma: no cover - exercised only on machines without trito
     triton = None
 
 _LO32, _HI32, _HI64 = -(2**31), 2**31, 2**63
+# Local memory a thread that a capped kernel may keep. In every sm_90 compile of the loss kernel measured
+# (Triton 3.6-3.9, H 3-8, each setting: benchmarks/sass_loss.py) one with at most 24 bytes had no local
+# access inside its column loops; every one with more had some there.
+LOCAL_BYTES_OK = 24
 _Tensor = torch.Tensor
 
 
@@ -40,9 +50,10 @@ def _hooked(hook) -> bool:
 
 
 class CachedLauncher:
-    """`launcher(grid0, args, constexprs, num_warps)` launches `fn` on a 1-D grid of `grid0` programs like
-    `fn[(grid0,)](*args, **dict(zip(constexpr_names, constexprs)), num_warps=num_warps)`, where `args` are
-    the runtime arguments in the kernel's order and the constexprs follow them in its signature."""
+    """`launcher(grid0, args, constexprs, num_warps, device, maxnreg)` launches `fn` on a 1-D grid of `grid0`
+    programs like `fn[(grid0,)](*args, **dict(zip(constexpr_names, constexprs)), num_warps=num_warps)` (and
+    `maxnreg=maxnreg` unless None: a register cap, NVIDIA only), where `args` are the runtime arguments in
+    the kernel's order and the constexprs follow them in its signature."""
 
     def __init__(self, fn, constexpr_names: tuple[str, ...]):
         self.fn = fn
@@ -50,24 +61,41 @@ class CachedLauncher:
         self.kernels: dict = {}  # key -> compiled kernel
         self.hits = 0  # launches that skipped Triton's binder (tests read it)
 
-    def _plain(self, grid0, args, constexprs, num_warps):
-        return self.fn[(grid0,)](*args, **dict(zip(self.constexpr_names, constexprs)), num_warps=num_warps)
+    def _plain(self, grid0, args, constexprs, num_warps, maxnreg):
+        options = {"num_warps": num_warps} if maxnreg is None else {"num_warps": num_warps, "maxnreg": maxnreg}
+        return self.fn[(grid0,)](*args, **dict(zip(self.constexpr_names, constexprs)), **options)
 
-    def __call__(self, grid0: int, args: tuple, constexprs: tuple, num_warps: int, device: int | None = None):
+    def _cap(self, grid0, args, constexprs, num_warps, maxnreg):
+        """maxnreg if the kernel compiled under it keeps at most LOCAL_BYTES_OK of local memory a thread, else
+        None (compiled, not launched; the uncapped kernel is compiled by the launch that follows)."""
+        if maxnreg is None:
+            return None
+        kernel = self.fn.warmup(*args, grid=(grid0,), **dict(zip(self.constexpr_names, constexprs)),
+                                num_warps=num_warps, maxnreg=maxnreg)
+        kernel._init_handles()  # loads it: the driver reports its local memory (n_spills: 4-byte words)
+        return maxnreg if kernel.n_spills * 4 <= LOCAL_BYTES_OK else None
+
+    def __call__(self, grid0: int, args: tuple, constexprs: tuple, num_warps: int, device: int | None = None,
+                 maxnreg: int | None = None):
         fn = self.fn
         knobs = triton.knobs
         rt = knobs.runtime
-        if (not hasattr(fn, "device_caches") or "run" in vars(fn) or fn.pre_run_hooks or _hooked(rt.launch_enter_hook)
+        if "run" in vars(fn):  # a caller's own run (compiling without launching): the options as asked
+            self._plain(grid0, args, constexprs, num_warps, maxnreg)
+            return
+        if (not hasattr(fn, "device_caches") or fn.pre_run_hooks or _hooked(rt.launch_enter_hook)
                 or _hooked(rt.launch_exit_hook) or rt.add_stages_inspection_hook is not None):
-            self._plain(grid0, args, constexprs, num_warps)  # the interpreter, or someone watching launches
+            # the interpreter, or someone watching launches: Triton's path, the kernel a cached launch would run
+            self._plain(grid0, args, constexprs, num_warps, self._cap(grid0, args, constexprs, num_warps, maxnreg))
             return
         active = driver.active
         device = active.get_current_device() if device is None else device
-        key = (device, constexprs, num_warps, rt.debug, knobs.compilation.instrumentation_mode,
+        key = (device, constexprs, num_warps, maxnreg, rt.debug, knobs.compilation.instrumentation_mode,
                _key(args))
         kernel = self.kernels.get(key)
         if kernel is None:
-            kernel = self._plain(grid0, args, constexprs, num_warps)
+            kernel = self._plain(grid0, args, constexprs, num_warps,
+                                 self._cap(grid0, args, constexprs, num_warps, maxnreg))
             if kernel is not None:
                 self.kernels[key] = kernel
             return
