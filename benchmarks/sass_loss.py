@@ -175,7 +175,6 @@ def measure(shape: str, stats: bool, rows: int, sms: int, ghz: float, copy_tbs: 
     h, c, dt = shape.split(":")
     heads, classes, dtype = int(h.lstrip("H")), int(c), DTYPES[dt]
     block, num_blocks, warps = cl.pick_block_c(heads, classes)
-    h_pad = triton.next_power_of_2(heads)
     per_thread = heads * block // (warps * 32)  # logits of a block a thread loads (padded heads load none)
     full_blocks = classes // block
     out, warp_instructions = [], 0
