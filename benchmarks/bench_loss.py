@@ -4,12 +4,16 @@
     python benchmarks/bench_loss.py --quick    # one tiny shape per provider (CI)
 
 Modes: "forward" (loss only, logits without grad), "fwd+bwd" (loss and gradient), "backward" (derived:
-fwd+bwd minus a forward that records the graph): whole Python calls. On CUDA, the fused kernel also gets
-"forward kernel-only" and "fwd+bwd kernel-only" rows: the same work captured in a CUDA graph and
-replayed, so host overhead (argument checks, launches: tens of microseconds) does not hide a kernel that
-takes a few. Each time is a median (CUDA events via triton.testing.do_bench on GPU). The DRAM floor is
-the bytes the op cannot avoid (logits read once, plus the gradient written once for fwd+bwd) over the
-measured device-to-device copy rate; "% of floor" is given on kernel-only rows only.
+fwd+bwd minus a forward that records the graph): whole Python calls; "fwd+bwd, 1 thread" is fwd+bwd with
+autograd's multithreading off (backward on the calling thread, as a training loop without a device thread
+hand-off runs it). On CUDA, the fused kernel also gets "forward kernel-only" and "fwd+bwd kernel-only"
+rows: the same work captured in a CUDA graph and replayed, so host overhead (argument checks, launches: tens
+of microseconds) does not hide a kernel that takes a few. Each time is the median over the repeats (CUDA
+events via triton.testing.do_bench on GPU), with the 10th-90th percentile spread. "GiB" is the logits'
+size. The DRAM floor is the bytes the op cannot avoid (logits read once, plus the gradient written once for
+fwd+bwd) over the measured device-to-device copy rate; "% of floor" is given on kernel-only rows only, and
+not where those bytes fit the GPU's L2 cache ("in L2": repeated calls read them from there, so no DRAM
+floor bounds the time).
 """
 
 from __future__ import annotations
@@ -32,9 +36,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     add_output_args,
     bench,
+    bench_spread,
     copy_bandwidth,
     cuda_graph,
     format_row,
+    l2_bytes,
     output_dir,
     pct_of_floor,
     peak_extra_memory,
@@ -60,8 +66,8 @@ CPU_SHAPES = [
     ("cifar10-tiny", 4, 32, 10, torch.float32),
 ]
 PROVIDERS = ("eager", "compiled", "ours", "ours-prefetch")
-COLUMNS = ["shape", "H", "N", "C", "dtype", "provider", "mode", "ms", "GB/s", "pct_floor", "speedup_vs_eager",
-           "peak_extra_MB"]
+COLUMNS = ["shape", "H", "N", "C", "dtype", "GiB", "provider", "mode", "ms", "ms_p10", "ms_p90", "GB/s", "pct_floor",
+           "in_L2", "speedup_vs_eager", "peak_extra_MB"]
 
 
 def make_loss_fn(provider: str):
@@ -93,6 +99,9 @@ def run_shape(name, H, N, C, dtype, providers, device, bandwidth):
     y = torch.randint(0, C, (N,), device=device)
     elt = z0.element_size()
     floors = {"forward": H * N * C * elt, "fwd+bwd": 2 * H * N * C * elt}
+    l2 = l2_bytes(device)
+    label = {"shape": name, "H": H, "N": N, "C": C, "dtype": str(dtype).replace("torch.", ""),
+             "GiB": H * N * C * elt / 2**30}
     rows, eager_ms = [], {}
     fns = {provider: make_loss_fn(provider) for provider in providers}
     for provider, fn in fns.items():  # every provider warmed up (compilation, first launches) before any timing
@@ -119,34 +128,37 @@ def run_shape(name, H, N, C, dtype, providers, device, bandwidth):
 
         try:
             with loop_stages(provider):
-                times = {"forward": bench(fwd_nograd, device), "fwd+bwd": bench(fwd_bwd, device)}
-                times["backward"] = max(times["fwd+bwd"] - bench(fwd_graph, device), 0.0)
+                times = {"forward": bench_spread(fwd_nograd, device), "fwd+bwd": bench_spread(fwd_bwd, device)}
+                with torch.autograd.set_multithreading_enabled(False):
+                    times["fwd+bwd, 1 thread"] = bench_spread(fwd_bwd, device)
+                times["backward"] = {"ms": max(times["fwd+bwd"]["ms"] - bench(fwd_graph, device), 0.0)}
                 peak = peak_extra_memory(fwd_bwd, device)
                 if provider.startswith("ours") and device.type == "cuda":
                     for mode, step in (("forward", fwd_nograd), ("fwd+bwd", fwd_bwd)):
                         try:
-                            times[f"{mode} kernel-only"] = bench(cuda_graph(step), device)
+                            times[f"{mode} kernel-only"] = bench_spread(cuda_graph(step), device)
                         except RuntimeError as exc:  # recorded, not fatal: the end-to-end rows stand
-                            rows.append({"shape": name, "H": H, "N": N, "C": C, "dtype": str(dtype).replace("torch.", ""),
-                                         "provider": provider, "mode": f"{mode} kernel-only: capture failed: "
-                                         f"{str(exc).splitlines()[0][:80]}"})
+                            rows.append({**label, "provider": provider, "mode": f"{mode} kernel-only: capture "
+                                         f"failed: {str(exc).splitlines()[0][:80]}"})
         except torch.OutOfMemoryError:
             # The eager reference materialises several fp32 [H, N, C] tensors: at LM shapes it may not fit.
             z.grad = None
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            rows.append({"shape": name, "H": H, "N": N, "C": C, "dtype": str(dtype).replace("torch.", ""),
-                         "provider": provider, "mode": "out of memory"})
+            rows.append({**label, "provider": provider, "mode": "out of memory"})
             continue
-        for mode, ms in times.items():
+        for mode, t in times.items():
+            ms = t["ms"]
             if provider == "eager":
                 eager_ms[mode] = ms
-            nbytes = floors.get(mode.removesuffix(" kernel-only"))
+            nbytes = floors.get(mode.removesuffix(" kernel-only").removesuffix(", 1 thread"))
             gbs = nbytes / (ms * 1e-3) / 1e9 if nbytes and ms > 0 else None
+            in_l2 = l2 is not None and nbytes is not None and nbytes <= l2
             rows.append({
-                "shape": name, "H": H, "N": N, "C": C, "dtype": str(dtype).replace("torch.", ""),
-                "provider": provider, "mode": mode, "ms": ms, "GB/s": gbs,
-                "pct_floor": pct_of_floor(nbytes, bandwidth, ms) if mode.endswith("kernel-only") else None,
+                **label, "provider": provider, "mode": mode, "ms": ms, "ms_p10": t.get("ms_p10"),
+                "ms_p90": t.get("ms_p90"), "GB/s": gbs,
+                "pct_floor": pct_of_floor(nbytes, bandwidth, ms) if mode.endswith("kernel-only") and not in_l2 else None,
+                "in_L2": in_l2 if l2 is not None and nbytes is not None else None,
                 "speedup_vs_eager": eager_ms[mode] / ms if mode in eager_ms and ms > 0 else None,
                 "peak_extra_MB": peak / 2**20 if peak is not None and mode == "fwd+bwd" else None,
             })

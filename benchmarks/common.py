@@ -40,17 +40,32 @@ def versions() -> dict:
 
 def bench(fn, device: torch.device, warmup_ms: float = 25, rep_ms: float = 100, cpu_reps: int = 11) -> float:
     """Median milliseconds of fn()."""
+    return bench_spread(fn, device, warmup_ms, rep_ms, cpu_reps)["ms"]
+
+
+def bench_spread(fn, device: torch.device, warmup_ms: float = 25, rep_ms: float = 100, cpu_reps: int = 11) -> dict:
+    """Milliseconds of fn() over its repeats: median ("ms"), 10th and 90th percentiles, and the count."""
     if device.type == "cuda":
         import triton.testing
 
-        return float(triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
-    fn()  # warm-up (compilation, allocator)
-    times = []
-    for _ in range(cpu_reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+        times = [float(t) for t in triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="all")]
+    else:
+        fn()  # warm-up (compilation, allocator)
+        times = []
+        for _ in range(cpu_reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    at = lambda q: times[min(len(times) - 1, round(q * (len(times) - 1)))]  # noqa: E731
+    return {"ms": statistics.median(times), "ms_p10": at(0.1), "ms_p90": at(0.9), "reps": len(times)}
+
+
+def l2_bytes(device: torch.device) -> int | None:
+    """The GPU's L2 cache in bytes (None off CUDA): data that fit there are not read from DRAM again."""
+    if device.type != "cuda":
+        return None
+    return int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0)) or None
 
 
 def cuda_graph(fn):

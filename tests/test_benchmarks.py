@@ -26,6 +26,26 @@ def test_bench_loss_quick(tmp_path, monkeypatch, capsys):
     assert list(tmp_path.glob("bench_loss_cpu_*.json"))
 
 
+def test_bench_loss_rows_carry_size_spread_one_thread_and_l2(monkeypatch):
+    # Every timed row: the logits' GiB, the 10th-90th percentile spread around the median, fwd+bwd also with
+    # autograd's multithreading off; "in L2" where the bytes moved fit the GPU's L2 (no % of floor there).
+    import bench_loss
+
+    rows = bench_loss.run_shape("tiny", 2, 4, 40, bench_loss.torch.float32, ("eager",), bench_loss.torch.device("cpu"),
+                                1e10)
+    modes = [r["mode"] for r in rows]
+    assert modes == ["forward", "fwd+bwd", "fwd+bwd, 1 thread", "backward"], modes
+    assert all(r["GiB"] == 2 * 4 * 40 * 4 / 2**30 for r in rows)
+    for r in rows[:3]:
+        assert r["ms_p10"] <= r["ms"] <= r["ms_p90"], r
+    assert all(r["in_L2"] is None for r in rows)  # CPU: no L2 figure
+    for l2, fits in ((1, False), (1 << 30, True)):
+        monkeypatch.setattr(bench_loss, "l2_bytes", lambda device, l2=l2: l2)
+        rows = bench_loss.run_shape("tiny", 2, 4, 40, bench_loss.torch.float32, ("eager",),
+                                    bench_loss.torch.device("cpu"), 1e10)
+        assert [r["in_L2"] for r in rows if r["mode"] != "backward"] == [fits] * 3
+
+
 def test_bench_loss_rejects_unknown_provider():
     import bench_loss
 
