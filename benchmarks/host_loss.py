@@ -272,18 +272,18 @@ def providers(heads: int, rows: int, classes: int, dtype: torch.dtype) -> dict:
     real = cl._kernel_launcher
 
     def capture(grid0, args, constexprs, num_warps, device=None, maxnreg=None):
-        captured["launch"] = (grid0, args, dict(zip(cl._CONSTEXPRS, constexprs)), num_warps)
-        assert maxnreg is None, "a one-block row runs without a register cap"
+        options = {"num_warps": num_warps} if maxnreg is None else {"num_warps": num_warps, "maxnreg": maxnreg}
+        captured["launch"] = (grid0, args, dict(zip(cl._CONSTEXPRS, constexprs)), options)
 
     cl._kernel_launcher = capture
     try:
         launch_fwd()
     finally:
         cl._kernel_launcher = real
-    grid0, args, consts, warps = captured["launch"]
+    grid0, args, consts, options = captured["launch"]
 
     def triton_jit_fwd():
-        cl._collab_loss_kernel[(grid0,)](*args, **consts, num_warps=warps)
+        cl._collab_loss_kernel[(grid0,)](*args, **consts, **options)
 
     def floor():
         z.grad = None

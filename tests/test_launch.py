@@ -234,3 +234,40 @@ def test_no_register_cap_compiles_once(monkeypatch):
     launcher = CachedLauncher(fn, ("B",))
     launcher(2, (torch.zeros(8), 3), (16,), 4, 0)
     assert fn.warmups == [] and fn.launches == [("triton", {"num_warps": 4})]
+
+
+_CAP_SCRIPT = r"""
+import json, sys
+import torch
+sys.path.insert(0, BENCHMARKS)
+import host_loss  # the stand-in driver: sm_90 compiles, Triton's real launcher, a stub libcuda
+from collab_fast.kernels import collab_loss as cl
+
+words = int(sys.argv[1])
+load = host_loss._StubUtils.load_binary
+host_loss._StubUtils.load_binary = lambda self, *a: (*load(self, *a)[:3], words, 1024)  # local memory, 4-byte words
+z = torch.randn(8, 4, 5000)  # a looped row of 8 heads: the launcher asks for a cap
+y = torch.randint(0, 5000, (4,))
+for _ in range(2):
+    loss = cl._launch(z, y, cl.CollabLossParams())[0]
+out = [[key[3], getattr(k.metadata, "maxnreg", None)] for key, k in cl._kernel_launcher.kernels.items()]
+print("RESULT", json.dumps({"kernels": out, "hits": cl._kernel_launcher.hits, "loss": float(loss)}))
+""".replace("BENCHMARKS", repr(str(BENCHMARKS)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("words, kept", [(0, True), (16, False)])
+def test_the_loss_launch_keeps_its_register_cap_unless_the_kernel_spills(tmp_path, words, kept):
+    # Through Triton's own warmup and load (the driver stubbed: it reports `words` of local memory): the
+    # kernel cached for the key is the one compiled under maxnreg 128, or the uncapped one.
+    _needs_stub_build()
+    env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path / "triton"), TMPDIR=str(tmp_path))
+    env.pop("TRITON_INTERPRET", None)
+    script = tmp_path / "cap_check.py"
+    script.write_text(_CAP_SCRIPT)
+    res = subprocess.run([sys.executable, str(script), str(words)], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    out = json.loads(res.stdout.split("RESULT", 1)[1])
+    assert out["kernels"] == [[128, 128 if kept else None]], out
+    assert out["hits"] == 1, out  # the second call: the cached kernel, no second choice
