@@ -345,11 +345,12 @@ if triton is not None:
         return u2
 
     @triton.jit
-    def _pass1_block(z, total, head_mask, k, inv_t, m1, s1, s_t, m_c, s_c, t_c, v_c, H: tl.constexpr,
-                     T_IS_TWO: tl.constexpr, KL: tl.constexpr, FAST: tl.constexpr, SAFE: tl.constexpr):
-        # Online update of the row statistics with one [H_PAD, BLOCK_C] block (k = log2(e) / T; m_c, the
-        # consensus maximum, in log2 units). Also returns the block's exponentials (relative to the updated
-        # maxima) for reuse when the row is one block.
+    def _pass1_block(z, head_mask, k, inv_t, m1, s1, s_t, m_c, s_c, t_c, v_c, H: tl.constexpr,
+                     T_IS_TWO: tl.constexpr, KL: tl.constexpr, FAST: tl.constexpr):
+        # Online update of the row statistics with one [H_PAD, BLOCK_C] block that may hold -inf (absent
+        # classes, columns past C), the SAFE way (k = log2(e) / T; m_c, the consensus maximum, in log2 units).
+        # Also returns the block's exponentials (relative to the updated maxima) for reuse when the row is one
+        # block. Full blocks of finite logits take _pass1_blocks_per_thread instead.
         m_new = tl.maximum(m1, tl.max(z, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all absent so far: avoid inf - inf
         mk = m_safe * k
@@ -372,26 +373,20 @@ if triton is not None:
                 u2 = _swap_heads(z) * k
             rescale = _exp2(m_c - mc_safe, FAST)
         elif H > 1:
-            u2 = _consensus_log2(z, total, head_mask, k / (H - 1), H, SAFE)
+            u2 = _consensus_log2(z, z, head_mask, k / (H - 1), H, True)
             mc_new = tl.maximum(m_c, tl.max(u2, axis=1))
             mc_safe = tl.where(mc_new == float("-inf"), 0.0, mc_new)
             e_u = _exp2(u2 - mc_safe[:, None], FAST)
             rescale = _exp2(m_c - mc_safe, FAST)
         if H > 1:
-            if SAFE:  # 0 * (-inf) at absent classes: their terms are 0
-                ez = tl.where(e_u > 0, e_u * z, 0.0)
-            else:
-                ez = e_u * z
+            ez = tl.where(e_u > 0, e_u * z, 0.0)  # 0 * (-inf) at absent classes: their terms are 0
             if H == 2:
                 s_c = _swap_head_stats(s_t)
             else:
                 s_c = s_c * rescale + tl.sum(e_u, axis=1)
             t_c = t_c * rescale + tl.sum(ez, axis=1) * inv_t
             if KL:
-                if SAFE:
-                    eu = tl.where(e_u > 0, e_u * u2, 0.0)
-                else:
-                    eu = e_u * u2
+                eu = tl.where(e_u > 0, e_u * u2, 0.0)
                 v_c = v_c * rescale + tl.sum(eu, axis=1) * 0.6931471805599453
             m_c = mc_new
         return m_new, s1, s_t, m_c, s_c, t_c, v_c, e_1, e_t, e_u
@@ -429,11 +424,13 @@ if triton is not None:
                                  T_IS_TWO: tl.constexpr, KL: tl.constexpr, STATS: tl.constexpr,
                                  SMOOTH: tl.constexpr, PROBS: tl.constexpr, NUM_STAGES: tl.constexpr,
                                  FAST: tl.constexpr):
-        # Pass 1 over full blocks [start, stop), taken as finite (see _pass1_blocks), from the row's initial
-        # statistics, with online statistics per thread: each group of columns one thread holds keeps its own
-        # maxima and sums [H_PAD, G], so a block costs no reduction across threads (no shuffles, shared
-        # memory or barriers); the groups are merged into the row's [H_PAD] once, after the loop (the
-        # statistics' argmax too: a first column per group). Only a probability target reduces per block.
+        # Pass 1 over full blocks [start, stop), taken as finite: no column mask, no absent-class arithmetic
+        # (a -inf makes the consensus sums NaN or -inf, and the caller runs the row again SAFE, _pass1_blocks),
+        # from the row's initial statistics, with online statistics per thread: each group of columns one
+        # thread holds keeps its own maxima and sums [H_PAD, G], so a block costs no reduction across
+        # threads (no shuffles, shared memory or barriers); the groups are merged into the row's [H_PAD] once,
+        # after the loop (the statistics' argmax too: a first column per group). Only a probability target
+        # reduces per block.
         # A group: VEC > 1, the VEC adjacent columns of a 16-byte load; VEC = 1 (rows not 16-byte aligned,
         # e.g. C = 50257), the columns LANES apart that one thread loads one at a time (a looped row runs 4
         # warps: 128 lanes). The grouping only decides how the sums are split, never their value.
@@ -538,36 +535,24 @@ if triton is not None:
                       m1, s1, s_t, m_c, s_c, t_c, v_c, sum_fin, n_fin, arg, zt, t_sum, t_max, t_arg,
                       BLOCK_C: tl.constexpr, H: tl.constexpr, T_IS_TWO: tl.constexpr, KL: tl.constexpr,
                       STATS: tl.constexpr, SMOOTH: tl.constexpr, PROBS: tl.constexpr, NUM_STAGES: tl.constexpr,
-                      FAST: tl.constexpr, SAFE: tl.constexpr):
-        # Pass 1 over the column blocks [start, stop) of a long row. SAFE: a block may hold -inf (absent
-        # classes, the columns past C). Not SAFE: every block is full (no column mask) and its logits are
-        # taken as finite (no absent-class arithmetic); if one was not, the consensus sums come out NaN or -inf and
-        # the caller runs the row again SAFE.
+                      FAST: tl.constexpr):
+        # Pass 1 over the column blocks [start, stop) of a long row, the SAFE way: a block may hold -inf
+        # (absent classes, the columns past C). Rows with -inf in a full block and the last, partial block
+        # run here, in blocks of SAFE_BLOCK columns.
         for b in tl.range(start, stop, num_stages=NUM_STAGES):
             cols = b * BLOCK_C + cols0
-            z = _load_cols(z_row, stride_zc, cols, C, head_mask, SAFE)
+            z = _load_cols(z_row, stride_zc, cols, C, head_mask, True)
             if STATS:
                 blk_arg = tl.argmax(z, axis=1).to(tl.int64) + b * BLOCK_C
                 arg = tl.where(tl.max(z, axis=1) > m1, blk_arg, arg)  # strict: first index wins
-            if SAFE:
-                m1, s1, s_t, m_c, s_c, t_c, v_c, _e1, _et, _eu = _pass1_block(
-                    z, z, head_mask, k, inv_t, m1, s1, s_t, m_c, s_c, t_c, v_c, H, T_IS_TWO, KL, FAST, True)
-                if SMOOTH:
-                    finite = z > float("-inf")
-                    sum_fin += tl.sum(tl.where(finite, z, 0.0), axis=1)
-                    n_fin += tl.sum(finite.to(tl.float32), axis=1)
-            else:
-                m1, s1, s_t, m_c, s_c, t_c, v_c, _e1, _et, _eu = _pass1_block(
-                    z, tl.sum(z, axis=0), head_mask, k, inv_t, m1, s1, s_t, m_c, s_c, t_c, v_c, H, T_IS_TWO, KL,
-                    FAST, False)
-                if SMOOTH:
-                    sum_fin += tl.sum(z, axis=1)
-                    n_fin += BLOCK_C
+            m1, s1, s_t, m_c, s_c, t_c, v_c, _e1, _et, _eu = _pass1_block(
+                z, head_mask, k, inv_t, m1, s1, s_t, m_c, s_c, t_c, v_c, H, T_IS_TWO, KL, FAST)
+            if SMOOTH:
+                finite = z > float("-inf")
+                sum_fin += tl.sum(tl.where(finite, z, 0.0), axis=1)
+                n_fin += tl.sum(finite.to(tl.float32), axis=1)
             if PROBS:
-                if SAFE:
-                    tb = tl.load(t_row + cols.to(tl.int64) * stride_yc, mask=cols < C, other=0.0).to(tl.float32)
-                else:
-                    tb = tl.load(t_row + cols.to(tl.int64) * stride_yc).to(tl.float32)
+                tb = tl.load(t_row + cols.to(tl.int64) * stride_yc, mask=cols < C, other=0.0).to(tl.float32)
                 zt += tl.sum(tl.where(tb[None, :] != 0.0, tb[None, :] * z, 0.0), axis=1)
                 t_sum += tl.sum(tb, axis=0)
                 if STATS:
@@ -726,7 +711,7 @@ if triton is not None:
             if STATS:
                 arg = tl.argmax(z, axis=1).to(tl.int64)
             m1, s1, s_t, m_c, s_c, t_c, v_c, e_1, e_t, e_u = _pass1_block(
-                z, z, head_mask, k, inv_t, m1, s1, s_t, m_c, s_c, t_c, v_c, H, T_IS_TWO, KL, FAST_EXP, True)
+                z, head_mask, k, inv_t, m1, s1, s_t, m_c, s_c, t_c, v_c, H, T_IS_TWO, KL, FAST_EXP)
             if SMOOTH:
                 finite = z > float("-inf")
                 sum_fin = tl.sum(tl.where(finite, z, 0.0), axis=1)
@@ -755,12 +740,12 @@ if triton is not None:
                 a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14 = _pass1_blocks(
                     z_row, stride_zc, t_row, stride_yc, head_mask, safe_cols0, 0, n_full * SPLIT, C, k, inv_t,
                     m1, s1, s_t, m_c, s_c, t_c, v_c, sum_fin, n_fin, arg, zt, t_sum, t_max, t_arg,
-                    SAFE_BLOCK, H, T_IS_TWO, KL, STATS, SMOOTH, PROBS, NUM_STAGES, FAST_EXP, True)
+                    SAFE_BLOCK, H, T_IS_TWO, KL, STATS, SMOOTH, PROBS, NUM_STAGES, FAST_EXP)
             if TAIL:
                 m1, s1, s_t, m_c, s_c, t_c, v_c, sum_fin, n_fin, arg, zt, t_sum, t_max, t_arg = _pass1_blocks(
                     z_row, stride_zc, t_row, stride_yc, head_mask, safe_cols0, n_full * SPLIT,
                     n_full * SPLIT + TAIL, C, k, inv_t, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14,
-                    SAFE_BLOCK, H, T_IS_TWO, KL, STATS, SMOOTH, PROBS, NUM_STAGES, FAST_EXP, True)
+                    SAFE_BLOCK, H, T_IS_TWO, KL, STATS, SMOOTH, PROBS, NUM_STAGES, FAST_EXP)
             else:
                 m1, s1, s_t, m_c, s_c, t_c, v_c, sum_fin, n_fin = a1, a2, a3, a4, a5, a6, a7, a8, a9
                 arg, zt, t_sum, t_max, t_arg = a10, a11, a12, a13, a14
@@ -940,7 +925,6 @@ _REG_CAP = 128
 # under Triton 3.6-3.9; bench_loss.py's "ours-prefetch" provider keeps the A/B.
 _LOOP_STAGES = 1
 _SAFE_TILE = 1024  # elements of the SAFE loops' [H_PAD, SAFE_BLOCK] tile (see _safe_block)
-_REDUCE_CODE = {"none": 0, "sum": 1, "mean": 2}
 
 
 def interpreter_active() -> bool:

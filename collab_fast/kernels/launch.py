@@ -13,8 +13,8 @@ benchmarks/sass_loss.py does).
 A register cap (`maxnreg`, NVIDIA) is a request: ptxas meets it by spilling when the kernel needs more, and a
 spill inside a column loop costs more than the occupancy the cap buys. The first launch of a key compiles the
 kernel under the cap and keeps the cap only if the kernel's local memory (spills and stack frame) stays within
-`LOCAL_BYTES_OK` a thread; otherwise the key runs uncapped. (sass_loss.py, which replaces `run`, sees the
-capped compile: its stack column says which way the launcher would go.)
+`LOCAL_BYTES_OK` a thread; otherwise the key runs uncapped. (sass_loss.py, which replaces `run`, makes the
+same choice from the SASS's stack size.)
 """
 
 from __future__ import annotations
