@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_output_args, bench, format_row, output_dir, peak_extra_memory, save  # noqa: E402
 
 from collab_fast import fused_collab_loss  # noqa: E402
-from collab_fast.kernels.fused_linear_collab_loss import fused_linear_collab_loss  # noqa: E402
+from collab_fast.kernels.fused_linear import fused_linear_collab_loss  # noqa: E402
 
 COLUMNS = ["provider", "shape", "dtype", "chunk_rows", "peak_extra_mb", "x_logits", "beyond_grads_mb", "ms"]
 
@@ -101,7 +101,7 @@ def run(shapes, device, dtype, reps_cpu=1):
                 ms = sorted(times)[len(times) // 2]
             chunk = None
             if name.startswith("fused"):
-                from collab_fast.kernels.fused_linear_collab_loss import _pick_chunk
+                from collab_fast.kernels.fused_linear import _pick_chunk
 
                 esize = x.element_size() * (1 if impl != "torch" else 11)
                 chunk = _pick_chunk(H, N, C, esize, None, None, grad_bytes=w.numel() * 4)

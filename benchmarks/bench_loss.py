@@ -84,13 +84,13 @@ def make_loss_fn(provider: str):
 @contextlib.contextmanager
 def loop_stages(provider: str):
     """"ours-prefetch" runs (forward and backward alike) with the long-row loops software-pipelined two deep
-    (cp.async of the next block; off by default, see collab_loss._LOOP_STAGES): an A/B on the same shapes."""
-    stages = cl._LOOP_STAGES
-    cl._LOOP_STAGES = 2 if provider == "ours-prefetch" else stages
+    (cp.async of the next block; off by default, see collab_loss.launch.LOOP_STAGES): an A/B on the same shapes."""
+    stages = cl.launch.LOOP_STAGES
+    cl.launch.LOOP_STAGES = 2 if provider == "ours-prefetch" else stages
     try:
         yield
     finally:
-        cl._LOOP_STAGES = stages
+        cl.launch.LOOP_STAGES = stages
 
 
 def run_shape(name, H, N, C, dtype, providers, device, bandwidth):
@@ -178,18 +178,18 @@ SWEEP_COLUMNS = ["shape", "H", "N", "C", "dtype", "tile", "block_c", "warps", "s
 @contextlib.contextmanager
 def launch_config(tile: int, warps: int, stages: int):
     """The launcher's block, warps and prefetch depth forced to one configuration."""
-    pick, depth = cl.pick_block_c, cl._LOOP_STAGES
+    pick, depth = cl.launch.pick_block_c, cl.launch.LOOP_STAGES
 
     def forced(num_heads, num_classes, block_c=None):
         h_pad = triton.next_power_of_2(num_heads)
         block = min(triton.next_power_of_2(num_classes), max(tile // h_pad, 16))
         return block, triton.cdiv(num_classes, block), warps
 
-    cl.pick_block_c, cl._LOOP_STAGES = forced, stages
+    cl.launch.pick_block_c, cl.launch.LOOP_STAGES = forced, stages
     try:
         yield
     finally:
-        cl.pick_block_c, cl._LOOP_STAGES = pick, depth
+        cl.launch.pick_block_c, cl.launch.LOOP_STAGES = pick, depth
 
 
 def sweep(shapes, device, bandwidth, out=None, argv=None):
@@ -200,7 +200,7 @@ def sweep(shapes, device, bandwidth, out=None, argv=None):
         z = torch.randn(H, N, C, device=device, dtype=dtype, requires_grad=True)
         y = torch.randint(0, C, (N,), device=device)
         nbytes = 2 * H * N * C * z.element_size()
-        d_block, _, d_warps = cl.pick_block_c(H, C)
+        d_block, _, d_warps = cl.launch.pick_block_c(H, C)
         d_tile = triton.next_power_of_2(H) * d_block
 
         def fwd_bwd(z=z, y=y):
@@ -213,7 +213,7 @@ def sweep(shapes, device, bandwidth, out=None, argv=None):
                     row = {"shape": name, "H": H, "N": N, "C": C, "dtype": str(dtype).replace("torch.", ""),
                            "tile": tile, "block_c": min(triton.next_power_of_2(C), tile // triton.next_power_of_2(H)),
                            "warps": warps, "stages": stages, "mode": "fwd+bwd kernel-only",
-                           "default": tile == d_tile and warps == d_warps and stages == cl._LOOP_STAGES}
+                           "default": tile == d_tile and warps == d_warps and stages == cl.launch.LOOP_STAGES}
                     try:
                         with launch_config(tile, warps, stages):
                             ms = bench(cuda_graph(fwd_bwd), device)
@@ -266,8 +266,8 @@ def host_profile(device, calls: int = 200) -> None:
 
     with torch.autograd.set_multithreading_enabled(False):
         for name, fn in (("forward, no grad", fwd_nograd), ("forward, recording", fwd_graph), ("fwd+bwd", fwd_bwd),
-                         ("_launch forward", lambda: cl._launch(z0, y, cl._DEFAULT)),
-                         ("_num_valid", lambda: cl._num_valid(y, cl._DEFAULT))):
+                         ("_launch forward", lambda: cl.launch.launch(z0, y, cl.params.DEFAULT)),
+                         ("_num_valid", lambda: cl.launch.num_valid(y, cl.params.DEFAULT))):
             print(f"host_profile: {name:22s} {per_call(fn):8.1f} us per call (host, no sync)", flush=True)
         prof = cProfile.Profile()
         prof.enable()

@@ -147,10 +147,10 @@ install()
 from collab_fast import fused_collab_loss  # noqa: E402
 from collab_fast.kernels import collab_loss as cl  # noqa: E402
 
-cl._check_triton_usable = lambda device: None  # CPU tensors stand for CUDA ones
-cl._labels_checked_on_host = lambda target: False  # as on CUDA: labels are checked in the kernel, no sync
+cl.launch.check_triton_usable = lambda device: None  # CPU tensors stand for CUDA ones
+cl.api.labels_checked_on_host = lambda target: False  # as on CUDA: labels are checked in the kernel, no sync
 _kept: dict = {}  # as on CUDA: one workspace per stream (and H), left zeroed by the kernel; a dict lookup here
-cl._workspace = lambda heads, device: _kept.get(heads) if heads in _kept else _kept.setdefault(
+cl.launch.workspace = lambda heads, device: _kept.get(heads) if heads in _kept else _kept.setdefault(
     heads, torch.zeros(3 * heads + 3))
 
 _NO_KERNEL = {"view", "_unsafe_view", "t", "transpose", "expand", "as_strided", "alias", "detach", "unsqueeze",
@@ -197,14 +197,14 @@ def count(fn, calls: int = 5) -> dict:
 
     for _ in range(3):
         fn()
-    real = cl._kernel_launcher
-    cl._kernel_launcher = counter = _CountLaunches(real)
+    real = cl.launch.kernel_launcher
+    cl.launch.kernel_launcher = counter = _CountLaunches(real)
     try:
         with _Count() as c:
             for _ in range(calls):
                 fn()
     finally:
-        cl._kernel_launcher = real
+        cl.launch.kernel_launcher = real
     prof = cProfile.Profile()
     prof.enable()
     for _ in range(calls):
@@ -266,24 +266,24 @@ def providers(heads: int, rows: int, classes: int, dtype: torch.dtype) -> dict:
             cl.collab_loss(z0, y, params, return_stats=True)
 
     def launch_fwd():
-        cl._launch(z0, y, params, return_stats=True)
+        cl.launch.launch(z0, y, params, return_stats=True)
 
     captured = {}
-    real = cl._kernel_launcher
+    real = cl.launch.kernel_launcher
 
     def capture(grid0, args, constexprs, num_warps, device=None, maxnreg=None):
         options = {"num_warps": num_warps} if maxnreg is None else {"num_warps": num_warps, "maxnreg": maxnreg}
-        captured["launch"] = (grid0, args, dict(zip(cl._CONSTEXPRS, constexprs)), options)
+        captured["launch"] = (grid0, args, dict(zip(cl.launch.CONSTEXPRS, constexprs)), options)
 
-    cl._kernel_launcher = capture
+    cl.launch.kernel_launcher = capture
     try:
         launch_fwd()
     finally:
-        cl._kernel_launcher = real
+        cl.launch.kernel_launcher = real
     grid0, args, consts, options = captured["launch"]
 
     def triton_jit_fwd():
-        cl._collab_loss_kernel[(grid0,)](*args, **consts, **options)
+        cl.jit.collab_loss_kernel[(grid0,)](*args, **consts, **options)
 
     def floor():
         z.grad = None

@@ -81,7 +81,7 @@ def compile_launches(heads: int, rows: int, classes: int, dtype: torch.dtype, st
                      options: tuple[str, ...] = ()) -> list:
     """The kernels the launcher's forward and backward calls compile to, for sm_90."""
     compiled = []
-    run = cl._collab_loss_kernel.run
+    run = cl.jit.collab_loss_kernel.run
 
     def compile_only(*args, grid, warmup, **kw):
         # as launch.CachedLauncher decides: a register cap is dropped where the capped kernel spills
@@ -95,7 +95,7 @@ def compile_launches(heads: int, rows: int, classes: int, dtype: torch.dtype, st
         real = driver.active
     except Exception:
         real = None
-    cl._collab_loss_kernel.run = compile_only
+    cl.jit.collab_loss_kernel.run = compile_only
     driver.set_active(_Sm90(real))
     try:
         z = torch.empty(heads, rows, classes, dtype=dtype, device="meta")
@@ -104,12 +104,12 @@ def compile_launches(heads: int, rows: int, classes: int, dtype: torch.dtype, st
         else:
             y = torch.empty(rows, dtype=torch.int64, device="meta")
         p = cl.CollabLossParams(**{k: v for o in options for k, v in OPTIONS[o].items()})
-        rs = cl._row_stats_buffer(z, y, p)
-        cl._launch(z, y, p, return_stats=stats, save_row_stats=rs)
+        rs = cl.launch.row_stats_buffer(z, y, p)
+        cl.launch.launch(z, y, p, return_stats=stats, save_row_stats=rs)
         r, w = torch.empty((), device="meta"), torch.empty(5, heads, device="meta")  # as backward: grad_output, n_valid
-        cl._launch(z, y, p, compute_loss=False, compute_grad=True, row_weights=r, row_stats=rs, counts=w)
+        cl.launch.launch(z, y, p, compute_loss=False, compute_grad=True, row_weights=r, row_stats=rs, counts=w)
     finally:
-        cl._collab_loss_kernel.run = run
+        cl.jit.collab_loss_kernel.run = run
         if real is not None:
             driver.set_active(real)
     return compiled
@@ -174,7 +174,7 @@ def measure(shape: str, stats: bool, rows: int, sms: int, ghz: float, copy_tbs: 
             options: tuple[str, ...] = ()) -> list[dict]:
     h, c, dt = shape.split(":")
     heads, classes, dtype = int(h.lstrip("H")), int(c), DTYPES[dt]
-    block, num_blocks, warps = cl.pick_block_c(heads, classes)
+    block, num_blocks, warps = cl.launch.pick_block_c(heads, classes)
     per_thread = heads * block // (warps * 32)  # logits of a block a thread loads (padded heads load none)
     full_blocks = classes // block
     out, warp_instructions = [], 0

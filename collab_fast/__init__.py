@@ -7,7 +7,7 @@ from collab_fast.kernels.collab_loss import (
     collab_loss_reference,
     fused_collab_loss,
 )
-from collab_fast.kernels.fused_linear_collab_loss import FusedLinearCollabLoss, fused_linear_collab_loss
+from collab_fast.kernels.fused_linear import FusedLinearCollabLoss, fused_linear_collab_loss
 from collab_fast.rescale import GradRescale, branch, grad_rescale
 
 __version__ = "0.1.0"

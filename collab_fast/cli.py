@@ -13,7 +13,8 @@ import sys
 import typing
 from dataclasses import field
 
-__all__ = ["Parser", "base_type", "check_fields", "check_values", "flag", "flat_name", "opt", "range_text", "settings"]
+__all__ = ["Parser", "base_type", "check_fields", "check_values", "flag", "flat_name", "opt", "range_text", "setting_specs",
+           "settings"]
 
 INT_MAX = 2**31 - 1  # the bound of an integer setting without its own: counts, sizes and steps that torch and the
 # data loaders take as 32-bit or allocate from (2^70 overflowed in C++ with a traceback)
@@ -74,25 +75,39 @@ def range_text(meta, base=float) -> str:
     return f"{left}{lo}, {'inf' if hi is None else num(hi)}{right}"
 
 
-def check_values(cls, values: dict) -> None:
-    """Type, choices and range of each setting of section `cls` present in `values` (keyed by field name).
-    Raises ValueError naming the flag."""
-    for f, tp in settings(cls):
-        v, meta = values.get(f.name), f.metadata
+def setting_specs(cls) -> tuple:
+    """Each setting of section `cls` as plain values: (field name, flat name, scalar type, is a sequence,
+    metadata dict). A section built inside torch.compile'd code (the loss's) computes them once at import
+    and passes them to check_values: typing's introspection is not traceable."""
+    return tuple((f.name, flat_name(f), *base_type(tp), dict(f.metadata)) for f, tp in settings(cls))
+
+
+def check_values(cls, values: dict, *, names: str = "flag", specs: tuple | None = None) -> None:
+    """Type, choices and range of each setting of section `cls` present in `values` (keyed by field name):
+    the one check of every setting, whatever the entry point. names="flag": errors name the flag and are
+    ValueErrors (the command line, config files); "field": they name the argument, and a value of the
+    wrong type is a TypeError (a library call)."""
+    field_names = names == "field"
+    for attr, flat, base, many, meta in setting_specs(cls) if specs is None else specs:
+        v = values.get(attr)
         if v is None:
             continue
-        name, (base, many) = flag(flat_name(f)), base_type(tp)
+        name = attr if field_names else flag(flat)
+        wrong_type = TypeError if field_names else ValueError
         if many and not isinstance(v, (list, tuple)):
-            raise ValueError(f"{name} must be a list of numbers, got {v!r}")
+            raise wrong_type(f"{name} must be a list of numbers, got {v!r}")
         for x in (v if many else [v]):
-            if base is float and (isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x)):
+            if base is float and (isinstance(x, bool) or not isinstance(x, (int, float))):
+                raise wrong_type(f"{name} must be a finite number, got {x!r}")
+            # x - x == 0 is false exactly for inf and nan; math.isfinite breaks a torch.compile(dynamic=True) graph
+            if base is float and not x - x == 0:
                 raise ValueError(f"{name} must be a finite number, got {x!r}")
             if base is int and (isinstance(x, bool) or not isinstance(x, int)):
-                raise ValueError(f"{name} must be an integer, got {x!r}")
+                raise wrong_type(f"{name} must be an integer, got {x!r}")
             if base is bool and not isinstance(x, bool):
-                raise ValueError(f"{name} must be true or false, got {x!r}")
+                raise wrong_type(f"{name} must be {'True or False' if field_names else 'true or false'}, got {x!r}")
             if base is str and not isinstance(x, str):
-                raise ValueError(f"{name} must be a string, got {x!r}")
+                raise wrong_type(f"{name} must be a string, got {x!r}")
             if meta["choices"] is not None and x not in meta["choices"]:
                 raise ValueError(f"{name} must be one of {', '.join(map(str, meta['choices']))}, got {x!r}")
             if ((meta["lo"] is not None or meta["hi"] is not None) and not _in_range(x, meta)

@@ -21,10 +21,11 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from collab_fast.cli import Parser, base_type, check_values, flag, flat_name, range_text, settings
+from collab_fast.cli import Parser, base_type, flag, flat_name, range_text, settings
 from collab_fast.data import DataConfig
 from collab_fast.extras import MissingExtra, require
 from collab_fast.kernels.collab_loss import CollabLossParams
+from collab_fast.kernels.collab_loss.params import validate_settings
 from collab_fast.models import ModelConfig
 from collab_fast.optim import OptimConfig
 from collab_fast.recipes import RECIPES
@@ -84,17 +85,11 @@ class TrainConfig:
             section, f, _ = FLAT[name]
             values[section][f.name] = v
         loss = values["loss"]
-        check_values(CollabLossParams, loss)  # first: the flags' names, not the library's, in an error
-        w = loss.get("weights")
-        if w is not None and len(w) == 0:
-            loss["weights"] = w = None
-        if w is not None:
-            if len(w) != 2:
-                raise ValueError(f"--loss-weights takes two numbers HARD,SOFT, got {len(w)}")
-            if loss.get("beta") is not None or loss.get("soft_weight") is not None:
-                raise ValueError("--loss-weights replaces --beta and --soft-weight (a --recipe may set them): give "
-                                 "one or the other")
-            loss["weights"] = tuple(float(x) for x in w)
+        if isinstance(loss.get("weights"), (list, tuple)) and len(loss["weights"]) == 0:  # config.json's "no weights"
+            loss["weights"] = None
+        validate_settings(loss, names="flag")  # first: the flags' names, not the library's, in an error
+        if loss.get("weights") is not None:
+            loss["weights"] = tuple(loss["weights"])
         return cls(**{name: SECTIONS[name][0](**kw) for name, kw in values.items()})
 
     def to_dict(self) -> dict:

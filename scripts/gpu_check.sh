@@ -9,7 +9,7 @@
 # Two phases (estimates for an H100/H200 with 16 cores):
 #   A. correctness, three lanes at once (nothing in them is timed, so they may share the GPU):
 #      lane 1  loss-tests     tests/test_collab_loss.py (fp32/bf16/fp16, long rows; xdist when present) -> tests.log
-#      lane 2  linear-tests   tests/test_fused_linear_collab_loss.py + test_mix.py on CUDA, then (after the
+#      lane 2  linear-tests   tests/test_fused_linear.py + test_mix.py on CUDA, then (after the
 #              build) ops-tests: tests/test_rescale.py on CUDA                                       -> tests2.log
 #      lane 3  build (the C++/CUDA extension with nvcc), then train: resnet50 hier4, bf16, channels-last,
 #              synthetic, 60 steps; the loss must fall                                                -> run.log
@@ -144,7 +144,7 @@ if [ $DRY = 1 ]; then
     ( lane_stage loss-tests 300 "$OUT/tests.log" "${PYTEST[@]}" -q -x tests/test_collab_loss.py \
           -k "kernel_matches_reference or bad_input or loop_stages" ) &
     L1=$!
-    ( lane_stage linear-tests 300 "$OUT/tests2.log" "${PYTEST[@]}" -q -x tests/test_fused_linear_collab_loss.py \
+    ( lane_stage linear-tests 300 "$OUT/tests2.log" "${PYTEST[@]}" -q -x tests/test_fused_linear.py \
           tests/test_mix.py -k "materialised and triton or equals_the_two_call"
       wait_built
       lane_stage ops-tests 300 "$OUT/tests2.log" "${PYTEST[@]}" -q -x tests/test_rescale.py -k "exact or alias or layouts" ) &
@@ -157,7 +157,7 @@ else
     ( lane_stage loss-tests 200 "$OUT/tests.log" "${PYTEST[@]}" "${XDIST[@]}" -v tests/test_collab_loss.py ) &
     L1=$!
     ( lane_stage linear-tests 120 "$OUT/tests2.log" "${PYTEST[@]}" "${XDIST4[@]}" -v \
-          tests/test_fused_linear_collab_loss.py tests/test_mix.py -k "not trainer"
+          tests/test_fused_linear.py tests/test_mix.py -k "not trainer"
       wait_built
       # under xdist a worker that crashes is replaced and the rest still run
       lane_stage ops-tests 90 "$OUT/tests2.log" "${PYTEST[@]}" "${XDIST2[@]}" -v tests/test_rescale.py -m "not slow" \

@@ -124,10 +124,10 @@ def test_weights_replace_beta_and_soft_weight():
     a = collab_loss_reference(z, y, beta=0.25, soft_weight=3.0)
     b = collab_loss_reference(z, y, weights=(0.25, 0.75 * 3.0))
     torch.testing.assert_close(a, b)
-    with pytest.raises(ValueError, match="weights=\\(hard, soft\\) replaces beta and soft_weight"):
+    with pytest.raises(ValueError, match="weights replaces beta and soft_weight"):
         fused_collab_loss(z, y, beta=0.5, weights=(1.0, 1.0))
-    for bad, match in [((1.0,), "a pair"), ((1.0, -1.0), r"weights\[1\] \(soft\) must be a finite number"),
-                       ((float("nan"), 1.0), r"weights\[0\]"), ("ab", "a pair")]:
+    for bad, match in [((1.0,), "a pair"), ((1.0, -1.0), r"weights must be in \[0, inf\), got -1.0"),
+                       ((float("nan"), 1.0), "weights must be a finite number, got nan"), ("ab", "a pair")]:
         with pytest.raises(ValueError, match=match):
             CollabLoss(weights=bad)
     with pytest.raises(ValueError, match="soft_loss must be one of"):
@@ -330,7 +330,7 @@ def test_out_of_range_label_in_kernel_gives_nan():
     # The device-side check (what CUDA tensors get without a host sync).
     z, y = make(2, 4, 6)
     y[2] = 6
-    loss, _, _, _ = cl._launch(z, y, cl.CollabLossParams())
+    loss, _, _, _ = cl.launch.launch(z, y, cl.CollabLossParams())
     assert torch.isnan(loss)
 
 
@@ -402,9 +402,9 @@ class _CountOps(torch.utils._python_dispatch.TorchDispatchMode):
 def test_one_call_is_two_kernels_without_a_sync(monkeypatch, kw):
     # A fwd+bwd launches the two Triton kernels and nothing else: n_valid, the mean, grad_output's scaling and
     # the zeroing of the sums happen in the kernels (#35: at most 4 kernels a call, no host sync).
-    monkeypatch.setattr(cl, "_labels_checked_on_host", lambda t: False)  # as on CUDA: checked in the kernel
+    monkeypatch.setattr(cl.api, "labels_checked_on_host", lambda t: False)  # as on CUDA: checked in the kernel
     ws = torch.zeros(3 * 3 + 3, device=DEV)  # as on CUDA: one workspace for the stream, left zeroed by each call
-    monkeypatch.setattr(cl, "_workspace", lambda h, device: ws)
+    monkeypatch.setattr(cl.launch, "workspace", lambda h, device: ws)
     launches, count = [], _CountOps()
 
     def launch(*a):
@@ -413,8 +413,8 @@ def test_one_call_is_two_kernels_without_a_sync(monkeypatch, kw):
         real(*a)
         count.paused = False
 
-    real = cl._kernel_launcher
-    monkeypatch.setattr(cl, "_kernel_launcher", launch)
+    real = cl.launch.kernel_launcher
+    monkeypatch.setattr(cl.launch, "kernel_launcher", launch)
     z, y = make(3, 8, 40)
     y[2] = -100
     x = z.clone().requires_grad_()
@@ -463,9 +463,9 @@ def test_forward_keeps_no_gradient_buffer():
     z, y = make(2, 64, 300)
     x = z.clone().requires_grad_()
     calls = []
-    real = cl._launch
+    real = cl.launch.launch
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cl, "_launch", lambda *a, **k: calls.append(k.get("compute_grad", False)) or real(*a, **k))
+        mp.setattr(cl.autograd, "launch", lambda *a, **k: calls.append(k.get("compute_grad", False)) or real(*a, **k))
         loss = fused_collab_loss(x, y, impl="triton")
         assert calls == [False]
         loss.backward(torch.tensor(3.0))
@@ -519,13 +519,13 @@ def test_module_and_auto():
 
 def test_vector_width_only_where_rows_are_aligned():
     z = torch.zeros(4, 8, 1000)
-    assert cl._vector_width(z, z) == 4
-    assert cl._vector_width(z.bfloat16(), z.bfloat16()) == 8
-    assert cl._vector_width(z[:, :, 1:999], z[:, :, 1:999]) == 1  # storage offset: rows not 16-byte aligned
+    assert cl.launch.vector_width(z, z) == 4
+    assert cl.launch.vector_width(z.bfloat16(), z.bfloat16()) == 8
+    assert cl.launch.vector_width(z[:, :, 1:999], z[:, :, 1:999]) == 1  # storage offset: rows not 16-byte aligned
     wide = torch.zeros(4, 8, 1004)
-    assert cl._vector_width(wide[:, :, :1000], z) == 4  # row stride 1004: still aligned
-    assert cl._vector_width(torch.zeros(4, 8, 1001)[:, :, :1000], z) == 1  # row stride 1001
-    assert cl._vector_width(z.transpose(0, 2).contiguous().transpose(0, 2), z) == 1  # class stride != 1
+    assert cl.launch.vector_width(wide[:, :, :1000], z) == 4  # row stride 1004: still aligned
+    assert cl.launch.vector_width(torch.zeros(4, 8, 1001)[:, :, :1000], z) == 1  # row stride 1001
+    assert cl.launch.vector_width(z.transpose(0, 2).contiguous().transpose(0, 2), z) == 1  # class stride != 1
 
 
 @pytest.mark.parametrize("offset, width", [(0, 1000), (1, 1000), (0, 1001), (4, 996)])
@@ -628,7 +628,8 @@ def test_under_torch_compile_dynamic_batch():
     ((torch.zeros(2, 4, 5), torch.tensor([0, 1, -1, 2])), {}, ValueError, r"target\[2\] = -1"),
     ((torch.zeros(2, 4, 5), torch.zeros(4, dtype=torch.long)), {"temperature": 0.0}, ValueError, "temperature"),
     ((torch.zeros(2, 4, 5), torch.zeros(4, dtype=torch.long)), {"temperature": float("nan")}, ValueError, "temperature"),
-    ((torch.zeros(2, 4, 5), torch.zeros(4, dtype=torch.long)), {"temperature": 1e200}, ValueError, "T\\^2 overflows"),
+    ((torch.zeros(2, 4, 5), torch.zeros(4, dtype=torch.long)), {"temperature": 1e200}, ValueError,
+     r"temperature must be in \(0, 10000\], got 1e\+200"),
     ((torch.zeros(2, 4, 5), torch.zeros(4, dtype=torch.long)), {"beta": 1.5}, ValueError, "beta"),
     ((torch.zeros(2, 4, 5), torch.zeros(4, dtype=torch.long)), {"beta": -0.1}, ValueError, "beta"),
     ((torch.zeros(2, 4, 5), torch.zeros(4, dtype=torch.long)), {"soft_weight": -1.0}, ValueError, "soft_weight"),
@@ -668,6 +669,78 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error():
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode != 0
     assert "TRITON_INTERPRET=1" in res.stderr
+
+
+def _outside_and_edges(meta):
+    """(values just outside the declared range, values on its closed edges) of a setting's `opt` metadata."""
+    lo, hi = meta["lo"], meta["hi"]
+    outside = [lo if meta["lo_open"] else lo - 0.5 * max(1.0, abs(lo))] if lo is not None else []
+    outside += [hi * 2 + 1, float("inf"), float("nan")] if hi is not None else [float("inf"), float("nan")]
+    edges = ([] if lo is None or meta["lo_open"] else [lo]) + ([] if hi is None or meta["hi_open"] else [hi])
+    return outside, edges
+
+
+@pytest.mark.parametrize("attr", ["temperature", "beta", "soft_weight", "label_smoothing", "weights"])
+def test_one_range_per_setting_whatever_the_entry_point(attr):
+    # The library (fused_collab_loss, CollabLoss, CollabLossParams) and the trainer (flags, config files) check
+    # a setting with one rule: the same values are refused (naming the argument or the flag), the same accepted.
+    from collab_fast.cli import flag
+    from collab_fast.config import FLAT, TrainConfig
+    from collab_fast.kernels.collab_loss.params import _SPECS
+
+    flat, meta = next((f, m) for a, f, _, _, m in _SPECS if a == attr)
+    assert FLAT[flat][1].name == attr
+    as_value = (lambda v: (1.0, v)) if attr == "weights" else (lambda v: v)
+    z, y = make(2, 4, 5, dtype=torch.float64)
+    outside, edges = _outside_and_edges(meta)
+    assert outside and (attr in ("soft_weight", "weights") or edges)
+    for v in outside:
+        for build in (lambda kw: cl.CollabLossParams(**kw), lambda kw: CollabLoss(**kw),
+                      lambda kw: fused_collab_loss(z, y, **kw)):
+            with pytest.raises(ValueError, match=f"^{attr} must be "):
+                build({attr: as_value(v)})
+        with pytest.raises(ValueError, match=f"^{flag(flat)} must be "):
+            TrainConfig.from_flags("digits", **{flat: list(as_value(v)) if attr == "weights" else v})
+    for v in edges:
+        lib = cl.CollabLossParams(**{attr: as_value(v)})
+        cfg = TrainConfig.from_flags("digits", **{flat: list(as_value(v)) if attr == "weights" else v}).loss
+        assert lib == cfg and getattr(lib, attr) == as_value(v)
+
+
+def test_settings_are_keyword_only_and_typed():
+    with pytest.raises(TypeError, match="positional"):
+        cl.CollabLossParams(2.0)
+    for kw, match in [({"temperature": "2"}, "temperature must be a finite number"),
+                      ({"detach_consensus": 1}, "detach_consensus must be True or False"),
+                      ({"soft_loss": 3}, "soft_loss must be a string"), ({"weights": (1.0, "a")}, "weights must be")]:
+        with pytest.raises(TypeError, match=match):
+            cl.CollabLossParams(**kw)
+    p = cl.CollabLossParams(temperature=3, beta=0, weights=None)
+    assert p.temperature == 3.0 and type(p.temperature) is float and p.soft_weight == 9.0 and p.beta == 0.0
+
+
+_LAYERS = ["params", "reference", "jit", "launch", "autograd", "api"]  # the loss's modules, lowest first
+
+
+def _imports(path: Path):
+    import ast
+
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("collab_fast"):
+            yield node.module, [a.name for a in node.names]
+
+
+def test_the_loss_is_cut_by_layer_and_modules_share_public_names_only():
+    root = Path(cl.__file__).parents[2]
+    for i, layer in enumerate(_LAYERS):  # a layer imports only layers below it
+        for module, _ in _imports(root / "kernels" / "collab_loss" / f"{layer}.py"):
+            if module.startswith("collab_fast.kernels.collab_loss."):
+                assert _LAYERS.index(module.rsplit(".", 1)[1]) < i, (layer, module)
+    for path in sorted(root.rglob("*.py")):  # no module imports another's private names
+        for module, names in _imports(path):
+            assert not [n for n in names if n.startswith("_")], (path, module)
+    linear = {m for m, _ in _imports(root / "kernels" / "fused_linear.py")}
+    assert linear and all(m.startswith("collab_fast.kernels.collab_loss.") for m in linear), linear
 
 
 # -------------------------------------------------------------------------- GPU only
@@ -732,23 +805,23 @@ def test_gpu_workspace_kept_per_stream_left_zeroed_and_own_in_a_captured_graph()
         assert_close(st.hard, ref[1].hard, atol=1e-5)
     dev = torch.cuda.current_device()
     key = (dev, torch.cuda.current_stream().cuda_stream, 3)
-    assert key in cl._WORKSPACES and not cl._WORKSPACES[key].any()
+    assert key in cl.launch.WORKSPACES and not cl.launch.WORKSPACES[key].any()
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):  # another stream: another workspace; then warm-up for the capture
         for _ in range(2):
             fused_collab_loss(z, y)
     torch.cuda.current_stream().wait_stream(side)
-    kept = dict(cl._WORKSPACES)
+    kept = dict(cl.launch.WORKSPACES)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         captured = fused_collab_loss(z, y)
-    assert cl._WORKSPACES == kept  # the graph keeps its own
+    assert cl.launch.WORKSPACES == kept  # the graph keeps its own
     for _ in range(3):
         graph.replay()
         torch.cuda.synchronize()
         assert_close(captured, ref[0], atol=1e-5)
-    assert not any(w.any() for w in cl._WORKSPACES.values())
+    assert not any(w.any() for w in cl.launch.WORKSPACES.values())
 
 
 _AOT = r"""
@@ -756,7 +829,7 @@ import inspect, json, re, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from collab_fast.kernels import collab_loss as cl
-from collab_fast.kernels.collab_loss import _collab_loss_kernel as kernel
+from collab_fast.kernels.collab_loss.jit import collab_loss_kernel as kernel
 names = list(inspect.signature(kernel.fn).parameters)
 def signature(dt):
     sig = {}
@@ -788,7 +861,7 @@ for dt, H, B, NB, RED, ROW, DET, ST, SM, T2, KL, VEC, RS in variants:
     consts = dict(H=H, H_PAD=triton.next_power_of_2(H), BLOCK_C=B, NUM_BLOCKS=NB, REDUCE=RED, MEAN=RED,
                   COMPUTE_LOSS=not ROW, COMPUTE_GRAD=RS != 1, ROW_WEIGHTS=ROW, DETACH=DET, STATS=ST, SMOOTH=SM,
                   T_IS_TWO=T2, KL=KL, VEC=VEC, ROW_STATS=RS, NUM_STAGES=1, FAST_EXP=True, TAIL=1, PROBS=False,
-                  SAFE_BLOCK=cl._safe_block(H, B),
+                  SAFE_BLOCK=cl.launch.safe_block(H, B),
                   stride_zc=1, stride_gc=1)
     s = dict(signature(dt), **{c: "constexpr" for c in consts})
     attrs = {k: v for k, v in div16.items() if names[k[0]] not in consts}
@@ -813,10 +886,10 @@ from sass_loss import _Sm90 as Sm90  # enough of a driver for Triton's binder to
 
 
 compiled = []
-run = cl._collab_loss_kernel.run
+run = cl.jit.collab_loss_kernel.run
 def compile_only(*args, grid, warmup, **kw):  # the launcher's real call, compiled but not launched
     compiled.append(run(*args, grid=grid, warmup=True, **kw))
-cl._collab_loss_kernel.run = compile_only
+cl.jit.collab_loss_kernel.run = compile_only
 try:
     real = driver.active
 except Exception:
@@ -829,11 +902,11 @@ for H, N, C, dt in [(4, 256, 1000, "float32"), (4, 256, 1000, "bfloat16"), (2, 4
     z = torch.empty(H, N, C, dtype=getattr(torch, dt), device="meta")  # shapes and strides, no memory
     y = torch.empty(N, dtype=torch.int64, device="meta")
     p = cl.CollabLossParams()
-    rs = cl._row_stats_buffer(z, y, p)
+    rs = cl.launch.row_stats_buffer(z, y, p)
     compiled.clear()
-    cl._launch(z, y, p, return_stats=True, save_row_stats=rs)  # what forward launches
+    cl.launch.launch(z, y, p, return_stats=True, save_row_stats=rs)  # what forward launches
     r, w = torch.empty((), device="meta"), torch.empty(5, H, device="meta")  # grad_output, forward's n_valid
-    cl._launch(z, y, p, compute_loss=False, compute_grad=True, row_weights=r, row_stats=rs, counts=w)  # backward
+    cl.launch.launch(z, y, p, compute_loss=False, compute_grad=True, row_weights=r, row_stats=rs, counts=w)  # backward
     for phase, k in zip(("forward", "backward"), compiled):
         ptx = k.asm["ptx"]
         row = {"shape": f"H{H} N{N} C{C} {dt}", "phase": phase, "row_stats": rs is not None,
@@ -885,10 +958,10 @@ for name, z in layouts.items():
     H, N, C = z.shape
     y = torch.empty(N, dtype=torch.int64, device="meta")
     for p in (cl.CollabLossParams(), cl.CollabLossParams(label_smoothing=0.1, reduction="none")):
-        rs = cl._row_stats_buffer(z, y, p)
-        cl._launch(z, y, p, return_stats=True, save_row_stats=rs)
+        rs = cl.launch.row_stats_buffer(z, y, p)
+        cl.launch.launch(z, y, p, return_stats=True, save_row_stats=rs)
         r, w = torch.empty((), device="meta"), torch.empty(5, H, device="meta")
-        cl._launch(z, y, p, compute_loss=False, compute_grad=True, row_weights=r, row_stats=rs, counts=w)
+        cl.launch.launch(z, y, p, compute_loss=False, compute_grad=True, row_weights=r, row_stats=rs, counts=w)
         out.append(name)
 print("RESULT", json.dumps(out))
 """
@@ -1001,22 +1074,22 @@ def test_loop_stages_fit_the_device_shared_memory():
     # H2 fp32 at block 16384: a 128 KB tile. On sm_90 (227 KB) it fits without prefetch (2 tiles do not);
     # on sm_86/89/120 (99 KB) even one tile does not: a one-line error naming block_c and what fits.
     kb = 1024
-    assert cl.loop_stages(1, 65536, 2, 2, 227 * kb) == 1  # H1 bf16 65536: one 128 KB tile fits sm_90
-    assert cl.loop_stages(2, 2048, 63, 4, 227 * kb) == cl._LOOP_STAGES == 1  # prefetch off by default
-    assert cl.loop_stages(2, 2048, 63, 4, 227 * kb, depth=2) == 2  # asked for, and it fits
-    assert cl.loop_stages(2, 2048, 1, 4, 227 * kb, depth=2) == 1  # one block per row: nothing to prefetch
-    assert cl.loop_stages(2, 16384, 8, 4, 227 * kb, depth=2) == 1  # prefetch buffer would not fit: off
-    assert cl.loop_stages(2, 16384, 8, 4, None, depth=2) == 2  # the interpreter / CPU: no limit
+    assert cl.launch.loop_stages(1, 65536, 2, 2, 227 * kb) == 1  # H1 bf16 65536: one 128 KB tile fits sm_90
+    assert cl.launch.loop_stages(2, 2048, 63, 4, 227 * kb) == cl.launch.LOOP_STAGES == 1  # prefetch off by default
+    assert cl.launch.loop_stages(2, 2048, 63, 4, 227 * kb, depth=2) == 2  # asked for, and it fits
+    assert cl.launch.loop_stages(2, 2048, 1, 4, 227 * kb, depth=2) == 1  # one block per row: nothing to prefetch
+    assert cl.launch.loop_stages(2, 16384, 8, 4, 227 * kb, depth=2) == 1  # prefetch buffer would not fit: off
+    assert cl.launch.loop_stages(2, 16384, 8, 4, None, depth=2) == 2  # the interpreter / CPU: no limit
     with pytest.raises(ValueError, match=r"block_c=16384 needs about 132 KB .* 99 KB per block: use block_c <= 8192"):
-        cl.loop_stages(2, 16384, 8, 4, 99 * kb, user_block=True)
+        cl.launch.loop_stages(2, 16384, 8, 4, 99 * kb, user_block=True)
     with pytest.raises(ValueError, match=r"use block_c <= 32768"):
-        cl.loop_stages(2, 65536, 2, 2, 227 * kb, user_block=True)  # 256 KB of bf16 over sm_90
+        cl.launch.loop_stages(2, 65536, 2, 2, 227 * kb, user_block=True)  # 256 KB of bf16 over sm_90
     # the default block never trips the check, on any GPU (>= 99 KB), in any dtype, for 1-8 heads
     for heads in range(1, 9):
         for size in (2, 4):
             for c in (10, 1000, 32000, 128256):
-                block, blocks, _ = cl.pick_block_c(heads, c)
-                assert cl.loop_stages(heads, block, blocks, size, 99 * kb) >= 1
+                block, blocks, _ = cl.launch.pick_block_c(heads, c)
+                assert cl.launch.loop_stages(heads, block, blocks, size, 99 * kb) >= 1
 
 
 @pytest.mark.parametrize("impl", ["torch", "triton"])
@@ -1125,7 +1198,7 @@ def test_probability_targets_stats_and_row_statistics_of_long_rows():
     ref, ker, gr, gk = run_both(z, t.float(), block_c=16)
     assert_close(ker, ref, atol=5e-5)
     assert_close(gk, gr, atol=2e-6)
-    rs = cl._row_stats_buffer(z, t, cl.CollabLossParams(block_c=16))
+    rs = cl.launch.row_stats_buffer(z, t, cl.CollabLossParams(block_c=16))
     assert rs.shape == (10, 3, 4)
 
 
@@ -1155,8 +1228,8 @@ def test_long_rows_take_the_finite_path_and_run_again_safe_where_a_class_is_abse
     assert_close(gk, gr, atol=2e-6)
     assert (gk[:, 1, masked] == 0).all()
     params = cl.CollabLossParams(block_c=16, **kw)
-    rs = cl._row_stats_buffer(z, y, params)
-    _, st, _, _ = cl._launch(z, y, params, return_stats=stats, save_row_stats=rs)
+    rs = cl.launch.row_stats_buffer(z, y, params)
+    _, st, _, _ = cl.launch.launch(z, y, params, return_stats=stats, save_row_stats=rs)
     if H > 1 or kw.get("label_smoothing"):  # (one head needs it only where a group's maximum is -inf)
         assert rs[8].tolist() == [[0.0, 1.0, 0.0, 0.0, 0.0]] * H  # only row 1 needed the absent-class path
     if stats:
@@ -1176,8 +1249,8 @@ def test_long_rows_take_the_finite_path_and_run_again_safe_where_a_class_is_abse
         ref, ker, gr, gk = run_both(z, y, block_c=16, **kw)
         assert_close(ker, ref, atol=2e-5)
         assert_close(gk, gr, atol=2e-6)
-        rs = cl._row_stats_buffer(z, y, params)
-        cl._launch(z, y, params, save_row_stats=rs)
+        rs = cl.launch.row_stats_buffer(z, y, params)
+        cl.launch.launch(z, y, params, save_row_stats=rs)
         assert rs[8].tolist() == [[0.0] * 5]
 
 
@@ -1202,8 +1275,8 @@ def test_long_rows_in_narrow_safe_blocks_and_strided_groups(H, block_c, C, vec, 
     kw = dict(kw)
     probs, stats = kw.pop("probs", False), kw.pop("return_stats", False)
     z, y = make(H, 6, C, seed=C + H)
-    assert cl._vector_width(z, z) == vec
-    assert cl._plan(H, C, block_c, 4, None)[5:7] == (tail, safe)
+    assert cl.launch.vector_width(z, z) == vec
+    assert cl.launch.plan(H, C, block_c, 4, None)[5:7] == (tail, safe)
     masked = [block_c + 3, block_c + 130, block_c + 131]
     z[:, 1, masked] = float("-inf")
     y[1] = 7
@@ -1224,8 +1297,8 @@ def test_long_rows_in_narrow_safe_blocks_and_strided_groups(H, block_c, C, vec, 
     assert_close(gk, gr, atol=2e-6)
     assert (gk[:, 1, masked] == 0).all()
     params = cl.CollabLossParams(block_c=block_c, **kw)
-    rs = cl._row_stats_buffer(z, y, params)
-    _, st, _, _ = cl._launch(z, y, params, return_stats=stats, save_row_stats=rs)
+    rs = cl.launch.row_stats_buffer(z, y, params)
+    _, st, _, _ = cl.launch.launch(z, y, params, return_stats=stats, save_row_stats=rs)
     if H > 1 or kw.get("label_smoothing"):
         assert rs[8].tolist() == [[0.0, 1.0, 0.0, 0.0, 0.0, 0.0]] * H  # only row 1 ran SAFE
     if stats:
@@ -1251,8 +1324,8 @@ def test_long_rows_with_a_class_absent_from_one_head_only(H):
     assert torch.isfinite(gk).all()
     assert_close(gk, gr, atol=2e-6)
     params = cl.CollabLossParams(block_c=16, reduction="none")
-    rs = cl._row_stats_buffer(z, y, params)
-    cl._launch(z, y, params, save_row_stats=rs)
+    rs = cl.launch.row_stats_buffer(z, y, params)
+    cl.launch.launch(z, y, params, save_row_stats=rs)
     assert rs[8].tolist() == [[0.0, 1.0, 0.0, 0.0]] * H
 
 

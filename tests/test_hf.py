@@ -10,7 +10,7 @@ import torch
 transformers = pytest.importorskip("transformers", reason="transformers is the hf extra (CI stage 5 installs it)")
 
 from collab_fast.integrations.hf import CollabForSequenceClassification  # noqa: E402
-from collab_fast.kernels.fused_linear_collab_loss import linear_collab_loss_reference  # noqa: E402
+from collab_fast.kernels.fused_linear import linear_collab_loss_reference  # noqa: E402
 
 
 def _bert(num_labels=3):

@@ -141,10 +141,10 @@ def test_interpreter_and_replaced_run_take_tritons_path(monkeypatch):
     # to kernel[grid](...), which runs it; nothing is cached.
     z = torch.randn(2, 3, 20)
     y = torch.tensor([1, 2, 3])
-    loss, _, _, _ = cl._launch(z, y, cl.CollabLossParams(impl="triton"))
+    loss, _, _, _ = cl.launch.launch(z, y, cl.CollabLossParams(impl="triton"))
     ref = cl.collab_loss_reference(z.double(), y)
     torch.testing.assert_close(loss.double(), ref, atol=1e-5, rtol=1e-5)
-    assert cl._kernel_launcher.kernels == {} and cl._kernel_launcher.hits == 0
+    assert cl.launch.kernel_launcher.kernels == {} and cl.launch.kernel_launcher.hits == 0
 
     class Fn:  # a compiled kernel whose run was replaced (a caller compiling without launching)
         device_caches = {}
@@ -249,9 +249,9 @@ host_loss._StubUtils.load_binary = lambda self, *a: (*load(self, *a)[:3], words,
 z = torch.randn(8, 4, 5000)  # a looped row of 8 heads: the launcher asks for a cap
 y = torch.randint(0, 5000, (4,))
 for _ in range(2):
-    loss = cl._launch(z, y, cl.CollabLossParams())[0]
-out = [[key[3], getattr(k.metadata, "maxnreg", None)] for key, k in cl._kernel_launcher.kernels.items()]
-print("RESULT", json.dumps({"kernels": out, "hits": cl._kernel_launcher.hits, "loss": float(loss)}))
+    loss = cl.launch.launch(z, y, cl.CollabLossParams())[0]
+out = [[key[3], getattr(k.metadata, "maxnreg", None)] for key, k in cl.launch.kernel_launcher.kernels.items()]
+print("RESULT", json.dumps({"kernels": out, "hits": cl.launch.kernel_launcher.hits, "loss": float(loss)}))
 """.replace("BENCHMARKS", repr(str(BENCHMARKS)))
 
 

@@ -338,7 +338,7 @@ def test_out_of_memory_message(tmp_path, monkeypatch):
     (["digits", "--amp", "fp16", "--skip-nonfinite"], "--skip-nonfinite cannot be combined"),
     (["digits", "-b", "0"], r"--batch-size must be in \[1, 1048576\]"),
     (["svhn"], "invalid choice: 'svhn'"),
-    (["digits", "--loss-weights", "1"], "--loss-weights takes two numbers HARD,SOFT"),
+    (["digits", "--loss-weights", "1"], r"--loss-weights must be a pair \(hard, soft\) of numbers >= 0, got \[1.0\]"),
     (["digits", "--loss-weights", "1,4", "--beta", "0.3"], "--loss-weights replaces --beta and --soft-weight"),
     (["digits", "--loss-weights", "1,-4"], r"--loss-weights must be in \[0, inf\)"),
     (["digits", "--soft-loss", "js"], "invalid choice: 'js'"),

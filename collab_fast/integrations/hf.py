@@ -49,7 +49,7 @@ from torch import nn
 
 from collab_fast.extras import require
 from collab_fast.kernels.collab_loss import CollabLossParams, CollabStats, collab_loss
-from collab_fast.kernels.fused_linear_collab_loss import fused_linear_collab_loss
+from collab_fast.kernels.fused_linear import fused_linear_collab_loss
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

@@ -6,7 +6,7 @@ import torch
 from conftest import HAS_CUDA, requires_cuda
 
 from collab_fast.kernels.collab_loss import CollabLossParams
-from collab_fast.kernels.fused_linear_collab_loss import (
+from collab_fast.kernels.fused_linear import (
     FusedLinearCollabLoss,
     fused_linear_collab_loss,
     linear_collab_loss_reference,
@@ -84,7 +84,7 @@ def test_module_and_memory_budget_chunking():
     m = FusedLinearCollabLoss(2, 8, 50, bias=True, memory_budget=2 * 50 * 4 * 11 * 3, temperature=3.0)  # 3 rows
     x = torch.randn(2, 10, 8, requires_grad=True)
     y = torch.randint(0, 50, (10,))
-    from collab_fast.kernels.fused_linear_collab_loss import _pick_chunk
+    from collab_fast.kernels.fused_linear import _pick_chunk
 
     assert _pick_chunk(2, 10, 50, 4 * 11, None, m.memory_budget) == 3
     loss = m(x, y)
@@ -96,7 +96,7 @@ def test_module_and_memory_budget_chunking():
 
 
 def test_default_chunk_follows_the_weight_gradient_traffic():
-    from collab_fast.kernels.fused_linear_collab_loss import _pick_chunk
+    from collab_fast.kernels.fused_linear import _pick_chunk
 
     gw = lambda h, c, d: h * c * d * 4  # the float32 weight-gradient accumulator
     # LM heads (bf16 logits): 256 MiB alone would give 523-row chunks, each sweeping the 2 GiB gradient
@@ -328,7 +328,7 @@ def test_shift_labels_is_hugging_faces_causal_shift(impl):
 @pytest.mark.parametrize("probs", [False, True])
 def test_return_stats_equal_fused_collab_loss_on_the_materialised_logits(impl, probs):
     from collab_fast import fused_collab_loss
-    from collab_fast.kernels.fused_linear_collab_loss import _logits
+    from collab_fast.kernels.fused_linear import _logits
 
     hidden, weight, y, b = (t.float() if t.is_floating_point() else t for t in _lm(probs=probs, B=3, T=7))
     loss, stats = fused_linear_collab_loss(hidden, weight, y, b, impl=impl, chunk_size=4, return_stats=True)
@@ -415,7 +415,7 @@ def test_compiles_fullgraph_and_equals_eager(kw, backend):
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_the_custom_ops_pass_opcheck(reduction):
-    from collab_fast.kernels.fused_linear_collab_loss import _LinearExtras, _op_params
+    from collab_fast.kernels.fused_linear import _LinearExtras, _op_params
 
     hidden, weight, y, b = (t.float() if t.is_floating_point() else t for t in _lm())
     x, w, bias = hidden.reshape(3, 10, 6).requires_grad_(), weight.requires_grad_(), b.requires_grad_()

@@ -44,21 +44,11 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from collab_fast.kernels.collab_loss import (
-    _DEFAULT,
-    _KERNEL_DTYPES,
-    CollabLossParams,
-    CollabStats,
-    _check_number,
-    _check_triton_usable,
-    _labels_checked_on_host,
-    _launch,
-    _num_valid,
-    _params_args,
-    _params_from,
-    _reference,
-    collab_loss_reference,
-)
+from collab_fast.kernels.collab_loss.api import labels_checked_on_host
+from collab_fast.kernels.collab_loss.autograd import params_args, params_from
+from collab_fast.kernels.collab_loss.launch import check_triton_usable, launch, num_valid
+from collab_fast.kernels.collab_loss.params import DEFAULT, KERNEL_DTYPES, CollabLossParams, CollabStats, check_number
+from collab_fast.kernels.collab_loss.reference import collab_loss_reference, reference
 
 __all__ = ["FusedLinearCollabLoss", "fused_linear_collab_loss", "linear_collab_loss_reference"]
 
@@ -277,7 +267,7 @@ def _chunk_loss_and_grad(z: torch.Tensor, y: torch.Tensor, params: CollabLossPar
         with _autograd_on(), torch.enable_grad():
             zc = z.detach().requires_grad_()
             zz = _softcap(zc, extras.softcap)
-            out = _reference(zz, y, replace(params, reduction="none"), return_stats=want_stats)  # [H, n]
+            out = reference(zz, y, replace(params, reduction="none"), return_stats=want_stats)  # [H, n]
             per, st = out if want_stats else (out, None)
             if extras.z_loss:
                 per = per + _z_loss(zz, y, params, extras.z_loss, per.dtype)
@@ -286,7 +276,7 @@ def _chunk_loss_and_grad(z: torch.Tensor, y: torch.Tensor, params: CollabLossPar
     if extras.softcap is None and not extras.z_loss:
         sums = _kernel_stat_sums(z, y, params) if want_stats else None
         # one launch: loss and gradient, the gradient written over the logits (they are not needed after)
-        loss, _, g, _ = _launch(z, y, params, compute_loss=True, compute_grad=True, row_weights=r, grad_out=z)
+        loss, _, g, _ = launch(z, y, params, compute_loss=True, compute_grad=True, row_weights=r, grad_out=z)
         return loss, g, sums
     # Softcap and z-loss around the kernel, in float32: zc = cap tanh(z / cap), the kernel's loss and
     # gradient on zc, the z-loss's gradient 2 s lse r softmax(zc) added, then the cap's derivative 1 - tanh^2.
@@ -299,7 +289,7 @@ def _chunk_loss_and_grad(z: torch.Tensor, y: torch.Tensor, params: CollabLossPar
         zc = zf
     sums = _kernel_stat_sums(zc, y, params) if want_stats else None
     lse = torch.logsumexp(zc, dim=-1) if extras.z_loss else None
-    loss, _, g, _ = _launch(zc, y, params, compute_loss=True, compute_grad=True, row_weights=r,
+    loss, _, g, _ = launch(zc, y, params, compute_loss=True, compute_grad=True, row_weights=r,
                             grad_out=None if extras.z_loss else zc)
     if extras.z_loss:
         valid = _valid_rows(y, params)
@@ -314,7 +304,7 @@ def _chunk_loss_and_grad(z: torch.Tensor, y: torch.Tensor, params: CollabLossPar
 
 def _kernel_stat_sums(z: torch.Tensor, y: torch.Tensor, params: CollabLossParams) -> torch.Tensor:
     # a launch of its own (the gradient launch overwrites the logits): one more read of the chunk's logits
-    _, st, _, _ = _launch(z, y, replace(params, reduction="sum"), return_stats=True)
+    _, st, _, _ = launch(z, y, replace(params, reduction="sum"), return_stats=True)
     return _stat_sums(st[0], st[1], st[2], st[3, 0])
 
 
@@ -334,7 +324,7 @@ def _sweep(hidden, weight, bias, target, params, extras, r_of, chunk, use_kernel
         hi = min(lo + chunk, n)
         x = hidden[lo:hi] if shared else hidden[:, lo:hi]
         z = _logits(x, weight, bias)
-        if use_kernel and z.dtype not in _KERNEL_DTYPES:
+        if use_kernel and z.dtype not in KERNEL_DTYPES:
             z = z.float()
         loss, g, st = _chunk_loss_and_grad(z, target[lo:hi], params, extras, r_of(lo, hi), use_kernel, want_stats)
         losses.append(loss)
@@ -399,7 +389,7 @@ def _forward(hidden, weight, bias, target, params, extras, chunk, use_kernel, re
         return per_row, sums, (None, None, None)
     dtype = _loss_dtype(hidden, use_kernel)
     one = torch.ones((), dtype=dtype, device=hidden.device)
-    scale = one / _num_valid(target, params).clamp(min=1).to(dtype) if params.reduction == "mean" else one
+    scale = one / num_valid(target, params).clamp(min=1).to(dtype) if params.reduction == "mean" else one
     r = scale.expand(heads, max(n, 1))
     with torch.no_grad():
         per_row, grads, sums = _sweep(hidden, weight, bias, target, params, extras, lambda lo, hi: r[:, : hi - lo],
@@ -467,12 +457,12 @@ class _FusedLinearCollabLoss(torch.autograd.Function):
 
 
 def _op_params(params: CollabLossParams, extras: _LinearExtras) -> tuple:
-    return (*_params_args(params), extras.softcap or 0.0, extras.z_loss)
+    return (*params_args(params), extras.softcap or 0.0, extras.z_loss)
 
 
 def _from_op(temperature, hard_coef, soft_coef, detach_consensus, ignore_index, label_smoothing, reduction, block_c,
              soft_loss, softcap, z_loss):
-    params = _params_from(temperature, hard_coef, soft_coef, detach_consensus, ignore_index, label_smoothing,
+    params = params_from(temperature, hard_coef, soft_coef, detach_consensus, ignore_index, label_smoothing,
                           reduction, block_c, soft_loss)
     return params, _LinearExtras(softcap=softcap or None, z_loss=z_loss)
 
@@ -601,7 +591,7 @@ def _check_targets(target: torch.Tensor, num_classes: int, params: CollabLossPar
     makes the loss NaN."""
     if target.is_floating_point() and target.requires_grad:
         raise ValueError("target: the loss gives no gradient to a probability target; pass target.detach()")
-    if not _labels_checked_on_host(target) or target.numel() == 0:
+    if not labels_checked_on_host(target) or target.numel() == 0:
         return
     if target.is_floating_point():
         bad = ~torch.isfinite(target) | (target < 0)
@@ -625,8 +615,8 @@ def _check_options(chunk_size, memory_budget, softcap, lse_square_scale, shift_l
     for name, value in (("shift_labels", shift_labels), ("return_stats", return_stats)):
         if not isinstance(value, bool):
             raise ValueError(f"{name} must be True or False, got {value!r}")
-    cap = None if softcap is None else _check_number("softcap", softcap, 0.0, math.inf, lo_open=True)
-    return _LinearExtras(softcap=cap, z_loss=_check_number("lse_square_scale", lse_square_scale, 0.0, math.inf))
+    cap = None if softcap is None else check_number("softcap", softcap, 0.0, math.inf, lo_open=True)
+    return _LinearExtras(softcap=cap, z_loss=check_number("lse_square_scale", lse_square_scale, 0.0, math.inf))
 
 
 def fused_linear_collab_loss(
@@ -635,16 +625,16 @@ def fused_linear_collab_loss(
     target: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
-    temperature: float = _DEFAULT.temperature,
+    temperature: float = DEFAULT.temperature,
     beta: float | None = None,
     soft_weight: float | None = None,
-    soft_loss: str = _DEFAULT.soft_loss,
+    soft_loss: str = DEFAULT.soft_loss,
     weights: tuple[float, float] | None = None,
-    detach_consensus: bool = _DEFAULT.detach_consensus,
-    ignore_index: int = _DEFAULT.ignore_index,
-    label_smoothing: float = _DEFAULT.label_smoothing,
-    reduction: str = _DEFAULT.reduction,
-    impl: str = _DEFAULT.impl,
+    detach_consensus: bool = DEFAULT.detach_consensus,
+    ignore_index: int = DEFAULT.ignore_index,
+    label_smoothing: float = DEFAULT.label_smoothing,
+    reduction: str = DEFAULT.reduction,
+    impl: str = DEFAULT.impl,
     chunk_size: int | None = None,
     memory_budget: int | None = None,
     softcap: float | None = None,
@@ -687,10 +677,10 @@ def fused_linear_collab_loss(
     hidden, weight, bias, target, lead = _layout(hidden, weight, bias, target, shift_labels, ignore_index)
     dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
         else torch.promote_types(hidden.dtype, weight.dtype)
-    use_kernel = impl == "triton" or (impl == "auto" and hidden.device.type == "cuda" and dtype in _KERNEL_DTYPES)
+    use_kernel = impl == "triton" or (impl == "auto" and hidden.device.type == "cuda" and dtype in KERNEL_DTYPES)
     if use_kernel:
-        _check_triton_usable(hidden.device)
-        if dtype not in _KERNEL_DTYPES:
+        check_triton_usable(hidden.device)
+        if dtype not in KERNEL_DTYPES:
             raise TypeError(f"impl='triton' takes float32, bfloat16 or float16 inputs, got {dtype}; use impl='torch' "
                             "(or 'auto') for float64")
     if target.dtype in (torch.uint8, torch.int8, torch.int16):
