@@ -19,7 +19,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import add_output_args, bench, copy_bandwidth, format_row, output_dir, pct_of_floor, save  # noqa: E402
 
-from collab_fast.rescale import branch, branch_reference, load_extension  # noqa: E402
+from collab_fast.extension import load_extension  # noqa: E402
+from collab_fast.rescale import branch, branch_reference  # noqa: E402
 
 GPU_SHAPES = [("layer2", (256, 512, 28, 28)), ("layer3", (256, 1024, 14, 14))]
 CPU_SHAPES = [("layer3-b8", (8, 1024, 14, 14))]

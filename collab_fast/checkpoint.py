@@ -2,11 +2,13 @@
 torch.load(weights_only=True) and verified, with one-line errors for missing, corrupt or foreign files.
 
 A training checkpoint is a dict with FORMAT under "format", the model's state dict under "model" and the
-resolved run config (a plain dict) under "config"; the trainer adds optimizer, scaler, schedule, step and
-RNG states. It carries a checksum of its whole content ("checksum": every tensor's bytes and every other
-value), which loading verifies: flipped bytes inside a tensor or a number, which unpickling cannot notice,
-are refused. An exported head is a plain state dict
-(no checksum, so that torchvision and others load it as it is).
+resolved run config (a plain dict) under "config"; the trainer adds the optimizer's, the scaler's and the
+EMA's state, the training position (run_state.State: step, epoch, the loader's position) and the RNG states.
+The learning-rate schedule keeps no state: it is a function of the step and the config. A checkpoint
+carries a checksum of its whole content ("checksum": every tensor's bytes and every other value), which
+loading requires and verifies: flipped bytes inside a tensor or a number, which unpickling cannot notice,
+are refused, and so is a checkpoint without one. An exported head is a plain state dict (no checksum, so
+that torchvision and others load it as it is).
 """
 
 from __future__ import annotations
@@ -20,17 +22,18 @@ from typing import Any
 
 import torch
 
-__all__ = ["FORMAT", "CheckpointError", "checksum", "load_checkpoint", "load_file", "save_atomic", "save_checkpoint",
-           "verify_checkpoint"]
+__all__ = ["FORMAT", "CheckpointError", "checksum", "is_checkpoint", "load_checkpoint", "load_file", "save_atomic",
+           "save_checkpoint", "verify_checkpoint"]
 
-FORMAT = "collab_fast.checkpoint/1"
+FORMAT = "collab_fast.checkpoint/2"  # 2: the checksum covers every value and is required
+_RETIRED = ("collab_fast.checkpoint/1",)  # development versions' formats (checksums optional or tensors-only)
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, unreadable, corrupt, or not one of ours."""
 
 
-_CHECKSUM_PREFIX = "blake2b-all:"  # checksums without it (early checkpoints) cover the tensors only
+_CHECKSUM_PREFIX = "blake2b-all:"
 
 
 def _leaves(obj, prefix=""):
@@ -45,7 +48,7 @@ def _leaves(obj, prefix=""):
         yield prefix, obj
 
 
-def checksum(obj, tensors_only: bool = False) -> str:
+def checksum(obj) -> str:
     """blake2b over every tensor's path, dtype, shape and bytes (CPU tensors) and every other leaf's repr."""
     h = hashlib.blake2b(digest_size=16)
     for path, v in _leaves(obj):
@@ -55,9 +58,9 @@ def checksum(obj, tensors_only: bool = False) -> str:
             if t.numel():
                 h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.dtype != torch.bool
                          else t.numpy().tobytes())
-        elif not tensors_only:
+        else:
             h.update(f"{path}={v!r};".encode())
-    return h.hexdigest() if tensors_only else _CHECKSUM_PREFIX + h.hexdigest()
+    return _CHECKSUM_PREFIX + h.hexdigest()
 
 
 def _to_cpu(obj):
@@ -150,16 +153,23 @@ def load_file(path: str | os.PathLike, map_location: str | torch.device = "cpu")
                               f"(safe loading with weights_only=True failed: {first})") from None
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Loads a collab_fast training checkpoint, checks its structure and verifies its checksum."""
-    ckpt = verify_checkpoint(load_file(path, "cpu"), path)
-    if map_location != "cpu":
-        ckpt = {k: (v.to(map_location) if isinstance(v, torch.Tensor) else v) for k, v in ckpt.items()}
-    return ckpt
+def load_checkpoint(path: str | os.PathLike) -> dict:
+    """Loads a collab_fast training checkpoint to the CPU, checks its structure and verifies its checksum."""
+    return verify_checkpoint(load_file(path), path)
+
+
+def is_checkpoint(obj: Any) -> bool:
+    """Whether `obj` (a file's content) claims to be a training checkpoint of some format of ours (then
+    verify_checkpoint decides), rather than a plain state dict."""
+    return isinstance(obj, dict) and obj.get("format") in (FORMAT, *_RETIRED)
 
 
 def verify_checkpoint(ckpt: Any, path: str | os.PathLike) -> dict:
     """The structure and checksum checks of load_checkpoint, on an object already read from `path`."""
+    if isinstance(ckpt, dict) and ckpt.get("format") in _RETIRED:
+        raise CheckpointError(f"{path} was written by a development version of collab_fast (format "
+                              f"{ckpt['format']!r}, whose checksum was optional); this version reads {FORMAT!r} "
+                              "only: train again (its weights: torch.load(path, weights_only=True)['model'])")
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         what = f"a {type(ckpt).__name__}" if not isinstance(ckpt, dict) else f"a dict with keys {sorted(map(str, ckpt))[:8]}"
         raise CheckpointError(f"{path} is not a collab_fast training checkpoint (expected format {FORMAT!r}, "
@@ -167,9 +177,11 @@ def verify_checkpoint(ckpt: Any, path: str | os.PathLike) -> dict:
     for key in ("model", "config"):
         if not isinstance(ckpt.get(key), dict):
             raise CheckpointError(f"{path}: the checkpoint has no {key!r} dict")
-    if "checksum" in ckpt:  # checkpoints written before checksums were added load unverified
-        stored = ckpt.pop("checksum")
-        if checksum(ckpt, tensors_only=not str(stored).startswith(_CHECKSUM_PREFIX)) != stored:
-            raise CheckpointError(f"{path} is corrupt: its tensors do not match the checksum written with them "
-                                  "(use another checkpoint, e.g. best.pt, or start over)")
+    stored = ckpt.pop("checksum", None)
+    if not isinstance(stored, str) or not stored.startswith(_CHECKSUM_PREFIX):
+        raise CheckpointError(f"{path} has no checksum, so it cannot be verified: it was not written by "
+                              "collab_fast's save_checkpoint (use another checkpoint, e.g. best.pt, or start over)")
+    if checksum(ckpt) != stored:
+        raise CheckpointError(f"{path} is corrupt: its content does not match the checksum written with it "
+                              "(use another checkpoint, e.g. best.pt, or start over)")
     return ckpt

@@ -46,7 +46,6 @@ __all__ = [
     "ensure_ops",
     "grad_rescale",
     "grad_rescale_reference",
-    "load_extension",
     "scaled_sum",
 ]
 
@@ -160,11 +159,6 @@ def ensure_ops() -> str:
                                             setup_context=_scaled_sum_setup_context)
             _backend = backend
     return _backend
-
-
-def load_extension(verbose: bool | None = None):
-    """The C++ extension's module (built on first use); see collab_fast.extension."""
-    return extension.load_extension(verbose)
 
 
 def build_info() -> dict:

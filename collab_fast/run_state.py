@@ -20,6 +20,7 @@ import torch
 from collab_fast.checkpoint import (
     FORMAT,
     CheckpointError,
+    is_checkpoint,
     load_checkpoint,
     load_file,
     os_error_line,
@@ -200,9 +201,9 @@ def restore(path: Path, net, optimizer, scaler, arch: str, pattern: str, config_
         config_out.update(cfg)
     if cfg.get("arch") != arch or cfg.get("pattern") != pattern:
         raise CheckpointError(f"{path} is a {cfg.get('arch')} {cfg.get('pattern')} run, not {arch} {pattern}")
-    if opt is not None and cfg.get("opt", "sgd") != opt:
-        raise CheckpointError(f"{path} was trained with --opt {cfg.get('opt', 'sgd')}, this run asks for --opt {opt}: "
-                              f"resume with --opt {cfg.get('opt', 'sgd')}, or start a new run from its weights "
+    if opt is not None and cfg.get("opt") != opt:
+        raise CheckpointError(f"{path} was trained with --opt {cfg.get('opt')}, this run asks for --opt {opt}: "
+                              f"resume with --opt {cfg.get('opt')}, or start a new run from its weights "
                               f"(--weights {path}, without --resume)")
     try:
         net.load_state_dict(ckpt["model"])
@@ -227,7 +228,7 @@ def load_weights(net, path: str, obj=None) -> None:
     """--weights: an exported head (plain state dict) or a training checkpoint of the same model. `obj`: the
     file's content when the caller has read it already (it is read once)."""
     obj = load_file(path) if obj is None else obj
-    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+    if is_checkpoint(obj):
         obj = verify_checkpoint(obj, path)["model"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"--weights {path}: expected a state dict of tensors, found a {type(obj).__name__}")

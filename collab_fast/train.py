@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from collab_fast.checkpoint import FORMAT, CheckpointError, load_file, os_error_line, save_atomic, write_text_atomic
+from collab_fast.checkpoint import CheckpointError, is_checkpoint, load_file, os_error_line, save_atomic, write_text_atomic
 from collab_fast.config import TrainConfig, parse_config, resolve
 from collab_fast.data import (
     AutoAugment,
@@ -72,7 +72,7 @@ def _initial_weights(cfg: TrainConfig) -> tuple[dict | None, object]:
     if not cfg.model.weights or cfg.model.pretrained:
         return None, None
     obj = load_file(cfg.model.weights)
-    if cfg.model.pattern == "single" or isinstance(obj, dict) and obj.get("format") == FORMAT:
+    if cfg.model.pattern == "single" or is_checkpoint(obj):
         return None, obj  # the model as it is (a training checkpoint of this very model: load_weights)
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"--weights {cfg.model.weights}: expected a state dict of tensors, found a "
@@ -416,10 +416,7 @@ def _setup_in(cfg: TrainConfig, proc: Dist, device: torch.device, rundir: RunDir
             print(f"collab_fast: keeping the checkpoint's LR milestones {old} (the defaults for --epochs "
                   f"{cfg.optim.epochs} would differ); pass --lr-milestones to set others", file=sys.stderr)
     if state.loader_state and len(state.loader_state) == proc.world:
-        saved = state.loader_state[proc.rank]
-        if isinstance(saved, str):  # checkpoints before the Loader protocol: the DALI reader's string
-            saved = {"reader": saved, "batch_in_epoch": state.batch_in_epoch}
-        train_loader.load_state_dict(saved)
+        train_loader.load_state_dict(state.loader_state[proc.rank])
     elif state.loader_state and proc.main:
         print(f"collab_fast: warning: the checkpoint was written by {len(state.loader_state)} processes, this run has "
               f"{proc.world}: the data order restarts from the seed (resume is not exact)", file=sys.stderr)

@@ -9,7 +9,15 @@ import pytest
 import torch
 
 import collab_fast.checkpoint as ck
-from collab_fast.checkpoint import FORMAT, CheckpointError, checksum, load_checkpoint, save_atomic, save_checkpoint
+from collab_fast.checkpoint import (
+    FORMAT,
+    CheckpointError,
+    checksum,
+    load_checkpoint,
+    load_file,
+    save_atomic,
+    save_checkpoint,
+)
 
 MARK = torch.arange(4096, dtype=torch.float32) + 0.5  # distinctive bytes to find in the file
 
@@ -41,15 +49,23 @@ def test_flipped_tensor_bytes_are_refused(tmp_path):
         data[i] ^= 0xFF
     path.write_bytes(bytes(data))
     assert torch.load(path, weights_only=True)["model"]["w"].shape == MARK.shape  # loads without checksum
-    with pytest.raises(CheckpointError, match="corrupt: its tensors do not match the checksum"):
+    with pytest.raises(CheckpointError, match="corrupt: its content does not match the checksum"):
         load_checkpoint(path)
 
 
-def test_checkpoints_with_a_tensor_only_checksum_still_load(tmp_path):
-    old = ck._to_cpu(_ckpt())
-    old["checksum"] = checksum(old, tensors_only=True)  # the first checksummed format
-    save_atomic(old, tmp_path / "old.pt")
-    assert load_checkpoint(tmp_path / "old.pt")["state"]["step"] == 7
+@pytest.mark.parametrize("change, match", [
+    (lambda c: c.pop("checksum"), "has no checksum, so it cannot be verified"),
+    (lambda c: c.update(checksum="0" * 32), "has no checksum"),  # a development version's tensors-only checksum
+    (lambda c: c.update(format="collab_fast.checkpoint/1"), "written by a development version .* train again"),
+])
+def test_a_checkpoint_that_cannot_be_verified_is_refused_in_one_line(tmp_path, change, match):
+    save_checkpoint(_ckpt(), tmp_path / "a.pt")
+    ckpt = torch.load(tmp_path / "a.pt", weights_only=True)
+    change(ckpt)
+    save_atomic(ckpt, tmp_path / "b.pt")
+    with pytest.raises(CheckpointError, match=match) as info:
+        load_checkpoint(tmp_path / "b.pt")
+    assert "\n" not in str(info.value)
 
 
 @pytest.mark.parametrize("err", [errno.ENOSPC, errno.EACCES, errno.EIO])
@@ -114,3 +130,47 @@ def test_written_files_get_the_umask_mode_not_0600(tmp_path):
         os.umask(old)
     assert (tmp_path / "last.pt").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "config.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_corrupt_and_truncated_files(tmp_path):
+    path = save_checkpoint(_ckpt(), tmp_path / "last.pt")
+    data = path.read_bytes()
+    trunc = tmp_path / "trunc.pt"
+    trunc.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt, truncated"):
+        load_checkpoint(trunc)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="corrupt, truncated"):
+        load_file(garbage)
+    with pytest.raises(CheckpointError, match="is a directory"):
+        load_file(tmp_path)
+
+
+class Evil:
+    """Not a tensor, not a plain container: weights_only loading must refuse it."""
+
+
+def test_unsafe_pickle_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"format": FORMAT, "model": {}, "config": {}, "obj": Evil()}, path)
+    with pytest.raises(CheckpointError, match="weights_only=True"):
+        load_checkpoint(path)
+
+
+def test_save_atomic_never_leaves_a_truncated_file(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_atomic({"a": torch.ones(3)}, path)
+    real_save = torch.save
+
+    def crash(obj, f):
+        real_save(obj, f)
+        f.write(b"partial")
+        raise KeyboardInterrupt  # killed mid-write
+
+    monkeypatch.setattr(ck.torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_atomic({"a": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(3))
+    assert os.listdir(tmp_path) == ["last.pt"]  # no temp file left behind

@@ -1,14 +1,11 @@
-"""Checkpoints (atomic save, safe load, clear errors) and the export CLI."""
+"""The export CLI: a head of a training checkpoint as the plain model, and its one-line errors."""
 
 import json
-import os
 from pathlib import Path
 
-import pytest
 import torch
 
-from collab_fast import checkpoint as ck
-from collab_fast.checkpoint import FORMAT, CheckpointError, load_checkpoint, load_file, save_atomic
+from collab_fast.checkpoint import FORMAT, save_checkpoint
 from collab_fast.export import main as export_main
 from collab_fast.models import build
 
@@ -20,7 +17,7 @@ def _training_checkpoint(tmp_path, arch="resnet50", pattern="hier4", num_classes
     model = build(arch, pattern, num_classes=num_classes)
     config = {"arch": arch, "pattern": pattern, "num_classes": num_classes, "rescale": "backprop", "splits": None}
     path = tmp_path / "last.pt"
-    save_atomic({"format": FORMAT, "model": model.state_dict(), "config": config}, path)
+    save_checkpoint({"format": FORMAT, "model": model.state_dict(), "config": config}, path)
     return model, path
 
 
@@ -49,8 +46,8 @@ def test_export_cli_errors(tmp_path, capsys):
     assert export_main([str(foreign), "-o", str(tmp_path / "x.pth")]) == 2
     assert "not a collab_fast training checkpoint" in capsys.readouterr().err
     mismatch = tmp_path / "mismatch.pt"
-    save_atomic({"format": FORMAT, "model": build("resnet32", "single").state_dict(),
-                 "config": {"arch": "resnet32", "pattern": "ilr2", "num_classes": 10}}, mismatch)
+    save_checkpoint({"format": FORMAT, "model": build("resnet32", "single").state_dict(),
+                     "config": {"arch": "resnet32", "pattern": "ilr2", "num_classes": 10}}, mismatch)
     assert export_main([str(mismatch), "-o", str(tmp_path / "x.pth")]) == 2
     assert "do not fit the model" in capsys.readouterr().err
     assert export_main([str(path), "-o", str(tmp_path)]) == 2  # a directory
@@ -59,50 +56,6 @@ def test_export_cli_errors(tmp_path, capsys):
     assert export_main([str(path), "-o", str(tmp_path / "file" / "head0.pth")]) == 2  # under a file
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: cannot write") and "file/head0.pth" in err and "\n" not in err
-
-
-def test_corrupt_and_truncated_files(tmp_path):
-    _, path = _training_checkpoint(tmp_path, "resnet32", "ilr2", 10)
-    data = path.read_bytes()
-    trunc = tmp_path / "trunc.pt"
-    trunc.write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match="corrupt, truncated"):
-        load_checkpoint(trunc)
-    garbage = tmp_path / "garbage.pt"
-    garbage.write_bytes(b"not a checkpoint at all")
-    with pytest.raises(CheckpointError, match="corrupt, truncated"):
-        load_file(garbage)
-    with pytest.raises(CheckpointError, match="is a directory"):
-        load_file(tmp_path)
-
-
-class Evil:
-    """Not a tensor, not a plain container: weights_only loading must refuse it."""
-
-
-def test_unsafe_pickle_is_refused(tmp_path):
-    path = tmp_path / "evil.pt"
-    torch.save({"format": FORMAT, "model": {}, "config": {}, "obj": Evil()}, path)
-    with pytest.raises(CheckpointError, match="weights_only=True"):
-        load_checkpoint(path)
-
-
-def test_save_atomic_never_leaves_a_truncated_file(tmp_path, monkeypatch):
-    path = tmp_path / "last.pt"
-    save_atomic({"a": torch.ones(3)}, path)
-    real_save = torch.save
-
-    def crash(obj, f):
-        real_save(obj, f)
-        f.write(b"partial")
-        raise KeyboardInterrupt  # killed mid-write
-
-    monkeypatch.setattr(ck.torch, "save", crash)
-    with pytest.raises(KeyboardInterrupt):
-        save_atomic({"a": torch.zeros(3)}, path)
-    monkeypatch.undo()
-    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(3))
-    assert os.listdir(tmp_path) == ["last.pt"]  # no temp file left behind
 
 
 def test_export_of_a_library_model_without_the_library_is_one_line(tmp_path, capsys, monkeypatch):

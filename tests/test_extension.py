@@ -21,7 +21,7 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 @pytest.fixture(scope="module", autouse=True)
 def built():
-    rescale.load_extension()
+    extension.load_extension()
 
 
 def test_build_info():
@@ -185,7 +185,7 @@ def _hold_lock(lock_path):
 
 
 def _ext_name():
-    rescale.load_extension()
+    extension.load_extension()
     return extension._plan()[0]  # this environment's build (a cache may hold other environments')
 
 

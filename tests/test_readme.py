@@ -40,3 +40,12 @@ def test_snippets_pass_mypy(tmp_path):
                          cwd=tmp_path, env={"MYPYPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
                          capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_the_layout_names_every_file():
+    layout = (ROOT / "README.md").read_text().split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    files = [p for p in (ROOT / "collab_fast").rglob("*") if p.is_file() and "__pycache__" not in p.parts
+             and p.suffix in (".py", ".cpp", ".cu", ".json") and p.name != "__init__.py"]
+    files += [p for d in ("benchmarks", "scripts") for p in (ROOT / d).glob("*") if p.is_file()]
+    missing = [str(p.relative_to(ROOT)) for p in files if p.name not in layout]
+    assert files and not missing, f"README's Layout omits {missing}"

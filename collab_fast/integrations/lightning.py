@@ -31,15 +31,12 @@ import torch
 from collab_fast.checkpoint import save_atomic
 from collab_fast.extras import require
 from collab_fast.kernels.collab_loss import CollabLossParams, collab_loss
+from collab_fast.models.heads import as_heads
 from collab_fast.optim import OptimConfig, make_optimizer
 
 L = require("lightning", "lightning", "collab_fast.integrations.lightning")
 
 __all__ = ["CollabModule", "ExportHead"]
-
-
-def _heads(logits: torch.Tensor) -> torch.Tensor:
-    return logits if logits.dim() == 3 else logits.unsqueeze(0)
 
 
 def _network(net) -> torch.nn.Module:
@@ -85,7 +82,7 @@ class CollabModule(L.LightningModule):
         self._tally: dict[str, torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _heads(self.net(x))
+        return as_heads(self.net(x))
 
     def training_step(self, batch, batch_idx):
         x, y = batch

@@ -28,8 +28,6 @@ from collab_fast.extras import MissingExtra
 
 __all__ = ["TokenViT", "adapt", "external_constructor", "pick_splits", "stage_modules"]
 
-PREFIXES = ("timm:", "torchvision:")
-
 
 def external_constructor(arch: str, pretrained: bool = False) -> Callable[..., nn.Module]:
     """A constructor(num_classes=..., **model_kwargs) for "timm:NAME" or "torchvision:NAME"."""

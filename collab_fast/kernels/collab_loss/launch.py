@@ -260,8 +260,6 @@ def launch(
                 params.detach_consensus, return_stats, params.label_smoothing > 0, params.temperature == 2.0,
                 params.soft_loss == "kl", vec, mode, stages, probs, fast_exp(), tail, safe), num_warps,
                 index if device.type == "cuda" else None, cap)
-    elif compute_grad and grad_out is None:
-        grad.zero_()
     return loss, (stats[:4] if return_stats else None), (grad if compute_grad else None), (stats if finish else None)
 
 
