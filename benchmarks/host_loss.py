@@ -147,7 +147,7 @@ install()
 from collab_fast import fused_collab_loss  # noqa: E402
 from collab_fast.kernels import collab_loss as cl  # noqa: E402
 
-cl.launch.check_triton_usable = lambda device: None  # CPU tensors stand for CUDA ones
+cl.api.check_triton_usable = lambda device: None  # CPU tensors stand for CUDA ones
 cl.api.labels_checked_on_host = lambda target: False  # as on CUDA: labels are checked in the kernel, no sync
 _kept: dict = {}  # as on CUDA: one workspace per stream (and H), left zeroed by the kernel; a dict lookup here
 cl.launch.workspace = lambda heads, device: _kept.get(heads) if heads in _kept else _kept.setdefault(

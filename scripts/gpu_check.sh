@@ -91,9 +91,9 @@ except Exception as exc:
     print("triton: not importable:", exc)
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
-    from collab_fast.data.folder import _driver_cuda
+    from collab_fast.data.dali import driver_cuda
     print("gpu", torch.cuda.get_device_name(0), f"sm_{p.major}{p.minor}", f"{p.total_memory / 2**30:.0f} GiB",
-          "smem/block", getattr(p, "shared_memory_per_block_optin", "?"), "driver supports CUDA", _driver_cuda())
+          "smem/block", getattr(p, "shared_memory_per_block_optin", "?"), "driver supports CUDA", driver_cuda())
     try:
         print(subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,clocks.sm,clocks.max.sm,temperature.gpu,"
                               "utilization.gpu", "--format=csv,noheader"],

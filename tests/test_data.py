@@ -164,7 +164,7 @@ def test_bad_image_without_skip_is_one_line_naming_the_folder(tmp_path):
 
 
 def test_skip_bad_images_decodes_every_file_once(tmp_path, monkeypatch):
-    import collab_fast.data.folder as folder
+    import collab_fast.data.images as images
 
     monkeypatch.setenv("COLLAB_FAST_CACHE", str(tmp_path / "cache"))
     root = write_toy(tmp_path / "t", classes=2, per_class=4, size=32, val_per_class=1)
@@ -176,7 +176,7 @@ def test_skip_bad_images_decodes_every_file_once(tmp_path, monkeypatch):
     assert sum(x.shape[0] for x, _ in train) == 6  # the 6 good training images, no DALI failure
     del train  # its pipeline prefetches the next epoch: no files rewritten under it
     decoded = []
-    monkeypatch.setattr(folder, "decode_image", lambda p: decoded.append(p))
+    monkeypatch.setattr(images, "decode_image", lambda p: decoded.append(p))
     with pytest.warns(RuntimeWarning, match="skipping 2"):  # the verdicts come from the cache
         scan_split(root, "train", skip_bad=True, decode=True)
     assert decoded == []
@@ -188,13 +188,13 @@ def test_skip_bad_images_decodes_every_file_once(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("damage", ['[1, 2, 3]', '{"x": 1}', '{"%s": [1]}', '{"%s": ["0:0", 7]}', "{{{", ""])
 def test_a_damaged_decode_cache_is_rebuilt(tmp_path, monkeypatch, damage):
-    import collab_fast.data.folder as folder
+    import collab_fast.data.images as images
 
     monkeypatch.setenv("COLLAB_FAST_CACHE", str(tmp_path / "cache"))
     root = write_toy(tmp_path / "t", classes=2, per_class=3, size=32, val_per_class=1)
     files = sorted((root / "train").rglob("*.JPEG"))
     scan_split(root, "train", decode=True)
-    cache = folder._decode_cache(root / "train")
+    cache = images._decode_cache(root / "train")
     cache.write_text(damage.replace("%s", str(files[0])) if "%s" in damage else damage)
     got, _, _ = scan_split(root, "train", decode=True)
     assert got == [str(f) for f in files]

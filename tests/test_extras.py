@@ -4,14 +4,14 @@ import sys
 
 import pytest
 
-from collab_fast.data import folder
+from collab_fast.data import dali
 from collab_fast.extras import MissingExtra, require
 
 
 def test_missing_dali_is_one_readable_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "nvidia.dali", None)  # import fails, as where DALI is not installed
     with pytest.raises(MissingExtra) as e:
-        folder._dali()
+        dali._dali()
     msg = str(e.value)
     assert msg == ("--loader dali needs NVIDIA DALI, which is not installed: pip install 'collab_fast[dali]'; or "
                    "'collab_fast[dali-cuda12]' for a CUDA 12 driver; --loader torch reads image folders without DALI")

@@ -20,19 +20,10 @@ import torch.nn.functional as F
 from collab_fast.cache import cache_root
 from collab_fast.cli import check_fields, opt
 from collab_fast.data.autoaugment import POLICIES, AutoAugment
+from collab_fast.data.dali import DaliLoader, check_dali_wheel, dali_installed
 from collab_fast.data.erase import RandomErase
-from collab_fast.data.folder import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    DaliLoader,
-    DataError,
-    check_dali_wheel,
-    check_image,
-    dali_installed,
-    decode_image,
-    scan_split,
-)
 from collab_fast.data.idx import IDX_SETS, load_idx_set
+from collab_fast.data.images import IMAGENET_MEAN, IMAGENET_STD, DataError, check_image, decode_image, scan_split
 from collab_fast.data.loader import Loader
 from collab_fast.data.memory import (
     CIFAR_MEAN,

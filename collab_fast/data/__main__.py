@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from collab_fast.cli import Parser
-from collab_fast.data.folder import IMAGE_EXTENSIONS, DataError, check_image, decode_image
+from collab_fast.data.images import IMAGE_EXTENSIONS, DataError, check_image, decode_image
 from collab_fast.data.toy import write_toy
 from collab_fast.extras import MissingExtra
 

@@ -26,7 +26,7 @@ import time
 
 import torch
 
-from collab_fast.data.folder import IMAGENET_MEAN, IMAGENET_STD, DataError
+from collab_fast.data.images import IMAGENET_MEAN, IMAGENET_STD, DataError
 from collab_fast.data.noise import LabelNoise
 from collab_fast.extras import require
 from collab_fast.seeding import torch_generator

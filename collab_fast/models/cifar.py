@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from collab_fast.models.heads import SingleHead, drop_path, set_drop_path
+from collab_fast.models.drop_path import drop_path, set_drop_path
+from collab_fast.models.heads import SingleHead
 
 __all__ = ["CifarResNet", "DenseNet", "densenet40_12", "resnet32", "resnet110"]
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from collab_fast.models.heads import SingleHead, drop_path, set_drop_path
+from collab_fast.models.drop_path import drop_path, set_drop_path
+from collab_fast.models.heads import SingleHead
 
 __all__ = ["ResNet", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
 

@@ -12,25 +12,17 @@ epoch's label on the device, which is how label noise is redrawn every epoch wit
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
-from collab_fast.cache import cache_root
+from collab_fast.data.images import IMAGENET_MEAN, IMAGENET_STD, NOT_UTF8, DataError, is_utf8, shown
 from collab_fast.data.noise import LabelNoise
 from collab_fast.extras import require
 from collab_fast.seeding import torch_generator
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "DataError", "DaliLoader", "check_image", "decode_image", "scan_split"]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
+__all__ = ["DaliLoader", "check_dali_wheel", "dali_installed", "driver_cuda"]
 
 
 def dali_installed() -> bool:
@@ -50,7 +42,7 @@ def _dali_wheels() -> list[str]:
                    if (d.metadata["Name"] or "").lower().startswith("nvidia-dali-cuda")})
 
 
-def _driver_cuda() -> tuple[int, int] | None:
+def driver_cuda() -> tuple[int, int] | None:
     """The CUDA version the installed driver supports (e.g. (12, 4)), or None where there is no driver. Asked
     of the driver library itself (cuDriverGetVersion): torch has no public call for it, and the private one
     that some builds have is missing from others (torch 2.11's CUDA 13 wheel, seen on an H200)."""
@@ -71,7 +63,7 @@ def check_dali_wheel(device: torch.device) -> None:
     machine has (DALI would otherwise fail at pipeline build with a traceback)."""
     if device.type != "cuda":
         return
-    driver = _driver_cuda()
+    driver = driver_cuda()
     for name in _dali_wheels():
         digits = name[len("nvidia-dali-cuda"):]
         if not digits.isdigit() or driver is None:
@@ -93,153 +85,6 @@ def _dali():
 
     return fn, types, pipeline_def, DALIGenericIterator, LastBatchPolicy
 
-
-def check_image(path: str | Path) -> str | None:
-    """Cheap header/trailer check. Returns why the file cannot be an image, or None if it looks fine.
-
-    JPEG: starts with FF D8 FF and ends with the FF D9 marker (a truncated file does not); PNG: the 8-byte
-    signature. The decoder reads the content, not the extension, so a PNG named .JPEG is fine.
-    """
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if head[:3] == b"\xff\xd8\xff":
-                f.seek(max(size - 64, 0))
-                tail = f.read()
-                return None if b"\xff\xd9" in tail else "truncated JPEG (no end-of-image marker)"
-            if head == b"\x89PNG\r\n\x1a\n":
-                return None
-    except OSError as exc:
-        return f"unreadable ({exc.strerror})"
-    return "not a JPEG or PNG file" if size else "empty file"
-
-
-class DataError(ValueError):
-    """A data set that cannot be read as asked (reported in one line)."""
-
-
-def decode_image(path: str | Path) -> str | None:
-    """Full check: the header check, then a complete decode with Pillow, whose pixel limit (about 179M
-    pixels) also refuses forged headers such as 65500x65500. Returns why the file is bad, or None."""
-    why = check_image(path)
-    if why:
-        return why
-    Image = require("PIL.Image", "train", "checking images by decoding them")
-    try:
-        with Image.open(path) as im:
-            im.convert("RGB").load()
-    except Exception as exc:  # Pillow raises many types for broken files
-        return f"does not decode ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})"
-    return None
-
-
-def _decode_cache(base: Path) -> Path:
-    key = hashlib.blake2b(os.fsencode(base.resolve()), digest_size=8).hexdigest()
-    return cache_root() / "decode_checks" / f"{base.name}-{key}.json"
-
-
-def _decode_all(base: Path, paths: list[Path], threads: int | None) -> dict[Path, str | None]:
-    """decode_image of every path, in parallel (Pillow decodes without the GIL); results are cached by
-    (path, size, mtime), so a later run decodes only new or changed files."""
-    cache_file = _decode_cache(base)
-    try:
-        cached = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        cached = {}
-    if not isinstance(cached, dict):  # a damaged cache (another program's file, a bad copy): start over
-        cached = {}
-    # Entries of another shape are dropped: those files are simply checked again.
-    cached = {k: v for k, v in cached.items() if isinstance(v, list) and len(v) == 2 and isinstance(v[0], str)
-              and (v[1] is None or isinstance(v[1], str))}
-    stamps = {}
-    for p in paths:
-        st = p.stat()
-        stamps[p] = f"{st.st_size}:{st.st_mtime_ns}"
-    todo = [p for p in paths if cached.get(str(p), [None])[0] != stamps[p]]
-    with ThreadPoolExecutor(threads or min(32, os.cpu_count() or 1)) as pool:
-        for p, why in zip(todo, pool.map(decode_image, todo)):
-            cached[str(p)] = [stamps[p], why]
-    try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cached))
-        os.replace(tmp, cache_file)
-    except OSError:
-        pass  # a read-only cache only costs the next run another check
-    return {p: cached[str(p)][1] for p in paths}
-
-
-def _shown(p) -> str:
-    """A path for a message: bytes that are not UTF-8 (kept by Python as surrogates) shown as escapes."""
-    return str(p).encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def _utf8(p: Path) -> bool:
-    try:
-        str(p).encode("utf-8")
-        return True
-    except UnicodeEncodeError:
-        return False
-
-
-_NOT_UTF8 = "its path is not valid UTF-8, which DALI cannot read (rename it, or use --loader torch)"
-
-
-def scan_split(root: str | Path, split: str, classes: list[str] | None = None, check_files: bool = True,
-               skip_bad: bool = False, decode: bool = False, threads: int | None = None,
-               utf8_names: bool = False) -> tuple[list[str], list[int], list[str]]:
-    """Files and labels of root/split. Class indices come from `classes` (the sorted train folders).
-
-    check_files: the cheap header check of every file; decode: a full decode of every file (cached), which
-    finds what the header check cannot; skip_bad: skip (and name) bad files instead of failing; utf8_names:
-    a path that is not valid UTF-8 (a file or class folder named in another encoding) is a bad file (DALI
-    takes only UTF-8 paths)."""
-    base = Path(root) / split
-    if not Path(root).is_dir():
-        raise FileNotFoundError(f"data directory {root} does not exist")
-    if not base.is_dir():
-        raise FileNotFoundError(f"{base} does not exist: expected {root}/{split}/<class>/<image> (ImageNet layout)")
-    found = sorted(d.name for d in base.iterdir() if d.is_dir())
-    if not found:
-        raise ValueError(f"{base} has no class folders (expected {base}/<class>/<image>)")
-    if classes is None:
-        classes = found
-    else:
-        unknown = sorted(set(found) - set(classes))
-        if unknown:
-            raise ValueError(f"{base} has class folders that the train split does not have: {unknown[:5]}"
-                             f"{' ...' if len(unknown) > 5 else ''} (their labels would be wrong)")
-    index = {c: i for i, c in enumerate(classes)}
-    entries = []
-    for c in found:
-        these = sorted(p for p in (base / c).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-        if not these:
-            raise ValueError(f"class folder {base / c} has no images (.JPEG/.jpg/.png)")
-        entries += [(p, index[c]) for p in these]
-    if decode:
-        verdict = _decode_all(base, [p for p, _ in entries], threads)
-    else:
-        verdict = {p: check_image(p) if check_files else None for p, _ in entries}
-    if utf8_names:
-        verdict.update({p: _NOT_UTF8 for p, _ in entries if not _utf8(p)})
-    files, labels, bad = [], [], []
-    for p, label in entries:
-        if verdict[p]:
-            bad.append((p, verdict[p]))
-        else:
-            files.append(str(p))
-            labels.append(label)
-    if bad:
-        listing = "; ".join(f"{_shown(p)}: {why}" for p, why in bad[:5]) + (" ..." if len(bad) > 5 else "")
-        if not skip_bad:
-            raise ValueError(f"{len(bad)} unreadable image file(s) in {base}: {listing} "
-                             "(remove them, or pass skip_bad / --skip-bad-images to skip them)")
-        warnings.warn(f"skipping {len(bad)} unreadable image file(s) in {base}: {listing}", RuntimeWarning,
-                      stacklevel=2)
-    if not files:
-        raise ValueError(f"{base} has no readable images")
-    return files, labels, classes
 
 
 def _pipeline(files, batch_size, *, train, device_id, image_size, crop_ratio, rank, world, seed, num_threads, dtype,
@@ -302,9 +147,9 @@ class DaliLoader:
             raise ValueError(f"need as many labels as files (got {len(files)} files, {len(labels)} labels)")
         if dtype not in (torch.float32, torch.float16):
             raise ValueError(f"DALI outputs float32 or float16, got {dtype}")
-        not_utf8 = [f for f in files if not _utf8(Path(f))]
+        not_utf8 = [f for f in files if not is_utf8(Path(f))]
         if not_utf8:
-            raise DataError(f"{len(not_utf8)} file(s) cannot be read by DALI, e.g. {_shown(not_utf8[0])}: {_NOT_UTF8}, "
+            raise DataError(f"{len(not_utf8)} file(s) cannot be read by DALI, e.g. {shown(not_utf8[0])}: {NOT_UTF8}, "
                             "or pass --skip-bad-images to skip them")
         self.device = torch.device("cpu" if device_id is None else f"cuda:{device_id}")
         if train:
