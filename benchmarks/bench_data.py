@@ -50,7 +50,7 @@ def main(argv=None) -> int:
         files, labels, classes = scan_split(root, "train")
         threads = args.threads or max(1, min(8, os.cpu_count() or 1))
         loader = DaliLoader(files, labels, args.batch_size, train=True, num_classes=len(classes),
-                            device_id=device_id, image_size=args.image_size, num_threads=threads)
+                            device_id=device_id, image_size=args.image_size, threads=threads)
         rates = []
         for epoch in range(args.epochs + 1):
             t0 = time.perf_counter()

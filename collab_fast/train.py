@@ -486,7 +486,7 @@ def _header(r: Run, num_classes: int, resume_path: Path | None) -> None:
               f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params, split after "
               f"{getattr(net, 'splits', []) or 'nothing'}{_SPLIT_BY.get(getattr(net, 'split_by', None), '')}")
     if isinstance(r.train_loader, TorchFolderLoader):
-        print(f"collab_fast: images through the PyTorch loader ({r.train_loader.num_workers} workers, Pillow "
+        print(f"collab_fast: images through the PyTorch loader ({r.train_loader.threads} workers, Pillow "
               "decode on the CPU; slower than DALI: pip install 'collab_fast[dali]', or [dali-cuda12])")
     world = r.proc.world
     until = f" (stops at step {total}: --max-steps)" if optim.max_steps and total < optim.epochs * steps else ""

@@ -227,7 +227,7 @@ def test_non_utf8_names_are_one_line_for_dali_and_fine_for_the_torch_loader(tmp_
 
     files, labels, classes = scan_split(root, "train")  # the PyTorch loader reads them (no workers: this
     # process ran DALI pipelines, whose threads a forked worker must not inherit)
-    train = TorchFolderLoader(files, labels, 2, train=True, num_classes=2, image_size=24, num_workers=0)
+    train = TorchFolderLoader(files, labels, 2, train=True, num_classes=2, image_size=24, threads=0)
     assert len(classes) == 2 and sum(x.shape[0] for x, _ in train) == 6
     with pytest.raises(ValueError, match="cannot be read by DALI, e.g. .*caf"):
         files, labels, _ = scan_split(root, "train")
@@ -449,6 +449,27 @@ def test_cifar_pickles(tmp_path, classes):
     assert x.shape == ((20 if classes == 10 else 4), 32, 32, 3) and xt.shape == (4, 32, 32, 3)
     train, val, n = build_loaders(DataConfig(f"cifar{classes}", root=str(tmp_path)), batch_size=2)
     assert n == classes and next(iter(train))[0].shape == (2, 3, 32, 32)
+    # --image-size is the size trained at, whatever the data set: CIFAR is resized once, at load
+    train, val, _ = build_loaders(DataConfig(f"cifar{classes}", root=str(tmp_path), image_size=24), batch_size=2)
+    assert next(iter(train))[0].shape == next(iter(val))[0].shape == (2, 3, 24, 24)
+
+
+def test_one_rule_for_image_size_batch_size_and_loader_threads():
+    import inspect
+
+    from collab_fast.data import DaliLoader, TorchFolderLoader
+    from collab_fast.data.loader import default_threads
+
+    # the loaders and build_loaders take the size and the batch from the caller: no default of their own
+    for fn, name in [(DaliLoader, "image_size"), (TorchFolderLoader, "image_size"), (SyntheticLoader, "image_size"),
+                     (build_loaders, "batch_size")]:
+        assert inspect.signature(fn).parameters[name].default is inspect.Parameter.empty, (fn, name)
+    # loader parallelism: one name (threads) and one default wherever it is taken
+    for fn in (DaliLoader, TorchFolderLoader, scan_split):
+        params = inspect.signature(fn).parameters
+        assert "threads" in params and params["threads"].default is None and not {"num_threads", "num_workers"} & set(params)
+    assert default_threads() == max(1, min(8, os.cpu_count() or 1))
+    assert "min(8, CPU cores)" in DataConfig.__dataclass_fields__["threads"].metadata["help"]
 
 
 def test_cifar_missing_is_a_clear_error(tmp_path):
@@ -459,7 +480,7 @@ def test_cifar_missing_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="--dataset must be one of imagenet, .*, got 'svhn'"):
         DataConfig("svhn")
     with pytest.raises(TypeError, match="build_loaders takes a DataConfig"):
-        build_loaders("digits")
+        build_loaders("digits", batch_size=2)
 
 
 def test_synthetic():
@@ -565,7 +586,7 @@ def test_every_loader_keeps_the_loader_protocol(toy):
 
     files, labels, _ = scan_split(toy, "train")
     loaders = [DaliLoader(files, labels, 4, train=True, num_classes=3, image_size=24),
-               TorchFolderLoader(files, labels, 4, train=True, num_classes=3, image_size=24, num_workers=0),
+               TorchFolderLoader(files, labels, 4, train=True, num_classes=3, image_size=24, threads=0),
                DeviceLoader(torch.zeros(8, 4, 4, 3, dtype=torch.uint8), torch.arange(8) % 2, 4, mean=(0.5,) * 3,
                             std=(0.5,) * 3),
                SyntheticLoader(2, image_size=8, num_classes=3, steps_per_epoch=2)]

@@ -138,7 +138,7 @@ def test_grey_loaders(tmp_path):
     x3, _ = next(iter(val3))
     assert x3.shape == (4, 3, 32, 32) and torch.equal(x3[:, 0], x3[:, 2])
     with pytest.raises(ValueError, match="cifar10 has 3-channel images; they cannot be given as 1 channels"):
-        build_loaders(DataConfig("cifar10", root=str(tmp_path)), channels=1)
+        build_loaders(DataConfig("cifar10", root=str(tmp_path)), batch_size=8, channels=1)
     mn, _, _ = build_loaders(DataConfig("mnist", root=str(root)), batch_size=8)
     assert not mn.flip  # a mirrored digit is another digit
 

@@ -5,7 +5,7 @@ import torch
 
 from collab_fast import train
 from collab_fast.data import DataConfig, TorchFolderLoader, build_loaders, check_dali_wheel, scan_split, write_toy
-from collab_fast.data import folder as folder_mod
+from collab_fast.data import dali as dali_mod
 from collab_fast.data.torch_folder import _crop_box
 
 
@@ -16,13 +16,13 @@ def toy(tmp_path_factory):
 
 def _loader(toy, **kw):
     files, labels, classes = scan_split(toy, "train")
-    args = dict(train=True, num_classes=len(classes), image_size=24, num_workers=0, channels_last=False)
+    args = dict(train=True, num_classes=len(classes), image_size=24, threads=0, channels_last=False)
     args.update(kw)
     return TorchFolderLoader(files, labels, 4, **args)
 
 
 def test_batches_shapes_dtype_layout_and_labels(toy):
-    ld = _loader(toy, channels_last=True, num_workers=2)
+    ld = _loader(toy, channels_last=True, threads=2)
     assert len(ld) == 18 // 4
     batches = list(ld)
     assert len(batches) == 4
@@ -45,7 +45,7 @@ def test_resume_mid_epoch_is_exact_and_epochs_differ(toy):
         assert torch.equal(a, b) and torch.equal(ya, yb)
     ld.set_epoch(2)
     assert not torch.equal(list(ld)[0][0], full[0][0])  # a new order and new crops each epoch
-    workers = _loader(toy, num_workers=2)
+    workers = _loader(toy, threads=2)
     workers.set_epoch(1)
     assert all(torch.equal(a, b) for (a, _), (b, _) in zip(full, workers))  # workers change nothing
 
@@ -54,7 +54,7 @@ def test_shards_are_disjoint_and_complete(toy):
     files, labels, _ = scan_split(toy, "train")
     seen = []
     for rank in range(2):
-        ld = TorchFolderLoader(files, labels, 3, train=True, num_classes=3, image_size=16, num_workers=0, rank=rank,
+        ld = TorchFolderLoader(files, labels, 3, train=True, num_classes=3, image_size=16, threads=0, rank=rank,
                                world=2)
         ld.set_epoch(0)
         seen += ld.order.shard()
@@ -74,7 +74,7 @@ def test_bad_image_is_one_line_naming_the_file(tmp_path):
     victim = sorted((data / "train").rglob("*.JPEG"))[0]
     files, labels, _ = scan_split(data, "train")
     victim.write_bytes(b"\xff\xd8\xff garbage \xff\xd9")
-    ld = TorchFolderLoader(files, labels, 2, train=True, num_classes=2, image_size=16, num_workers=0)
+    ld = TorchFolderLoader(files, labels, 2, train=True, num_classes=2, image_size=16, threads=0)
     with pytest.raises(Exception, match=f"could not decode {victim}"):
         list(ld)
 
@@ -95,7 +95,7 @@ def test_auto_picks_torch_without_dali_and_trains(toy, tmp_path, monkeypatch, ca
 @pytest.mark.parametrize("workers", [0, 1])
 def test_iterating_leaves_the_global_rng_alone(toy, workers):
     # the model's own draws (drop-path, dropout) come from torch's global RNG: the loader must not take from it
-    loader = _loader(toy, num_workers=workers)
+    loader = _loader(toy, threads=workers)
     torch.manual_seed(123)
     want = torch.get_rng_state()
     for start in (0, 1):
@@ -123,15 +123,15 @@ def test_torch_loader_resume_through_the_trainer_is_exact(toy, tmp_path, extra):
 
 
 def test_dali_wheel_for_a_newer_cuda_than_the_driver_is_one_line(monkeypatch):
-    monkeypatch.setattr(folder_mod, "_dali_wheels", lambda: ["nvidia-dali-cuda130"])
-    monkeypatch.setattr(folder_mod, "_driver_cuda", lambda: (12, 4))
+    monkeypatch.setattr(dali_mod, "_dali_wheels", lambda: ["nvidia-dali-cuda130"])
+    monkeypatch.setattr(dali_mod, "driver_cuda", lambda: (12, 4))
     with pytest.raises(ValueError, match=r"nvidia-dali-cuda130 needs a CUDA 13 driver.*CUDA 12\.4.*"
                                          r"collab_fast\[dali-cuda12\]"):
         check_dali_wheel(torch.device("cuda", 0))
     check_dali_wheel(torch.device("cpu"))  # CPU pipelines need no driver
-    monkeypatch.setattr(folder_mod, "_driver_cuda", lambda: (13, 0))
+    monkeypatch.setattr(dali_mod, "driver_cuda", lambda: (13, 0))
     check_dali_wheel(torch.device("cuda", 0))  # a CUDA 13 driver runs it
-    monkeypatch.setattr(folder_mod, "_dali_wheels", lambda: ["nvidia-dali-cuda120"])
+    monkeypatch.setattr(dali_mod, "_dali_wheels", lambda: ["nvidia-dali-cuda120"])
     check_dali_wheel(torch.device("cuda", 0))  # and the CUDA 12 wheel too
 
 
@@ -193,7 +193,7 @@ class _DiesInTheWorker(torch.utils.data.Dataset):
 
 
 def test_a_worker_that_dies_is_one_line():
-    from collab_fast.data.folder import DataError
+    from collab_fast.data.images import DataError
     from collab_fast.data.torch_folder import _one_line_errors
 
     loader = torch.utils.data.DataLoader(_DiesInTheWorker(), batch_size=2, num_workers=1,
@@ -218,11 +218,11 @@ def test_a_bad_image_read_by_a_worker_is_one_line_through_the_trainer(tmp_path, 
 def test_a_decompression_bomb_is_a_bad_image_not_an_escape(tmp_path, monkeypatch):
     from PIL import Image
 
-    from collab_fast.data.folder import DataError
+    from collab_fast.data.images import DataError
 
     data = write_toy(tmp_path / "toy", classes=2, per_class=2, size=40, val_per_class=1)
     files, labels, _ = scan_split(data, "train")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # a 40 x 40 image is then over twice the limit
-    ld = TorchFolderLoader(files, labels, 2, train=True, num_classes=2, image_size=16, num_workers=0)
+    ld = TorchFolderLoader(files, labels, 2, train=True, num_classes=2, image_size=16, threads=0)
     with pytest.raises(DataError, match=r"could not decode .* \(DecompressionBombError: "):
         list(ld)

@@ -187,7 +187,7 @@ def _ensure_toy(data_dir: str | None) -> Path:
     return out
 
 
-def build_loaders(data: DataConfig, *, batch_size: int = 256, device: torch.device | str = "cpu", rank: int = 0,
+def build_loaders(data: DataConfig, *, batch_size: int, device: torch.device | str = "cpu", rank: int = 0,
                   world: int = 1, seed: int = 0, dtype: torch.dtype = torch.float32, channels_last: bool = True,
                   eval_batch_size: int | None = None, check_files: bool = True, synthetic_classes: int = 1000,
                   channels: int | None = None):
@@ -200,7 +200,7 @@ def build_loaders(data: DataConfig, *, batch_size: int = 256, device: torch.devi
         raise TypeError(f"build_loaders takes a DataConfig, got {type(data).__name__} (e.g. DataConfig('digits'))")
     data = data.resolved()
     dataset, data_dir, augment, image_size = data.dataset, data.root, data.augment, data.image_size
-    train_samples, holdout, label_noise, num_threads = data.train_samples, data.holdout, data.label_noise, data.threads
+    train_samples, holdout, label_noise, threads = data.train_samples, data.holdout, data.label_noise, data.threads
     device = torch.device(device)
     eval_batch_size = eval_batch_size or batch_size
     own = data_channels(dataset)
@@ -224,6 +224,7 @@ def build_loaders(data: DataConfig, *, batch_size: int = 256, device: torch.devi
         else:
             classes = 10 if dataset == "cifar10" else 100
             (xtr, ytr), (xte, yte) = load_cifar(data_dir, classes)
+            xtr, xte = (_fit_images(x, image_size, channels) for x in (xtr, xte))  # --image-size resizes, once
         if train_samples is not None or holdout:
             tr, ho = split_train(ytr, train_samples, holdout)
             if holdout:
@@ -244,7 +245,7 @@ def build_loaders(data: DataConfig, *, batch_size: int = 256, device: torch.devi
         loader = "dali" if dali_installed() else "torch"
     # --skip-bad-images decodes every image once (cached): the header check cannot see every bad file
     check = dict(check_files=check_files, skip_bad=data.skip_bad_images, decode=data.skip_bad_images,
-                 threads=num_threads, utf8_names=loader == "dali")
+                 threads=threads, utf8_names=loader == "dali")
     files, labels, classes = scan_split(root, "train", **check)
     if train_samples is not None or holdout:
         tr, ho = split_train(torch.tensor(labels), train_samples, holdout)
@@ -260,11 +261,11 @@ def build_loaders(data: DataConfig, *, batch_size: int = 256, device: torch.devi
     common = dict(num_classes=len(classes), image_size=image_size, rank=rank, world=world, seed=seed, dtype=dtype,
                   channels_last=channels_last, mean=mean, std=std)
     if loader == "torch":
-        common.update(device=device, num_workers=num_threads)
+        common.update(device=device, threads=threads)
         make = TorchFolderLoader
     else:
         check_dali_wheel(device)
-        common.update(device_id=device_id, num_threads=num_threads)
+        common.update(device_id=device_id, threads=threads)
         make = DaliLoader
     train = make(files, labels, batch_size, train=True, label_noise=label_noise, augment=augment, **common)
     val = make(vfiles, vlabels, eval_batch_size, train=False, **common)

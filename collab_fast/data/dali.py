@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from collab_fast.data.images import IMAGENET_MEAN, IMAGENET_STD, NOT_UTF8, DataError, is_utf8, shown
+from collab_fast.data.loader import default_threads
 from collab_fast.data.noise import LabelNoise
 from collab_fast.extras import require
 from collab_fast.seeding import torch_generator
@@ -87,7 +88,7 @@ def _dali():
 
 
 
-def _pipeline(files, batch_size, *, train, device_id, image_size, crop_ratio, rank, world, seed, num_threads, dtype,
+def _pipeline(files, batch_size, *, train, device_id, image_size, crop_ratio, rank, world, seed, threads, dtype,
               channels_last, mean, std, augment):
     """The DALI pipeline definition (call it, optionally with checkpoint=..., to get a pipeline): reader ->
     decode (+ random resized crop when training) -> resize -> flip + normalise; outputs (images, index)."""
@@ -95,7 +96,7 @@ def _pipeline(files, batch_size, *, train, device_id, image_size, crop_ratio, ra
     gpu = device_id is not None
     decode_device, op_device = ("mixed", "gpu") if gpu else ("cpu", "cpu")
     out_type = types.FLOAT16 if dtype == torch.float16 else types.FLOAT
-    threads = num_threads or max(1, min(8, os.cpu_count() or 1))
+    threads = threads or default_threads()
 
     # Checkpointing (training only) records the reader's position and every random generator, so a run
     # resumed mid-epoch or at a later epoch sees the order and augmentations the uninterrupted run saw.
@@ -139,8 +140,8 @@ class DaliLoader:
     """
 
     def __init__(self, files: list[str], labels: list[int], batch_size: int, *, train: bool, num_classes: int,
-                 device_id: int | None = None, image_size: int = 224, crop_ratio: float = 0.875,
-                 rank: int = 0, world: int = 1, seed: int = 0, num_threads: int | None = None,
+                 image_size: int, device_id: int | None = None, crop_ratio: float = 0.875,
+                 rank: int = 0, world: int = 1, seed: int = 0, threads: int | None = None,
                  drop_last: bool | None = None, label_noise: float = 0.0, dtype: torch.dtype = torch.float32,
                  channels_last: bool = True, mean=IMAGENET_MEAN, std=IMAGENET_STD, augment: str = "crop+flip"):
         if len(files) != len(labels) or not files:
@@ -169,7 +170,7 @@ class DaliLoader:
         self.num_samples = n * (rank + 1) // world - n * rank // world  # DALI's contiguous shard of the list
         self._make_pipeline = _pipeline(files, batch_size, train=train, device_id=device_id, image_size=image_size,
                                         crop_ratio=crop_ratio, rank=rank, world=world, seed=seed,
-                                        num_threads=num_threads, dtype=dtype, channels_last=channels_last,
+                                        threads=threads, dtype=dtype, channels_last=channels_last,
                                         mean=mean, std=std, augment=augment)
         _, _, _, iterator_cls, policy = _dali()
         self._make_iter = lambda pipe: iterator_cls(

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from collab_fast.cache import cache_root
+from collab_fast.data.loader import default_threads
 from collab_fast.extras import require
 
 __all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "NOT_UTF8", "DataError", "check_image", "decode_image",
@@ -86,7 +87,7 @@ def _decode_all(base: Path, paths: list[Path], threads: int | None) -> dict[Path
         st = p.stat()
         stamps[p] = f"{st.st_size}:{st.st_mtime_ns}"
     todo = [p for p in paths if cached.get(str(p), [None])[0] != stamps[p]]
-    with ThreadPoolExecutor(threads or min(32, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(threads or default_threads()) as pool:
         for p, why in zip(todo, pool.map(decode_image, todo)):
             cached[str(p)] = [stamps[p], why]
     try:

@@ -5,12 +5,19 @@ SyntheticLoader), and all the trainer relies on. Its state follows the ecosystem
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["Loader"]
+__all__ = ["Loader", "default_threads"]
+
+
+def default_threads() -> int:
+    """Loader parallelism where --threads is unset, the one rule for every loader and check: DALI's CPU
+    threads, the PyTorch loader's worker processes, the image-decode check's thread pool: min(8, CPU cores)."""
+    return max(1, min(8, os.cpu_count() or 1))
 
 
 @runtime_checkable

@@ -246,7 +246,7 @@ class DeviceLoader:
 class SyntheticLoader:
     """Random images already on the device (for pure-compute benchmarks): the same batch every step."""
 
-    def __init__(self, batch_size: int, image_size: int = 224, num_classes: int = 1000, steps_per_epoch: int = 100,
+    def __init__(self, batch_size: int, *, image_size: int, num_classes: int = 1000, steps_per_epoch: int = 100,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, channels_last: bool = True,
                  seed: int = 0):
         g = torch_generator(seed, device)

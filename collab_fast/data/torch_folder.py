@@ -27,6 +27,7 @@ import time
 import torch
 
 from collab_fast.data.images import IMAGENET_MEAN, IMAGENET_STD, DataError
+from collab_fast.data.loader import default_threads
 from collab_fast.data.noise import LabelNoise
 from collab_fast.extras import require
 from collab_fast.seeding import torch_generator
@@ -155,11 +156,12 @@ def _alive(pid: int) -> bool:
 
 class TorchFolderLoader:
     """(images, labels) batches of an image folder split through torch.utils.data (see the module doc).
-    Arguments as DaliLoader's, with `device` instead of device_id and num_workers for DALI's threads."""
+    Arguments as DaliLoader's, with `device` instead of device_id; `threads` worker processes (0: load in this
+    process)."""
 
     def __init__(self, files: list[str], labels: list[int], batch_size: int, *, train: bool, num_classes: int,
-                 device: torch.device | str = "cpu", image_size: int = 224, crop_ratio: float = 0.875,
-                 rank: int = 0, world: int = 1, seed: int = 0, num_workers: int | None = None,
+                 image_size: int, device: torch.device | str = "cpu", crop_ratio: float = 0.875,
+                 rank: int = 0, world: int = 1, seed: int = 0, threads: int | None = None,
                  drop_last: bool | None = None, label_noise: float = 0.0, dtype: torch.dtype = torch.float32,
                  channels_last: bool = True, mean=IMAGENET_MEAN, std=IMAGENET_STD, augment: str = "crop+flip"):
         if len(files) != len(labels) or not files:
@@ -176,8 +178,8 @@ class TorchFolderLoader:
         self.dataset = _FolderDataset(files, train=train, image_size=image_size, crop_ratio=crop_ratio,
                                       augment=augment, seed=seed)
         self.order = _Order(len(files), train=train, rank=rank, world=world, seed=seed)
-        workers = max(1, min(8, os.cpu_count() or 1)) if num_workers is None else num_workers
-        self.num_workers = workers
+        workers = default_threads() if threads is None else threads
+        self.threads = workers
         # Its own generator: a DataLoader draws its workers' base seed from torch's global RNG at every new
         # iterator (an epoch, a resume), which would shift what the model draws (drop-path, dropout) and make
         # a resumed run differ. The samples' randomness is the dataset's own (seeded per sample), not this.
