@@ -34,7 +34,7 @@ from collab_fast.data import build_loaders  # noqa: E402
 from collab_fast.models import build_model  # noqa: E402
 from collab_fast.models.cost import pattern_cost  # noqa: E402
 from collab_fast.optim import make_optimizer  # noqa: E402
-from collab_fast.train import Step  # noqa: E402
+from collab_fast.step import Step  # noqa: E402
 
 # Paper Table 4 (ResNet-50, ImageNet): training time and memory relative to one model.
 PAPER_TABLE4 = {"single": (1.0, 1.0), "inst2": (2.0, 2.0), "ilr2": (1.4, 1.32), "hier4": (1.75, 1.5)}

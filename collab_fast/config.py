@@ -102,11 +102,14 @@ class TrainConfig:
         return out
 
 
-def resolve(cfg: TrainConfig, *, cuda: bool, world: int) -> TrainConfig:
-    """Fills every unset (None, "auto") default from the device, the process count and the data set (each
-    section's own rule), and the run folder from the data set, arch and pattern."""
+def resolve(cfg: TrainConfig, *, cuda: bool, world: int, resumed: dict | None = None) -> TrainConfig:
+    """Fills every unset (None, "auto") default from the device, the process count, the data set and, for a
+    resumed run, the checkpoint's resolved settings (`resumed`; each section's own rule), and the run folder
+    from the data set, arch and pattern. Returns a new config: `cfg` is left as it was, and the result is
+    final (nothing changes it after)."""
+    cfg = dataclasses.replace(cfg)
     cfg.data = cfg.data.resolved()
-    cfg.optim = cfg.optim.resolved(cuda=cuda, world=world)
+    cfg.optim = cfg.optim.resolved(cuda=cuda, world=world, resumed=resumed)
     if cfg.model.channels_last is None:
         cfg.model = dataclasses.replace(cfg.model, channels_last=cuda)
     output = cfg.run.output

@@ -9,6 +9,7 @@ Networks") are not in torch and are written here with foreach ops. All four skip
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ import torch
 
 from collab_fast.cli import check_fields, opt
 
-__all__ = ["LAMB", "LARS", "OptimConfig", "lr_factor", "make_optimizer", "soft_factor"]
+__all__ = ["LAMB", "LARS", "OptimConfig", "Schedule", "lr_factor", "make_optimizer", "soft_factor"]
 
 OPTIMIZERS = ("sgd", "adamw", "lamb", "lars")
 
@@ -69,15 +70,25 @@ class OptimConfig:
         if self.batch_size % self.accum_steps:
             raise ValueError(f"--batch-size {self.batch_size} must be a multiple of --accum-steps {self.accum_steps}")
 
-    def resolved(self, *, cuda: bool, world: int) -> OptimConfig:
-        """A copy with every "unset" filled from the device and the number of processes."""
+    def resolved(self, *, cuda: bool, world: int, resumed: dict | None = None) -> OptimConfig:
+        """A copy with every "unset" filled from the device, the number of processes and, for a resumed run,
+        the checkpoint's resolved settings (`resumed`): default milestones follow --epochs, so a run continued
+        to more epochs keeps the milestones it was trained with (pass --lr-milestones to set others)."""
         out = copy.copy(self)
         out.amp = self.amp or ("bf16" if cuda else "off")
         base = 0.1 if self.optimizer in ("sgd", "lars") else 1e-3
         out.lr = base * self.batch_size * world / 256 if self.lr is None else self.lr
         if self.schedule == "step" and not self.lr_milestones:
-            out.lr_milestones = [round(self.epochs * f, 3) for f in (1 / 3, 2 / 3, 8 / 9)]
+            old = (resumed or {}).get("lr_milestones")
+            kept = old and resumed.get("schedule") == "step"
+            out.lr_milestones = ([float(m) for m in old] if kept
+                                 else [round(self.epochs * f, 3) for f in (1 / 3, 2 / 3, 8 / 9)])
         return out
+
+    def build(self, net: torch.nn.Module, device: torch.device):
+        """(optimizer, fp16 grad scaler or None) for `net` on `device`, from these (resolved) settings."""
+        scaler = torch.amp.GradScaler(device.type) if self.amp == "fp16" else None
+        return make_optimizer(net, self), scaler
 
 
 def make_optimizer(model: torch.nn.Module, optim: OptimConfig, fused: bool = True) -> torch.optim.Optimizer:
@@ -128,6 +139,44 @@ def soft_factor(optim: OptimConfig, step: int, steps_per_epoch: int) -> float:
         return 1.0
     t = min(step / (optim.soft_ramp * max(steps_per_epoch, 1)), 1.0)
     return math.exp(-5.0 * (1.0 - t) ** 2) if t < 1.0 else 1.0
+
+
+class Schedule:
+    """A run's per-step schedules (--schedule, --lr-milestones, --warmup-epochs; --soft-ramp) over its steps
+    per epoch: the learning rate and the soft objective's factor at optimizer step `step` (0-based)."""
+
+    KEYS = ("schedule", "epochs", "lr_milestones", "warmup_epochs", "lr")  # the settings it follows (flat names)
+
+    def __init__(self, optim: OptimConfig, steps_per_epoch: int):
+        self.optim, self.steps_per_epoch = optim, steps_per_epoch
+        self.ramps_soft = optim.soft_ramp > 0
+
+    def lr(self, step: int) -> float:
+        return self.optim.lr * lr_factor(self.optim, step, self.steps_per_epoch)
+
+    def soft(self, step: int) -> float:
+        return soft_factor(self.optim, step, self.steps_per_epoch)
+
+    def change_from(self, saved: dict, step: int) -> str | None:
+        """What a resumed run does to the learning rate at its first step when its schedule settings differ from
+        the checkpoint's (`saved`, its resolved config; a cosine schedule follows --epochs, so continuing to more
+        epochs raises the LR): a sentence naming both values, or None when they agree."""
+        optim = self.optim
+        try:
+            was = Schedule(dataclasses.replace(optim, **{k: saved[k] for k in self.KEYS if k in saved}),
+                           self.steps_per_epoch).lr(step)
+        except (TypeError, ValueError):  # a checkpoint of a version that recorded other settings: nothing to compare
+            return None
+        now = self.lr(step)
+        if math.isclose(was, now, rel_tol=1e-9, abs_tol=0.0):
+            return None
+        why = [f"--{k.replace('_', '-')} {saved[k]} -> {getattr(optim, k)}" for k in self.KEYS
+               if k in saved and saved[k] != getattr(optim, k)]
+        if optim.schedule == "cosine" and "epochs" in saved and saved["epochs"] != optim.epochs:
+            why.append("a cosine schedule follows --epochs")
+        return (f"the learning-rate schedule differs from the checkpoint's ({'; '.join(why) or 'its settings'}): at "
+                f"step {step + 1} the learning rate becomes {now:.6g} where the checkpoint's schedule gives {was:.6g}; "
+                "resume with the checkpoint's settings to continue its schedule")
 
 
 def _keep(optimizer: torch.optim.Optimizer, like: torch.Tensor) -> torch.Tensor | None:

@@ -1,7 +1,7 @@
 """A run: the trainer's `run` section (RunConfig: its folder, resumption, seed, logging and devices), and its
 persistent state: its output directory (claimed by one live run at a time), the training position and RNG
-states, checkpoints written and restored, and initial weights. (Whether a model is still
-finite is collab_fast.health's.)"""
+states, checkpoints written and restored. (Initial weights are the model section's, collab_fast.models.builder;
+whether a model is still finite is collab_fast.health's.)"""
 
 from __future__ import annotations
 
@@ -20,17 +20,15 @@ import torch
 from collab_fast.checkpoint import (
     FORMAT,
     CheckpointError,
-    is_checkpoint,
     load_checkpoint,
-    load_file,
     os_error_line,
     save_checkpoint,
-    verify_checkpoint,
 )
 from collab_fast.cli import check_fields, opt
+from collab_fast.distributed import Dist
 from collab_fast.recipes import RECIPES
 
-__all__ = ["RunConfig", "RunDir", "State", "load_weights", "restore", "snapshot"]
+__all__ = ["RunConfig", "RunDir", "State", "agree_on_resume", "restore", "snapshot"]
 
 _RUN_FILES = ("metrics.jsonl", "config.json", "last.pt", "best.pt", "head0.pth", "tb")
 # Every name the trainer writes in a run folder: none may be a symbolic link (a planted link would redirect
@@ -67,6 +65,18 @@ class RunConfig:
             raise ValueError(f"--resume {self.resume}: no such file (use --resume auto to continue OUTPUT/last.pt)")
         if self.overwrite and self.resume:
             raise ValueError("--overwrite starts over and --resume continues: give one of them")
+
+    def resume_path(self, out: Path, *, weights: str | None = None) -> Path | None:
+        """The checkpoint this run continues: OUTPUT/last.pt (--resume auto) or --resume PATH; None for a fresh
+        run (no --resume, or auto with nothing to resume yet). `weights`: the model's --weights, which an
+        --eval-only run evaluates when there is no checkpoint."""
+        if not self.resume:
+            return None
+        path = out / "last.pt" if self.resume == "auto" else Path(self.resume)
+        if self.eval_only and not path.exists() and not weights:
+            raise ValueError(f"--eval-only --resume {self.resume}: {path} does not exist, and evaluating an "
+                             "untrained network means nothing; give --weights PATH or an existing checkpoint")
+        return path if path.exists() else None
 
 
 @dataclass
@@ -190,12 +200,12 @@ def snapshot(path: Path, net, optimizer, scaler, config: dict, state: State, ema
 
 
 def restore(path: Path, net, optimizer, scaler, arch: str, pattern: str, config_out: dict | None = None,
-            ema=None, opt: str | None = None) -> State:
+            ema=None, opt: str | None = None, ckpt: dict | None = None) -> State:
     """Loads a checkpoint into the model, optimizer, scaler, RNGs and the --model-ema average (started from
     the loaded weights when the checkpoint has none); returns the training position (and puts the
     checkpoint's resolved config into config_out, when given). `opt`: this run's --opt, which must be the
     checkpoint's (another optimizer's state does not fit)."""
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path) if ckpt is None else ckpt  # (read already: RunConfig.resumed)
     cfg = ckpt["config"]
     if config_out is not None and isinstance(cfg, dict):
         config_out.update(cfg)
@@ -224,16 +234,22 @@ def restore(path: Path, net, optimizer, scaler, arch: str, pattern: str, config_
     return state
 
 
-def load_weights(net, path: str, obj=None) -> None:
-    """--weights: an exported head (plain state dict) or a training checkpoint of the same model. `obj`: the
-    file's content when the caller has read it already (it is read once)."""
-    obj = load_file(path) if obj is None else obj
-    if is_checkpoint(obj):
-        obj = verify_checkpoint(obj, path)["model"]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"--weights {path}: expected a state dict of tensors, found a {type(obj).__name__}")
-    try:
-        net.load_state_dict(obj, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"--weights {path} does not fit {type(net).__name__}: "
-                              f"{str(exc).splitlines()[0]} (an exported head needs --pattern single)") from None
+def agree_on_resume(proc: Dist, path: Path | None, step: int | None = None) -> None:
+    """Every rank must resume from the same checkpoint (and, once loaded, the same step): a node that cannot
+    see it (no shared file system) would start afresh while the others continue, and the first collective
+    would hang. Refused on every rank in one line instead."""
+    if proc.world == 1:
+        return
+    if step is None:  # before loading: does every rank have a checkpoint to resume from?
+        seen = proc.gather(str(path) if path is not None else None)
+        lacking = [r for r, p in enumerate(seen) if p is None]
+        if lacking and len(lacking) < proc.world:
+            where = next(p for p in seen if p is not None)
+            raise CheckpointError(f"--resume: rank(s) {', '.join(map(str, lacking))} of {proc.world} cannot see "
+                                  f"{where} (no shared file system?); put the checkpoint where every node reads it, "
+                                  "or give --resume PATH to a copy on every node")
+        return
+    steps = proc.gather(step)
+    if any(s != steps[0] for s in steps):
+        each = ", ".join(f"rank {r}: step {s}" for r, s in enumerate(steps))
+        raise CheckpointError(f"--resume: the ranks loaded different checkpoints ({each}); give every node the same one")

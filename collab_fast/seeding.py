@@ -7,10 +7,12 @@ earlier run's streams stay what they were.
 
 from __future__ import annotations
 
+import random
+
 import numpy as np
 import torch
 
-__all__ = ["seed_numpy", "torch_generator", "torch_seed"]
+__all__ = ["seed_everything", "seed_numpy", "torch_generator", "torch_seed"]
 
 
 def torch_seed(value: int) -> int:
@@ -30,3 +32,11 @@ def seed_numpy(value: int) -> None:
         np.random.seed(value)
     else:
         np.random.seed([(value >> s) & 0xFFFFFFFF for s in range(0, value.bit_length(), 32)])
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    """Python's and numpy's global generators per rank; torch's the same on every rank (the same initial
+    weights everywhere)."""
+    random.seed(seed + rank)
+    seed_numpy(seed + rank)
+    torch.manual_seed(torch_seed(seed))

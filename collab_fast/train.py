@@ -6,18 +6,16 @@ path has no host synchronisation: losses, accuracy and the non-finite flag accum
 are read at log intervals. Outputs in --output: config.json, metrics.jsonl, TensorBoard events,
 last.pt / best.pt (atomic, checksummed), and head0.pth (the exported single network) at the end.
 
-This file holds the step, the epoch loop, evaluation and the run; configuration is in config.py, the
-run's persistent state in run_state.py, process groups in distributed.py, reporting in metrics.py.
+This file holds the epoch loop, evaluation and the run. Each settings section builds what it configures
+(DataConfig.build: loaders and the batch transform; ModelConfig.build: the wrapped training model;
+OptimConfig.build and optim.Schedule: optimizer, scaler, per-step schedules; RunConfig.resume_path); the
+step is in step.py, the run's persistent state in run_state.py, reporting in metrics.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import json
-import math
 import os
-import random
 import signal
 import sys
 from dataclasses import dataclass
@@ -26,18 +24,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from collab_fast.checkpoint import CheckpointError, is_checkpoint, load_file, os_error_line, save_atomic, write_text_atomic
+from collab_fast.checkpoint import CheckpointError, load_checkpoint, os_error_line, save_atomic, write_text_atomic
 from collab_fast.config import TrainConfig, parse_config, resolve
-from collab_fast.data import (
-    AutoAugment,
-    BatchMix,
-    Loader,
-    RandomErase,
-    TorchFolderLoader,
-    build_loaders,
-    data_channels,
-    normalization,
-)
+from collab_fast.data import Data, TorchFolderLoader, data_channels
 from collab_fast.distributed import Dist, cleanup, init_distributed
 from collab_fast.ema import ModelEMA
 from collab_fast.extension import ExtensionError
@@ -45,102 +34,17 @@ from collab_fast.extras import MissingExtra
 from collab_fast.health import finite_model, finite_number
 from collab_fast.kernels.collab_loss import collab_loss
 from collab_fast.metrics import Logger, Meter, Progress, memory_stats
-from collab_fast.models import ARCHS, as_heads, build_model, check_input_size, input_channels
+from collab_fast.models import ARCHS, as_heads, input_channels
 from collab_fast.models.cost import pattern_cost
-from collab_fast.optim import lr_factor, make_optimizer, soft_factor
-from collab_fast.run_state import RunDir, State, load_weights, restore, snapshot
-from collab_fast.seeding import seed_numpy, torch_seed
+from collab_fast.optim import Schedule
+from collab_fast.run_state import RunDir, State, agree_on_resume, restore, snapshot
+from collab_fast.seeding import seed_everything
+from collab_fast.step import AMP_DTYPES, Step
 
 __all__ = ["Step", "TrainConfig", "evaluate", "main", "parse_config", "run"]
 
-AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 # How a collaborative copy runs the network (CollabNet.split_by), in the start-up line.
 _SPLIT_BY = {"children": " (its children run in order)", "graph": " (its traced graph cut there: torch.fx)"}
-
-def seed_everything(seed: int, rank: int) -> None:
-    random.seed(seed + rank)
-    seed_numpy(seed + rank)
-    torch.manual_seed(torch_seed(seed))  # the same initial weights on every rank
-
-
-def _initial_weights(cfg: TrainConfig) -> tuple[dict | None, object]:
-    """--weights PATH, read once: (the state dict for every copy, what load_weights loads as it is). A plain
-    network's (an exported head) for a collaborative pattern goes into every copy through build (the
-    classifier re-initialised per head); a training checkpoint, or pattern single, is loaded whole after."""
-    if not cfg.model.weights or cfg.model.pretrained:
-        return None, None
-    obj = load_file(cfg.model.weights)
-    if cfg.model.pattern == "single" or is_checkpoint(obj):
-        return None, obj  # the model as it is (a training checkpoint of this very model: load_weights)
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"--weights {cfg.model.weights}: expected a state dict of tensors, found a "
-                              f"{type(obj).__name__}")
-    return obj, None
-
-
-class Step:
-    """One optimizer step (forward, fused loss, backward, update) with no host sync. `model` is what runs
-    (maybe DDP- or compile-wrapped), `net` the bare model (num_heads, loss_factor, buffers)."""
-
-    def __init__(self, cfg: TrainConfig, model, net, optimizer, scaler=None, proc: Dist | None = None):
-        self.model, self.net, self.optimizer, self.scaler = model, net, optimizer, scaler
-        self.proc = proc or Dist()
-        # the DDP wrapper, also under torch.compile's (whose isinstance is not DDP): no_sync lives there
-        inner = getattr(model, "_orig_mod", model)
-        self.ddp = inner if isinstance(inner, torch.nn.parallel.DistributedDataParallel) else None
-        self.base = cfg.loss
-        self.params = self.base  # the base settings, the soft coefficient scaled by --soft-ramp
-        self.amp = AMP_DTYPES.get(cfg.optim.amp)
-        self.accum = cfg.optim.accum_steps
-        self.scale = net.loss_factor / cfg.optim.accum_steps
-        self.clip = cfg.optim.clip_grad
-        # --skip-nonfinite: a skipped step must leave the model exactly as it was, and its forward has
-        # already updated the batch-norm statistics: those buffers are put back on the device.
-        self.buffers = [b for b in net.buffers()] if cfg.optim.skip_nonfinite else None
-
-    def set_soft_factor(self, factor: float) -> None:
-        self.params = self.base if factor == 1.0 else self.base.with_soft_factor(factor)
-
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, meter: Meter | None = None) -> torch.Tensor:
-        """Returns the step's loss on the device (the sum over micro-batches of each one's mean)."""
-        saved = [b.clone() for b in self.buffers] if self.buffers is not None else None
-        step_loss = torch.zeros((), device=x.device)
-        for k in range(self.accum):
-            xk, yk = (x, y) if self.accum == 1 else (x[k :: self.accum], y[k :: self.accum])
-            # DDP: all-reduce the gradients once, after the last micro-batch (no_sync covers forward and backward)
-            sync = k == self.accum - 1 or self.ddp is None
-            with contextlib.nullcontext() if sync else self.ddp.no_sync():
-                with torch.autocast(x.device.type, dtype=self.amp, enabled=self.amp is not None):
-                    logits = as_heads(self.model(xk))
-                loss, stats = collab_loss(logits, yk, self.params, return_stats=True)
-                if meter is not None:
-                    meter.add(loss, stats)
-                step_loss += loss.detach()
-                scaled = loss * self.scale
-                self.scaler.scale(scaled).backward() if self.scaler is not None else scaled.backward()
-        # Non-finite on any rank is non-finite on all: one tiny all-reduce on the device (no host sync), so
-        # every rank skips (or stops at) the same steps.
-        self.bad = self.proc.all_reduce((~torch.isfinite(step_loss)).float(), op=dist.ReduceOp.MAX)
-        if saved is not None:
-            bad = self.bad.bool()
-            self.optimizer.found_inf = self.bad  # every optimizer of make_optimizer skips the update on the device
-            with torch.no_grad():
-                for b, s in zip(self.buffers, saved):
-                    b.copy_(torch.where(bad, s, b))
-        if self.clip is not None:
-            if self.scaler is not None:
-                self.scaler.unscale_(self.optimizer)  # clip the true gradients; step() then does not unscale again
-            # the norm stays on the device: no sync (and no error_if_nonfinite, which would read it)
-            torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.clip, foreach=True)
-        if self.scaler is not None:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return step_loss
 
 
 class Stop(Exception):
@@ -151,30 +55,33 @@ class Stop(Exception):
 class Run:
     """Everything one training run holds, passed to the loop as one value."""
 
-    cfg: TrainConfig
+    cfg: TrainConfig  # resolved: final
     proc: Dist  # this process's place: rank, world size, main
     device: torch.device
+    rundir: RunDir  # the claimed --output folder
+    data: Data  # loaders, classes, the training batch's device-side transform
     net: torch.nn.Module  # the bare model: state dicts, export, num_heads
     model: torch.nn.Module  # what runs the forward pass (DDP / compile wrapped)
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None
+    ema: ModelEMA | None  # --model-ema: the weights' moving average
+    schedule: Schedule  # the LR and the soft factor per step
     train_step: Step  # one optimizer step (state.step counts them)
     state: State
     log: Logger
     progress: Progress
-    out: Path
     steps_per_epoch: int
     total_steps: int
-    train_loader: Loader
-    mix: BatchMix | None = None  # --mixup / --cutmix: the batch and its labels mixed on the device
-    ema: ModelEMA | None = None  # --model-ema: the weights' moving average
-    augment: AutoAugment | None = None  # --auto-augment, on the device, first
-    erase: RandomErase | None = None  # --random-erase, on the device, before the mixing
+    resumed_from: Path | None = None
     signal: str | None = None  # set by SIGINT / SIGTERM
+
+    @property
+    def out(self) -> Path:
+        return self.rundir.path
 
     def save(self, name: str) -> None:
         # Called on every rank: image-folder loaders gather each rank's reader position (a collective).
-        position = self.train_loader.state_dict()
+        position = self.data.train.state_dict()
         self.state.loader_state = self.proc.gather(position) if position else []
         if self.proc.main:
             snapshot(self.out / name, self.net, self.optimizer, self.scaler, self.cfg.to_dict(), self.state, self.ema)
@@ -196,17 +103,13 @@ def train_one_epoch(r: Run, loader) -> None:
             x, y = next(batches)
         except StopIteration:
             break
-        if r.augment is not None:
-            x = r.augment(x, state.step)
-        if r.erase is not None:
-            x = r.erase(x, state.step)
-        if r.mix is not None:
-            x, y = r.mix(x, y, state.step)  # y: [N, C] probabilities
-        lr = cfg.optim.lr * lr_factor(cfg.optim, state.step, r.steps_per_epoch)
+        if r.data.transform is not None:
+            x, y = r.data.transform(x, y, state.step)  # y: [N, C] probabilities where mixed
+        lr = r.schedule.lr(state.step)
         for g in r.optimizer.param_groups:
             g["lr"] = lr
-        if cfg.optim.soft_ramp:
-            r.train_step.set_soft_factor(soft_factor(cfg.optim, state.step, r.steps_per_epoch))
+        if r.schedule.ramps_soft:
+            r.train_step.set_soft_factor(r.schedule.soft(state.step))
         r.train_step(x, y, meter)
         if r.ema is not None:
             r.ema.update(r.train_step.bad)  # a skipped step leaves the average as it was
@@ -316,161 +219,79 @@ def _eval_and_save(r: Run, val_loader, epoch_done: bool, final: bool) -> None:
     r.save("last.pt")
 
 
-def _summary(r: Run, num_classes: int) -> str:
+def _summary(r: Run) -> str:
     res = r.state.last_eval
     if not res:
         return f"collab_fast: done at step {r.state.step}"
     heads = " ".join(f"{a:.2f}%" for a in res["top1_heads"])
     return (f"collab_fast: done at step {r.state.step}: top-1 per head [{heads}], head 0 {res['top1']:.2f}% "
-            f"(chance {100 / num_classes:.1f}%); head 0 exported to {r.out / 'head0.pth'}")
+            f"(chance {100 / r.data.num_classes:.1f}%); head 0 exported to {r.out / 'head0.pth'}")
 
 
-def sync_batchnorm(net: torch.nn.Module, proc: Dist, device: torch.device) -> torch.nn.Module:
-    """--sync-bn: batch-norm statistics over the global batch (torch's SyncBatchNorm, GPUs only). The state
-    dict keeps its names, so checkpoints and exported heads are those of plain batch norm."""
-    if proc.world == 1:
-        if proc.main:
-            print("collab_fast: --sync-bn has nothing to synchronise in a single process; plain batch norm",
-                  file=sys.stderr)
-        return net
-    if device.type != "cuda":
-        raise ValueError("--sync-bn needs CUDA devices (torch's SyncBatchNorm does not run on CPU); drop it")
-    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
-
-
-def _agree_on_resume(proc: Dist, path: Path | None, step: int | None = None) -> None:
-    """Every rank must resume from the same checkpoint (and, once loaded, the same step): a node that cannot
-    see it (no shared file system) would start afresh while the others continue, and the first collective
-    would hang. Refused on every rank in one line instead."""
-    if proc.world == 1:
-        return
-    if step is None:  # before loading: does every rank have a checkpoint to resume from?
-        seen = proc.gather(str(path) if path is not None else None)
-        lacking = [r for r, p in enumerate(seen) if p is None]
-        if lacking and len(lacking) < proc.world:
-            where = next(p for p in seen if p is not None)
-            raise CheckpointError(f"--resume: rank(s) {', '.join(map(str, lacking))} of {proc.world} cannot see "
-                                  f"{where} (no shared file system?); put the checkpoint where every node reads it, "
-                                  "or give --resume PATH to a copy on every node")
-        return
-    steps = proc.gather(step)
-    if any(s != steps[0] for s in steps):
-        each = ", ".join(f"rank {r}: step {s}" for r, s in enumerate(steps))
-        raise CheckpointError(f"--resume: the ranks loaded different checkpoints ({each}); give every node the same one")
-
-
-def _setup(cfg: TrainConfig):
-    """Device, process group, data, model, optimizer, resumed state: everything the loop needs."""
-    proc, device = init_distributed(cfg.run.device)
-    default_milestones = cfg.optim.schedule == "step" and not cfg.optim.lr_milestones
-    cfg = resolve(cfg, cuda=device.type == "cuda", world=proc.world)
+def _setup(flags: TrainConfig) -> Run:
+    """Device, process group, run folder, data, model, optimizer, resumed state: everything the loop needs.
+    The config is resolved (flags + device + the resumed checkpoint's settings) before anything is built."""
+    proc, device = init_distributed(flags.run.device)
+    cfg = resolve(flags, cuda=device.type == "cuda", world=proc.world)
     rundir = RunDir(cfg.run.output, resume=bool(cfg.run.resume), overwrite=cfg.run.overwrite, main=proc.main)
     try:
-        return _setup_in(cfg, proc, device, rundir, default_milestones)
+        return _setup_in(flags, cfg, proc, device, rundir)
     except BaseException:  # a refused resume, bad data, ...: the run folder is not left claimed
         rundir.close()
         raise
 
 
-def _setup_in(cfg: TrainConfig, proc: Dist, device: torch.device, rundir: RunDir, default_milestones: bool):
+def _setup_in(flags: TrainConfig, cfg: TrainConfig, proc: Dist, device: torch.device, rundir: RunDir) -> Run:
     """_setup's part inside the claimed run folder."""
-    out = rundir.path
     seed_everything(cfg.run.seed, proc.rank)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    resume_path = None
-    if cfg.run.resume:
-        resume_path = out / "last.pt" if cfg.run.resume == "auto" else Path(cfg.run.resume)
-        if cfg.run.eval_only and not resume_path.exists() and not cfg.model.weights:
-            raise ValueError(f"--eval-only --resume {cfg.run.resume}: {resume_path} does not exist, and evaluating an "
-                             "untrained network means nothing; give --weights PATH or an existing checkpoint")
-        resume_path = resume_path if resume_path.exists() else None  # auto with nothing to resume: a fresh run
-        _agree_on_resume(proc, resume_path)
+    resume_path = cfg.run.resume_path(rundir.path, weights=cfg.model.weights)
+    agree_on_resume(proc, resume_path)
+    ckpt = load_checkpoint(resume_path) if resume_path else None
+    if ckpt is not None:  # its settings join the resolution (the LR milestones it was trained with)
+        fresh, cfg = cfg, resolve(flags, cuda=device.type == "cuda", world=proc.world, resumed=ckpt["config"])
+        if cfg.optim.lr_milestones != fresh.optim.lr_milestones and proc.main:
+            print(f"collab_fast: keeping the checkpoint's LR milestones {cfg.optim.lr_milestones} (the defaults for "
+                  f"--epochs {cfg.optim.epochs} would differ); pass --lr-milestones to set others", file=sys.stderr)
     in_chans = input_channels(cfg.model.arch, data_channels(cfg.data.dataset))
-    train_loader, val_loader, num_classes = build_loaders(
-        cfg.data, batch_size=cfg.optim.batch_size, device=device, rank=proc.rank, world=proc.world, seed=cfg.run.seed,
-        dtype=torch.float16 if cfg.optim.amp == "fp16" else torch.float32, channels_last=cfg.model.channels_last,
-        channels=in_chans)
-    if len(train_loader) == 0:
+    data = cfg.data.build(batch_size=cfg.optim.batch_size, device=device, rank=proc.rank, world=proc.world,
+                          seed=cfg.run.seed, dtype=torch.float16 if cfg.optim.amp == "fp16" else torch.float32,
+                          channels_last=cfg.model.channels_last, channels=in_chans)
+    if len(data.train) == 0:
         raise ValueError(f"--batch-size {cfg.optim.batch_size} is larger than the training set's share of each process: "
                          "no full batch per epoch; lower --batch-size")
-    cfg.data.num_classes = num_classes
-    copies, whole = _initial_weights(cfg)
-    net = build_model(cfg.model, num_classes, device, copies, in_chans=in_chans)
-    check_input_size(net, cfg.model.arch, cfg.data.image_size, in_chans)
-    if whole is not None:
-        load_weights(net, cfg.model.weights, whole)
-    net = sync_batchnorm(net, proc, device) if cfg.model.sync_bn else net
-    optimizer = make_optimizer(net, cfg.optim)
-    scaler = torch.amp.GradScaler(device.type) if cfg.optim.amp == "fp16" else None
+    net, model = cfg.model.build(data.num_classes, device=device, proc=proc, image_size=cfg.data.image_size,
+                                 in_chans=in_chans)
+    optimizer, scaler = cfg.optim.build(net, device)
     ema = ModelEMA(net, cfg.optim.model_ema) if cfg.optim.model_ema else None
-    saved_cfg: dict = {}
-    state = (restore(resume_path, net, optimizer, scaler, cfg.model.arch, cfg.model.pattern, saved_cfg, ema,
-                     opt=cfg.optim.optimizer) if resume_path else State())
-    _agree_on_resume(proc, resume_path, state.step)
-    old = saved_cfg.get("lr_milestones")
-    if default_milestones and old and saved_cfg.get("schedule") == "step" and old != cfg.optim.lr_milestones:
-        # the defaults follow --epochs: a run continued to more epochs keeps the steps it was trained with
-        cfg.optim.lr_milestones = [float(m) for m in old]
-        if proc.main:
-            print(f"collab_fast: keeping the checkpoint's LR milestones {old} (the defaults for --epochs "
-                  f"{cfg.optim.epochs} would differ); pass --lr-milestones to set others", file=sys.stderr)
+    state = (restore(resume_path, net, optimizer, scaler, cfg.model.arch, cfg.model.pattern, ema=ema,
+                     opt=cfg.optim.optimizer, ckpt=ckpt) if ckpt is not None else State())
+    agree_on_resume(proc, resume_path, state.step)
     if state.loader_state and len(state.loader_state) == proc.world:
-        train_loader.load_state_dict(state.loader_state[proc.rank])
+        data.train.load_state_dict(state.loader_state[proc.rank])
     elif state.loader_state and proc.main:
         print(f"collab_fast: warning: the checkpoint was written by {len(state.loader_state)} processes, this run has "
               f"{proc.world}: the data order restarts from the seed (resume is not exact)", file=sys.stderr)
-    model = net
-    if proc.world > 1:
-        ids = [proc.local_rank] if device.type == "cuda" else None
-        model = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
-    if cfg.model.compile:
-        model = torch.compile(model)
-    steps = len(train_loader)
+    steps = len(data.train)
     total = min(cfg.optim.epochs * steps, cfg.optim.max_steps or 1 << 62)
-    change = _schedule_change(cfg.optim, saved_cfg, state.step, steps) if resume_path else None
+    schedule = Schedule(cfg.optim, steps)
+    change = schedule.change_from(ckpt["config"], state.step) if ckpt is not None else None
     if change and proc.main:
         print(f"collab_fast: warning: {change}", file=sys.stderr)
     progress = Progress(cfg.run.progress, total, state.step, cfg.run.progress_every, enabled=proc.main)
-    r = Run(cfg, proc, device, net, model, optimizer, scaler, Step(cfg, model, net, optimizer, scaler, proc), state,
-            Logger(out, proc.main, progress, record=not cfg.run.eval_only), progress, out, steps, total, train_loader,
-            mix=BatchMix(num_classes, mixup=cfg.data.mixup, cutmix=cfg.data.cutmix, seed=cfg.run.seed, rank=proc.rank)
-            if cfg.data.mixup or cfg.data.cutmix else None, ema=ema,
-            erase=RandomErase(cfg.data.random_erase, seed=cfg.run.seed, rank=proc.rank) if cfg.data.random_erase else None,
-            augment=AutoAugment(cfg.data.auto_augment, *normalization(cfg.data.dataset, in_chans), seed=cfg.run.seed,
-                                rank=proc.rank) if cfg.data.auto_augment != "none" else None)
+    log = Logger(rundir.path, proc.main, progress, record=not cfg.run.eval_only)
+    r = Run(cfg, proc, device, rundir, data, net, model, optimizer, scaler, ema, schedule,
+            Step(cfg, model, net, optimizer, scaler, proc), state, log, progress, steps, total, resume_path)
     if proc.main:
-        _header(r, num_classes, resume_path)
-    return r, rundir, train_loader, val_loader, num_classes
+        _header(r)
+    return r
 
 
-_SCHEDULE_KEYS = ("schedule", "epochs", "lr_milestones", "warmup_epochs", "lr")  # flat names = OptimConfig fields
-
-
-def _schedule_change(optim, saved: dict, step: int, steps_per_epoch: int) -> str | None:
-    """What a resumed run does to the learning rate at its first step when its schedule settings differ from
-    the checkpoint's (a cosine schedule follows --epochs, so continuing to more epochs raises the LR): a
-    sentence naming both values, or None when they agree."""
-    try:
-        old = dataclasses.replace(optim, **{k: saved[k] for k in _SCHEDULE_KEYS if k in saved})
-        was = old.lr * lr_factor(old, step, steps_per_epoch)
-    except (TypeError, ValueError):  # a checkpoint of a version that recorded other settings: nothing to compare
-        return None
-    now = optim.lr * lr_factor(optim, step, steps_per_epoch)
-    if math.isclose(was, now, rel_tol=1e-9, abs_tol=0.0):
-        return None
-    why = [f"--{k.replace('_', '-')} {saved[k]} -> {getattr(optim, k)}" for k in _SCHEDULE_KEYS
-           if k in saved and saved[k] != getattr(optim, k)]
-    if optim.schedule == "cosine" and "epochs" in saved and saved["epochs"] != optim.epochs:
-        why.append("a cosine schedule follows --epochs")
-    return (f"the learning-rate schedule differs from the checkpoint's ({'; '.join(why) or 'its settings'}): "
-            f"at step {step + 1} the learning rate becomes {now:.6g} where the checkpoint's schedule gives {was:.6g}; "
-            "resume with the checkpoint's settings to continue its schedule")
-
-
-def _header(r: Run, num_classes: int, resume_path: Path | None) -> None:
+def _header(r: Run) -> None:
     """What the run is, printed once at the start (and config.json, the record of how it was trained)."""
     cfg, net, out, total, steps = r.cfg, r.net, r.out, r.total_steps, r.steps_per_epoch
+    num_classes, resume_path = r.data.num_classes, r.resumed_from
     data, model, optim = cfg.data, cfg.model, cfg.optim
     if cfg.run.eval_only:  # --eval-only leaves the record of how the run was trained as it was
         split = f"{data.holdout} held-out training samples" if data.holdout else "its test split"
@@ -485,8 +306,8 @@ def _header(r: Run, num_classes: int, resume_path: Path | None) -> None:
         print(f"collab_fast: {model.arch} {model.pattern}: {getattr(net, 'num_heads', 1)} head(s), "
               f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params, split after "
               f"{getattr(net, 'splits', []) or 'nothing'}{_SPLIT_BY.get(getattr(net, 'split_by', None), '')}")
-    if isinstance(r.train_loader, TorchFolderLoader):
-        print(f"collab_fast: images through the PyTorch loader ({r.train_loader.threads} workers, Pillow "
+    if isinstance(r.data.train, TorchFolderLoader):
+        print(f"collab_fast: images through the PyTorch loader ({r.data.train.threads} workers, Pillow "
               "decode on the CPU; slower than DALI: pip install 'collab_fast[dali]', or [dali-cuda12])")
     world = r.proc.world
     until = f" (stops at step {total}: --max-steps)" if optim.max_steps and total < optim.epochs * steps else ""
@@ -498,11 +319,11 @@ def _header(r: Run, num_classes: int, resume_path: Path | None) -> None:
 
 def run(cfg: TrainConfig) -> dict:
     """Trains (or evaluates) as `cfg` says; returns the last evaluation."""
-    r, rundir, train_loader, val_loader, num_classes = _setup(cfg)
+    r = _setup(cfg)
     cfg, state = r.cfg, r.state
     try:
         if cfg.run.eval_only:
-            res = evaluate(r.model, r.net, val_loader, cfg, r.proc)
+            res = evaluate(r.model, r.net, r.data.val, cfg, r.proc)
             rec = {"epoch": state.epoch + (state.batch_in_epoch > 0), "epochs": cfg.optim.epochs, "step": state.step, **res}
             r.log(rec, kind="eval")
             if r.proc.main:  # its own file: config.json and metrics.jsonl keep the record of the training
@@ -512,13 +333,13 @@ def run(cfg: TrainConfig) -> dict:
             r.progress.write(f"collab_fast: the run in {r.out} is already complete ({state.step} of {r.total_steps} "
                              "steps); nothing to train (raise --epochs or --max-steps to go on)")
         else:
-            _train(r, train_loader, val_loader)
+            _train(r)
         if r.proc.main:
             if not finite_model(r.net):
                 raise Stop("the final model is not finite; head0.pth is not written")
             save_atomic(r.net.export_head(0).state_dict(), r.out / "head0.pth")
             r.progress.close()
-            print(_summary(r, num_classes), flush=True)
+            print(_summary(r), flush=True)
         return state.last_eval
     except Stop as stop:
         r.progress.close()
@@ -526,12 +347,12 @@ def run(cfg: TrainConfig) -> dict:
     finally:
         r.progress.close()
         r.log.close()
-        rundir.close()
+        r.rundir.close()
         cleanup(r.proc)
 
 
-def _train(r: Run, train_loader, val_loader) -> None:
-    cfg, state = r.cfg, r.state
+def _train(r: Run) -> None:
+    cfg, state, train_loader = r.cfg, r.state, r.data.train
 
     def on_signal(signum, _frame):
         r.signal = signal.Signals(signum).name
@@ -551,7 +372,7 @@ def _train(r: Run, train_loader, val_loader) -> None:
             if epoch_done:
                 state.epoch += 1
                 state.batch_in_epoch = 0
-            _eval_and_save(r, val_loader, epoch_done, final=state.epoch >= cfg.optim.epochs or state.step >= r.total_steps)
+            _eval_and_save(r, r.data.val, epoch_done, final=state.epoch >= cfg.optim.epochs or state.step >= r.total_steps)
     except Stop as stop:
         if r.signal:
             r.progress.close()

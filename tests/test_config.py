@@ -112,6 +112,27 @@ def test_resolve_fills_defaults():
     assert toy.data.root and toy.loss.beta is None and toy.loss.soft_weight is None and toy.data.image_size == 224
 
 
+
+def test_resolution_is_final_and_leaves_the_flags_alone(tmp_path):
+    flags = TrainConfig.from_flags("digits", epochs=9)
+    before = flags.to_dict()
+    cfg = config.resolve(flags, cuda=False, world=1)
+    assert flags.to_dict() == before and flags.optim.lr is None and flags.data.num_classes is None  # not mutated
+    assert cfg.data.num_classes == 10 and cfg.optim.lr_milestones == [3.0, 6.0, 8.0]
+    # the classes are known before loading: fixed by the set, or an image folder's train class folders
+    for name, classes in [("cifar100", 100), ("fashion-mnist", 10), ("synthetic", 1000), ("toy", 10)]:
+        assert config.resolve(TrainConfig.from_flags(name, data=str(tmp_path) if name == "cifar100" else None),
+                              cuda=False, world=1).data.num_classes == classes, name
+    for c in ("b", "a", "c"):
+        (tmp_path / "img" / "train" / c).mkdir(parents=True)
+    folder = config.resolve(TrainConfig.from_flags("imagenet", data=str(tmp_path / "img")), cuda=False, world=1)
+    assert folder.data.num_classes == 3
+    # a resumed run's checkpoint joins the resolution: default milestones keep the ones it was trained with
+    saved = {"schedule": "step", "lr_milestones": [2.0, 4.0]}
+    assert config.resolve(flags, cuda=False, world=1, resumed=saved).optim.lr_milestones == [2.0, 4.0]
+    assert flags.optim.lr_milestones == []
+
+
 def test_a_flag_error_is_the_line_and_a_pointer_to_help(capsys):
     # No 47-line usage block before the line that matters.
     with pytest.raises(SystemExit) as e:

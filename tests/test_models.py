@@ -494,23 +494,23 @@ def test_drop_path_flag_reaches_each_library_and_is_refused_without_residual_blo
         ModelConfig(arch="densenet40_12", drop_path=0.1)
     with pytest.raises(ValueError, match="--drop-path must be in"):
         ModelConfig(drop_path=1.0)
-    import collab_fast.models as models
+    from collab_fast.models import builder
 
     seen = {}
-    real = models.build
+    real = builder.build
     try:
-        models.build = lambda *a, **kw: seen.update(kw) or real("resnet32", "single", num_classes=10)
-        models.build_model(ModelConfig(arch="timm:resnet50", pattern="single", drop_path=0.1))
+        builder.build = lambda *a, **kw: seen.update(kw) or real("resnet32", "single", num_classes=10)
+        builder.build_model(ModelConfig(arch="timm:resnet50", pattern="single", drop_path=0.1))
         assert seen["drop_path_rate"] == 0.1
-        models.build_model(ModelConfig(arch="torchvision:convnext_tiny", pattern="single", drop_path=0.2))
+        builder.build_model(ModelConfig(arch="torchvision:convnext_tiny", pattern="single", drop_path=0.2))
         assert seen["stochastic_depth_prob"] == 0.2
     finally:
-        models.build = real
+        builder.build = real
 
 
 def test_sync_bn_converts_on_gpus_and_refuses_on_cpu():
     from collab_fast.distributed import Dist
-    from collab_fast.train import sync_batchnorm
+    from collab_fast.models.builder import sync_batchnorm
 
     net = build("resnet32", "ilr2", num_classes=10)
     keys = set(net.state_dict())
@@ -588,7 +588,7 @@ def test_build_records_how_to_build_the_network_again():
     assert build("resnet18", "ilr2", num_classes=7, zero_init_residual=True).build_spec["zero_init_residual"] is True
     # a constructor argument that is an object (not a plain value) records no spec: it would not load under
     # weights_only=True
-    from collab_fast.models import _plain
+    from collab_fast.models.builder import _plain
 
     assert _plain({"a": [1, 2.0, "x", None, (True,)]}) and not _plain({"norm_layer": nn.BatchNorm2d})
 
@@ -601,3 +601,26 @@ def test_compile_a_traced_split_one_graph_no_breaks():
     ex = torch._dynamo.explain(lambda a: model(a).square().sum())(torch.randn(4, 3, 8, 8))
     assert (ex.graph_count, ex.graph_break_count) == (1, 0), [str(b.reason) for b in ex.break_reasons]
     torch._dynamo.reset()
+
+
+def test_the_model_section_builds_the_training_model_in_one_order(tmp_path):
+    from collab_fast.distributed import Dist
+    from collab_fast.models import ModelConfig
+
+    cfg = ModelConfig(arch="resnet32", pattern="ilr2", channels_last=False)
+    net, model = cfg.build(10, device=torch.device("cpu"), proc=Dist(), image_size=32, in_chans=3)
+    assert model is net and net.num_heads == 2 and net.levels[0][0].fc.out_features == 10  # one process: no wrapper
+    compiled = ModelConfig(arch="resnet32", pattern="single", channels_last=False, compile=True)
+    net, model = compiled.build(10, device=torch.device("cpu"), proc=Dist(), image_size=32, in_chans=3)
+    assert model is not net and getattr(model, "_orig_mod", None) is net  # compile wraps the bare network
+    # --weights: an exported head starts every copy, a checkpoint or pattern single is loaded whole
+    head = build("resnet32", "single", num_classes=10)
+    torch.save(head.state_dict(), tmp_path / "head.pth")
+    seeded = ModelConfig(arch="resnet32", pattern="ilr2", weights=str(tmp_path / "head.pth"), channels_last=False)
+    net, _ = seeded.build(10, device=torch.device("cpu"), proc=Dist(), image_size=32, in_chans=3)
+    a, b = net.levels[0][0], net.levels[0][1]
+    assert torch.equal(a["layer3"][0].conv1.weight, head.layer3[0].conv1.weight)
+    assert torch.equal(a["layer3"][0].conv1.weight, b["layer3"][0].conv1.weight)
+    single = ModelConfig(arch="resnet32", pattern="single", weights=str(tmp_path / "head.pth"), channels_last=False)
+    net, _ = single.build(10, device=torch.device("cpu"), proc=Dist(), image_size=32, in_chans=3)
+    assert all(torch.equal(v, head.state_dict()[k]) for k, v in net.state_dict().items())

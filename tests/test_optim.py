@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from collab_fast.models import build
-from collab_fast.optim import OptimConfig, lr_factor, make_optimizer, soft_factor
+from collab_fast.optim import OptimConfig, Schedule, lr_factor, make_optimizer, soft_factor
 
 
 def test_lr_schedules():
@@ -33,6 +33,26 @@ def test_default_milestones_follow_the_epochs():
     r = OptimConfig(batch_size=128).resolved(cuda=False, world=4)
     assert r.lr == pytest.approx(0.2) and r.amp == "off"
     assert OptimConfig().resolved(cuda=True, world=1).amp == "bf16"
+
+
+def test_resumed_milestones_and_the_schedule_object():
+    saved = {"schedule": "step", "lr_milestones": [30, 60, 80], "epochs": 90, "lr": 0.1, "warmup_epochs": 0.0}
+    more = OptimConfig(epochs=120, lr=0.1)
+    assert more.resolved(cuda=False, world=1, resumed=saved).lr_milestones == [30.0, 60.0, 80.0]  # kept
+    assert more.resolved(cuda=False, world=1).lr_milestones == [40.0, 80.0, 106.667]  # a fresh run: the defaults
+    given = OptimConfig(epochs=120, lr=0.1, lr_milestones=[50])
+    assert given.resolved(cuda=False, world=1, resumed=saved).lr_milestones == [50]  # explicit: as given
+    cosine = OptimConfig(epochs=120, lr=0.1, schedule="cosine").resolved(cuda=False, world=1, resumed=saved)
+    assert cosine.lr_milestones == []
+    schedule = Schedule(more.resolved(cuda=False, world=1, resumed=saved), steps_per_epoch=10)
+    assert schedule.lr(299) == pytest.approx(0.1) and schedule.lr(300) == pytest.approx(0.01)
+    assert not schedule.ramps_soft and schedule.soft(0) == 1.0
+    assert schedule.change_from(saved, 300) is None  # the same schedule: nothing to say
+    moved = Schedule(more.resolved(cuda=False, world=1), steps_per_epoch=10)
+    text = moved.change_from(saved, 300)
+    assert "--lr-milestones [30, 60, 80] -> [40.0, 80.0, 106.667]" in text and "becomes 0.1 where" in text
+    ramp = Schedule(OptimConfig(soft_ramp=2, lr=0.1).resolved(cuda=False, world=1), steps_per_epoch=10)
+    assert ramp.ramps_soft and ramp.soft(0) == pytest.approx(math.exp(-5)) and ramp.soft(20) == 1.0
 
 
 def test_soft_ramp():

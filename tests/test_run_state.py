@@ -182,3 +182,18 @@ def test_restore_errors_are_one_line(tmp_path, damage, match):
     with pytest.raises(CheckpointError, match=match) as info:
         restore(tmp_path / "bad.pt", *_net_opt(), None, "a", "p")
     assert "\n" not in str(info.value)
+
+
+def test_the_run_section_finds_the_checkpoint_to_resume(tmp_path):
+    from collab_fast.run_state import RunConfig
+
+    assert RunConfig().resume_path(tmp_path) is None  # no --resume: a fresh run
+    assert RunConfig(resume="auto").resume_path(tmp_path) is None  # nothing to resume yet
+    (tmp_path / "last.pt").write_bytes(b"x")
+    assert RunConfig(resume="auto").resume_path(tmp_path) == tmp_path / "last.pt"
+    other = tmp_path / "elsewhere.pt"
+    other.write_bytes(b"x")
+    assert RunConfig(resume=str(other)).resume_path(tmp_path / "run") == other
+    with pytest.raises(ValueError, match="--eval-only --resume auto: .* does not exist"):
+        RunConfig(resume="auto", eval_only=True).resume_path(tmp_path / "empty")
+    assert RunConfig(resume="auto", eval_only=True).resume_path(tmp_path / "empty", weights="w.pth") is None

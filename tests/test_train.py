@@ -12,10 +12,12 @@ import time
 import pytest
 import torch
 
-from collab_fast import train
+from collab_fast import optim, train
 from collab_fast.checkpoint import load_checkpoint
 from collab_fast.data import write_toy
-from collab_fast.models import build, build_model
+from collab_fast.models import build, build_model, builder
+from collab_fast.models.builder import initial_weights
+from collab_fast.run_state import agree_on_resume
 
 BASE = ["digits", "--device", "cpu", "--arch", "resnet32", "-b", "32", "--log-every", "1"]
 
@@ -74,10 +76,10 @@ def test_kl_soft_loss_with_free_weights(tmp_path):
 
 def test_soft_ramp_holdout_and_reduced_training_set(tmp_path):
     cfg = train.TrainConfig.from_flags("digits", soft_ramp=2.0)
-    f = [train.soft_factor(cfg.optim, s, 10) for s in (0, 5, 10, 15, 19, 20, 100)]
+    f = [optim.soft_factor(cfg.optim, s, 10) for s in (0, 5, 10, 15, 19, 20, 100)]
     assert f[0] == pytest.approx(math.exp(-5)) and f[2] == pytest.approx(math.exp(-5 / 4))
     assert f == sorted(f) and f[4] < 1.0 and f[5] == f[6] == 1.0
-    assert train.soft_factor(train.TrainConfig.from_flags("digits").optim, 0, 10) == 1.0  # no ramp: full weight
+    assert optim.soft_factor(train.TrainConfig.from_flags("digits").optim, 0, 10) == 1.0  # no ramp: full weight
     out = run_train(tmp_path, "--pattern", "ilr2", "--epochs", "2", "--train-samples", "96", "--holdout", "50",
                     "--soft-ramp", "1", "--log-every", "1")
     cfg = json.loads((out / "config.json").read_text())
@@ -87,7 +89,7 @@ def test_soft_ramp_holdout_and_reduced_training_set(tmp_path):
     # the logged soft objective is unscaled; the total carries the ramp: hard_coef * hard + factor * soft_coef * soft
     p = train.TrainConfig.from_flags(**cfg).loss
     for r in tr:
-        factor = train.soft_factor(train.TrainConfig.from_flags(**cfg).optim, r["step"] - 1, 3)
+        factor = optim.soft_factor(train.TrainConfig.from_flags(**cfg).optim, r["step"] - 1, 3)
         want = p.hard_coef * sum(r["hard"]) + factor * p.soft_coef * sum(r["soft"])
         assert r["loss"] == pytest.approx(want, rel=1e-4), r["step"]
     assert train.main([*BASE, "--output", str(tmp_path / "x"), "--holdout", "1437"]) == 2
@@ -309,7 +311,7 @@ def test_batch_larger_than_the_training_set(tmp_path, capsys):
 
 
 def test_out_of_memory_message(tmp_path, monkeypatch):
-    real_build = train.build_model
+    real_build = builder.build_model
 
     def oom_build(*a, **k):
         model = real_build(*a, **k)
@@ -320,7 +322,7 @@ def test_out_of_memory_message(tmp_path, monkeypatch):
         model.forward = boom
         return model
 
-    monkeypatch.setattr(train, "build_model", oom_build)
+    monkeypatch.setattr(builder, "build_model", oom_build)
     with pytest.raises(SystemExit, match=r"out of memory at batch size 32 .* try --batch-size 16"):
         train.main([*BASE, "--pattern", "ilr2", "--max-steps", "1", "--output", str(tmp_path / "oom")])
 
@@ -375,7 +377,7 @@ def test_weights_start_every_copy_and_the_heads_differ(tmp_path):
     out = run_train(tmp_path, "--pattern", "single", "--max-steps", "1")
     head = load_file(out / "head0.pth")
     cfg = train.TrainConfig.from_flags("digits", arch="resnet32", pattern="ilr2", weights=str(out / "head0.pth"))
-    net = build_model(cfg.model, 10, torch.device("cpu"), train._initial_weights(cfg)[0])
+    net = build_model(cfg.model, 10, torch.device("cpu"), initial_weights(cfg.model)[0])
     a, b = net.levels[0][0], net.levels[0][1]
     torch.testing.assert_close(a["layer3"].state_dict(), {k[len("layer3."):]: v for k, v in head.items()
                                                            if k.startswith("layer3.")})
@@ -443,7 +445,7 @@ def test_skipped_first_step_leaves_the_model_finite(tmp_path, monkeypatch):
     assert records(out, "train")[-1]["skipped_steps"] == 1
     model = load_checkpoint(out / "last.pt")["model"]
     assert all(torch.isfinite(t).all() and t.abs().max() < 1e3 for t in model.values() if t.is_floating_point())
-    opt = train.make_optimizer(build("resnet32", "single"), train.TrainConfig.from_flags("digits", lr=0.1).optim)
+    opt = optim.make_optimizer(build("resnet32", "single"), train.TrainConfig.from_flags("digits", lr=0.1).optim)
     assert all(torch.equal(s["momentum_buffer"], torch.zeros_like(s["momentum_buffer"])) for s in opt.state.values())
 
 
@@ -635,8 +637,8 @@ def test_dali_resume_after_a_signal_skips_no_batch(tmp_path, monkeypatch):
 @pytest.mark.parametrize("name, cls", [("adamw", "AdamW"), ("lamb", "LAMB"), ("lars", "LARS")])
 def test_opt_flag_trains_with_that_optimizer(tmp_path, monkeypatch, name, cls):
     made = []
-    real = train.make_optimizer
-    monkeypatch.setattr(train, "make_optimizer", lambda *a: made.append(real(*a)) or made[-1])
+    real = optim.make_optimizer
+    monkeypatch.setattr(optim, "make_optimizer", lambda *a: made.append(real(*a)) or made[-1])
     out = run_train(tmp_path, "--pattern", "ilr2", "--opt", name, "--max-steps", "4", "--skip-nonfinite")
     assert [type(o).__name__ for o in made] == [cls]
     losses = [r["loss"] for r in records(out, "train")]
@@ -661,8 +663,8 @@ def test_clip_grad_clips_the_global_norm_on_the_device(tmp_path, monkeypatch):
 
 def test_drop_path_and_sync_bn_flags(tmp_path, monkeypatch, capsys):
     built = []
-    real = train.build_model
-    monkeypatch.setattr(train, "build_model", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
+    real = builder.build_model
+    monkeypatch.setattr(builder, "build_model", lambda *a, **k: built.append(real(*a, **k)) or built[-1])
     out = run_train(tmp_path, "--max-steps", "1", "--drop-path", "0.1", "--sync-bn")
     assert max(getattr(m, "drop_path", 0.0) for m in built[0].modules()) == pytest.approx(0.1)
     cfg = json.loads((out / "config.json").read_text())
@@ -711,8 +713,8 @@ def _agree_worker(rank, port, paths, steps, q):
         proc = Dist(rank, 2, rank)
         from pathlib import Path
 
-        train._agree_on_resume(proc, Path(paths[rank]) if paths[rank] else None)
-        train._agree_on_resume(proc, Path(paths[rank]) if paths[rank] else None, steps[rank])
+        agree_on_resume(proc, Path(paths[rank]) if paths[rank] else None)
+        agree_on_resume(proc, Path(paths[rank]) if paths[rank] else None, steps[rank])
         q.put((rank, "ok"))
     except CheckpointError as exc:
         q.put((rank, str(exc)))

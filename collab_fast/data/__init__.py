@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,15 @@ from collab_fast.data.autoaugment import POLICIES, AutoAugment
 from collab_fast.data.dali import DaliLoader, check_dali_wheel, dali_installed
 from collab_fast.data.erase import RandomErase
 from collab_fast.data.idx import IDX_SETS, load_idx_set
-from collab_fast.data.images import IMAGENET_MEAN, IMAGENET_STD, DataError, check_image, decode_image, scan_split
+from collab_fast.data.images import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DataError,
+    check_image,
+    class_folders,
+    decode_image,
+    scan_split,
+)
 from collab_fast.data.loader import Loader
 from collab_fast.data.memory import (
     CIFAR_MEAN,
@@ -44,9 +53,11 @@ from collab_fast.data.noise import LabelNoise
 from collab_fast.data.split import split_train
 from collab_fast.data.torch_folder import TorchFolderLoader
 from collab_fast.data.toy import write_toy
+from collab_fast.data.transforms import BatchTransform
 
-__all__ = ["AUGMENTS", "DATASETS", "AutoAugment", "BatchMix", "DataConfig", "DataError", "DaliLoader", "DeviceLoader",
-           "LabelNoise", "Loader", "RandomErase", "SyntheticLoader", "TorchFolderLoader", "build_loaders",
+__all__ = ["AUGMENTS", "DATASETS", "AutoAugment", "BatchMix", "BatchTransform", "Data", "DataConfig", "DataError",
+           "DaliLoader", "DeviceLoader", "LabelNoise", "Loader", "RandomErase", "SyntheticLoader", "TorchFolderLoader",
+           "build_loaders",
            "check_dali_wheel", "check_image", "data_channels", "decode_image", "default_augment",
            "default_image_size", "default_toy_dir", "normalization", "scan_split", "write_toy"]
 
@@ -156,14 +167,61 @@ class DataConfig:
             raise ValueError("--train-samples and --holdout need a real data set, not synthetic")
 
     def resolved(self) -> DataConfig:
-        """A copy with every "unset" filled: the augmentation, the image size, the toy folder."""
+        """A copy with every "unset" filled: the augmentation, the image size, the toy folder, and the number
+        of classes (an image folder's: its train split's class folders)."""
         if self.dataset is None:
             raise ValueError("the data set is required (e.g. digits, imagenet), unless a --recipe sets it")
         out = copy.copy(self)  # not replace(): the default toy folder may not exist yet (generated on first use)
         out.augment = default_augment(self.dataset) if self.augment == "auto" else self.augment
         out.image_size = self.image_size or default_image_size(self.dataset)
         out.root = str(default_toy_dir()) if self.dataset == "toy" and not self.root else self.root
+        out.num_classes = _num_classes(self.dataset, self.root)
         return out
+
+    def batch_transform(self, num_classes: int, channels: int, *, seed: int, rank: int) -> BatchTransform | None:
+        """The device-side transforms of each training batch these settings ask for (--auto-augment,
+        --random-erase, --mixup / --cutmix, in that order), or None."""
+        t = BatchTransform(
+            augment=AutoAugment(self.auto_augment, *normalization(self.dataset, channels), seed=seed, rank=rank)
+            if self.auto_augment != "none" else None,
+            erase=RandomErase(self.random_erase, seed=seed, rank=rank) if self.random_erase else None,
+            mix=BatchMix(num_classes, mixup=self.mixup, cutmix=self.cutmix, seed=seed, rank=rank)
+            if self.mixup or self.cutmix else None)
+        return t if t else None
+
+    def build(self, *, batch_size: int, device: torch.device, rank: int, world: int, seed: int, dtype: torch.dtype,
+              channels_last: bool, channels: int) -> Data:
+        """What the trainer reads: the loaders (see build_loaders), the number of classes, and the training
+        batch's device-side transform."""
+        train, val, num_classes = build_loaders(self, batch_size=batch_size, device=device, rank=rank, world=world,
+                                                seed=seed, dtype=dtype, channels_last=channels_last, channels=channels)
+        return Data(train, val, num_classes, self.batch_transform(num_classes, channels, seed=seed, rank=rank))
+
+
+class Data(NamedTuple):
+    """A run's data: DataConfig.build's result."""
+
+    train: Loader
+    val: Loader
+    num_classes: int
+    transform: BatchTransform | None  # applied to each training batch, on the device
+
+
+SYNTHETIC_CLASSES = 1000  # the synthetic set stands in for ImageNet
+
+
+def _num_classes(dataset: str, root: str | None) -> int | None:
+    """Classes of a data set, known before loading it: fixed by the set, or an image folder's class folders
+    (the train split's subfolders, as scan_split labels them); None where the folder is not there (loading
+    then says why)."""
+    fixed = {"digits": 10, "cifar10": 10, "cifar100": 100, "synthetic": SYNTHETIC_CLASSES,
+             **{name: spec[0] for name, spec in IDX_SETS.items()}}
+    if dataset in fixed:
+        return fixed[dataset]
+    if dataset == "toy" and not root:
+        return TOY_DEFAULT["classes"]  # the default toy folder, generated on first use
+    train = Path(root) / "train"
+    return len(class_folders(train)) if train.is_dir() else None
 
 
 def _fit_images(x: torch.Tensor, size: int, channels: int) -> torch.Tensor:
@@ -189,7 +247,7 @@ def _ensure_toy(data_dir: str | None) -> Path:
 
 def build_loaders(data: DataConfig, *, batch_size: int, device: torch.device | str = "cpu", rank: int = 0,
                   world: int = 1, seed: int = 0, dtype: torch.dtype = torch.float32, channels_last: bool = True,
-                  eval_batch_size: int | None = None, check_files: bool = True, synthetic_classes: int = 1000,
+                  eval_batch_size: int | None = None, check_files: bool = True, synthetic_classes: int = SYNTHETIC_CLASSES,
                   channels: int | None = None):
     """(train_loader, val_loader, num_classes) for the data set `data` names; see the module docstring and
     DataConfig's fields (train_samples / holdout: data/split.py; loader "torch": TorchFolderLoader, no DALI

@@ -16,8 +16,8 @@ from collab_fast.cache import cache_root
 from collab_fast.data.loader import default_threads
 from collab_fast.extras import require
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "NOT_UTF8", "DataError", "check_image", "decode_image",
-           "is_utf8", "scan_split", "shown"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "IMAGE_EXTENSIONS", "NOT_UTF8", "DataError", "check_image", "class_folders",
+           "decode_image", "is_utf8", "scan_split", "shown"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -116,6 +116,11 @@ def is_utf8(p: Path) -> bool:
 NOT_UTF8 = "its path is not valid UTF-8, which DALI cannot read (rename it, or use --loader torch)"
 
 
+def class_folders(base: Path) -> list[str]:
+    """The class folders of a split (base = root/split), sorted: their order gives the label indices."""
+    return sorted(d.name for d in base.iterdir() if d.is_dir())
+
+
 def scan_split(root: str | Path, split: str, classes: list[str] | None = None, check_files: bool = True,
                skip_bad: bool = False, decode: bool = False, threads: int | None = None,
                utf8_names: bool = False) -> tuple[list[str], list[int], list[str]]:
@@ -130,7 +135,7 @@ def scan_split(root: str | Path, split: str, classes: list[str] | None = None, c
         raise FileNotFoundError(f"data directory {root} does not exist")
     if not base.is_dir():
         raise FileNotFoundError(f"{base} does not exist: expected {root}/{split}/<class>/<image> (ImageNet layout)")
-    found = sorted(d.name for d in base.iterdir() if d.is_dir())
+    found = class_folders(base)
     if not found:
         raise ValueError(f"{base} has no class folders (expected {base}/<class>/<image>)")
     if classes is None:

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from collab_fast.models import ARCHS, build, native_image_size
+from collab_fast.models.builder import build
 from collab_fast.models.collab import CollabNet
+from collab_fast.models.registry import ARCHS, native_image_size
 
 __all__ = ["PatternCost", "child_flops", "pattern_cost"]
 
