@@ -60,25 +60,33 @@ fi
 SKIP=" ${GPU_CHECK_SKIP:-} "
 skipped() { case "$SKIP" in *" $1 "*) say "$1: skipped (GPU_CHECK_SKIP)"; return 0;; esac; return 1; }
 
-# stage NAME TIMEOUT LOGFILE CMD...: runs CMD under min(TIMEOUT, budget left), teed into LOGFILE.
-FAILED=()
+# stage NAME TIMEOUT LOGFILE CMD...: runs CMD under min(TIMEOUT, budget left), its output appended to LOGFILE
+# (in the foreground also shown, its last lines; in a background lane, LANE=1, only logged); the verdict goes
+# to $WORK/status, and the JSON results so far to $OUT after every stage. The one stage runner of both phases.
 stage() {
     local name=$1 limit=$2 logfile=$3; shift 3
     skipped "$name" && return
     local rest; rest=$(left)
-    if [ "$rest" -lt 15 ]; then say "$name: skipped (budget spent)"; FAILED+=("$name:skipped"); return; fi
+    if [ "$rest" -lt 15 ]; then say "$name: skipped (budget spent)"; echo "$name:skipped" >> "$WORK/status"; return; fi
     [ "$limit" -gt "$rest" ] && limit=$rest
     say "$name: start ($(date -u +%H:%M:%S), limit ${limit}s)"
     local t0; t0=$(date +%s)
     { echo "=== $name: $*"; } >> "$logfile"
-    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$logfile" | tail -n 3
-    local rc=${PIPESTATUS[0]}
+    if [ -n "${LANE:-}" ]; then
+        timeout --kill-after=10 "$limit" "$@" >> "$logfile" 2>&1
+    else
+        timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$logfile" | tail -n 3
+        (exit "${PIPESTATUS[0]}")
+    fi
+    local rc=$?
     local dt=$(( $(date +%s) - t0 ))
     if [ "$rc" = 0 ]; then say "$name: ok in ${dt}s"
-    elif [ "$rc" = 124 ] || [ "$rc" = 137 ]; then say "$name: TIMED OUT after ${dt}s"; FAILED+=("$name:timeout")
-    else say "$name: FAILED (exit $rc) in ${dt}s"; FAILED+=("$name:$rc"); fi
-    cp "$WORK"/results/*.json "$OUT"/ 2>/dev/null || true   # results so far, after every stage
+    elif [ "$rc" = 124 ] || [ "$rc" = 137 ]; then say "$name: TIMED OUT after ${dt}s"; echo "$name:timeout" >> "$WORK/status"
+    else say "$name: FAILED (exit $rc) in ${dt}s; last lines:"; tail -n 4 "$logfile" | tee -a "$LOG"
+         echo "$name:$rc" >> "$WORK/status"; fi
+    cp "$WORK"/results/*.json "$OUT"/ 2>/dev/null || true
 }
+: > "$WORK/status"
 
 # --- env
 stage env 30 "$LOG" "$PY" - <<'PYEOF'
@@ -109,71 +117,50 @@ for mod in ("pytest", "xdist", "numpy", "ninja", "timm", "nvidia.dali"):
         print(mod, "missing")
 PYEOF
 
-# stage NAME TIMEOUT LOGFILE CMD... as above, for a background lane: the verdict goes to $WORK/status.
-lane_stage() {
-    local name=$1 limit=$2 logfile=$3; shift 3
-    skipped "$name" && return
-    local rest; rest=$(left)
-    if [ "$rest" -lt 15 ]; then say "$name: skipped (budget spent)"; echo "$name:skipped" >> "$WORK/status"; return; fi
-    [ "$limit" -gt "$rest" ] && limit=$rest
-    say "$name: start ($(date -u +%H:%M:%S), limit ${limit}s)"
-    local t0; t0=$(date +%s)
-    { echo "=== $name: $*"; } >> "$logfile"
-    timeout --kill-after=10 "$limit" "$@" >> "$logfile" 2>&1
-    local rc=$?
-    local dt=$(( $(date +%s) - t0 ))
-    if [ "$rc" = 0 ]; then say "$name: ok in ${dt}s"
-    elif [ "$rc" = 124 ] || [ "$rc" = 137 ]; then say "$name: TIMED OUT after ${dt}s"; echo "$name:timeout" >> "$WORK/status"
-    else say "$name: FAILED (exit $rc) in ${dt}s; last lines:"; tail -n 4 "$logfile" | tee -a "$LOG"
-         echo "$name:$rc" >> "$WORK/status"; fi
-}
-: > "$WORK/status"
-
 PYTEST=("$PY" -m pytest -p no:cacheprovider -rfE --color=no)
 XDIST=(); XDIST4=(); XDIST2=()
 if [ $DRY = 0 ] && "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n 8); XDIST4=(-n 4); XDIST2=(-n 2); fi
 
-build() {  # the extension, with nvcc where there is one; ops-tests and train wait for it
-    lane_stage build 180 "$OUT/run.log" "$PY" -c "from collab_fast.rescale import build_info; print('build_info', build_info())"
+build() {  # the extension, with nvcc where there is one; ops-tests and train wait for it (LANE=1: in a lane)
+    stage build 180 "$OUT/run.log" "$PY" -c "from collab_fast.rescale import build_info; print('build_info', build_info())"
     touch "$WORK/built"
 }
 wait_built() { while [ ! -f "$WORK/built" ] && [ "$(left)" -gt 15 ]; do sleep 1; done; }
 
 # --- phase A: correctness, three lanes
 if [ $DRY = 1 ]; then
-    ( lane_stage loss-tests 300 "$OUT/tests.log" "${PYTEST[@]}" -q -x tests/test_collab_loss.py \
+    ( LANE=1; stage loss-tests 300 "$OUT/tests.log" "${PYTEST[@]}" -q -x tests/test_collab_loss.py \
           -k "kernel_matches_reference or bad_input or loop_stages" ) &
     L1=$!
-    ( lane_stage linear-tests 300 "$OUT/tests2.log" "${PYTEST[@]}" -q -x tests/test_fused_linear.py \
+    ( LANE=1; stage linear-tests 300 "$OUT/tests2.log" "${PYTEST[@]}" -q -x tests/test_fused_linear.py \
           tests/test_mix.py -k "materialised and triton or equals_the_two_call"
       wait_built
-      lane_stage ops-tests 300 "$OUT/tests2.log" "${PYTEST[@]}" -q -x tests/test_rescale.py -k "exact or alias or layouts" ) &
+      stage ops-tests 300 "$OUT/tests2.log" "${PYTEST[@]}" -q -x tests/test_rescale.py -k "exact or alias or layouts" ) &
     L2=$!
-    ( build
-      lane_stage train 300 "$OUT/run.log" "$PY" -m collab_fast.train synthetic --device cpu --arch resnet18 --pattern hier4 \
+    ( LANE=1; build
+      stage train 300 "$OUT/run.log" "$PY" -m collab_fast.train synthetic --device cpu --arch resnet18 --pattern hier4 \
           -b 4 --image-size 32 --max-steps 3 --synthetic-steps 3 --log-every 1 --progress lines --output "$WORK/run" ) &
     L3=$!
 else
-    ( lane_stage loss-tests 200 "$OUT/tests.log" "${PYTEST[@]}" "${XDIST[@]}" -v tests/test_collab_loss.py ) &
+    ( LANE=1; stage loss-tests 200 "$OUT/tests.log" "${PYTEST[@]}" "${XDIST[@]}" -v tests/test_collab_loss.py ) &
     L1=$!
-    ( lane_stage linear-tests 120 "$OUT/tests2.log" "${PYTEST[@]}" "${XDIST4[@]}" -v \
+    ( LANE=1; stage linear-tests 120 "$OUT/tests2.log" "${PYTEST[@]}" "${XDIST4[@]}" -v \
           tests/test_fused_linear.py tests/test_mix.py -k "not trainer"
       wait_built
       # under xdist a worker that crashes is replaced and the rest still run
-      lane_stage ops-tests 90 "$OUT/tests2.log" "${PYTEST[@]}" "${XDIST2[@]}" -v tests/test_rescale.py -m "not slow" \
+      stage ops-tests 90 "$OUT/tests2.log" "${PYTEST[@]}" "${XDIST2[@]}" -v tests/test_rescale.py -m "not slow" \
           -k "not damaged and not no_nvcc_build and not no_compiler"
       if grep -q -e "crashed" -e "Segmentation fault" -e "Fatal Python error" "$OUT/tests2.log"; then
-          lane_stage ops-diag 150 "$OUT/tests2.log" "$PY" scripts/diag_cpp_exception.py
+          stage ops-diag 150 "$OUT/tests2.log" "$PY" scripts/diag_cpp_exception.py
       fi ) &
     L2=$!
-    ( build
-      lane_stage train 120 "$OUT/run.log" "$PY" -m collab_fast.train synthetic --device cuda --arch resnet50 \
+    ( LANE=1; build
+      stage train 120 "$OUT/run.log" "$PY" -m collab_fast.train synthetic --device cuda --arch resnet50 \
           --pattern hier4 -b 128 --image-size 224 --max-steps 60 --synthetic-steps 60 --log-every 10 \
           --progress lines --output "$WORK/run" ) &
     L3=$!
 fi
 wait $L1 $L2 $L3
-while read -r f; do [ -n "$f" ] && FAILED+=("$f"); done < "$WORK/status"
 # the training run's loss must fall: first vs last logged record
 if [ -f "$WORK/run/metrics.jsonl" ]; then
     "$PY" - "$WORK/run/metrics.jsonl" <<'PYEOF' 2>&1 | tee -a "$LOG"
@@ -203,5 +190,7 @@ else
     stage bench-rescale 30 "$OUT/run.log" "$PY" benchmarks/bench_rescale.py --out "$WORK/results"
     stage sweep 150 "$OUT/run.log" "$PY" benchmarks/bench_loss.py --sweep --out "$WORK/results"
 fi
+FAILED=()
+while read -r f; do [ -n "$f" ] && FAILED+=("$f"); done < "$WORK/status"
 say "done in $(( $(date +%s) - START ))s; ${#FAILED[@]} stage(s) not ok: ${FAILED[*]:-none}; files: $(ls "$OUT" | tr '\n' ' ')"
 [ ${#FAILED[@]} = 0 ]

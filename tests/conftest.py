@@ -16,3 +16,15 @@ requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 @pytest.fixture
 def device() -> torch.device:
     return torch.device("cuda" if HAS_CUDA else "cpu")
+
+
+# The trainer on CPU, on the digits set and the small CIFAR ResNet: what most end-to-end tests start from.
+CPU_DIGITS = ["digits", "--device", "cpu", "--arch", "resnet32"]
+
+
+@pytest.fixture(scope="module")
+def built_extension():
+    """The C++ extension compiled once per module, before any test (and before DDP workers start)."""
+    from collab_fast import extension
+
+    extension.load_extension()

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import CPU_DIGITS
 
 from collab_fast import train
 from collab_fast.data import AutoAugment, normalization
@@ -179,7 +180,7 @@ def test_trainer_flag_augments_every_training_batch(tmp_path, monkeypatch):
     monkeypatch.setattr(AutoAugment, "__call__", lambda self, x, step: steps.append((self.policy, step)) or
                         real(self, x, step))
     out = tmp_path / "run"
-    assert train.main(["digits", "--device", "cpu", "--arch", "resnet32", "-b", "32", "--max-steps", "3",
+    assert train.main([*CPU_DIGITS, "-b", "32", "--max-steps", "3",
                        "--auto-augment", "randaugment", "--output", str(out)]) == 0
     assert steps == [("randaugment", 0), ("randaugment", 1), ("randaugment", 2)]
     assert json.loads((out / "config.json").read_text())["auto_augment"] == "randaugment"

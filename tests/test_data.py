@@ -590,10 +590,22 @@ def test_every_loader_keeps_the_loader_protocol(toy):
                DeviceLoader(torch.zeros(8, 4, 4, 3, dtype=torch.uint8), torch.arange(8) % 2, 4, mean=(0.5,) * 3,
                             std=(0.5,) * 3),
                SyntheticLoader(2, image_size=8, num_classes=3, steps_per_epoch=2)]
-    for loader in loaders:
-        assert isinstance(loader, Loader), type(loader).__name__
+    for loader in loaders:  # the contract the trainer relies on, loader by loader
+        name = type(loader).__name__
+        assert isinstance(loader, Loader), name
+        loader.set_epoch(0)
+        batches = list(loader)
+        assert len(batches) == len(loader) > 1, name
+        for x, y in batches:
+            assert x.is_floating_point() and x.dim() == 4 and x.shape[1] == 3, name
+            assert y.dtype == torch.int64 and y.shape == (x.shape[0],) and x.device == y.device, name
+        loader.set_epoch(0)
+        tail = list(loader.iter_from(1))  # resuming mid-epoch: the epoch's batches from the second on
+        assert len(tail) == len(loader) - 1, name
+        if not isinstance(loader, DaliLoader):  # (DALI's reader reshuffles itself after each pass)
+            assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(tail, batches[1:])), name
         state = loader.state_dict()
-        assert isinstance(state, dict)
+        assert isinstance(state, dict), name
         loader.load_state_dict(state)
     # DALI: the reader's state and the batches of the epoch it stands after (plain values for a checkpoint)
     dali = loaders[0]

@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import CPU_DIGITS
 
 from collab_fast import train
 from collab_fast.checkpoint import load_checkpoint
@@ -45,7 +46,7 @@ def test_a_skipped_step_leaves_the_average_and_bad_decays_are_refused():
             ModelEMA(net, bad)
 
 
-BASE = ["digits", "--device", "cpu", "--arch", "resnet32", "-b", "32", "--log-every", "1", "--pattern", "ilr2"]
+BASE = [*CPU_DIGITS, "-b", "32", "--log-every", "1", "--pattern", "ilr2"]
 
 
 def test_trainer_evaluates_saves_resumes_and_exports_the_average(tmp_path, capsys):

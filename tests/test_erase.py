@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import CPU_DIGITS
 
 from collab_fast import train
 from collab_fast.data import RandomErase
@@ -44,6 +45,6 @@ def test_trainer_flag_erases_every_training_batch(tmp_path, monkeypatch):
     real = RandomErase.__call__
     monkeypatch.setattr(RandomErase, "__call__", lambda self, x, step: steps.append(step) or real(self, x, step))
     out = tmp_path / "run"
-    assert train.main(["digits", "--device", "cpu", "--arch", "resnet32", "-b", "32", "--max-steps", "3",
+    assert train.main([*CPU_DIGITS, "-b", "32", "--max-steps", "3",
                        "--random-erase", "0.25", "--output", str(out)]) == 0
     assert steps == [0, 1, 2] and json.loads((out / "config.json").read_text())["random_erase"] == 0.25

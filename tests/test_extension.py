@@ -19,9 +19,7 @@ from collab_fast.rescale import scaled_sum
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def built():
-    extension.load_extension()
+pytestmark = pytest.mark.usefixtures("built_extension")
 
 
 def test_build_info():

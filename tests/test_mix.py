@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import HAS_CUDA
+from conftest import CPU_DIGITS, HAS_CUDA
 
 from collab_fast import collab_loss_reference, fused_collab_loss, train
 from collab_fast.data import BatchMix
@@ -84,7 +84,7 @@ def test_loss_on_mixed_targets_equals_the_two_call_reference(impl, eps):
         torch.testing.assert_close(z1.grad.double().cpu(), z2.grad, atol=atol, rtol=1e-6)
 
 
-BASE = ["digits", "--device", "cpu", "--arch", "resnet32", "-b", "32", "--log-every", "1", "--max-steps", "3"]
+BASE = [*CPU_DIGITS, "-b", "32", "--log-every", "1", "--max-steps", "3"]
 
 
 @pytest.mark.parametrize("flags, kinds", [(["--mixup", "0.2"], {"mixup"}), (["--cutmix", "1.0"], {"cutmix"}),

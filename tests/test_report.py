@@ -3,12 +3,13 @@
 import json
 
 import pytest
+from conftest import CPU_DIGITS
 
 from collab_fast import train
 from collab_fast.report import layer_weight_stats, load_run
 from collab_fast.report import main as report_main
 
-BASE = ["digits", "--device", "cpu", "--arch", "resnet32", "-b", "64", "--log-every", "2"]
+BASE = [*CPU_DIGITS, "-b", "64", "--log-every", "2"]
 
 
 @pytest.fixture(scope="module")

@@ -9,15 +9,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import HAS_CUDA, requires_cuda
 
-from collab_fast import extension, rescale
+from collab_fast import rescale
 from collab_fast.rescale import GradRescale, branch, branch_reference, grad_rescale, scaled_sum
 
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def built():
-    extension.load_extension()  # compile once, before any test (and before DDP workers start)
+pytestmark = pytest.mark.usefixtures("built_extension")
 
 
 def devices():

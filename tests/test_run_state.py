@@ -7,6 +7,7 @@ import time
 
 import pytest
 import torch
+from conftest import CPU_DIGITS
 
 from collab_fast.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from collab_fast.run_state import RunDir, State, restore, snapshot
@@ -87,7 +88,7 @@ def test_config_json_write_error_is_one_line_and_never_torn(tmp_path, monkeypatc
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(checkpoint.os, "fsync", full)
-    rc = train.main(["digits", "--device", "cpu", "--arch", "resnet32", "--pattern", "single", "--max-steps", "1",
+    rc = train.main([*CPU_DIGITS, "--pattern", "single", "--max-steps", "1",
                      "--output", str(tmp_path / "run")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and err[-1].startswith("error: cannot write ") and "config.json: No space left" in err[-1], err
@@ -143,7 +144,7 @@ def test_eval_only_with_a_planted_lock_link_is_one_line(tmp_path, capsys):
     victim.write_bytes(b"precious")
     (out / ".lock").symlink_to(victim)
     (tmp_path / "w.pth").write_bytes(b"")
-    assert train.main(["digits", "--device", "cpu", "--arch", "resnet32", "--output", str(out), "--eval-only",
+    assert train.main([*CPU_DIGITS, "--output", str(out), "--eval-only",
                        "--resume", "auto", "--weights", str(tmp_path / "w.pth")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --output") and ".lock there is a symbolic link" in err and "\n" not in err

@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from conftest import CPU_DIGITS
 
 from collab_fast import optim, train
 from collab_fast.checkpoint import load_checkpoint
@@ -19,7 +20,7 @@ from collab_fast.models import build, build_model, builder
 from collab_fast.models.builder import initial_weights
 from collab_fast.run_state import agree_on_resume
 
-BASE = ["digits", "--device", "cpu", "--arch", "resnet32", "-b", "32", "--log-every", "1"]
+BASE = [*CPU_DIGITS, "-b", "32", "--log-every", "1"]
 
 
 def run_train(tmp_path, *extra, name="run"):
