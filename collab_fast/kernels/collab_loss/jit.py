@@ -165,6 +165,18 @@ if triton is not None:
         return grad
 
     @triton.jit
+    def _target_block(tb, z, col0, zt, t_sum, t_max, t_arg, STATS: tl.constexpr):
+        # A target distribution's block tb [BLOCK_C] (first column col0) into the row's <t, z> per head, its
+        # sum and (STATS) its top class: the first column of the largest value wins.
+        zt += tl.sum(tl.where(tb[None, :] != 0.0, tb[None, :] * z, 0.0), axis=1)
+        t_sum += tl.sum(tb, axis=0)
+        if STATS:
+            blk_t = tl.max(tb, axis=0)
+            t_arg = tl.where(blk_t > t_max, tl.argmax(tb, axis=0).to(tl.int64) + col0, t_arg)
+            t_max = tl.maximum(t_max, blk_t)
+        return zt, t_sum, t_max, t_arg
+
+    @triton.jit
     def _pass1_blocks_per_thread(z_row, stride_zc, t_row, stride_yc, head_mask, cols0, start: tl.constexpr,
                                  stop: tl.constexpr, k, inv_t,
                                  m1, s1, s_t, m_c, s_c, t_c, v_c, sum_fin, n_fin, arg, zt, t_sum, t_max, t_arg,
@@ -205,12 +217,7 @@ if triton is not None:
             z = _load_cols(z_row, stride_zc, cols, 0, head_mask, False)
             if PROBS:
                 tb = tl.load(t_row + cols.to(tl.int64) * stride_yc).to(tl.float32)
-                zt += tl.sum(tl.where(tb[None, :] != 0.0, tb[None, :] * z, 0.0), axis=1)
-                t_sum += tl.sum(tb, axis=0)
-                if STATS:
-                    blk_t = tl.max(tb, axis=0)
-                    t_arg = tl.where(blk_t > t_max, tl.argmax(tb, axis=0).to(tl.int64) + b * BLOCK_C, t_arg)
-                    t_max = tl.maximum(t_max, blk_t)
+                zt, t_sum, t_max, t_arg = _target_block(tb, z, b * BLOCK_C, zt, t_sum, t_max, t_arg, STATS)
             if VEC > 1:
                 z3 = tl.reshape(z, [H_PAD, G, VEC])  # [H_PAD, G, columns of a group]
             else:
@@ -301,12 +308,7 @@ if triton is not None:
                 n_fin += tl.sum(finite.to(tl.float32), axis=1)
             if PROBS:
                 tb = tl.load(t_row + cols.to(tl.int64) * stride_yc, mask=cols < C, other=0.0).to(tl.float32)
-                zt += tl.sum(tl.where(tb[None, :] != 0.0, tb[None, :] * z, 0.0), axis=1)
-                t_sum += tl.sum(tb, axis=0)
-                if STATS:
-                    blk_t = tl.max(tb, axis=0)
-                    t_arg = tl.where(blk_t > t_max, tl.argmax(tb, axis=0).to(tl.int64) + b * BLOCK_C, t_arg)
-                    t_max = tl.maximum(t_max, blk_t)
+                zt, t_sum, t_max, t_arg = _target_block(tb, z, b * BLOCK_C, zt, t_sum, t_max, t_arg, STATS)
         return m1, s1, s_t, m_c, s_c, t_c, v_c, sum_fin, n_fin, arg, zt, t_sum, t_max, t_arg
 
     @triton.jit
