@@ -2,17 +2,17 @@
 paper's Table 4 cost columns beside ours.
 
     python benchmarks/bench_train.py                        # GPU: resnet50 x patterns, 224 px, batch 256, bf16
-    python benchmarks/bench_train.py --compile both         # with and without torch.compile
+    python benchmarks/bench_train.py --compile all          # eager, the model compiled, the whole step compiled
     python benchmarks/bench_train.py --quick                # CPU smoke test: resnet18, 32 px, batch 8
 
 Each row: median step time over --steps timed steps after --warmup steps (CUDA events per step on GPU),
 images/s = batch / median, peak memory (torch.cuda.max_memory_allocated over the timed steps), and MFU =
 counted training FLOPs per image (3x forward, collab_fast.models.cost) x images/s / the measured bf16
 matmul peak. Pattern "plain" is the baseline: the same ResNet as single, trained by a plain eager PyTorch
-step (F.cross_entropy, backward, torch.optim.SGD), same batch and precision. A pattern that runs out of
-memory is recorded as such and the run goes on; the results are written after every row. Data: synthetic
-tensors already on the device (the data pipeline is measured separately by bench_data.py), or --data toy
-for DALI-decoded JPEGs where DALI runs.
+step (F.cross_entropy, backward, torch.optim.SGD, fused as the trainer's), same batch and precision. A
+pattern that runs out of memory is recorded as such and the run goes on; the results are written after every
+row. Data: synthetic tensors already on the device (the data pipeline is measured separately by bench_data.py),
+or --data toy for DALI-decoded JPEGs where DALI runs.
 """
 
 from __future__ import annotations
@@ -74,32 +74,46 @@ def time_steps(step, steps: int, warmup: int, device: torch.device) -> list[floa
     return times
 
 
-def _plain_step(cfg, model, net):
-    """The baseline: what a plain PyTorch training loop does for one network (no collab_fast code)."""
-    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+def _plain_step(cfg, model, net, mode="off"):
+    """The baseline: what a plain PyTorch training loop does for one network (no collab_fast code); under
+    mode "step" compiled as the trainer's --compile-step compiles its own (forward and backward with
+    compiled autograd, then the update, the learning rate a tensor), so that the ratio compares like with like."""
+    lr = torch.tensor(0.1, device=next(net.parameters()).device) if mode == "step" else 0.1
+    optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=1e-4, fused=True)
     amp = torch.bfloat16 if cfg.optim.amp == "bf16" else None
 
-    def step(x, y):
+    def micro(x, y):
         with torch.autocast(x.device.type, dtype=amp, enabled=amp is not None):
             loss = F.cross_entropy(model(x), y)
         loss.backward()
-        optimizer.step()
+
+    update = optimizer.step
+    if mode == "step":
+        with torch._dynamo.config.patch(compiled_autograd=True):
+            micro = torch.compile(micro)
+        update = torch.compile(update)
+
+    def step(x, y):
+        micro(x, y)
+        update()
         optimizer.zero_grad(set_to_none=True)
 
     return step
 
 
-def run_one(arch, pattern, compiled, args, device, peak):
+def run_one(arch, pattern, mode, args, device, peak):
+    """One row; mode: "off" (eager), "model" (torch.compile of the model: --compile) or "step" (--compile-step)."""
     cuda = device.type == "cuda"
     cfg = TrainConfig.from_flags(args.data, arch=arch, pattern="single" if pattern == "plain" else pattern,
                                  batch_size=args.batch_size, lr=0.1, amp="bf16" if cuda else "off", channels_last=cuda,
-                                 compile=compiled, image_size=args.image_size, synthetic_steps=10**9)
+                                 compile=mode == "model", compile_step=mode == "step", image_size=args.image_size,
+                                 synthetic_steps=10**9)
     train, _, classes = build_loaders(cfg.data, batch_size=args.batch_size, device=device, channels_last=cuda,
                                       synthetic_classes=1000)
     model = build_model(cfg.model, classes, device)
     optimizer = make_optimizer(model, cfg.optim)
-    runner = torch.compile(model) if compiled else model
-    train_step = Step(cfg, runner, model, optimizer) if pattern != "plain" else _plain_step(cfg, runner, model)
+    runner = torch.compile(model) if mode == "model" else model
+    train_step = Step(cfg, runner, model, optimizer) if pattern != "plain" else _plain_step(cfg, runner, model, mode)
     batches = iter(train)
     x, y = next(batches)
 
@@ -117,7 +131,7 @@ def run_one(arch, pattern, compiled, args, device, peak):
     img_s = args.batch_size / (step_ms * 1e-3)
     cost = pattern_cost(arch, cfg.model.pattern, args.image_size, classes)
     mem = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None
-    return {"arch": arch, "pattern": pattern, "compile": compiled, "batch": args.batch_size, "image": args.image_size,
+    return {"arch": arch, "pattern": pattern, "compile": mode, "batch": args.batch_size, "image": args.image_size,
             "img_per_s": img_s, "step_ms": step_ms, "peak_mem_mb": mem,
             "mfu_pct": 100 * cost.train_flops * img_s / peak if peak else None,
             "paper_time": PAPER_TABLE4.get(pattern, (None, None))[0] if arch == "resnet50" else None,
@@ -133,7 +147,9 @@ def main(argv=None) -> int:
     p.add_argument("--image-size", type=int, default=None, help="default: 224 on a GPU, 64 on CPU")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=10)
-    p.add_argument("--compile", choices=["off", "on", "both"], default="off")
+    p.add_argument("--compile", choices=["off", "model", "step", "both", "all"], default="off",
+                   help="model: torch.compile of the model (--compile); step: the whole step (--compile-step); "
+                        "both: off and model; all: the three")
     p.add_argument("--data", choices=["synthetic", "toy"], default="synthetic")
     p.add_argument("--quick", action="store_true", help="tiny CPU-sized run (a smoke test)")
     add_output_args(p)
@@ -155,15 +171,16 @@ def main(argv=None) -> int:
     if peak:
         print(f"measured bf16 matmul peak: {peak / 1e12:.0f} TFLOP/s")
     rows, out = [], output_dir(args, device)
-    for compiled in {"off": [False], "on": [True], "both": [False, True]}[args.compile]:
+    modes = {"both": ["off", "model"], "all": ["off", "model", "step"]}.get(args.compile, [args.compile])
+    for mode in modes:
         base = None
         for pattern in args.patterns.split(","):
-            print(f"bench_train: timing {args.arch} {pattern} (compile {'on' if compiled else 'off'}, "
+            print(f"bench_train: timing {args.arch} {pattern} (compile {mode}, "
                   f"{args.warmup} warm-up + {args.steps} timed steps) ...", flush=True)
             try:
-                r = run_one(args.arch, pattern, compiled, args, device, peak)
+                r = run_one(args.arch, pattern, mode, args, device, peak)
             except torch.OutOfMemoryError:
-                r = {"arch": args.arch, "pattern": pattern, "compile": compiled, "batch": args.batch_size,
+                r = {"arch": args.arch, "pattern": pattern, "compile": mode, "batch": args.batch_size,
                      "image": args.image_size, "step_ms": None, "img_per_s": None, "note": "out of memory"}
             if device.type == "cuda":
                 torch.cuda.empty_cache()  # the previous pattern's model and optimizer are gone

@@ -298,7 +298,8 @@ class LARS(torch.optim.Optimizer):
                 denom = torch._foreach_add(torch._foreach_norm(grads), torch._foreach_mul(w_norms, group["weight_decay"]))
                 torch._foreach_mul_(d, [_trust(wn, dn, group["eta"]) for wn, dn in zip(w_norms, denom)])
             new = torch._foreach_mul(bufs, group["momentum"])
-            torch._foreach_add_(new, d, alpha=group["lr"])
+            torch._foreach_mul_(d, group["lr"])  # not alpha=: the LR may be a device tensor (--compile-step)
+            torch._foreach_add_(new, d)
             if keep is not None:  # skipped: the buffer as it was, and no step
                 lerp_(bufs, new, keep)
                 torch._foreach_sub_(params, torch._foreach_mul(bufs, keep))

@@ -1,6 +1,10 @@
 """One optimizer step of collaborative training: forward (autocast), the fused collaborative loss, backward
 (gradient accumulation over micro-batches, DDP's all-reduce once), clipping and the update, with no host
-sync; a non-finite step is agreed across ranks and skipped on the device (--skip-nonfinite) or reported."""
+sync; a non-finite step is agreed across ranks and skipped on the device (--skip-nonfinite) or reported.
+
+--compile-step compiles the whole step (torch.compile with compiled autograd for the backward). What changes
+from step to step lives in device tensors that the step reads (the learning rate; --soft-ramp's factor, which
+the loss kernel loads), so no value the compiler guards on changes and the step compiles once."""
 
 from __future__ import annotations
 
@@ -31,7 +35,6 @@ class Step:
         inner = getattr(model, "_orig_mod", model)
         self.ddp = inner if isinstance(inner, torch.nn.parallel.DistributedDataParallel) else None
         self.base = cfg.loss
-        self.params = self.base  # the base settings, the soft coefficient scaled by --soft-ramp
         self.amp = AMP_DTYPES.get(cfg.optim.amp)
         self.accum = cfg.optim.accum_steps
         self.scale = net.loss_factor / cfg.optim.accum_steps
@@ -39,12 +42,48 @@ class Step:
         # --skip-nonfinite: a skipped step must leave the model exactly as it was, and its forward has
         # already updated the batch-norm statistics: those buffers are put back on the device.
         self.buffers = [b for b in net.buffers()] if cfg.optim.skip_nonfinite else None
+        device = next(net.parameters()).device
+        # --soft-ramp: the factor on the soft coefficient, read by the loss on the device at each step
+        self.soft = torch.ones((), device=device) if cfg.optim.soft_ramp > 0 else None
+        self.lr = None  # --compile-step: the learning rate as a device tensor shared by every parameter group
+        self.micro, self.update = self._micro, self._update
+        if cfg.model.compile_step:
+            self.lr = torch.tensor(float(optimizer.param_groups[0]["lr"]), device=device)
+            # Two compiled parts, each entered once a micro-batch / step: Dynamo gives up on a whole frame whose
+            # loop holds a graph break (the backward is one: compiled autograd takes it from there), and DDP's
+            # no_sync is a context manager it does not trace. The step's Python around them is a few calls.
+            # compiled autograd (read when torch.compile wraps, not per call): the backward inside the compiled
+            # micro-batch is compiled too, a graph of its own instead of eager autograd
+            with torch._dynamo.config.patch(compiled_autograd=True):
+                self.micro = torch.compile(self._micro)
+            self.update = torch.compile(self._update)
+
+    def set_lr(self, lr: float) -> None:
+        """The learning rate of the next steps: the groups' floats, or (--compile-step) the tensor they share,
+        filled on the device (a float would be a constant of the compiled step: a recompile at every change)."""
+        if self.lr is None:
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr
+            return
+        self.lr.fill_(lr)
+        for g in self.optimizer.param_groups:
+            if g["lr"] is not self.lr:  # first call, or an optimizer state loaded since (resume)
+                g["lr"] = self.lr
 
     def set_soft_factor(self, factor: float) -> None:
-        self.params = self.base if factor == 1.0 else self.base.with_soft_factor(factor)
+        """--soft-ramp: the soft coefficient's factor of the next steps (in place, on the device)."""
+        self.soft.fill_(factor)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, meter: Meter | None = None) -> torch.Tensor:
         """Returns the step's loss on the device (the sum over micro-batches of each one's mean)."""
+        if self.lr is None or self.ddp is None:
+            return self._step(x, y, meter)
+        # compiled autograd under DDP: the buckets' all-reduces run as the compiled backward's own reducer
+        # (PyTorch's documented pairing; the C++ reducer's hooks cannot be traced)
+        with torch._dynamo.config.patch(optimize_ddp="python_reducer"):
+            return self._step(x, y, meter)
+
+    def _step(self, x: torch.Tensor, y: torch.Tensor, meter: Meter | None) -> torch.Tensor:
         saved = [b.clone() for b in self.buffers] if self.buffers is not None else None
         step_loss = torch.zeros((), device=x.device)
         for k in range(self.accum):
@@ -52,14 +91,24 @@ class Step:
             # DDP: all-reduce the gradients once, after the last micro-batch (no_sync covers forward and backward)
             sync = k == self.accum - 1 or self.ddp is None
             with contextlib.nullcontext() if sync else self.ddp.no_sync():
-                with torch.autocast(x.device.type, dtype=self.amp, enabled=self.amp is not None):
-                    logits = as_heads(self.model(xk))
-                loss, stats = collab_loss(logits, yk, self.params, return_stats=True)
-                if meter is not None:
-                    meter.add(loss, stats)
-                step_loss += loss.detach()
-                scaled = loss * self.scale
-                self.scaler.scale(scaled).backward() if self.scaler is not None else scaled.backward()
+                step_loss += self.micro(xk, yk, meter)
+        self.update(step_loss, saved)
+        self.optimizer.zero_grad(set_to_none=True)  # outside the compiled update: Dynamo does not trace it
+        return step_loss
+
+    def _micro(self, x: torch.Tensor, y: torch.Tensor, meter: Meter | None) -> torch.Tensor:
+        """Forward, loss and backward of one micro-batch; returns its loss (detached)."""
+        with torch.autocast(x.device.type, dtype=self.amp, enabled=self.amp is not None):
+            logits = as_heads(self.model(x))
+        loss, stats = collab_loss(logits, y, self.base, return_stats=True, soft_factor=self.soft)
+        if meter is not None:
+            meter.add(loss, stats)
+        scaled = loss * self.scale
+        self.scaler.scale(scaled).backward() if self.scaler is not None else scaled.backward()
+        return loss.detach()
+
+    def _update(self, step_loss: torch.Tensor, saved: list[torch.Tensor] | None) -> None:
+        """The non-finite agreement, the skip, clipping and the optimizer's update."""
         # Non-finite on any rank is non-finite on all: one tiny all-reduce on the device (no host sync), so
         # every rank skips (or stops at) the same steps.
         self.bad = self.proc.all_reduce((~torch.isfinite(step_loss)).float(), op=dist.ReduceOp.MAX)
@@ -79,5 +128,3 @@ class Step:
             self.scaler.update()
         else:
             self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return step_loss

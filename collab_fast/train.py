@@ -106,8 +106,7 @@ def train_one_epoch(r: Run, loader) -> None:
         if r.data.transform is not None:
             x, y = r.data.transform(x, y, state.step)  # y: [N, C] probabilities where mixed
         lr = r.schedule.lr(state.step)
-        for g in r.optimizer.param_groups:
-            g["lr"] = lr
+        r.train_step.set_lr(lr)
         if r.schedule.ramps_soft:
             r.train_step.set_soft_factor(r.schedule.soft(state.step))
         r.train_step(x, y, meter)

@@ -564,6 +564,93 @@ def test_custom_op_opcheck(reduction, block_c):
     torch.library.opcheck(torch.ops.collab_fast.collab_loss_backward_rows, (z, y, r, rs, *params))
 
 
+# -------------------------------------------------------------------------- soft_factor: the ramp read on the device
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("H, C, block_c", [(2, 11, None), (3, 37, 16), (4, 40, 16)])  # 16 < C: looped rows
+@pytest.mark.parametrize("detach, soft_loss, reduction", [(True, "ce", "mean"), (False, "kl", "none"),
+                                                           (False, "ce", "sum")])
+def test_soft_factor_tensor_equals_the_scaled_settings(impl, H, C, block_c, detach, soft_loss, reduction):
+    # the factor as a device tensor gives the loss and gradient of the settings scaled on the host, both
+    # against the float64 reference; an upstream gradient other than 1; non-contiguous logits
+    z, y = make(H, 6, C, seed=C)
+    z = z.transpose(1, 2).contiguous().transpose(1, 2) if H == 3 else z
+    f = torch.tensor(0.3, device=DEV)
+    base = CollabLoss(soft_loss=soft_loss, detach_consensus=detach, reduction=reduction, impl=impl,
+                      block_c=block_c).params
+    z_ref = z.detach().double().requires_grad_()
+    ref = cl.reference.reference(z_ref, y, base.with_soft_factor(0.3))
+    z_ker = z.detach().clone().requires_grad_()
+    got = cl.collab_loss(z_ker, y, base, soft_factor=f)
+    up = torch.rand(ref.shape, dtype=torch.float64, device=DEV) + 0.5
+    ref.backward(up)
+    got.backward(up.to(got.dtype))
+    assert_close(got, ref, atol=1e-5)
+    assert_close(z_ker.grad, z_ref.grad, atol=1e-6)
+    # and it is a factor: 0 leaves the hard objective alone
+    zero = cl.collab_loss(z, y, base, soft_factor=torch.zeros((1,), device=DEV))
+    assert_close(zero, cl.reference.reference(z.double(), y, base.with_soft_factor(0.0)), atol=1e-5)
+
+
+def test_soft_factor_changed_before_backward_is_refused():
+    z, y = make(3, 4, 9)
+    f = torch.tensor(0.5, device=DEV)
+    loss = fused_collab_loss(z.clone().requires_grad_(), y, impl="triton", soft_factor=f)
+    f.fill_(0.7)  # backward would read another factor than forward did
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("value, exc, match", [
+    (0.5, TypeError, "one-element float tensor on the logits' device"),
+    (torch.ones(2), ValueError, "one-element float tensor, got torch.float32 of shape \\(2,\\)"),
+    (torch.ones((), dtype=torch.int64), ValueError, "one-element float tensor, got torch.int64"),
+    (torch.ones((), requires_grad=True), ValueError, "soft_factor.detach"),
+    (torch.tensor(-0.5), ValueError, "finite and >= 0, got -0.5"),
+    (torch.tensor(float("nan")), ValueError, "finite and >= 0, got nan"),
+])
+def test_bad_soft_factor(value, exc, match):
+    z, y = make(2, 3, 5, device="cpu")
+    with pytest.raises(exc, match=match):
+        fused_collab_loss(z, y, soft_factor=value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_soft_factor_changes_without_recompiling(impl):
+    # A ramp through a Python float recompiles at every new value (Dynamo guards on it); read from a tensor,
+    # 5 values run one graph. The same values as eager, with gradients.
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    z, y = make(3, 4, 37)
+    lin = torch.nn.Linear(37, 37, device=DEV)
+    f = torch.zeros((), device=DEV)
+
+    def step(x, t):
+        return fused_collab_loss(lin(x), t, impl=impl, block_c=16, soft_factor=f)
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(step, backend=counter, fullgraph=True)
+    for v in (0.0, 0.1, 0.5, 0.9, 1.0):
+        f.fill_(v)
+        _compiled_equals_eager(compiled, step, z, y)
+    assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("soft_factor", [None, 0.25])
+def test_custom_op_opcheck_with_soft_factor(soft_factor):
+    z, y = make(2, 3, 37)
+    f = None if soft_factor is None else torch.tensor(soft_factor, device=DEV)
+    params = (2.0, 0.5, 2.0, False, -100, 0.0, "mean", 16, "ce")
+    torch.library.opcheck(torch.ops.collab_fast.collab_loss_forward,
+                          (z.clone().requires_grad_(), y, *params, True, True, f))
+    _, _, rs = torch.ops.collab_fast.collab_loss_forward(z, y, *params, True, False, f)
+    torch.library.opcheck(torch.ops.collab_fast.collab_loss_backward_rows,
+                          (z, y, torch.rand(2, 3, device=DEV), rs, *params, f))
+
+
 @pytest.mark.slow
 def test_under_torch_compile():
     z, y = make(3, 4, 9)
@@ -861,7 +948,7 @@ for dt, H, B, NB, RED, ROW, DET, ST, SM, T2, KL, VEC, RS in variants:
     consts = dict(H=H, H_PAD=triton.next_power_of_2(H), BLOCK_C=B, NUM_BLOCKS=NB, REDUCE=RED, MEAN=RED,
                   COMPUTE_LOSS=not ROW, COMPUTE_GRAD=RS != 1, ROW_WEIGHTS=ROW, DETACH=DET, STATS=ST, SMOOTH=SM,
                   T_IS_TWO=T2, KL=KL, VEC=VEC, ROW_STATS=RS, NUM_STAGES=1, FAST_EXP=True, TAIL=1, PROBS=False,
-                  SAFE_BLOCK=cl.launch.safe_block(H, B),
+                  SAFE_BLOCK=cl.launch.safe_block(H, B), SOFT_FACTOR=False,
                   stride_zc=1, stride_gc=1)
     s = dict(signature(dt), **{c: "constexpr" for c in consts})
     attrs = {k: v for k, v in div16.items() if names[k[0]] not in consts}

@@ -219,6 +219,9 @@ class ModelConfig:
                                "global batch)")
     channels_last: bool | None = opt(None, "channels-last memory format; unset: on with CUDA")
     compile: bool = opt(False, "torch.compile the model")
+    compile_step: bool = opt(False, "torch.compile the whole optimizer step: forward, loss, backward (compiled "
+                                    "autograd) and the update, with the learning rate and the soft ramp's factor "
+                                    "read from device tensors (no recompilation between steps)")
     weights: str | None = opt(None, "initial weights: an exported head (.pth: into every copy of a collaborative "
                                     "pattern, the classifier re-initialised per head), a training checkpoint, or "
                                     "timm / torchvision (that library's pretrained weights, for its archs)",
@@ -244,6 +247,9 @@ class ModelConfig:
         if self.drop_path and self.arch in ARCHS and not is_builtin_resnet(self.arch):
             raise ValueError(f"--drop-path: {self.arch} has no residual blocks to drop; it applies to the ResNets and "
                              "to timm: / torchvision: models that take it")
+        if self.compile and self.compile_step:
+            raise ValueError("--compile and --compile-step: give one (--compile-step compiles the model inside the "
+                             "step)")
         try:
             parse_pattern(self.pattern)
         except ValueError as exc:

@@ -14,7 +14,7 @@ from collab_fast.kernels.collab_loss.launch import check_triton_usable
 from collab_fast.kernels.collab_loss.params import DEFAULT, KERNEL_DTYPES, CollabLossParams, CollabStats
 from collab_fast.kernels.collab_loss.reference import reference
 
-__all__ = ["CollabLoss", "check_inputs", "collab_loss", "fused_collab_loss", "labels_checked_on_host"]
+__all__ = ["CollabLoss", "check_inputs", "check_soft_factor", "collab_loss", "fused_collab_loss", "labels_checked_on_host"]
 
 
 
@@ -110,10 +110,34 @@ def _check_probabilities(target: torch.Tensor, logits: torch.Tensor) -> torch.Te
     return target
 
 
+def check_soft_factor(soft_factor, logits: torch.Tensor) -> torch.Tensor | None:
+    """soft_factor as a float32 0-dim tensor on the logits' device (None stays None); its value is checked
+    where that costs no device sync (CPU tensors, as the labels are)."""
+    if soft_factor is None:
+        return None
+    if not isinstance(soft_factor, torch.Tensor):
+        raise TypeError(f"soft_factor must be a one-element float tensor on the logits' device (a factor the "
+                        f"device reads at each call), got {type(soft_factor).__name__}; for a constant factor scale "
+                        "soft_weight or weights instead")
+    if soft_factor.numel() != 1 or not soft_factor.is_floating_point():
+        raise ValueError(f"soft_factor must be a one-element float tensor, got {soft_factor.dtype} of shape "
+                         f"{tuple(soft_factor.shape)}")
+    if soft_factor.device != logits.device:
+        raise ValueError(f"soft_factor is on {soft_factor.device} but logits are on {logits.device}")
+    if soft_factor.requires_grad:
+        raise ValueError("soft_factor: the loss gives it no gradient; pass soft_factor.detach()")
+    if labels_checked_on_host(soft_factor):
+        v = float(soft_factor)
+        if not v - v == 0.0 or v < 0:
+            raise ValueError(f"soft_factor must be finite and >= 0, got {v}")
+    return soft_factor.reshape(()).to(torch.float32)
+
+
 def collab_loss(logits, target: torch.Tensor, params: CollabLossParams, *, return_stats: bool = False,
-                inplace: bool = False):
+                inplace: bool = False, soft_factor: torch.Tensor | None = None):
     """fused_collab_loss with its settings already validated in `params` (what CollabLoss calls)."""
     logits, target = check_inputs(logits, target, params)
+    soft_factor = check_soft_factor(soft_factor, logits)
     if params.impl == "auto":
         use_kernel = logits.device.type == "cuda" and logits.dtype in KERNEL_DTYPES
     else:
@@ -130,8 +154,8 @@ def collab_loss(logits, target: torch.Tensor, params: CollabLossParams, *, retur
         raise ValueError("inplace=True: the logits' rows or heads share memory (an expanded or overlapping view), so "
                          "the gradient cannot be written into them; pass contiguous logits or inplace=False")
     if not use_kernel:
-        return reference(logits, target, params, return_stats)
-    loss, stats = FusedCollabLoss.apply(logits, target, params, return_stats, inplace)
+        return reference(logits, target, params, return_stats, soft_factor)
+    loss, stats = FusedCollabLoss.apply(logits, target, params, return_stats, inplace, soft_factor)
     if not return_stats:
         return loss
     hard, soft, correct, counts = stats.unbind(0)  # one view op, not four
@@ -155,6 +179,7 @@ def fused_collab_loss(
     return_stats: bool = False,
     inplace: bool = False,
     block_c: int | None = None,
+    soft_factor: torch.Tensor | None = None,
 ):
     """Collaborative-learning loss of H heads (hard + consensus soft cross-entropy), fused.
 
@@ -188,6 +213,10 @@ def fused_collab_loss(
         inplace: backward writes the gradient into the logits' storage (saves one [H, N, C] buffer; the
             logits are destroyed by backward). Triton path only.
         block_c: column block of the kernel (a power of two in [16, 65536]); default picks one.
+        soft_factor: a one-element float tensor on the logits' device multiplying the soft objective's
+            coefficient, read on the device at each call (and again in backward, so it must not change in
+            between): a per-step ramp that neither recompiles a torch.compile'd step nor needs a new CUDA
+            graph. No gradient flows into it.
 
     Returns:
         The loss (float32, or float64 for float64 logits on the reference path; a scalar, or [H, N] for
@@ -200,7 +229,7 @@ def fused_collab_loss(
     params = CollabLossParams(temperature=temperature, beta=beta, soft_weight=soft_weight, soft_loss=soft_loss,
                               weights=weights, detach_consensus=detach_consensus, ignore_index=ignore_index,
                               label_smoothing=label_smoothing, reduction=reduction, impl=impl, block_c=block_c)
-    return collab_loss(logits, target, params, return_stats=return_stats, inplace=inplace)
+    return collab_loss(logits, target, params, return_stats=return_stats, inplace=inplace, soft_factor=soft_factor)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -223,8 +252,10 @@ class CollabLoss(nn.Module):
                                        ignore_index=ignore_index, label_smoothing=label_smoothing,
                                        reduction=reduction, impl=impl, block_c=block_c)
 
-    def forward(self, logits, target: torch.Tensor, return_stats: bool = False, inplace: bool = False):
-        return collab_loss(logits, target, self.params, return_stats=return_stats, inplace=inplace)
+    def forward(self, logits, target: torch.Tensor, return_stats: bool = False, inplace: bool = False,
+                soft_factor: torch.Tensor | None = None):
+        return collab_loss(logits, target, self.params, return_stats=return_stats, inplace=inplace,
+                           soft_factor=soft_factor)
 
     def extra_repr(self) -> str:
         p = self.params

@@ -36,19 +36,20 @@ def params_from(temperature, hard_coef, soft_coef, detach_consensus, ignore_inde
 def _collab_loss_forward_op(
     logits: torch.Tensor, target: torch.Tensor, temperature: float, hard_coef: float, soft_coef: float,
     detach_consensus: bool, ignore_index: int, label_smoothing: float, reduction: str, block_c: int,
-    soft_loss: str, keep_row_stats: bool, return_stats: bool,
+    soft_loss: str, keep_row_stats: bool, return_stats: bool, soft_factor: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     params = params_from(temperature, hard_coef, soft_coef, detach_consensus, ignore_index, label_smoothing,
                           reduction, block_c, soft_loss)
     rs = row_stats_buffer(logits, target, params) if keep_row_stats else None
-    loss, stats, _, _ = launch(logits, target, params, return_stats=return_stats, save_row_stats=rs)
+    loss, stats, _, _ = launch(logits, target, params, return_stats=return_stats, save_row_stats=rs,
+                               soft_factor=soft_factor)
     empty = logits.new_empty((0,), dtype=torch.float32)
     return loss, (stats if stats is not None else empty), (rs if rs is not None else empty.clone())
 
 
 @_collab_loss_forward_op.register_fake
 def _(logits, target, temperature, hard_coef, soft_coef, detach_consensus, ignore_index, label_smoothing,
-      reduction, block_c, soft_loss, keep_row_stats, return_stats):
+      reduction, block_c, soft_loss, keep_row_stats, return_stats, soft_factor=None):
     h, n, c = logits.shape
     loss = logits.new_empty((h, n) if reduction == "none" else (), dtype=torch.float32)
     stats = logits.new_empty((4, h) if return_stats else (0,), dtype=torch.float32)
@@ -64,18 +65,18 @@ def _(logits, target, temperature, hard_coef, soft_coef, detach_consensus, ignor
 def _collab_loss_backward_rows_op(
     logits: torch.Tensor, target: torch.Tensor, row_weights: torch.Tensor, row_stats: torch.Tensor,
     temperature: float, hard_coef: float, soft_coef: float, detach_consensus: bool, ignore_index: int,
-    label_smoothing: float, reduction: str, block_c: int, soft_loss: str,
+    label_smoothing: float, reduction: str, block_c: int, soft_loss: str, soft_factor: torch.Tensor | None = None,
 ) -> torch.Tensor:
     params = params_from(temperature, hard_coef, soft_coef, detach_consensus, ignore_index, label_smoothing,
                           reduction, block_c, soft_loss)
     _, _, grad, _ = launch(logits, target, params, compute_loss=False, compute_grad=True, row_weights=row_weights,
-                         row_stats=row_stats if row_stats.numel() else None)
+                           row_stats=row_stats if row_stats.numel() else None, soft_factor=soft_factor)
     return grad
 
 
 @_collab_loss_backward_rows_op.register_fake
 def _(logits, target, row_weights, row_stats, temperature, hard_coef, soft_coef, detach_consensus, ignore_index,
-      label_smoothing, reduction, block_c, soft_loss):
+      label_smoothing, reduction, block_c, soft_loss, soft_factor=None):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
@@ -103,17 +104,17 @@ def _forward_op_setup_context(ctx, inputs, output):
     logits, target, *params_args = inputs
     ctx.params_args = params_args[:9]  # temperature ... soft_loss; keep_row_stats, return_stats left out
     ctx.mark_non_differentiable(output[1], output[2])
-    ctx.save_for_backward(logits, target, output[2])
+    ctx.save_for_backward(logits, target, output[2], params_args[11])  # the last: soft_factor (or None)
 
 
 def _forward_op_backward(ctx, grad_loss, _grad_stats, _grad_row_stats):
     # The op's own gradient (what opcheck and AOTAutograd differentiate): the kernel's gradient pass. The
     # gradient op itself is not differentiable (no double backward through the Triton kernel).
-    logits, target, rs = ctx.saved_tensors
+    logits, target, rs, soft_factor = ctx.saved_tensors
     params = params_from(*ctx.params_args)
     r = upstream_weights(grad_loss, target, params, logits.shape[:2])
-    grad = torch.ops.collab_fast.collab_loss_backward_rows(logits, target, r, rs, *ctx.params_args)
-    return (grad,) + (None,) * 12
+    grad = torch.ops.collab_fast.collab_loss_backward_rows(logits, target, r, rs, *ctx.params_args, soft_factor)
+    return (grad,) + (None,) * 13
 
 
 torch.library.register_autograd("collab_fast::collab_loss_forward", _forward_op_backward,
@@ -122,7 +123,7 @@ torch.library.register_autograd("collab_fast::collab_loss_forward", _forward_op_
 
 class FusedCollabLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, params: CollabLossParams, return_stats, inplace):
+    def forward(ctx, logits, target, params: CollabLossParams, return_stats, inplace, soft_factor):
         compiling = torch.compiler.is_compiling()
         needs_grad = ctx.needs_input_grad[0]
         counts = None
@@ -130,16 +131,18 @@ class FusedCollabLoss(torch.autograd.Function):
             if inplace:
                 raise NotImplementedError("fused_collab_loss(inplace=True) is not supported under torch.compile")
             loss, stats, rs = torch.ops.collab_fast.collab_loss_forward(
-                logits, target, *params_args(params), needs_grad, return_stats)
+                logits, target, *params_args(params), needs_grad, return_stats, soft_factor)
         else:
             rs = row_stats_buffer(logits, target, params) if needs_grad else None
-            loss, stats, _, counts = launch(logits, target, params, return_stats=return_stats, save_row_stats=rs)
+            loss, stats, _, counts = launch(logits, target, params, return_stats=return_stats, save_row_stats=rs,
+                                            soft_factor=soft_factor)
         # forward's [5, H] stats buffer holds n_valid in a row of its own ([4, 0]): backward's kernel divides
         # grad_output by it (no ATen op). Kept on ctx, not saved: the stats returned are a view of its first four
         # rows, which a caller may modify in place without touching the count.
         ctx.params, ctx.compiling, ctx.inplace, ctx.counts = params, compiling, inplace, counts
         if needs_grad:
-            ctx.save_for_backward(logits, target, rs)
+            # soft_factor saved too: changed in place before backward, it is refused there (version check)
+            ctx.save_for_backward(logits, target, rs, soft_factor)
         if stats is None:
             stats = loss.new_empty(0)
         ctx.mark_non_differentiable(stats)
@@ -149,21 +152,22 @@ class FusedCollabLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
         if grad_loss is None:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         if torch.is_grad_enabled():  # create_graph=True: a gradient of this gradient was asked for
             raise RuntimeError(
                 "fused_collab_loss: double backward (create_graph=True, e.g. a gradient penalty) is not "
                 "supported by the Triton kernel, whose gradient is not differentiable; use impl='torch' for it")
         params = ctx.params
-        logits, target, rs = ctx.saved_tensors
+        logits, target, rs, soft_factor = ctx.saved_tensors
         if ctx.compiling:
             r = upstream_weights(grad_loss, target, params, logits.shape[:2])
-            grad = torch.ops.collab_fast.collab_loss_backward_rows(logits, target, r, rs, *params_args(params))
+            grad = torch.ops.collab_fast.collab_loss_backward_rows(logits, target, r, rs, *params_args(params),
+                                                                   soft_factor)
         else:
             _, _, grad, _ = launch(logits, target, params, compute_loss=False, compute_grad=True,
                                     row_weights=grad_loss, counts=ctx.counts, grad_out=logits if ctx.inplace else None,
-                                    row_stats=rs)
+                                    row_stats=rs, soft_factor=soft_factor)
             if ctx.inplace:
                 # The logits now hold the gradient: any other node that saved them must refuse to run.
                 torch.autograd.graph.increment_version(logits)
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None

@@ -368,6 +368,7 @@ if triton is not None:
         ws_ptr,  # fp32 [3H + 3] zeros (_workspace): sums of stats and loss, n_valid, ticket; left zeroed again
         r_ptr, stride_rh, stride_rn,  # upstream weights [H, N] (ROW_WEIGHTS: backward)
         rs_ptr,  # fp32 [K, H, N] row statistics (_row_stats_count): written by forward (ROW_STATS 1), read by backward (2)
+        sf_ptr,  # fp32 [] (SOFT_FACTOR): a factor on soft_coef read from memory, so a schedule changes no argument
         N, C_v, ignore_index,  # C / VEC
         inv_t, hard_coef, soft_coef, eps,  # the factors on the hard and the soft objective
         H: tl.constexpr, H_PAD: tl.constexpr, BLOCK_C: tl.constexpr, NUM_BLOCKS: tl.constexpr,
@@ -381,6 +382,7 @@ if triton is not None:
         FAST_EXP: tl.constexpr,  # exponentials as one MUFU.EX2 each (NVIDIA; see _exp2)
         TAIL: tl.constexpr,  # SAFE blocks covering the last, partial block (0: C is a multiple of BLOCK_C)
         SAFE_BLOCK: tl.constexpr,  # columns per block in the SAFE loops (a divisor of BLOCK_C; see _safe_block)
+        SOFT_FACTOR: tl.constexpr,  # soft_coef is multiplied by *sf_ptr (a per-step ramp under CUDA graphs, compile)
     ):
         # The row strides and C arrive divided by VEC: multiplied back here, Triton knows that they are
         # multiples of VEC, so every row starts on a 16-byte boundary and masks are constant per VEC
@@ -391,6 +393,8 @@ if triton is not None:
         stride_gh = tl.cast(stride_gh_v, tl.int64) * VEC
         stride_gn = tl.cast(stride_gn_v, tl.int64) * VEC
         C = C_v * VEC
+        if SOFT_FACTOR:
+            soft_coef = soft_coef * tl.load(sf_ptr)
         n = tl.program_id(0).to(tl.int64)
         t_row = y_ptr + n * stride_y  # PROBS: the row's target distribution
         if PROBS:

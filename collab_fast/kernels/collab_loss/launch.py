@@ -147,7 +147,7 @@ def loop_stages(num_heads: int, block_c: int, num_blocks: int, element_size: int
 
 CONSTEXPRS = ("H", "H_PAD", "BLOCK_C", "NUM_BLOCKS", "REDUCE", "MEAN", "COMPUTE_LOSS", "COMPUTE_GRAD", "ROW_WEIGHTS",
                "DETACH", "STATS", "SMOOTH", "T_IS_TWO", "KL", "VEC", "ROW_STATS", "NUM_STAGES", "PROBS", "FAST_EXP",
-               "TAIL", "SAFE_BLOCK")
+               "TAIL", "SAFE_BLOCK", "SOFT_FACTOR")
 kernel_launcher = CachedLauncher(collab_loss_kernel, CONSTEXPRS) if collab_loss_kernel is not None else None
 
 
@@ -200,6 +200,7 @@ def launch(
     save_row_stats: torch.Tensor | None = None,  # fp32 [K, H, N]: forward stores pass 1's statistics here
     row_stats: torch.Tensor | None = None,  # fp32 [K, H, N] from forward: backward skips pass 1
     counts: torch.Tensor | None = None,  # backward of "mean": forward's [5, H] stats buffer ([4, 0] = n_valid)
+    soft_factor: torch.Tensor | None = None,  # fp32 [] on the device: multiplies the soft coefficient
 ):
     """Runs the kernel once. Returns (loss, stats [4, H] or None, grad or None, counts or None): a forward
     of "mean" (or with stats) returns the [5, H] buffer holding n_valid, which backward takes as `counts`."""
@@ -253,12 +254,13 @@ def launch(
                 logits, logits.stride(0) // vec, logits.stride(1) // vec, logits.stride(2),
                 target, target.stride(0), target.stride(1) if probs else 0,
                 grad, grad.stride(0) // vec, grad.stride(1) // vec, grad.stride(2),
-                loss, stats, ws, r, r_strides[0], r_strides[1], rs,
+                loss, stats, ws, r, r_strides[0], r_strides[1], rs, loss if soft_factor is None else soft_factor,
                 n, c // vec, params.ignore_index,
                 1.0 / params.temperature, params.hard_coef, params.soft_coef, params.label_smoothing,
             ), (num_heads, h_pad, block, num_blocks, reduce, mean, compute_loss, compute_grad, row_weights is not None,
                 params.detach_consensus, return_stats, params.label_smoothing > 0, params.temperature == 2.0,
-                params.soft_loss == "kl", vec, mode, stages, probs, fast_exp(), tail, safe), num_warps,
+                params.soft_loss == "kl", vec, mode, stages, probs, fast_exp(), tail, safe, soft_factor is not None),
+                num_warps,
                 index if device.type == "cuda" else None, cap)
     return loss, (stats[:4] if return_stats else None), (grad if compute_grad else None), (stats if finish else None)
 

@@ -32,8 +32,10 @@ def collab_loss_reference(
     return reference(logits, target, params, return_stats)
 
 
-def reference(logits: torch.Tensor, target: torch.Tensor, params: CollabLossParams, return_stats: bool = False):
-    """collab_loss_reference with its settings already validated in `params` (what impl="torch" runs)."""
+def reference(logits: torch.Tensor, target: torch.Tensor, params: CollabLossParams, return_stats: bool = False,
+              soft_factor: torch.Tensor | None = None):
+    """collab_loss_reference with its settings already validated in `params` (what impl="torch" runs);
+    soft_factor (a one-element tensor) multiplies the soft objective's coefficient."""
     num_heads, n, _ = logits.shape
     p = params
     z = logits if logits.dtype == torch.float64 else logits.float()
@@ -73,7 +75,8 @@ def reference(logits: torch.Tensor, target: torch.Tensor, params: CollabLossPara
             soft = (q * (logq.masked_fill(q == 0, 0.0) - logp_t)).sum(-1)  # [H, N]
         else:
             soft = -(q * logp_t).sum(-1)  # [H, N]
-        per = p.hard_coef * hard + p.soft_coef * soft
+        soft_coef = p.soft_coef if soft_factor is None else p.soft_coef * soft_factor.reshape(()).to(z.dtype)
+        per = p.hard_coef * hard + soft_coef * soft
 
     zero = torch.zeros((), dtype=per.dtype, device=per.device)
     per = torch.where(valid, per, zero)
