@@ -223,6 +223,28 @@ def test_a_register_cap_is_kept_only_where_the_capped_kernel_does_not_spill(monk
     assert launch_mod.LOCAL_BYTES_OK == 24
 
 
+@pytest.mark.parametrize("words, kept", [(0, True), (40, False)])
+def test_a_watched_launch_decides_the_cap_once_per_key(monkeypatch, words, kept):
+    # With a profiler's launch hook every launch takes Triton's path (so the hook sees it), but the cap check
+    # (a compile and load under the cap) runs once per key, not per launch.
+    import types
+
+    from collab_fast.kernels import launch as launch_mod
+
+    active = types.SimpleNamespace(get_current_device=lambda: 0, get_current_stream=lambda device: 0)
+    monkeypatch.setattr(launch_mod, "driver", types.SimpleNamespace(active=active))
+    fn = _CappedFn({128: words})
+    fn.pre_run_hooks = [lambda *a, **k: None]  # watched, as a launch hook makes it
+    launcher = CachedLauncher(fn, ("B",))
+    z = torch.zeros(8)
+    for _ in range(3):
+        launcher(2, (z, 3), (16,), 4, 0, 128)
+    launcher(2, (z, 3), (32,), 4, 0, 128)  # another key: checked again
+    want = {"num_warps": 4, "maxnreg": 128} if kept else {"num_warps": 4}
+    assert fn.warmups == [{"num_warps": 4, "maxnreg": 128}] * 2
+    assert fn.launches == [("triton", want)] * 4 and launcher.kernels == {} and launcher.hits == 0
+
+
 def test_no_register_cap_compiles_once(monkeypatch):
     import types
 

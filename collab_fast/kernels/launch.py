@@ -59,6 +59,7 @@ class CachedLauncher:
         self.fn = fn
         self.constexpr_names = constexpr_names
         self.kernels: dict = {}  # key -> compiled kernel
+        self.caps: dict = {}  # key -> the register cap kept (or None), for launches that take Triton's path
         self.hits = 0  # launches that skipped Triton's binder (tests read it)
 
     def _plain(self, grid0, args, constexprs, num_warps, maxnreg):
@@ -83,15 +84,22 @@ class CachedLauncher:
         if "run" in vars(fn):  # a caller's own run (compiling without launching): the options as asked
             self._plain(grid0, args, constexprs, num_warps, maxnreg)
             return
-        if (not hasattr(fn, "device_caches") or fn.pre_run_hooks or _hooked(rt.launch_enter_hook)
-                or _hooked(rt.launch_exit_hook) or rt.add_stages_inspection_hook is not None):
-            # the interpreter, or someone watching launches: Triton's path, the kernel a cached launch would run
-            self._plain(grid0, args, constexprs, num_warps, self._cap(grid0, args, constexprs, num_warps, maxnreg))
+        watched = (not hasattr(fn, "device_caches") or fn.pre_run_hooks or _hooked(rt.launch_enter_hook)
+                   or _hooked(rt.launch_exit_hook) or rt.add_stages_inspection_hook is not None)
+        if watched and maxnreg is None:  # (the interpreter never asks for a cap)
+            self._plain(grid0, args, constexprs, num_warps, None)
             return
         active = driver.active
         device = active.get_current_device() if device is None else device
         key = (device, constexprs, num_warps, maxnreg, rt.debug, knobs.compilation.instrumentation_mode,
                _key(args))
+        if watched:
+            # someone watching launches (a profiler's hooks): Triton's path, the kernel a cached launch would
+            # run; the cap decided once per key (its check compiles and loads the capped kernel)
+            if key not in self.caps:
+                self.caps[key] = self._cap(grid0, args, constexprs, num_warps, maxnreg)
+            self._plain(grid0, args, constexprs, num_warps, self.caps[key])
+            return
         kernel = self.kernels.get(key)
         if kernel is None:
             kernel = self._plain(grid0, args, constexprs, num_warps,
