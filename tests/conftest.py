@@ -1,5 +1,6 @@
 """Test setup: without a GPU the Triton kernels run in the interpreter (must be set before import)."""
 
+import importlib.util
 import os
 
 import torch
@@ -8,6 +9,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+
+# Under pytest-xdist each worker takes its share of the cores: torch's default (every core in each process)
+# would oversubscribe them.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
 
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
@@ -28,3 +35,15 @@ def built_extension():
     from collab_fast import extension
 
     extension.load_extension()
+
+
+HAS_DALI = importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
+needs_dali = pytest.mark.skipif(not HAS_DALI, reason="needs DALI (pip install 'collab_fast[dali]')")
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """A toy image folder, 3 classes of 7 training and 3 validation 40x30 JPEGs (write_toy's generator)."""
+    from collab_fast.data import write_toy
+
+    return write_toy(tmp_path_factory.mktemp("toy"), classes=3, per_class=7, size="40x30", val_per_class=3)
