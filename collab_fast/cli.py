@@ -1,8 +1,8 @@
-"""What the command lines share: `opt`, the metadata that makes a dataclass field a flag (its help text,
+"""What the command lines share: `setting`, the metadata that makes a dataclass field a flag (its help text,
 choices and valid range), and `Parser`, whose error is the one line that matters and a pointer to --help,
 not the whole usage block first. The sections that own the trainer's settings (data.DataConfig,
 models.ModelConfig, CollabLossParams, optim.OptimConfig, run_state.RunConfig) declare their fields with
-`opt`; collab_fast.config composes them and generates the flat command line."""
+`setting`; collab_fast.config composes them and generates the flat command line."""
 
 from __future__ import annotations
 
@@ -13,14 +13,14 @@ import sys
 import typing
 from dataclasses import field
 
-__all__ = ["Parser", "base_type", "check_fields", "check_values", "flag", "flat_name", "opt", "range_text", "setting_specs",
-           "settings"]
+__all__ = ["Parser", "base_type", "check_fields", "check_values", "flag", "flat_name", "range_text", "setting",
+           "setting_specs", "settings"]
 
 INT_MAX = 2**31 - 1  # the bound of an integer setting without its own: counts, sizes and steps that torch and the
 # data loaders take as 32-bit or allocate from (2^70 overflowed in C++ with a traceback)
 
 
-def opt(default=None, help: str = "", *, choices=None, lo=None, hi=None, lo_open=False, hi_open=False,
+def setting(default=None, help: str = "", *, choices=None, lo=None, hi=None, lo_open=False, hi_open=False,
         short: str | None = None, metavar: str | None = None, cli: bool = True, name: str | None = None):
     """A setting: its default (the only place it is written), help text, choices and valid range [lo, hi]
     (open ends as flagged). `name`: its name on the command line and in config.json where the field's own
@@ -44,7 +44,7 @@ def flat_name(f: dataclasses.Field) -> str:
 
 
 def settings(cls) -> list[tuple[dataclasses.Field, object]]:
-    """(field, type annotation) of each setting of a section class: its fields declared with `opt`."""
+    """(field, type annotation) of each setting of a section class: its fields declared with `setting`."""
     hints = typing.get_type_hints(cls)
     return [(f, hints[f.name]) for f in dataclasses.fields(cls) if "help" in f.metadata]
 

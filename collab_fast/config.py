@@ -1,5 +1,5 @@
 """The trainer's configuration: five sections, each owned by its component and declared there with
-`collab_fast.cli.opt` (the only place a default, a valid range and a help text live):
+`collab_fast.cli.setting` (the only place a default, a valid range and a help text live):
 
     data   collab_fast.data.DataConfig        the data set and its loading
     model  collab_fast.models.ModelConfig     the network, head pattern and initial weights

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from collab_fast.cli import check_fields, opt
+from collab_fast.cli import check_fields, setting
 
 __all__ = ["LAMB", "LARS", "OptimConfig", "Schedule", "lr_factor", "make_optimizer", "soft_factor"]
 
@@ -26,41 +26,41 @@ OPTIMIZERS = ("sgd", "adamw", "lamb", "lars")
 class OptimConfig:
     """Batch, schedule and optimizer: the trainer's `optim` section."""
 
-    batch_size: int = opt(256, "images per process and optimizer step (before --accum-steps)", lo=1, hi=2**20,
-                          short="-b")
-    accum_steps: int = opt(1, "micro-batches per optimizer step (each takes every k-th sample, like DDP ranks)", lo=1)
-    epochs: int = opt(90, "training epochs", lo=1)
-    max_steps: int | None = opt(None, "stop after this many optimizer steps (tests, benchmarks)", lo=1)
-    lr: float | None = opt(None, "peak learning rate; unset: 0.1 x global batch / 256 (SGD, LARS), 0.001 x global "
-                                 "batch / 256 (AdamW, LAMB)", lo=0, lo_open=True)
-    optimizer: str = opt("sgd", "optimizer: SGD with momentum, AdamW, LAMB or LARS (layer-wise trust ratios for large "
-                          "batches); batch-norm parameters and biases get no weight decay (nor, under LARS, a "
-                          "trust ratio)",
-                         choices=OPTIMIZERS, name="opt")
-    momentum: float = opt(0.9, "SGD and LARS momentum; beta1 of AdamW and LAMB", lo=0, hi=1, hi_open=True)
-    beta2: float = opt(0.999, "AdamW and LAMB: decay of the squared-gradient average", lo=0, hi=1, hi_open=True)
-    opt_eps: float = opt(1e-8, "AdamW and LAMB: epsilon of the denominator (float32 arithmetic: 1e-30 at least)",
-                         lo=1e-30)
-    lars_eta: float = opt(1e-3, "LARS: trust coefficient (the layer's step is eta ||w|| / (||g|| + wd ||w||) of the LR)",
-                          lo=0, lo_open=True)
-    wd: float = opt(1e-4, "weight decay (not on batch-norm parameters and biases); decoupled for AdamW and LAMB",
-                    lo=0)
-    nesterov: bool = opt(False, "Nesterov momentum (SGD)")
-    model_ema: float | None = opt(None, "keep an exponential moving average of the weights with this decay per "
-                                        "optimizer step (e.g. 0.9999), evaluated and saved beside the model; unset: "
-                                        "off", lo=0, hi=1, lo_open=True, hi_open=True, metavar="DECAY")
-    clip_grad: float | None = opt(None, "clip the gradients' global L2 norm to this (after unscaling under fp16), on "
-                                        "the device; unset: no clipping", lo=0, lo_open=True)
-    schedule: str = opt("step", "learning-rate schedule: x0.1 at the milestones, or cosine to 0",
-                        choices=("step", "cosine"))
-    lr_milestones: list[float] = opt([], "epochs of the x0.1 steps, e.g. 30,60,80; empty: 1/3, 2/3, 8/9 of the run",
-                                     metavar="E1,E2,...")
-    warmup_epochs: float = opt(0.0, "linear learning-rate warm-up from 0, in epochs", lo=0)
-    soft_ramp: float = opt(0.0, "epochs over which the soft objective's weight rises from near 0 to its full value "
-                                "(exp(-5 (1 - t)^2), t = epoch / ramp, per step; Laine & Aila 2017): early consensus "
-                                "of untrained heads is noise; 0: full weight from the start", lo=0)
-    amp: str | None = opt(None, "autocast precision; unset: bf16 on CUDA, off on CPU", choices=("bf16", "fp16", "off"))
-    skip_nonfinite: bool = opt(False, "skip steps whose loss is not finite (counted) instead of stopping")
+    batch_size: int = setting(256, "images per process and optimizer step (before --accum-steps)", lo=1, hi=2**20,
+                              short="-b")
+    accum_steps: int = setting(1, "micro-batches per optimizer step (each takes every k-th sample, like DDP ranks)", lo=1)
+    epochs: int = setting(90, "training epochs", lo=1)
+    max_steps: int | None = setting(None, "stop after this many optimizer steps (tests, benchmarks)", lo=1)
+    lr: float | None = setting(None, "peak learning rate; unset: 0.1 x global batch / 256 (SGD, LARS), 0.001 x global "
+                                     "batch / 256 (AdamW, LAMB)", lo=0, lo_open=True)
+    optimizer: str = setting("sgd", "optimizer: SGD with momentum, AdamW, LAMB or LARS (layer-wise trust ratios for large "
+                              "batches); batch-norm parameters and biases get no weight decay (nor, under LARS, a "
+                              "trust ratio)",
+                             choices=OPTIMIZERS, name="opt")
+    momentum: float = setting(0.9, "SGD and LARS momentum; beta1 of AdamW and LAMB", lo=0, hi=1, hi_open=True)
+    beta2: float = setting(0.999, "AdamW and LAMB: decay of the squared-gradient average", lo=0, hi=1, hi_open=True)
+    opt_eps: float = setting(1e-8, "AdamW and LAMB: epsilon of the denominator (float32 arithmetic: 1e-30 at least)",
+                             lo=1e-30)
+    lars_eta: float = setting(1e-3, "LARS: trust coefficient (the layer's step is eta ||w|| / (||g|| + wd ||w||) of the LR)",
+                              lo=0, lo_open=True)
+    wd: float = setting(1e-4, "weight decay (not on batch-norm parameters and biases); decoupled for AdamW and LAMB",
+                        lo=0)
+    nesterov: bool = setting(False, "Nesterov momentum (SGD)")
+    model_ema: float | None = setting(None, "keep an exponential moving average of the weights with this decay per "
+                                            "optimizer step (e.g. 0.9999), evaluated and saved beside the model; unset: "
+                                            "off", lo=0, hi=1, lo_open=True, hi_open=True, metavar="DECAY")
+    clip_grad: float | None = setting(None, "clip the gradients' global L2 norm to this (after unscaling under fp16), on "
+                                            "the device; unset: no clipping", lo=0, lo_open=True)
+    schedule: str = setting("step", "learning-rate schedule: x0.1 at the milestones, or cosine to 0",
+                            choices=("step", "cosine"))
+    lr_milestones: list[float] = setting([], "epochs of the x0.1 steps, e.g. 30,60,80; empty: 1/3, 2/3, 8/9 of the run",
+                                         metavar="E1,E2,...")
+    warmup_epochs: float = setting(0.0, "linear learning-rate warm-up from 0, in epochs", lo=0)
+    soft_ramp: float = setting(0.0, "epochs over which the soft objective's weight rises from near 0 to its full value "
+                                    "(exp(-5 (1 - t)^2), t = epoch / ramp, per step; Laine & Aila 2017): early consensus "
+                                    "of untrained heads is noise; 0: full weight from the start", lo=0)
+    amp: str | None = setting(None, "autocast precision; unset: bf16 on CUDA, off on CPU", choices=("bf16", "fp16", "off"))
+    skip_nonfinite: bool = setting(False, "skip steps whose loss is not finite (counted) instead of stopping")
 
     def __post_init__(self):
         check_fields(self)

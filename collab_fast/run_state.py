@@ -24,7 +24,7 @@ from collab_fast.checkpoint import (
     os_error_line,
     save_checkpoint,
 )
-from collab_fast.cli import check_fields, opt
+from collab_fast.cli import check_fields, setting
 from collab_fast.distributed import Dist
 from collab_fast.recipes import RECIPES
 
@@ -40,24 +40,24 @@ _WRITTEN = (".lock", *_RUN_FILES, "summary.csv", "eval.json")
 class RunConfig:
     """Where the run lives, how it starts and what it reports: the trainer's `run` section."""
 
-    recipe: str | None = opt(None, "a paper setting (see --list-recipes); explicit flags override it",
-                             choices=tuple(RECIPES))
-    device: str = opt("auto", "where to train: auto (a CUDA device when present, one per process under torchrun), "
-                              "cuda, or cpu (also where a GPU exists)", choices=("auto", "cuda", "cpu"))
-    output: str | None = opt(None, "run directory; unset: runs/<dataset>_<arch>_<pattern>", metavar="DIR")
-    overwrite: bool = opt(False, "start over in an --output that holds an earlier run (its files are replaced)")
-    resume: str | None = opt(None, "continue a run: auto (OUTPUT/last.pt if present) or a checkpoint PATH",
-                             metavar="auto|PATH")
-    seed: int = opt(0, "random seed (weights, data order, augmentation, label noise)", lo=0, hi=2**63 - 1)
-    eval_only: bool = opt(False, "evaluate --weights (or the resumed checkpoint) and exit")
-    log_every: int = opt(50, "optimizer steps between log records (the hot path's only host syncs)", lo=1)
-    eval_every: int = opt(1, "epochs between evaluations", lo=1)
-    save_every: int | None = opt(None, "optimizer steps between mid-epoch last.pt checkpoints (long epochs); unset: "
-                                       "at each epoch end only", lo=1)
-    progress: str = opt("auto", "progress display: a bar on a terminal, a line every --progress-every seconds "
-                                "otherwise (auto), or forced", choices=("auto", "bar", "lines", "off"))
-    progress_every: float = opt(30.0, "seconds between progress lines when output is not a terminal",
-                                lo=0, lo_open=True)
+    recipe: str | None = setting(None, "a paper setting (see --list-recipes); explicit flags override it",
+                                 choices=tuple(RECIPES))
+    device: str = setting("auto", "where to train: auto (a CUDA device when present, one per process under torchrun), "
+                                  "cuda, or cpu (also where a GPU exists)", choices=("auto", "cuda", "cpu"))
+    output: str | None = setting(None, "run directory; unset: runs/<dataset>_<arch>_<pattern>", metavar="DIR")
+    overwrite: bool = setting(False, "start over in an --output that holds an earlier run (its files are replaced)")
+    resume: str | None = setting(None, "continue a run: auto (OUTPUT/last.pt if present) or a checkpoint PATH",
+                                 metavar="auto|PATH")
+    seed: int = setting(0, "random seed (weights, data order, augmentation, label noise)", lo=0, hi=2**63 - 1)
+    eval_only: bool = setting(False, "evaluate --weights (or the resumed checkpoint) and exit")
+    log_every: int = setting(50, "optimizer steps between log records (the hot path's only host syncs)", lo=1)
+    eval_every: int = setting(1, "epochs between evaluations", lo=1)
+    save_every: int | None = setting(None, "optimizer steps between mid-epoch last.pt checkpoints (long epochs); unset: "
+                                           "at each epoch end only", lo=1)
+    progress: str = setting("auto", "progress display: a bar on a terminal, a line every --progress-every seconds "
+                                    "otherwise (auto), or forced", choices=("auto", "bar", "lines", "off"))
+    progress_every: float = setting(30.0, "seconds between progress lines when output is not a terminal",
+                                    lo=0, lo_open=True)
 
     def __post_init__(self):
         check_fields(self)

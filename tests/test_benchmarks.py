@@ -98,6 +98,11 @@ def test_percent_of_floor_is_never_above_100():
     assert common.pct_of_floor(1e9, 1e12, 2.0) == pytest.approx(50.0)
     assert common.pct_of_floor(1e9, 1e12, 0.5) is None  # faster than DRAM: served from a cache
     assert common.pct_of_floor(None, 1e12, 1.0) is None
+    # never: times from 100x faster to 100x slower than the floor (1 ms here), the floor itself and its neighbours
+    times = [10 ** (k / 50) for k in range(-100, 101)] + [1.0, 1.0 - 1e-12, 1.0 + 1e-12, 0.0, -1.0]
+    got = [common.pct_of_floor(1e9, 1e12, ms) for ms in times]
+    assert all(p is None or 0 < p <= 100 for p in got)
+    assert sum(p is None for p in got) >= 100 and common.pct_of_floor(1e9, 1e12, 1.0) == pytest.approx(100.0)
 
 
 @pytest.mark.slow

@@ -27,17 +27,38 @@ def _ckpt():
             "state": {"step": 7, "loader_state": ["abc"]}, "rng": {"python": [3, (1, 2, 3), None]}}
 
 
+def _one_change_each(obj):
+    """Copies of `obj`, each with one thing changed: every leaf once (a tensor by one element, by its dtype and
+    by its shape; any other value replaced), every dict key once (renamed)."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.clone()
+        t.view(-1)[-1] += 1
+        yield t
+        yield obj.double()
+        yield obj.unsqueeze(0)
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield {(f"{k}_" if j == k else j): w for j, w in obj.items()}
+            for changed in _one_change_each(v):
+                yield {**obj, k: changed}
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            for changed in _one_change_each(v):
+                yield type(obj)([*obj[:i], changed, *obj[i + 1:]])
+    else:
+        yield ("changed", obj)
+
+
 def test_round_trip_and_checksum_covers_every_value(tmp_path):
     path = save_checkpoint(_ckpt(), tmp_path / "a.pt")
     loaded = load_checkpoint(path)
     assert torch.equal(loaded["model"]["w"], MARK) and loaded["state"]["step"] == 7
     base = checksum(_ckpt())
-    changed = _ckpt()
-    changed["state"]["step"] = 8  # a non-tensor value changes the checksum too
-    assert checksum(changed) != base
-    changed = _ckpt()
-    changed["model"]["w"][100] += 1
-    assert checksum(changed) != base
+    variants = list(_one_change_each(_ckpt()))
+    leaves = sum(1 for _ in ck._leaves(_ckpt()))
+    assert len(variants) > leaves >= 9  # every leaf and key of the checkpoint
+    sums = [checksum(v) for v in variants]
+    assert base not in sums and len(set(sums)) == len(sums)  # each change is seen, and told apart
 
 
 def test_flipped_tensor_bytes_are_refused(tmp_path):

@@ -1,20 +1,20 @@
-"""collab_fast.cli: settings declared with `opt`, checked by type, choice and range, named by their flag."""
+"""collab_fast.cli: settings declared with `setting`, checked by type, choice and range, named by their flag."""
 
 from dataclasses import dataclass
 
 import pytest
 
-from collab_fast.cli import INT_MAX, Parser, check_fields, flag, flat_name, opt, range_text, settings
+from collab_fast.cli import INT_MAX, Parser, check_fields, flag, flat_name, range_text, setting, settings
 
 
 @dataclass
 class Section:
-    rate: float = opt(0.5, "a rate", lo=0, hi=1, hi_open=True)
-    count: int = opt(3, "a count", lo=1)
-    mode: str = opt("a", "a mode", choices=("a", "b"))
-    points: list[float] = opt([], "points")
-    weights: tuple[float, float] | None = opt(None, "two weights", lo=0, name="loss_weights")
-    internal: int = 0  # not a setting: no opt
+    rate: float = setting(0.5, "a rate", lo=0, hi=1, hi_open=True)
+    count: int = setting(3, "a count", lo=1)
+    mode: str = setting("a", "a mode", choices=("a", "b"))
+    points: list[float] = setting([], "points")
+    weights: tuple[float, float] | None = setting(None, "two weights", lo=0, name="loss_weights")
+    internal: int = 0  # not a setting: no setting(...)
 
     def __post_init__(self):
         check_fields(self)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from collab_fast.cache import cache_root
-from collab_fast.cli import check_fields, opt
+from collab_fast.cli import check_fields, setting
 from collab_fast.data.autoaugment import POLICIES, AutoAugment
 from collab_fast.data.dali import DaliLoader, check_dali_wheel, dali_installed
 from collab_fast.data.erase import RandomErase
@@ -118,42 +118,43 @@ def default_toy_dir() -> Path:
 class DataConfig:
     """The data set and how it is loaded: the trainer's `data` section (python -m collab_fast.train --help)."""
 
-    dataset: str | None = opt(None, "the data set (a --recipe may set it)", choices=DATASETS)
-    root: str | None = opt(None, "data directory: imagenet/toy DIR/train/<class>/*.JPEG and DIR/val/<class>/*.JPEG; "
-                                 "cifar10/100 the extracted python batches; fashion-mnist/mnist the four IDX files "
-                                 "(gzipped or not; unset: the system package's folder); toy: generated when unset",
-                           metavar="DIR", name="data")
-    num_classes: int | None = opt(None, "set from the data set", cli=False)
-    label_noise: float = opt(0.0, "fraction of training labels redrawn uniformly every epoch (paper Fig. 3)",
-                             lo=0, hi=1, hi_open=True)
-    train_samples: int | None = opt(None, "train on a fixed, class-balanced subset of this many training samples (the "
-                                          "same subset for every seed); unset: the whole training set", lo=1)
-    holdout: int = opt(0, "hold this many training samples out (fixed, class-balanced, never trained on) and evaluate "
-                          "on them instead of the test split: choose settings here, report on the test split", lo=0)
-    augment: str = opt("auto", "training augmentation: random crop + horizontal flip, crop only, or none; auto: "
-                               "crop for digits and mnist (a mirrored digit is another digit), crop+flip otherwise. The "
-                               "crop shifts by up to 1/8 of the side on device-resident sets",
-                       choices=("auto", *AUGMENTS))
-    image_size: int | None = opt(None, "training image size; unset: 224 for image folders, 32 for CIFAR/digits, 28 "
-                                       "for (fashion-)mnist (another size: resized once at load, bilinear)", lo=8,
-                                 hi=8192)
-    auto_augment: str = opt("none", "an AutoAugment-family policy per training image, on the device after the loader: "
-                                    "trivialaugment (TrivialAugment-wide), randaugment (2 ops at magnitude 9/31) or "
-                                    "autoaugment (the ImageNet policy); none: off", choices=("none", *POLICIES))
-    random_erase: float = opt(0.0, "probability of random erasing (Zhong et al. 2020) per training image: a rectangle of "
-                                   "2-33% of it set to the mean colour, on the device; 0: off", lo=0, hi=1)
-    mixup: float = opt(0.0, "mixup alpha (Zhang et al. 2018): each training image and its label mixed with another's, "
-                            "weights lam ~ Beta(alpha, alpha), on the device; 0: off", lo=0, hi=100)
-    cutmix: float = opt(0.0, "cutmix alpha (Yun et al. 2019): a box of another training image pasted in, the labels "
-                             "mixed by area; with --mixup too, each batch takes one of them at random; 0: off",
-                        lo=0, hi=100)
-    skip_bad_images: bool = opt(False, "skip undecodable images (counted, named) instead of failing")
-    loader: str = opt("auto", "image folders: dali (GPU decode and augmentation), torch (PyTorch workers with "
-                              "Pillow: no DALI needed, slower), auto: dali where it is installed",
-                      choices=("auto", "dali", "torch"))
-    threads: int | None = opt(None, "DALI CPU threads or PyTorch loader workers; unset: min(8, CPU cores)", lo=1,
-                              hi=1024)
-    synthetic_steps: int = opt(100, "steps per epoch of the synthetic data set", lo=1)
+    dataset: str | None = setting(None, "the data set (a --recipe may set it)", choices=DATASETS)
+    root: str | None = setting(None, "data directory: imagenet/toy DIR/train/<class>/*.JPEG and DIR/val/<class>/*.JPEG; "
+                                     "cifar10/100 the extracted python batches; fashion-mnist/mnist the four IDX files "
+                                     "(gzipped or not; unset: the system package's folder); toy: generated when unset",
+                               metavar="DIR", name="data")
+    num_classes: int | None = setting(None, "set from the data set", cli=False)
+    label_noise: float = setting(0.0, "fraction of training labels redrawn uniformly every epoch (paper Fig. 3)",
+                                 lo=0, hi=1, hi_open=True)
+    train_samples: int | None = setting(None, "train on a fixed, class-balanced subset of this many training samples (the "
+                                              "same subset for every seed); unset: the whole training set", lo=1)
+    holdout: int = setting(0, "hold this many training samples out (fixed, class-balanced, never trained on) and evaluate "
+                              "on them instead of the test split: choose settings here, report on the test split", lo=0)
+    augment: str = setting("auto", "training augmentation: random crop + horizontal flip, crop only, or none; auto: "
+                                   "crop for digits and mnist (a mirrored digit is another digit), crop+flip otherwise. The "
+                                   "crop shifts by up to 1/8 of the side on device-resident sets",
+                           choices=("auto", *AUGMENTS))
+    image_size: int | None = setting(None, "training image size; unset: 224 for image folders, 32 for CIFAR/digits, 28 "
+                                           "for (fashion-)mnist (another size: resized once at load, bilinear)", lo=8,
+                                     hi=8192)
+    auto_augment: str = setting("none", "an AutoAugment-family policy per training image, on the device after the loader: "
+                                        "trivialaugment (TrivialAugment-wide), randaugment (2 ops at magnitude 9/31) or "
+                                        "autoaugment (the ImageNet policy); none: off", choices=("none", *POLICIES))
+    random_erase: float = setting(0.0, "probability of random erasing (Zhong et al. 2020) per training image: a "
+                                       "rectangle of 2-33% of it set to the mean colour, on the device; 0: off", lo=0,
+                                  hi=1)
+    mixup: float = setting(0.0, "mixup alpha (Zhang et al. 2018): each training image and its label mixed with another's, "
+                                "weights lam ~ Beta(alpha, alpha), on the device; 0: off", lo=0, hi=100)
+    cutmix: float = setting(0.0, "cutmix alpha (Yun et al. 2019): a box of another training image pasted in, the labels "
+                                 "mixed by area; with --mixup too, each batch takes one of them at random; 0: off",
+                            lo=0, hi=100)
+    skip_bad_images: bool = setting(False, "skip undecodable images (counted, named) instead of failing")
+    loader: str = setting("auto", "image folders: dali (GPU decode and augmentation), torch (PyTorch workers with "
+                                  "Pillow: no DALI needed, slower), auto: dali where it is installed",
+                          choices=("auto", "dali", "torch"))
+    threads: int | None = setting(None, "DALI CPU threads or PyTorch loader workers; unset: min(8, CPU cores)", lo=1,
+                                  hi=1024)
+    synthetic_steps: int = setting(100, "steps per epoch of the synthetic data set", lo=1)
 
     def __post_init__(self):
         check_fields(self)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from collab_fast.checkpoint import CheckpointError, is_checkpoint, load_file, verify_checkpoint
-from collab_fast.cli import check_fields, opt
+from collab_fast.cli import check_fields, setting
 from collab_fast.distributed import Dist
 from collab_fast.models.collab import BEFORE_ALL, RESCALE_MODES, SPLIT_BY, CollabNet, parse_pattern
 from collab_fast.models.heads import single_head
@@ -204,28 +204,28 @@ def _plain(value) -> bool:
 class ModelConfig:
     """The network, its head pattern and its initial weights: the trainer's `model` section."""
 
-    arch: str = opt("resnet50", f"network: {', '.join(ARCHS)}, or timm:NAME / torchvision:NAME (any model of those "
-                                "libraries, where they import; split points found from its stages)")
-    model_kwargs: str | None = opt(None, "keyword arguments of a timm: or torchvision: model's constructor, e.g. "
-                                         "drop_path_rate=0.1,drop_rate=0.2", metavar="K=V,...")
-    pattern: str = opt("hier4", "head pattern: single, inst2, inst4, inst:N, ilr2, hier4, tree:AxB...")
-    rescale: str = opt("backprop", "gradient rescaling at split points (the paper's Table 3 ablation)",
-                       choices=RESCALE_MODES)
-    zero_init_residual: bool = opt(True, "ResNets: each block's last BN scale starts at 0 (Goyal et al. 2017)")
-    drop_path: float = opt(0.0, "stochastic depth (Huang et al. 2016): the largest drop rate of a residual branch, "
-                                "rising linearly over the blocks; built-in ResNets, timm (drop_path_rate) and "
-                                "torchvision models with stochastic_depth_prob", lo=0, hi=1, hi_open=True)
-    sync_bn: bool = opt(False, "synchronised batch norm across the processes of a multi-GPU run (statistics of the "
-                               "global batch)")
-    channels_last: bool | None = opt(None, "channels-last memory format; unset: on with CUDA")
-    compile: bool = opt(False, "torch.compile the model")
-    compile_step: bool = opt(False, "torch.compile the whole optimizer step: forward, loss, backward (compiled "
-                                    "autograd) and the update, with the learning rate and the soft ramp's factor "
-                                    "read from device tensors (no recompilation between steps)")
-    weights: str | None = opt(None, "initial weights: an exported head (.pth: into every copy of a collaborative "
-                                    "pattern, the classifier re-initialised per head), a training checkpoint, or "
-                                    "timm / torchvision (that library's pretrained weights, for its archs)",
-                              metavar="PATH|timm|torchvision")
+    arch: str = setting("resnet50", f"network: {', '.join(ARCHS)}, or timm:NAME / torchvision:NAME (any model of those "
+                                    "libraries, where they import; split points found from its stages)")
+    model_kwargs: str | None = setting(None, "keyword arguments of a timm: or torchvision: model's constructor, e.g. "
+                                             "drop_path_rate=0.1,drop_rate=0.2", metavar="K=V,...")
+    pattern: str = setting("hier4", "head pattern: single, inst2, inst4, inst:N, ilr2, hier4, tree:AxB...")
+    rescale: str = setting("backprop", "gradient rescaling at split points (the paper's Table 3 ablation)",
+                           choices=RESCALE_MODES)
+    zero_init_residual: bool = setting(True, "ResNets: each block's last BN scale starts at 0 (Goyal et al. 2017)")
+    drop_path: float = setting(0.0, "stochastic depth (Huang et al. 2016): the largest drop rate of a residual branch, "
+                                    "rising linearly over the blocks; built-in ResNets, timm (drop_path_rate) and "
+                                    "torchvision models with stochastic_depth_prob", lo=0, hi=1, hi_open=True)
+    sync_bn: bool = setting(False, "synchronised batch norm across the processes of a multi-GPU run (statistics of the "
+                                   "global batch)")
+    channels_last: bool | None = setting(None, "channels-last memory format; unset: on with CUDA")
+    compile: bool = setting(False, "torch.compile the model")
+    compile_step: bool = setting(False, "torch.compile the whole optimizer step: forward, loss, backward (compiled "
+                                        "autograd) and the update, with the learning rate and the soft ramp's factor "
+                                        "read from device tensors (no recompilation between steps)")
+    weights: str | None = setting(None, "initial weights: an exported head (.pth: into every copy of a collaborative "
+                                        "pattern, the classifier re-initialised per head), a training checkpoint, or "
+                                        "timm / torchvision (that library's pretrained weights, for its archs)",
+                                  metavar="PATH|timm|torchvision")
 
     def __post_init__(self):
         check_fields(self)

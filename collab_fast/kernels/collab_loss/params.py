@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import torch
 
-from collab_fast.cli import check_values, flag, opt, setting_specs
+from collab_fast.cli import check_values, flag, setting, setting_specs
 
 __all__ = ["DEFAULT", "IMPLS", "KERNEL_DTYPES", "MAX_BLOCK_C", "REDUCTIONS", "SOFT_LOSSES", "CollabLossParams",
            "CollabStats", "check_number", "validate_settings"]
@@ -33,23 +33,23 @@ class CollabLossParams:
     """The loss's settings, validated once (at construction) and carried as one value from the API
     through the autograd Function and the custom ops to the launcher. See fused_collab_loss."""
 
-    # The fields with `opt` metadata are the trainer's `loss` section too (collab_fast.config): their
+    # The fields with `setting` metadata are the trainer's `loss` section too (collab_fast.config): their
     # defaults and ranges here are the only ones; flags, config.json and fused_collab_loss's signature take them.
-    temperature: float = opt(2.0, "T of the soft (consensus) objective", lo=0, hi=1e4, lo_open=True)
-    beta: float | None = opt(None, "weight of the hard (label) objective; the soft one gets 1 - beta; unset: 0.5 "
-                                   "(or unused, with --loss-weights)", lo=0, hi=1)
-    soft_weight: float | None = opt(None, "extra factor on the soft objective; unset: T^2 (the paper)", lo=0)
-    detach_consensus: bool = opt(True, "the consensus is a constant target (no gradient through it)")
+    temperature: float = setting(2.0, "T of the soft (consensus) objective", lo=0, hi=1e4, lo_open=True)
+    beta: float | None = setting(None, "weight of the hard (label) objective; the soft one gets 1 - beta; unset: 0.5 "
+                                       "(or unused, with --loss-weights)", lo=0, hi=1)
+    soft_weight: float | None = setting(None, "extra factor on the soft objective; unset: T^2 (the paper)", lo=0)
+    detach_consensus: bool = setting(True, "the consensus is a constant target (no gradient through it)")
     ignore_index: int = -100
-    label_smoothing: float = opt(0.0, "label smoothing of the hard objective (torch's definition)", lo=0, hi=1)
+    label_smoothing: float = setting(0.0, "label smoothing of the hard objective (torch's definition)", lo=0, hi=1)
     reduction: str = "mean"
     impl: str = "auto"
     block_c: int | None = None
-    soft_loss: str = opt("ce", "soft objective: ce = CE(consensus, head) as in the paper, kl = KL(consensus || "
-                               "head) as several public implementations write it", choices=SOFT_LOSSES)
-    weights: tuple[float, float] | None = opt(None, "free factors of the hard and the soft objective, replacing "
-                                                    "--beta and --soft-weight (e.g. 1,4 for CE + 4 KL)", lo=0,
-                                              metavar="HARD,SOFT", name="loss_weights")
+    soft_loss: str = setting("ce", "soft objective: ce = CE(consensus, head) as in the paper, kl = KL(consensus || "
+                                   "head) as several public implementations write it", choices=SOFT_LOSSES)
+    weights: tuple[float, float] | None = setting(None, "free factors of the hard and the soft objective, replacing "
+                                                        "--beta and --soft-weight (e.g. 1,4 for CE + 4 KL)", lo=0,
+                                                  metavar="HARD,SOFT", name="loss_weights")
 
     def __post_init__(self):
         validate_settings(dict(temperature=self.temperature, beta=self.beta, soft_weight=self.soft_weight,
@@ -98,7 +98,7 @@ _SPECS = setting_specs(CollabLossParams)  # at import: the check below also runs
 def validate_settings(values: dict, *, names: str = "field") -> None:
     """The one check of the loss's settings (`values` keyed by field name, unset ones None or absent), from
     a library call (names="field": errors name the argument) or the trainer's flags and config files
-    ("flag": they name the flag): each setting's type, choices and range (their `opt` declaration), then the
+    ("flag": they name the flag): each setting's type, choices and range (their `setting` declaration), then the
     rule between them: `weights` replaces `beta` and `soft_weight`."""
     name = (lambda f: f) if names == "field" else (lambda f: flag({"weights": "loss_weights"}.get(f, f)))
     w = values.get("weights")
