@@ -59,7 +59,7 @@ class Run:
     proc: Dist  # this process's place: rank, world size, main
     device: torch.device
     rundir: RunDir  # the claimed --output folder
-    data: Data  # loaders, classes, the training batch's device-side transform
+    loaders: Data  # loaders, classes, the training batch's device-side transform
     net: torch.nn.Module  # the bare model: state dicts, export, num_heads
     model: torch.nn.Module  # what runs the forward pass (DDP / compile wrapped)
     optimizer: torch.optim.Optimizer
@@ -81,7 +81,7 @@ class Run:
 
     def save(self, name: str) -> None:
         # Called on every rank: image-folder loaders gather each rank's reader position (a collective).
-        position = self.data.train.state_dict()
+        position = self.loaders.train.state_dict()
         self.state.loader_state = self.proc.gather(position) if position else []
         if self.proc.main:
             snapshot(self.out / name, self.net, self.optimizer, self.scaler, self.cfg.to_dict(), self.state, self.ema)
@@ -103,8 +103,8 @@ def train_one_epoch(r: Run, loader) -> None:
             x, y = next(batches)
         except StopIteration:
             break
-        if r.data.transform is not None:
-            x, y = r.data.transform(x, y, state.step)  # y: [N, C] probabilities where mixed
+        if r.loaders.transform is not None:
+            x, y = r.loaders.transform(x, y, state.step)  # y: [N, C] probabilities where mixed
         lr = r.schedule.lr(state.step)
         r.train_step.set_lr(lr)
         if r.schedule.ramps_soft:
@@ -224,7 +224,7 @@ def _summary(r: Run) -> str:
         return f"collab_fast: done at step {r.state.step}"
     heads = " ".join(f"{a:.2f}%" for a in res["top1_heads"])
     return (f"collab_fast: done at step {r.state.step}: top-1 per head [{heads}], head 0 {res['top1']:.2f}% "
-            f"(chance {100 / r.data.num_classes:.1f}%); head 0 exported to {r.out / 'head0.pth'}")
+            f"(chance {100 / r.loaders.num_classes:.1f}%); head 0 exported to {r.out / 'head0.pth'}")
 
 
 def _setup(flags: TrainConfig) -> Run:
@@ -254,13 +254,13 @@ def _setup_in(flags: TrainConfig, cfg: TrainConfig, proc: Dist, device: torch.de
             print(f"collab_fast: keeping the checkpoint's LR milestones {cfg.optim.lr_milestones} (the defaults for "
                   f"--epochs {cfg.optim.epochs} would differ); pass --lr-milestones to set others", file=sys.stderr)
     in_chans = input_channels(cfg.model.arch, data_channels(cfg.data.dataset))
-    data = cfg.data.build(batch_size=cfg.optim.batch_size, device=device, rank=proc.rank, world=proc.world,
-                          seed=cfg.run.seed, dtype=torch.float16 if cfg.optim.amp == "fp16" else torch.float32,
-                          channels_last=cfg.model.channels_last, channels=in_chans)
-    if len(data.train) == 0:
+    loaders = cfg.data.build(batch_size=cfg.optim.batch_size, device=device, rank=proc.rank, world=proc.world,
+                             seed=cfg.run.seed, dtype=torch.float16 if cfg.optim.amp == "fp16" else torch.float32,
+                             channels_last=cfg.model.channels_last, channels=in_chans)
+    if len(loaders.train) == 0:
         raise ValueError(f"--batch-size {cfg.optim.batch_size} is larger than the training set's share of each process: "
                          "no full batch per epoch; lower --batch-size")
-    net, model = cfg.model.build(data.num_classes, device=device, proc=proc, image_size=cfg.data.image_size,
+    net, model = cfg.model.build(loaders.num_classes, device=device, proc=proc, image_size=cfg.data.image_size,
                                  in_chans=in_chans)
     optimizer, scaler = cfg.optim.build(net, device)
     ema = ModelEMA(net, cfg.optim.model_ema) if cfg.optim.model_ema else None
@@ -268,11 +268,11 @@ def _setup_in(flags: TrainConfig, cfg: TrainConfig, proc: Dist, device: torch.de
                      opt=cfg.optim.optimizer, ckpt=ckpt) if ckpt is not None else State())
     agree_on_resume(proc, resume_path, state.step)
     if state.loader_state and len(state.loader_state) == proc.world:
-        data.train.load_state_dict(state.loader_state[proc.rank])
+        loaders.train.load_state_dict(state.loader_state[proc.rank])
     elif state.loader_state and proc.main:
         print(f"collab_fast: warning: the checkpoint was written by {len(state.loader_state)} processes, this run has "
               f"{proc.world}: the data order restarts from the seed (resume is not exact)", file=sys.stderr)
-    steps = len(data.train)
+    steps = len(loaders.train)
     total = min(cfg.optim.epochs * steps, cfg.optim.max_steps or 1 << 62)
     schedule = Schedule(cfg.optim, steps)
     change = schedule.change_from(ckpt["config"], state.step) if ckpt is not None else None
@@ -280,7 +280,7 @@ def _setup_in(flags: TrainConfig, cfg: TrainConfig, proc: Dist, device: torch.de
         print(f"collab_fast: warning: {change}", file=sys.stderr)
     progress = Progress(cfg.run.progress, total, state.step, cfg.run.progress_every, enabled=proc.main)
     log = Logger(rundir.path, proc.main, progress, record=not cfg.run.eval_only)
-    r = Run(cfg, proc, device, rundir, data, net, model, optimizer, scaler, ema, schedule,
+    r = Run(cfg, proc, device, rundir, loaders, net, model, optimizer, scaler, ema, schedule,
             Step(cfg, model, net, optimizer, scaler, proc), state, log, progress, steps, total, resume_path)
     if proc.main:
         _header(r)
@@ -290,7 +290,7 @@ def _setup_in(flags: TrainConfig, cfg: TrainConfig, proc: Dist, device: torch.de
 def _header(r: Run) -> None:
     """What the run is, printed once at the start (and config.json, the record of how it was trained)."""
     cfg, net, out, total, steps = r.cfg, r.net, r.out, r.total_steps, r.steps_per_epoch
-    num_classes, resume_path = r.data.num_classes, r.resumed_from
+    num_classes, resume_path = r.loaders.num_classes, r.resumed_from
     data, model, optim = cfg.data, cfg.model, cfg.optim
     if cfg.run.eval_only:  # --eval-only leaves the record of how the run was trained as it was
         split = f"{data.holdout} held-out training samples" if data.holdout else "its test split"
@@ -305,8 +305,8 @@ def _header(r: Run) -> None:
         print(f"collab_fast: {model.arch} {model.pattern}: {getattr(net, 'num_heads', 1)} head(s), "
               f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params, split after "
               f"{getattr(net, 'splits', []) or 'nothing'}{_SPLIT_BY.get(getattr(net, 'split_by', None), '')}")
-    if isinstance(r.data.train, TorchFolderLoader):
-        print(f"collab_fast: images through the PyTorch loader ({r.data.train.threads} workers, Pillow "
+    if isinstance(r.loaders.train, TorchFolderLoader):
+        print(f"collab_fast: images through the PyTorch loader ({r.loaders.train.threads} workers, Pillow "
               "decode on the CPU; slower than DALI: pip install 'collab_fast[dali]', or [dali-cuda12])")
     world = r.proc.world
     until = f" (stops at step {total}: --max-steps)" if optim.max_steps and total < optim.epochs * steps else ""
@@ -322,7 +322,7 @@ def run(cfg: TrainConfig) -> dict:
     cfg, state = r.cfg, r.state
     try:
         if cfg.run.eval_only:
-            res = evaluate(r.model, r.net, r.data.val, cfg, r.proc)
+            res = evaluate(r.model, r.net, r.loaders.val, cfg, r.proc)
             rec = {"epoch": state.epoch + (state.batch_in_epoch > 0), "epochs": cfg.optim.epochs, "step": state.step, **res}
             r.log(rec, kind="eval")
             if r.proc.main:  # its own file: config.json and metrics.jsonl keep the record of the training
@@ -351,7 +351,7 @@ def run(cfg: TrainConfig) -> dict:
 
 
 def _train(r: Run) -> None:
-    cfg, state, train_loader = r.cfg, r.state, r.data.train
+    cfg, state, train_loader = r.cfg, r.state, r.loaders.train
 
     def on_signal(signum, _frame):
         r.signal = signal.Signals(signum).name
@@ -371,7 +371,8 @@ def _train(r: Run) -> None:
             if epoch_done:
                 state.epoch += 1
                 state.batch_in_epoch = 0
-            _eval_and_save(r, r.data.val, epoch_done, final=state.epoch >= cfg.optim.epochs or state.step >= r.total_steps)
+            _eval_and_save(r, r.loaders.val, epoch_done,
+                           final=state.epoch >= cfg.optim.epochs or state.step >= r.total_steps)
     except Stop as stop:
         if r.signal:
             r.progress.close()

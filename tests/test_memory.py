@@ -33,7 +33,7 @@ def test_augmentation_suits_the_data_set():
     train, _, _ = build_loaders(DataConfig("digits", image_size=32, augment="crop+flip"), batch_size=64)
     assert train.pad == 4 and train.augment_params(torch.arange(1000))[2].any()
     train, _, _ = build_loaders(DataConfig("digits", image_size=32, augment="none"), batch_size=64)
-    assert train.pad == 0 and not train.augment
+    assert train.pad == 0 and train.augment == "none"
     with pytest.raises(ValueError, match="--augment must be one of auto, crop.flip, crop, none, got 'rotate'"):
         build_loaders(DataConfig("digits", augment="rotate"), batch_size=64)
 
@@ -41,7 +41,8 @@ def test_augmentation_suits_the_data_set():
 def test_device_augmentation_matches_per_sample_reference():
     g = torch.Generator().manual_seed(0)
     imgs = torch.randint(0, 256, (6, 5, 7, 3), dtype=torch.uint8, generator=g)
-    loader = DeviceLoader(imgs, torch.arange(6), 6, mean=(0, 0, 0), std=(1 / 255,) * 3, augment=True, pad=2)
+    loader = DeviceLoader(imgs, torch.arange(6), 6, mean=(0, 0, 0), std=(1 / 255,) * 3, augment="crop+flip",
+                          pad=2)
     idx = torch.tensor([3, 0, 5, 5, 1, 2, 4, 0])
     out = loader.batch(idx)
     oy, ox, flip = loader.augment_params(idx)
@@ -58,9 +59,19 @@ def test_device_augmentation_matches_per_sample_reference():
     assert not torch.equal(torch.cat(loader.augment_params(torch.arange(6))), torch.cat(
         (oy[[1, 4, 5, 0, 6, 2]], ox[[1, 4, 5, 0, 6, 2]], flip[[1, 4, 5, 0, 6, 2]])))  # new draws each epoch
     big = DeviceLoader(torch.zeros(4000, 2, 2, 3, dtype=torch.uint8), torch.zeros(4000, dtype=torch.long), 8,
-                       mean=(0,) * 3, std=(1,) * 3, augment=True, pad=4)
+                       mean=(0,) * 3, std=(1,) * 3, augment="crop+flip", pad=4)
     oy, ox, flip = big.augment_params(torch.arange(4000))
     assert torch.bincount(oy.view(-1), minlength=9).min() > 300 and 0.45 < flip.float().mean() < 0.55  # spread
+
+
+def test_device_loader_takes_the_augment_mode_of_every_loader():
+    imgs, labels = torch.zeros(8, 6, 6, 3, dtype=torch.uint8), torch.arange(8)
+    crop = DeviceLoader(imgs, labels, 4, mean=(0,) * 3, std=(1,) * 3, augment="crop", pad=2)
+    assert crop.pad == 2 and not crop.augment_params(torch.arange(8))[2].any()  # crop only: never flipped
+    plain = DeviceLoader(imgs, labels, 4, mean=(0,) * 3, std=(1,) * 3)
+    assert plain.augment == "none" and plain.pad == 0
+    with pytest.raises(ValueError, match="augment must be one of crop.flip, crop, none, got True"):
+        DeviceLoader(imgs, labels, 4, mean=(0,) * 3, std=(1,) * 3, augment=True)
 
 
 def test_device_loader_sharding_and_epochs():

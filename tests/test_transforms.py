@@ -23,7 +23,7 @@ class _Mark:
 
 def test_parts_run_in_order_and_only_the_mixing_changes_the_labels():
     log = []
-    t = BatchTransform(augment=_Mark("augment", log), erase=_Mark("erase", log), mix=_Mark("mix", log, mixes=True))
+    t = BatchTransform(auto_augment=_Mark("augment", log), erase=_Mark("erase", log), mix=_Mark("mix", log, mixes=True))
     x, y = torch.zeros(2, 3, 4, 4), torch.tensor([0, 2])
     out, target = t(x, y, step=5)
     assert log == ["augment", "erase", "mix"]
@@ -38,14 +38,14 @@ def test_parts_run_in_order_and_only_the_mixing_changes_the_labels():
     ({}, None),
     ({"mixup": 0.2}, ("mix",)),
     ({"random_erase": 0.25, "cutmix": 1.0}, ("erase", "mix")),
-    ({"auto_augment": "trivialaugment", "random_erase": 0.1, "mixup": 0.2}, ("augment", "erase", "mix")),
+    ({"auto_augment": "trivialaugment", "random_erase": 0.1, "mixup": 0.2}, ("auto_augment", "erase", "mix")),
 ])
 def test_the_data_section_builds_what_its_flags_ask(flags, parts):
     t = DataConfig("digits", **flags).resolved().batch_transform(10, 3, seed=1, rank=0)
     if parts is None:
         assert t is None
         return
-    assert tuple(k for k in ("augment", "erase", "mix") if getattr(t, k) is not None) == parts
+    assert tuple(k for k in ("auto_augment", "erase", "mix") if getattr(t, k) is not None) == parts
     x, y = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
     a, ta = t(x.clone(), y, 3)
     b, tb = t(x.clone(), y, 3)

@@ -33,7 +33,7 @@ from collab_fast.data.images import (
     decode_image,
     scan_split,
 )
-from collab_fast.data.loader import Loader
+from collab_fast.data.loader import AUGMENTS, Loader
 from collab_fast.data.memory import (
     CIFAR_MEAN,
     CIFAR_STD,
@@ -66,7 +66,6 @@ GREY = tuple(IDX_SETS)  # one channel
 TOY_DEFAULT = {"classes": 10, "per_class": 100, "size": 96}
 
 
-AUGMENTS = ("crop+flip", "crop", "none")
 
 
 def data_channels(dataset: str) -> int:
@@ -183,7 +182,7 @@ class DataConfig:
         """The device-side transforms of each training batch these settings ask for (--auto-augment,
         --random-erase, --mixup / --cutmix, in that order), or None."""
         t = BatchTransform(
-            augment=AutoAugment(self.auto_augment, *normalization(self.dataset, channels), seed=seed, rank=rank)
+            auto_augment=AutoAugment(self.auto_augment, *normalization(self.dataset, channels), seed=seed, rank=rank)
             if self.auto_augment != "none" else None,
             erase=RandomErase(self.random_erase, seed=seed, rank=rank) if self.random_erase else None,
             mix=BatchMix(num_classes, mixup=self.mixup, cutmix=self.cutmix, seed=seed, rank=rank)
@@ -293,9 +292,8 @@ def build_loaders(data: DataConfig, *, batch_size: int, device: torch.device | s
                       channels_last=channels_last, num_classes=classes)
         # The random-crop shift is 1/8 of the side (CIFAR's 4 pixels at 32), whatever the image size.
         size = xtr.shape[1]
-        train = DeviceLoader(xtr, ytr, batch_size, augment=augment != "none", pad=max(1, round(size / 8)),
-                             flip=augment == "crop+flip", shuffle=True, drop_last=True, label_noise=label_noise,
-                             **common)
+        train = DeviceLoader(xtr, ytr, batch_size, augment=augment, pad=max(1, round(size / 8)), shuffle=True,
+                             drop_last=True, label_noise=label_noise, **common)
         val = DeviceLoader(xte, yte, eval_batch_size, **common)
         return train, val, classes
     root = _ensure_toy(data_dir) if dataset == "toy" else data_dir

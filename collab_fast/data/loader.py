@@ -11,7 +11,17 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["Loader", "default_threads"]
+__all__ = ["AUGMENTS", "Loader", "check_augment", "default_threads"]
+
+# Training augmentation, one mode string for every loader (--augment): random crop + horizontal flip, crop only,
+# or none (evaluation loaders take "none").
+AUGMENTS = ("crop+flip", "crop", "none")
+
+
+def check_augment(augment: str) -> str:
+    if augment not in AUGMENTS:
+        raise ValueError(f"augment must be one of {', '.join(AUGMENTS)}, got {augment!r}")
+    return augment
 
 
 def default_threads() -> int:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from collab_fast.data.loader import check_augment
 from collab_fast.data.noise import LabelNoise
 from collab_fast.extras import require
 from collab_fast.seeding import torch_generator
@@ -138,15 +139,16 @@ class DeviceLoader:
 
     Args:
         images: uint8 [N, H, W, C] (C = 1 or 3; mean and std have C entries); labels: int64 [N].
-        augment: random crop with `pad`-pixel zero padding, and a horizontal flip if `flip` (training).
+        augment: "crop+flip" (random crop with `pad`-pixel zero padding, and a horizontal flip), "crop" or "none"
+            (evaluation), as --augment.
         shuffle / drop_last: per-epoch permutation (seeded, identical on every rank) / drop a short batch.
         rank, world: this process takes every world-th sample of the permutation.
         label_noise: fraction of training samples whose labels are redrawn every epoch.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, mean, std,
-                 device: torch.device | str = "cpu", augment: bool = False, shuffle: bool = False,
-                 drop_last: bool = False, pad: int = 4, flip: bool = True, rank: int = 0, world: int = 1, seed: int = 0,
+                 device: torch.device | str = "cpu", augment: str = "none", shuffle: bool = False,
+                 drop_last: bool = False, pad: int = 4, rank: int = 0, world: int = 1, seed: int = 0,
                  label_noise: float = 0.0, num_classes: int | None = None, dtype: torch.dtype = torch.float32,
                  channels_last: bool = True):
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] not in (1, 3):
@@ -160,8 +162,9 @@ class DeviceLoader:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = torch.device(device)
-        self.pad = pad if augment else 0
-        self.flip = flip
+        self.augment = check_augment(augment)
+        self.pad = pad if augment != "none" else 0
+        self.flip = augment == "crop+flip"
         # Padding once here; the per-batch crop is a gather from the padded images.
         x = images.permute(0, 3, 1, 2)
         x = F.pad(x, (self.pad,) * 4) if self.pad else x
@@ -170,7 +173,7 @@ class DeviceLoader:
         self.num_classes = int(num_classes if num_classes is not None else int(labels.max()) + 1)
         self.noise = LabelNoise(labels, label_noise, self.num_classes, seed) if label_noise > 0 else None
         self.labels = labels.to(self.device, torch.int64)  # this epoch's (noisy) labels
-        self.batch_size, self.augment, self.shuffle, self.drop_last = batch_size, augment, shuffle, drop_last
+        self.batch_size, self.shuffle, self.drop_last = batch_size, shuffle, drop_last
         self.rank, self.world, self.seed = rank, world, seed
         self.dtype, self.channels_last = dtype, channels_last
         scale = torch.tensor(std, device=self.device) * 255.0
@@ -215,7 +218,7 @@ class DeviceLoader:
         h, w = self.height, self.width
         rows = torch.arange(h, device=self.device)
         cols = torch.arange(w, device=self.device)
-        if self.augment:
+        if self.augment != "none":
             oy, ox, flip = self.augment_params(idx)
             r = oy + rows  # [B, H]
             c = ox + torch.where(flip, w - 1 - cols, cols)  # [B, W]

@@ -18,16 +18,16 @@ class BatchTransform:
     """(images, labels, step) -> (images, labels): each part, where given, on the device, with no host sync.
     The labels stay class indices [N] unless the mixing makes them probabilities [N, C]."""
 
-    def __init__(self, augment: AutoAugment | None = None, erase: RandomErase | None = None,
+    def __init__(self, auto_augment: AutoAugment | None = None, erase: RandomErase | None = None,
                  mix: BatchMix | None = None):
-        self.augment, self.erase, self.mix = augment, erase, mix
+        self.auto_augment, self.erase, self.mix = auto_augment, erase, mix
 
     def __bool__(self) -> bool:
-        return any(t is not None for t in (self.augment, self.erase, self.mix))
+        return any(t is not None for t in (self.auto_augment, self.erase, self.mix))
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.augment is not None:
-            x = self.augment(x, step)
+        if self.auto_augment is not None:
+            x = self.auto_augment(x, step)
         if self.erase is not None:
             x = self.erase(x, step)
         if self.mix is not None:

@@ -119,23 +119,23 @@ if triton is not None:
             u2 = e_u  # (KL) computed below
             if KL:
                 u2 = _swap_heads(z) * k
-            rescale = _exp2(m_c - mc_safe, FAST)
+            carry = _exp2(m_c - mc_safe, FAST)
         elif H > 1:
             u2 = _consensus_log2(z, z, head_mask, k / (H - 1), H, True)
             mc_new = tl.maximum(m_c, tl.max(u2, axis=1))
             mc_safe = tl.where(mc_new == float("-inf"), 0.0, mc_new)
             e_u = _exp2(u2 - mc_safe[:, None], FAST)
-            rescale = _exp2(m_c - mc_safe, FAST)
+            carry = _exp2(m_c - mc_safe, FAST)
         if H > 1:
             ez = tl.where(e_u > 0, e_u * z, 0.0)  # 0 * (-inf) at absent classes: their terms are 0
             if H == 2:
                 s_c = _swap_head_stats(s_t)
             else:
-                s_c = s_c * rescale + tl.sum(e_u, axis=1)
-            t_c = t_c * rescale + tl.sum(ez, axis=1) * inv_t
+                s_c = s_c * carry + tl.sum(e_u, axis=1)
+            t_c = t_c * carry + tl.sum(ez, axis=1) * inv_t
             if KL:
                 eu = tl.where(e_u > 0, e_u * u2, 0.0)
-                v_c = v_c * rescale + tl.sum(eu, axis=1) * 0.6931471805599453
+                v_c = v_c * carry + tl.sum(eu, axis=1) * 0.6931471805599453
             m_c = mc_new
         return m_new, s1, s_t, m_c, s_c, t_c, v_c, e_1, e_t, e_u
 
