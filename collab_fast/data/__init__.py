@@ -66,8 +66,6 @@ GREY = tuple(IDX_SETS)  # one channel
 TOY_DEFAULT = {"classes": 10, "per_class": 100, "size": 96}
 
 
-
-
 def data_channels(dataset: str) -> int:
     """Channels of the data set's images: 1 for the grey MNIST-format sets, else 3."""
     return 1 if dataset in GREY else 3
