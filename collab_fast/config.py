@@ -112,6 +112,7 @@ def resolve(cfg: TrainConfig, *, cuda: bool, world: int, resumed: dict | None = 
     cfg.optim = cfg.optim.resolved(cuda=cuda, world=world, resumed=resumed)
     if cfg.model.channels_last is None:
         cfg.model = dataclasses.replace(cfg.model, channels_last=cuda)
+    cfg.model.check_capture(cuda=cuda, world=world)
     output = cfg.run.output
     if output is None:
         output = str(Path("runs") / f"{cfg.data.dataset}_{cfg.model.arch}_{cfg.model.pattern}".replace(":", ""))

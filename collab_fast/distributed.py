@@ -35,9 +35,10 @@ class Dist:
         return out
 
 
-def init_distributed(device: str = "auto") -> tuple[Dist, torch.device]:
+def init_distributed(device: str = "auto", capture: bool = False) -> tuple[Dist, torch.device]:
     """Reads torchrun's variables; returns this process's place and device ("auto": CUDA when present,
-    "cuda", or "cpu" even where a GPU exists)."""
+    "cuda", or "cpu" even where a GPU exists). capture: the step will be captured in a CUDA graph
+    (--cuda-graphs), which needs NCCL's asynchronous error handling off (PyTorch's CUDA graphs notes, DDP)."""
     if device not in ("auto", "cuda", "cpu"):
         raise ValueError(f"device must be auto, cuda or cpu, got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
@@ -49,6 +50,8 @@ def init_distributed(device: str = "auto") -> tuple[Dist, torch.device]:
         rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
         if cuda:
             torch.cuda.set_device(local)
+            if capture:
+                os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "0")
             dist.init_process_group("nccl", device_id=torch.device("cuda", local))
         else:
             dist.init_process_group("gloo")

@@ -38,15 +38,17 @@ def memory_stats(device: torch.device) -> dict:
 
 
 class Meter:
-    """Per-head sums of one log interval, kept on the device; read() is the one sync."""
+    """Per-head sums of one log interval, kept on the device; read() is the one sync. The sums are zeroed in
+    place: a captured step (--cuda-graphs) adds into the tensors it was captured with."""
 
     def __init__(self, num_heads: int, device: torch.device):
         self.h, self.device = num_heads, device
+        z = lambda *s: torch.zeros(*s, device=self.device, dtype=torch.float64)
+        self.loss, self.hard, self.soft, self.correct, self.count = z(()), z(self.h), z(self.h), z(self.h), z(())
         self.reset()
 
     def reset(self) -> None:
-        z = lambda *s: torch.zeros(*s, device=self.device, dtype=torch.float64)
-        self.loss, self.hard, self.soft, self.correct, self.count = z(()), z(self.h), z(self.h), z(self.h), z(())
+        torch._foreach_zero_([self.loss, self.hard, self.soft, self.correct, self.count])
         self.optimizer_steps = 0  # steps, not micro-batches: the ETA divides time by these
         self.t0 = time.perf_counter()
         self.images = 0

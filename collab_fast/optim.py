@@ -4,7 +4,10 @@ from it, and the two per-step schedules (the learning rate, the soft objective's
 Optimizers: SGD and AdamW are torch's fused implementations; LAMB (You et al. 2019, "Large Batch
 Optimization for Deep Learning") and LARS (You et al. 2017, "Large Batch Training of Convolutional
 Networks") are not in torch and are written here with foreach ops. All four skip a step on the device when
-`optimizer.found_inf` (a 0-dim tensor) is 1, with no host sync: how --skip-nonfinite works."""
+`optimizer.found_inf` (a 0-dim tensor) is 1, with no host sync: how --skip-nonfinite works. All four take
+--amp fp16's grad scaler the way torch's fused optimizers do (`_step_supports_amp_scaling`: the scaler hands
+them its scale and its found_inf, and they unscale and skip on the device), so no optimizer's fp16 step reads
+a value on the host, and every one can be captured in a CUDA graph (--cuda-graphs)."""
 
 from __future__ import annotations
 
@@ -85,15 +88,19 @@ class OptimConfig:
                                  else [round(self.epochs * f, 3) for f in (1 / 3, 2 / 3, 8 / 9)])
         return out
 
-    def build(self, net: torch.nn.Module, device: torch.device):
-        """(optimizer, fp16 grad scaler or None) for `net` on `device`, from these (resolved) settings."""
+    def build(self, net: torch.nn.Module, device: torch.device, capturable: bool = False):
+        """(optimizer, fp16 grad scaler or None) for `net` on `device`, from these (resolved) settings;
+        capturable: the optimizer will be captured in a CUDA graph (--cuda-graphs)."""
         scaler = torch.amp.GradScaler(device.type) if self.amp == "fp16" else None
-        return make_optimizer(net, self), scaler
+        return make_optimizer(net, self, capturable=capturable), scaler
 
 
-def make_optimizer(model: torch.nn.Module, optim: OptimConfig, fused: bool = True) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, optim: OptimConfig, fused: bool = True,
+                   capturable: bool = False) -> torch.optim.Optimizer:
     """The optimizer `optim` names. fused=False: SGD and AdamW as torch's foreach implementations (a framework
-    that unscales and clips the gradients itself refuses fused optimizers, which unscale internally)."""
+    that unscales and clips the gradients itself refuses fused optimizers, which unscale internally).
+    capturable: AdamW keeps what it needs on the device for a CUDA graph capture (torch's `capturable`); SGD,
+    LAMB and LARS are capturable as they are."""
     # No weight decay on batch-norm parameters and biases (standard for ResNets at large batch).
     decay, no_decay = [], []
     for p in model.parameters():
@@ -103,8 +110,11 @@ def make_optimizer(model: torch.nn.Module, optim: OptimConfig, fused: bool = Tru
     if optim.lr is None:
         raise ValueError("make_optimizer: lr is unset; give lr, or pass optim.resolved(cuda=..., world=...)")
     if optim.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.momentum, optim.beta2), eps=optim.opt_eps,
-                                 fused=fused or None)
+        adamw = torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.momentum, optim.beta2), eps=optim.opt_eps,
+                                  fused=fused or None, capturable=capturable)
+        # its warm-up steps run uncaptured on purpose (torch warns once about capturable outside a capture)
+        adamw._warned_capturable_if_run_uncaptured = capturable
+        return adamw
     if optim.optimizer == "lamb":
         return LAMB(groups, lr=optim.lr, betas=(optim.momentum, optim.beta2), eps=optim.opt_eps)
     if optim.optimizer == "lars":
@@ -180,18 +190,25 @@ class Schedule:
 
 
 def _keep(optimizer: torch.optim.Optimizer, like: torch.Tensor) -> torch.Tensor | None:
-    """1 - found_inf as a 0-dim tensor on `like`'s device (None when no skip was asked for)."""
+    """1 where found_inf is 0, else 0, as a 0-dim tensor on `like`'s device (None when no skip was asked for;
+    the fp16 scaler's found_inf is a sum over devices, so any non-zero means skip)."""
     found = getattr(optimizer, "found_inf", None)
-    return None if found is None else 1.0 - found.to(like.device, like.dtype)
+    return None if found is None else (found.to(like.device) == 0).to(like.dtype)
 
 
-def _kept_grads(params: list[torch.Tensor], keep: torch.Tensor | None) -> list[torch.Tensor]:
-    """The gradients, zeroed where the step is skipped: a skipped step's gradients are often NaN or inf, and
-    x + 0 * NaN is NaN, so they must not reach the arithmetic that the skip then undoes (one where each)."""
+def _kept_grads(optimizer: torch.optim.Optimizer, params: list[torch.Tensor],
+                keep: torch.Tensor | None) -> list[torch.Tensor]:
+    """The gradients, unscaled where the fp16 grad scaler handed its scale (`optimizer.grad_scale`), and zeroed
+    where the step is skipped: a skipped step's gradients are often NaN or inf, and x + 0 * NaN is NaN, so they
+    must not reach the arithmetic that the skip then undoes (one where each)."""
+    grads = [p.grad for p in params]
+    scale = getattr(optimizer, "grad_scale", None)
+    if scale is not None:
+        grads = torch._foreach_mul(grads, scale.to(grads[0].device).reciprocal())
     if keep is None:
-        return [p.grad for p in params]
+        return grads
     ok = keep > 0
-    return [torch.where(ok, p.grad, 0.0) for p in params]
+    return [torch.where(ok, g, 0.0) for g in grads]
 
 
 def lerp_(dst: list[torch.Tensor], src: list[torch.Tensor], weight: torch.Tensor) -> None:
@@ -223,6 +240,8 @@ class LAMB(torch.optim.Optimizer):
         w = w - lr * (||w|| / ||u||) * u
     """
 
+    _step_supports_amp_scaling = True  # reads the fp16 scaler's grad_scale and found_inf (_kept_grads, _keep)
+
     def __init__(self, params, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
                  weight_decay: float = 0.0):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
@@ -239,7 +258,7 @@ class LAMB(torch.optim.Optimizer):
             st = [self.state[p] for p in params]
             m, v, steps = [s["exp_avg"] for s in st], [s["exp_avg_sq"] for s in st], [s["step"] for s in st]
             keep = _keep(self, params[0])
-            grads = _kept_grads(params, keep)
+            grads = _kept_grads(self, params, keep)
             m_new = torch._foreach_mul(m, b1)
             torch._foreach_add_(m_new, grads, alpha=1 - b1)
             v_new = torch._foreach_mul(v, b2)
@@ -278,6 +297,8 @@ class LARS(torch.optim.Optimizer):
     The same step as timm's `Lars` (and apex's LARC) while the LR is constant; the LR sits inside the buffer
     (Goyal et al. 2017), so a changing LR moves the next step only, not the momentum already gathered."""
 
+    _step_supports_amp_scaling = True  # as LAMB
+
     def __init__(self, params, lr: float, momentum: float = 0.9, eta: float = 1e-3, weight_decay: float = 0.0):
         super().__init__(params, dict(lr=lr, momentum=momentum, eta=eta, weight_decay=weight_decay, trust=True))
 
@@ -290,7 +311,7 @@ class LARS(torch.optim.Optimizer):
                     self.state[p]["momentum_buffer"] = torch.zeros_like(p)
             bufs = [self.state[p]["momentum_buffer"] for p in params]
             keep = _keep(self, params[0])
-            grads = _kept_grads(params, keep)
+            grads = _kept_grads(self, params, keep)
             d = torch._foreach_add(grads, params, alpha=group["weight_decay"])  # g + wd w
             if group["trust"]:
                 # the published ratio: eta ||w|| / (||g|| + wd ||w||), not eta ||w|| / ||g + wd w||

@@ -2,9 +2,12 @@
 (gradient accumulation over micro-batches, DDP's all-reduce once), clipping and the update, with no host
 sync; a non-finite step is agreed across ranks and skipped on the device (--skip-nonfinite) or reported.
 
---compile-step compiles the whole step (torch.compile with compiled autograd for the backward). What changes
-from step to step lives in device tensors that the step reads (the learning rate; --soft-ramp's factor, which
-the loss kernel loads), so no value the compiler guards on changes and the step compiles once."""
+The update includes the weights' moving average (--model-ema), so it is compiled and captured with the rest.
+
+--compile-step compiles the whole step (torch.compile with compiled autograd for the backward); --cuda-graphs
+captures it (graphs.py). What changes from step to step lives in device tensors that the step reads (the
+learning rate; --soft-ramp's factor, which the loss kernel loads), so no value the compiler guards on changes
+(the step compiles once) and no value a graph would freeze changes (the step is captured once)."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import torch.distributed as dist
 
 from collab_fast.config import TrainConfig
 from collab_fast.distributed import Dist
+from collab_fast.ema import ModelEMA
 from collab_fast.kernels.collab_loss import collab_loss
 from collab_fast.metrics import Meter
 from collab_fast.models import as_heads
@@ -25,11 +29,12 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Step:
-    """One optimizer step (forward, fused loss, backward, update) with no host sync. `model` is what runs
+    """One optimizer step (forward, fused loss, backward, update, EMA) with no host sync. `model` is what runs
     (maybe DDP- or compile-wrapped), `net` the bare model (num_heads, loss_factor, buffers)."""
 
-    def __init__(self, cfg: TrainConfig, model, net, optimizer, scaler=None, proc: Dist | None = None):
-        self.model, self.net, self.optimizer, self.scaler = model, net, optimizer, scaler
+    def __init__(self, cfg: TrainConfig, model, net, optimizer, scaler=None, proc: Dist | None = None,
+                 ema: ModelEMA | None = None):
+        self.model, self.net, self.optimizer, self.scaler, self.ema = model, net, optimizer, scaler, ema
         self.proc = proc or Dist()
         # the DDP wrapper, also under torch.compile's (whose isinstance is not DDP): no_sync lives there
         inner = getattr(model, "_orig_mod", model)
@@ -45,10 +50,14 @@ class Step:
         device = next(net.parameters()).device
         # --soft-ramp: the factor on the soft coefficient, read by the loss on the device at each step
         self.soft = torch.ones((), device=device) if cfg.optim.soft_ramp > 0 else None
-        self.lr = None  # --compile-step: the learning rate as a device tensor shared by every parameter group
+        # --compile-step, --cuda-graphs: the learning rate as a device tensor shared by every parameter group
+        self.lr = None
+        if cfg.model.compile_step or cfg.model.cuda_graphs:
+            self.lr = torch.tensor(float(optimizer.param_groups[0]["lr"]), device=device)
+        # autocast's cast cache would hand a captured step the casts of the capture (PyTorch's CUDA graphs notes)
+        self.cast_cache = not cfg.model.cuda_graphs
         self.micro, self.update = self._micro, self._update
         if cfg.model.compile_step:
-            self.lr = torch.tensor(float(optimizer.param_groups[0]["lr"]), device=device)
             # Two compiled parts, each entered once a micro-batch / step: Dynamo gives up on a whole frame whose
             # loop holds a graph break (the backward is one: compiled autograd takes it from there), and DDP's
             # no_sync is a context manager it does not trace. The step's Python around them is a few calls.
@@ -59,8 +68,9 @@ class Step:
             self.update = torch.compile(self._update)
 
     def set_lr(self, lr: float) -> None:
-        """The learning rate of the next steps: the groups' floats, or (--compile-step) the tensor they share,
-        filled on the device (a float would be a constant of the compiled step: a recompile at every change)."""
+        """The learning rate of the next steps: the groups' floats, or (--compile-step, --cuda-graphs) the tensor
+        they share, filled on the device (a float would be a constant of the compiled step, a recompile at every
+        change, and of a captured one, never changed)."""
         if self.lr is None:
             for g in self.optimizer.param_groups:
                 g["lr"] = lr
@@ -98,7 +108,8 @@ class Step:
 
     def _micro(self, x: torch.Tensor, y: torch.Tensor, meter: Meter | None) -> torch.Tensor:
         """Forward, loss and backward of one micro-batch; returns its loss (detached)."""
-        with torch.autocast(x.device.type, dtype=self.amp, enabled=self.amp is not None):
+        with torch.autocast(x.device.type, dtype=self.amp, enabled=self.amp is not None,
+                            cache_enabled=self.cast_cache):
             logits = as_heads(self.model(x))
         loss, stats = collab_loss(logits, y, self.base, return_stats=True, soft_factor=self.soft)
         if meter is not None:
@@ -108,7 +119,7 @@ class Step:
         return loss.detach()
 
     def _update(self, step_loss: torch.Tensor, saved: list[torch.Tensor] | None) -> None:
-        """The non-finite agreement, the skip, clipping and the optimizer's update."""
+        """The non-finite agreement, the skip, clipping, the optimizer's update and the EMA."""
         # Non-finite on any rank is non-finite on all: one tiny all-reduce on the device (no host sync), so
         # every rank skips (or stops at) the same steps.
         self.bad = self.proc.all_reduce((~torch.isfinite(step_loss)).float(), op=dist.ReduceOp.MAX)
@@ -128,3 +139,5 @@ class Step:
             self.scaler.update()
         else:
             self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update(self.bad)  # a skipped step leaves the average as it was

@@ -31,6 +31,7 @@ from collab_fast.distributed import Dist, cleanup, init_distributed
 from collab_fast.ema import ModelEMA
 from collab_fast.extension import ExtensionError
 from collab_fast.extras import MissingExtra
+from collab_fast.graphs import CapturedStep
 from collab_fast.health import finite_model, finite_number
 from collab_fast.kernels.collab_loss import collab_loss
 from collab_fast.metrics import Logger, Meter, Progress, memory_stats
@@ -66,7 +67,8 @@ class Run:
     scaler: torch.amp.GradScaler | None
     ema: ModelEMA | None  # --model-ema: the weights' moving average
     schedule: Schedule  # the LR and the soft factor per step
-    train_step: Step  # one optimizer step (state.step counts them)
+    train_step: Step | CapturedStep  # one optimizer step (state.step counts them); --cuda-graphs: captured
+    meter: Meter  # the training sums of one log interval, on the device (one for the run: a captured step adds into it)
     state: State
     log: Logger
     progress: Progress
@@ -89,7 +91,8 @@ class Run:
 
 def train_one_epoch(r: Run, loader) -> None:
     cfg, state, device = r.cfg, r.state, r.device
-    meter = Meter(r.net.num_heads, device)
+    meter = r.meter
+    meter.reset()
     first_bad = torch.full((), -1, dtype=torch.int64, device=device)  # first non-finite step, on the device
     skipped = torch.zeros((), dtype=torch.int64, device=device)
     r.model.train()
@@ -109,9 +112,7 @@ def train_one_epoch(r: Run, loader) -> None:
         r.train_step.set_lr(lr)
         if r.schedule.ramps_soft:
             r.train_step.set_soft_factor(r.schedule.soft(state.step))
-        r.train_step(x, y, meter)
-        if r.ema is not None:
-            r.ema.update(r.train_step.bad)  # a skipped step leaves the average as it was
+        r.train_step(x, y, meter)  # the EMA's update included
         bad = r.train_step.bad.bool()  # agreed across ranks
         first_bad = torch.where(bad & (first_bad < 0), state.step, first_bad)
         skipped += bad
@@ -230,7 +231,7 @@ def _summary(r: Run) -> str:
 def _setup(flags: TrainConfig) -> Run:
     """Device, process group, run folder, data, model, optimizer, resumed state: everything the loop needs.
     The config is resolved (flags + device + the resumed checkpoint's settings) before anything is built."""
-    proc, device = init_distributed(flags.run.device)
+    proc, device = init_distributed(flags.run.device, capture=flags.model.cuda_graphs)
     cfg = resolve(flags, cuda=device.type == "cuda", world=proc.world)
     rundir = RunDir(cfg.run.output, resume=bool(cfg.run.resume), overwrite=cfg.run.overwrite, main=proc.main)
     try:
@@ -262,7 +263,7 @@ def _setup_in(flags: TrainConfig, cfg: TrainConfig, proc: Dist, device: torch.de
                          "no full batch per epoch; lower --batch-size")
     net, model = cfg.model.build(loaders.num_classes, device=device, proc=proc, image_size=cfg.data.image_size,
                                  in_chans=in_chans)
-    optimizer, scaler = cfg.optim.build(net, device)
+    optimizer, scaler = cfg.optim.build(net, device, capturable=cfg.model.cuda_graphs)
     ema = ModelEMA(net, cfg.optim.model_ema) if cfg.optim.model_ema else None
     state = (restore(resume_path, net, optimizer, scaler, cfg.model.arch, cfg.model.pattern, ema=ema,
                      opt=cfg.optim.optimizer, ckpt=ckpt) if ckpt is not None else State())
@@ -280,8 +281,11 @@ def _setup_in(flags: TrainConfig, cfg: TrainConfig, proc: Dist, device: torch.de
         print(f"collab_fast: warning: {change}", file=sys.stderr)
     progress = Progress(cfg.run.progress, total, state.step, cfg.run.progress_every, enabled=proc.main)
     log = Logger(rundir.path, proc.main, progress, record=not cfg.run.eval_only)
-    r = Run(cfg, proc, device, rundir, loaders, net, model, optimizer, scaler, ema, schedule,
-            Step(cfg, model, net, optimizer, scaler, proc), state, log, progress, steps, total, resume_path)
+    step = Step(cfg, model, net, optimizer, scaler, proc, ema)
+    if cfg.model.cuda_graphs:
+        step = CapturedStep(step)
+    r = Run(cfg, proc, device, rundir, loaders, net, model, optimizer, scaler, ema, schedule, step,
+            Meter(net.num_heads, device), state, log, progress, steps, total, resume_path)
     if proc.main:
         _header(r)
     return r
@@ -314,6 +318,11 @@ def _header(r: Run) -> None:
           f"global batch {optim.batch_size * world}, lr {optim.lr:g}, amp {optim.amp}, device {r.device}"
           f"{f', {world} processes' if world > 1 else ''}; output {out}"
           + (f"; resumed at step {r.state.step}" if resume_path else ""), flush=True)
+    if isinstance(r.train_step, CapturedStep):
+        how = ("a CUDA graph" if r.device.type == "cuda" else
+               "an op tape (no CUDA: a rehearsal of the capture that replays the recorded ops, slower than eager)")
+        print(f"collab_fast: --cuda-graphs: the step is captured in {how} after {r.train_step.warmup} eager warm-up "
+              "steps", flush=True)
 
 
 def run(cfg: TrainConfig) -> dict:

@@ -14,7 +14,8 @@
 #      lane 3  build (the C++/CUDA extension with nvcc), then train: resnet50 hier4, bf16, channels-last,
 #              synthetic, 60 steps; the loss must fall                                                -> run.log
 #   B. timing, one stage at a time, alone on the GPU (bench rows are written after every row/shape):
-#      bench-train    plain/single/ilr2/hier4 at batch 256                                    -> bench_train.json
+#      train-graph    the trainer with --cuda-graphs (the whole step captured): hier4, 60 steps, the loss must fall
+#      bench-train    plain/single/hier4 at batch 32 and 256, eager and captured (--cuda-graphs) -> bench_train.json
 #      host-profile   where a whole loss call's host time goes (ImageNet shape)               -> run.log
 #      bench-loss     kernel-only and whole-call rows, eager, compiled (ImageNet shapes), floor -> bench_loss.json
 #      bench-linear   fused linear + collaborative loss at LM vocabularies: memory and time -> bench_fused_linear.json
@@ -161,29 +162,39 @@ else
     L3=$!
 fi
 wait $L1 $L2 $L3
-# the training run's loss must fall: first vs last logged record
-if [ -f "$WORK/run/metrics.jsonl" ]; then
-    "$PY" - "$WORK/run/metrics.jsonl" <<'PYEOF' 2>&1 | tee -a "$LOG"
+# a training run's loss must fall: first vs last logged record (RUN_DIR, what the run was)
+falls() {
+    [ -f "$1/metrics.jsonl" ] || return 0
+    "$PY" - "$1/metrics.jsonl" "$2" <<'PYEOF' 2>&1 | tee -a "$LOG"
 import json, sys
 tr = [r for r in map(json.loads, open(sys.argv[1])) if r.get("kind") == "train"]
 if tr:
     first, last = tr[0]["loss"], tr[-1]["loss"]
-    print(f"gpu_check: train loss {first:.3f} -> {last:.3f} over {tr[-1]['step']} steps "
-          f"({'falls' if last < first else 'DOES NOT FALL'}), {tr[-1].get('img_per_s', 0):.0f} img/s while the test "
-          f"lanes shared the GPU (not a timing), peak {tr[-1].get('peak_mem_mb', tr[-1].get('peak_rss_mb', 0)):.0f} MB")
+    print(f"gpu_check: {sys.argv[2]}: train loss {first:.3f} -> {last:.3f} over {tr[-1]['step']} steps "
+          f"({'falls' if last < first else 'DOES NOT FALL'}), {tr[-1].get('img_per_s', 0):.0f} img/s, "
+          f"peak {tr[-1].get('peak_mem_mb', tr[-1].get('peak_rss_mb', 0)):.0f} MB")
 PYEOF
-fi
+}
+falls "$WORK/run" "train (the test lanes shared the GPU: not a timing)"
 
 # --- phase B: timing, alone on the GPU
 if [ $DRY = 1 ]; then
-    stage bench-train 300 "$OUT/run.log" "$PY" benchmarks/bench_train.py --quick --out "$WORK/results"
+    stage train-graph 300 "$OUT/run.log" "$PY" -m collab_fast.train synthetic --device cpu --arch resnet18 \
+        --pattern hier4 -b 4 --image-size 32 --max-steps 6 --synthetic-steps 6 --log-every 1 --progress lines \
+        --model-ema 0.99 --cuda-graphs --output "$WORK/run-graph"
+    falls "$WORK/run-graph" "train-graph (--cuda-graphs)"
+    stage bench-train 300 "$OUT/run.log" "$PY" benchmarks/bench_train.py --quick --modes eager,graph --out "$WORK/results"
     stage host-profile 300 "$OUT/run.log" "$PY" benchmarks/bench_loss.py --host-profile
     stage bench-loss 300 "$OUT/run.log" "$PY" benchmarks/bench_loss.py --quick --compiled-shapes none --out "$WORK/results"
     stage bench-linear 300 "$OUT/run.log" "$PY" benchmarks/bench_fused_linear.py --quick --out "$WORK/results"
     stage bench-rescale 300 "$OUT/run.log" "$PY" benchmarks/bench_rescale.py --quick --out "$WORK/results"
 else
-    stage bench-train 130 "$OUT/run.log" "$PY" benchmarks/bench_train.py --patterns plain,single,ilr2,hier4 \
-        --batch-size 256 --steps 20 --warmup 5 --out "$WORK/results"
+    stage train-graph 60 "$OUT/run.log" "$PY" -m collab_fast.train synthetic --device cuda --arch resnet50 \
+        --pattern hier4 -b 128 --image-size 224 --max-steps 60 --synthetic-steps 60 --log-every 10 \
+        --progress lines --model-ema 0.999 --cuda-graphs --output "$WORK/run-graph"
+    falls "$WORK/run-graph" "train-graph (--cuda-graphs, alone on the GPU)"
+    stage bench-train 200 "$OUT/run.log" "$PY" benchmarks/bench_train.py --patterns plain,single,hier4 \
+        --batch-size 32,256 --modes eager,graph --steps 20 --warmup 5 --out "$WORK/results"
     stage host-profile 40 "$OUT/run.log" "$PY" benchmarks/bench_loss.py --host-profile
     stage bench-loss 110 "$OUT/run.log" "$PY" benchmarks/bench_loss.py --compiled-shapes imagenet --out "$WORK/results"
     stage bench-linear 45 "$OUT/run.log" "$PY" benchmarks/bench_fused_linear.py --out "$WORK/results"

@@ -114,20 +114,24 @@ def test_gpu_check_dry_run_and_no_cuda(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=sys.executable, GPU_CHECK_WORK=str(tmp_path / "work"),
-               GPU_CHECK_BUDGET="400")
+               GPU_CHECK_BUDGET="500")
     env.pop("COLLAB_FAST_CACHE", None)
     res = subprocess.run(["bash", str(root / "scripts" / "gpu_check.sh"), "--dry-run"], env=env, capture_output=True,
-                         text=True, timeout=600)
+                         text=True, timeout=700)
     log = (tmp_path / "out" / "check.log").read_text()
     assert res.returncode == 0, log[-3000:] + res.stderr[-2000:]
     assert "0 stage(s) not ok" in log
-    for name in ("env", "loss-tests", "linear-tests", "build", "ops-tests", "train", "bench-loss", "bench-train",
-                 "host-profile", "bench-linear", "bench-rescale"):
+    for name in ("env", "loss-tests", "linear-tests", "build", "ops-tests", "train", "train-graph", "bench-loss",
+                 "bench-train", "host-profile", "bench-linear", "bench-rescale"):
         assert f"{name}: ok" in log, name
     files = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert len(files) <= 8 and {"check.log", "tests.log", "tests2.log", "run.log"} <= set(files), files
     assert sum(f.endswith(".json") for f in files) == 4
     assert "train loss" in log and "(falls)" in log
+    # the captured path ran: the trainer's step and the benchmark's captured rows (the op tape on CPU)
+    assert "train-graph (--cuda-graphs): train loss" in log
+    run_log = (tmp_path / "out" / "run.log").read_text()
+    assert "captured in an op tape" in run_log and "pattern=plain  mode=graph" in run_log
     env["CUDA_VISIBLE_DEVICES"] = ""
     env["OUT"] = str(tmp_path / "out2")
     res = subprocess.run(["bash", str(root / "scripts" / "gpu_check.sh")], env=env, capture_output=True, text=True,

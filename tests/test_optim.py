@@ -202,3 +202,48 @@ def test_optimizer_choice_and_its_default_learning_rate():
     assert [g["trust"] for g in lars.param_groups] == [True, False]  # no trust ratio for norms and biases
     with pytest.raises(ValueError, match="--opt must be one of sgd, adamw, lamb, lars"):
         OptimConfig(optimizer="adam")
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw", "lamb", "lars"])
+def test_every_optimizer_takes_the_fp16_scaler_on_the_device(name):
+    # Under --amp fp16 the grad scaler hands each optimizer its scale and found_inf (torch's fused optimizers'
+    # contract, which LAMB and LARS now follow): the update equals the unscaled one, an inf gradient skips the
+    # step and halves the scale, and nothing is read on the host (GradScaler's other path calls .item()).
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Reads(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(func._schema.name.split("::")[-1])
+            return func(*args, **(kwargs or {}))
+
+    def run(scaled: bool, poison: bool = False):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2)).double()
+        opt = make_optimizer(model, OptimConfig(optimizer=name, lr=0.05, wd=1e-3))
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0) if scaled else None
+        reads = Reads()
+        for t in range(3):
+            x = torch.randn(8, 4, dtype=torch.float64)
+            loss = model(x).square().mean() * (float("inf") if poison and t == 1 else 1.0)
+            with reads:
+                (scaler.scale(loss) if scaled else loss).backward()
+                if scaled:
+                    scaler.step(opt), scaler.update()
+                else:
+                    opt.step()
+            opt.zero_grad(set_to_none=True)
+        return model, scaler, reads.names
+
+    plain, _, _ = run(False)
+    scaled, scaler, names = run(True)
+    assert getattr(make_optimizer(plain, OptimConfig(optimizer=name, lr=0.1)), "_step_supports_amp_scaling", False)
+    for a, b in zip(plain.parameters(), scaled.parameters()):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-12)
+    assert not {"_local_scalar_dense", "item", "is_nonzero"} & set(names), name
+    skipped, scaler, _ = run(True, poison=True)
+    assert float(scaler.get_scale()) == 1024.0 * 0.5  # one skip halves the scale (two growth-free steps)
+    assert all(torch.isfinite(p).all() for p in skipped.parameters())

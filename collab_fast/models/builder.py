@@ -5,6 +5,7 @@ network with its initial weights and synchronised batch norm, then wrapped (DDP,
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
 import sys
 from collections.abc import Callable, Sequence
@@ -222,6 +223,10 @@ class ModelConfig:
     compile_step: bool = setting(False, "torch.compile the whole optimizer step: forward, loss, backward (compiled "
                                         "autograd) and the update, with the learning rate and the soft ramp's factor "
                                         "read from device tensors (no recompilation between steps)")
+    cuda_graphs: bool = setting(False, "capture the whole optimizer step (forward, loss, backward, update, EMA, meter) "
+                                       "in a CUDA graph after a few eager warm-up steps and replay it at every step "
+                                       "after: one launch per step; every training batch must have the same shape "
+                                       "(on CPU: a slower rehearsal that replays the recorded ops)")
     weights: str | None = setting(None, "initial weights: an exported head (.pth: into every copy of a collaborative "
                                         "pattern, the classifier re-initialised per head), a training checkpoint, or "
                                         "timm / torchvision (that library's pretrained weights, for its archs)",
@@ -261,6 +266,19 @@ class ModelConfig:
         elif self.weights and not Path(self.weights).is_file():
             raise ValueError(f"--weights {self.weights}: no such file")
 
+    def check_capture(self, *, cuda: bool, world: int) -> None:
+        """--cuda-graphs' limits where there is no CUDA: the step is then rehearsed on an op tape (graphs.OpTape),
+        which records ATen ops in one process; compiled code and another process's collectives run outside them."""
+        if not self.cuda_graphs or cuda:
+            return
+        if self.compile or self.compile_step:
+            flag = "--compile" if self.compile else "--compile-step"
+            raise ValueError(f"--cuda-graphs with {flag} needs CUDA: without it the capture is rehearsed by recording "
+                             "ATen ops, and compiled code runs outside them; drop one of the two on this device")
+        if world > 1:
+            raise ValueError("--cuda-graphs under torchrun needs CUDA (NCCL): without it the capture is rehearsed in one "
+                             "process only")
+
     @property
     def pretrained(self) -> bool:
         """--weights names a library's pretrained weights, not a file."""
@@ -282,7 +300,10 @@ class ModelConfig:
         model = net
         if proc.world > 1:
             ids = [proc.local_rank] if device.type == "cuda" else None
-            model = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
+            # --cuda-graphs: DDP built on a side stream (PyTorch's recipe for capturing DDP's backward)
+            side = torch.cuda.stream(torch.cuda.Stream(device)) if self.cuda_graphs and ids else contextlib.nullcontext()
+            with side:
+                model = torch.nn.parallel.DistributedDataParallel(net, device_ids=ids)
         if self.compile:
             model = torch.compile(model)
         return net, model

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
 
 from collab_fast.kernels.collab_loss.autograd import FusedCollabLoss
 from collab_fast.kernels.collab_loss.launch import check_triton_usable
@@ -46,9 +47,18 @@ def labels_checked_on_host(target: torch.Tensor) -> bool:
     # check reads a value back to the host. Unchecked labels (CUDA, or anything under torch.compile,
     # where the check would break the graph) are checked in the kernel: an out-of-range label makes
     # the loss NaN.
-    if torch.compiler.is_compiling():
+    # Nor inside a captured step (--cuda-graphs), where a read on the host is refused.
+    if torch.compiler.is_compiling() or _capturing(target.device):
         return False
     return target.device.type == "cpu" or os.environ.get("COLLAB_FAST_CHECK_LABELS", "0") == "1"
+
+
+def _capturing(device: torch.device) -> bool:
+    """A CUDA graph capture on `device`'s stream, or the CPU's op tape recording (graphs.OpTape: a dispatch
+    mode marked `captures`)."""
+    if device.type == "cuda":
+        return torch.cuda.is_current_stream_capturing()
+    return any(getattr(mode, "captures", False) for mode in _get_current_dispatch_mode_stack())
 
 
 def check_inputs(logits, target: torch.Tensor, params: CollabLossParams) -> tuple[torch.Tensor, torch.Tensor]:
