@@ -154,7 +154,8 @@ class CapturedStep:
         if x.device.type == "cuda":
             torch.cuda.synchronize(x.device)
             graph = (self.graph_type or torch.cuda.CUDAGraph)()
-            with torch.cuda.graph(graph):
+            # thread_local: CUDA calls of other threads (a loader's pinned-memory thread, DALI's) may go on meanwhile
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self.loss = self.step(self.x, self.y, meter)
             self.graph = graph
             return False

@@ -20,7 +20,8 @@ BASE = [*CPU_DIGITS, "-b", "32", "--log-every", "3", "--progress", "off", "--ima
 RECIPES = {  # every optimizer; what changes per step (warm-up, cosine, the soft ramp); the step's options
     "sgd": ("--pattern", "ilr2", "--soft-ramp", "1", "--warmup-epochs", "0.2", "--accum-steps", "2",
             "--model-ema", "0.9"),
-    "adamw": ("--pattern", "hier4", "--opt", "adamw", "--clip-grad", "1", "--warmup-epochs", "0.2"),
+    "adamw": ("--pattern", "hier4", "--opt", "adamw", "--clip-grad", "1", "--warmup-epochs", "0.2", "--mixup", "0.2",
+              "--cutmix", "1"),  # the batch transform runs outside the graph: its [N, C] targets copied in
     "lamb": ("--pattern", "single", "--opt", "lamb", "--skip-nonfinite", "--schedule", "cosine", "--epochs", "1",
              "--model-ema", "0.5"),
     "lars": ("--pattern", "ilr2", "--opt", "lars", "--amp", "fp16", "--clip-grad", "2", "--warmup-epochs", "0.2",

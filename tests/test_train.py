@@ -639,7 +639,7 @@ def test_dali_resume_after_a_signal_skips_no_batch(tmp_path, monkeypatch):
 def test_opt_flag_trains_with_that_optimizer(tmp_path, monkeypatch, name, cls):
     made = []
     real = optim.make_optimizer
-    monkeypatch.setattr(optim, "make_optimizer", lambda *a: made.append(real(*a)) or made[-1])
+    monkeypatch.setattr(optim, "make_optimizer", lambda *a, **k: made.append(real(*a, **k)) or made[-1])
     out = run_train(tmp_path, "--pattern", "ilr2", "--opt", name, "--max-steps", "4", "--skip-nonfinite")
     assert [type(o).__name__ for o in made] == [cls]
     losses = [r["loss"] for r in records(out, "train")]
