@@ -61,6 +61,21 @@ def test_captured_step_trains_as_eager_does(tmp_path, recipe, capsys):
     assert len(losses) == 3 and losses == pytest.approx(want, rel=1e-6 if tol else 0)
 
 
+def test_a_captured_run_resumes_exactly(tmp_path):
+    # 5 steps, then a second process resumes to 9 (its own warm-up and capture on the state it loaded): the weights,
+    # EMA and optimizer state of one 9-step captured run.
+    flags = ("--cuda-graphs", "--pattern", "ilr2", "--warmup-epochs", "0.2", "--model-ema", "0.9")
+    whole, _ = _train(tmp_path, "whole", *flags)
+    out = tmp_path / "parts"
+    assert train.main([*BASE, "--output", str(out), *flags, "--max-steps", "5"]) == 0
+    assert train.main([*BASE, "--output", str(out), *flags, "--resume", "auto"]) == 0
+    parts = load_checkpoint(out / "last.pt")
+    _same(parts["model"], whole["model"])
+    _same(parts["ema"], whole["ema"])
+    a, b = parts["optimizer"]["state"], whole["optimizer"]["state"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k]["momentum_buffer"], b[k]["momentum_buffer"]) for k in a)
+
+
 def test_a_python_number_inside_the_step_is_frozen_at_the_capture(tmp_path, monkeypatch):
     # The control that shows the test above can fail: an LR handed to the optimizer as a Python float (as the
     # eager step does) is baked into the captured update, so the warm-up's LR ramp stops at the capture.
