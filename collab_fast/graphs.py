@@ -83,6 +83,9 @@ class _Record(TorchDispatchMode):
         if name in SYNC_OPS:
             raise RuntimeError(f"--cuda-graphs: {func} reads a device value on the host inside the captured step "
                                "(a CUDA graph cannot capture it)")
+        if name == "lift_fresh":  # torch.tensor(python data): on CUDA a copy from pageable host memory
+            raise RuntimeError("--cuda-graphs: a tensor made from Python data inside the captured step (on CUDA a "
+                               "copy from host memory, which a CUDA graph cannot capture); make it once, outside")
         out = func(*args, **kwargs)
         # views and in-place/out= ops alias tensors the tape already holds: re-running them is enough
         aliases = func.is_view or any(r.alias_info is not None for r in func._schema.returns)

@@ -109,6 +109,9 @@ def test_the_tape_replays_ops_with_new_values_and_refuses_a_host_read():
     with pytest.raises(RuntimeError, match="reads a device value on the host inside the captured step"):
         with OpTape().capture():
             float(x.sum())
+    with pytest.raises(RuntimeError, match="a tensor made from Python data inside the captured step"):
+        with OpTape().capture():
+            x.add_(torch.tensor(2.0))
 
 
 class _Tiny:
