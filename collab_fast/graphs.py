@@ -101,8 +101,8 @@ class CapturedStep:
 
     def __init__(self, step: Step, warmup: int | None = None, graph=None):
         if step.lr is None:
-            raise ValueError("CapturedStep: the step must hold its learning rate on the device (Step(..., "
-                             "device_lr=True))")
+            raise ValueError("CapturedStep: the step must hold its learning rate on the device (a Step built from a "
+                             "config with cuda_graphs=True)")
         self.step = step
         self.warmup = warmup_steps(step.ddp is not None) if warmup is None else warmup
         self.graph_type = graph
