@@ -698,6 +698,94 @@ def test_under_torch_compile_dynamic_batch():
         _compiled_equals_eager(compiled, step, *make(2, n, 37, seed=n))
 
 
+_TRACED = r"""
+import json, logging, sys
+import torch
+from triton.runtime import driver
+sys.path.insert(0, BENCHMARKS)
+from sass_loss import _Sm90 as Sm90  # enough of a driver for Triton to lower the kernel for an H100
+try:
+    real = driver.active
+except Exception:
+    real = None
+driver.set_active(Sm90(real))
+from torch._dynamo.backends.common import aot_autograd
+from collab_fast.kernels import collab_loss as cl
+
+cl.api.check_triton_usable = lambda device: None  # CPU tensors reach the compiled (not interpreted) kernel
+launches = []
+cl.jit.collab_loss_kernel.run = lambda *a, grid, warmup, **kw: launches.append((grid, a, kw))  # kept, not run
+warned = []
+handler = logging.Handler()
+handler.emit = lambda record: warned.append(record.getMessage())
+logging.getLogger("torch._higher_order_ops.triton_kernel_wrap").addHandler(handler)
+
+
+def summary(grid, args, kw):
+    bound = dict(zip(cl.jit.collab_loss_kernel.arg_names, args)) | kw
+    row = {k: [str(v.dtype), list(v.shape), list(v.stride())] if isinstance(v, torch.Tensor) else v
+           for k, v in bound.items() if k not in ("num_stages", "num_ctas")}  # (Triton's defaults either way)
+    return row | {"grid": ([int(g) for g in grid] + [1, 1])[:3]}
+
+
+out = {}
+torch.manual_seed(0)
+H, N, C = 3, 8, 37
+for case, kw in {"none": dict(reduction="none"),
+                 "mean": dict(block_c=16, return_stats=True, soft_loss="kl")}.items():  # 16 < C: row stats
+    z = torch.randn(H, N, C, requires_grad=True)
+    y = torch.randint(0, C, (N,))
+    sf = torch.tensor(0.5)
+
+    def f(z, y):
+        loss = cl.fused_collab_loss(z, y, impl="triton", soft_factor=sf, **kw)
+        return loss[0].sum() if kw.get("return_stats") else loss.sum()
+
+    graphs = []
+    keep = lambda gm, _: graphs.append(gm) or gm
+    torch._dynamo.reset()
+    launches.clear()
+    torch.compile(f, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep), fullgraph=True)(z, y).backward()
+    traced = [summary(*c) for c in launches]
+    # what the ops launch called directly (their eager bodies), the row weights in the traced layout
+    p = cl.CollabLossParams(impl="triton", **{k: v for k, v in kw.items() if k != "return_stats"})
+    args = cl.autograd.params_args(p)
+    launches.clear()
+    _, _, rs = torch.ops.collab_fast.collab_loss_forward(z.detach(), y, *args, True, bool(kw.get("return_stats")), sf)
+    r = torch.ones(()).expand(H, N)  # (sum's gradient, or 1 / n_valid: a scalar expanded either way)
+    torch.ops.collab_fast.collab_loss_backward_rows(z.detach(), y, r, rs, *args, sf)
+    direct = [summary(*c) for c in launches]
+    nodes = [(str(n.target), n.kwargs.get("tensors_to_clone")) for gm in graphs for n in gm.graph.nodes
+             if n.op == "call_function"]
+    out[case] = {"traced": traced, "direct": direct, "nodes": nodes}
+out["warned"] = warned
+print("RESULT", json.dumps(out))
+""".replace("BENCHMARKS", repr(str(Path(__file__).resolve().parent.parent / "benchmarks")))
+
+
+def test_compiled_graph_launches_the_kernel_itself():
+    # With a compiled (not interpreted) kernel the ops are Triton ops: AOTAutograd traces into them, so the
+    # graph Inductor gets holds the kernel itself (a triton_kernel_wrapper node it compiles, launches and,
+    # in a CUDA graph, captures), not an opaque op. Traced on CPU outside the interpreter (the kernel lowered
+    # for sm_90 by Torch's analysis of its stores; its launches recorded, not run). Checked: no opaque op is
+    # left; the analysis found exactly the buffers the kernel writes (never the logits, labels, row weights
+    # or soft factor: nothing is copied); and the graph launches what the ops' bodies launch when called
+    # directly (which the interpreter tests check against the reference): the same grid, warps,
+    # constexprs, scalars, and tensors of the same dtype, shape and strides.
+    rows = _compile_rows(_TRACED)
+    assert not [w for w in rows["warned"] if "assuming every input is mutated" in w], rows["warned"]
+    written = {"loss_ptr", "stats_ptr", "ws_ptr", "rs_ptr", "g_ptr"}
+    for case in ("none", "mean"):
+        nodes, traced, direct = rows[case]["nodes"], rows[case]["traced"], rows[case]["direct"]
+        assert not [t for t, _ in nodes if "collab_fast" in t], nodes
+        kernels = [clone for t, clone in nodes if t == "triton_kernel_wrapper_functional"]
+        assert len(kernels) == 2 and all(set(c) <= written for c in kernels), (case, nodes)
+        assert "g_ptr" in kernels[1] and "loss_ptr" in kernels[0], (case, kernels)
+        assert len(traced) == len(direct) == 2, case
+        for phase, a, b in zip(("forward", "backward"), traced, direct):
+            assert a == b, (case, phase, {k: (a.get(k), b.get(k)) for k in a.keys() | b.keys() if a.get(k) != b.get(k)})
+
+
 # -------------------------------------------------------------------------- bad input
 
 

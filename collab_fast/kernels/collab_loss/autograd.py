@@ -1,22 +1,38 @@
 """The loss as autograd sees it. Eager calls: `FusedCollabLoss`, an autograd.Function that launches the
-kernel directly (no dispatcher cost). torch.compile: two torch.library custom ops (opaque to the compiler,
-with fake implementations and the forward op's registered gradient)."""
+kernel directly (no dispatcher cost). torch.compile: two torch.library Triton ops (`triton_op`, the forward
+op's gradient registered): the compiler traces into them, so Inductor launches and captures the kernel
+itself; under the Triton interpreter they are custom ops opaque to it."""
 
 from __future__ import annotations
 
 import torch
 
-from collab_fast.kernels.collab_loss.launch import launch, num_valid, pick_block_c, row_stats_buffer, row_stats_count
+from collab_fast.kernels.collab_loss.launch import interpreter_active, launch, num_valid, row_stats_buffer
 from collab_fast.kernels.collab_loss.params import CollabLossParams
 
 __all__ = ["FusedCollabLoss", "params_args", "params_from", "upstream_weights"]
 
 
 # ----------------------------------------------------------------------------------------------------
-# torch.library custom ops: what torch.compile sees (opaque, with fake implementations). A custom op's
-# schema takes no dataclass, so the params travel as their fields and are rebuilt (already validated
+# torch.library ops: what torch.compile sees. With a compiled kernel they are Triton ops: AOTAutograd
+# traces their bodies (buffers allocated with torch, the kernel through wrap_triton), so Inductor plans the
+# buffers and launches the kernel in its own code, and a CUDA graph around it (mode="reduce-overhead",
+# --cuda-graphs) holds the launch. The interpreter's kernel cannot be traced: there each is a custom op
+# whose fake implementation is the same body (launch.traced_launch launches nothing on fake tensors).
+# A schema takes no dataclass, so the params travel as their fields and are rebuilt (already validated
 # values: no new checks fail). Eager calls go straight to launch, avoiding the dispatcher's overhead.
 # ----------------------------------------------------------------------------------------------------
+
+
+def _op(name: str):
+    """Registers `fn` as the op `name`: a Triton op, or under the interpreter a custom op faked by itself."""
+    def register(fn):
+        if interpreter_active():
+            op = torch.library.custom_op(name, fn, mutates_args=())
+            op.register_fake(fn)
+            return op
+        return torch.library.triton_op(name, fn, mutates_args=())
+    return register
 
 
 def params_args(p: CollabLossParams) -> tuple:
@@ -32,7 +48,7 @@ def params_from(temperature, hard_coef, soft_coef, detach_consensus, ignore_inde
                             soft_loss=soft_loss, weights=(hard_coef, soft_coef))
 
 
-@torch.library.custom_op("collab_fast::collab_loss_forward", mutates_args=())
+@_op("collab_fast::collab_loss_forward")
 def _collab_loss_forward_op(
     logits: torch.Tensor, target: torch.Tensor, temperature: float, hard_coef: float, soft_coef: float,
     detach_consensus: bool, ignore_index: int, label_smoothing: float, reduction: str, block_c: int,
@@ -42,26 +58,12 @@ def _collab_loss_forward_op(
                           reduction, block_c, soft_loss)
     rs = row_stats_buffer(logits, target, params) if keep_row_stats else None
     loss, stats, _, _ = launch(logits, target, params, return_stats=return_stats, save_row_stats=rs,
-                               soft_factor=soft_factor)
+                               soft_factor=soft_factor, traced=True)
     empty = logits.new_empty((0,), dtype=torch.float32)
     return loss, (stats if stats is not None else empty), (rs if rs is not None else empty.clone())
 
 
-@_collab_loss_forward_op.register_fake
-def _(logits, target, temperature, hard_coef, soft_coef, detach_consensus, ignore_index, label_smoothing,
-      reduction, block_c, soft_loss, keep_row_stats, return_stats, soft_factor=None):
-    h, n, c = logits.shape
-    loss = logits.new_empty((h, n) if reduction == "none" else (), dtype=torch.float32)
-    stats = logits.new_empty((4, h) if return_stats else (0,), dtype=torch.float32)
-    # The block choice needs concrete H and C (the kernel is specialised on them anyway): int() guards on
-    # them; symbolic power-of-two arithmetic took minutes under dynamic shapes. N stays dynamic.
-    long_rows = pick_block_c(int(h), int(c), block_c or None)[1] > 1
-    k = row_stats_count(target)
-    rs = logits.new_empty((k, h, n) if keep_row_stats and long_rows else (0,), dtype=torch.float32)
-    return loss, stats, rs
-
-
-@torch.library.custom_op("collab_fast::collab_loss_backward_rows", mutates_args=())
+@_op("collab_fast::collab_loss_backward_rows")
 def _collab_loss_backward_rows_op(
     logits: torch.Tensor, target: torch.Tensor, row_weights: torch.Tensor, row_stats: torch.Tensor,
     temperature: float, hard_coef: float, soft_coef: float, detach_consensus: bool, ignore_index: int,
@@ -70,14 +72,8 @@ def _collab_loss_backward_rows_op(
     params = params_from(temperature, hard_coef, soft_coef, detach_consensus, ignore_index, label_smoothing,
                           reduction, block_c, soft_loss)
     _, _, grad, _ = launch(logits, target, params, compute_loss=False, compute_grad=True, row_weights=row_weights,
-                           row_stats=row_stats if row_stats.numel() else None, soft_factor=soft_factor)
+                           row_stats=row_stats if row_stats.numel() else None, soft_factor=soft_factor, traced=True)
     return grad
-
-
-@_collab_loss_backward_rows_op.register_fake
-def _(logits, target, row_weights, row_stats, temperature, hard_coef, soft_coef, detach_consensus, ignore_index,
-      label_smoothing, reduction, block_c, soft_loss, soft_factor=None):
-    return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from collab_fast.kernels.launch import CachedLauncher
 
 __all__ = ["CONSTEXPRS", "LOOP_STAGES", "WORKSPACES", "check_triton_usable", "fast_exp", "interpreter_active",
            "kernel_launcher", "launch", "loop_stages", "num_valid", "pick_block_c", "plan", "row_stats_buffer",
-           "row_stats_count", "safe_block", "shared_memory_limit", "vector_width", "workspace"]
+           "row_stats_count", "safe_block", "shared_memory_limit", "traced_launch", "vector_width", "workspace"]
 
 MAX_TILE = 8192  # elements of the [H_PAD, BLOCK_C] register tile
 # Rows longer than one block (LM vocabularies) loop over blocks of at most LONG_ROW_BLOCK columns with 4
@@ -67,16 +67,20 @@ def check_triton_usable(device: torch.device) -> None:
         )
 
 
-def vector_width(logits: torch.Tensor, grad: torch.Tensor) -> int:
+def vector_width(logits: torch.Tensor, grad: torch.Tensor, traced: bool = False) -> int:
     """Elements per 16-byte vector when the logits and the gradient both have unit class stride, 16-byte
-    aligned storage, and head and row strides and C that are multiples of it; else 1 (scalar accesses)."""
+    aligned storage, and head and row strides and C that are multiples of it; else 1 (scalar accesses).
+    `traced` (inside a compiled graph, no data pointer): the storage offset stands for the address, which
+    is Inductor's own rule (it copies a graph input whose storage is not 16-byte aligned before use)."""
     size = logits.element_size()
     vec = 16 // size
     if logits.shape[2] % vec:
         return 1
     for t in (logits,) if grad is logits else (logits, grad):
         s = t.stride()
-        if s[2] != 1 or s[0] % vec or s[1] % vec or t.data_ptr() % 16 or t.element_size() != size:
+        if s[2] != 1 or s[0] % vec or s[1] % vec or t.element_size() != size:
+            return 1
+        if (t.storage_offset() % vec) if traced else (t.data_ptr() % 16):
             return 1
     return vec
 
@@ -201,10 +205,18 @@ def launch(
     row_stats: torch.Tensor | None = None,  # fp32 [K, H, N] from forward: backward skips pass 1
     counts: torch.Tensor | None = None,  # backward of "mean": forward's [5, H] stats buffer ([4, 0] = n_valid)
     soft_factor: torch.Tensor | None = None,  # fp32 [] on the device: multiplies the soft coefficient
+    traced: bool = False,  # the body of the torch.library op that torch.compile traces (see autograd.py)
 ):
     """Runs the kernel once. Returns (loss, stats [4, H] or None, grad or None, counts or None): a forward
-    of "mean" (or with stats) returns the [5, H] buffer holding n_valid, which backward takes as `counts`."""
+    of "mean" (or with stats) returns the [5, H] buffer holding n_valid, which backward takes as `counts`.
+
+    `traced`: the launch as a compiled graph holds it. The kernel goes through `wrap_triton`, so Inductor
+    sees it and launches (and captures) it itself; the workspace is a fresh zeroed buffer (the graph owns
+    its memory); a pointer the kernel never touches gets a buffer of its own (no argument aliases another,
+    as functionalization asks); no register cap (Inductor takes none for a user kernel)."""
     num_heads, n, c = logits.shape
+    if traced:  # the kernel is specialised on H and C: concrete (a guard each); N may stay symbolic
+        num_heads, c = int(num_heads), int(c)
     device = logits.device
     h_pad, block, num_blocks, num_warps, stages, tail, safe, cap = plan(
         num_heads, c, params.block_c, logits.element_size(), shared_memory_limit(device))
@@ -214,7 +226,10 @@ def launch(
         raise ValueError("internal: a launch that reduces the loss or counts stats computes no gradient")
     f32 = torch.float32
     finish = reduce or return_stats  # the last program finishes sums kept in the workspace
-    ws = workspace(num_heads, device) if finish and n else None
+    if traced:
+        ws = torch.zeros(3 * num_heads + 3, dtype=f32, device=device) if finish and n else None
+    else:
+        ws = workspace(num_heads, device) if finish and n else None
     if finish:
         stats = (torch.empty if n else torch.zeros)((5, num_heads), dtype=f32, device=device)
     else:
@@ -224,45 +239,70 @@ def launch(
     elif compute_loss:
         loss = torch.empty((num_heads, n), dtype=f32, device=device)
     else:
-        loss = stats if stats is not None else row_weights  # a pointer the kernel never uses
-    if stats is None:
-        stats = loss
-    if ws is None:
-        ws = loss
+        loss = None
+    # a pointer the kernel never uses (its constexprs rule every access out): another of the call's
+    # buffers, or traced, an empty one of its own
+    if traced:
+        unused = torch.empty(0, dtype=f32, device=device)
+    else:
+        unused = loss if loss is not None else stats if stats is not None else row_weights
+    loss = unused if loss is None else loss
+    stats = unused if stats is None else stats
+    ws = unused if ws is None else ws
     probs = target.is_floating_point()
     if compute_grad:
         grad = torch.empty_like(logits, memory_format=torch.contiguous_format) if grad_out is None else grad_out
     else:
-        grad = logits  # never written (COMPUTE_GRAD is a constexpr False)
-    r = row_weights if row_weights is not None else loss
+        grad = unused if traced else logits  # never written (COMPUTE_GRAD is a constexpr False)
+    r = row_weights if row_weights is not None else unused
     r_strides = (0, 0) if row_weights is None or row_weights.dim() == 0 else row_weights.stride()
-    vec = vector_width(logits, grad)
+    vec = vector_width(logits, grad if compute_grad else logits, traced)
     mode = 1 if save_row_stats is not None else 2 if row_stats is not None else 0
-    rs = save_row_stats if mode == 1 else row_stats if mode == 2 else loss
+    rs = save_row_stats if mode == 1 else row_stats if mode == 2 else unused
     if mode:
         k = row_stats_count(target)
         if rs.shape != (k, num_heads, n) or rs.dtype != f32 or not rs.is_contiguous():
             raise ValueError(f"row statistics must be contiguous float32 [{k}, {num_heads}, {n}], got {rs.dtype} "
                              f"{tuple(rs.shape)}")
     if n > 0:
-        # Triton launches on the current device: logits on another GPU (model parallel, device_map) need it set.
-        index = device.index
-        guard = (torch.cuda.device(device) if device.type == "cuda" and index is not None
-                 and index != torch.cuda.current_device() else contextlib.nullcontext())
-        with guard:
-            kernel_launcher(n, (
-                logits, logits.stride(0) // vec, logits.stride(1) // vec, logits.stride(2),
+        g_strides = (grad.stride(0) // vec, grad.stride(1) // vec, grad.stride(2)) if compute_grad else (0, 0, 0)
+        args = (logits, logits.stride(0) // vec, logits.stride(1) // vec, logits.stride(2),
                 target, target.stride(0), target.stride(1) if probs else 0,
-                grad, grad.stride(0) // vec, grad.stride(1) // vec, grad.stride(2),
-                loss, stats, ws, r, r_strides[0], r_strides[1], rs, loss if soft_factor is None else soft_factor,
+                grad, *g_strides,
+                loss, stats, ws, r, r_strides[0], r_strides[1], rs, unused if soft_factor is None else soft_factor,
                 n, c // vec, params.ignore_index,
-                1.0 / params.temperature, params.hard_coef, params.soft_coef, params.label_smoothing,
-            ), (num_heads, h_pad, block, num_blocks, reduce, mean, compute_loss, compute_grad, row_weights is not None,
-                params.detach_consensus, return_stats, params.label_smoothing > 0, params.temperature == 2.0,
-                params.soft_loss == "kl", vec, mode, stages, probs, fast_exp(), tail, safe, soft_factor is not None),
-                num_warps,
-                index if device.type == "cuda" else None, cap)
+                1.0 / params.temperature, params.hard_coef, params.soft_coef, params.label_smoothing)
+        constexprs = (num_heads, h_pad, block, num_blocks, reduce, mean, compute_loss, compute_grad,
+                      row_weights is not None, params.detach_consensus, return_stats, params.label_smoothing > 0,
+                      params.temperature == 2.0, params.soft_loss == "kl", vec, mode, stages, probs, fast_exp(), tail,
+                      safe, soft_factor is not None)
+        if traced:
+            traced_launch(n, args, constexprs, num_warps)
+        else:
+            # Triton launches on the current device: logits on another GPU (model parallel, device_map) need it set.
+            index = device.index
+            guard = (torch.cuda.device(device) if device.type == "cuda" and index is not None
+                     and index != torch.cuda.current_device() else contextlib.nullcontext())
+            with guard:
+                kernel_launcher(n, args, constexprs, num_warps, index if device.type == "cuda" else None, cap)
     return loss, (stats[:4] if return_stats else None), (grad if compute_grad else None), (stats if finish else None)
+
+
+def traced_launch(grid0, args: tuple, constexprs: tuple, num_warps: int) -> None:
+    """The kernel on a grid of `grid0` programs, as a traced graph holds it: through `wrap_triton`, a node
+    Inductor compiles and launches itself (its analysis of the kernel's stores tells it which buffers the
+    kernel writes). The interpreter's kernel cannot be traced (wrap_triton hands it back as it is): there the
+    op is opaque to the compiler, and this body is its fake implementation too, so on fake tensors nothing
+    is launched (the buffers' shapes are the result)."""
+    if interpreter_active():
+        if isinstance(args[0], torch._subclasses.FakeTensor):
+            return
+        kernel = collab_loss_kernel
+    else:
+        from torch.library import wrap_triton
+
+        kernel = wrap_triton(collab_loss_kernel)
+    kernel[(grid0,)](*args, **dict(zip(CONSTEXPRS, constexprs)), num_warps=num_warps)
 
 
 def num_valid(target: torch.Tensor, params: CollabLossParams) -> torch.Tensor:
@@ -282,6 +322,6 @@ def row_stats_buffer(logits: torch.Tensor, target: torch.Tensor, params: CollabL
     """fp32 [K, H, N] for forward to keep pass 1's statistics of rows longer than one block (backward then
     reads the row once instead of twice); None where a row is one block (read once anyway)."""
     num_heads, n, c = logits.shape
-    if pick_block_c(num_heads, c, params.block_c)[1] == 1:
+    if pick_block_c(int(num_heads), int(c), params.block_c)[1] == 1:  # (int: concrete under a trace)
         return None
     return torch.empty((row_stats_count(target), num_heads, n), dtype=torch.float32, device=logits.device)
