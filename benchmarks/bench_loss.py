@@ -1,4 +1,6 @@
-"""Microbenchmark of the collaborative loss: eager reference vs torch.compile(reference) vs the fused kernel.
+"""Microbenchmark of the collaborative loss: eager reference vs torch.compile(reference) vs the fused kernel,
+called eagerly ("ours"; "ours-prefetch" with the long-row loops pipelined) or inside a compiled function
+("ours-compiled": Inductor's code launches the kernel, GPU only by default).
 
     python benchmarks/bench_loss.py            # GPU: the issue's shapes; CPU: tiny shapes (smoke test)
     python benchmarks/bench_loss.py --quick    # one tiny shape per provider (CI)
@@ -65,7 +67,8 @@ CPU_SHAPES = [
     ("imagenet-tiny", 4, 16, 1000, torch.float32),
     ("cifar10-tiny", 4, 32, 10, torch.float32),
 ]
-PROVIDERS = ("eager", "compiled", "ours", "ours-prefetch")
+PROVIDERS = ("eager", "compiled", "ours", "ours-prefetch", "ours-compiled")
+GPU_ONLY = ("ours-prefetch", "ours-compiled")  # meaningless in the CPU interpreter: by default on CUDA only
 COLUMNS = ["shape", "H", "N", "C", "dtype", "GiB", "provider", "mode", "ms", "ms_p10", "ms_p90", "GB/s", "pct_floor",
            "in_L2", "speedup_vs_eager", "peak_extra_MB"]
 
@@ -78,6 +81,8 @@ def make_loss_fn(provider: str):
         return torch.compile(lambda z, y: collab_loss_reference(z, y, **kw))
     if provider in ("ours", "ours-prefetch"):  # the second: see loop_stages
         return lambda z, y: fused_collab_loss(z, y, impl="triton", **kw)
+    if provider == "ours-compiled":  # Inductor's code launches the kernel (the loss's Triton ops are traced)
+        return torch.compile(lambda z, y: fused_collab_loss(z, y, impl="triton", **kw))
     raise ValueError(f"unknown provider {provider!r}; expected one of {PROVIDERS}")
 
 
@@ -282,10 +287,12 @@ def host_profile(device, calls: int = 200) -> None:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--providers", default=None,
-                   help="comma list of eager,compiled,ours,ours-prefetch (default: all; on CPU not the last)")
+                   help="comma list of eager,compiled,ours,ours-prefetch,ours-compiled (default: all; on CPU not "
+                        "the last two)")
     p.add_argument("--shapes", default=None, help="comma list of shape names (default: all for the device)")
     p.add_argument("--compiled-shapes", default=None,
-                   help="comma list of shape names on which the 'compiled' provider runs (default: all); "
+                   help="comma list of shape names on which the 'compiled' and 'ours-compiled' providers run "
+                        "(default: all); "
                         "Inductor compiles each shape and dtype anew, tens of seconds each on a GPU")
     p.add_argument("--quick", action="store_true", help="one tiny shape (a smoke test)")
     p.add_argument("--sweep", action="store_true",
@@ -304,8 +311,7 @@ def main(argv=None) -> int:
         shapes = [s for s in shapes if s[0] in wanted]
         if not shapes:
             p.error(f"--shapes: none of {sorted(wanted)} is known here")
-    # the prefetch A/B means nothing in the CPU interpreter: by default it runs on CUDA only
-    default = PROVIDERS if device.type == "cuda" else tuple(x for x in PROVIDERS if x != "ours-prefetch")
+    default = PROVIDERS if device.type == "cuda" else tuple(x for x in PROVIDERS if x not in GPU_ONLY)
     providers = default if args.providers is None else tuple(args.providers.split(","))
     for pr in providers:
         if pr not in PROVIDERS:
@@ -327,7 +333,8 @@ def main(argv=None) -> int:
     rows, out = [], output_dir(args, device)
     compiled_on = None if args.compiled_shapes is None else set(args.compiled_shapes.split(","))
     for shape in shapes:
-        here = tuple(pr for pr in providers if pr != "compiled" or compiled_on is None or shape[0] in compiled_on)
+        here = tuple(pr for pr in providers
+                     if "compiled" not in pr or compiled_on is None or shape[0] in compiled_on)
         for r in run_shape(*shape, here, device, bandwidth):
             rows.append(r)
             print(format_row(r, COLUMNS), flush=True)

@@ -17,7 +17,8 @@
 #      train-graph    the trainer with --cuda-graphs (the whole step captured): hier4, 60 steps, the loss must fall
 #      bench-train    plain/single/hier4 at batch 32 and 256, eager and captured (--cuda-graphs) -> bench_train.json
 #      host-profile   where a whole loss call's host time goes (ImageNet shape)               -> run.log
-#      bench-loss     kernel-only and whole-call rows, eager, compiled (ImageNet shapes), floor -> bench_loss.json
+#      bench-loss     kernel-only and whole-call rows, eager, compiled, ours-compiled (Inductor launching the
+#                     kernel; the last two at the ImageNet shape), floor                     -> bench_loss.json
 #      bench-linear   fused linear + collaborative loss at LM vocabularies: memory and time -> bench_fused_linear.json
 #      bench-rescale  the split-point gradient sum                                           -> bench_rescale.json
 #      sweep          the loss kernel's block / warps / prefetch at the LM shapes            -> bench_loss_sweep.json
@@ -196,7 +197,7 @@ else
     stage bench-train 200 "$OUT/run.log" "$PY" benchmarks/bench_train.py --patterns plain,single,hier4 \
         --batch-size 32,256 --modes eager,graph --steps 20 --warmup 5 --out "$WORK/results"
     stage host-profile 40 "$OUT/run.log" "$PY" benchmarks/bench_loss.py --host-profile
-    stage bench-loss 110 "$OUT/run.log" "$PY" benchmarks/bench_loss.py --compiled-shapes imagenet --out "$WORK/results"
+    stage bench-loss 140 "$OUT/run.log" "$PY" benchmarks/bench_loss.py --compiled-shapes imagenet --out "$WORK/results"
     stage bench-linear 45 "$OUT/run.log" "$PY" benchmarks/bench_fused_linear.py --out "$WORK/results"
     stage bench-rescale 30 "$OUT/run.log" "$PY" benchmarks/bench_rescale.py --out "$WORK/results"
     stage sweep 150 "$OUT/run.log" "$PY" benchmarks/bench_loss.py --sweep --out "$WORK/results"
