@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from collab_fast.kernels.collab_loss.jit import collab_loss_kernel
 from collab_fast.kernels.collab_loss.launch import interpreter_active, launch, num_valid, row_stats_buffer
 from collab_fast.kernels.collab_loss.params import CollabLossParams
 
@@ -25,9 +26,10 @@ __all__ = ["FusedCollabLoss", "params_args", "params_from", "upstream_weights"]
 
 
 def _op(name: str):
-    """Registers `fn` as the op `name`: a Triton op, or under the interpreter a custom op faked by itself."""
+    """Registers `fn` as the op `name`: a Triton op, or under the interpreter (or without Triton, where it
+    cannot run) a custom op faked by itself."""
     def register(fn):
-        if interpreter_active():
+        if collab_loss_kernel is None or interpreter_active():
             op = torch.library.custom_op(name, fn, mutates_args=())
             op.register_fake(fn)
             return op
