@@ -449,3 +449,75 @@ def test_compiled_under_autocast_runs_the_matmuls_in_the_autocast_dtype():
         assert a.grad.dtype == torch.float32
         # bf16-level: eager accumulates the weight's gradient from float32 operands, the op from bf16 ones
         torch.testing.assert_close(a.grad, g, rtol=2e-2, atol=3e-3)
+
+
+# -------------------------------------------------------------------------- soft_factor
+
+
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+@pytest.mark.parametrize("kw", [dict(), dict(reduction="none", detach_consensus=False, soft_loss="kl"),
+                                dict(reduction="sum", softcap=2.5, lse_square_scale=0.01, chunk_size=3)])
+def test_soft_factor_scales_the_soft_coefficient(impl, kw):
+    # soft_factor f is weights=(k_hard, f * k_soft): loss and every gradient against the float64 reference,
+    # with an upstream gradient other than 1
+    hidden, weight, bias, y = _inputs()
+    k = CollabLossParams()
+    ref_kw = {a: v for a, v in kw.items() if a != "chunk_size"}
+    for f in (0.0, 0.37, 1.5):
+        leaves = [t.detach().clone().requires_grad_() for t in (hidden, weight, bias)]
+        ref = linear_collab_loss_reference(*leaves[:2], y, leaves[2], weights=(k.hard_coef, k.soft_coef * f),
+                                           **ref_kw)
+        mine = [t.detach().to(DEV, torch.float32).requires_grad_() for t in leaves]
+        got = fused_linear_collab_loss(mine[0], mine[1], y.to(DEV), mine[2], impl=impl,
+                                       soft_factor=torch.tensor(f, device=DEV), **kw)
+        up = torch.rand(ref.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(5)) + 0.5
+        ref.backward(up)
+        got.backward(up.to(DEV, torch.float32))
+        torch.testing.assert_close(got.cpu().double(), ref, atol=2e-5, rtol=1e-5, msg=f"f={f}")
+        for a, b in zip(mine, leaves):
+            torch.testing.assert_close(a.grad.cpu().double(), b.grad, atol=2e-5, rtol=1e-4, msg=f"f={f}")
+
+
+def test_soft_factor_changes_without_recompiling_and_the_ops_pass_opcheck():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    from collab_fast.kernels.fused_linear import _LinearExtras, _op_params
+
+    hidden, weight, y, b = (t.float() if t.is_floating_point() else t for t in _lm())
+    f = torch.tensor(1.0)
+
+    def step(x, w, bias):
+        per = fused_linear_collab_loss(x, w, y, bias, chunk_size=4, reduction="none", soft_factor=f)
+        return (per * torch.linspace(0.5, 1.5, per.numel()).view(per.shape)).sum()
+
+    counter = CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+    compiled = torch.compile(step, backend=counter, fullgraph=True)
+    for value in (1.0, 0.25, 0.0):
+        f.fill_(value)
+        leaves = [t.clone().requires_grad_() for t in (hidden, weight, b)]
+        compiled(*leaves).backward()
+        eager = [t.clone().requires_grad_() for t in (hidden, weight, b)]
+        step(*eager).backward()
+        for a, e in zip(leaves, eager):
+            torch.testing.assert_close(a.grad, e.grad, rtol=1e-5, atol=1e-6)
+    assert counter.frame_count == 1
+    x, w, bias = hidden.reshape(3, 10, 6).requires_grad_(), weight.requires_grad_(), b.requires_grad_()
+    for reduction in ("mean", "none"):
+        args = (x, w, bias, y.reshape(10), *_op_params(CollabLossParams(reduction=reduction), _LinearExtras()), 4,
+                False, True, True, True, torch.float32, False, torch.tensor(0.5))
+        torch.library.opcheck(torch.ops.collab_fast.fused_linear_collab_loss_forward, args)
+
+
+@pytest.mark.parametrize("value, error, match", [
+    (0.5, TypeError, "soft_factor must be a one-element float tensor on the hidden's device"),
+    (torch.tensor([0.5, 1.0]), ValueError, r"soft_factor must be a one-element float tensor, got torch.float32 of "
+                                           r"shape \(2,\)"),
+    (torch.tensor(0.5, requires_grad=True), ValueError, r"soft_factor: the loss gives it no gradient"),
+    (torch.tensor(-1.0), ValueError, "soft_factor must be finite and >= 0, got -1.0"),
+])
+def test_bad_soft_factor_is_one_line(value, error, match):
+    h, w, _, y = _inputs(bias=False)
+    with pytest.raises(error, match=match) as info:
+        fused_linear_collab_loss(h.float(), w.float(), y, soft_factor=value)
+    assert "\n" not in str(info.value)

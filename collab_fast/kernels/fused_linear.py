@@ -44,7 +44,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from collab_fast.kernels.collab_loss.api import labels_checked_on_host
+from collab_fast.kernels.collab_loss.api import check_soft_factor, labels_checked_on_host
 from collab_fast.kernels.collab_loss.autograd import params_args, params_from
 from collab_fast.kernels.collab_loss.launch import check_triton_usable, launch, num_valid
 from collab_fast.kernels.collab_loss.params import DEFAULT, KERNEL_DTYPES, CollabLossParams, CollabStats, check_number
@@ -261,13 +261,14 @@ def _autograd_on():
 
 
 def _chunk_loss_and_grad(z: torch.Tensor, y: torch.Tensor, params: CollabLossParams, extras: _LinearExtras,
-                         r: torch.Tensor, use_kernel: bool, want_stats: bool):
-    """(per-row loss [H, n] (0 at ignored rows), r * dL/dz [H, n, C], stat sums [4, H] or None)."""
+                         r: torch.Tensor, use_kernel: bool, want_stats: bool, sf: torch.Tensor | None):
+    """(per-row loss [H, n] (0 at ignored rows), r * dL/dz [H, n, C], stat sums [4, H] or None). sf: the
+    soft coefficient's factor (fp32 [] on the device) or None."""
     if not use_kernel:
         with _autograd_on(), torch.enable_grad():
             zc = z.detach().requires_grad_()
             zz = _softcap(zc, extras.softcap)
-            out = reference(zz, y, replace(params, reduction="none"), return_stats=want_stats)  # [H, n]
+            out = reference(zz, y, replace(params, reduction="none"), want_stats, sf)  # [H, n]
             per, st = out if want_stats else (out, None)
             if extras.z_loss:
                 per = per + _z_loss(zz, y, params, extras.z_loss, per.dtype)
@@ -276,7 +277,8 @@ def _chunk_loss_and_grad(z: torch.Tensor, y: torch.Tensor, params: CollabLossPar
     if extras.softcap is None and not extras.z_loss:
         sums = _kernel_stat_sums(z, y, params) if want_stats else None
         # one launch: loss and gradient, the gradient written over the logits (they are not needed after)
-        loss, _, g, _ = launch(z, y, params, compute_loss=True, compute_grad=True, row_weights=r, grad_out=z)
+        loss, _, g, _ = launch(z, y, params, compute_loss=True, compute_grad=True, row_weights=r, grad_out=z,
+                               soft_factor=sf)
         return loss, g, sums
     # Softcap and z-loss around the kernel, in float32: zc = cap tanh(z / cap), the kernel's loss and
     # gradient on zc, the z-loss's gradient 2 s lse r softmax(zc) added, then the cap's derivative 1 - tanh^2.
@@ -290,7 +292,7 @@ def _chunk_loss_and_grad(z: torch.Tensor, y: torch.Tensor, params: CollabLossPar
     sums = _kernel_stat_sums(zc, y, params) if want_stats else None
     lse = torch.logsumexp(zc, dim=-1) if extras.z_loss else None
     loss, _, g, _ = launch(zc, y, params, compute_loss=True, compute_grad=True, row_weights=r,
-                            grad_out=None if extras.z_loss else zc)
+                            grad_out=None if extras.z_loss else zc, soft_factor=sf)
     if extras.z_loss:
         valid = _valid_rows(y, params)
         zero = torch.zeros((), device=zc.device)
@@ -308,7 +310,8 @@ def _kernel_stat_sums(z: torch.Tensor, y: torch.Tensor, params: CollabLossParams
     return _stat_sums(st[0], st[1], st[2], st[3, 0])
 
 
-def _sweep(hidden, weight, bias, target, params, extras, r_of, chunk, use_kernel, want_grads, want_stats=False):
+def _sweep(hidden, weight, bias, target, params, extras, r_of, chunk, use_kernel, want_grads, want_stats=False,
+           sf=None):
     """Runs every chunk. r_of(lo, hi) -> upstream weights [H, hi - lo]. Returns (the per-row losses [H, N],
     grads (hidden, weight, bias) or Nones, stat sums [4, H] or None)."""
     n = target.shape[0]
@@ -326,7 +329,8 @@ def _sweep(hidden, weight, bias, target, params, extras, r_of, chunk, use_kernel
         z = _logits(x, weight, bias)
         if use_kernel and z.dtype not in KERNEL_DTYPES:
             z = z.float()
-        loss, g, st = _chunk_loss_and_grad(z, target[lo:hi], params, extras, r_of(lo, hi), use_kernel, want_stats)
+        loss, g, st = _chunk_loss_and_grad(z, target[lo:hi], params, extras, r_of(lo, hi), use_kernel, want_stats,
+                                           sf)
         losses.append(loss)
         if st is not None:
             sums = st if sums is None else sums + st
@@ -378,14 +382,14 @@ def _pick_chunk(num_heads: int, n: int, c: int, element_size: int, chunk_size: i
 # ----------------------------------------------------------------------------------------------------
 
 
-def _forward(hidden, weight, bias, target, params, extras, chunk, use_kernel, return_stats, want_grads):
+def _forward(hidden, weight, bias, target, params, extras, chunk, use_kernel, return_stats, want_grads, sf):
     """(loss, stat sums [4, H] or None, gradients for grad_output 1 ("mean"/"sum"; Nones for "none"))."""
     heads, n = _num_heads(hidden, weight), target.shape[0]
     if params.reduction == "none":
         ones = torch.ones((), device=hidden.device).expand(heads, n)
         with torch.no_grad():
             per_row, _, sums = _sweep(hidden, weight, bias, target, params, extras, lambda lo, hi: ones[:, lo:hi],
-                                      chunk, use_kernel, want_grads=False, want_stats=return_stats)
+                                      chunk, use_kernel, want_grads=False, want_stats=return_stats, sf=sf)
         return per_row, sums, (None, None, None)
     dtype = _loss_dtype(hidden, use_kernel)
     one = torch.ones((), dtype=dtype, device=hidden.device)
@@ -393,16 +397,16 @@ def _forward(hidden, weight, bias, target, params, extras, chunk, use_kernel, re
     r = scale.expand(heads, max(n, 1))
     with torch.no_grad():
         per_row, grads, sums = _sweep(hidden, weight, bias, target, params, extras, lambda lo, hi: r[:, : hi - lo],
-                                      chunk, use_kernel, want_grads=want_grads, want_stats=return_stats)
+                                      chunk, use_kernel, want_grads=want_grads, want_stats=return_stats, sf=sf)
     return per_row.sum() * scale, sums, grads
 
 
-def _backward_none(hidden, weight, bias, target, grad_out, params, extras, chunk, use_kernel):
+def _backward_none(hidden, weight, bias, target, grad_out, params, extras, chunk, use_kernel, sf):
     """reduction "none": a second sweep with the upstream gradient [H, N] as the rows' weights."""
     go = grad_out if grad_out.dtype == torch.float64 else grad_out.float()
     with torch.no_grad():
         _, (gx, gw, gb), _ = _sweep(hidden, weight, bias, target, params, extras, lambda lo, hi: go[:, lo:hi], chunk,
-                                    use_kernel, want_grads=True)
+                                    use_kernel, want_grads=True, sf=sf)
     return gx, None if gw is None else gw.to(weight.dtype), None if gb is None else gb.to(weight.dtype)
 
 
@@ -417,13 +421,14 @@ def _refuse_double_backward() -> None:
 class _FusedLinearCollabLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, params: CollabLossParams, extras: _LinearExtras, chunk: int,
-                use_kernel: bool, return_stats: bool):
+                use_kernel: bool, return_stats: bool, soft_factor: torch.Tensor | None):
         ctx.params, ctx.extras, ctx.chunk, ctx.use_kernel = params, extras, chunk, use_kernel
         ctx.weight_dtype = weight.dtype
         loss, sums, grads = _forward(hidden, weight, bias, target, params, extras, chunk, use_kernel, return_stats,
-                                     any(ctx.needs_input_grad[:3]))
+                                     any(ctx.needs_input_grad[:3]), soft_factor)
         if params.reduction == "none":
-            ctx.save_for_backward(hidden, weight, bias, target)
+            # soft_factor saved: changed in place before backward, it is refused there (version check)
+            ctx.save_for_backward(hidden, weight, bias, target, soft_factor)
         else:
             ctx.save_for_backward(*grads)
         stats = sums if sums is not None else loss.new_empty(0)
@@ -434,19 +439,19 @@ class _FusedLinearCollabLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, _grad_stats):
         if grad_out is None:
-            return (None,) * 9
+            return (None,) * 10
         _refuse_double_backward()
         if ctx.params.reduction == "none":
-            hidden, weight, bias, target = ctx.saved_tensors
+            hidden, weight, bias, target, soft_factor = ctx.saved_tensors
             gx, gw, gb = _backward_none(hidden, weight, bias, target, grad_out, ctx.params, ctx.extras, ctx.chunk,
-                                        ctx.use_kernel)
+                                        ctx.use_kernel, soft_factor)
         else:
             gx, gw, gb = ctx.saved_tensors
             s = grad_out if grad_out.dtype == torch.float64 else grad_out.float()
             gx = None if gx is None else _scaled(gx, s, gx.dtype)
             gw = None if gw is None else _scaled(gw, s, ctx.weight_dtype)
             gb = None if gb is None else _scaled(gb, s, ctx.weight_dtype)
-        return gx, gw, gb, None, None, None, None, None, None
+        return gx, gw, gb, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -477,7 +482,7 @@ def _forward_op(
     temperature: float, hard_coef: float, soft_coef: float, detach_consensus: bool, ignore_index: int,
     label_smoothing: float, reduction: str, block_c: int, soft_loss: str, softcap: float, z_loss: float,
     chunk: int, use_kernel: bool, grad_hidden: bool, grad_weight: bool, grad_bias: bool, compute_dtype: torch.dtype,
-    return_stats: bool,
+    return_stats: bool, soft_factor: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, stat sums [4, H] or [0], then for "mean"/"sum" the gradients for grad_output 1 (hidden's in its
     dtype, weight's and bias's in the accumulator's) or [0] where not asked)."""
@@ -485,7 +490,7 @@ def _forward_op(
                               reduction, block_c, soft_loss, softcap, z_loss)
     h, w, b = _op_leaves(hidden, weight, bias, compute_dtype, grad_hidden, grad_weight, grad_bias)
     loss, stats, grads = _forward(h, w, b, target, params, extras, chunk, use_kernel, return_stats,
-                                  grad_hidden or grad_weight or grad_bias)
+                                  grad_hidden or grad_weight or grad_bias, soft_factor)
     if grads[0] is not None:
         grads = (grads[0].to(hidden.dtype), *grads[1:])  # weight's and bias's are the accumulator's already
     # an op's outputs may not alias each other: a fresh empty tensor for each absent one
@@ -496,7 +501,7 @@ def _forward_op(
 @_forward_op.register_fake
 def _(hidden, weight, bias, target, temperature, hard_coef, soft_coef, detach_consensus, ignore_index,
       label_smoothing, reduction, block_c, soft_loss, softcap, z_loss, chunk, use_kernel, grad_hidden, grad_weight,
-      grad_bias, compute_dtype, return_stats):
+      grad_bias, compute_dtype, return_stats, soft_factor=None):
     heads, n = _num_heads(hidden, weight), target.shape[0]
     dtype = _loss_dtype(hidden, use_kernel)
     acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
@@ -517,21 +522,21 @@ def _backward_op(
     grad_out: torch.Tensor, temperature: float, hard_coef: float, soft_coef: float, detach_consensus: bool,
     ignore_index: int, label_smoothing: float, reduction: str, block_c: int, soft_loss: str, softcap: float,
     z_loss: float, chunk: int, use_kernel: bool, grad_hidden: bool, grad_weight: bool, grad_bias: bool,
-    compute_dtype: torch.dtype,
+    compute_dtype: torch.dtype, soft_factor: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """reduction "none": the gradients for grad_out [H, N] (a second sweep), in the inputs' dtypes; [0] where not
     asked."""
     params, extras = _from_op(temperature, hard_coef, soft_coef, detach_consensus, ignore_index, label_smoothing,
                               reduction, block_c, soft_loss, softcap, z_loss)
     h, w, b = _op_leaves(hidden, weight, bias, compute_dtype, grad_hidden, grad_weight, grad_bias)
-    grads = _backward_none(h, w, b, target, grad_out, params, extras, chunk, use_kernel)
+    grads = _backward_none(h, w, b, target, grad_out, params, extras, chunk, use_kernel, soft_factor)
     return tuple(hidden.new_empty(0) if g is None else g.to(t.dtype) for g, t in zip(grads, (hidden, weight, bias)))
 
 
 @_backward_op.register_fake
 def _(hidden, weight, bias, target, grad_out, temperature, hard_coef, soft_coef, detach_consensus, ignore_index,
       label_smoothing, reduction, block_c, soft_loss, softcap, z_loss, chunk, use_kernel, grad_hidden, grad_weight,
-      grad_bias, compute_dtype):
+      grad_bias, compute_dtype, soft_factor=None):
     return (torch.empty_like(hidden) if grad_hidden else hidden.new_empty(0),
             torch.empty_like(weight) if grad_weight else hidden.new_empty(0),
             torch.empty_like(bias) if grad_bias and bias is not None else hidden.new_empty(0))
@@ -553,27 +558,27 @@ def _op_leaves(hidden, weight, bias, compute_dtype, grad_hidden, grad_weight, gr
 
 def _op_setup_context(ctx, inputs, output):
     hidden, weight, bias, target, *rest = inputs
-    ctx.op_args = rest[:17]  # temperature ... compute_dtype
+    ctx.op_args = rest[:17]  # temperature ... compute_dtype (then return_stats, soft_factor)
     ctx.reduction, ctx.weight_dtype = rest[6], weight.dtype
     ctx.mark_non_differentiable(*output[1:])
     if ctx.reduction == "none":
-        ctx.save_for_backward(hidden, weight, bias, target)
+        ctx.save_for_backward(hidden, weight, bias, target, rest[18])
     else:
         ctx.save_for_backward(*output[2:])
 
 
 def _op_backward(ctx, grad_loss, *_):
     if ctx.reduction == "none":
-        hidden, weight, bias, target = ctx.saved_tensors
+        hidden, weight, bias, target, soft_factor = ctx.saved_tensors
         gx, gw, gb = torch.ops.collab_fast.fused_linear_collab_loss_backward(
-            hidden, weight, bias, target, grad_loss, *ctx.op_args)
+            hidden, weight, bias, target, grad_loss, *ctx.op_args, soft_factor)
     else:
         gx, gw, gb = ctx.saved_tensors
         s = grad_loss if grad_loss.dtype == torch.float64 else grad_loss.float()
         gx, gw, gb = ((g * s).to(dt) if g.numel() else g
                       for g, dt in ((gx, gx.dtype), (gw, ctx.weight_dtype), (gb, ctx.weight_dtype)))
     grad_hidden, grad_weight, grad_bias = ctx.op_args[-4:-1]
-    return (gx if grad_hidden else None, gw if grad_weight else None, gb if grad_bias else None) + (None,) * 19
+    return (gx if grad_hidden else None, gw if grad_weight else None, gb if grad_bias else None) + (None,) * 20
 
 
 torch.library.register_autograd("collab_fast::fused_linear_collab_loss_forward", _op_backward,
@@ -641,6 +646,7 @@ def fused_linear_collab_loss(
     lse_square_scale: float = 0.0,
     shift_labels: bool = False,
     return_stats: bool = False,
+    soft_factor: torch.Tensor | None = None,
 ):
     """fused_collab_loss(hidden @ weight^T + bias, target, ...) without the [H, N, C] logits.
 
@@ -666,6 +672,9 @@ def fused_linear_collab_loss(
         shift_labels: position t predicts label t + 1 (a causal LM's labels as Hugging Face shifts them).
         return_stats: also return CollabStats (per-head hard and soft loss, correct count, rows counted), at one
             more read of each chunk's logits on the kernel path.
+        soft_factor: as fused_collab_loss's: a one-element float tensor on the inputs' device multiplying the soft
+            objective's coefficient, read on the device (a per-step ramp that neither recompiles a compiled step
+            nor needs a new CUDA graph); it must not change between forward and backward.
     Returns the loss (float32; float64 for float64 inputs): a scalar, or [H, N] / [H, B, T] for
     reduction="none"; with return_stats, (loss, CollabStats).
     """
@@ -685,6 +694,7 @@ def fused_linear_collab_loss(
                             "(or 'auto') for float64")
     if target.dtype in (torch.uint8, torch.int8, torch.int16):
         target = target.long()
+    soft_factor = check_soft_factor(soft_factor, hidden, "hidden")
     heads, c = _num_heads(hidden, weight), weight.shape[-2]
     _check_targets(target, c, params)
     # bytes per logit of a chunk's working set: the kernel's gradient overwrites the logits (softcap and
@@ -701,10 +711,10 @@ def fused_linear_collab_loss(
         loss, stats, *_ = torch.ops.collab_fast.fused_linear_collab_loss_forward(
             hidden, weight, bias, target, *_op_params(params, extras), chunk, use_kernel,
             grad and hidden.requires_grad, grad and weight.requires_grad,
-            grad and bias is not None and bias.requires_grad, dtype, return_stats)
+            grad and bias is not None and bias.requires_grad, dtype, return_stats, soft_factor)
     else:
         loss, stats = _FusedLinearCollabLoss.apply(hidden, weight, bias, target, params, extras, chunk, use_kernel,
-                                                   return_stats)
+                                                   return_stats, soft_factor)
     if reduction == "none":
         loss = loss.view(heads, *lead)
     if not return_stats:
@@ -740,9 +750,9 @@ class FusedLinearCollabLoss(nn.Module):
                        linear.get("shift_labels", False), linear.get("return_stats", False))
         loss_kwargs.update(linear)
 
-    def forward(self, hidden: torch.Tensor, target: torch.Tensor):
+    def forward(self, hidden: torch.Tensor, target: torch.Tensor, soft_factor: torch.Tensor | None = None):
         return fused_linear_collab_loss(hidden, self.weight, target, self.bias, chunk_size=self.chunk_size,
-                                        memory_budget=self.memory_budget, **self.loss_kwargs)
+                                        memory_budget=self.memory_budget, soft_factor=soft_factor, **self.loss_kwargs)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The [H, N, C] logits (inference, small N; softcapped when softcap is set)."""

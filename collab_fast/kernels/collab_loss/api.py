@@ -120,20 +120,21 @@ def _check_probabilities(target: torch.Tensor, logits: torch.Tensor) -> torch.Te
     return target
 
 
-def check_soft_factor(soft_factor, logits: torch.Tensor) -> torch.Tensor | None:
+def check_soft_factor(soft_factor, logits: torch.Tensor, name: str = "logits") -> torch.Tensor | None:
     """soft_factor as a float32 0-dim tensor on the logits' device (None stays None); its value is checked
     where that costs no device sync (CPU tensors, as the labels are)."""
     if soft_factor is None:
         return None
     if not isinstance(soft_factor, torch.Tensor):
-        raise TypeError(f"soft_factor must be a one-element float tensor on the logits' device (a factor the "
+        whose = name + ("'" if name.endswith("s") else "'s")
+        raise TypeError(f"soft_factor must be a one-element float tensor on the {whose} device (a factor the "
                         f"device reads at each call), got {type(soft_factor).__name__}; for a constant factor scale "
                         "soft_weight or weights instead")
     if soft_factor.numel() != 1 or not soft_factor.is_floating_point():
         raise ValueError(f"soft_factor must be a one-element float tensor, got {soft_factor.dtype} of shape "
                          f"{tuple(soft_factor.shape)}")
     if soft_factor.device != logits.device:
-        raise ValueError(f"soft_factor is on {soft_factor.device} but logits are on {logits.device}")
+        raise ValueError(f"soft_factor is on {soft_factor.device} but {name} is on {logits.device}")
     if soft_factor.requires_grad:
         raise ValueError("soft_factor: the loss gives it no gradient; pass soft_factor.detach()")
     if labels_checked_on_host(soft_factor):
