@@ -24,8 +24,9 @@
 #      sweep          the loss kernel's block / warps / prefetch at the LM shapes            -> bench_loss_sweep.json
 #   If the ops tests crash, ops-diag (scripts/diag_cpp_exception.py) runs after them.
 #   GPU_CHECK_SKIP="name ..." leaves stages out (a rerun of what failed or changed).
-# At most 8 files land in $OUT (check.log, tests.log, tests2.log, run.log and the JSON results), each
-# written as its stage runs, so a command cut off by its limit still returns everything finished before.
+# At most 8 files land in $OUT (check.log, tests.log, tests2.log, run.log and the JSON results, or where those
+# would make more than 8, results.tar holding them), each written as its stage runs, so a command cut off by its
+# limit still returns everything finished before.
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
@@ -87,6 +88,11 @@ stage() {
     else say "$name: FAILED (exit $rc) in ${dt}s; last lines:"; tail -n 4 "$logfile" | tee -a "$LOG"
          echo "$name:$rc" >> "$WORK/status"; fi
     cp "$WORK"/results/*.json "$OUT"/ 2>/dev/null || true
+    # more files than the device tool returns (4 logs + 5 results when every stage ran): the results travel
+    # as one tar (JSON and markdown) instead
+    if [ "$(ls "$OUT" | wc -l)" -gt 8 ]; then
+        tar -cf "$OUT/results.tar" -C "$WORK/results" . && rm -f "$OUT"/*.json
+    fi
 }
 : > "$WORK/status"
 
