@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from collab_fast.cli import check_fields, setting
+from collab_fast.scaler import LossScaler
 
 __all__ = ["LAMB", "LARS", "OptimConfig", "Schedule", "lr_factor", "make_optimizer", "soft_factor"]
 
@@ -88,11 +89,15 @@ class OptimConfig:
                                  else [round(self.epochs * f, 3) for f in (1 / 3, 2 / 3, 8 / 9)])
         return out
 
-    def build(self, net: torch.nn.Module, device: torch.device, capturable: bool = False):
+    def build(self, net: torch.nn.Module, device: torch.device, capturable: bool = False, compiled: bool = False):
         """(optimizer, fp16 grad scaler or None) for `net` on `device`, from these (resolved) settings;
-        capturable: the optimizer will be captured in a CUDA graph (--cuda-graphs)."""
-        scaler = torch.amp.GradScaler(device.type) if self.amp == "fp16" else None
-        return make_optimizer(net, self, capturable=capturable), scaler
+        capturable: the optimizer will be captured in a CUDA graph (--cuda-graphs); compiled: the whole step
+        will be compiled (--compile-step), so fp16 takes scaler.LossScaler, which Dynamo traces (torch's
+        GradScaler is on its skip list)."""
+        optimizer = make_optimizer(net, self, capturable=capturable)
+        if self.amp != "fp16":
+            return optimizer, None
+        return optimizer, LossScaler(optimizer) if compiled else torch.amp.GradScaler(device.type)
 
 
 def make_optimizer(model: torch.nn.Module, optim: OptimConfig, fused: bool = True,
@@ -264,9 +269,12 @@ class LAMB(torch.optim.Optimizer):
             v_new = torch._foreach_mul(v, b2)
             torch._foreach_addcmul_(v_new, grads, grads, value=1 - b2)
             t = [s + 1 if keep is None else s + keep for s in steps]
-            # bias corrections on the device: the step count is a tensor (no sync)
-            c1 = [1 - torch.pow(b1, ti.to(p.dtype)) for ti, p in zip(t, params)]
-            c2 = [torch.sqrt(1 - torch.pow(b2, ti.to(p.dtype))) for ti, p in zip(t, params)]
+            # bias corrections on the device: the step count is a tensor (no sync). A first step skipped leaves
+            # the count at 0, whose corrections (1 - b^0 = 0) would make the discarded update 0/0, and
+            # NaN x 0 is still NaN in the parameters: the corrections take at least step 1.
+            tc = t if keep is None else torch._foreach_clamp_min(t, 1)
+            c1 = [1 - torch.pow(b1, ti.to(p.dtype)) for ti, p in zip(tc, params)]
+            c2 = [torch.sqrt(1 - torch.pow(b2, ti.to(p.dtype))) for ti, p in zip(tc, params)]
             denom = torch._foreach_sqrt(v_new)
             torch._foreach_div_(denom, c2)
             torch._foreach_add_(denom, group["eps"])

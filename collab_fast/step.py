@@ -48,6 +48,12 @@ class Step:
         # already updated the batch-norm statistics: those buffers are put back on the device.
         self.buffers = [b for b in net.buffers()] if cfg.optim.skip_nonfinite else None
         device = next(net.parameters()).device
+        # 1 where the step's loss was not finite on some rank; rewritten in place by every step. --skip-nonfinite:
+        # the optimizer skips on it, given once here and never assigned in the step (Dynamo drops an attribute
+        # that a compiled region assigns on an optimizer: the update would run, not be skipped)
+        self.bad = torch.zeros((), device=device)
+        if cfg.optim.skip_nonfinite:
+            optimizer.found_inf = self.bad
         # --soft-ramp: the factor on the soft coefficient, read by the loss on the device at each step
         self.soft = torch.ones((), device=device) if cfg.optim.soft_ramp > 0 else None
         # --compile-step, --cuda-graphs: the learning rate as a device tensor shared by every parameter group
@@ -122,10 +128,9 @@ class Step:
         """The non-finite agreement, the skip, clipping, the optimizer's update and the EMA."""
         # Non-finite on any rank is non-finite on all: one tiny all-reduce on the device (no host sync), so
         # every rank skips (or stops at) the same steps.
-        self.bad = self.proc.all_reduce((~torch.isfinite(step_loss)).float(), op=dist.ReduceOp.MAX)
-        if saved is not None:
+        self.bad.copy_(self.proc.all_reduce((~torch.isfinite(step_loss)).float(), op=dist.ReduceOp.MAX))
+        if saved is not None:  # (the optimizer skips its update on self.bad: see __init__)
             bad = self.bad.bool()
-            self.optimizer.found_inf = self.bad  # every optimizer of make_optimizer skips the update on the device
             with torch.no_grad():
                 for b, s in zip(self.buffers, saved):
                     b.copy_(torch.where(bad, s, b))

@@ -39,6 +39,7 @@ from collab_fast.models import ARCHS, as_heads, input_channels
 from collab_fast.models.cost import pattern_cost
 from collab_fast.optim import Schedule
 from collab_fast.run_state import RunDir, State, agree_on_resume, restore, snapshot
+from collab_fast.scaler import LossScaler
 from collab_fast.seeding import seed_everything
 from collab_fast.step import AMP_DTYPES, Step
 
@@ -64,7 +65,7 @@ class Run:
     net: torch.nn.Module  # the bare model: state dicts, export, num_heads
     model: torch.nn.Module  # what runs the forward pass (DDP / compile wrapped)
     optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler | None
+    scaler: torch.amp.GradScaler | LossScaler | None  # --amp fp16 (LossScaler: --compile-step)
     ema: ModelEMA | None  # --model-ema: the weights' moving average
     schedule: Schedule  # the LR and the soft factor per step
     train_step: Step | CapturedStep  # one optimizer step (state.step counts them); --cuda-graphs: captured
@@ -263,7 +264,7 @@ def _setup_in(flags: TrainConfig, cfg: TrainConfig, proc: Dist, device: torch.de
                          "no full batch per epoch; lower --batch-size")
     net, model = cfg.model.build(loaders.num_classes, device=device, proc=proc, image_size=cfg.data.image_size,
                                  in_chans=in_chans)
-    optimizer, scaler = cfg.optim.build(net, device, capturable=cfg.model.cuda_graphs)
+    optimizer, scaler = cfg.optim.build(net, device, capturable=cfg.model.cuda_graphs, compiled=cfg.model.compile_step)
     ema = ModelEMA(net, cfg.optim.model_ema) if cfg.optim.model_ema else None
     state = (restore(resume_path, net, optimizer, scaler, cfg.model.arch, cfg.model.pattern, ema=ema,
                      opt=cfg.optim.optimizer, ckpt=ckpt) if ckpt is not None else State())
