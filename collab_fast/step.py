@@ -49,8 +49,9 @@ class Step:
         self.buffers = [b for b in net.buffers()] if cfg.optim.skip_nonfinite else None
         device = next(net.parameters()).device
         # 1 where the step's loss was not finite on some rank; rewritten in place by every step. --skip-nonfinite:
-        # the optimizer skips on it, given once here and never assigned in the step (Dynamo drops an attribute
-        # that a compiled region assigns on an optimizer: the update would run, not be skipped)
+        # the optimizer skips on it, given once here and not assigned in the step: under --compile-step a
+        # found_inf assigned inside the compiled update never reached torch's fused AdamW/SGD (torch 2.13), and
+        # the non-finite update ran
         self.bad = torch.zeros((), device=device)
         if cfg.optim.skip_nonfinite:
             optimizer.found_inf = self.bad

@@ -193,6 +193,28 @@ def test_every_optimizer_skips_a_step_on_found_inf_without_a_sync(name, grad):
     assert any(not torch.equal(v, before[0][k]) for k, v in model.state_dict().items() if "weight" in k)
 
 
+@pytest.mark.parametrize("name", ["sgd", "adamw", "lamb", "lars"])
+def test_every_optimizer_survives_a_skipped_first_step(name):
+    # The first step is where fp16's scaler most often skips (its initial scale overflows): nothing of it may
+    # stay behind. LAMB's bias corrections at step count 0 are 1 - b^0 = 0: its discarded update was 0/0, and
+    # NaN x 0 reached the weights.
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    opt = make_optimizer(model, OptimConfig(optimizer=name, lr=0.05, wd=1e-3))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(8, 4)
+    (model(x).square().mean() * float("inf")).backward()
+    opt.found_inf = torch.ones(())
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), (name, k)
+    model(x).square().mean().backward()
+    opt.found_inf = torch.zeros(())
+    opt.step()
+    assert all(torch.isfinite(p).all() for p in model.parameters()), name
+    assert any(not torch.equal(v, before[k]) for k, v in model.state_dict().items()), name
+
+
 def test_optimizer_choice_and_its_default_learning_rate():
     model = build("resnet32", "single", num_classes=10)
     assert isinstance(make_optimizer(model, OptimConfig(optimizer="adamw", lr=1e-3)), torch.optim.AdamW)
