@@ -27,9 +27,9 @@ class LossScaler:
 
     The optimizer reads `grad_scale` and `found_inf` (torch's contract for `_step_supports_amp_scaling`).
     They are set here, once and outside any compiled code, to tensors that every step then fills in place:
-    GradScaler's way (assign them before the step, delete them after) inside a compiled region did not
-    reach torch's fused SGD and AdamW under torch 2.13, whose step is a graph break of its own (it got None:
-    no unscaling, no skip)."""
+    an attribute assigned on an optimizer inside a compiled region was seen to miss torch's fused SGD and
+    AdamW under torch 2.13, whose step is a graph break of its own (they got None: no unscaling, no skip;
+    tests/test_step.py's non-finite test fails that way on the old trainer)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, init_scale: float = 2.0**16, growth_factor: float = 2.0,
                  backoff_factor: float = 0.5, growth_interval: int = 2000):
