@@ -7,7 +7,9 @@ launch-time binder and compiled, never launched: no GPU needed), and what that i
     python benchmarks/sass_loss.py --shapes H8:32000:bf16 --stats
 
 Per shape and phase (forward: the loss, keeping the row statistics; backward: the gradient from them):
-registers, CTAs per SM, stack, and each column loop (a backward branch in the SASS): its instructions and
+the block the launcher chose (as on a GPU: its register cap, and its fallback blocks where the default
+does not fit 128 registers without spilling, CachedLauncher's choice with the SASS's counts), registers,
+CTAs per SM, stack, and each column loop (a backward branch in the SASS): its instructions and
 MUFU.EX2 per element (elements = heads x block columns a thread holds), and its local-memory accesses. The
 finite path (full blocks of finite logits: what an LM row runs) is the smallest loop with exponentials; the
 others are the SAFE loops (rows with -inf, the last partial block). The model: warp-instructions of a
@@ -40,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS_DIR, versions, write_tables  # noqa: E402
 
 from collab_fast.kernels import collab_loss as cl  # noqa: E402
-from collab_fast.kernels.launch import LOCAL_BYTES_OK  # noqa: E402
+from collab_fast.kernels.launch import LOCAL_BYTES_OK, CachedLauncher  # noqa: E402
 
 DEFAULT_SHAPES = ["H1:128256:bf16", "H2:128256:bf16", "H2:128256:fp32", "H3:50257:bf16", "H4:32000:bf16",
                   "H8:32000:bf16", "H8:50257:bf16"]
@@ -77,25 +79,41 @@ OPTIONS = {  # --options: settings other than the defaults (T 2, detached CE con
 }
 
 
+class _CompileOnly(CachedLauncher):
+    """The loss's launcher as it chooses on a GPU (the register cap, the fallback blocks: CachedLauncher._choose),
+    with registers and local memory read from the SASS instead of a loaded kernel; compiles, never launches."""
+
+    def __init__(self):
+        super().__init__(cl.jit.collab_loss_kernel, cl.launch.CONSTEXPRS)
+        self.compiled = []
+
+    def _compile(self, grid0, args, constexprs, num_warps, maxnreg):
+        options = {"num_warps": num_warps} if maxnreg is None else {"num_warps": num_warps, "maxnreg": maxnreg}
+        return self.fn.run(*args, grid=(grid0,), warmup=True, **dict(zip(self.constexpr_names, constexprs)),
+                           **options)
+
+    def _usage(self, kernel) -> tuple[int, int]:
+        usage = sass_of(kernel.asm["cubin"])[1]
+        return usage["reg"], usage.get("stack", 0) + usage.get("local", 0)
+
+    def __call__(self, grid0, args, constexprs, num_warps, device=None, maxnreg=None, fit=None):
+        chosen, cap = self._choose(grid0, args, constexprs, num_warps, maxnreg, fit)
+        kernel = self._compile(grid0, args, chosen, num_warps, cap)
+        values = dict(zip(self.constexpr_names, chosen))
+        kernel.choice = {"maxnreg": maxnreg, "cap_kept": maxnreg is not None and cap is not None,
+                         "block_c": values["BLOCK_C"], "safe_block": values["SAFE_BLOCK"],
+                         "fallback": chosen != constexprs}
+        self.compiled.append(kernel)
+
+
 def compile_launches(heads: int, rows: int, classes: int, dtype: torch.dtype, stats: bool,
                      options: tuple[str, ...] = ()) -> list:
     """The kernels the launcher's forward and backward calls compile to, for sm_90."""
-    compiled = []
-    run = cl.jit.collab_loss_kernel.run
-
-    def compile_only(*args, grid, warmup, **kw):
-        # as launch.CachedLauncher decides: a register cap is dropped where the capped kernel spills
-        kernel = run(*args, grid=grid, warmup=True, **kw)
-        if kw.get("maxnreg") is not None and _local_bytes(kernel) > LOCAL_BYTES_OK:
-            kernel = run(*args, grid=grid, warmup=True, **dict(kw, maxnreg=None))
-            kernel.cap_dropped = kw["maxnreg"]
-        compiled.append(kernel)
-
     try:
         real = driver.active
     except Exception:
         real = None
-    cl.jit.collab_loss_kernel.run = compile_only
+    launcher, cl.launch.kernel_launcher = cl.launch.kernel_launcher, _CompileOnly()
     driver.set_active(_Sm90(real))
     try:
         z = torch.empty(heads, rows, classes, dtype=dtype, device="meta")
@@ -108,17 +126,11 @@ def compile_launches(heads: int, rows: int, classes: int, dtype: torch.dtype, st
         cl.launch.launch(z, y, p, return_stats=stats, save_row_stats=rs)
         r, w = torch.empty((), device="meta"), torch.empty(5, heads, device="meta")  # as backward: grad_output, n_valid
         cl.launch.launch(z, y, p, compute_loss=False, compute_grad=True, row_weights=r, row_stats=rs, counts=w)
+        return cl.launch.kernel_launcher.compiled
     finally:
-        cl.jit.collab_loss_kernel.run = run
+        cl.launch.kernel_launcher = launcher
         if real is not None:
             driver.set_active(real)
-    return compiled
-
-
-def _local_bytes(kernel) -> int:
-    """Local memory a thread (stack frame + local arrays), as the driver would report it."""
-    usage = sass_of(kernel.asm["cubin"])[1]
-    return usage.get("stack", 0) + usage.get("local", 0)
 
 
 def sass_of(cubin: bytes) -> tuple[list, dict]:
@@ -174,11 +186,13 @@ def measure(shape: str, stats: bool, rows: int, sms: int, ghz: float, copy_tbs: 
             options: tuple[str, ...] = ()) -> list[dict]:
     h, c, dt = shape.split(":")
     heads, classes, dtype = int(h.lstrip("H")), int(c), DTYPES[dt]
-    block, num_blocks, warps = cl.launch.pick_block_c(heads, classes)
-    per_thread = heads * block // (warps * 32)  # logits of a block a thread loads (padded heads load none)
-    full_blocks = classes // block
+    _, _, warps = cl.launch.pick_block_c(heads, classes)
     out, warp_instructions = [], 0
     for phase, kernel in zip(("forward", "backward"), compile_launches(heads, rows, classes, dtype, stats, options)):
+        choice = kernel.choice  # the block the launcher chose for this phase (a fallback where the default spills)
+        block = choice["block_c"]
+        per_thread = heads * block // (warps * 32)  # logits of a block a thread loads (padded heads load none)
+        full_blocks = classes // block
         ins, usage = sass_of(kernel.asm["cubin"])
         loops = loops_of(ins, dtype.itemsize)
         exp_loops = sorted((lp for lp in loops if lp["ex2_per_element"] > 0), key=lambda lp: lp["per_element"])
@@ -191,12 +205,10 @@ def measure(shape: str, stats: bool, rows: int, sms: int, ghz: float, copy_tbs: 
             exp_loops.insert(0, finite)
         rest = len(ins) - sum(lp["instructions"] for lp in loops)  # straight-line code, counted once
         warp_instructions += rows * warps * (full_blocks * finite["instructions"] + rest if finite else len(ins))
-        dropped = getattr(kernel, "cap_dropped", None)  # the capped compile spilled: this one runs uncapped
-        cap = dropped if dropped is not None else getattr(kernel.metadata, "maxnreg", None)
-        kept = cap is not None and dropped is None
         out.append({"shape": f"H{heads} C{classes} {dt}", "phase": phase, "stats": stats, "options": list(options),
-                    "maxnreg": cap, "cap_kept": kept, "block_c": block,
-                    "num_blocks": num_blocks, "warps": warps, "elements_per_thread": per_thread, **usage,
+                    "maxnreg": choice["maxnreg"], "cap_kept": choice["cap_kept"], "block_c": block,
+                    "safe_block": choice["safe_block"], "fallback": choice["fallback"],
+                    "num_blocks": -(-classes // block), "warps": warps, "elements_per_thread": per_thread, **usage,
                     "ctas_per_sm": ctas_per_sm(usage["reg"], warps), "exp_loops": len(exp_loops),
                     "finite": finite, "safe": exp_loops[1:], "loop_local": sum(lp["local"] for lp in loops),
                     "triton": triton.__version__})
@@ -214,10 +226,12 @@ def markdown(rows: list[dict], argv: list[str], model: dict) -> str:
              f"Command: `python benchmarks/sass_loss.py {' '.join(argv)}`. Versions: {json.dumps(versions())}.",
              f"Model: {model['sms']} SMs x 4 schedulers x 1 warp-instruction a clock at {model['ghz']} GHz; floor = "
              f"logits read once + gradient written once at {model['copy_tbs']} TB/s. N = {rows[0]['rows']} rows.", "",
-             "Register cap: the launcher's maxnreg for the shape; 'kept' where the capped kernel's local memory "
-             f"stays within {LOCAL_BYTES_OK} bytes a thread (launch.CachedLauncher), else dropped: the row shows the "
-             "uncapped kernel, which is what runs.", "",
-             "| shape | phase | block | register cap | regs | CTAs/SM | stack | finite loop / element | "
+             "Block / SAFE block: the columns of the finite loop's and the SAFE loops' blocks the launcher chose "
+             "(marked * where a fallback: the default block did not fit 128 registers without spilling). Register "
+             "cap: the launcher's maxnreg for the shape; 'kept' where the capped kernel's local memory stays within "
+             f"{LOCAL_BYTES_OK} bytes a thread (launch.CachedLauncher), else dropped: the row shows the uncapped "
+             "kernel, which is what runs.", "",
+             "| shape | phase | block / SAFE block | register cap | regs | CTAs/SM | stack | finite loop / element | "
              "MUFU.EX2 / element | SAFE loops / element | fwd+bwd issue bound (ms) | floor (ms) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -225,7 +239,8 @@ def markdown(rows: list[dict], argv: list[str], model: dict) -> str:
         f = r["finite"] or {"per_element": float("nan"), "ex2_per_element": float("nan")}
         cap = "-" if r["maxnreg"] is None else f"{r['maxnreg']} ({'kept' if r['cap_kept'] else 'dropped: spills'})"
         opts = "".join(f" {o}" for o in r.get("options", ()))
-        lines.append(f"| {r['shape']}{' stats' if r['stats'] else ''}{opts} | {r['phase']} | {r['block_c']} | {cap} | "
+        block = f"{r['block_c']} / {r['safe_block']}{' *' if r['fallback'] else ''}"
+        lines.append(f"| {r['shape']}{' stats' if r['stats'] else ''}{opts} | {r['phase']} | {block} | {cap} | "
                      f"{r['reg']} | "
                      f"{r['ctas_per_sm']} | {r.get('stack', 0)} | {f['per_element']:.1f} | {f['ex2_per_element']:.2f} | "
                      f"{safe} | {r['fwd_bwd_issue_bound_ms']:.2f} | {r['floor_ms_1R1W']:.2f} |")
@@ -245,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--options", nargs="*", default=[], choices=sorted(OPTIONS),
                     help="settings other than the defaults: KL soft loss, label smoothing 0.1, a live consensus, "
                          "T = 3, a probability target")
+    ap.add_argument("--no-fit", action="store_true",
+                    help="without the launcher's fallback blocks (collab_loss.launch.FIT_MAX_HEADS = 0): the default "
+                         "block under the cap, or uncapped where it spills (an A/B of the register fit)")
     ap.add_argument("--sms", type=int, default=132)
     ap.add_argument("--ghz", type=float, default=1.98, help="SM clock (H100/H200 SXM boost)")
     ap.add_argument("--copy-tbs", type=float, default=4.225,
@@ -261,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     for s in args.shapes:
         if not re.fullmatch(r"H[1-9]\d*:[1-9]\d*:(bf16|fp16|fp32)", s):
             ap.error(f"--shapes: {s!r} is not H:C:DTYPE (e.g. H2:128256:bf16)")
+    if args.no_fit:
+        cl.launch.FIT_MAX_HEADS = 0
     rows = [r for s in args.shapes
             for r in measure(s, args.stats, args.rows, args.sms, args.ghz, args.copy_tbs, tuple(args.options))]
     if args.json == "-":

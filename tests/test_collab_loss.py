@@ -1195,6 +1195,30 @@ def test_long_row_loops_instruction_counts_for_sm90():
 
 
 @pytest.mark.slow
+def test_settings_beyond_the_defaults_fit_128_registers_for_sm90():
+    # Stats with KL, label smoothing, T = 3 and a live consensus: the heaviest kernels of each phase (a live
+    # consensus in backward; the SAFE loops of rows not 16-byte aligned in forward) exceed 128 registers
+    # or spill at the default block (H8 C32000 backward 168, H8 C50257 forward 240, H2 C50257 backward 248
+    # uncapped), and run the launcher's fallback blocks instead: <= 128 registers, no local memory in a loop.
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "sass_loss.py"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, str(script), "--json", "-", "--shapes", "H2:50257:bf16", "H8:32000:bf16",
+                          "H8:50257:bf16", "--stats", "--options", "live", "kl", "smooth", "t3"], env=env,
+                         capture_output=True, text=True, timeout=900)
+    if res.returncode == 2 and "ships no cuobjdump" in res.stderr:
+        pytest.skip(res.stderr.strip())
+    if res.returncode != 0 and "GPUTarget" in res.stderr and "ImportError" in res.stderr:
+        pytest.skip("this Triton has no GPUTarget compile API")
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = json.loads(res.stdout)
+    assert len(rows) == 6
+    for r in rows:
+        assert r["reg"] <= 128, r
+        assert r["loop_local"] == 0 and r.get("local", 0) == 0 and r.get("stack", 0) <= 16, r
+    assert any(r["fallback"] for r in rows), rows
+
+
+@pytest.mark.slow
 def test_launcher_compiles_strides_and_sizes_of_one():
     assert len(_compile_rows(_BINDER_ONES)) == 10
 
@@ -1447,6 +1471,64 @@ def test_long_rows_in_narrow_safe_blocks_and_strided_groups(H, block_c, C, vec, 
     # block (run again SAFE, in narrow blocks); row 2's maximum is tied at two columns of one strided group
     # (the first counts for the stats, as torch.argmax); row 3's lies in the second column of its group;
     # row 4 is ignored.
+    _check_long_rows(H, block_c, C, vec, safe, tail, kw)
+
+
+@pytest.mark.parametrize("H, block_c, C, vec, safe, tail", [
+    (8, 256, 845, 1, 32, 3),  # 8 heads: SAFE blocks of 32 columns, fewer than a block's 128 lanes
+    (8, 256, 968, 4, 32, 7),
+    (4, 512, 1325, 1, 64, 5),
+    (2, 256, 781, 1, 128, 1),
+])
+@pytest.mark.parametrize("kw", [dict(return_stats=True),
+                                dict(label_smoothing=0.1, soft_loss="kl", detach_consensus=False, temperature=3.0),
+                                dict(probs=True, return_stats=True, label_smoothing=0.05)])
+def test_long_rows_in_the_fallback_blocks_of_a_register_fit(monkeypatch, H, block_c, C, vec, safe, tail, kw):
+    # The SAFE tile the launcher falls back to where a setting does not fit 128 registers (FIT_SAFE_TILE),
+    # exact as the default's: the same rows as above.
+    monkeypatch.setattr(cl.launch, "SAFE_TILE", cl.launch.FIT_SAFE_TILE)
+    cl.launch.plan.cache_clear()
+    try:
+        _check_long_rows(H, block_c, C, vec, safe, tail, kw)
+    finally:
+        cl.launch.plan.cache_clear()
+
+
+def test_the_plan_offers_a_looped_row_smaller_blocks_to_fit_128_registers(monkeypatch):
+    # On a GPU (fast_exp) a looped row of 1-8 heads gets a register budget of 128 and two fallbacks: the SAFE
+    # loops' tile at FIT_SAFE_TILE, then the block halved as well; each covers the row exactly (its full
+    # blocks and the SAFE blocks of its tail end within one SAFE block past C). A block the caller chose,
+    # a row of one block and more than 8 heads get none.
+    monkeypatch.setattr(cl.launch, "fast_exp", lambda: True)
+    cl.launch.plan.cache_clear()
+    try:
+        plan = cl.launch.plan
+        # C = 50257: 98 blocks of 512 and 81 columns (one SAFE block of 128, three of 32)
+        assert plan(8, 50257, None, 2, None)[1:] == (512, 99, 4, 1, 1, 128, 128, (128, (
+            (("BLOCK_C", 512), ("NUM_BLOCKS", 99), ("TAIL", 3), ("SAFE_BLOCK", 32)),
+            (("BLOCK_C", 256), ("NUM_BLOCKS", 197), ("TAIL", 3), ("SAFE_BLOCK", 32)))))
+        assert plan(2, 128256, None, 2, None)[7:] == (None, (128, (
+            (("BLOCK_C", 2048), ("NUM_BLOCKS", 63), ("TAIL", 10), ("SAFE_BLOCK", 128)),
+            (("BLOCK_C", 1024), ("NUM_BLOCKS", 126), ("TAIL", 2), ("SAFE_BLOCK", 128)))))
+        assert plan(8, 50257, 512, 2, None)[8] is None  # the caller's block
+        assert plan(4, 1000, None, 4, None)[8] is None  # one block
+        assert plan(16, 50257, None, 2, None)[8] is None
+        for heads in range(1, 9):
+            for c in (300, 1000, 4097, 32000, 50257, 128256):
+                _, block, blocks, _, _, tail, safe, _, fit = plan(heads, c, None, 2, None)
+                if blocks == 1:
+                    assert fit is None
+                    continue
+                for b, nb, t, sb in [(block, blocks, tail, safe)] + [tuple(v for _, v in f) for f in fit[1]]:
+                    split = b // sb
+                    assert b % sb == 0 and nb == -(-c // b)
+                    end = (nb - (t + split - 1) // split) * b + t * sb
+                    assert c <= end < c + sb, (heads, c, b, nb, t, sb)
+    finally:
+        cl.launch.plan.cache_clear()
+
+
+def _check_long_rows(H, block_c, C, vec, safe, tail, kw):
     kw = dict(kw)
     probs, stats = kw.pop("probs", False), kw.pop("return_stats", False)
     z, y = make(H, 6, C, seed=C + H)

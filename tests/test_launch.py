@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from collab_fast.kernels import collab_loss as cl
-from collab_fast.kernels.launch import CachedLauncher, _key
+from collab_fast.kernels.launch import LOCAL_BYTES_OK, CachedLauncher, _key
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -165,40 +165,55 @@ def test_interpreter_and_replaced_run_take_tritons_path(monkeypatch):
 
 
 class _Compiled:
-    """What Triton's compile returns, as far as the launcher looks: the options it was built with, the local
-    memory the driver reports once loaded (n_spills, in 4-byte words), and a C launcher."""
+    """What Triton's compile returns, as far as the launcher looks: the options and constexprs it was built
+    with, the registers and local memory the driver reports once loaded (n_regs; n_spills, in 4-byte words),
+    and a C launcher."""
 
-    def __init__(self, fn, options):
-        self.fn, self.options = fn, options
+    def __init__(self, fn, options, block=None):
+        self.fn, self.options, self.block = fn, options, block
         self.function = self.packed_metadata = None
 
     def _init_handles(self):
         self.n_spills = self.fn.spill_words.get(self.options.get("maxnreg"), 0)
+        self.n_regs = self.fn.regs.get(self.block, self.options.get("maxnreg") or 64)
+        if self.block in self.fn.block_spills and self.options.get("maxnreg"):
+            self.n_spills = self.fn.block_spills[self.block]
 
     def run(self, *a):
-        self.fn.launches.append(("cached", self.options))
+        self.fn.launches.append(("cached", self.options, a[-1]))
 
 
 class _CappedFn:
     device_caches = {}
     pre_run_hooks = []
 
-    def __init__(self, spill_words):
+    def __init__(self, spill_words, regs=None, block_spills=None):
         self.spill_words = spill_words  # maxnreg -> local words of the kernel compiled under it
+        self.regs = regs or {}  # constexpr B -> registers of the kernel compiled with it
+        self.block_spills = block_spills or {}  # constexpr B -> local words under a cap (instead of spill_words)
         self.launches, self.warmups = [], []
 
     def _options(self, kw):
         return {k: v for k, v in kw.items() if k in ("num_warps", "maxnreg")}
 
     def warmup(self, *a, grid, **kw):
-        self.warmups.append(self._options(kw))
-        return _Compiled(self, self._options(kw))
+        self.warmups.append((kw.get("B"), self._options(kw)))
+        return _Compiled(self, self._options(kw), kw.get("B"))
 
     def __getitem__(self, grid):
         def launch(*a, **kw):
-            self.launches.append(("triton", self._options(kw)))
-            return _Compiled(self, self._options(kw))
+            self.launches.append(("triton", self._options(kw), kw.get("B")))
+            return _Compiled(self, self._options(kw), kw.get("B"))
         return launch
+
+
+def _stub_driver(monkeypatch):
+    import types
+
+    from collab_fast.kernels import launch as launch_mod
+
+    active = types.SimpleNamespace(get_current_device=lambda: 0, get_current_stream=lambda device: 0)
+    monkeypatch.setattr(launch_mod, "driver", types.SimpleNamespace(active=active))
 
 
 @pytest.mark.parametrize("words, kept", [(0, True), (6, True), (7, False), (40, False)])
@@ -206,33 +221,23 @@ def test_a_register_cap_is_kept_only_where_the_capped_kernel_does_not_spill(monk
     # The first launch of a key compiles under the cap and loads the kernel: at most LOCAL_BYTES_OK (24 bytes,
     # 6 words) of local memory a thread keeps the cap, more runs the key uncapped; later launches of the key
     # reuse the choice through the cached C launcher, with no second compile.
-    import types
-
-    from collab_fast.kernels import launch as launch_mod
-
-    active = types.SimpleNamespace(get_current_device=lambda: 0, get_current_stream=lambda device: 0)
-    monkeypatch.setattr(launch_mod, "driver", types.SimpleNamespace(active=active))
+    _stub_driver(monkeypatch)
     fn = _CappedFn({128: words})
     launcher = CachedLauncher(fn, ("B",))
     z = torch.zeros(8)
     launcher(2, (z, 3), (16,), 4, 0, 128)
     launcher(2, (z, 3), (16,), 4, 0, 128)
     want = {"num_warps": 4, "maxnreg": 128} if kept else {"num_warps": 4}
-    assert fn.warmups == [{"num_warps": 4, "maxnreg": 128}]
-    assert fn.launches == [("triton", want), ("cached", want)]
-    assert launch_mod.LOCAL_BYTES_OK == 24
+    assert fn.warmups == [(16, {"num_warps": 4, "maxnreg": 128})]
+    assert fn.launches == [("triton", want, 16), ("cached", want, 16)]
+    assert LOCAL_BYTES_OK == 24
 
 
 @pytest.mark.parametrize("words, kept", [(0, True), (40, False)])
 def test_a_watched_launch_decides_the_cap_once_per_key(monkeypatch, words, kept):
     # With a profiler's launch hook every launch takes Triton's path (so the hook sees it), but the cap check
     # (a compile and load under the cap) runs once per key, not per launch.
-    import types
-
-    from collab_fast.kernels import launch as launch_mod
-
-    active = types.SimpleNamespace(get_current_device=lambda: 0, get_current_stream=lambda device: 0)
-    monkeypatch.setattr(launch_mod, "driver", types.SimpleNamespace(active=active))
+    _stub_driver(monkeypatch)
     fn = _CappedFn({128: words})
     fn.pre_run_hooks = [lambda *a, **k: None]  # watched, as a launch hook makes it
     launcher = CachedLauncher(fn, ("B",))
@@ -241,21 +246,80 @@ def test_a_watched_launch_decides_the_cap_once_per_key(monkeypatch, words, kept)
         launcher(2, (z, 3), (16,), 4, 0, 128)
     launcher(2, (z, 3), (32,), 4, 0, 128)  # another key: checked again
     want = {"num_warps": 4, "maxnreg": 128} if kept else {"num_warps": 4}
-    assert fn.warmups == [{"num_warps": 4, "maxnreg": 128}] * 2
-    assert fn.launches == [("triton", want)] * 4 and launcher.kernels == {} and launcher.hits == 0
+    assert fn.warmups == [(16, {"num_warps": 4, "maxnreg": 128}), (32, {"num_warps": 4, "maxnreg": 128})]
+    assert fn.launches == [("triton", want, 16)] * 3 + [("triton", want, 32)]
+    assert launcher.kernels == {} and launcher.hits == 0
 
 
 def test_no_register_cap_compiles_once(monkeypatch):
-    import types
-
-    from collab_fast.kernels import launch as launch_mod
-
-    active = types.SimpleNamespace(get_current_device=lambda: 0, get_current_stream=lambda device: 0)
-    monkeypatch.setattr(launch_mod, "driver", types.SimpleNamespace(active=active))
+    _stub_driver(monkeypatch)
     fn = _CappedFn({})
     launcher = CachedLauncher(fn, ("B",))
     launcher(2, (torch.zeros(8), 3), (16,), 4, 0)
-    assert fn.warmups == [] and fn.launches == [("triton", {"num_warps": 4})]
+    assert fn.warmups == [] and fn.launches == [("triton", {"num_warps": 4}, 16)]
+
+
+_CAP = {"num_warps": 4, "maxnreg": 128}
+_FIT = (128, ((("B", 8),), (("B", 4),)))  # a budget of 128 registers; fallbacks B=8, then B=4
+
+
+@pytest.mark.parametrize("spills, want_block", [({16: 40, 8: 0}, 8), ({16: 40, 8: 40, 4: 0}, 4),
+                                                ({16: 0, 8: 0}, 16)])
+def test_the_first_fallback_that_fits_is_launched_and_cached(monkeypatch, spills, want_block):
+    # Under a cap: each candidate is compiled and loaded in order until one keeps its local memory within
+    # LOCAL_BYTES_OK; that one is launched, and the cached launch passes its constexprs, not the requested.
+    _stub_driver(monkeypatch)
+    fn = _CappedFn({}, block_spills=spills)
+    launcher = CachedLauncher(fn, ("B",))
+    z = torch.zeros(8)
+    for _ in range(2):
+        launcher(2, (z, 3), (16,), 4, 0, 128, _FIT)
+    tried = [b for b in (16, 8, 4) if b >= want_block]
+    assert fn.warmups == [(b, _CAP) for b in tried]
+    assert fn.launches == [("triton", _CAP, want_block), ("cached", _CAP, want_block)]
+    assert launcher.hits == 1
+
+
+def test_a_register_budget_without_a_cap_picks_the_first_fallback_within_it(monkeypatch):
+    # No cap asked (ptxas free), but a budget: the kernel's own register count decides.
+    _stub_driver(monkeypatch)
+    fn = _CappedFn({}, regs={16: 248, 8: 200, 4: 96})
+    launcher = CachedLauncher(fn, ("B",))
+    launcher(2, (torch.zeros(8), 3), (16,), 4, 0, None, _FIT)
+    assert fn.warmups == [(16, {"num_warps": 4}), (8, {"num_warps": 4}), (4, {"num_warps": 4})]
+    assert fn.launches == [("triton", {"num_warps": 4}, 4)]
+
+
+def test_where_nothing_fits_the_requested_constexprs_run_uncapped(monkeypatch):
+    _stub_driver(monkeypatch)
+    fn = _CappedFn({}, block_spills={16: 40, 8: 40, 4: 40})
+    launcher = CachedLauncher(fn, ("B",))
+    launcher(2, (torch.zeros(8), 3), (16,), 4, 0, 128, _FIT)
+    assert [b for b, _ in fn.warmups] == [16, 8, 4]
+    assert fn.launches == [("triton", {"num_warps": 4}, 16)]
+
+
+def test_the_fallbacks_are_part_of_the_key(monkeypatch):
+    # The fallbacks carry sizes the key does not see otherwise (a row's number of blocks depends on C, a
+    # runtime argument): the same requested constexprs with other fallbacks are chosen again, not reused.
+    _stub_driver(monkeypatch)
+    fn = _CappedFn({}, block_spills={16: 40, 8: 0, 4: 0})
+    launcher = CachedLauncher(fn, ("B",))
+    z = torch.zeros(8)
+    launcher(2, (z, 3), (16,), 4, 0, 128, _FIT)
+    launcher(2, (z, 3), (16,), 4, 0, 128, (128, ((("B", 4),),)))
+    assert fn.launches == [("triton", _CAP, 8), ("triton", _CAP, 4)] and launcher.hits == 0
+
+
+def test_a_watched_launch_makes_the_fit_choice_once_per_key(monkeypatch):
+    _stub_driver(monkeypatch)
+    fn = _CappedFn({}, block_spills={16: 40, 8: 0})
+    fn.pre_run_hooks = [lambda *a, **k: None]
+    launcher = CachedLauncher(fn, ("B",))
+    for _ in range(3):
+        launcher(2, (torch.zeros(8), 3), (16,), 4, 0, 128, _FIT)
+    assert fn.warmups == [(16, _CAP), (8, _CAP)]
+    assert fn.launches == [("triton", _CAP, 8)] * 3 and launcher.kernels == {}
 
 
 _CAP_SCRIPT = r"""
@@ -265,31 +329,40 @@ sys.path.insert(0, BENCHMARKS)
 import host_loss  # the stand-in driver: sm_90 compiles, Triton's real launcher, a stub libcuda
 from collab_fast.kernels import collab_loss as cl
 
-words = int(sys.argv[1])
+words = [int(w) for w in sys.argv[1].split(",")]  # local memory of each load in turn (4-byte words), the last repeats
 load = host_loss._StubUtils.load_binary
-host_loss._StubUtils.load_binary = lambda self, *a: (*load(self, *a)[:3], words, 1024)  # local memory, 4-byte words
-z = torch.randn(8, 4, 5000)  # a looped row of 8 heads: the launcher asks for a cap
+host_loss._StubUtils.load_binary = lambda self, *a: (*load(self, *a)[:3], words.pop(0) if len(words) > 1 else words[0], 1024)
+z = torch.randn(8, 4, 5000)  # a looped row of 8 heads: the launcher asks for a cap and a fit
 y = torch.randint(0, 5000, (4,))
 for _ in range(2):
     loss = cl.launch.launch(z, y, cl.CollabLossParams())[0]
-out = [[key[3], getattr(k.metadata, "maxnreg", None)] for key, k in cl.launch.kernel_launcher.kernels.items()]
+names = cl.launch.CONSTEXPRS
+picked = ("BLOCK_C", "NUM_BLOCKS", "TAIL", "SAFE_BLOCK")
+out = [[key[3], getattr(k.metadata, "maxnreg", None), *(chosen[names.index(n)] for n in picked)]
+       for key, (k, chosen) in cl.launch.kernel_launcher.kernels.items()]
 print("RESULT", json.dumps({"kernels": out, "hits": cl.launch.kernel_launcher.hits, "loss": float(loss)}))
 """.replace("BENCHMARKS", repr(str(BENCHMARKS)))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("words, kept", [(0, True), (16, False)])
-def test_the_loss_launch_keeps_its_register_cap_unless_the_kernel_spills(tmp_path, words, kept):
-    # Through Triton's own warmup and load (the driver stubbed: it reports `words` of local memory): the
-    # kernel cached for the key is the one compiled under maxnreg 128, or the uncapped one.
+@pytest.mark.parametrize("words, want", [
+    ("0", [128, 128, 512, 10, 4, 128]),  # the default keeps the cap (a tail of 5000 % 512 = 392 columns)
+    ("16,0", [128, 128, 512, 10, 13, 32]),  # it spills: the SAFE loops' smaller tile (8 heads x 32 columns)
+    ("16,16,0", [128, 128, 256, 20, 5, 32]),  # that spills too: half the block
+    ("16", [128, None, 512, 10, 4, 128]),  # everything spills: the default, uncapped
+])
+def test_the_loss_launch_keeps_its_register_cap_unless_the_kernel_spills(tmp_path, words, want):
+    # Through Triton's own warmup and load (the driver stubbed: it reports `words` of local memory, and 128
+    # registers): the kernel cached for the key is the first of the default and its fallbacks compiled under
+    # maxnreg 128 without spilling, or the default uncapped.
     _needs_stub_build()
     env = dict(os.environ, TRITON_CACHE_DIR=str(tmp_path / "triton"), TMPDIR=str(tmp_path))
     env.pop("TRITON_INTERPRET", None)
     script = tmp_path / "cap_check.py"
     script.write_text(_CAP_SCRIPT)
-    res = subprocess.run([sys.executable, str(script), str(words)], env=env, capture_output=True, text=True,
+    res = subprocess.run([sys.executable, str(script), words], env=env, capture_output=True, text=True,
                          timeout=600)
     assert res.returncode == 0, res.stderr[-4000:]
     out = json.loads(res.stdout.split("RESULT", 1)[1])
-    assert out["kernels"] == [[128, 128 if kept else None]], out
+    assert out["kernels"] == [want], out
     assert out["hits"] == 1, out  # the second call: the cached kernel, no second choice

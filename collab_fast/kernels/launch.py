@@ -11,10 +11,13 @@ hooks, and a `run` replaced on the kernel object (a caller compiling without lau
 benchmarks/sass_loss.py does).
 
 A register cap (`maxnreg`, NVIDIA) is a request: ptxas meets it by spilling when the kernel needs more, and a
-spill inside a column loop costs more than the occupancy the cap buys. The first launch of a key compiles the
-kernel under the cap and keeps the cap only if the kernel's local memory (spills and stack frame) stays within
-`LOCAL_BYTES_OK` a thread; otherwise the key runs uncapped. (sass_loss.py, which replaces `run`, makes the
-same choice from the SASS's stack size.)
+spill inside a column loop costs more than the occupancy the cap buys. A launch may also name a register
+budget (`fit`: at most that many registers a thread) and fallback constexprs (e.g. smaller blocks). The first
+launch of a key compiles and loads the kernel (under the cap, where one is asked) and keeps the first of the
+requested constexprs and the fallbacks whose kernel stays within the budget and within `LOCAL_BYTES_OK` of
+local memory (spills and stack frame) a thread; where none does, the key runs the requested constexprs
+uncapped. Later launches of the key reuse the choice. (benchmarks/sass_loss.py makes the same choice, reading
+registers and local memory from the SASS, through `_usage`.)
 """
 
 from __future__ import annotations
@@ -50,34 +53,53 @@ def _hooked(hook) -> bool:
 
 
 class CachedLauncher:
-    """`launcher(grid0, args, constexprs, num_warps, device, maxnreg)` launches `fn` on a 1-D grid of `grid0`
-    programs like `fn[(grid0,)](*args, **dict(zip(constexpr_names, constexprs)), num_warps=num_warps)` (and
-    `maxnreg=maxnreg` unless None: a register cap, NVIDIA only), where `args` are the runtime arguments in
-    the kernel's order and the constexprs follow them in its signature."""
+    """`launcher(grid0, args, constexprs, num_warps, device, maxnreg, fit)` launches `fn` on a 1-D grid of
+    `grid0` programs like `fn[(grid0,)](*args, **dict(zip(constexpr_names, constexprs)), num_warps=num_warps)`
+    (and `maxnreg=maxnreg` unless None: a register cap, NVIDIA only), where `args` are the runtime arguments in
+    the kernel's order and the constexprs follow them in its signature; `fit` (None or (register budget,
+    fallbacks)): see the module's docstring."""
 
     def __init__(self, fn, constexpr_names: tuple[str, ...]):
         self.fn = fn
         self.constexpr_names = constexpr_names
-        self.kernels: dict = {}  # key -> compiled kernel
-        self.caps: dict = {}  # key -> the register cap kept (or None), for launches that take Triton's path
+        self.kernels: dict = {}  # key -> (compiled kernel, the constexprs it was compiled with)
+        self.choices: dict = {}  # key -> (constexprs, register cap or None), for launches taking Triton's path
         self.hits = 0  # launches that skipped Triton's binder (tests read it)
 
     def _plain(self, grid0, args, constexprs, num_warps, maxnreg):
         options = {"num_warps": num_warps} if maxnreg is None else {"num_warps": num_warps, "maxnreg": maxnreg}
         return self.fn[(grid0,)](*args, **dict(zip(self.constexpr_names, constexprs)), **options)
 
-    def _cap(self, grid0, args, constexprs, num_warps, maxnreg):
-        """maxnreg if the kernel compiled under it keeps at most LOCAL_BYTES_OK of local memory a thread, else
-        None (compiled, not launched; the uncapped kernel is compiled by the launch that follows)."""
-        if maxnreg is None:
-            return None
-        kernel = self.fn.warmup(*args, grid=(grid0,), **dict(zip(self.constexpr_names, constexprs)),
-                                num_warps=num_warps, maxnreg=maxnreg)
-        kernel._init_handles()  # loads it: the driver reports its local memory (n_spills: 4-byte words)
-        return maxnreg if kernel.n_spills * 4 <= LOCAL_BYTES_OK else None
+    def _compile(self, grid0, args, constexprs, num_warps, maxnreg):
+        """The kernel compiled and loaded (so the driver reports its registers and local memory), not launched."""
+        options = {"num_warps": num_warps} if maxnreg is None else {"num_warps": num_warps, "maxnreg": maxnreg}
+        kernel = self.fn.warmup(*args, grid=(grid0,), **dict(zip(self.constexpr_names, constexprs)), **options)
+        kernel._init_handles()
+        return kernel
+
+    def _usage(self, kernel) -> tuple[int, int]:
+        """(registers, bytes of local memory) a thread of a loaded kernel (n_spills: 4-byte words)."""
+        return kernel.n_regs, kernel.n_spills * 4
+
+    def _choose(self, grid0, args, constexprs, num_warps, maxnreg, fit):
+        """(constexprs, maxnreg) to launch: see the module's docstring. `fit`: None, or (register budget or None,
+        fallbacks: tuples of (constexpr name, value) pairs, each replacing those of the requested constexprs)."""
+        if maxnreg is None and fit is None:
+            return constexprs, None
+        budget, fallbacks = fit if fit is not None else (None, ())
+        candidates = [constexprs]
+        for overrides in fallbacks:
+            values = dict(zip(self.constexpr_names, constexprs))
+            values.update(overrides)
+            candidates.append(tuple(values[name] for name in self.constexpr_names))
+        for cx in candidates:
+            regs, local = self._usage(self._compile(grid0, args, cx, num_warps, maxnreg))
+            if local <= LOCAL_BYTES_OK and (budget is None or regs <= budget):
+                return cx, maxnreg
+        return constexprs, None
 
     def __call__(self, grid0: int, args: tuple, constexprs: tuple, num_warps: int, device: int | None = None,
-                 maxnreg: int | None = None):
+                 maxnreg: int | None = None, fit: tuple | None = None):
         fn = self.fn
         knobs = triton.knobs
         rt = knobs.runtime
@@ -86,27 +108,30 @@ class CachedLauncher:
             return
         watched = (not hasattr(fn, "device_caches") or fn.pre_run_hooks or _hooked(rt.launch_enter_hook)
                    or _hooked(rt.launch_exit_hook) or rt.add_stages_inspection_hook is not None)
-        if watched and maxnreg is None:  # (the interpreter never asks for a cap)
+        if watched and maxnreg is None and fit is None:  # (the interpreter never asks for a cap or a fit)
             self._plain(grid0, args, constexprs, num_warps, None)
             return
         active = driver.active
         device = active.get_current_device() if device is None else device
-        key = (device, constexprs, num_warps, maxnreg, rt.debug, knobs.compilation.instrumentation_mode,
+        # (fit is in the key: its fallbacks depend on sizes that are runtime arguments, e.g. the row length)
+        key = (device, constexprs, num_warps, maxnreg, fit, rt.debug, knobs.compilation.instrumentation_mode,
                _key(args))
         if watched:
             # someone watching launches (a profiler's hooks): Triton's path, the kernel a cached launch would
-            # run; the cap decided once per key (its check compiles and loads the capped kernel)
-            if key not in self.caps:
-                self.caps[key] = self._cap(grid0, args, constexprs, num_warps, maxnreg)
-            self._plain(grid0, args, constexprs, num_warps, self.caps[key])
+            # run; the choice made once per key (each check compiles and loads a kernel)
+            if key not in self.choices:
+                self.choices[key] = self._choose(grid0, args, constexprs, num_warps, maxnreg, fit)
+            chosen, cap = self.choices[key]
+            self._plain(grid0, args, chosen, num_warps, cap)
             return
-        kernel = self.kernels.get(key)
-        if kernel is None:
-            kernel = self._plain(grid0, args, constexprs, num_warps,
-                                 self._cap(grid0, args, constexprs, num_warps, maxnreg))
+        cached = self.kernels.get(key)
+        if cached is None:
+            chosen, cap = self._choose(grid0, args, constexprs, num_warps, maxnreg, fit)
+            kernel = self._plain(grid0, args, chosen, num_warps, cap)
             if kernel is not None:
-                self.kernels[key] = kernel
+                self.kernels[key] = (kernel, chosen)
             return
         self.hits += 1
+        kernel, chosen = cached
         kernel.run(grid0, 1, 1, active.get_current_stream(device), kernel.function, kernel.packed_metadata, None,
-                   None, None, *args, *constexprs)
+                   None, None, *args, *chosen)

@@ -30,9 +30,21 @@ MAX_TILE = 8192  # elements of the [H_PAD, BLOCK_C] register tile
 LONG_ROW_BLOCK = 2048
 LONG_ROW_BLOCKS = {4: 1024, 8: 512}  # by H_PAD; more heads: the largest tile (MAX_TILE)
 # ptxas's register limit for looped rows of 3-8 heads: 4 CTAs of 4 warps an SM. Kept where the kernel does
-# not spill under it (launch.CachedLauncher checks each compile): the defaults never do on sm_90 under
-# Triton 3.6-3.9; some settings with stats, a live consensus or a target distribution would, and run uncapped.
+# not spill under it (launch.CachedLauncher checks each compile).
 REG_CAP = 128
+# The register budget of a looped row of 1-8 heads (4 CTAs of 4 warps an SM). The defaults keep it on sm_90
+# under Triton 3.6-3.9; some settings do not (benchmarks/sass_loss.py, 2026-12-07: a live consensus or a
+# target distribution in backward, e.g. H8 C32000 168-224 registers, H2 C50257 248; stats with KL, label
+# smoothing and T != 2 in the forward of rows not 16-byte aligned, H8 C50257 240). The launcher then tries,
+# in this order, the SAFE loops' tile at FIT_SAFE_TILE, then also the column block halved (each compile
+# checked: CachedLauncher), and keeps the first within the budget without spilling: the SAFE loops (the last
+# partial block, rows with -inf) hold the row's statistics of every head in each thread where the rows are
+# not 16-byte aligned, and a live consensus or a target distribution adds [H_PAD, BLOCK_C] values to the
+# finite loop's. Where none fits, the default runs uncapped. (A quarter block fits the last setting found
+# over it, H8 C50257 forward with a target distribution, stats, KL, smoothing and T = 3, at 1.9x the
+# instructions a logit of the uncapped default: not tried.) FIT_MAX_HEADS = 0 turns the fallbacks off.
+FIT_SAFE_TILE = 256
+FIT_MAX_HEADS = 8
 # Software pipelining of the column loops (rows of at least this many blocks): Triton turns the loop's
 # loads into cp.async copies of the next block into shared memory. Off (1) by default: on the H200 sweep it
 # was slower in 16 of 18 configurations (by 1-12%; 2x in one). 2 compiles without stack or local memory
@@ -102,12 +114,12 @@ def pick_block_c(num_heads: int, num_classes: int, block_c: int | None = None) -
     return block_c, num_blocks, num_warps
 
 
-def safe_block(num_heads: int, block_c: int) -> int:
+def safe_block(num_heads: int, block_c: int, tile: int | None = None) -> int:
     """Columns per block of the SAFE loops (rows with -inf logits, the last partial block). Their tile holds
     more live values per logit than the finite loop's (absent-class masks and counts, per-block maxima), and
     the kernel's registers are the most any of its loops needs: at the finite loop's block they set the
     count (H8 at 1024 columns: 245 registers, 168 without them). They run over narrower blocks instead."""
-    return min(block_c, max(16, SAFE_TILE // pow2(num_heads)))
+    return min(block_c, max(16, (SAFE_TILE if tile is None else tile) // pow2(num_heads)))
 
 
 # Shared memory: a prefetching loop keeps (stages - 1) tiles of [H_PAD, BLOCK_C] in shared memory, and
@@ -158,14 +170,25 @@ kernel_launcher = CachedLauncher(collab_loss_kernel, CONSTEXPRS) if collab_loss_
 @functools.lru_cache(maxsize=256)
 def plan(num_heads: int, num_classes: int, block_c: int | None, element_size: int, smem_limit: int | None):
     """(H_PAD, block, number of blocks, warps, loop stages, SAFE blocks of the tail, SAFE block, register
-    cap or None) of a row: computed once per shape."""
+    cap or None, fit or None) of a row: computed once per shape. `fit` (CachedLauncher's): the register
+    budget and the fallback blocks of a looped row (see FIT_SAFE_TILE); none for a block the caller chose."""
     block, num_blocks, num_warps = pick_block_c(num_heads, num_classes, block_c)
     stages = loop_stages(num_heads, block, num_blocks, element_size, smem_limit, block_c is not None)
     safe = safe_block(num_heads, block)
     tail = -(-(num_classes % block) // safe)
     h_pad = pow2(num_heads)
-    cap = REG_CAP if num_blocks > 1 and h_pad in LONG_ROW_BLOCKS and fast_exp() else None
-    return h_pad, block, num_blocks, num_warps, stages, tail, safe, cap
+    looped = num_blocks > 1 and fast_exp()
+    cap = REG_CAP if looped and h_pad in LONG_ROW_BLOCKS else None
+    fit = None
+    if looped and block_c is None and h_pad <= FIT_MAX_HEADS:
+        fallbacks = []
+        for b in (block, block // 2):
+            s = safe_block(num_heads, b, FIT_SAFE_TILE)
+            if b >= 128 and (b, s) != (block, safe):
+                fallbacks.append((("BLOCK_C", b), ("NUM_BLOCKS", -(-num_classes // b)),
+                                  ("TAIL", -(-(num_classes % b) // s)), ("SAFE_BLOCK", s)))
+        fit = (REG_CAP, tuple(fallbacks))
+    return h_pad, block, num_blocks, num_warps, stages, tail, safe, cap, fit
 
 
 WORKSPACES: dict = {}  # (device index, stream, H) -> the kernel's zeroed workspace on that stream
@@ -218,7 +241,7 @@ def launch(
     if traced:  # the kernel is specialised on H and C: concrete (a guard each); N may stay symbolic
         num_heads, c = int(num_heads), int(c)
     device = logits.device
-    h_pad, block, num_blocks, num_warps, stages, tail, safe, cap = plan(
+    h_pad, block, num_blocks, num_warps, stages, tail, safe, cap, fit = plan(
         num_heads, c, params.block_c, logits.element_size(), shared_memory_limit(device))
     reduce = compute_loss and params.reduction != "none" and row_weights is None
     mean = params.reduction == "mean" and (reduce or counts is not None)
@@ -284,7 +307,7 @@ def launch(
             guard = (torch.cuda.device(device) if device.type == "cuda" and index is not None
                      and index != torch.cuda.current_device() else contextlib.nullcontext())
             with guard:
-                kernel_launcher(n, args, constexprs, num_warps, index if device.type == "cuda" else None, cap)
+                kernel_launcher(n, args, constexprs, num_warps, index if device.type == "cuda" else None, cap, fit)
     return loss, (stats[:4] if return_stats else None), (grad if compute_grad else None), (stats if finish else None)
 
 
