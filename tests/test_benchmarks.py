@@ -165,7 +165,7 @@ def test_sass_loss_writes_its_tables_and_refuses_a_bad_shape(tmp_path):
         pytest.skip(res.stderr.strip())
     assert res.returncode == 0, res.stderr[-2000:]
     md = list(tmp_path.glob("sass_loss_sm90_triton*.md"))
-    assert md and "| H2 C8192 bf16 | forward | 2048 |" in md[0].read_text()
+    assert md and "| H2 C8192 bf16 | forward | 2048 / 512 |" in md[0].read_text()
     rows = json.loads(next(tmp_path.glob("sass_loss_sm90_triton*.json")).read_text())
     assert [r["phase"] for r in rows] == ["forward", "backward"] * 2
     assert all(0 < r["finite"]["per_element"] < 30 and r["exp_loops"] >= 2 for r in rows[:2])  # two blocks a row
