@@ -1156,21 +1156,26 @@ _SASS_BOUNDS = {
 }
 
 
-@pytest.mark.slow
-def test_long_row_loops_instruction_counts_for_sm90():
-    # benchmarks/sass_loss.py compiles the launcher's own forward and backward calls for sm_90 (no GPU) and
-    # reads each column loop's SASS; the finite path is the smallest loop with exponentials.
+def _sass_rows(*argv: str) -> list[dict]:
+    """benchmarks/sass_loss.py's rows (JSON) in a fresh interpreter, compiled for sm_90 (this one interprets)."""
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "sass_loss.py"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    shapes = ["H{}:{}:{}".format(*s.replace("H", "").replace("C", "").split()) for s in _SASS_BOUNDS]
-    res = subprocess.run([sys.executable, str(script), "--json", "-", "--shapes", *shapes], env=env,
-                         capture_output=True, text=True, timeout=900)
+    res = subprocess.run([sys.executable, str(script), "--json", "-", *argv], env=env, capture_output=True, text=True,
+                         timeout=900)
     if res.returncode == 2 and "ships no cuobjdump" in res.stderr:
         pytest.skip(res.stderr.strip())
     if res.returncode != 0 and "GPUTarget" in res.stderr and "ImportError" in res.stderr:
         pytest.skip("this Triton has no GPUTarget compile API")
     assert res.returncode == 0, res.stderr[-3000:]
-    rows = json.loads(res.stdout)
+    return json.loads(res.stdout)
+
+
+@pytest.mark.slow
+def test_long_row_loops_instruction_counts_for_sm90():
+    # benchmarks/sass_loss.py compiles the launcher's own forward and backward calls for sm_90 (no GPU) and
+    # reads each column loop's SASS; the finite path is the smallest loop with exponentials.
+    shapes = ["H{}:{}:{}".format(*s.replace("H", "").replace("C", "").split()) for s in _SASS_BOUNDS]
+    rows = _sass_rows("--shapes", *shapes)
     assert len(rows) == 2 * len(_SASS_BOUNDS)
     per = {}
     for r in rows:
@@ -1200,17 +1205,8 @@ def test_settings_beyond_the_defaults_fit_128_registers_for_sm90():
     # consensus in backward; the SAFE loops of rows not 16-byte aligned in forward) exceed 128 registers
     # or spill at the default block (H8 C32000 backward 168, H8 C50257 forward 240, H2 C50257 backward 248
     # uncapped), and run the launcher's fallback blocks instead: <= 128 registers, no local memory in a loop.
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "sass_loss.py"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, str(script), "--json", "-", "--shapes", "H2:50257:bf16", "H8:32000:bf16",
-                          "H8:50257:bf16", "--stats", "--options", "live", "kl", "smooth", "t3"], env=env,
-                         capture_output=True, text=True, timeout=900)
-    if res.returncode == 2 and "ships no cuobjdump" in res.stderr:
-        pytest.skip(res.stderr.strip())
-    if res.returncode != 0 and "GPUTarget" in res.stderr and "ImportError" in res.stderr:
-        pytest.skip("this Triton has no GPUTarget compile API")
-    assert res.returncode == 0, res.stderr[-3000:]
-    rows = json.loads(res.stdout)
+    rows = _sass_rows("--shapes", "H2:50257:bf16", "H8:32000:bf16", "H8:50257:bf16", "--stats", "--options", "live",
+                      "kl", "smooth", "t3")
     assert len(rows) == 6
     for r in rows:
         assert r["reg"] <= 128, r
