@@ -87,11 +87,6 @@ class _CompileOnly(CachedLauncher):
         super().__init__(cl.jit.collab_loss_kernel, cl.launch.CONSTEXPRS)
         self.compiled = []
 
-    def _compile(self, grid0, args, constexprs, num_warps, maxnreg):
-        options = {"num_warps": num_warps} if maxnreg is None else {"num_warps": num_warps, "maxnreg": maxnreg}
-        return self.fn.run(*args, grid=(grid0,), warmup=True, **dict(zip(self.constexpr_names, constexprs)),
-                           **options)
-
     def _usage(self, kernel) -> tuple[int, int]:
         usage = sass_of(kernel.asm["cubin"])[1]
         return usage["reg"], usage.get("stack", 0) + usage.get("local", 0)

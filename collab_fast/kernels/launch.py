@@ -7,8 +7,7 @@ to 1, divisible by 16 and their width; tensors' dtype and 16-byte alignment; the
 options), and does Triton's work once per key: the first launch of a key goes through Triton (which compiles
 and returns the kernel), later ones call the compiled kernel's launcher directly. Triton's own path is kept
 where it must run: the interpreter, launch hooks (profilers such as Proton), pre-run hooks, stage-inspection
-hooks, and a `run` replaced on the kernel object (a caller compiling without launching, as
-benchmarks/sass_loss.py does).
+hooks, and a `run` replaced on the kernel object (a caller compiling without launching, as some tests do).
 
 A register cap (`maxnreg`, NVIDIA) is a request: ptxas meets it by spilling when the kernel needs more, and a
 spill inside a column loop costs more than the occupancy the cap buys. A launch may also name a register
@@ -71,14 +70,14 @@ class CachedLauncher:
         return self.fn[(grid0,)](*args, **dict(zip(self.constexpr_names, constexprs)), **options)
 
     def _compile(self, grid0, args, constexprs, num_warps, maxnreg):
-        """The kernel compiled and loaded (so the driver reports its registers and local memory), not launched."""
+        """The kernel compiled, not launched."""
         options = {"num_warps": num_warps} if maxnreg is None else {"num_warps": num_warps, "maxnreg": maxnreg}
-        kernel = self.fn.warmup(*args, grid=(grid0,), **dict(zip(self.constexpr_names, constexprs)), **options)
-        kernel._init_handles()
-        return kernel
+        return self.fn.warmup(*args, grid=(grid0,), **dict(zip(self.constexpr_names, constexprs)), **options)
 
     def _usage(self, kernel) -> tuple[int, int]:
-        """(registers, bytes of local memory) a thread of a loaded kernel (n_spills: 4-byte words)."""
+        """(registers, bytes of local memory) a thread: the kernel loaded, as the driver reports them (n_spills:
+        4-byte words)."""
+        kernel._init_handles()
         return kernel.n_regs, kernel.n_spills * 4
 
     def _choose(self, grid0, args, constexprs, num_warps, maxnreg, fit):
