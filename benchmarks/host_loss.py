@@ -271,7 +271,7 @@ def providers(heads: int, rows: int, classes: int, dtype: torch.dtype) -> dict:
     captured = {}
     real = cl.launch.kernel_launcher
 
-    def capture(grid0, args, constexprs, num_warps, device=None, maxnreg=None):
+    def capture(grid0, args, constexprs, num_warps, device=None, maxnreg=None, fit=None):  # (fit: looped rows only)
         options = {"num_warps": num_warps} if maxnreg is None else {"num_warps": num_warps, "maxnreg": maxnreg}
         captured["launch"] = (grid0, args, dict(zip(cl.launch.CONSTEXPRS, constexprs)), options)
 
