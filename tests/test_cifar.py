@@ -1,5 +1,6 @@
 """models/cifar.py: the CIFAR networks of the paper's section 4.1 (He et al.'s ResNet-32/110 with parameter-free
-shortcuts, Huang et al.'s basic DenseNet-40, k = 12), checked against their published sizes."""
+shortcuts, Huang et al.'s basic DenseNet-40, k = 12) and the rest of He et al.'s family, checked against their
+published sizes."""
 
 import pytest
 import torch
@@ -12,9 +13,14 @@ def _params(net):
 
 
 def test_sizes_are_the_published_ones():
-    # He et al. 2016, table 6: 0.46M (ResNet-32) and 1.7M (ResNet-110); Huang et al. 2017, table 2: 1.0M
-    # (DenseNet, L = 40, k = 12). The exact counts pin the layouts (a changed shortcut or width moves them).
+    # He et al. 2016, table 6: 0.27M, 0.46M, 0.66M, 0.85M and 1.7M (ResNet-20/32/44/56/110); Huang et al.
+    # 2017, table 2: 1.0M (DenseNet, L = 40, k = 12). The exact counts pin the layouts (a changed shortcut or
+    # width moves them). ResNet-8 is the same layout with one block a stage.
+    assert _params(cifar.resnet8()) == 75_290
+    assert _params(cifar.resnet20()) == 269_722
     assert _params(cifar.resnet32()) == 464_154
+    assert _params(cifar.resnet44()) == 658_586
+    assert _params(cifar.resnet56()) == 853_018
     assert _params(cifar.resnet110()) == 1_727_962
     assert _params(cifar.densenet40_12()) == 1_019_722
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import CPU_DIGITS
+from conftest import CPU_ARCH, CPU_DIGITS
 
 from collab_fast import train
 from collab_fast.checkpoint import load_checkpoint
@@ -64,7 +64,7 @@ def test_trainer_evaluates_saves_resumes_and_exports_the_average(tmp_path, capsy
     assert again["state"]["step"] == 5
     # every head exports from either
     assert export_main([str(out / "last.pt"), "--ema", "--head", "1", "-o", str(tmp_path / "h1.pth")]) == 0
-    head = build("resnet32", "single", num_classes=10)
+    head = build(CPU_ARCH, "single", num_classes=10)
     head.load_state_dict(torch.load(tmp_path / "h1.pth", weights_only=True), strict=True)
     capsys.readouterr()
     plain = tmp_path / "plain"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import HAS_CUDA
+from conftest import CPU_ARCH, HAS_CUDA
 
 from collab_fast import extension, rescale
 from collab_fast.rescale import scaled_sum
@@ -31,12 +31,12 @@ def test_build_info():
 
 
 _TRAIN_SPLIT = """
-import warnings, torch
+import sys, warnings, torch
 warnings.simplefilter("always")
 from collab_fast import fused_collab_loss, rescale
 from collab_fast.models import build
 torch.manual_seed(0)
-model = build("resnet32", "hier4", num_classes=10)
+model = build(sys.argv[1], "hier4", num_classes=10)
 opt = torch.optim.SGD(model.parameters(), lr=0.05)
 x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
 losses = []
@@ -57,7 +57,8 @@ print("LOSSES", losses)
 
 def _run_split_training(tmp_path, **env):
     full = dict(os.environ, COLLAB_FAST_CACHE=str(tmp_path / "cache"), **env)
-    res = subprocess.run([sys.executable, "-c", _TRAIN_SPLIT], env=full, capture_output=True, text=True, timeout=600)
+    res = subprocess.run([sys.executable, "-c", _TRAIN_SPLIT, CPU_ARCH], env=full, capture_output=True, text=True,
+                         timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     lines = dict(ln.split(" ", 1) for ln in res.stdout.splitlines() if ln.split(" ", 1)[0].isupper())
     return lines, res.stderr
@@ -244,7 +245,7 @@ def test_builder_killed_mid_build_does_not_block_the_next(tmp_path):
 def test_ctrl_c_during_the_first_build_is_one_line(tmp_path):
     # Ctrl-C reaches the whole process group (the trainer and ninja's compilers) while the extension builds:
     # one line each, exit 130, no traceback, nothing left that blocks the next build.
-    cmd = [sys.executable, "-m", "collab_fast.train", "digits", "--device", "cpu", "--arch", "resnet32",
+    cmd = [sys.executable, "-m", "collab_fast.train", "digits", "--device", "cpu", "--arch", CPU_ARCH,
            "--pattern", "ilr2", "--max-steps", "1", "--output", str(tmp_path / "run")]
     p = subprocess.Popen(cmd, env=_env(tmp_path / "cache"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, start_new_session=True)
@@ -348,7 +349,7 @@ def test_an_unusable_extension_cache_is_one_line_from_the_trainer(tmp_path, monk
         name = extension._plan()[0]
         (cache / f"{name}.lock").mkdir(parents=True)
     env = dict(os.environ, COLLAB_FAST_CACHE=str(cache))
-    res = subprocess.run([sys.executable, "-m", "collab_fast.train", "digits", "--device", "cpu", "--arch", "resnet32",
+    res = subprocess.run([sys.executable, "-m", "collab_fast.train", "digits", "--device", "cpu", "--arch", CPU_ARCH,
                           "--pattern", "ilr2", "--max-steps", "1", "--progress", "off", "--output",
                           str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 2, res.stderr[-2000:]

@@ -8,10 +8,11 @@ import sys
 import time
 
 import pytest
+from conftest import CPU_ARCH
 
 from collab_fast.grid import Cell, eval_split, main, plan
 
-BASE = ["--", "digits", "--device", "cpu", "--arch", "resnet32", "-b", "64", "--image-size", "16", "--max-steps", "2",
+BASE = ["--", "digits", "--device", "cpu", "--arch", CPU_ARCH, "-b", "64", "--image-size", "16", "--max-steps", "2",
         "--log-every", "1"]
 
 
@@ -202,7 +203,7 @@ def test_a_signal_while_a_cell_starts_is_not_lost(tmp_path, monkeypatch):
 
     monkeypatch.setattr(grid.subprocess, "Popen", popen_then_signal)
     grid._cancel.clear()
-    base = ["digits", "--device", "cpu", "--arch", "resnet32", "-b", "64", "--image-size", "16", "--epochs", "1000"]
+    base = ["digits", "--device", "cpu", "--arch", CPU_ARCH, "-b", "64", "--image-size", "16", "--epochs", "1000"]
     cell = Cell(pattern="single", noise=0.0, seed=0)
     result = {}
 

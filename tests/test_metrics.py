@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import CPU_ARCH
 
 from collab_fast.distributed import Dist
 from collab_fast.kernels.collab_loss import CollabStats
@@ -129,7 +130,7 @@ def test_summary_csv_has_a_row_per_evaluation(tmp_path):
     from collab_fast import train
 
     out = tmp_path / "run"
-    args = ["digits", "--device", "cpu", "--arch", "resnet32", "-b", "64", "--epochs", "2", "--train-samples", "256",
+    args = ["digits", "--device", "cpu", "--arch", CPU_ARCH, "-b", "64", "--epochs", "2", "--train-samples", "256",
             "--output", str(out), "--log-every", "2", "--model-ema", "0.9"]
     assert train.main(args) == 0
     rows = list(csv.DictReader(open(out / "summary.csv")))

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import CPU_DIGITS
+from conftest import CPU_ARCH, CPU_DIGITS
 
 from collab_fast import optim, train
 from collab_fast.checkpoint import load_checkpoint
@@ -55,7 +55,7 @@ def test_every_pattern_end_to_end(tmp_path, pattern):
     assert list((out / "tb").iterdir())  # TensorBoard event file
     ckpt = load_checkpoint(out / "last.pt")
     assert ckpt["state"]["step"] == 2 and set(ckpt) >= {"model", "optimizer", "scaler", "config", "state", "rng"}
-    build("resnet32", "single").load_state_dict(torch.load(out / "head0.pth", weights_only=True), strict=True)
+    build(CPU_ARCH, "single").load_state_dict(torch.load(out / "head0.pth", weights_only=True), strict=True)
 
 
 def test_resume_of_a_finished_run_says_so_and_prints_the_summary(tmp_path, capsys):
@@ -362,7 +362,7 @@ def test_bad_checkpoints(tmp_path, capsys):
     assert "corrupt, truncated" in capsys.readouterr().err
     out = run_train(tmp_path, "--pattern", "ilr2", "--max-steps", "1")
     assert train.main([*BASE, "--pattern", "hier4", "--resume", str(out / "last.pt"), "--output", str(tmp_path / "b")]) == 2
-    assert "is a resnet32 ilr2 run, not resnet32 hier4" in capsys.readouterr().err
+    assert f"is a {CPU_ARCH} ilr2 run, not {CPU_ARCH} hier4" in capsys.readouterr().err
     # an exported head starts every copy of a collaborative pattern (the classifier re-initialised per head);
     # one of another network is one line
     assert train.main([*BASE, "--pattern", "ilr2", "--weights", str(out / "head0.pth"), "--output", str(tmp_path / "c"),
@@ -377,7 +377,7 @@ def test_weights_start_every_copy_and_the_heads_differ(tmp_path):
 
     out = run_train(tmp_path, "--pattern", "single", "--max-steps", "1")
     head = load_file(out / "head0.pth")
-    cfg = train.TrainConfig.from_flags("digits", arch="resnet32", pattern="ilr2", weights=str(out / "head0.pth"))
+    cfg = train.TrainConfig.from_flags("digits", arch=CPU_ARCH, pattern="ilr2", weights=str(out / "head0.pth"))
     net = build_model(cfg.model, 10, torch.device("cpu"), initial_weights(cfg.model)[0])
     a, b = net.levels[0][0], net.levels[0][1]
     torch.testing.assert_close(a["layer3"].state_dict(), {k[len("layer3."):]: v for k, v in head.items()
@@ -515,7 +515,7 @@ def test_a_new_run_from_an_old_runs_config_leaves_the_old_run_alone(tmp_path, mo
     monkeypatch.chdir(tmp_path)  # the default run folder, runs/..., lands here
     assert train.main(["--config", str(old / "config.json"), "--max-steps", "2", "--progress", "off"]) == 0
     assert {f: (old / f).read_bytes() for f in before} == before
-    assert (tmp_path / "runs" / "digits_resnet32_single" / "last.pt").is_file()
+    assert (tmp_path / "runs" / f"digits_{CPU_ARCH}_single" / "last.pt").is_file()
     assert "ignoring output, overwrite" in capsys.readouterr().err
 
 

@@ -1,5 +1,6 @@
-"""CIFAR networks of the paper's Table 1: ResNet-32/110 (He et al. 2016, sec. 4.2) and DenseNet-40-12
-(Huang et al. 2017). Each is a sequence of named children, so the collaborative builder can split it
+"""CIFAR networks: the paper's Table 1, ResNet-32/110 (He et al. 2016, sec. 4.2) and DenseNet-40-12 (Huang et
+al. 2017), and the rest of He et al.'s CIFAR family, ResNet-20/44/56, with ResNet-8 (n = 1, a small student
+in distillation work). Each is a sequence of named children, so the collaborative builder can split it
 after a stage.
 """
 
@@ -12,7 +13,8 @@ from torch import Tensor, nn
 from collab_fast.models.drop_path import drop_path, set_drop_path
 from collab_fast.models.heads import SingleHead
 
-__all__ = ["CifarResNet", "DenseNet", "densenet40_12", "resnet32", "resnet110"]
+__all__ = ["CifarResNet", "DenseNet", "densenet40_12", "resnet8", "resnet20", "resnet32", "resnet44", "resnet56",
+           "resnet110"]
 
 
 class _ShortcutA(nn.Module):
@@ -130,8 +132,24 @@ class DenseNet(SingleHead, nn.Module):
         return self.fc(self.avgpool(x).flatten(1))
 
 
+def resnet8(num_classes: int = 10, **kw) -> CifarResNet:
+    return CifarResNet(8, num_classes, **kw)
+
+
+def resnet20(num_classes: int = 10, **kw) -> CifarResNet:
+    return CifarResNet(20, num_classes, **kw)
+
+
 def resnet32(num_classes: int = 10, **kw) -> CifarResNet:
     return CifarResNet(32, num_classes, **kw)
+
+
+def resnet44(num_classes: int = 10, **kw) -> CifarResNet:
+    return CifarResNet(44, num_classes, **kw)
+
+
+def resnet56(num_classes: int = 10, **kw) -> CifarResNet:
+    return CifarResNet(56, num_classes, **kw)
 
 
 def resnet110(num_classes: int = 10, **kw) -> CifarResNet:

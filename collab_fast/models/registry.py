@@ -24,7 +24,11 @@ ARCHS: dict[str, tuple[Callable[..., nn.Module], dict[int, list[str]], int]] = {
     "resnet50": (resnet.resnet50, _RESNET_SPLITS, 1000),
     "resnet101": (resnet.resnet101, _RESNET_SPLITS, 1000),
     "resnet152": (resnet.resnet152, _RESNET_SPLITS, 1000),
+    "resnet8": (cifar.resnet8, _CIFAR_RESNET_SPLITS, 10),
+    "resnet20": (cifar.resnet20, _CIFAR_RESNET_SPLITS, 10),
     "resnet32": (cifar.resnet32, _CIFAR_RESNET_SPLITS, 10),
+    "resnet44": (cifar.resnet44, _CIFAR_RESNET_SPLITS, 10),
+    "resnet56": (cifar.resnet56, _CIFAR_RESNET_SPLITS, 10),
     "resnet110": (cifar.resnet110, _CIFAR_RESNET_SPLITS, 10),
     "densenet40_12": (cifar.densenet40_12, _DENSENET_SPLITS, 10),
 }
