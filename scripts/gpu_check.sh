@@ -39,7 +39,11 @@ WORK=${GPU_CHECK_WORK:-$(mktemp -d /tmp/collab_fast_gpu_check.XXXXXX)}
 BUDGET=${GPU_CHECK_BUDGET:-450}
 mkdir -p "$OUT" "$WORK/results"
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}   # no install: the checkout is the package
-export COLLAB_FAST_CACHE=$WORK/cache TRITON_CACHE_DIR=$WORK/triton MPLCONFIGDIR=$WORK/mpl
+export TRITON_CACHE_DIR=$WORK/triton MPLCONFIGDIR=$WORK/mpl
+# The C++ extension's builds: on the GPU machine a fresh cache (the build is one of the checks); a dry run
+# keeps the caller's COLLAB_FAST_CACHE where one is set (scripts/env.sh's, whose build is published), so
+# the rehearsal loads it instead of compiling again.
+if [ $DRY = 0 ] || [ -z "${COLLAB_FAST_CACHE:-}" ]; then export COLLAB_FAST_CACHE=$WORK/cache; fi
 export PYTHONUNBUFFERED=1
 LOG=$OUT/check.log
 START=$(date +%s)

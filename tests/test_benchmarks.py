@@ -115,7 +115,6 @@ def test_gpu_check_dry_run_and_no_cuda(tmp_path):
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, OUT=str(tmp_path / "out"), PYTHON=sys.executable, GPU_CHECK_WORK=str(tmp_path / "work"),
                GPU_CHECK_BUDGET="500")
-    env.pop("COLLAB_FAST_CACHE", None)
     res = subprocess.run(["bash", str(root / "scripts" / "gpu_check.sh"), "--dry-run"], env=env, capture_output=True,
                          text=True, timeout=700)
     log = (tmp_path / "out" / "check.log").read_text()
