@@ -679,7 +679,7 @@ def test_modern_recipe_trains_on_the_toy_set_with_ema_and_plain_checkpoints(tmp_
     # erasing, EMA, warm-up + cosine) at a toy scale: the loss falls and the run folder holds both weights.
     toy = write_toy(tmp_path / "toy", classes=4, per_class=40, size=40, val_per_class=10)
     out = tmp_path / "run"
-    argv = ["toy", "--recipe", "imagenet-resnet50-tv2", "--data", str(toy), "--device", "cpu", "--arch", "resnet18",
+    argv = ["toy", "--recipe", "imagenet-resnet50-tv2", "--data", str(toy), "--device", "cpu", "--arch", CPU_ARCH,
             "--pattern", "ilr2", "--image-size", "32", "-b", "16", "--epochs", "8", "--warmup-epochs", "1",
             "--lr", "0.05", "--model-ema", "0.9", "--log-every", "1", "--output", str(out), "--loader", "torch",
             "--threads", "1"]
